@@ -1,1 +1,16 @@
-
+//! gpulse node agent.
+//!
+//! Capture (eBPF ring buffer or the /dev/kmsg fallback) -> [`record::RawRecord`] over a bounded
+//! channel -> [`pipeline`] (XID decode, catalog, dual-path de-duplication, wall-clock time) ->
+//! [`spool`] (bounded, sequence-numbered, survives collector outages) -> [`client`] (gRPC Ingest
+//! stream with acks, reconnect with backoff, resend of everything unacknowledged).
+pub mod clock;
+pub mod client;
+pub mod ebpf;
+pub mod kmsg;
+pub mod pipeline;
+pub mod record;
+pub mod source;
+pub mod spool;
+pub mod stats;
+pub mod tracefs;

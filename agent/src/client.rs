@@ -1,0 +1,202 @@
+//! The Ingest stream to the collector: at-least-once delivery of the spool.
+//!
+//! On every (re)connect the agent first sends an empty batch (hello); the collector answers with
+//! the highest seq it has stored for this agent, so the agent drops what is already safe and
+//! resends everything after it. Events are sent as soon as they are spooled (an XID is never held
+//! back to fill a batch); when several are waiting they go together, up to the batch limits. The
+//! collector drops duplicates by (agent_id, seq), so resends are harmless.
+use std::{sync::Arc, time::Duration};
+
+use gpulse_proto::v1::{Ack, Batch, ingest_client::IngestClient};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tracing::{debug, info, warn};
+
+use crate::{spool::SharedSpool, stats::AgentStats};
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub collector: String,
+    pub agent_id: String,
+    pub boot_id: String,
+    pub node: String,
+    pub max_batch_events: usize,
+    pub max_batch_bytes: usize,
+    /// Events sent but not yet acknowledged before the sender waits for acks.
+    pub max_in_flight: u64,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(collector: String, agent_id: String, boot_id: String, node: String) -> Self {
+        Self {
+            collector,
+            agent_id,
+            boot_id,
+            node,
+            max_batch_events: 512,
+            max_batch_bytes: 1 << 20,
+            max_in_flight: 8192,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid collector URL {0:?}: {1}")]
+    BadUrl(String, String),
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("stream: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("collector closed the stream")]
+    Closed,
+    #[error("collector acknowledged seq {acked} beyond the last sent seq {sent}")]
+    BadAck { acked: u64, sent: u64 },
+}
+
+/// Validates the URL early so a typo is a clear start-up error, not an endless reconnect loop.
+pub fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
+    let ep = Endpoint::from_shared(url.to_string()).map_err(|e| ClientError::BadUrl(url.into(), e.to_string()))?;
+    Ok(ep
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10)))
+}
+
+/// Runs until `shutdown` turns true and the spool has been flushed (or the flush timed out).
+pub async fn run(
+    cfg: ClientConfig,
+    spool: Arc<SharedSpool>,
+    stats: Arc<AgentStats>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ClientError> {
+    let ep = endpoint(&cfg.collector)?;
+    let mut backoff = cfg.backoff_min;
+    loop {
+        if *shutdown.borrow() && spool.lock().is_empty() {
+            return Ok(());
+        }
+        let started = tokio::time::Instant::now();
+        match session(&cfg, &ep, &spool, &stats, &mut shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                if *shutdown.borrow() {
+                    warn!(error = %e, unacked = spool.lock().len(), "collector unreachable during shutdown; unsent events are lost with this process");
+                    return Ok(());
+                }
+                AgentStats::add(&stats.reconnects, 1);
+                if started.elapsed() > Duration::from_secs(10) {
+                    backoff = cfg.backoff_min;
+                }
+                warn!(error = %e, collector = %cfg.collector, retry_in_ms = backoff.as_millis() as u64, spooled = spool.lock().len(), "collector stream lost; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(jitter(backoff)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                backoff = (backoff * 2).min(cfg.backoff_max);
+            }
+        }
+    }
+}
+
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    // 75%..125% of the nominal delay, so a fleet of agents does not reconnect in lockstep.
+    d.mul_f64(0.75 + f64::from(nanos % 500) / 1000.0)
+}
+
+async fn session(
+    cfg: &ClientConfig,
+    ep: &Endpoint,
+    spool: &Arc<SharedSpool>,
+    stats: &Arc<AgentStats>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), ClientError> {
+    let channel = ep.connect().await?;
+    let mut client = IngestClient::new(channel)
+        .max_decoding_message_size(4 << 20)
+        .max_encoding_message_size(4 << 20);
+    let (tx, rx) = mpsc::channel::<Batch>(16);
+    let hello = batch(cfg, 0, Vec::new());
+    tx.send(hello).await.map_err(|_| ClientError::Closed)?;
+    let mut acks = client.push(ReceiverStream::new(rx)).await?.into_inner();
+    let first = acks.message().await?.ok_or(ClientError::Closed)?;
+    let mut sent_through = {
+        let mut s = spool.lock();
+        if first.through_seq > s.last_seq() {
+            return Err(ClientError::BadAck { acked: first.through_seq, sent: s.last_seq() });
+        }
+        s.ack(first.through_seq);
+        s.acked_through().max(first.through_seq)
+    };
+    info!(collector = %cfg.collector, resume_after = sent_through, spooled = spool.lock().len(), "connected to collector");
+
+    loop {
+        // Send everything that is waiting, within the in-flight window.
+        loop {
+            let (events, acked) = {
+                let s = spool.lock();
+                let acked = s.acked_through();
+                if sent_through.saturating_sub(acked) >= cfg.max_in_flight {
+                    (Vec::new(), acked)
+                } else {
+                    (s.unsent(sent_through, cfg.max_batch_events, cfg.max_batch_bytes), acked)
+                }
+            };
+            let Some(last) = events.last().map(|e| e.seq) else { break };
+            let first_seq = events[0].seq;
+            let n = events.len() as u64;
+            debug!(first_seq, n, acked, "sending batch");
+            tx.send(batch(cfg, first_seq, events)).await.map_err(|_| ClientError::Closed)?;
+            AgentStats::add(&stats.events_sent, n);
+            sent_through = last;
+        }
+        if *shutdown.borrow() && spool.lock().is_empty() {
+            return Ok(());
+        }
+        tokio::select! {
+            ack = acks.message() => {
+                let ack: Ack = ack?.ok_or(ClientError::Closed)?;
+                if ack.through_seq > sent_through {
+                    return Err(ClientError::BadAck { acked: ack.through_seq, sent: sent_through });
+                }
+                let n = spool.lock().ack(ack.through_seq);
+                AgentStats::add(&stats.events_acked, n);
+            }
+            _ = spool.notify.notified() => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+fn batch(cfg: &ClientConfig, first_seq: u64, events: Vec<gpulse_proto::v1::Event>) -> Batch {
+    Batch {
+        agent_id: cfg.agent_id.clone(),
+        boot_id: cfg.boot_id.clone(),
+        node: cfg.node.clone(),
+        first_seq,
+        events,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_urls_fail_fast() {
+        assert!(matches!(endpoint("not a url"), Err(ClientError::BadUrl(..))));
+        assert!(endpoint("http://127.0.0.1:7700").is_ok());
+        let j = jitter(Duration::from_millis(1000));
+        assert!(j >= Duration::from_millis(750) && j <= Duration::from_millis(1250));
+    }
+}

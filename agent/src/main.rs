@@ -1,0 +1,171 @@
+//! `gpulse-agent`: captures NVIDIA XIDs on this node and streams them to a collector.
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use gpulse_agent::{
+    client::{self, ClientConfig},
+    ebpf::EbpfOptions,
+    pipeline::Pipeline,
+    record::Captured,
+    source::{self, SourceChoice},
+    spool::{SharedSpool, SpoolLimits},
+    stats::AgentStats,
+};
+use gpulse_proto::v1::{AgentState, AgentStatus};
+use gpulse_xid::SeverityPolicy;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+#[derive(Parser, Debug)]
+#[command(name = "gpulse-agent", version, about = "gpulse node agent: NVIDIA XID capture (eBPF or /dev/kmsg) streamed to a gpulse collector over gRPC")]
+struct Args {
+    /// Collector gRPC URL.
+    #[arg(long, env = "GPULSE_COLLECTOR", default_value = "http://127.0.0.1:7700")]
+    collector: String,
+    /// Node name reported with every event (default: the hostname).
+    #[arg(long, env = "GPULSE_NODE")]
+    node: Option<String>,
+    /// Where XIDs come from: eBPF tracepoints, /dev/kmsg, or eBPF with /dev/kmsg as fallback.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "ebpf", "kmsg"])]
+    xid_source: String,
+    /// Attach nvidia:nvidia_dev_xid when the driver provides it.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
+    nvidia_tracepoint: String,
+    /// BPF ring buffer size in bytes (rounded up to a power of two).
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(4096..=(1 << 30)))]
+    ring_bytes: u32,
+    /// Spool bound in bytes while the collector is unreachable.
+    #[arg(long, default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
+    spool_bytes: u64,
+    /// Spool bound in events.
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(16..))]
+    spool_events: u64,
+    /// Severity overrides, e.g. "13=warning,94=error" (see docs/xid-catalog.md).
+    #[arg(long, default_value = "")]
+    xid_severity: String,
+    /// Turn on kernel-side (aya-log) diagnostics.
+    #[arg(long)]
+    ebpf_log: bool,
+    /// /dev/kmsg path for the fallback source.
+    #[arg(long, default_value = "/dev/kmsg", hide = true)]
+    kmsg_path: String,
+    /// Log format on stderr.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown-node".to_string())
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(&args.log_format);
+    let policy = SeverityPolicy::parse(&args.xid_severity).context("--xid-severity")?;
+    client::endpoint(&args.collector).context("--collector")?;
+    let choice: SourceChoice = args.xid_source.parse().map_err(anyhow::Error::msg)?;
+    let node = args.node.clone().unwrap_or_else(hostname);
+    anyhow::ensure!(!node.trim().is_empty(), "--node must not be empty");
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    // A fresh id per process incarnation: sequence numbers restart with it.
+    let instance = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .map(|s| s.trim().to_string())
+        .context("reading /proc/sys/kernel/random/uuid")?;
+    let agent_id = format!("{node}/{instance}");
+
+    let stats = Arc::new(AgentStats::default());
+    let (tx, mut rx) = mpsc::channel::<Captured>(8192);
+    let opts = EbpfOptions {
+        ring_bytes: args.ring_bytes,
+        nvidia_tracepoint: args.nvidia_tracepoint == "auto",
+        debug_log: args.ebpf_log,
+    };
+    let running = source::start(choice, &opts, &args.kmsg_path, tx.clone(), stats.clone())?;
+
+    let spool = SharedSpool::new(
+        SpoolLimits { max_bytes: args.spool_bytes as usize, max_events: args.spool_events as usize },
+        stats.clone(),
+    );
+    let mut pipeline = Pipeline::new(node.clone(), agent_id.clone(), policy, stats.clone());
+    let status = |state: AgentState, detail: String| {
+        Captured::Status(AgentStatus {
+            state: state as i32,
+            xid_source: running.name.to_string(),
+            detail,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            boot_id: boot_id.clone(),
+        })
+    };
+    tx.send(status(AgentState::Started, running.why.clone())).await.ok();
+
+    let pipe_spool = spool.clone();
+    let pipe = tokio::spawn(async move {
+        while let Some(item) = rx.recv().await {
+            let now = gpulse_proto::time::to_unix_nanos(&gpulse_proto::time::now());
+            if let Some(ev) = pipeline.process(item, now) {
+                pipe_spool.push(ev);
+            }
+        }
+    });
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let cfg = ClientConfig::new(args.collector.clone(), agent_id.clone(), boot_id.clone(), node.clone());
+    let client_task = tokio::spawn(client::run(cfg, spool.clone(), stats.clone(), shutdown_rx));
+    info!(node = %node, agent_id = %agent_id, collector = %args.collector, source = running.name, "gpulse-agent running");
+
+    wait_for_signal().await;
+    info!("stopping: flushing the spool to the collector");
+    tx.send(status(AgentState::Stopping, "agent stopping".into())).await.ok();
+    running.task.abort();
+    drop(tx);
+    // Let the pipeline drain what was captured, then tell the client to finish.
+    let _ = tokio::time::timeout(Duration::from_secs(1), pipe).await;
+    shutdown_tx.send(true).ok();
+    match tokio::time::timeout(Duration::from_secs(5), client_task).await {
+        Ok(_) => {}
+        Err(_) => warn!(unacked = spool.lock().len(), "collector did not acknowledge everything before the stop deadline"),
+    }
+    info!(
+        xids = AgentStats::get(&stats.xids),
+        sent = AgentStats::get(&stats.events_sent),
+        acked = AgentStats::get(&stats.events_acked),
+        spool_dropped = AgentStats::get(&stats.spool_dropped),
+        kernel_ring_dropped = AgentStats::get(&stats.kernel_ring_dropped),
+        "gpulse-agent stopped"
+    );
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the agent");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

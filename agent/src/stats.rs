@@ -1,0 +1,33 @@
+//! Agent counters, shared between tasks (lock-free).
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    /// Records read from the kernel (ring buffer or /dev/kmsg) that passed the NVIDIA filter.
+    pub records_captured: AtomicU64,
+    /// Records dropped because the capture channel was full.
+    pub capture_queue_dropped: AtomicU64,
+    /// Records the kernel program could not hand over (ring reserve failed).
+    pub kernel_ring_dropped: AtomicU64,
+    /// Records overwritten in the kernel log before the kmsg reader saw them.
+    pub kmsg_missed: AtomicU64,
+    /// Records removed because the other capture path already reported them.
+    pub dual_path_duplicates: AtomicU64,
+    /// Records that were not valid UTF-8 or not parseable (kept as driver logs).
+    pub malformed_records: AtomicU64,
+    pub xids: AtomicU64,
+    /// Events dropped from the spool because it was full.
+    pub spool_dropped: AtomicU64,
+    pub events_sent: AtomicU64,
+    pub events_acked: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+impl AgentStats {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Relaxed);
+    }
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Relaxed)
+    }
+}

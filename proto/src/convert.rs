@@ -1,0 +1,228 @@
+//! Conversions between the XID crate's decoded records and wire messages.
+use gpulse_xid::{
+    Decoded, ParsedRecord, catalog,
+    parse::{NvlinkDetail as PNvlink, RecoveryAction as PRecovery},
+};
+
+use crate::v1;
+
+impl From<gpulse_xid::Severity> for v1::Severity {
+    fn from(s: gpulse_xid::Severity) -> Self {
+        match s {
+            gpulse_xid::Severity::Info => Self::Info,
+            gpulse_xid::Severity::Warning => Self::Warning,
+            gpulse_xid::Severity::Error => Self::Error,
+            gpulse_xid::Severity::Fatal => Self::Fatal,
+        }
+    }
+}
+
+impl v1::Severity {
+    /// Short lowercase name (`fatal`), as used in JSON output and metrics labels.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::Info => "info",
+            Self::Warning => "warning",
+            Self::Error => "error",
+            Self::Fatal => "fatal",
+        }
+    }
+}
+
+impl v1::EventKind {
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::Xid => "xid",
+            Self::Sxid => "sxid",
+            Self::DriverLog => "driver_log",
+            Self::AgentStatus => "agent_status",
+            Self::Gap => "gap",
+        }
+    }
+
+    pub fn from_short_name(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_lowercase().replace('-', "_").as_str() {
+            "xid" => Self::Xid,
+            "sxid" => Self::Sxid,
+            "driver_log" | "log" => Self::DriverLog,
+            "agent_status" | "status" => Self::AgentStatus,
+            "gap" => Self::Gap,
+            _ => return None,
+        })
+    }
+}
+
+impl v1::Event {
+    /// The kind implied by the payload; envelopes are checked against it on ingest.
+    pub fn payload_kind(&self) -> v1::EventKind {
+        use v1::event::Payload;
+        match &self.payload {
+            None => v1::EventKind::Unspecified,
+            Some(Payload::Xid(_)) => v1::EventKind::Xid,
+            Some(Payload::Sxid(_)) => v1::EventKind::Sxid,
+            Some(Payload::DriverLog(_)) => v1::EventKind::DriverLog,
+            Some(Payload::AgentStatus(_)) => v1::EventKind::AgentStatus,
+            Some(Payload::Gap(_)) => v1::EventKind::Gap,
+        }
+    }
+
+    /// The GPU identities (UUID and PCI address) the event belongs to, for filtering.
+    pub fn gpu_keys(&self) -> [&str; 2] {
+        use v1::event::Payload;
+        match &self.payload {
+            Some(Payload::Xid(x)) => [x.gpu_uuid.as_str(), x.pci.as_str()],
+            Some(Payload::DriverLog(d)) => [d.gpu_uuid.as_str(), d.pci.as_str()],
+            Some(Payload::Sxid(s)) => ["", s.pci.as_str()],
+            _ => ["", ""],
+        }
+    }
+}
+
+fn nvlink(n: &PNvlink) -> v1::NvlinkDetail {
+    v1::NvlinkDetail {
+        unit: n.unit.clone(),
+        fatal: n.fatal,
+        xc: n.xc.clone().unwrap_or_default(),
+        instance: n.instance,
+        link: n.link,
+        words: n.words.clone(),
+        intrinfo: n.intrinfo,
+        error_status: n.error_status,
+        sub_code: n.sub_code,
+    }
+}
+
+fn recovery(r: &PRecovery) -> v1::RecoveryAction {
+    v1::RecoveryAction {
+        from: r.from,
+        from_name: r.from_name.clone(),
+        to: r.to,
+        to_name: r.to_name.clone(),
+    }
+}
+
+/// Builds the wire payload for a decoded record: catalog fields filled in, raw text kept.
+pub fn payload_from_decoded(
+    d: &Decoded,
+    raw: &str,
+    source: v1::RecordSource,
+    truncated: bool,
+) -> (v1::EventKind, v1::event::Payload) {
+    use v1::event::Payload;
+    let uuid = d.gpu_uuid.clone().unwrap_or_default();
+    match &d.record {
+        ParsedRecord::Xid(x) => {
+            let info = catalog::lookup(x.code);
+            (
+                v1::EventKind::Xid,
+                Payload::Xid(v1::Xid {
+                    code: x.code,
+                    pci: x.pci.map(|p| p.to_string()).unwrap_or_default(),
+                    pci_raw: x.pci_raw.clone(),
+                    gpu_uuid: uuid,
+                    pid: x.pid,
+                    process_name: x.process_name.clone().unwrap_or_default(),
+                    channel: x.channel,
+                    message: x.message.clone(),
+                    mnemonic: info.map(|i| i.mnemonic.to_string()).unwrap_or_default(),
+                    description: info
+                        .map(|i| i.description.to_string())
+                        .unwrap_or_else(|| format!("Unknown XID {} (not in the catalog)", x.code)),
+                    immediate_action: info.map(|i| i.immediate_action.to_string()).unwrap_or_default(),
+                    investigatory_action: info
+                        .map(|i| i.investigatory_action.to_string())
+                        .unwrap_or_default(),
+                    caused_by: x.caused_by,
+                    recovery_action: x.recovery_action.as_ref().map(recovery),
+                    nvlink: x.nvlink.as_ref().map(nvlink),
+                    inferred: x.inferred,
+                    source: source as i32,
+                    raw: raw.to_string(),
+                    truncated,
+                }),
+            )
+        }
+        ParsedRecord::Sxid(s) => (
+            v1::EventKind::Sxid,
+            Payload::Sxid(v1::Sxid {
+                code: s.code,
+                switch_index: s.switch_index,
+                pci: s.pci.map(|p| p.to_string()).unwrap_or_default(),
+                pci_raw: s.pci_raw.clone(),
+                link: s.link,
+                data: s.data.clone(),
+                message: s.message.clone(),
+                description: catalog::lookup_sxid(s.code)
+                    .map(|i| i.description.to_string())
+                    .unwrap_or_default(),
+                source: source as i32,
+                raw: raw.to_string(),
+            }),
+        ),
+        ParsedRecord::GpuIdentity { pci, .. } => (
+            v1::EventKind::DriverLog,
+            Payload::DriverLog(v1::DriverLog {
+                text: raw.to_string(),
+                pci: pci.to_string(),
+                gpu_uuid: uuid,
+                source: source as i32,
+                truncated,
+            }),
+        ),
+        ParsedRecord::DriverLog { pci, text } => (
+            v1::EventKind::DriverLog,
+            Payload::DriverLog(v1::DriverLog {
+                text: text.clone(),
+                pci: pci.map(|p| p.to_string()).unwrap_or_default(),
+                gpu_uuid: uuid,
+                source: source as i32,
+                truncated,
+            }),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpulse_xid::Decoder;
+
+    #[test]
+    fn xid_payload_carries_catalog_and_fields() {
+        let mut d = Decoder::default();
+        let raw = "NVRM: Xid (PCI:0000:9b:00): 119, pid=2024380, name=nvidia-smi, Timeout after 6s of waiting for RPC response";
+        let dec = d.feed(0, raw).unwrap();
+        let (kind, payload) = payload_from_decoded(&dec, raw, v1::RecordSource::Kmsg, false);
+        assert_eq!(kind, v1::EventKind::Xid);
+        let v1::event::Payload::Xid(x) = payload else { panic!() };
+        assert_eq!(x.code, 119);
+        assert_eq!(x.mnemonic, "GSP_RPC_TIMEOUT");
+        assert_eq!(x.pci, "0000:9b:00.0");
+        assert_eq!(x.pid, Some(2024380));
+        assert_eq!(x.immediate_action, "RESET_GPU");
+        assert_eq!(x.raw, raw);
+        let ev = v1::Event { payload: Some(v1::event::Payload::Xid(x)), ..Default::default() };
+        assert_eq!(ev.payload_kind(), v1::EventKind::Xid);
+        assert_eq!(ev.gpu_keys()[1], "0000:9b:00.0");
+    }
+
+    #[test]
+    fn unknown_code_says_so() {
+        let mut d = Decoder::default();
+        let raw = "NVRM: Xid (PCI:0000:9b:00): 4000, something new";
+        let (_, payload) = payload_from_decoded(&d.feed(0, raw).unwrap(), raw, v1::RecordSource::Kmsg, false);
+        let v1::event::Payload::Xid(x) = payload else { panic!() };
+        assert!(x.description.contains("Unknown XID 4000"));
+        assert!(x.mnemonic.is_empty());
+    }
+
+    #[test]
+    fn kind_names_round_trip() {
+        for k in [v1::EventKind::Xid, v1::EventKind::Sxid, v1::EventKind::DriverLog, v1::EventKind::AgentStatus, v1::EventKind::Gap] {
+            assert_eq!(v1::EventKind::from_short_name(k.short_name()), Some(k));
+        }
+        assert_eq!(v1::EventKind::from_short_name("nope"), None);
+    }
+}
