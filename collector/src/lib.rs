@@ -1,1 +1,11 @@
-
+//! gpulse collector: gRPC ingest from agents, a bounded and durable event store, live
+//! subscribers, and HTTP health/metrics. See docs/architecture.md.
+pub mod filter;
+pub mod grpc;
+pub mod http;
+pub mod json;
+pub mod metrics;
+pub mod server;
+pub mod size;
+pub mod state;
+pub mod store;

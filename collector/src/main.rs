@@ -1,0 +1,91 @@
+//! `gpulse-collector`: receives agent streams, stores events durably within a byte budget, and
+//! serves live subscribers, health and metrics.
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::Parser;
+use gpulse_collector::{
+    server::{self, ServerConfig},
+    size::parse_bytes,
+    state::StoreConfig,
+};
+use tracing::info;
+
+#[derive(Parser, Debug)]
+#[command(name = "gpulse-collector", version, about = "gpulse collector: gRPC ingest from agents, bounded durable event store, live gRPC subscribers, /healthz /readyz /metrics")]
+struct Args {
+    /// gRPC listen address (Ingest, Telemetry, reflection, health).
+    #[arg(long, env = "GPULSE_GRPC_LISTEN", default_value = "127.0.0.1:7700")]
+    grpc_listen: SocketAddr,
+    /// HTTP listen address (/healthz, /readyz, /metrics).
+    #[arg(long, env = "GPULSE_HTTP_LISTEN", default_value = "127.0.0.1:7701")]
+    http_listen: SocketAddr,
+    /// Directory for the write-ahead log (created 0700; files 0600).
+    #[arg(long, env = "GPULSE_DATA_DIR", default_value = "/var/lib/gpulse")]
+    data_dir: PathBuf,
+    /// Event ring budget (memory), e.g. 256MiB.
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    ring_bytes: u64,
+    /// WAL segment size before rotation.
+    #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
+    wal_segment_bytes: u64,
+    /// `always`: acknowledge only after fdatasync. `never`: after write() (survives a process
+    /// crash, not a power loss).
+    #[arg(long, default_value = "always", value_parser = ["always", "never"])]
+    fsync: String,
+    /// Per-subscriber queue length before it is marked lagged.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    subscriber_queue: u64,
+    /// Largest accepted gRPC message.
+    #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
+    max_message_bytes: u64,
+    /// Log format on stderr.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+    anyhow::ensure!(args.ring_bytes >= 64 << 10, "--ring-bytes must be at least 64KiB");
+    anyhow::ensure!(args.wal_segment_bytes >= 64 << 10, "--wal-segment-bytes must be at least 64KiB");
+    anyhow::ensure!(args.max_message_bytes >= 64 << 10 && args.max_message_bytes <= 256 << 20, "--max-message-bytes must be between 64KiB and 256MiB");
+    let mut store = StoreConfig::new(args.data_dir);
+    store.ring_bytes = args.ring_bytes as usize;
+    store.wal_segment_bytes = args.wal_segment_bytes;
+    store.fsync = args.fsync == "always";
+    store.subscriber_queue = args.subscriber_queue as usize;
+    let cfg = ServerConfig {
+        grpc_listen: args.grpc_listen,
+        http_listen: args.http_listen,
+        store,
+        max_message_bytes: args.max_message_bytes as usize,
+    };
+    let running = server::start(cfg, shutdown_signal()).await?;
+    let (g, h) = tokio::join!(running.grpc, running.http);
+    g??;
+    h??;
+    info!("gpulse-collector stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,94 @@
+//! Wiring: store task, gRPC server (ingest, telemetry, reflection, health) and HTTP server.
+use std::{future::Future, net::SocketAddr};
+
+use anyhow::Context as _;
+use gpulse_proto::v1::{FILE_DESCRIPTOR_SET, ingest_server::IngestServer, telemetry_server::TelemetryServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::{
+    grpc::{IngestService, TelemetryService},
+    http::{self, HttpState},
+    metrics::Metrics,
+    state::{self, StoreConfig, StoreHandle},
+};
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub store: StoreConfig,
+    /// Largest accepted gRPC message (a batch); larger ones are refused with OUT_OF_RANGE.
+    pub max_message_bytes: usize,
+}
+
+/// A started collector: its bound addresses and handles.
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub store: StoreHandle,
+    pub metrics: Metrics,
+    pub grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    pub http: tokio::task::JoinHandle<Result<(), std::io::Error>>,
+}
+
+/// Binds both listeners, restores the store and starts serving. `shutdown` resolving stops both
+/// servers gracefully.
+pub async fn start(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<Running> {
+    let metrics = Metrics::new()?;
+    let store = state::start(cfg.store.clone(), metrics.clone()).context("opening the store")?;
+
+    let grpc_listener = TcpListener::bind(cfg.grpc_listen).await.with_context(|| format!("binding gRPC on {}", cfg.grpc_listen))?;
+    let http_listener = TcpListener::bind(cfg.http_listen).await.with_context(|| format!("binding HTTP on {}", cfg.http_listen))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("reflection service")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("reflection service")?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<IngestServer<IngestService>>().await;
+    health_reporter.set_serving::<TelemetryServer<TelemetryService>>().await;
+
+    let ingest = IngestServer::new(IngestService { store: store.clone(), metrics: metrics.clone() })
+        .max_decoding_message_size(cfg.max_message_bytes);
+    let telemetry = TelemetryServer::new(TelemetryService { store: store.clone() })
+        .max_decoding_message_size(cfg.max_message_bytes)
+        .max_encoding_message_size(cfg.max_message_bytes.max(4 << 20));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut grpc_stop = stop_rx.clone();
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(ingest)
+            .add_service(telemetry)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(health)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+                let _ = grpc_stop.wait_for(|v| *v).await;
+            }),
+    );
+    let mut http_stop = stop_rx;
+    let app = http::router(HttpState { store: store.clone(), metrics: metrics.clone() });
+    let http = tokio::spawn(async move {
+        axum::serve(http_listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|v| *v).await;
+            })
+            .await
+    });
+    info!(grpc = %grpc_addr, http = %http_addr, data_dir = %cfg.store.data_dir.display(), "gpulse-collector serving");
+    Ok(Running { grpc_addr, http_addr, store, metrics, grpc, http })
+}

@@ -1,0 +1,508 @@
+//! The one task that owns collector state (tokio-console style): ingest, de-duplication, the
+//! ring, the WAL, and subscriber fan-out. RPC handlers talk to it over a channel, so no lock is
+//! ever held across I/O and ingest order is the store order.
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use gpulse_proto::{
+    time as ptime,
+    v1::{self, Batch, EventKind, GapStage, Lagged, StatusResponse, StoreCheckpoint, event::Payload},
+};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::{
+    filter::Filter,
+    metrics::Metrics,
+    store::{ring::EventRing, syncer::Syncer, wal::Wal},
+};
+
+/// Store configuration.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub data_dir: PathBuf,
+    pub ring_bytes: usize,
+    pub wal_segment_bytes: u64,
+    /// fdatasync before acknowledging (off only for throw-away data dirs).
+    pub fsync: bool,
+    pub subscriber_queue: usize,
+    /// Most events replayed to one resuming subscriber before it is told it lagged.
+    pub max_replay: usize,
+}
+
+impl StoreConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            ring_bytes: 256 << 20,
+            wal_segment_bytes: 16 << 20,
+            fsync: true,
+            subscriber_queue: 4096,
+            max_replay: 100_000,
+        }
+    }
+}
+
+/// What a subscriber's channel carries.
+#[derive(Clone, Debug)]
+pub enum SubMsg {
+    Event(Arc<v1::Event>),
+    Lagged(Lagged),
+}
+
+/// The answer to a Subscribe: stored events to replay first, then the live channel.
+pub struct Subscription {
+    pub replay: Vec<SubMsg>,
+    pub live: mpsc::Receiver<SubMsg>,
+}
+
+/// Result of storing one batch.
+pub struct IngestOutcome {
+    pub through_seq: u64,
+    pub duplicates: u64,
+    pub stored: u64,
+    /// Resolves when the stored events are on disk (None when nothing new was written or fsync
+    /// is off).
+    pub durable: Option<oneshot::Receiver<Result<(), String>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store is shutting down")]
+    Closed,
+    #[error("writing the write-ahead log failed: {0}")]
+    Write(String),
+}
+
+pub enum Command {
+    Hello { agent_id: String, node: String, boot_id: String, reply: oneshot::Sender<u64> },
+    Ingest { batch: Batch, reply: oneshot::Sender<Result<IngestOutcome, StoreError>> },
+    Disconnected { agent_id: String },
+    Subscribe { filter: Filter, after: Option<u64>, reply: oneshot::Sender<Subscription> },
+    Status { reply: oneshot::Sender<StatusResponse> },
+}
+
+/// Cheap handle for RPC handlers.
+#[derive(Clone)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl StoreHandle {
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    pub async fn hello(&self, agent_id: String, node: String, boot_id: String) -> Result<u64, StoreError> {
+        self.call(|reply| Command::Hello { agent_id, node, boot_id, reply }).await
+    }
+
+    pub async fn ingest(&self, batch: Batch) -> Result<IngestOutcome, StoreError> {
+        self.call(|reply| Command::Ingest { batch, reply }).await?
+    }
+
+    pub async fn disconnected(&self, agent_id: String) {
+        let _ = self.tx.send(Command::Disconnected { agent_id }).await;
+    }
+
+    pub async fn subscribe(&self, filter: Filter, after: Option<u64>) -> Result<Subscription, StoreError> {
+        self.call(|reply| Command::Subscribe { filter, after, reply }).await
+    }
+
+    pub async fn status(&self) -> Result<StatusResponse, StoreError> {
+        self.call(|reply| Command::Status { reply }).await
+    }
+}
+
+struct Subscriber {
+    filter: Filter,
+    tx: mpsc::Sender<SubMsg>,
+    /// Events not delivered since the last Lagged notice went out.
+    missed: u64,
+    last_cursor: u64,
+}
+
+struct AgentEntry {
+    progress: v1::AgentProgress,
+    connections: u32,
+}
+
+pub struct State {
+    cfg: StoreConfig,
+    ring: EventRing,
+    wal: Wal,
+    syncer: Syncer,
+    agents: HashMap<String, AgentEntry>,
+    subscribers: Vec<Subscriber>,
+    metrics: Metrics,
+    started: prost_types::Timestamp,
+    duplicates: u64,
+}
+
+/// Opens the store (replaying the WAL) and starts the state task.
+pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::Error> {
+    let (wal, replay) = Wal::open(&cfg.data_dir, cfg.wal_segment_bytes)?;
+    let mut ring = EventRing::new(cfg.ring_bytes, 1);
+    let mut agents: HashMap<String, AgentEntry> = HashMap::new();
+    let mut merge = |p: &v1::AgentProgress| {
+        let e = agents.entry(p.agent_id.clone()).or_insert_with(|| AgentEntry { progress: p.clone(), connections: 0 });
+        if p.through_seq > e.progress.through_seq {
+            e.progress = p.clone();
+        }
+    };
+    let mut next_cursor = 1;
+    for cp in &replay.checkpoints {
+        for a in &cp.agents {
+            merge(a);
+        }
+        next_cursor = next_cursor.max(cp.next_cursor);
+    }
+    for ev in &replay.events {
+        merge(&v1::AgentProgress {
+            agent_id: ev.agent_id.clone(),
+            through_seq: ev.seq,
+            node: ev.node.clone(),
+            boot_id: String::new(),
+            last_seen: ev.received,
+        });
+    }
+    metrics.wal_corruptions.inc_by(replay.corruptions.len() as u64);
+    let restored = replay.events.len();
+    for ev in replay.events {
+        next_cursor = next_cursor.max(ev.cursor + 1);
+        count_xid(&metrics, &ev);
+        ring.restore(ev);
+    }
+    if ring.next_cursor() < next_cursor {
+        ring = rebase(ring, next_cursor);
+    }
+    info!(
+        restored_events = restored,
+        retained = ring.len(),
+        agents = agents.len(),
+        segments = replay.segments,
+        corruptions = replay.corruptions.len(),
+        next_cursor = ring.next_cursor(),
+        data_dir = %cfg.data_dir.display(),
+        "store restored from write-ahead log"
+    );
+    for c in &replay.corruptions {
+        warn!(segment = %c.segment, offset = c.offset, skipped_bytes = c.skipped_bytes, reason = %c.reason, "WAL damage skipped at start-up");
+    }
+    metrics.ring_budget_bytes.set(cfg.ring_bytes as i64);
+    let (tx, rx) = mpsc::channel(1024);
+    let mut state = State {
+        syncer: Syncer::start()?,
+        cfg,
+        ring,
+        wal,
+        agents,
+        subscribers: Vec::new(),
+        metrics,
+        started: ptime::now(),
+        duplicates: 0,
+    };
+    state.wal.truncate_before(state.ring.oldest_cursor().unwrap_or(state.ring.next_cursor()));
+    state.update_gauges();
+    tokio::spawn(state.run(rx));
+    Ok(StoreHandle { tx })
+}
+
+/// A ring whose next cursor is at least `next` (after checkpoints said cursors went further than
+/// the surviving events).
+fn rebase(ring: EventRing, next: u64) -> EventRing {
+    if ring.is_empty() {
+        EventRing::new(ring.budget(), next)
+    } else {
+        ring
+    }
+}
+
+fn count_xid(metrics: &Metrics, ev: &v1::Event) {
+    if let Some(Payload::Xid(x)) = &ev.payload {
+        let sev = v1::Severity::try_from(ev.severity).unwrap_or_default().short_name();
+        metrics
+            .xid_events
+            .with_label_values(&[ev.node.as_str(), x.gpu_uuid.as_str(), x.pci.as_str(), &x.code.to_string(), sev])
+            .inc();
+    }
+}
+
+impl State {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => return,
+                },
+                _ = tick.tick() => self.flush_lag_notices(),
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Hello { agent_id, node, boot_id, reply } => {
+                let e = self.agents.entry(agent_id.clone()).or_insert_with(|| AgentEntry {
+                    progress: v1::AgentProgress { agent_id, ..Default::default() },
+                    connections: 0,
+                });
+                e.connections += 1;
+                e.progress.node = node;
+                e.progress.boot_id = boot_id;
+                e.progress.last_seen = Some(ptime::now());
+                let _ = reply.send(e.progress.through_seq);
+                self.update_gauges();
+            }
+            Command::Disconnected { agent_id } => {
+                if let Some(e) = self.agents.get_mut(&agent_id) {
+                    e.connections = e.connections.saturating_sub(1);
+                }
+                self.update_gauges();
+            }
+            Command::Ingest { batch, reply } => {
+                let _ = reply.send(self.ingest(batch));
+            }
+            Command::Subscribe { filter, after, reply } => {
+                let _ = reply.send(self.subscribe(filter, after));
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    fn ingest(&mut self, batch: Batch) -> Result<IngestOutcome, StoreError> {
+        let received = ptime::now();
+        let entry = self.agents.entry(batch.agent_id.clone()).or_insert_with(|| AgentEntry {
+            progress: v1::AgentProgress { agent_id: batch.agent_id.clone(), node: batch.node.clone(), ..Default::default() },
+            connections: 0,
+        });
+        let mut through = entry.progress.through_seq;
+        let mut duplicates = 0;
+        let mut fresh = Vec::new();
+        for mut ev in batch.events {
+            if ev.seq <= through {
+                duplicates += 1;
+                continue;
+            }
+            if ev.seq > through + 1 {
+                // The agent's sequence jumped: events in between never reached us.
+                let missed = ev.seq - through - 1;
+                self.metrics.ingest_seq_gap_events.inc_by(missed);
+                fresh.push(v1::Event {
+                    seq: 0,
+                    time: Some(received),
+                    node: batch.node.clone(),
+                    kind: EventKind::Gap as i32,
+                    severity: v1::Severity::Warning as i32,
+                    agent_id: batch.agent_id.clone(),
+                    received: Some(received),
+                    payload: Some(Payload::Gap(v1::Gap {
+                        stage: GapStage::CollectorSeq as i32,
+                        missed,
+                        detail: format!("agent {} skipped seqs {}..={}", batch.agent_id, through + 1, ev.seq - 1),
+                    })),
+                    ..Default::default()
+                });
+            }
+            through = ev.seq;
+            // The batch envelope is authoritative for who sent it.
+            ev.node.clone_from(&batch.node);
+            ev.agent_id.clone_from(&batch.agent_id);
+            ev.received = Some(received);
+            fresh.push(ev);
+        }
+        self.duplicates += duplicates;
+        self.metrics.ingest_duplicates.inc_by(duplicates);
+        if fresh.is_empty() {
+            return Ok(IngestOutcome { through_seq: through, duplicates, stored: 0, durable: None });
+        }
+
+        // Assign cursors, then write, then make visible: a failed write stores nothing (the
+        // agent keeps the events and resends).
+        let base = self.ring.next_cursor();
+        for (i, e) in fresh.iter_mut().enumerate() {
+            e.cursor = base + i as u64;
+        }
+        if let Err(e) = self.wal.append(&fresh) {
+            self.metrics.store_write_errors.inc();
+            warn!(error = %e, agent = %batch.agent_id, "WAL append failed; batch not stored");
+            return Err(StoreError::Write(e.to_string()));
+        }
+        let stored = fresh.len() as u64;
+        for ev in fresh {
+            self.metrics.ingest_events.inc();
+            self.metrics.ingest_bytes.inc_by(ev.encoded_len() as u64);
+            count_xid(&self.metrics, &ev);
+            if let Some(Payload::Gap(g)) = &ev.payload
+                && g.stage != GapStage::CollectorSeq as i32
+            {
+                let stage = GapStage::try_from(g.stage).map(|s| s.as_str_name()).unwrap_or("GAP_STAGE_UNSPECIFIED");
+                let stage = stage.trim_start_matches("GAP_STAGE_").to_ascii_lowercase();
+                self.metrics.agent_reported_drops.with_label_values(&[ev.node.as_str(), stage.as_str()]).inc_by(g.missed);
+            }
+            // Same cursor as written above: the ring hands out cursors in the same order.
+            let (stored_ev, _) = self.ring.push(ev);
+            self.fan_out(&stored_ev);
+        }
+        if let Some(e) = self.agents.get_mut(&batch.agent_id) {
+            e.progress.through_seq = through;
+            e.progress.last_seen = Some(received);
+            e.progress.node.clone_from(&batch.node);
+        }
+        let durable = if self.cfg.fsync { Some(self.syncer.request(self.wal.sync_handle())) } else { None };
+        let checkpoint = self.checkpoint();
+        match self.wal.maybe_rotate(self.ring.next_cursor(), &checkpoint) {
+            Ok(_) => {}
+            Err(e) => {
+                self.metrics.store_write_errors.inc();
+                warn!(error = %e, "WAL rotation failed; continuing in the current segment");
+            }
+        }
+        self.wal.truncate_before(self.ring.oldest_cursor().unwrap_or(self.ring.next_cursor()));
+        self.update_gauges();
+        Ok(IngestOutcome { through_seq: through, duplicates, stored, durable })
+    }
+
+    fn checkpoint(&self) -> StoreCheckpoint {
+        StoreCheckpoint {
+            agents: self.agents.values().map(|a| a.progress.clone()).collect(),
+            next_cursor: self.ring.next_cursor(),
+        }
+    }
+
+    /// Hands one event to every matching subscriber without ever waiting: a full queue counts a
+    /// miss, reported to that subscriber as `Lagged` as soon as it has room again.
+    fn fan_out(&mut self, ev: &Arc<v1::Event>) {
+        let metrics = &self.metrics;
+        self.subscribers.retain_mut(|s| {
+            if s.tx.is_closed() {
+                return false;
+            }
+            if !s.filter.matches(ev) {
+                return true;
+            }
+            if s.missed > 0 {
+                let lag = Lagged { missed: s.missed, resume_cursor: s.last_cursor };
+                match s.tx.try_send(SubMsg::Lagged(lag)) {
+                    Ok(()) => {
+                        metrics.subscriber_lag_notices.inc();
+                        s.missed = 0;
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        s.missed += 1;
+                        metrics.subscriber_dropped.inc();
+                        return true;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                }
+            }
+            match s.tx.try_send(SubMsg::Event(ev.clone())) {
+                Ok(()) => {
+                    s.last_cursor = ev.cursor;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    s.missed += 1;
+                    metrics.subscriber_dropped.inc();
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        self.metrics.subscribers.set(self.subscribers.len() as i64);
+    }
+
+    /// Sends pending Lagged notices even when no new event arrives to carry them.
+    fn flush_lag_notices(&mut self) {
+        let metrics = &self.metrics;
+        self.subscribers.retain_mut(|s| {
+            if s.tx.is_closed() {
+                return false;
+            }
+            if s.missed > 0 {
+                let lag = Lagged { missed: s.missed, resume_cursor: s.last_cursor };
+                if s.tx.try_send(SubMsg::Lagged(lag)).is_ok() {
+                    metrics.subscriber_lag_notices.inc();
+                    s.missed = 0;
+                }
+            }
+            true
+        });
+        self.metrics.subscribers.set(self.subscribers.len() as i64);
+    }
+
+    fn subscribe(&mut self, filter: Filter, after: Option<u64>) -> Subscription {
+        let (tx, live) = mpsc::channel(self.cfg.subscriber_queue.max(1));
+        let mut replay = Vec::new();
+        let last = self.ring.next_cursor() - 1;
+        let mut last_cursor = last;
+        if let Some(after) = after {
+            let oldest = self.ring.oldest_cursor().unwrap_or(self.ring.next_cursor());
+            if after + 1 < oldest {
+                // Asked to resume from data that has expired: say how much is gone.
+                replay.push(SubMsg::Lagged(Lagged { missed: oldest - after - 1, resume_cursor: oldest - 1 }));
+                self.metrics.subscriber_lag_notices.inc();
+            }
+            let events = self.ring.after(after, self.cfg.max_replay + 1, |e| filter.matches(e));
+            let truncated = events.len() > self.cfg.max_replay;
+            for ev in events.into_iter().take(self.cfg.max_replay) {
+                replay.push(SubMsg::Event(ev));
+            }
+            if truncated {
+                // Too much to replay at once: the client resumes from the last replayed cursor.
+                let resume = match replay.last() {
+                    Some(SubMsg::Event(e)) => e.cursor,
+                    _ => after,
+                };
+                replay.push(SubMsg::Lagged(Lagged { missed: last.saturating_sub(resume), resume_cursor: resume }));
+                last_cursor = resume;
+            }
+        }
+        self.subscribers.push(Subscriber { filter, tx, missed: 0, last_cursor });
+        self.metrics.subscribers.set(self.subscribers.len() as i64);
+        Subscription { replay, live }
+    }
+
+    fn status(&self) -> StatusResponse {
+        StatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            events_stored: self.ring.len() as u64,
+            ring_bytes: self.ring.bytes() as u64,
+            ring_budget_bytes: self.ring.budget() as u64,
+            last_cursor: self.ring.next_cursor() - 1,
+            oldest_cursor: self.ring.oldest_cursor().unwrap_or(0),
+            agents_connected: self.agents.values().filter(|a| a.connections > 0).count() as u32,
+            subscribers: self.subscribers.len() as u32,
+            duplicates_dropped: self.duplicates,
+            events_expired: self.ring.expired_total(),
+            started: Some(self.started),
+        }
+    }
+
+    fn update_gauges(&self) {
+        for kind in [EventKind::Xid, EventKind::Sxid, EventKind::DriverLog, EventKind::AgentStatus, EventKind::Gap] {
+            let k = kind.short_name();
+            self.metrics.ring_bytes.with_label_values(&[k]).set(self.ring.bytes_by_kind(kind) as i64);
+            self.metrics.ring_events.with_label_values(&[k]).set(self.ring.events_by_kind(kind) as i64);
+            let expired = self.ring.expired_by_kind(kind);
+            let c = self.metrics.ring_expired.with_label_values(&[k]);
+            if expired > c.get() {
+                c.inc_by(expired - c.get());
+            }
+        }
+        self.metrics.wal_bytes.set(self.wal.bytes() as i64);
+        self.metrics.agents_connected.set(self.agents.values().filter(|a| a.connections > 0).count() as i64);
+    }
+}
