@@ -134,7 +134,9 @@ impl Ingest for IngestService {
                     Ok(Some(b)) => b,
                     Ok(None) => break,
                     Err(status) => {
+                        // e.g. a message over --max-message-bytes: tell the agent why.
                         debug!(?peer, %status, "ingest stream ended with an error");
+                        let _ = out_tx.send(Err(status)).await;
                         break;
                     }
                 };
