@@ -1,1 +1,238 @@
+//! Harness for gpulse end-to-end tests: real binaries, real kernel, records injected through
+//! /dev/kmsg.
+//!
+//! Binaries are taken from `$GPULSE_BIN_DIR` (set by `cargo xtask test`) or `target/debug`.
+//! Tests that need root (eBPF, /dev/kmsg writes) call [`require_root`] and skip with a message
+//! otherwise; CI runs as root, so they run there.
+use std::{
+    fs::OpenOptions,
+    io::Write,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
 
+use anyhow::{Context as _, bail};
+use gpulse_proto::v1::{
+    self, EventFilter, SubscribeRequest, SubscribeResponse, event::Payload,
+    subscribe_response::Msg, telemetry_client::TelemetryClient,
+};
+
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("GPULSE_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug")
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: trivial syscall.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// True when the test may run; prints why not otherwise.
+pub fn require_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    eprintln!("SKIP {test}: needs root (eBPF and /dev/kmsg writes); CI runs it as root");
+    false
+}
+
+/// Tests that write to the kernel log run one at a time: the log and the agents' view of it are
+/// machine-wide.
+pub fn kernel_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes one kernel log record through /dev/kmsg. Each write opens the device afresh: the
+/// kernel rate-limits each open file to 10 lines per 5 s and silently drops the rest.
+pub fn inject(line: &str) -> anyhow::Result<()> {
+    let mut f = OpenOptions::new().write(true).open("/dev/kmsg").context("opening /dev/kmsg")?;
+    f.write_all(format!("<3>{line}").as_bytes()).context("writing /dev/kmsg")?;
+    Ok(())
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, args: &[&str], log: &Path) -> anyhow::Result<Self> {
+        let err = std::fs::File::create(log)?;
+        let child = Command::new(bin(name))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("spawning {} (build it first: cargo build --bins)", bin(name).display()))?;
+        Ok(Self { child, name: name.into() })
+    }
+
+    pub fn kill9(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
+    pub fn term(&mut self) -> Option<std::process::ExitStatus> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+    }
+}
+
+/// A collector on loopback with its own data dir.
+pub struct Collector {
+    pub proc: Proc,
+    pub grpc_port: u16,
+    pub http_port: u16,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Collector {
+    pub fn start(data_dir: &Path, grpc_port: u16, http_port: u16, extra: &[&str]) -> anyhow::Result<Self> {
+        let grpc = format!("127.0.0.1:{grpc_port}");
+        let http = format!("127.0.0.1:{http_port}");
+        let dd = data_dir.display().to_string();
+        let log = data_dir.with_extension(format!("collector-{grpc_port}.log"));
+        let mut args = vec!["--grpc-listen", &grpc, "--http-listen", &http, "--data-dir", &dd];
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn("gpulse-collector", &args, &log)?;
+        let c = Self { proc, grpc_port, http_port, data_dir: data_dir.to_path_buf(), log };
+        c.wait_ready(Duration::from_secs(20))?;
+        Ok(c)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    fn wait_ready(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if http_get(self.http_port, "/readyz").is_ok_and(|(code, _)| code == 200) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("collector not ready within {within:?}; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        Ok(http_get(self.http_port, "/metrics")?.1)
+    }
+}
+
+/// Minimal HTTP/1.0 GET on loopback (no client dependency needed for two endpoints).
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    let code = body.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let content = body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, content))
+}
+
+pub fn value_of_metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.trim().parse().ok()))
+}
+
+/// An agent streaming to `collector`.
+pub fn start_agent(collector: &str, node: &str, source: &str, log: &Path, extra: &[&str]) -> anyhow::Result<Proc> {
+    let mut args = vec!["--collector", collector, "--node", node, "--xid-source", source];
+    args.extend_from_slice(extra);
+    Proc::spawn("gpulse-agent", &args, log)
+}
+
+/// Waits until the agent log says a source is live (so injected records are not missed).
+pub fn wait_agent_live(log: &Path, within: Duration) -> anyhow::Result<String> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("XID source live")) {
+            return Ok(line.to_string());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("agent did not report a live source within {within:?}; log:\n{}", std::fs::read_to_string(log).unwrap_or_default())
+}
+
+/// Subscribes and collects events until `done` says so or `within` passes.
+pub async fn collect_events(
+    url: &str,
+    filter: EventFilter,
+    after: Option<u64>,
+    within: Duration,
+    mut done: impl FnMut(&[v1::Event]) -> bool,
+) -> anyhow::Result<Vec<v1::Event>> {
+    let mut client = TelemetryClient::connect(url.to_string()).await?;
+    let mut stream = client.subscribe(SubscribeRequest { filter: Some(filter), after_cursor: after }).await?.into_inner();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while !done(&out) {
+        let msg: Option<SubscribeResponse> = match tokio::time::timeout_at(deadline, stream.message()).await {
+            Ok(m) => m?,
+            Err(_) => break,
+        };
+        match msg.and_then(|m| m.msg) {
+            Some(Msg::Event(e)) => out.push(e),
+            Some(Msg::Lagged(l)) => bail!("subscriber lagged: {l:?}"),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+/// The XID payload of an event, if it is one.
+pub fn xid_of(e: &v1::Event) -> Option<&v1::Xid> {
+    match &e.payload {
+        Some(Payload::Xid(x)) => Some(x),
+        _ => None,
+    }
+}
+
+/// A marker unique to this run, so concurrent or earlier kernel log lines never match.
+pub fn marker(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{tag}-{}-{nanos}", std::process::id())
+}
