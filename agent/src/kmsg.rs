@@ -76,6 +76,9 @@ fn hex(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
 
+/// Upper bound on how long a record can sit unread when the kernel's wakeup is late.
+const KMSG_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 struct KmsgFd(OwnedFd);
 
 impl AsRawFd for KmsgFd {
@@ -116,14 +119,22 @@ impl KmsgReader {
     pub async fn next(&mut self) -> io::Result<Result<KmsgRecord, u64>> {
         let mut buf = [0u8; 8192];
         loop {
-            let mut guard = self.fd.readable().await?;
+            // printk wakes /dev/kmsg readers through a deferred irq_work that an idle tickless CPU
+            // may not run until the next printk; poll as well so a record never waits long.
+            let mut guard = match tokio::time::timeout(KMSG_POLL, self.fd.readable()).await {
+                Ok(g) => Some(g?),
+                Err(_) => None,
+            };
+            let fd = self.fd.get_ref().as_raw_fd();
             // SAFETY: reading into our own stack buffer.
-            let n = unsafe { libc::read(guard.get_inner().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
             if n < 0 {
                 let err = io::Error::last_os_error();
                 match err.raw_os_error() {
                     Some(libc::EAGAIN) => {
-                        guard.clear_ready();
+                        if let Some(g) = guard.as_mut() {
+                            g.clear_ready();
+                        }
                         continue;
                     }
                     // Overwritten: the next read returns the oldest record still there; the seq
