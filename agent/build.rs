@@ -33,11 +33,16 @@ fn main() -> anyhow::Result<()> {
         let joined = env::join_paths(paths).context("joining PATH")?;
         // SAFETY: build scripts are single-threaded; aya-build's nested cargo inherits PATH.
         unsafe { env::set_var("PATH", joined) };
-        println!("cargo:rerun-if-changed={}", bin.join("bpf-linker").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            bin.join("bpf-linker").display()
+        );
     }
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let root = manifest.join("../agent-ebpf");
-    let root = root.canonicalize().with_context(|| format!("{}", root.display()))?;
+    let root = root
+        .canonicalize()
+        .with_context(|| format!("{}", root.display()))?;
     let root_str = root.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
     aya_build::build_ebpf(
         [aya_build::Package {

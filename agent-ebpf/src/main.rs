@@ -108,7 +108,8 @@ fn try_printk_console(ctx: &TracePointContext) -> Result<(), i64> {
     // Cheap filter on a stack copy of the first bytes before touching the ring buffer.
     let mut head = [0u8; FILTER_PREFIX_LEN];
     // SAFETY: kernel string read into a fixed stack buffer.
-    let prefix = unsafe { bpf_probe_read_kernel_str_bytes(msg, &mut head) }.map_err(|e| e as i64)?;
+    let prefix =
+        unsafe { bpf_probe_read_kernel_str_bytes(msg, &mut head) }.map_err(|e| e as i64)?;
     if !keep_line(prefix) {
         return Ok(());
     }

@@ -61,7 +61,8 @@ pub enum ClientError {
 
 /// Validates the URL early so a typo is a clear start-up error, not an endless reconnect loop.
 pub fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
-    let ep = Endpoint::from_shared(url.to_string()).map_err(|e| ClientError::BadUrl(url.into(), e.to_string()))?;
+    let ep = Endpoint::from_shared(url.to_string())
+        .map_err(|e| ClientError::BadUrl(url.into(), e.to_string()))?;
     Ok(ep
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
@@ -133,7 +134,10 @@ async fn session(
     let mut sent_through = {
         let mut s = spool.lock();
         if first.through_seq > s.last_seq() {
-            return Err(ClientError::BadAck { acked: first.through_seq, sent: s.last_seq() });
+            return Err(ClientError::BadAck {
+                acked: first.through_seq,
+                sent: s.last_seq(),
+            });
         }
         s.ack(first.through_seq);
         s.acked_through().max(first.through_seq)
@@ -149,14 +153,21 @@ async fn session(
                 if sent_through.saturating_sub(acked) >= cfg.max_in_flight {
                     (Vec::new(), acked)
                 } else {
-                    (s.unsent(sent_through, cfg.max_batch_events, cfg.max_batch_bytes), acked)
+                    (
+                        s.unsent(sent_through, cfg.max_batch_events, cfg.max_batch_bytes),
+                        acked,
+                    )
                 }
             };
-            let Some(last) = events.last().map(|e| e.seq) else { break };
+            let Some(last) = events.last().map(|e| e.seq) else {
+                break;
+            };
             let first_seq = events[0].seq;
             let n = events.len() as u64;
             debug!(first_seq, n, acked, "sending batch");
-            tx.send(batch(cfg, first_seq, events)).await.map_err(|_| ClientError::Closed)?;
+            tx.send(batch(cfg, first_seq, events))
+                .await
+                .map_err(|_| ClientError::Closed)?;
             AgentStats::add(&stats.events_sent, n);
             sent_through = last;
         }
@@ -194,7 +205,10 @@ mod tests {
 
     #[test]
     fn bad_urls_fail_fast() {
-        assert!(matches!(endpoint("not a url"), Err(ClientError::BadUrl(..))));
+        assert!(matches!(
+            endpoint("not a url"),
+            Err(ClientError::BadUrl(..))
+        ));
         assert!(endpoint("http://127.0.0.1:7700").is_ok());
         let j = jitter(Duration::from_millis(1000));
         assert!(j >= Duration::from_millis(750) && j <= Duration::from_millis(1250));

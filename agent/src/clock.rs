@@ -65,8 +65,15 @@ mod tests {
     fn boot_time_converts_to_now() {
         for clock in [KernelClock::Boottime, KernelClock::Monotonic] {
             let wall = to_unix_ns(clock, now_ns(clock));
-            let sys = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i128;
-            assert!((wall - sys).abs() < 50_000_000, "{clock:?}: off by {} ns", wall - sys);
+            let sys = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as i128;
+            assert!(
+                (wall - sys).abs() < 50_000_000,
+                "{clock:?}: off by {} ns",
+                wall - sys
+            );
         }
         // Boottime never runs behind monotonic.
         assert!(now_ns(KernelClock::Boottime) + 1_000_000 >= now_ns(KernelClock::Monotonic));

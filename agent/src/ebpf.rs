@@ -88,7 +88,10 @@ impl AsRawFd for LoggerFd {
 }
 
 fn round_ring(bytes: u32) -> u32 {
-    bytes.max(4096).checked_next_power_of_two().unwrap_or(1 << 30)
+    bytes
+        .max(4096)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 30)
 }
 
 impl EbpfSource {
@@ -105,7 +108,9 @@ impl EbpfSource {
         let printk = tracefs::read_format(&root, "printk", "console")?;
         let msg = tracefs::field(&printk, "printk:console", "msg")?;
 
-        let nv = if opts.nvidia_tracepoint && tracefs::tracepoint_exists(&root, "nvidia", "nvidia_dev_xid") {
+        let nv = if opts.nvidia_tracepoint
+            && tracefs::tracepoint_exists(&root, "nvidia", "nvidia_dev_xid")
+        {
             let f = tracefs::read_format(&root, "nvidia", "nvidia_dev_xid")?;
             Some((
                 tracefs::field(&f, "nvidia:nvidia_dev_xid", "dev")?.offset,
@@ -153,14 +158,22 @@ impl EbpfSource {
             false
         };
 
-        let ring = ebpf
-            .take_map("EVENTS")
-            .ok_or(EbpfError::Map { name: "EVENTS", detail: "missing".into() })?;
-        let ring = RingBuf::try_from(ring).map_err(|e| EbpfError::Map { name: "EVENTS", detail: e.to_string() })?;
-        let stats = ebpf
-            .take_map("STATS")
-            .ok_or(EbpfError::Map { name: "STATS", detail: "missing".into() })?;
-        let stats = PerCpuArray::try_from(stats).map_err(|e| EbpfError::Map { name: "STATS", detail: e.to_string() })?;
+        let ring = ebpf.take_map("EVENTS").ok_or(EbpfError::Map {
+            name: "EVENTS",
+            detail: "missing".into(),
+        })?;
+        let ring = RingBuf::try_from(ring).map_err(|e| EbpfError::Map {
+            name: "EVENTS",
+            detail: e.to_string(),
+        })?;
+        let stats = ebpf.take_map("STATS").ok_or(EbpfError::Map {
+            name: "STATS",
+            detail: "missing".into(),
+        })?;
+        let stats = PerCpuArray::try_from(stats).map_err(|e| EbpfError::Map {
+            name: "STATS",
+            detail: e.to_string(),
+        })?;
         Ok(Self {
             _ebpf: ebpf,
             ring: crate::record::async_fd(ring)?,
@@ -173,16 +186,17 @@ impl EbpfSource {
 
     /// Sum over CPUs of one kernel counter.
     pub fn kernel_counter(&self, idx: u32) -> u64 {
-        self.stats
-            .get(&idx, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
+        self.stats.get(&idx, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
     /// Drains the ring buffer into `tx` until the channel closes. Never blocks the kernel side:
     /// the ring is read as soon as epoll says it is readable, and kernel-side losses (failed
     /// reserves) are turned into gap notes once a second.
-    pub async fn run(mut self, tx: mpsc::Sender<Captured>, stats: Arc<AgentStats>) -> Result<(), EbpfError> {
+    pub async fn run(
+        mut self,
+        tx: mpsc::Sender<Captured>,
+        stats: Arc<AgentStats>,
+    ) -> Result<(), EbpfError> {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reported_lost = 0u64;
@@ -244,14 +258,24 @@ impl EbpfSource {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, prog: &'static str, category: &str, name: &str) -> Result<(), EbpfError> {
+fn attach(
+    ebpf: &mut Ebpf,
+    prog: &'static str,
+    category: &str,
+    name: &str,
+) -> Result<(), EbpfError> {
     let p: &mut TracePoint = ebpf
         .program_mut(prog)
-        .ok_or(EbpfError::Map { name: prog, detail: "program missing from object".into() })?
+        .ok_or(EbpfError::Map {
+            name: prog,
+            detail: "program missing from object".into(),
+        })?
         .try_into()
         .map_err(|err| EbpfError::Program { name: prog, err })?;
-    p.load().map_err(|err| EbpfError::Program { name: prog, err })?;
-    p.attach(category, name).map_err(|err| EbpfError::Program { name: prog, err })?;
+    p.load()
+        .map_err(|err| EbpfError::Program { name: prog, err })?;
+    p.attach(category, name)
+        .map_err(|err| EbpfError::Program { name: prog, err })?;
     Ok(())
 }
 
@@ -329,7 +353,14 @@ mod tests {
     #[test]
     fn decodes_printk_and_dev_xid_records() {
         let mut rec = PrintkRecord {
-            header: RecordHeader { kind: RecordKind::PrintkLine as u16, flags: 0, len: 0, ts_boot_ns: clock::now_ns(KernelClock::Boottime), tgid: 1, cpu: 0 },
+            header: RecordHeader {
+                kind: RecordKind::PrintkLine as u16,
+                flags: 0,
+                len: 0,
+                ts_boot_ns: clock::now_ns(KernelClock::Boottime),
+                tgid: 1,
+                cpu: 0,
+            },
             msg: [0; MSG_MAX],
         };
         let text = b"NVRM: Xid (PCI:0000:01:00): 79, GPU has fallen off the bus.";
@@ -338,11 +369,21 @@ mod tests {
         let raw = decode_item(as_bytes(&rec)).unwrap();
         assert_eq!(raw.text.as_bytes(), text);
         assert_eq!(raw.source, RecordSource::EbpfPrintk);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i128;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i128;
         assert!((raw.unix_ns - now).abs() < 1_000_000_000);
 
         let mut x = NvDevXidRecord {
-            header: RecordHeader { kind: RecordKind::NvDevXid as u16, flags: flags::TRUNCATED, len: 0, ts_boot_ns: 0, tgid: 0, cpu: 0 },
+            header: RecordHeader {
+                kind: RecordKind::NvDevXid as u16,
+                flags: flags::TRUNCATED,
+                len: 0,
+                ts_boot_ns: 0,
+                tgid: 0,
+                cpu: 0,
+            },
             error_code: 79,
             dev_len: 12,
             dev: [0; DEV_MAX],
@@ -353,7 +394,10 @@ mod tests {
         x.msg[..m.len()].copy_from_slice(m);
         x.header.len = m.len() as u32;
         let raw = decode_item(as_bytes(&x)).unwrap();
-        assert_eq!(raw.text, "NVRM: Xid (PCI:0000:3b:00.0): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus.");
+        assert_eq!(
+            raw.text,
+            "NVRM: Xid (PCI:0000:3b:00.0): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus."
+        );
         assert!(raw.truncated);
         assert_eq!(raw.dev_xid.unwrap().code, 79);
     }
@@ -361,9 +405,23 @@ mod tests {
     #[test]
     fn rejects_malformed_records() {
         assert!(decode_item(&[0u8; 4]).is_none());
-        let h = RecordHeader { kind: 77, flags: 0, len: 5, ts_boot_ns: 0, tgid: 0, cpu: 0 };
+        let h = RecordHeader {
+            kind: 77,
+            flags: 0,
+            len: 5,
+            ts_boot_ns: 0,
+            tgid: 0,
+            cpu: 0,
+        };
         assert!(decode_item(as_bytes(&h)).is_none(), "unknown kind");
-        let h = RecordHeader { kind: 1, flags: 0, len: 5, ts_boot_ns: 0, tgid: 0, cpu: 0 };
+        let h = RecordHeader {
+            kind: 1,
+            flags: 0,
+            len: 5,
+            ts_boot_ns: 0,
+            tgid: 0,
+            cpu: 0,
+        };
         assert!(decode_item(as_bytes(&h)).is_none(), "body shorter than len");
         assert_eq!(round_ring(1), 4096);
         assert_eq!(round_ring(5000), 8192);

@@ -98,7 +98,12 @@ impl KmsgReader {
     pub fn open(path: &str) -> io::Result<Self> {
         let c = CString::new(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // SAFETY: valid path; we own the returned fd.
-        let raw = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        let raw = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -171,11 +176,16 @@ pub async fn run(
         match reader.next().await? {
             Err(missed) => {
                 AgentStats::add(&stats.kmsg_missed, missed);
-                warn!(missed, "kernel log records were overwritten before /dev/kmsg could read them");
+                warn!(
+                    missed,
+                    "kernel log records were overwritten before /dev/kmsg could read them"
+                );
                 let note = Captured::Note(SourceNote::Lost {
                     stage: GapStage::Kmsg,
                     missed,
-                    detail: format!("{missed} kernel log records overwritten before they were read; NVIDIA records among them are lost"),
+                    detail: format!(
+                        "{missed} kernel log records overwritten before they were read; NVIDIA records among them are lost"
+                    ),
                 });
                 if tx.send(note).await.is_err() {
                     return Ok(());
@@ -210,11 +220,23 @@ mod tests {
     #[test]
     fn parses_records_and_escapes() {
         let r = parse_record(b"3,1234,5678901,-;NVRM: Xid (PCI:0000:01:00): 79, GPU has fallen off the bus.\n SUBSYSTEM=pci\n").unwrap();
-        assert_eq!((r.priority, r.facility, r.seq, r.ts_us), (3, 0, 1234, 5678901));
-        assert_eq!(r.text, "NVRM: Xid (PCI:0000:01:00): 79, GPU has fallen off the bus.");
-        let r = parse_record(b"12,9,1,-,caller=T1;NVRM: The NVIDIA GPU 0000:01:00.0\\x0aNVRM: fallen off the bus\n").unwrap();
+        assert_eq!(
+            (r.priority, r.facility, r.seq, r.ts_us),
+            (3, 0, 1234, 5678901)
+        );
+        assert_eq!(
+            r.text,
+            "NVRM: Xid (PCI:0000:01:00): 79, GPU has fallen off the bus."
+        );
+        let r = parse_record(
+            b"12,9,1,-,caller=T1;NVRM: The NVIDIA GPU 0000:01:00.0\\x0aNVRM: fallen off the bus\n",
+        )
+        .unwrap();
         assert_eq!(r.facility, 1);
-        assert_eq!(r.text, "NVRM: The NVIDIA GPU 0000:01:00.0\nNVRM: fallen off the bus");
+        assert_eq!(
+            r.text,
+            "NVRM: The NVIDIA GPU 0000:01:00.0\nNVRM: fallen off the bus"
+        );
         assert_eq!(unescape(b"a\\x5cb\\xzz\\x4"), "a\\b\\xzz\\x4");
         assert!(parse_record(b"garbage").is_none());
         assert!(parse_record(b"x,1,2;text").is_none());

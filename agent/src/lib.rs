@@ -4,8 +4,8 @@
 //! channel -> [`pipeline`] (XID decode, catalog, dual-path de-duplication, wall-clock time) ->
 //! [`spool`] (bounded, sequence-numbered, survives collector outages) -> [`client`] (gRPC Ingest
 //! stream with acks, reconnect with backoff, resend of everything unacknowledged).
-pub mod clock;
 pub mod client;
+pub mod clock;
 pub mod ebpf;
 pub mod kmsg;
 pub mod pipeline;

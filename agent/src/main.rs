@@ -18,10 +18,18 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 #[derive(Parser, Debug)]
-#[command(name = "gpulse-agent", version, about = "gpulse node agent: NVIDIA XID capture (eBPF or /dev/kmsg) streamed to a gpulse collector over gRPC")]
+#[command(
+    name = "gpulse-agent",
+    version,
+    about = "gpulse node agent: NVIDIA XID capture (eBPF or /dev/kmsg) streamed to a gpulse collector over gRPC"
+)]
 struct Args {
     /// Collector gRPC URL.
-    #[arg(long, env = "GPULSE_COLLECTOR", default_value = "http://127.0.0.1:7700")]
+    #[arg(
+        long,
+        env = "GPULSE_COLLECTOR",
+        default_value = "http://127.0.0.1:7700"
+    )]
     collector: String,
     /// Node name reported with every event (default: the hostname).
     #[arg(long, env = "GPULSE_NODE")]
@@ -66,7 +74,9 @@ fn hostname() -> String {
 fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
         b.json().init();
@@ -103,7 +113,10 @@ async fn main() -> anyhow::Result<()> {
     let running = source::start(choice, &opts, &args.kmsg_path, tx.clone(), stats.clone())?;
 
     let spool = SharedSpool::new(
-        SpoolLimits { max_bytes: args.spool_bytes as usize, max_events: args.spool_events as usize },
+        SpoolLimits {
+            max_bytes: args.spool_bytes as usize,
+            max_events: args.spool_events as usize,
+        },
         stats.clone(),
     );
     let mut pipeline = Pipeline::new(node.clone(), agent_id.clone(), policy, stats.clone());
@@ -116,7 +129,9 @@ async fn main() -> anyhow::Result<()> {
             boot_id: boot_id.clone(),
         })
     };
-    tx.send(status(AgentState::Started, running.why.clone())).await.ok();
+    tx.send(status(AgentState::Started, running.why.clone()))
+        .await
+        .ok();
 
     let pipe_spool = spool.clone();
     let pipe = tokio::spawn(async move {
@@ -129,13 +144,48 @@ async fn main() -> anyhow::Result<()> {
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let cfg = ClientConfig::new(args.collector.clone(), agent_id.clone(), boot_id.clone(), node.clone());
+    let cfg = ClientConfig::new(
+        args.collector.clone(),
+        agent_id.clone(),
+        boot_id.clone(),
+        node.clone(),
+    );
     let client_task = tokio::spawn(client::run(cfg, spool.clone(), stats.clone(), shutdown_rx));
     info!(node = %node, agent_id = %agent_id, collector = %args.collector, source = running.name, "gpulse-agent running");
+    let (stats_log, spool_log) = (stats.clone(), spool.clone());
+    tokio::spawn(async move {
+        // Every counter, once a minute, so drops are visible on the node even without a collector.
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let (spooled, spool_bytes) = {
+                let s = spool_log.lock();
+                (s.len(), s.bytes())
+            };
+            info!(
+                captured = AgentStats::get(&stats_log.records_captured),
+                xids = AgentStats::get(&stats_log.xids),
+                dual_path_duplicates = AgentStats::get(&stats_log.dual_path_duplicates),
+                kernel_ring_dropped = AgentStats::get(&stats_log.kernel_ring_dropped),
+                kmsg_missed = AgentStats::get(&stats_log.kmsg_missed),
+                malformed = AgentStats::get(&stats_log.malformed_records),
+                spool_dropped = AgentStats::get(&stats_log.spool_dropped),
+                spooled,
+                spool_bytes,
+                sent = AgentStats::get(&stats_log.events_sent),
+                acked = AgentStats::get(&stats_log.events_acked),
+                reconnects = AgentStats::get(&stats_log.reconnects),
+                "agent counters"
+            );
+        }
+    });
 
     wait_for_signal().await;
     info!("stopping: flushing the spool to the collector");
-    tx.send(status(AgentState::Stopping, "agent stopping".into())).await.ok();
+    tx.send(status(AgentState::Stopping, "agent stopping".into()))
+        .await
+        .ok();
     running.task.abort();
     drop(tx);
     // Let the pipeline drain what was captured, then tell the client to finish.
@@ -143,7 +193,10 @@ async fn main() -> anyhow::Result<()> {
     shutdown_tx.send(true).ok();
     match tokio::time::timeout(Duration::from_secs(5), client_task).await {
         Ok(_) => {}
-        Err(_) => warn!(unacked = spool.lock().len(), "collector did not acknowledge everything before the stop deadline"),
+        Err(_) => warn!(
+            unacked = spool.lock().len(),
+            "collector did not acknowledge everything before the stop deadline"
+        ),
     }
     info!(
         xids = AgentStats::get(&stats.xids),

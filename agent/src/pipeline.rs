@@ -35,7 +35,12 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(node: String, agent_id: String, policy: SeverityPolicy, stats: Arc<AgentStats>) -> Self {
+    pub fn new(
+        node: String,
+        agent_id: String,
+        policy: SeverityPolicy,
+        stats: Arc<AgentStats>,
+    ) -> Self {
         Self {
             decoder: Decoder::new(policy),
             node,
@@ -50,7 +55,13 @@ impl Pipeline {
     }
 
     /// An envelope for this node.
-    pub fn envelope(&self, unix_ns: i128, kind: EventKind, severity: v1::Severity, payload: Payload) -> v1::Event {
+    pub fn envelope(
+        &self,
+        unix_ns: i128,
+        kind: EventKind,
+        severity: v1::Severity,
+        payload: Payload,
+    ) -> v1::Event {
         v1::Event {
             time: Some(from_unix_nanos(unix_ns)),
             node: self.node.clone(),
@@ -67,11 +78,19 @@ impl Pipeline {
     pub fn process(&mut self, item: Captured, now_unix_ns: i128) -> Option<v1::Event> {
         match item {
             Captured::Record(r) => self.record(r),
-            Captured::Note(SourceNote::Lost { stage, missed, detail }) => Some(self.envelope(
+            Captured::Note(SourceNote::Lost {
+                stage,
+                missed,
+                detail,
+            }) => Some(self.envelope(
                 now_unix_ns,
                 EventKind::Gap,
                 v1::Severity::Warning,
-                Payload::Gap(v1::Gap { stage: stage as i32, missed, detail }),
+                Payload::Gap(v1::Gap {
+                    stage: stage as i32,
+                    missed,
+                    detail,
+                }),
             )),
             Captured::Status(st) => {
                 let severity = if st.state == v1::AgentState::Degraded as i32 {
@@ -79,7 +98,12 @@ impl Pipeline {
                 } else {
                     v1::Severity::Info
                 };
-                Some(self.envelope(now_unix_ns, EventKind::AgentStatus, severity, Payload::AgentStatus(st)))
+                Some(self.envelope(
+                    now_unix_ns,
+                    EventKind::AgentStatus,
+                    severity,
+                    Payload::AgentStatus(st),
+                ))
             }
         }
     }
@@ -88,7 +112,10 @@ impl Pipeline {
         let decoded = self.decoder.feed(r.unix_ns.max(0) as u64, &r.text)?;
         if let ParsedRecord::Xid(x) = &decoded.record {
             let key = XidKey {
-                pci: x.pci.map(|p| p.to_string()).unwrap_or_else(|| x.pci_raw.clone()),
+                pci: x
+                    .pci
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| x.pci_raw.clone()),
                 code: x.code,
                 message: x.message.clone(),
             };
@@ -111,11 +138,9 @@ impl Pipeline {
         {
             self.recent.pop_front();
         }
-        if let Some(i) = self
-            .recent
-            .iter()
-            .position(|(k, ts, s)| *s != source && k == key && (t - ts).abs() <= DUAL_PATH_WINDOW_NS)
-        {
+        if let Some(i) = self.recent.iter().position(|(k, ts, s)| {
+            *s != source && k == key && (t - ts).abs() <= DUAL_PATH_WINDOW_NS
+        }) {
             // Matched once: a later third copy from the same pair is a real repeat.
             self.recent.remove(i);
             return true;
@@ -134,12 +159,26 @@ mod tests {
     use crate::record::DevXid;
 
     fn rec(t: i128, source: RecordSource, text: &str) -> Captured {
-        Captured::Record(RawRecord { unix_ns: t, source, text: text.into(), truncated: false, dev_xid: None })
+        Captured::Record(RawRecord {
+            unix_ns: t,
+            source,
+            text: text.into(),
+            truncated: false,
+            dev_xid: None,
+        })
     }
 
     fn pipeline() -> (Pipeline, Arc<AgentStats>) {
         let stats = Arc::new(AgentStats::default());
-        (Pipeline::new("n1".into(), "n1/a".into(), SeverityPolicy::default(), stats.clone()), stats)
+        (
+            Pipeline::new(
+                "n1".into(),
+                "n1/a".into(),
+                SeverityPolicy::default(),
+                stats.clone(),
+            ),
+            stats,
+        )
     }
 
     #[test]
@@ -150,8 +189,17 @@ mod tests {
         assert_eq!(ev.severity, v1::Severity::Fatal as i32);
         assert_eq!(ev.node, "n1");
         assert_eq!(ev.time.unwrap().seconds, 1_764_000_000);
-        let Some(Payload::Xid(x)) = ev.payload else { panic!() };
-        assert_eq!((x.code, x.pci.as_str(), x.mnemonic.as_str()), (79, "0000:91:00.0", "ROBUST_CHANNEL_GPU_HAS_FALLEN_OFF_THE_BUS"));
+        let Some(Payload::Xid(x)) = ev.payload else {
+            panic!()
+        };
+        assert_eq!(
+            (x.code, x.pci.as_str(), x.mnemonic.as_str()),
+            (
+                79,
+                "0000:91:00.0",
+                "ROBUST_CHANNEL_GPU_HAS_FALLEN_OFF_THE_BUS"
+            )
+        );
         assert_eq!(AgentStats::get(&stats.xids), 1);
     }
 
@@ -163,30 +211,90 @@ mod tests {
             source: RecordSource::EbpfNvidiaTracepoint,
             text: "NVRM: Xid (PCI:0000:3b:00.0): 48, pid=1, name=x, DBE".into(),
             truncated: false,
-            dev_xid: Some(DevXid { code: 48, dev: "0000:3b:00.0".into() }),
+            dev_xid: Some(DevXid {
+                code: 48,
+                dev: "0000:3b:00.0".into(),
+            }),
         });
         assert!(p.process(tp, 0).is_some());
         // printk prints the same XID with the short BDF form.
-        assert!(p.process(rec(2_000, RecordSource::EbpfPrintk, "NVRM: Xid (PCI:0000:3b:00): 48, pid=1, name=x, DBE"), 0).is_none());
+        assert!(
+            p.process(
+                rec(
+                    2_000,
+                    RecordSource::EbpfPrintk,
+                    "NVRM: Xid (PCI:0000:3b:00): 48, pid=1, name=x, DBE"
+                ),
+                0
+            )
+            .is_none()
+        );
         assert_eq!(AgentStats::get(&stats.dual_path_duplicates), 1);
         // A real repeat on printk is reported.
-        assert!(p.process(rec(3_000, RecordSource::EbpfPrintk, "NVRM: Xid (PCI:0000:3b:00): 48, pid=1, name=x, DBE"), 0).is_some());
+        assert!(
+            p.process(
+                rec(
+                    3_000,
+                    RecordSource::EbpfPrintk,
+                    "NVRM: Xid (PCI:0000:3b:00): 48, pid=1, name=x, DBE"
+                ),
+                0
+            )
+            .is_some()
+        );
         // Same source twice is never a dual-path duplicate (one fault can print several lines).
-        assert!(p.process(rec(4_000, RecordSource::EbpfPrintk, "NVRM: Xid (PCI:0000:3b:00): 48, pid=1, name=x, DBE"), 0).is_some());
+        assert!(
+            p.process(
+                rec(
+                    4_000,
+                    RecordSource::EbpfPrintk,
+                    "NVRM: Xid (PCI:0000:3b:00): 48, pid=1, name=x, DBE"
+                ),
+                0
+            )
+            .is_some()
+        );
         // Outside the window it is a new event even across paths.
-        let tp2 = rec(10_000_000_000, RecordSource::EbpfNvidiaTracepoint, "NVRM: Xid (PCI:0000:3b:00.0): 48, pid=1, name=x, DBE");
+        let tp2 = rec(
+            10_000_000_000,
+            RecordSource::EbpfNvidiaTracepoint,
+            "NVRM: Xid (PCI:0000:3b:00.0): 48, pid=1, name=x, DBE",
+        );
         assert!(p.process(tp2, 0).is_some());
     }
 
     #[test]
     fn notes_become_gap_events_and_other_text_is_ignored() {
         let (mut p, _) = pipeline();
-        let ev = p.process(Captured::Note(SourceNote::Lost { stage: v1::GapStage::KernelRing, missed: 3, detail: "x".into() }), 5).unwrap();
+        let ev = p
+            .process(
+                Captured::Note(SourceNote::Lost {
+                    stage: v1::GapStage::KernelRing,
+                    missed: 3,
+                    detail: "x".into(),
+                }),
+                5,
+            )
+            .unwrap();
         assert_eq!(ev.kind, EventKind::Gap as i32);
-        let Some(Payload::Gap(g)) = ev.payload else { panic!() };
+        let Some(Payload::Gap(g)) = ev.payload else {
+            panic!()
+        };
         assert_eq!(g.missed, 3);
-        assert!(p.process(rec(1, RecordSource::Kmsg, "usb 1-1: new device"), 0).is_none());
-        let ev = p.process(rec(1, RecordSource::Kmsg, "NVRM: loading NVIDIA UNIX x86_64 Kernel Module"), 0).unwrap();
+        assert!(
+            p.process(rec(1, RecordSource::Kmsg, "usb 1-1: new device"), 0)
+                .is_none()
+        );
+        let ev = p
+            .process(
+                rec(
+                    1,
+                    RecordSource::Kmsg,
+                    "NVRM: loading NVIDIA UNIX x86_64 Kernel Module",
+                ),
+                0,
+            )
+            .unwrap();
         assert_eq!(ev.kind, EventKind::DriverLog as i32);
     }
 
@@ -194,7 +302,14 @@ mod tests {
     fn dedupe_state_is_bounded() {
         let (mut p, _) = pipeline();
         for i in 0..5000 {
-            p.process(rec(i, RecordSource::EbpfPrintk, &format!("NVRM: Xid (PCI:0000:3b:00): 13, n{i}")), 0);
+            p.process(
+                rec(
+                    i,
+                    RecordSource::EbpfPrintk,
+                    &format!("NVRM: Xid (PCI:0000:3b:00): 13, n{i}"),
+                ),
+                0,
+            );
         }
         assert!(p.recent.len() <= DUAL_PATH_MAX);
     }

@@ -43,6 +43,8 @@ pub enum Captured {
 pub fn async_fd<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<tokio::io::unix::AsyncFd<T>> {
     // SAFETY: every caller passes an object that owns its descriptor (OwnedFd, an aya map or
     // ring buffer) and returns the same fd for its whole life, which is what `register` needs.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
-        .map_err(std::io::Error::from)
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+    }
+    .map_err(std::io::Error::from)
 }

@@ -26,7 +26,9 @@ impl FromStr for SourceChoice {
             "auto" => Ok(Self::Auto),
             "ebpf" => Ok(Self::Ebpf),
             "kmsg" => Ok(Self::Kmsg),
-            other => Err(format!("unknown --xid-source {other:?} (expected auto, ebpf or kmsg)")),
+            other => Err(format!(
+                "unknown --xid-source {other:?} (expected auto, ebpf or kmsg)"
+            )),
         }
     }
 }
@@ -62,7 +64,11 @@ pub fn start(
             Ok(src) => {
                 let why = format!(
                     "eBPF programs attached to printk:console{}",
-                    if src.nvidia_attached { " and nvidia:nvidia_dev_xid" } else { " (nvidia:nvidia_dev_xid not present: driver not loaded or not the open driver)" }
+                    if src.nvidia_attached {
+                        " and nvidia:nvidia_dev_xid"
+                    } else {
+                        " (nvidia:nvidia_dev_xid not present: driver not loaded or not the open driver)"
+                    }
                 );
                 info!(source = "ebpf", why = %why, "XID source live");
                 let kmsg_path = kmsg_path.to_string();
@@ -73,18 +79,29 @@ pub fn start(
                         fallback_after_failure(&kmsg_path, tx, stats, e.to_string()).await;
                     }
                 });
-                return Ok(RunningSource { name: "ebpf", why, task });
+                return Ok(RunningSource {
+                    name: "ebpf",
+                    why,
+                    task,
+                });
             }
             Err(e) if choice == SourceChoice::Ebpf => return Err(e.into()),
             Err(e) => Some(e),
         },
     };
-    let reader = KmsgReader::open(kmsg_path).map_err(|err| SourceError::Kmsg { path: kmsg_path.to_string(), err })?;
+    let reader = KmsgReader::open(kmsg_path).map_err(|err| SourceError::Kmsg {
+        path: kmsg_path.to_string(),
+        err,
+    })?;
     let fell_back = ebpf_err.is_some();
     let why = match ebpf_err {
         None => "--xid-source kmsg".to_string(),
         Some(e) => {
-            let hint = if ebpf::privileged() { "" } else { " (needs root or CAP_BPF + CAP_PERFMON)" };
+            let hint = if ebpf::privileged() {
+                ""
+            } else {
+                " (needs root or CAP_BPF + CAP_PERFMON)"
+            };
             format!("eBPF unavailable: {e}{hint}; reading /dev/kmsg instead")
         }
     };
@@ -98,10 +115,19 @@ pub fn start(
             error!(error = %e, "/dev/kmsg source failed; no XID source is live");
         }
     });
-    Ok(RunningSource { name: "kmsg", why, task })
+    Ok(RunningSource {
+        name: "kmsg",
+        why,
+        task,
+    })
 }
 
-async fn fallback_after_failure(kmsg_path: &str, tx: mpsc::Sender<Captured>, stats: Arc<AgentStats>, cause: String) {
+async fn fallback_after_failure(
+    kmsg_path: &str,
+    tx: mpsc::Sender<Captured>,
+    stats: Arc<AgentStats>,
+    cause: String,
+) {
     let status = |state: AgentState, detail: String, src: &str| {
         Captured::Status(AgentStatus {
             state: state as i32,
@@ -113,7 +139,13 @@ async fn fallback_after_failure(kmsg_path: &str, tx: mpsc::Sender<Captured>, sta
     };
     match KmsgReader::open(kmsg_path) {
         Ok(reader) => {
-            let _ = tx.send(status(AgentState::Degraded, format!("eBPF source failed ({cause}); now reading /dev/kmsg"), "kmsg")).await;
+            let _ = tx
+                .send(status(
+                    AgentState::Degraded,
+                    format!("eBPF source failed ({cause}); now reading /dev/kmsg"),
+                    "kmsg",
+                ))
+                .await;
             if let Err(e) = kmsg::run(reader, tx, stats).await {
                 error!(error = %e, "/dev/kmsg source failed; no XID source is live");
             }

@@ -67,10 +67,14 @@ impl Spool {
         };
         let trimming = over(self, 0, 0);
         while trimming && over(self, GAP_RESERVE_BYTES, 1) && self.events.len() > 1 {
-            let Some((old, sz)) = self.events.pop_front() else { break };
+            let Some((old, sz)) = self.events.pop_front() else {
+                break;
+            };
             self.bytes -= sz;
             match &old.payload {
-                Some(Payload::Gap(g)) if g.stage == GapStage::AgentSpool as i32 => carried += g.missed,
+                Some(Payload::Gap(g)) if g.stage == GapStage::AgentSpool as i32 => {
+                    carried += g.missed
+                }
                 _ => dropped += 1,
             }
         }
@@ -94,7 +98,11 @@ impl Spool {
             self.bytes += *sz;
             return;
         }
-        let template = self.events.back().map(|(e, _)| e.clone()).unwrap_or_default();
+        let template = self
+            .events
+            .back()
+            .map(|(e, _)| e.clone())
+            .unwrap_or_default();
         let gap = v1::Event {
             seq: self.next_seq,
             time: gpulse_proto::time::now().into(),
@@ -166,7 +174,9 @@ impl Spool {
 const GAP_RESERVE_BYTES: usize = 512;
 
 fn spool_detail(n: u64) -> String {
-    format!("{n} events dropped from the agent spool while the collector was unreachable (raise --spool-bytes)")
+    format!(
+        "{n} events dropped from the agent spool while the collector was unreachable (raise --spool-bytes)"
+    )
 }
 
 /// The spool shared between the pipeline (producer) and the client (consumer).
@@ -209,7 +219,10 @@ mod tests {
         v1::Event {
             node: "n".into(),
             kind: EventKind::DriverLog as i32,
-            payload: Some(Payload::DriverLog(v1::DriverLog { text: text.into(), ..Default::default() })),
+            payload: Some(Payload::DriverLog(v1::DriverLog {
+                text: text.into(),
+                ..Default::default()
+            })),
             ..Default::default()
         }
     }
@@ -221,7 +234,13 @@ mod tests {
             s.push(ev(&format!("e{i}")));
         }
         assert_eq!(s.last_seq(), 10);
-        assert_eq!(s.unsent(0, 100, 1 << 20).iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+        assert_eq!(
+            s.unsent(0, 100, 1 << 20)
+                .iter()
+                .map(|e| e.seq)
+                .collect::<Vec<_>>(),
+            (1..=10).collect::<Vec<_>>()
+        );
         assert_eq!(s.unsent(7, 100, 1 << 20).len(), 3);
         assert_eq!(s.unsent(0, 4, 1 << 20).len(), 4);
         assert_eq!(s.ack(6), 6);
@@ -232,7 +251,10 @@ mod tests {
 
     #[test]
     fn overflow_drops_oldest_and_reports_one_coalesced_gap() {
-        let mut s = Spool::new(SpoolLimits { max_bytes: 1 << 20, max_events: 5 });
+        let mut s = Spool::new(SpoolLimits {
+            max_bytes: 1 << 20,
+            max_events: 5,
+        });
         for i in 0..20 {
             s.push(ev(&format!("e{i}")));
         }
@@ -247,7 +269,10 @@ mod tests {
             .collect();
         assert_eq!(gaps.len(), 1, "{all:?}");
         // Everything not in the spool is accounted for by the gap.
-        let kept = all.iter().filter(|e| e.kind == EventKind::DriverLog as i32).count() as u64;
+        let kept = all
+            .iter()
+            .filter(|e| e.kind == EventKind::DriverLog as i32)
+            .count() as u64;
         assert_eq!(kept + gaps[0], 20);
         assert_eq!(s.dropped(), gaps[0]);
         // Seqs stay strictly increasing.
@@ -256,7 +281,10 @@ mod tests {
 
     #[test]
     fn byte_bound_holds() {
-        let mut s = Spool::new(SpoolLimits { max_bytes: 2000, max_events: 1 << 20 });
+        let mut s = Spool::new(SpoolLimits {
+            max_bytes: 2000,
+            max_events: 1 << 20,
+        });
         for i in 0..1000 {
             s.push(ev(&format!("event number {i} with some text")));
         }

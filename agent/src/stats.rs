@@ -5,8 +5,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 pub struct AgentStats {
     /// Records read from the kernel (ring buffer or /dev/kmsg) that passed the NVIDIA filter.
     pub records_captured: AtomicU64,
-    /// Records dropped because the capture channel was full.
-    pub capture_queue_dropped: AtomicU64,
     /// Records the kernel program could not hand over (ring reserve failed).
     pub kernel_ring_dropped: AtomicU64,
     /// Records overwritten in the kernel log before the kmsg reader saw them.

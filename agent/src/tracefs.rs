@@ -66,7 +66,11 @@ fn mount_err(path: &str, err: std::io::Error) -> TracefsError {
 }
 
 pub fn tracepoint_exists(root: &Path, category: &str, name: &str) -> bool {
-    root.join("events").join(category).join(name).join("format").is_file()
+    root.join("events")
+        .join(category)
+        .join(name)
+        .join("format")
+        .is_file()
 }
 
 /// Reads and parses `events/<category>/<name>/format`.
@@ -145,19 +149,27 @@ mod tests {
         assert_eq!(field(&f, "x", "error_code").unwrap().offset, 12);
         assert!(!field(&f, "x", "error_code").unwrap().data_loc);
         assert_eq!(field(&f, "x", "msg").unwrap().offset, 16);
-        assert!(matches!(field(&f, "x", "nope"), Err(TracefsError::NoField { .. })));
+        assert!(matches!(
+            field(&f, "x", "nope"),
+            Err(TracefsError::NoField { .. })
+        ));
         assert!(parse_format("garbage\n\tfield:;offset:x;size:;").is_empty());
     }
 
     #[test]
     fn real_tracefs_when_available() {
         // On this machine (root, tracefs present or mountable) the printk format must parse.
-        let Ok((root, _)) = ensure_mounted() else { return };
+        let Ok((root, _)) = ensure_mounted() else {
+            return;
+        };
         if !tracepoint_exists(&root, "printk", "console") {
             return;
         }
         let f = read_format(&root, "printk", "console").unwrap();
         assert!(field(&f, "printk:console", "msg").unwrap().data_loc);
-        assert!(matches!(read_format(&root, "nope", "nope"), Err(TracefsError::NoTracepoint(_))));
+        assert!(matches!(
+            read_format(&root, "nope", "nope"),
+            Err(TracefsError::NoTracepoint(_))
+        ));
     }
 }

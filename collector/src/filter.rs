@@ -28,7 +28,12 @@ pub enum FilterError {
 impl Filter {
     pub fn from_wire(f: Option<EventFilter>) -> Result<Self, FilterError> {
         let f = f.unwrap_or_default();
-        for (field, n) in [("nodes", f.nodes.len()), ("kinds", f.kinds.len()), ("xid_codes", f.xid_codes.len()), ("gpus", f.gpus.len())] {
+        for (field, n) in [
+            ("nodes", f.nodes.len()),
+            ("kinds", f.kinds.len()),
+            ("xid_codes", f.xid_codes.len()),
+            ("gpus", f.gpus.len()),
+        ] {
             if n > MAX_FILTER_ITEMS {
                 return Err(FilterError::TooMany { field, n });
             }
@@ -68,7 +73,10 @@ impl Filter {
         }
         if !self.gpus.is_empty() {
             let keys = ev.gpu_keys();
-            if !keys.iter().any(|k| !k.is_empty() && self.gpus.contains(&k.to_ascii_lowercase())) {
+            if !keys
+                .iter()
+                .any(|k| !k.is_empty() && self.gpus.contains(&k.to_ascii_lowercase()))
+            {
                 return false;
             }
         }
@@ -85,7 +93,12 @@ mod tests {
             node: node.into(),
             kind: EventKind::Xid as i32,
             severity: sev as i32,
-            payload: Some(Payload::Xid(v1::Xid { code, gpu_uuid: uuid.into(), pci: "0000:3b:00.0".into(), ..Default::default() })),
+            payload: Some(Payload::Xid(v1::Xid {
+                code,
+                gpu_uuid: uuid.into(),
+                pci: "0000:3b:00.0".into(),
+                ..Default::default()
+            })),
             ..Default::default()
         }
     }
@@ -103,19 +116,53 @@ mod tests {
         }))
         .unwrap();
         assert!(f.matches(&xid("a", 79, Severity::Fatal, "GPU-abc")));
-        assert!(!f.matches(&xid("b", 79, Severity::Fatal, "GPU-abc")), "node");
-        assert!(!f.matches(&xid("a", 13, Severity::Fatal, "GPU-abc")), "code");
-        assert!(!f.matches(&xid("a", 79, Severity::Warning, "GPU-abc")), "severity");
-        assert!(!f.matches(&xid("a", 79, Severity::Fatal, "GPU-other")), "gpu");
-        let by_pci = Filter::from_wire(Some(EventFilter { gpus: vec!["0000:3b:00.0".into()], ..Default::default() })).unwrap();
+        assert!(
+            !f.matches(&xid("b", 79, Severity::Fatal, "GPU-abc")),
+            "node"
+        );
+        assert!(
+            !f.matches(&xid("a", 13, Severity::Fatal, "GPU-abc")),
+            "code"
+        );
+        assert!(
+            !f.matches(&xid("a", 79, Severity::Warning, "GPU-abc")),
+            "severity"
+        );
+        assert!(
+            !f.matches(&xid("a", 79, Severity::Fatal, "GPU-other")),
+            "gpu"
+        );
+        let by_pci = Filter::from_wire(Some(EventFilter {
+            gpus: vec!["0000:3b:00.0".into()],
+            ..Default::default()
+        }))
+        .unwrap();
         assert!(by_pci.matches(&xid("a", 79, Severity::Fatal, "")));
     }
 
     #[test]
     fn rejects_bad_filters() {
-        assert_eq!(Filter::from_wire(Some(EventFilter { kinds: vec![42], ..Default::default() })), Err(FilterError::UnknownKind(42)));
-        assert_eq!(Filter::from_wire(Some(EventFilter { min_severity: 9, ..Default::default() })), Err(FilterError::UnknownSeverity(9)));
-        let many = EventFilter { nodes: (0..2000).map(|i| i.to_string()).collect(), ..Default::default() };
-        assert!(matches!(Filter::from_wire(Some(many)), Err(FilterError::TooMany { field: "nodes", .. })));
+        assert_eq!(
+            Filter::from_wire(Some(EventFilter {
+                kinds: vec![42],
+                ..Default::default()
+            })),
+            Err(FilterError::UnknownKind(42))
+        );
+        assert_eq!(
+            Filter::from_wire(Some(EventFilter {
+                min_severity: 9,
+                ..Default::default()
+            })),
+            Err(FilterError::UnknownSeverity(9))
+        );
+        let many = EventFilter {
+            nodes: (0..2000).map(|i| i.to_string()).collect(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Filter::from_wire(Some(many)),
+            Err(FilterError::TooMany { field: "nodes", .. })
+        ));
     }
 }

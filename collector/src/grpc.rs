@@ -33,7 +33,9 @@ impl From<StoreError> for Status {
 /// Checks a batch's structure; fills in seqs and kinds an agent left at zero.
 pub fn validate_batch(batch: &mut Batch, stream_agent: Option<&str>) -> Result<(), Status> {
     if batch.agent_id.is_empty() || batch.agent_id.len() > MAX_ID_LEN {
-        return Err(Status::invalid_argument(format!("batch.agent_id must be 1..={MAX_ID_LEN} bytes")));
+        return Err(Status::invalid_argument(format!(
+            "batch.agent_id must be 1..={MAX_ID_LEN} bytes"
+        )));
     }
     if let Some(a) = stream_agent
         && a != batch.agent_id
@@ -44,7 +46,9 @@ pub fn validate_batch(batch: &mut Batch, stream_agent: Option<&str>) -> Result<(
         )));
     }
     if batch.node.is_empty() || batch.node.len() > MAX_ID_LEN {
-        return Err(Status::invalid_argument(format!("batch.node must be 1..={MAX_ID_LEN} bytes")));
+        return Err(Status::invalid_argument(format!(
+            "batch.node must be 1..={MAX_ID_LEN} bytes"
+        )));
     }
     if batch.events.len() > MAX_BATCH_EVENTS {
         return Err(Status::invalid_argument(format!(
@@ -53,7 +57,9 @@ pub fn validate_batch(batch: &mut Batch, stream_agent: Option<&str>) -> Result<(
         )));
     }
     if !batch.events.is_empty() && batch.first_seq == 0 {
-        return Err(Status::invalid_argument("batch.first_seq must be >= 1 when the batch has events"));
+        return Err(Status::invalid_argument(
+            "batch.first_seq must be >= 1 when the batch has events",
+        ));
     }
     let first = batch.first_seq;
     for (i, ev) in batch.events.iter_mut().enumerate() {
@@ -68,7 +74,9 @@ pub fn validate_batch(batch: &mut Batch, stream_agent: Option<&str>) -> Result<(
         }
         let payload_kind = ev.payload_kind();
         if payload_kind == EventKind::Unspecified {
-            return Err(Status::invalid_argument(format!("events[{i}] (seq {want}) has no payload")));
+            return Err(Status::invalid_argument(format!(
+                "events[{i}] (seq {want}) has no payload"
+            )));
         }
         if ev.kind == EventKind::Unspecified as i32 {
             ev.kind = payload_kind as i32;
@@ -80,7 +88,10 @@ pub fn validate_batch(batch: &mut Batch, stream_agent: Option<&str>) -> Result<(
             )));
         }
         if gpulse_proto::v1::Severity::try_from(ev.severity).is_err() {
-            return Err(Status::invalid_argument(format!("events[{i}] (seq {want}) has unknown severity {}", ev.severity)));
+            return Err(Status::invalid_argument(format!(
+                "events[{i}] (seq {want}) has unknown severity {}",
+                ev.severity
+            )));
         }
     }
     Ok(())
@@ -97,7 +108,10 @@ type AckStream = Pin<Box<dyn Stream<Item = Result<Ack, Status>> + Send>>;
 impl Ingest for IngestService {
     type PushStream = AckStream;
 
-    async fn push(&self, req: Request<Streaming<Batch>>) -> Result<Response<Self::PushStream>, Status> {
+    async fn push(
+        &self,
+        req: Request<Streaming<Batch>>,
+    ) -> Result<Response<Self::PushStream>, Status> {
         let peer = req.remote_addr();
         let mut inbound = req.into_inner();
         let store = self.store.clone();
@@ -105,7 +119,10 @@ impl Ingest for IngestService {
         let (out_tx, out_rx) = mpsc::channel::<Result<Ack, Status>>(64);
         // Acks go out in batch order, each once its batch is durable; reading the next batch
         // never waits for the previous one's fsync.
-        let (pending_tx, mut pending_rx) = mpsc::channel::<(Ack, Option<tokio::sync::oneshot::Receiver<Result<(), String>>>)>(1024);
+        let (pending_tx, mut pending_rx) = mpsc::channel::<(
+            Ack,
+            Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+        )>(1024);
         let ack_out = out_tx.clone();
         tokio::spawn(async move {
             while let Some((ack, durable)) = pending_rx.recv().await {
@@ -113,11 +130,15 @@ impl Ingest for IngestService {
                     match d.await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => {
-                            let _ = ack_out.send(Err(Status::unavailable(format!("store sync failed: {e}")))).await;
+                            let _ = ack_out
+                                .send(Err(Status::unavailable(format!("store sync failed: {e}"))))
+                                .await;
                             return;
                         }
                         Err(_) => {
-                            let _ = ack_out.send(Err(Status::unavailable("store stopped"))).await;
+                            let _ = ack_out
+                                .send(Err(Status::unavailable("store stopped")))
+                                .await;
                             return;
                         }
                     }
@@ -147,12 +168,27 @@ impl Ingest for IngestService {
                     break;
                 }
                 if agent.is_none() {
-                    match store.hello(batch.agent_id.clone(), batch.node.clone(), batch.boot_id.clone()).await {
+                    match store
+                        .hello(
+                            batch.agent_id.clone(),
+                            batch.node.clone(),
+                            batch.boot_id.clone(),
+                        )
+                        .await
+                    {
                         Ok(through) => {
                             info!(?peer, agent = %batch.agent_id, node = %batch.node, through_seq = through, "agent connected");
                             agent = Some(batch.agent_id.clone());
                             if batch.events.is_empty() {
-                                let _ = pending_tx.send((Ack { through_seq: through, duplicates: 0 }, None)).await;
+                                let _ = pending_tx
+                                    .send((
+                                        Ack {
+                                            through_seq: through,
+                                            duplicates: 0,
+                                        },
+                                        None,
+                                    ))
+                                    .await;
                                 continue;
                             }
                         }
@@ -164,7 +200,10 @@ impl Ingest for IngestService {
                 }
                 match store.ingest(batch).await {
                     Ok(o) => {
-                        let ack = Ack { through_seq: o.through_seq, duplicates: o.duplicates };
+                        let ack = Ack {
+                            through_seq: o.through_seq,
+                            duplicates: o.duplicates,
+                        };
                         if pending_tx.send((ack, o.durable)).await.is_err() {
                             break;
                         }
@@ -203,16 +242,23 @@ fn to_response(m: SubMsg) -> Result<SubscribeResponse, Status> {
 impl Telemetry for TelemetryService {
     type SubscribeStream = SubStream;
 
-    async fn subscribe(&self, req: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(
+        &self,
+        req: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
         let req = req.into_inner();
-        let filter = Filter::from_wire(req.filter).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let filter =
+            Filter::from_wire(req.filter).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let sub = self.store.subscribe(filter, req.after_cursor).await?;
         let replay = stream::iter(sub.replay).map(to_response);
         let live = ReceiverStream::new(sub.live).map(to_response);
         Ok(Response::new(Box::pin(replay.chain(live))))
     }
 
-    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(self.store.status().await?))
     }
 }
@@ -223,11 +269,21 @@ mod tests {
     use gpulse_proto::v1::{self, event::Payload};
 
     fn batch(events: Vec<v1::Event>) -> Batch {
-        Batch { agent_id: "n/a".into(), node: "n".into(), first_seq: 1, events, ..Default::default() }
+        Batch {
+            agent_id: "n/a".into(),
+            node: "n".into(),
+            first_seq: 1,
+            events,
+            ..Default::default()
+        }
     }
 
     fn log_ev(seq: u64) -> v1::Event {
-        v1::Event { seq, payload: Some(Payload::DriverLog(v1::DriverLog::default())), ..Default::default() }
+        v1::Event {
+            seq,
+            payload: Some(Payload::DriverLog(v1::DriverLog::default())),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -241,21 +297,67 @@ mod tests {
     #[test]
     fn validation_rejects_with_clear_messages() {
         let cases: Vec<(Batch, &str)> = vec![
-            (Batch { agent_id: String::new(), ..batch(vec![]) }, "agent_id"),
-            (Batch { node: String::new(), ..batch(vec![]) }, "node"),
+            (
+                Batch {
+                    agent_id: String::new(),
+                    ..batch(vec![])
+                },
+                "agent_id",
+            ),
+            (
+                Batch {
+                    node: String::new(),
+                    ..batch(vec![])
+                },
+                "node",
+            ),
             (batch(vec![log_ev(1), log_ev(3)]), "contiguous"),
-            (Batch { first_seq: 0, ..batch(vec![log_ev(0)]) }, "first_seq"),
+            (
+                Batch {
+                    first_seq: 0,
+                    ..batch(vec![log_ev(0)])
+                },
+                "first_seq",
+            ),
             (batch(vec![v1::Event::default()]), "no payload"),
-            (batch(vec![v1::Event { kind: EventKind::Xid as i32, ..log_ev(1) }]), "does not match"),
-            (batch(vec![v1::Event { severity: 77, ..log_ev(1) }]), "severity"),
-            (batch((0..MAX_BATCH_EVENTS as u64 + 1).map(|_| log_ev(0)).collect()), "at most"),
+            (
+                batch(vec![v1::Event {
+                    kind: EventKind::Xid as i32,
+                    ..log_ev(1)
+                }]),
+                "does not match",
+            ),
+            (
+                batch(vec![v1::Event {
+                    severity: 77,
+                    ..log_ev(1)
+                }]),
+                "severity",
+            ),
+            (
+                batch(
+                    (0..MAX_BATCH_EVENTS as u64 + 1)
+                        .map(|_| log_ev(0))
+                        .collect(),
+                ),
+                "at most",
+            ),
         ];
         for (mut b, want) in cases {
             let err = validate_batch(&mut b, None).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
-            assert!(err.message().contains(want), "{} should mention {want}", err.message());
+            assert!(
+                err.message().contains(want),
+                "{} should mention {want}",
+                err.message()
+            );
         }
         let mut b = batch(vec![]);
-        assert!(validate_batch(&mut b, Some("other")).unwrap_err().message().contains("changed"));
+        assert!(
+            validate_batch(&mut b, Some("other"))
+                .unwrap_err()
+                .message()
+                .contains("changed")
+        );
     }
 }

@@ -21,15 +21,26 @@ pub fn router(state: HttpState) -> Router {
 
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
     match tokio::time::timeout(Duration::from_secs(2), s.store.status()).await {
-        Ok(Ok(st)) => (StatusCode::OK, format!("ready: {} events stored\n", st.events_stored)),
+        Ok(Ok(st)) => (
+            StatusCode::OK,
+            format!("ready: {} events stored\n", st.events_stored),
+        ),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "not ready: store did not answer within 2s\n".to_string()),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: store did not answer within 2s\n".to_string(),
+        ),
     }
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     match s.metrics.render() {
-        Ok(body) => (StatusCode::OK, [("content-type", "text/plain; version=0.0.4")], body).into_response(),
+        Ok(body) => (
+            StatusCode::OK,
+            [("content-type", "text/plain; version=0.0.4")],
+            body,
+        )
+            .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

@@ -10,7 +10,11 @@ use gpulse_proto::{
 use serde_json::{Value, json};
 
 fn opt_str(s: &str) -> Value {
-    if s.is_empty() { Value::Null } else { Value::String(s.to_string()) }
+    if s.is_empty() {
+        Value::Null
+    } else {
+        Value::String(s.to_string())
+    }
 }
 
 fn source_name(s: i32) -> &'static str {
@@ -42,47 +46,62 @@ pub fn event(ev: &v1::Event) -> Value {
         "severity": severity_name(ev.severity),
     });
     let (key, body) = match &ev.payload {
-        Some(Payload::Xid(x)) => ("xid", json!({
-            "code": x.code,
-            "pci": opt_str(&x.pci),
-            "pci_raw": opt_str(&x.pci_raw),
-            "gpu_uuid": opt_str(&x.gpu_uuid),
-            "pid": x.pid,
-            "process_name": opt_str(&x.process_name),
-            "channel": x.channel,
-            "message": x.message,
-            "mnemonic": opt_str(&x.mnemonic),
-            "description": x.description,
-            "severity": severity_name(ev.severity),
-            "immediate_action": opt_str(&x.immediate_action),
-            "investigatory_action": opt_str(&x.investigatory_action),
-            "caused_by": x.caused_by,
-            "recovery_action": x.recovery_action.as_ref().map(|r| json!({"from": r.from, "from_name": r.from_name, "to": r.to, "to_name": r.to_name})),
-            "nvlink": x.nvlink.as_ref().map(|n| json!({
-                "unit": n.unit, "fatal": n.fatal, "xc": opt_str(&n.xc), "instance": n.instance, "link": n.link,
-                "words": n.words, "intrinfo": n.intrinfo, "error_status": n.error_status, "sub_code": n.sub_code,
-            })),
-            "inferred": x.inferred,
-            "source": source_name(x.source),
-            "truncated": x.truncated,
-            "raw": x.raw,
-        })),
-        Some(Payload::Sxid(s)) => ("sxid", json!({
-            "code": s.code, "switch_index": s.switch_index, "pci": opt_str(&s.pci), "pci_raw": opt_str(&s.pci_raw),
-            "link": s.link, "data": s.data, "message": s.message, "description": opt_str(&s.description),
-            "severity": severity_name(ev.severity), "source": source_name(s.source), "raw": s.raw,
-        })),
-        Some(Payload::DriverLog(d)) => ("driver_log", json!({
-            "text": d.text, "pci": opt_str(&d.pci), "gpu_uuid": opt_str(&d.gpu_uuid), "source": source_name(d.source), "truncated": d.truncated,
-        })),
-        Some(Payload::AgentStatus(a)) => ("agent_status", json!({
-            "state": v1::AgentState::try_from(a.state).unwrap_or_default().as_str_name().trim_start_matches("AGENT_STATE_").to_ascii_lowercase(),
-            "xid_source": a.xid_source, "detail": a.detail, "version": a.version, "boot_id": opt_str(&a.boot_id),
-        })),
-        Some(Payload::Gap(g)) => ("gap", json!({
-            "stage": GapStage::try_from(g.stage).unwrap_or_default().as_str_name().trim_start_matches("GAP_STAGE_").to_ascii_lowercase(),
-            "missed": g.missed, "detail": g.detail,
-        })),
+        Some(Payload::Xid(x)) => (
+            "xid",
+            json!({
+                "code": x.code,
+                "pci": opt_str(&x.pci),
+                "pci_raw": opt_str(&x.pci_raw),
+                "gpu_uuid": opt_str(&x.gpu_uuid),
+                "pid": x.pid,
+                "process_name": opt_str(&x.process_name),
+                "channel": x.channel,
+                "message": x.message,
+                "mnemonic": opt_str(&x.mnemonic),
+                "description": x.description,
+                "severity": severity_name(ev.severity),
+                "immediate_action": opt_str(&x.immediate_action),
+                "investigatory_action": opt_str(&x.investigatory_action),
+                "caused_by": x.caused_by,
+                "recovery_action": x.recovery_action.as_ref().map(|r| json!({"from": r.from, "from_name": r.from_name, "to": r.to, "to_name": r.to_name})),
+                "nvlink": x.nvlink.as_ref().map(|n| json!({
+                    "unit": n.unit, "fatal": n.fatal, "xc": opt_str(&n.xc), "instance": n.instance, "link": n.link,
+                    "words": n.words, "intrinfo": n.intrinfo, "error_status": n.error_status, "sub_code": n.sub_code,
+                })),
+                "inferred": x.inferred,
+                "source": source_name(x.source),
+                "truncated": x.truncated,
+                "raw": x.raw,
+            }),
+        ),
+        Some(Payload::Sxid(s)) => (
+            "sxid",
+            json!({
+                "code": s.code, "switch_index": s.switch_index, "pci": opt_str(&s.pci), "pci_raw": opt_str(&s.pci_raw),
+                "link": s.link, "data": s.data, "message": s.message, "description": opt_str(&s.description),
+                "severity": severity_name(ev.severity), "source": source_name(s.source), "raw": s.raw,
+            }),
+        ),
+        Some(Payload::DriverLog(d)) => (
+            "driver_log",
+            json!({
+                "text": d.text, "pci": opt_str(&d.pci), "gpu_uuid": opt_str(&d.gpu_uuid), "source": source_name(d.source), "truncated": d.truncated,
+            }),
+        ),
+        Some(Payload::AgentStatus(a)) => (
+            "agent_status",
+            json!({
+                "state": v1::AgentState::try_from(a.state).unwrap_or_default().as_str_name().trim_start_matches("AGENT_STATE_").to_ascii_lowercase(),
+                "xid_source": a.xid_source, "detail": a.detail, "version": a.version, "boot_id": opt_str(&a.boot_id),
+            }),
+        ),
+        Some(Payload::Gap(g)) => (
+            "gap",
+            json!({
+                "stage": GapStage::try_from(g.stage).unwrap_or_default().as_str_name().trim_start_matches("GAP_STAGE_").to_ascii_lowercase(),
+                "missed": g.missed, "detail": g.detail,
+            }),
+        ),
         None => return obj,
     };
     if let Some(map) = obj.as_object_mut() {
@@ -103,16 +122,51 @@ pub fn line(ev: &v1::Event) -> String {
                 (None, "") => String::new(),
                 (None, n) => format!(" ({n})"),
             };
-            let gpu = if x.gpu_uuid.is_empty() { x.pci.clone() } else { format!("{} {}", x.pci, x.gpu_uuid) };
-            format!("XID {} {} on {}{}: {}", x.code, x.mnemonic, if gpu.is_empty() { x.pci_raw.clone() } else { gpu }, who, x.message)
+            let gpu = if x.gpu_uuid.is_empty() {
+                x.pci.clone()
+            } else {
+                format!("{} {}", x.pci, x.gpu_uuid)
+            };
+            format!(
+                "XID {} {} on {}{}: {}",
+                x.code,
+                x.mnemonic,
+                if gpu.is_empty() {
+                    x.pci_raw.clone()
+                } else {
+                    gpu
+                },
+                who,
+                x.message
+            )
         }
-        Some(Payload::Sxid(s)) => format!("SXID {} on nvswitch{} {}: {}", s.code, s.switch_index.map(|i| i.to_string()).unwrap_or_default(), s.pci, s.message),
+        Some(Payload::Sxid(s)) => format!(
+            "SXID {} on nvswitch{} {}: {}",
+            s.code,
+            s.switch_index.map(|i| i.to_string()).unwrap_or_default(),
+            s.pci,
+            s.message
+        ),
         Some(Payload::DriverLog(d)) => d.text.clone(),
-        Some(Payload::AgentStatus(a)) => format!("agent {} ({}): {}", v1::AgentState::try_from(a.state).unwrap_or_default().as_str_name().trim_start_matches("AGENT_STATE_").to_ascii_lowercase(), a.xid_source, a.detail),
+        Some(Payload::AgentStatus(a)) => format!(
+            "agent {} ({}): {}",
+            v1::AgentState::try_from(a.state)
+                .unwrap_or_default()
+                .as_str_name()
+                .trim_start_matches("AGENT_STATE_")
+                .to_ascii_lowercase(),
+            a.xid_source,
+            a.detail
+        ),
         Some(Payload::Gap(g)) => format!("GAP {} events lost: {}", g.missed, g.detail),
         None => String::new(),
     };
-    format!("{time} {:<7} {:<12} {:<10} {body}", sev, ev.node, kind_name(ev.kind))
+    format!(
+        "{time} {:<7} {:<12} {:<10} {body}",
+        sev,
+        ev.node,
+        kind_name(ev.kind)
+    )
 }
 
 #[cfg(test)]
@@ -127,15 +181,32 @@ mod tests {
             node: "gpu-1".into(),
             kind: v1::EventKind::Xid as i32,
             severity: v1::Severity::Fatal as i32,
-            time: Some(gpulse_proto::time::from_unix_nanos(1_764_000_000_000_000_000)),
-            payload: Some(Payload::Xid(v1::Xid { code: 79, pci: "0000:91:00.0".into(), message: "GPU has fallen off the bus.".into(), mnemonic: "ROBUST_CHANNEL_GPU_HAS_FALLEN_OFF_THE_BUS".into(), source: RecordSource::EbpfPrintk as i32, ..Default::default() })),
+            time: Some(gpulse_proto::time::from_unix_nanos(
+                1_764_000_000_000_000_000,
+            )),
+            payload: Some(Payload::Xid(v1::Xid {
+                code: 79,
+                pci: "0000:91:00.0".into(),
+                message: "GPU has fallen off the bus.".into(),
+                mnemonic: "ROBUST_CHANNEL_GPU_HAS_FALLEN_OFF_THE_BUS".into(),
+                source: RecordSource::EbpfPrintk as i32,
+                ..Default::default()
+            })),
             ..Default::default()
         };
         let v = event(&ev);
         assert_eq!(v["kind"], "xid");
         assert_eq!(v["time"], "2025-11-24T16:00:00.000000Z");
         let x = &v["xid"];
-        for k in ["code", "pci", "pid", "process_name", "message", "mnemonic", "severity"] {
+        for k in [
+            "code",
+            "pci",
+            "pid",
+            "process_name",
+            "message",
+            "mnemonic",
+            "severity",
+        ] {
             assert!(x.get(k).is_some(), "missing {k}");
         }
         assert_eq!(x["code"], 79);
@@ -143,6 +214,8 @@ mod tests {
         assert!(x["pid"].is_null());
         assert!(x["process_name"].is_null());
         assert_eq!(x["source"], "ebpf_printk");
-        assert!(line(&ev).contains("XID 79 ROBUST_CHANNEL_GPU_HAS_FALLEN_OFF_THE_BUS on 0000:91:00.0"));
+        assert!(
+            line(&ev).contains("XID 79 ROBUST_CHANNEL_GPU_HAS_FALLEN_OFF_THE_BUS on 0000:91:00.0")
+        );
     }
 }

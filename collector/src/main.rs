@@ -11,7 +11,11 @@ use gpulse_collector::{
 use tracing::info;
 
 #[derive(Parser, Debug)]
-#[command(name = "gpulse-collector", version, about = "gpulse collector: gRPC ingest from agents, bounded durable event store, live gRPC subscribers, /healthz /readyz /metrics")]
+#[command(
+    name = "gpulse-collector",
+    version,
+    about = "gpulse collector: gRPC ingest from agents, bounded durable event store, live gRPC subscribers, /healthz /readyz /metrics"
+)]
 struct Args {
     /// gRPC listen address (Ingest, Telemetry, reflection, health).
     #[arg(long, env = "GPULSE_GRPC_LISTEN", default_value = "127.0.0.1:7700")]
@@ -46,17 +50,29 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if args.log_format == "json" {
         b.json().init();
     } else {
         b.init();
     }
-    anyhow::ensure!(args.ring_bytes >= 64 << 10, "--ring-bytes must be at least 64KiB");
-    anyhow::ensure!(args.wal_segment_bytes >= 64 << 10, "--wal-segment-bytes must be at least 64KiB");
-    anyhow::ensure!(args.max_message_bytes >= 64 << 10 && args.max_message_bytes <= 256 << 20, "--max-message-bytes must be between 64KiB and 256MiB");
+    anyhow::ensure!(
+        args.ring_bytes >= 64 << 10,
+        "--ring-bytes must be at least 64KiB"
+    );
+    anyhow::ensure!(
+        args.wal_segment_bytes >= 64 << 10,
+        "--wal-segment-bytes must be at least 64KiB"
+    );
+    anyhow::ensure!(
+        args.max_message_bytes >= 64 << 10 && args.max_message_bytes <= 256 << 20,
+        "--max-message-bytes must be between 64KiB and 256MiB"
+    );
     let mut store = StoreConfig::new(args.data_dir);
     store.ring_bytes = args.ring_bytes as usize;
     store.wal_segment_bytes = args.wal_segment_bytes;

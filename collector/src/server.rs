@@ -2,7 +2,9 @@
 use std::{future::Future, net::SocketAddr};
 
 use anyhow::Context as _;
-use gpulse_proto::v1::{FILE_DESCRIPTOR_SET, ingest_server::IngestServer, telemetry_server::TelemetryServer};
+use gpulse_proto::v1::{
+    FILE_DESCRIPTOR_SET, ingest_server::IngestServer, telemetry_server::TelemetryServer,
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
@@ -35,32 +37,50 @@ pub struct Running {
 
 /// Binds both listeners, restores the store and starts serving. `shutdown` resolving stops both
 /// servers gracefully.
-pub async fn start(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<Running> {
+pub async fn start(
+    cfg: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Running> {
     let metrics = Metrics::new()?;
     let store = state::start(cfg.store.clone(), metrics.clone()).context("opening the store")?;
 
-    let grpc_listener = TcpListener::bind(cfg.grpc_listen).await.with_context(|| format!("binding gRPC on {}", cfg.grpc_listen))?;
-    let http_listener = TcpListener::bind(cfg.http_listen).await.with_context(|| format!("binding HTTP on {}", cfg.http_listen))?;
+    let grpc_listener = TcpListener::bind(cfg.grpc_listen)
+        .await
+        .with_context(|| format!("binding gRPC on {}", cfg.grpc_listen))?;
+    let http_listener = TcpListener::bind(cfg.http_listen)
+        .await
+        .with_context(|| format!("binding HTTP on {}", cfg.http_listen))?;
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("reflection service")?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("reflection service")?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<IngestServer<IngestService>>().await;
-    health_reporter.set_serving::<TelemetryServer<TelemetryService>>().await;
+    health_reporter
+        .set_serving::<IngestServer<IngestService>>()
+        .await;
+    health_reporter
+        .set_serving::<TelemetryServer<TelemetryService>>()
+        .await;
 
-    let ingest = IngestServer::new(IngestService { store: store.clone(), metrics: metrics.clone() })
-        .max_decoding_message_size(cfg.max_message_bytes);
-    let telemetry = TelemetryServer::new(TelemetryService { store: store.clone() })
-        .max_decoding_message_size(cfg.max_message_bytes)
-        .max_encoding_message_size(cfg.max_message_bytes.max(4 << 20));
+    let ingest = IngestServer::new(IngestService {
+        store: store.clone(),
+        metrics: metrics.clone(),
+    })
+    .max_decoding_message_size(cfg.max_message_bytes);
+    let telemetry = TelemetryServer::new(TelemetryService {
+        store: store.clone(),
+    })
+    .max_decoding_message_size(cfg.max_message_bytes)
+    .max_encoding_message_size(cfg.max_message_bytes.max(4 << 20));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -81,7 +101,10 @@ pub async fn start(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send 
             }),
     );
     let mut http_stop = stop_rx;
-    let app = http::router(HttpState { store: store.clone(), metrics: metrics.clone() });
+    let app = http::router(HttpState {
+        store: store.clone(),
+        metrics: metrics.clone(),
+    });
     let http = tokio::spawn(async move {
         axum::serve(http_listener, app)
             .with_graceful_shutdown(async move {
@@ -90,5 +113,12 @@ pub async fn start(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send 
             .await
     });
     info!(grpc = %grpc_addr, http = %http_addr, data_dir = %cfg.store.data_dir.display(), "gpulse-collector serving");
-    Ok(Running { grpc_addr, http_addr, store, metrics, grpc, http })
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        store,
+        metrics,
+        grpc,
+        http,
+    })
 }

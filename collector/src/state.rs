@@ -1,16 +1,13 @@
 //! The one task that owns collector state (tokio-console style): ingest, de-duplication, the
 //! ring, the WAL, and subscriber fan-out. RPC handlers talk to it over a channel, so no lock is
 //! ever held across I/O and ingest order is the store order.
-use std::{
-    collections::HashMap,
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use gpulse_proto::{
     time as ptime,
-    v1::{self, Batch, EventKind, GapStage, Lagged, StatusResponse, StoreCheckpoint, event::Payload},
+    v1::{
+        self, Batch, EventKind, GapStage, Lagged, StatusResponse, StoreCheckpoint, event::Payload,
+    },
 };
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
@@ -80,11 +77,27 @@ pub enum StoreError {
 }
 
 pub enum Command {
-    Hello { agent_id: String, node: String, boot_id: String, reply: oneshot::Sender<u64> },
-    Ingest { batch: Batch, reply: oneshot::Sender<Result<IngestOutcome, StoreError>> },
-    Disconnected { agent_id: String },
-    Subscribe { filter: Filter, after: Option<u64>, reply: oneshot::Sender<Subscription> },
-    Status { reply: oneshot::Sender<StatusResponse> },
+    Hello {
+        agent_id: String,
+        node: String,
+        boot_id: String,
+        reply: oneshot::Sender<u64>,
+    },
+    Ingest {
+        batch: Batch,
+        reply: oneshot::Sender<Result<IngestOutcome, StoreError>>,
+    },
+    Disconnected {
+        agent_id: String,
+    },
+    Subscribe {
+        filter: Filter,
+        after: Option<u64>,
+        reply: oneshot::Sender<Subscription>,
+    },
+    Status {
+        reply: oneshot::Sender<StatusResponse>,
+    },
 }
 
 /// Cheap handle for RPC handlers.
@@ -94,14 +107,31 @@ pub struct StoreHandle {
 }
 
 impl StoreHandle {
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, StoreError> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| StoreError::Closed)?;
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)
     }
 
-    pub async fn hello(&self, agent_id: String, node: String, boot_id: String) -> Result<u64, StoreError> {
-        self.call(|reply| Command::Hello { agent_id, node, boot_id, reply }).await
+    pub async fn hello(
+        &self,
+        agent_id: String,
+        node: String,
+        boot_id: String,
+    ) -> Result<u64, StoreError> {
+        self.call(|reply| Command::Hello {
+            agent_id,
+            node,
+            boot_id,
+            reply,
+        })
+        .await
     }
 
     pub async fn ingest(&self, batch: Batch) -> Result<IngestOutcome, StoreError> {
@@ -112,8 +142,17 @@ impl StoreHandle {
         let _ = self.tx.send(Command::Disconnected { agent_id }).await;
     }
 
-    pub async fn subscribe(&self, filter: Filter, after: Option<u64>) -> Result<Subscription, StoreError> {
-        self.call(|reply| Command::Subscribe { filter, after, reply }).await
+    pub async fn subscribe(
+        &self,
+        filter: Filter,
+        after: Option<u64>,
+    ) -> Result<Subscription, StoreError> {
+        self.call(|reply| Command::Subscribe {
+            filter,
+            after,
+            reply,
+        })
+        .await
     }
 
     pub async fn status(&self) -> Result<StatusResponse, StoreError> {
@@ -152,7 +191,12 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     let mut ring = EventRing::new(cfg.ring_bytes, 1);
     let mut agents: HashMap<String, AgentEntry> = HashMap::new();
     let mut merge = |p: &v1::AgentProgress| {
-        let e = agents.entry(p.agent_id.clone()).or_insert_with(|| AgentEntry { progress: p.clone(), connections: 0 });
+        let e = agents
+            .entry(p.agent_id.clone())
+            .or_insert_with(|| AgentEntry {
+                progress: p.clone(),
+                connections: 0,
+            });
         if p.through_seq > e.progress.through_seq {
             e.progress = p.clone();
         }
@@ -173,7 +217,9 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
             last_seen: ev.received,
         });
     }
-    metrics.wal_corruptions.inc_by(replay.corruptions.len() as u64);
+    metrics
+        .wal_corruptions
+        .inc_by(replay.corruptions.len() as u64);
     let restored = replay.events.len();
     for ev in replay.events {
         next_cursor = next_cursor.max(ev.cursor + 1);
@@ -209,7 +255,12 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         started: ptime::now(),
         duplicates: 0,
     };
-    state.wal.truncate_before(state.ring.oldest_cursor().unwrap_or(state.ring.next_cursor()));
+    state.wal.truncate_before(
+        state
+            .ring
+            .oldest_cursor()
+            .unwrap_or(state.ring.next_cursor()),
+    );
     state.update_gauges();
     tokio::spawn(state.run(rx));
     Ok(StoreHandle { tx })
@@ -227,10 +278,18 @@ fn rebase(ring: EventRing, next: u64) -> EventRing {
 
 fn count_xid(metrics: &Metrics, ev: &v1::Event) {
     if let Some(Payload::Xid(x)) = &ev.payload {
-        let sev = v1::Severity::try_from(ev.severity).unwrap_or_default().short_name();
+        let sev = v1::Severity::try_from(ev.severity)
+            .unwrap_or_default()
+            .short_name();
         metrics
             .xid_events
-            .with_label_values(&[ev.node.as_str(), x.gpu_uuid.as_str(), x.pci.as_str(), &x.code.to_string(), sev])
+            .with_label_values(&[
+                ev.node.as_str(),
+                x.gpu_uuid.as_str(),
+                x.pci.as_str(),
+                &x.code.to_string(),
+                sev,
+            ])
             .inc();
     }
 }
@@ -252,11 +311,22 @@ impl State {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Hello { agent_id, node, boot_id, reply } => {
-                let e = self.agents.entry(agent_id.clone()).or_insert_with(|| AgentEntry {
-                    progress: v1::AgentProgress { agent_id, ..Default::default() },
-                    connections: 0,
-                });
+            Command::Hello {
+                agent_id,
+                node,
+                boot_id,
+                reply,
+            } => {
+                let e = self
+                    .agents
+                    .entry(agent_id.clone())
+                    .or_insert_with(|| AgentEntry {
+                        progress: v1::AgentProgress {
+                            agent_id,
+                            ..Default::default()
+                        },
+                        connections: 0,
+                    });
                 e.connections += 1;
                 e.progress.node = node;
                 e.progress.boot_id = boot_id;
@@ -273,7 +343,11 @@ impl State {
             Command::Ingest { batch, reply } => {
                 let _ = reply.send(self.ingest(batch));
             }
-            Command::Subscribe { filter, after, reply } => {
+            Command::Subscribe {
+                filter,
+                after,
+                reply,
+            } => {
                 let _ = reply.send(self.subscribe(filter, after));
             }
             Command::Status { reply } => {
@@ -284,10 +358,17 @@ impl State {
 
     fn ingest(&mut self, batch: Batch) -> Result<IngestOutcome, StoreError> {
         let received = ptime::now();
-        let entry = self.agents.entry(batch.agent_id.clone()).or_insert_with(|| AgentEntry {
-            progress: v1::AgentProgress { agent_id: batch.agent_id.clone(), node: batch.node.clone(), ..Default::default() },
-            connections: 0,
-        });
+        let entry = self
+            .agents
+            .entry(batch.agent_id.clone())
+            .or_insert_with(|| AgentEntry {
+                progress: v1::AgentProgress {
+                    agent_id: batch.agent_id.clone(),
+                    node: batch.node.clone(),
+                    ..Default::default()
+                },
+                connections: 0,
+            });
         let mut through = entry.progress.through_seq;
         let mut duplicates = 0;
         let mut fresh = Vec::new();
@@ -311,7 +392,12 @@ impl State {
                     payload: Some(Payload::Gap(v1::Gap {
                         stage: GapStage::CollectorSeq as i32,
                         missed,
-                        detail: format!("agent {} skipped seqs {}..={}", batch.agent_id, through + 1, ev.seq - 1),
+                        detail: format!(
+                            "agent {} skipped seqs {}..={}",
+                            batch.agent_id,
+                            through + 1,
+                            ev.seq - 1
+                        ),
                     })),
                     ..Default::default()
                 });
@@ -326,7 +412,12 @@ impl State {
         self.duplicates += duplicates;
         self.metrics.ingest_duplicates.inc_by(duplicates);
         if fresh.is_empty() {
-            return Ok(IngestOutcome { through_seq: through, duplicates, stored: 0, durable: None });
+            return Ok(IngestOutcome {
+                through_seq: through,
+                duplicates,
+                stored: 0,
+                durable: None,
+            });
         }
 
         // Assign cursors, then write, then make visible: a failed write stores nothing (the
@@ -348,9 +439,14 @@ impl State {
             if let Some(Payload::Gap(g)) = &ev.payload
                 && g.stage != GapStage::CollectorSeq as i32
             {
-                let stage = GapStage::try_from(g.stage).map(|s| s.as_str_name()).unwrap_or("GAP_STAGE_UNSPECIFIED");
+                let stage = GapStage::try_from(g.stage)
+                    .map(|s| s.as_str_name())
+                    .unwrap_or("GAP_STAGE_UNSPECIFIED");
                 let stage = stage.trim_start_matches("GAP_STAGE_").to_ascii_lowercase();
-                self.metrics.agent_reported_drops.with_label_values(&[ev.node.as_str(), stage.as_str()]).inc_by(g.missed);
+                self.metrics
+                    .agent_reported_drops
+                    .with_label_values(&[ev.node.as_str(), stage.as_str()])
+                    .inc_by(g.missed);
             }
             // Same cursor as written above: the ring hands out cursors in the same order.
             let (stored_ev, _) = self.ring.push(ev);
@@ -361,7 +457,11 @@ impl State {
             e.progress.last_seen = Some(received);
             e.progress.node.clone_from(&batch.node);
         }
-        let durable = if self.cfg.fsync { Some(self.syncer.request(self.wal.sync_handle())) } else { None };
+        let durable = if self.cfg.fsync {
+            Some(self.syncer.request(self.wal.sync_handle()))
+        } else {
+            None
+        };
         let checkpoint = self.checkpoint();
         match self.wal.maybe_rotate(self.ring.next_cursor(), &checkpoint) {
             Ok(_) => {}
@@ -370,9 +470,15 @@ impl State {
                 warn!(error = %e, "WAL rotation failed; continuing in the current segment");
             }
         }
-        self.wal.truncate_before(self.ring.oldest_cursor().unwrap_or(self.ring.next_cursor()));
+        self.wal
+            .truncate_before(self.ring.oldest_cursor().unwrap_or(self.ring.next_cursor()));
         self.update_gauges();
-        Ok(IngestOutcome { through_seq: through, duplicates, stored, durable })
+        Ok(IngestOutcome {
+            through_seq: through,
+            duplicates,
+            stored,
+            durable,
+        })
     }
 
     fn checkpoint(&self) -> StoreCheckpoint {
@@ -394,7 +500,10 @@ impl State {
                 return true;
             }
             if s.missed > 0 {
-                let lag = Lagged { missed: s.missed, resume_cursor: s.last_cursor };
+                let lag = Lagged {
+                    missed: s.missed,
+                    resume_cursor: s.last_cursor,
+                };
                 match s.tx.try_send(SubMsg::Lagged(lag)) {
                     Ok(()) => {
                         metrics.subscriber_lag_notices.inc();
@@ -432,7 +541,10 @@ impl State {
                 return false;
             }
             if s.missed > 0 {
-                let lag = Lagged { missed: s.missed, resume_cursor: s.last_cursor };
+                let lag = Lagged {
+                    missed: s.missed,
+                    resume_cursor: s.last_cursor,
+                };
                 if s.tx.try_send(SubMsg::Lagged(lag)).is_ok() {
                     metrics.subscriber_lag_notices.inc();
                     s.missed = 0;
@@ -452,10 +564,15 @@ impl State {
             let oldest = self.ring.oldest_cursor().unwrap_or(self.ring.next_cursor());
             if after + 1 < oldest {
                 // Asked to resume from data that has expired: say how much is gone.
-                replay.push(SubMsg::Lagged(Lagged { missed: oldest - after - 1, resume_cursor: oldest - 1 }));
+                replay.push(SubMsg::Lagged(Lagged {
+                    missed: oldest - after - 1,
+                    resume_cursor: oldest - 1,
+                }));
                 self.metrics.subscriber_lag_notices.inc();
             }
-            let events = self.ring.after(after, self.cfg.max_replay + 1, |e| filter.matches(e));
+            let events = self
+                .ring
+                .after(after, self.cfg.max_replay + 1, |e| filter.matches(e));
             let truncated = events.len() > self.cfg.max_replay;
             for ev in events.into_iter().take(self.cfg.max_replay) {
                 replay.push(SubMsg::Event(ev));
@@ -466,11 +583,19 @@ impl State {
                     Some(SubMsg::Event(e)) => e.cursor,
                     _ => after,
                 };
-                replay.push(SubMsg::Lagged(Lagged { missed: last.saturating_sub(resume), resume_cursor: resume }));
+                replay.push(SubMsg::Lagged(Lagged {
+                    missed: last.saturating_sub(resume),
+                    resume_cursor: resume,
+                }));
                 last_cursor = resume;
             }
         }
-        self.subscribers.push(Subscriber { filter, tx, missed: 0, last_cursor });
+        self.subscribers.push(Subscriber {
+            filter,
+            tx,
+            missed: 0,
+            last_cursor,
+        });
         self.metrics.subscribers.set(self.subscribers.len() as i64);
         Subscription { replay, live }
     }
@@ -492,10 +617,22 @@ impl State {
     }
 
     fn update_gauges(&self) {
-        for kind in [EventKind::Xid, EventKind::Sxid, EventKind::DriverLog, EventKind::AgentStatus, EventKind::Gap] {
+        for kind in [
+            EventKind::Xid,
+            EventKind::Sxid,
+            EventKind::DriverLog,
+            EventKind::AgentStatus,
+            EventKind::Gap,
+        ] {
             let k = kind.short_name();
-            self.metrics.ring_bytes.with_label_values(&[k]).set(self.ring.bytes_by_kind(kind) as i64);
-            self.metrics.ring_events.with_label_values(&[k]).set(self.ring.events_by_kind(kind) as i64);
+            self.metrics
+                .ring_bytes
+                .with_label_values(&[k])
+                .set(self.ring.bytes_by_kind(kind) as i64);
+            self.metrics
+                .ring_events
+                .with_label_values(&[k])
+                .set(self.ring.events_by_kind(kind) as i64);
             let expired = self.ring.expired_by_kind(kind);
             let c = self.metrics.ring_expired.with_label_values(&[k]);
             if expired > c.get() {
@@ -503,6 +640,8 @@ impl State {
             }
         }
         self.metrics.wal_bytes.set(self.wal.bytes() as i64);
-        self.metrics.agents_connected.set(self.agents.values().filter(|a| a.connections > 0).count() as i64);
+        self.metrics
+            .agents_connected
+            .set(self.agents.values().filter(|a| a.connections > 0).count() as i64);
     }
 }

@@ -1,4 +1,5 @@
 //! In-process harness: a collector's gRPC services over a tokio duplex pipe (no sockets).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 #![allow(dead_code)]
 
 use std::{path::Path, time::Duration};
@@ -38,8 +39,14 @@ pub async fn start_with_limit(cfg: StoreConfig, max_message: usize) -> Harness {
     let metrics = Metrics::new().unwrap();
     let store = state::start(cfg, metrics.clone()).unwrap();
     let (client_io, server_io) = tokio::io::duplex(1 << 20);
-    let ingest = IngestServer::new(IngestService { store: store.clone(), metrics: metrics.clone() }).max_decoding_message_size(max_message);
-    let telemetry = TelemetryServer::new(TelemetryService { store: store.clone() });
+    let ingest = IngestServer::new(IngestService {
+        store: store.clone(),
+        metrics: metrics.clone(),
+    })
+    .max_decoding_message_size(max_message);
+    let telemetry = TelemetryServer::new(TelemetryService {
+        store: store.clone(),
+    });
     tokio::spawn(
         Server::builder()
             .add_service(ingest)
@@ -51,11 +58,18 @@ pub async fn start_with_limit(cfg: StoreConfig, max_message: usize) -> Harness {
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let io = client_io.take();
-            async move { io.map(TokioIo::new).ok_or_else(|| std::io::Error::other("duplex already used")) }
+            async move {
+                io.map(TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("duplex already used"))
+            }
         }))
         .await
         .unwrap();
-    Harness { store, metrics, channel }
+    Harness {
+        store,
+        metrics,
+        channel,
+    }
 }
 
 /// An open Ingest stream for one agent.
@@ -69,15 +83,44 @@ pub struct AgentStream {
 impl AgentStream {
     pub async fn open(h: &Harness, agent_id: &str, node: &str) -> (Self, Ack) {
         let (tx, rx) = mpsc::channel(16);
-        tx.send(Batch { agent_id: agent_id.into(), node: node.into(), boot_id: "b".into(), ..Default::default() }).await.unwrap();
-        let mut acks = IngestClient::new(h.channel.clone()).push(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        tx.send(Batch {
+            agent_id: agent_id.into(),
+            node: node.into(),
+            boot_id: "b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut acks = IngestClient::new(h.channel.clone())
+            .push(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
         let hello = acks.message().await.unwrap().unwrap();
-        (Self { tx, acks, agent_id: agent_id.into(), node: node.into() }, hello)
+        (
+            Self {
+                tx,
+                acks,
+                agent_id: agent_id.into(),
+                node: node.into(),
+            },
+            hello,
+        )
     }
 
-    pub async fn send(&mut self, first_seq: u64, events: Vec<v1::Event>) -> Result<Ack, tonic::Status> {
+    pub async fn send(
+        &mut self,
+        first_seq: u64,
+        events: Vec<v1::Event>,
+    ) -> Result<Ack, tonic::Status> {
         self.tx
-            .send(Batch { agent_id: self.agent_id.clone(), node: self.node.clone(), boot_id: "b".into(), first_seq, events })
+            .send(Batch {
+                agent_id: self.agent_id.clone(),
+                node: self.node.clone(),
+                boot_id: "b".into(),
+                first_seq,
+                events,
+            })
             .await
             .map_err(|_| tonic::Status::unavailable("closed"))?;
         match self.acks.message().await {
@@ -91,9 +134,18 @@ impl AgentStream {
 pub fn xid(code: u32, msg: &str) -> v1::Event {
     v1::Event {
         kind: v1::EventKind::Xid as i32,
-        severity: if code == 79 { v1::Severity::Fatal } else { v1::Severity::Error } as i32,
+        severity: if code == 79 {
+            v1::Severity::Fatal
+        } else {
+            v1::Severity::Error
+        } as i32,
         time: Some(gpulse_proto::time::now()),
-        payload: Some(Payload::Xid(v1::Xid { code, pci: "0000:3b:00.0".into(), message: msg.into(), ..Default::default() })),
+        payload: Some(Payload::Xid(v1::Xid {
+            code,
+            pci: "0000:3b:00.0".into(),
+            message: msg.into(),
+            ..Default::default()
+        })),
         ..Default::default()
     }
 }
@@ -102,18 +154,28 @@ pub fn log(msg: &str) -> v1::Event {
     v1::Event {
         kind: v1::EventKind::DriverLog as i32,
         severity: v1::Severity::Info as i32,
-        payload: Some(Payload::DriverLog(v1::DriverLog { text: msg.into(), ..Default::default() })),
+        payload: Some(Payload::DriverLog(v1::DriverLog {
+            text: msg.into(),
+            ..Default::default()
+        })),
         ..Default::default()
     }
 }
 
 pub async fn subscribe(h: &Harness, req: SubscribeRequest) -> tonic::Streaming<SubscribeResponse> {
-    TelemetryClient::new(h.channel.clone()).subscribe(req).await.unwrap().into_inner()
+    TelemetryClient::new(h.channel.clone())
+        .subscribe(req)
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// Next message within a deadline (tests never hang).
 pub async fn next(s: &mut tonic::Streaming<SubscribeResponse>) -> Option<SubscribeResponse> {
-    tokio::time::timeout(Duration::from_secs(5), s.message()).await.expect("timed out waiting for a subscriber message").unwrap()
+    tokio::time::timeout(Duration::from_secs(5), s.message())
+        .await
+        .expect("timed out waiting for a subscriber message")
+        .unwrap()
 }
 
 pub fn message_of(r: &SubscribeResponse) -> String {

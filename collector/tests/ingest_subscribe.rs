@@ -1,5 +1,6 @@
 //! In-process gRPC tests (tokio duplex): ingest, de-duplication, subscriber filters, resume,
 //! slow-subscriber policy, bad input, and restart from the write-ahead log.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 mod common;
 
 use std::time::{Duration, Instant};
@@ -15,10 +16,16 @@ async fn ingest_acks_dedupes_resends_and_fans_out() {
     let (mut a, hello) = AgentStream::open(&h, "node-a/1", "node-a").await;
     assert_eq!(hello.through_seq, 0);
 
-    let ack = a.send(1, vec![xid(79, "x1"), xid(13, "x2"), log("l3")]).await.unwrap();
+    let ack = a
+        .send(1, vec![xid(79, "x1"), xid(13, "x2"), log("l3")])
+        .await
+        .unwrap();
     assert_eq!((ack.through_seq, ack.duplicates), (3, 0));
     // A resend after a reconnect: everything already stored is dropped, the new event kept.
-    let ack = a.send(2, vec![xid(13, "x2"), log("l3"), xid(48, "x4")]).await.unwrap();
+    let ack = a
+        .send(2, vec![xid(13, "x2"), log("l3"), xid(48, "x4")])
+        .await
+        .unwrap();
     assert_eq!((ack.through_seq, ack.duplicates), (4, 2));
 
     let got: Vec<String> = futures_collect(&mut sub, 4).await;
@@ -26,7 +33,10 @@ async fn ingest_acks_dedupes_resends_and_fans_out() {
     assert_eq!(h.metrics.ingest_duplicates.get(), 2);
     assert_eq!(h.metrics.ingest_events.get(), 4);
     let st = h.store.status().await.unwrap();
-    assert_eq!((st.events_stored, st.last_cursor, st.duplicates_dropped), (4, 4, 2));
+    assert_eq!(
+        (st.events_stored, st.last_cursor, st.duplicates_dropped),
+        (4, 4, 2)
+    );
 
     // A second connection of the same agent learns where to resume.
     drop(a);
@@ -34,7 +44,10 @@ async fn ingest_acks_dedupes_resends_and_fans_out() {
     assert_eq!(hello.through_seq, 4);
 }
 
-async fn futures_collect(sub: &mut tonic::Streaming<v1::SubscribeResponse>, n: usize) -> Vec<String> {
+async fn futures_collect(
+    sub: &mut tonic::Streaming<v1::SubscribeResponse>,
+    n: usize,
+) -> Vec<String> {
     let mut out = Vec::new();
     for _ in 0..n {
         out.push(message_of(&next(sub).await.unwrap()));
@@ -46,20 +59,53 @@ async fn futures_collect(sub: &mut tonic::Streaming<v1::SubscribeResponse>, n: u
 async fn filters_select_events() {
     let dir = tempfile::tempdir().unwrap();
     let h = start(store_config(dir.path())).await;
-    let mut fatal_xids = subscribe(&h, SubscribeRequest {
-        filter: Some(EventFilter { kinds: vec![EventKind::Xid as i32], min_severity: v1::Severity::Fatal as i32, ..Default::default() }),
-        after_cursor: None,
-    })
+    let mut fatal_xids = subscribe(
+        &h,
+        SubscribeRequest {
+            filter: Some(EventFilter {
+                kinds: vec![EventKind::Xid as i32],
+                min_severity: v1::Severity::Fatal as i32,
+                ..Default::default()
+            }),
+            after_cursor: None,
+        },
+    )
     .await;
-    let mut other_node = subscribe(&h, SubscribeRequest { filter: Some(EventFilter { nodes: vec!["node-b".into()], ..Default::default() }), after_cursor: None }).await;
-    let mut code13 = subscribe(&h, SubscribeRequest { filter: Some(EventFilter { xid_codes: vec![13], ..Default::default() }), after_cursor: None }).await;
+    let mut other_node = subscribe(
+        &h,
+        SubscribeRequest {
+            filter: Some(EventFilter {
+                nodes: vec!["node-b".into()],
+                ..Default::default()
+            }),
+            after_cursor: None,
+        },
+    )
+    .await;
+    let mut code13 = subscribe(
+        &h,
+        SubscribeRequest {
+            filter: Some(EventFilter {
+                xid_codes: vec![13],
+                ..Default::default()
+            }),
+            after_cursor: None,
+        },
+    )
+    .await;
     let (mut a, _) = AgentStream::open(&h, "node-a/1", "node-a").await;
-    a.send(1, vec![log("l"), xid(13, "x13"), xid(79, "x79")]).await.unwrap();
+    a.send(1, vec![log("l"), xid(13, "x13"), xid(79, "x79")])
+        .await
+        .unwrap();
     assert_eq!(message_of(&next(&mut fatal_xids).await.unwrap()), "x79");
     assert_eq!(message_of(&next(&mut code13).await.unwrap()), "x13");
     let (mut b, _) = AgentStream::open(&h, "node-b/1", "node-b").await;
     b.send(1, vec![log("from b")]).await.unwrap();
-    assert_eq!(message_of(&next(&mut other_node).await.unwrap()), "from b", "node-a events were filtered out");
+    assert_eq!(
+        message_of(&next(&mut other_node).await.unwrap()),
+        "from b",
+        "node-a events were filtered out"
+    );
 }
 
 #[tokio::test]
@@ -67,8 +113,17 @@ async fn resume_after_cursor_replays_then_goes_live() {
     let dir = tempfile::tempdir().unwrap();
     let h = start(store_config(dir.path())).await;
     let (mut a, _) = AgentStream::open(&h, "n/1", "n").await;
-    a.send(1, (0..10).map(|i| log(&format!("e{i}"))).collect()).await.unwrap();
-    let mut sub = subscribe(&h, SubscribeRequest { filter: None, after_cursor: Some(7) }).await;
+    a.send(1, (0..10).map(|i| log(&format!("e{i}"))).collect())
+        .await
+        .unwrap();
+    let mut sub = subscribe(
+        &h,
+        SubscribeRequest {
+            filter: None,
+            after_cursor: Some(7),
+        },
+    )
+    .await;
     let got = futures_collect(&mut sub, 3).await;
     assert_eq!(got, vec!["e7", "e8", "e9"]);
     a.send(11, vec![log("live")]).await.unwrap();
@@ -90,15 +145,28 @@ async fn slow_subscriber_gets_lag_notice_and_never_stalls_ingest() {
     // Big events so the slow subscriber's HTTP/2 window fills quickly and its queue overflows.
     let pad = "x".repeat(4000);
     for i in 0..1000u64 {
-        a.send(i * 4 + 1, (0..4).map(|j| log(&format!("e{} {pad}", i * 4 + j))).collect()).await.unwrap();
+        a.send(
+            i * 4 + 1,
+            (0..4)
+                .map(|j| log(&format!("e{} {pad}", i * 4 + j)))
+                .collect(),
+        )
+        .await
+        .unwrap();
         // The fast subscriber keeps up: a batch never exceeds its queue.
         while fast_seen < (i + 1) * 4 {
             let m = next(&mut fast).await.unwrap();
-            assert!(matches!(m.msg, Some(Msg::Event(_))), "fast subscriber lagged: {m:?}");
+            assert!(
+                matches!(m.msg, Some(Msg::Event(_))),
+                "fast subscriber lagged: {m:?}"
+            );
             fast_seen += 1;
         }
     }
-    assert!(started.elapsed() < Duration::from_secs(10), "ingest stalled behind a slow subscriber");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "ingest stalled behind a slow subscriber"
+    );
     // The slow one gets what fit (plus what the transport buffered), then Lagged notices that
     // account for every event it did not receive.
     let mut events = 0u64;
@@ -111,7 +179,10 @@ async fn slow_subscriber_gets_lag_notice_and_never_stalls_ingest() {
         }
     }
     assert_eq!(events + missed, 4000);
-    assert!(missed > 0, "a queue of 4 behind a full HTTP/2 window cannot have held 4000 events");
+    assert!(
+        missed > 0,
+        "a queue of 4 behind a full HTTP/2 window cannot have held 4000 events"
+    );
     assert_eq!(h.metrics.subscriber_dropped.get(), missed);
     assert!(h.metrics.subscriber_lag_notices.get() >= 1);
 }
@@ -130,14 +201,34 @@ async fn malformed_batches_get_clear_errors_and_nothing_else_is_lost() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("no payload"), "{}", err.message());
     let (mut bad2, _) = AgentStream::open(&h, "bad/2", "bad").await;
-    let err = bad2.send(5, vec![log("a"), { let mut e = log("b"); e.seq = 9; e }]).await.unwrap_err();
+    let err = bad2
+        .send(
+            5,
+            vec![log("a"), {
+                let mut e = log("b");
+                e.seq = 9;
+                e
+            }],
+        )
+        .await
+        .unwrap_err();
     assert!(err.message().contains("contiguous"), "{}", err.message());
     assert_eq!(h.metrics.ingest_rejected_batches.get(), 2);
 
     // The good agent and the store are unaffected.
     good.send(2, vec![xid(48, "still fine")]).await.unwrap();
-    let mut sub = subscribe(&h, SubscribeRequest { filter: None, after_cursor: Some(0) }).await;
-    assert_eq!(futures_collect(&mut sub, 2).await, vec!["keep", "still fine"]);
+    let mut sub = subscribe(
+        &h,
+        SubscribeRequest {
+            filter: None,
+            after_cursor: Some(0),
+        },
+    )
+    .await;
+    assert_eq!(
+        futures_collect(&mut sub, 2).await,
+        vec!["keep", "still fine"]
+    );
 }
 
 #[tokio::test]
@@ -148,7 +239,11 @@ async fn oversized_messages_are_refused() {
     let huge = log(&"x".repeat(200 << 10));
     let err = a.send(1, vec![huge]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
-    assert!(err.message().contains("message length too large") || err.message().contains("too large"), "{}", err.message());
+    assert!(
+        err.message().contains("message length too large") || err.message().contains("too large"),
+        "{}",
+        err.message()
+    );
     // Nothing was stored and other agents still work.
     let (mut b, _) = AgentStream::open(&h, "ok/1", "ok").await;
     assert_eq!(b.send(1, vec![log("small")]).await.unwrap().through_seq, 1);
@@ -160,7 +255,13 @@ async fn bad_subscribe_filters_are_invalid_argument() {
     let dir = tempfile::tempdir().unwrap();
     let h = start(store_config(dir.path())).await;
     let err = gpulse_proto::v1::telemetry_client::TelemetryClient::new(h.channel.clone())
-        .subscribe(SubscribeRequest { filter: Some(EventFilter { kinds: vec![99], ..Default::default() }), after_cursor: None })
+        .subscribe(SubscribeRequest {
+            filter: Some(EventFilter {
+                kinds: vec![99],
+                ..Default::default()
+            }),
+            after_cursor: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -173,26 +274,49 @@ async fn restart_restores_events_cursors_and_dedupe_state() {
     {
         let h = start(store_config(dir.path())).await;
         let (mut a, _) = AgentStream::open(&h, "n/1", "n").await;
-        a.send(1, (0..5).map(|i| xid(13, &format!("before{i}"))).collect()).await.unwrap();
+        a.send(1, (0..5).map(|i| xid(13, &format!("before{i}"))).collect())
+            .await
+            .unwrap();
     }
     // Same data dir: a new collector process.
     let h = start(store_config(dir.path())).await;
     let (mut a, hello) = AgentStream::open(&h, "n/1", "n").await;
     assert_eq!(hello.through_seq, 5, "dedupe state restored");
     // The agent resends what it never saw acked plus new events: no duplicates stored.
-    let ack = a.send(4, vec![xid(13, "before3"), xid(13, "before4"), xid(79, "after")]).await.unwrap();
+    let ack = a
+        .send(
+            4,
+            vec![xid(13, "before3"), xid(13, "before4"), xid(79, "after")],
+        )
+        .await
+        .unwrap();
     assert_eq!((ack.through_seq, ack.duplicates), (6, 2));
-    let mut sub = subscribe(&h, SubscribeRequest { filter: None, after_cursor: Some(0) }).await;
+    let mut sub = subscribe(
+        &h,
+        SubscribeRequest {
+            filter: None,
+            after_cursor: Some(0),
+        },
+    )
+    .await;
     let mut cursors = Vec::new();
     let mut msgs = Vec::new();
     for _ in 0..6 {
         if let Some(Msg::Event(e)) = next(&mut sub).await.unwrap().msg {
             cursors.push(e.cursor);
-            msgs.push(match e.payload { Some(v1::event::Payload::Xid(x)) => x.message, _ => String::new() });
+            msgs.push(match e.payload {
+                Some(v1::event::Payload::Xid(x)) => x.message,
+                _ => String::new(),
+            });
         }
     }
     assert_eq!(cursors, vec![1, 2, 3, 4, 5, 6]);
-    assert_eq!(msgs, vec!["before0", "before1", "before2", "before3", "before4", "after"]);
+    assert_eq!(
+        msgs,
+        vec![
+            "before0", "before1", "before2", "before3", "before4", "after"
+        ]
+    );
 }
 
 #[tokio::test]
@@ -201,9 +325,16 @@ async fn restart_with_damaged_log_skips_damage_and_reports_it() {
     {
         let h = start(store_config(dir.path())).await;
         let (mut a, _) = AgentStream::open(&h, "n/1", "n").await;
-        a.send(1, (0..3).map(|i| log(&format!("e{i}"))).collect()).await.unwrap();
+        a.send(1, (0..3).map(|i| log(&format!("e{i}"))).collect())
+            .await
+            .unwrap();
     }
-    let seg = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+    let seg = std::fs::read_dir(dir.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let mut data = std::fs::read(&seg).unwrap();
     data.extend_from_slice(b"\xff\xff\x00\x00garbage-after-a-crash");
     std::fs::write(&seg, data).unwrap();
@@ -222,9 +353,23 @@ async fn agent_sequence_jump_is_recorded_as_gap() {
     let (mut a, _) = AgentStream::open(&h, "n/1", "n").await;
     a.send(1, vec![log("a")]).await.unwrap();
     a.send(5, vec![log("b")]).await.unwrap();
-    let mut sub = subscribe(&h, SubscribeRequest { filter: Some(EventFilter { kinds: vec![EventKind::Gap as i32], ..Default::default() }), after_cursor: Some(0) }).await;
-    let Some(Msg::Event(e)) = next(&mut sub).await.unwrap().msg else { panic!() };
-    let Some(v1::event::Payload::Gap(g)) = e.payload else { panic!() };
+    let mut sub = subscribe(
+        &h,
+        SubscribeRequest {
+            filter: Some(EventFilter {
+                kinds: vec![EventKind::Gap as i32],
+                ..Default::default()
+            }),
+            after_cursor: Some(0),
+        },
+    )
+    .await;
+    let Some(Msg::Event(e)) = next(&mut sub).await.unwrap().msg else {
+        panic!()
+    };
+    let Some(v1::event::Payload::Gap(g)) = e.payload else {
+        panic!()
+    };
     assert_eq!(g.missed, 3);
     assert_eq!(h.metrics.ingest_seq_gap_events.get(), 3);
 }

@@ -130,7 +130,9 @@ pub fn payload_from_decoded(
                     description: info
                         .map(|i| i.description.to_string())
                         .unwrap_or_else(|| format!("Unknown XID {} (not in the catalog)", x.code)),
-                    immediate_action: info.map(|i| i.immediate_action.to_string()).unwrap_or_default(),
+                    immediate_action: info
+                        .map(|i| i.immediate_action.to_string())
+                        .unwrap_or_default(),
                     investigatory_action: info
                         .map(|i| i.investigatory_action.to_string())
                         .unwrap_or_default(),
@@ -196,14 +198,19 @@ mod tests {
         let dec = d.feed(0, raw).unwrap();
         let (kind, payload) = payload_from_decoded(&dec, raw, v1::RecordSource::Kmsg, false);
         assert_eq!(kind, v1::EventKind::Xid);
-        let v1::event::Payload::Xid(x) = payload else { panic!() };
+        let v1::event::Payload::Xid(x) = payload else {
+            panic!()
+        };
         assert_eq!(x.code, 119);
         assert_eq!(x.mnemonic, "GSP_RPC_TIMEOUT");
         assert_eq!(x.pci, "0000:9b:00.0");
         assert_eq!(x.pid, Some(2024380));
         assert_eq!(x.immediate_action, "RESET_GPU");
         assert_eq!(x.raw, raw);
-        let ev = v1::Event { payload: Some(v1::event::Payload::Xid(x)), ..Default::default() };
+        let ev = v1::Event {
+            payload: Some(v1::event::Payload::Xid(x)),
+            ..Default::default()
+        };
         assert_eq!(ev.payload_kind(), v1::EventKind::Xid);
         assert_eq!(ev.gpu_keys()[1], "0000:9b:00.0");
     }
@@ -212,15 +219,24 @@ mod tests {
     fn unknown_code_says_so() {
         let mut d = Decoder::default();
         let raw = "NVRM: Xid (PCI:0000:9b:00): 4000, something new";
-        let (_, payload) = payload_from_decoded(&d.feed(0, raw).unwrap(), raw, v1::RecordSource::Kmsg, false);
-        let v1::event::Payload::Xid(x) = payload else { panic!() };
+        let (_, payload) =
+            payload_from_decoded(&d.feed(0, raw).unwrap(), raw, v1::RecordSource::Kmsg, false);
+        let v1::event::Payload::Xid(x) = payload else {
+            panic!()
+        };
         assert!(x.description.contains("Unknown XID 4000"));
         assert!(x.mnemonic.is_empty());
     }
 
     #[test]
     fn kind_names_round_trip() {
-        for k in [v1::EventKind::Xid, v1::EventKind::Sxid, v1::EventKind::DriverLog, v1::EventKind::AgentStatus, v1::EventKind::Gap] {
+        for k in [
+            v1::EventKind::Xid,
+            v1::EventKind::Sxid,
+            v1::EventKind::DriverLog,
+            v1::EventKind::AgentStatus,
+            v1::EventKind::Gap,
+        ] {
             assert_eq!(v1::EventKind::from_short_name(k.short_name()), Some(k));
         }
         assert_eq!(v1::EventKind::from_short_name("nope"), None);

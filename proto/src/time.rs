@@ -77,9 +77,15 @@ mod tests {
         assert_eq!(to_unix_nanos(&ts), 1_764_000_000_123_456_789);
         assert_eq!(rfc3339(&ts), "2025-11-24T16:00:00.123456Z");
         assert_eq!(rfc3339(&from_unix_nanos(0)), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(rfc3339(&from_unix_nanos(951_782_400_000_000_000)), "2000-02-29T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339(&from_unix_nanos(951_782_400_000_000_000)),
+            "2000-02-29T00:00:00.000000Z"
+        );
         let neg = from_unix_nanos(-1);
         assert_eq!((neg.seconds, neg.nanos), (-1, 999_999_999));
-        assert_eq!(to_system_time(&from_system_time(UNIX_EPOCH + Duration::from_secs(5))), UNIX_EPOCH + Duration::from_secs(5));
+        assert_eq!(
+            to_system_time(&from_system_time(UNIX_EPOCH + Duration::from_secs(5))),
+            UNIX_EPOCH + Duration::from_secs(5)
+        );
     }
 }

@@ -55,8 +55,12 @@ pub fn kernel_lock() -> MutexGuard<'static, ()> {
 /// Writes one kernel log record through /dev/kmsg. Each write opens the device afresh: the
 /// kernel rate-limits each open file to 10 lines per 5 s and silently drops the rest.
 pub fn inject(line: &str) -> anyhow::Result<()> {
-    let mut f = OpenOptions::new().write(true).open("/dev/kmsg").context("opening /dev/kmsg")?;
-    f.write_all(format!("<3>{line}").as_bytes()).context("writing /dev/kmsg")?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")
+        .context("opening /dev/kmsg")?;
+    f.write_all(format!("<3>{line}").as_bytes())
+        .context("writing /dev/kmsg")?;
     Ok(())
 }
 
@@ -82,8 +86,16 @@ impl Proc {
             .stdout(Stdio::null())
             .stderr(err)
             .spawn()
-            .with_context(|| format!("spawning {} (build it first: cargo build --bins)", bin(name).display()))?;
-        Ok(Self { child, name: name.into() })
+            .with_context(|| {
+                format!(
+                    "spawning {} (build it first: cargo build --bins)",
+                    bin(name).display()
+                )
+            })?;
+        Ok(Self {
+            child,
+            name: name.into(),
+        })
     }
 
     pub fn kill9(&mut self) {
@@ -125,15 +137,33 @@ pub struct Collector {
 }
 
 impl Collector {
-    pub fn start(data_dir: &Path, grpc_port: u16, http_port: u16, extra: &[&str]) -> anyhow::Result<Self> {
+    pub fn start(
+        data_dir: &Path,
+        grpc_port: u16,
+        http_port: u16,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let grpc = format!("127.0.0.1:{grpc_port}");
         let http = format!("127.0.0.1:{http_port}");
         let dd = data_dir.display().to_string();
         let log = data_dir.with_extension(format!("collector-{grpc_port}.log"));
-        let mut args = vec!["--grpc-listen", &grpc, "--http-listen", &http, "--data-dir", &dd];
+        let mut args = vec![
+            "--grpc-listen",
+            &grpc,
+            "--http-listen",
+            &http,
+            "--data-dir",
+            &dd,
+        ];
         args.extend_from_slice(extra);
         let proc = Proc::spawn("gpulse-collector", &args, &log)?;
-        let c = Self { proc, grpc_port, http_port, data_dir: data_dir.to_path_buf(), log };
+        let c = Self {
+            proc,
+            grpc_port,
+            http_port,
+            data_dir: data_dir.to_path_buf(),
+            log,
+        };
         c.wait_ready(Duration::from_secs(20))?;
         Ok(c)
     }
@@ -150,7 +180,10 @@ impl Collector {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("collector not ready within {within:?}; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default())
+        bail!(
+            "collector not ready within {within:?}; log:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        )
     }
 
     pub fn metrics(&self) -> anyhow::Result<String> {
@@ -166,20 +199,41 @@ pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut body = String::new();
     s.read_to_string(&mut body)?;
-    let code = body.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let content = body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let code = body
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let content = body
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((code, content))
 }
 
 pub fn value_of_metric(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.trim().parse().ok()))
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(name_and_labels)
+            .and_then(|v| v.trim().parse().ok())
+    })
 }
 
 /// An agent streaming to `collector`.
-pub fn start_agent(collector: &str, node: &str, source: &str, log: &Path, extra: &[&str]) -> anyhow::Result<Proc> {
-    let mut args = vec!["--collector", collector, "--node", node, "--xid-source", source];
+pub fn start_agent(
+    collector: &str,
+    node: &str,
+    source: &str,
+    log: &Path,
+    extra: &[&str],
+) -> anyhow::Result<Proc> {
+    let mut args = vec![
+        "--collector",
+        collector,
+        "--node",
+        node,
+        "--xid-source",
+        source,
+    ];
     args.extend_from_slice(extra);
     Proc::spawn("gpulse-agent", &args, log)
 }
@@ -194,7 +248,10 @@ pub fn wait_agent_live(log: &Path, within: Duration) -> anyhow::Result<String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    bail!("agent did not report a live source within {within:?}; log:\n{}", std::fs::read_to_string(log).unwrap_or_default())
+    bail!(
+        "agent did not report a live source within {within:?}; log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    )
 }
 
 /// Subscribes and collects events until `done` says so or `within` passes.
@@ -206,14 +263,21 @@ pub async fn collect_events(
     mut done: impl FnMut(&[v1::Event]) -> bool,
 ) -> anyhow::Result<Vec<v1::Event>> {
     let mut client = TelemetryClient::connect(url.to_string()).await?;
-    let mut stream = client.subscribe(SubscribeRequest { filter: Some(filter), after_cursor: after }).await?.into_inner();
+    let mut stream = client
+        .subscribe(SubscribeRequest {
+            filter: Some(filter),
+            after_cursor: after,
+        })
+        .await?
+        .into_inner();
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + within;
     while !done(&out) {
-        let msg: Option<SubscribeResponse> = match tokio::time::timeout_at(deadline, stream.message()).await {
-            Ok(m) => m?,
-            Err(_) => break,
-        };
+        let msg: Option<SubscribeResponse> =
+            match tokio::time::timeout_at(deadline, stream.message()).await {
+                Ok(m) => m?,
+                Err(_) => break,
+            };
         match msg.and_then(|m| m.msg) {
             Some(Msg::Event(e)) => out.push(e),
             Some(Msg::Lagged(l)) => bail!("subscriber lagged: {l:?}"),
@@ -233,6 +297,9 @@ pub fn xid_of(e: &v1::Event) -> Option<&v1::Xid> {
 
 /// A marker unique to this run, so concurrent or earlier kernel log lines never match.
 pub fn marker(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     format!("{tag}-{}-{nanos}", std::process::id())
 }

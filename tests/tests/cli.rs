@@ -1,29 +1,54 @@
 //! The `gpulse` CLI's offline commands, run as a user would.
-use std::{io::Write, process::{Command, Stdio}};
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+};
 
 use gpulse_e2e::bin;
 
 #[test]
 fn xid_explain_known_and_unknown_codes() {
-    let out = Command::new(bin("gpulse")).args(["xid", "explain", "79"]).output().unwrap();
+    let out = Command::new(bin("gpulse"))
+        .args(["xid", "explain", "79"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("ROBUST_CHANNEL_GPU_HAS_FALLEN_OFF_THE_BUS"), "{text}");
+    assert!(
+        text.contains("ROBUST_CHANNEL_GPU_HAS_FALLEN_OFF_THE_BUS"),
+        "{text}"
+    );
     assert!(text.contains("RESTART_BM"));
-    let out = Command::new(bin("gpulse")).args(["xid", "explain", "48", "--json"]).output().unwrap();
+    let out = Command::new(bin("gpulse"))
+        .args(["xid", "explain", "48", "--json"])
+        .output()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["mnemonic"], "ROBUST_CHANNEL_GPU_ECC_DBE");
     assert_eq!(v["severity"], "fatal");
-    let out = Command::new(bin("gpulse")).args(["xid", "explain", "999"]).output().unwrap();
+    let out = Command::new(bin("gpulse"))
+        .args(["xid", "explain", "999"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not in the catalog"));
-    let out = Command::new(bin("gpulse")).args(["xid", "explain", "abc"]).output().unwrap();
+    let out = Command::new(bin("gpulse"))
+        .args(["xid", "explain", "abc"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "clap rejects a non-number");
 }
 
 #[test]
 fn xid_parse_decodes_rendered_dmesg() {
-    let mut child = Command::new(bin("gpulse")).args(["xid", "parse"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(bin("gpulse"))
+        .args(["xid", "parse"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     child
         .stdin
         .take()
@@ -32,7 +57,11 @@ fn xid_parse_decodes_rendered_dmesg() {
         .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["record"]["type"], "xid");
     assert_eq!(lines[0]["record"]["code"], 119);
@@ -44,16 +73,34 @@ fn xid_parse_decodes_rendered_dmesg() {
 
 #[test]
 fn bad_flags_are_clear_errors() {
-    let out = Command::new(bin("gpulse-collector")).args(["--ring-bytes", "lots"]).output().unwrap();
+    let out = Command::new(bin("gpulse-collector"))
+        .args(["--ring-bytes", "lots"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a byte size"));
-    let out = Command::new(bin("gpulse-agent")).args(["--xid-source", "magic"]).output().unwrap();
+    let out = Command::new(bin("gpulse-agent"))
+        .args(["--xid-source", "magic"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("possible values"));
-    let out = Command::new(bin("gpulse-agent")).args(["--xid-severity", "13=meh", "--xid-source", "kmsg"]).output().unwrap();
+    let out = Command::new(bin("gpulse-agent"))
+        .args(["--xid-severity", "13=meh", "--xid-source", "kmsg"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown severity"));
-    let out = Command::new(bin("gpulse")).args(["tail", "--kind", "nope", "--collector", "http://127.0.0.1:1"]).output().unwrap();
+    let out = Command::new(bin("gpulse"))
+        .args([
+            "tail",
+            "--kind",
+            "nope",
+            "--collector",
+            "http://127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown --kind"));
 }

@@ -159,8 +159,12 @@ mod tests {
 
     #[test]
     fn filter_keeps_nvidia_lines_only() {
-        assert!(keep_line(b"NVRM: Xid (PCI:0000:01:00): 79, GPU has fallen off the bus."));
-        assert!(keep_line(b"nvidia-nvswitch3: SXid (PCI:0000:04:00.0): 22013, Non-fatal"));
+        assert!(keep_line(
+            b"NVRM: Xid (PCI:0000:01:00): 79, GPU has fallen off the bus."
+        ));
+        assert!(keep_line(
+            b"nvidia-nvswitch3: SXid (PCI:0000:04:00.0): 22013, Non-fatal"
+        ));
         assert!(!keep_line(b"NVRM:Xid without space"));
         assert!(!keep_line(b"usb 1-1: new high-speed USB device"));
         assert!(!keep_line(b"NVR"));

@@ -18,7 +18,11 @@ use gpulse_xid::{Decoder, catalog, parse::strip_rendering};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
-#[command(name = "gpulse", version, about = "gpulse CLI: live GPU node events, XID explanations and collector status")]
+#[command(
+    name = "gpulse",
+    version,
+    about = "gpulse CLI: live GPU node events, XID explanations and collector status"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -35,7 +39,11 @@ enum Cmd {
     },
     /// Collector status.
     Status {
-        #[arg(long, env = "GPULSE_COLLECTOR", default_value = "http://127.0.0.1:7700")]
+        #[arg(
+            long,
+            env = "GPULSE_COLLECTOR",
+            default_value = "http://127.0.0.1:7700"
+        )]
         collector: String,
         #[arg(long)]
         json: bool,
@@ -58,7 +66,11 @@ enum XidCmd {
 #[derive(ClapArgs, Debug)]
 struct TailArgs {
     /// Collector gRPC URL.
-    #[arg(long, env = "GPULSE_COLLECTOR", default_value = "http://127.0.0.1:7700")]
+    #[arg(
+        long,
+        env = "GPULSE_COLLECTOR",
+        default_value = "http://127.0.0.1:7700"
+    )]
     collector: String,
     /// One JSON object per line.
     #[arg(long)]
@@ -94,7 +106,9 @@ async fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Tail(a) => tail(a).await,
-        Cmd::Xid { cmd: XidCmd::Explain { code, json } } => explain(code, json),
+        Cmd::Xid {
+            cmd: XidCmd::Explain { code, json },
+        } => explain(code, json),
         Cmd::Xid { cmd: XidCmd::Parse } => parse_stdin(),
         Cmd::Status { collector, json } => status(&collector, json).await,
     };
@@ -108,16 +122,30 @@ fn filter(a: &TailArgs) -> anyhow::Result<EventFilter> {
     let kinds = a
         .kinds
         .iter()
-        .map(|k| EventKind::from_short_name(k).map(|k| k as i32).with_context(|| format!("unknown --kind {k:?} (xid, sxid, driver_log, agent_status, gap)")))
+        .map(|k| {
+            EventKind::from_short_name(k)
+                .map(|k| k as i32)
+                .with_context(|| {
+                    format!("unknown --kind {k:?} (xid, sxid, driver_log, agent_status, gap)")
+                })
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let min_severity = match &a.min_severity {
         None => Severity::Unspecified,
         Some(s) => {
-            let s: gpulse_xid::Severity = s.parse().map_err(|e| anyhow::anyhow!("--min-severity: {e}"))?;
+            let s: gpulse_xid::Severity = s
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--min-severity: {e}"))?;
             s.into()
         }
     };
-    Ok(EventFilter { nodes: a.nodes.clone(), kinds, min_severity: min_severity as i32, xid_codes: a.xids.clone(), gpus: a.gpus.clone() })
+    Ok(EventFilter {
+        nodes: a.nodes.clone(),
+        kinds,
+        min_severity: min_severity as i32,
+        xid_codes: a.xids.clone(),
+        gpus: a.gpus.clone(),
+    })
 }
 
 async fn tail(a: TailArgs) -> anyhow::Result<()> {
@@ -187,7 +215,9 @@ async fn tail(a: TailArgs) -> anyhow::Result<()> {
 
 fn explain(code: u32, as_json: bool) -> anyhow::Result<()> {
     let Some(info) = catalog::lookup(code) else {
-        bail!("XID {code} is not in the catalog (codes 1-173 are known); newer drivers may define it: check NVIDIA's Xid catalog");
+        bail!(
+            "XID {code} is not in the catalog (codes 1-173 are known); newer drivers may define it: check NVIDIA's Xid catalog"
+        );
     };
     if as_json {
         println!("{}", serde_json::to_string(info)?);
@@ -195,8 +225,22 @@ fn explain(code: u32, as_json: bool) -> anyhow::Result<()> {
         println!("XID {}: {}", info.code, info.mnemonic);
         println!("  meaning:            {}", info.description);
         println!("  severity (default): {}", info.severity);
-        println!("  immediate action:   {}", if info.immediate_action.is_empty() { "(none given)" } else { info.immediate_action });
-        println!("  investigate:        {}", if info.investigatory_action.is_empty() { "(none given)" } else { info.investigatory_action });
+        println!(
+            "  immediate action:   {}",
+            if info.immediate_action.is_empty() {
+                "(none given)"
+            } else {
+                info.immediate_action
+            }
+        );
+        println!(
+            "  investigate:        {}",
+            if info.investigatory_action.is_empty() {
+                "(none given)"
+            } else {
+                info.investigatory_action
+            }
+        );
     }
     Ok(())
 }
@@ -208,7 +252,11 @@ fn parse_stdin() -> anyhow::Result<()> {
     for (i, line) in stdin.lock().lines().enumerate() {
         let line = line.context("reading stdin")?;
         match d.feed(i as u64, strip_rendering(&line)) {
-            Some(dec) => writeln!(out, "{}", json!({"severity": dec.severity, "gpu_uuid": dec.gpu_uuid, "record": dec.record}))?,
+            Some(dec) => writeln!(
+                out,
+                "{}",
+                json!({"severity": dec.severity, "gpu_uuid": dec.gpu_uuid, "record": dec.record})
+            )?,
             None => eprintln!("gpulse: line {}: not an NVIDIA driver record", i + 1),
         }
     }
@@ -216,20 +264,38 @@ fn parse_stdin() -> anyhow::Result<()> {
 }
 
 async fn status(collector: &str, as_json: bool) -> anyhow::Result<()> {
-    let mut client = TelemetryClient::connect(collector.to_string()).await.with_context(|| format!("connecting to {collector}"))?;
+    let mut client = TelemetryClient::connect(collector.to_string())
+        .await
+        .with_context(|| format!("connecting to {collector}"))?;
     let s = client.status(StatusRequest {}).await?.into_inner();
     if as_json {
-        println!("{}", json!({
-            "version": s.version, "events_stored": s.events_stored, "ring_bytes": s.ring_bytes, "ring_budget_bytes": s.ring_budget_bytes,
-            "last_cursor": s.last_cursor, "oldest_cursor": s.oldest_cursor, "agents_connected": s.agents_connected,
-            "subscribers": s.subscribers, "duplicates_dropped": s.duplicates_dropped, "events_expired": s.events_expired,
-            "started": s.started.as_ref().map(gpulse_proto::time::rfc3339),
-        }));
+        println!(
+            "{}",
+            json!({
+                "version": s.version, "events_stored": s.events_stored, "ring_bytes": s.ring_bytes, "ring_budget_bytes": s.ring_budget_bytes,
+                "last_cursor": s.last_cursor, "oldest_cursor": s.oldest_cursor, "agents_connected": s.agents_connected,
+                "subscribers": s.subscribers, "duplicates_dropped": s.duplicates_dropped, "events_expired": s.events_expired,
+                "started": s.started.as_ref().map(gpulse_proto::time::rfc3339),
+            })
+        );
     } else {
-        println!("collector {} (started {})", s.version, s.started.as_ref().map(gpulse_proto::time::rfc3339).unwrap_or_default());
-        println!("  events stored: {} (cursors {}..={}), {} expired", s.events_stored, s.oldest_cursor, s.last_cursor, s.events_expired);
+        println!(
+            "collector {} (started {})",
+            s.version,
+            s.started
+                .as_ref()
+                .map(gpulse_proto::time::rfc3339)
+                .unwrap_or_default()
+        );
+        println!(
+            "  events stored: {} (cursors {}..={}), {} expired",
+            s.events_stored, s.oldest_cursor, s.last_cursor, s.events_expired
+        );
         println!("  ring: {} of {} bytes", s.ring_bytes, s.ring_budget_bytes);
-        println!("  agents connected: {}, subscribers: {}, duplicates dropped: {}", s.agents_connected, s.subscribers, s.duplicates_dropped);
+        println!(
+            "  agents connected: {}, subscribers: {}, duplicates dropped: {}",
+            s.agents_connected, s.subscribers, s.duplicates_dropped
+        );
     }
     Ok(())
 }

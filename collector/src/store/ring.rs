@@ -86,7 +86,11 @@ impl EventRing {
         let size = ev.encoded_len() + EVENT_OVERHEAD_BYTES;
         let kind = kind_index(&ev);
         let ev = Arc::new(ev);
-        self.slots.push_back(Slot { event: ev.clone(), size, kind });
+        self.slots.push_back(Slot {
+            event: ev.clone(),
+            size,
+            kind,
+        });
         self.bytes += size;
         self.bytes_by_kind[kind] += size;
         self.events_by_kind[kind] += 1;
@@ -116,8 +120,15 @@ impl EventRing {
     }
 
     /// Events with cursor > `after`, oldest first, that satisfy `keep`, at most `limit`.
-    pub fn after(&self, after: u64, limit: usize, mut keep: impl FnMut(&v1::Event) -> bool) -> Vec<Arc<v1::Event>> {
-        let Some(front) = self.oldest_cursor() else { return Vec::new() };
+    pub fn after(
+        &self,
+        after: u64,
+        limit: usize,
+        mut keep: impl FnMut(&v1::Event) -> bool,
+    ) -> Vec<Arc<v1::Event>> {
+        let Some(front) = self.oldest_cursor() else {
+            return Vec::new();
+        };
         let start = after.saturating_add(1).saturating_sub(front) as usize;
         self.slots
             .iter()
@@ -164,8 +175,15 @@ mod tests {
             seq: i,
             kind: kind as i32,
             payload: Some(match kind {
-                EventKind::Xid => Payload::Xid(v1::Xid { code: 79, message: format!("m{i}"), ..Default::default() }),
-                _ => Payload::DriverLog(v1::DriverLog { text: format!("log line {i}"), ..Default::default() }),
+                EventKind::Xid => Payload::Xid(v1::Xid {
+                    code: 79,
+                    message: format!("m{i}"),
+                    ..Default::default()
+                }),
+                _ => Payload::DriverLog(v1::DriverLog {
+                    text: format!("log line {i}"),
+                    ..Default::default()
+                }),
             }),
             ..Default::default()
         }
@@ -175,13 +193,27 @@ mod tests {
     fn cursors_are_contiguous_and_resumable() {
         let mut r = EventRing::new(1 << 20, 1);
         for i in 0..100 {
-            r.push(ev(i, if i % 3 == 0 { EventKind::Xid } else { EventKind::DriverLog }));
+            r.push(ev(
+                i,
+                if i % 3 == 0 {
+                    EventKind::Xid
+                } else {
+                    EventKind::DriverLog
+                },
+            ));
         }
         assert_eq!((r.oldest_cursor(), r.last_cursor()), (Some(1), Some(100)));
-        let got: Vec<u64> = r.after(90, 100, |_| true).iter().map(|e| e.cursor).collect();
+        let got: Vec<u64> = r
+            .after(90, 100, |_| true)
+            .iter()
+            .map(|e| e.cursor)
+            .collect();
         assert_eq!(got, (91..=100).collect::<Vec<_>>());
         let xids = r.after(0, 5, |e| e.kind == EventKind::Xid as i32);
-        assert_eq!(xids.iter().map(|e| e.cursor).collect::<Vec<_>>(), vec![1, 4, 7, 10, 13]);
+        assert_eq!(
+            xids.iter().map(|e| e.cursor).collect::<Vec<_>>(),
+            vec![1, 4, 7, 10, 13]
+        );
         assert!(r.after(100, 10, |_| true).is_empty());
         assert_eq!(r.events_by_kind(EventKind::Xid), 34);
     }
@@ -201,7 +233,10 @@ mod tests {
         // Resuming from an expired cursor starts at the oldest retained event.
         let first = r.after(3, 1, |_| true);
         assert_eq!(first[0].cursor, r.oldest_cursor().unwrap());
-        let sum: usize = [EventKind::DriverLog, EventKind::Xid].iter().map(|k| r.bytes_by_kind(*k)).sum();
+        let sum: usize = [EventKind::DriverLog, EventKind::Xid]
+            .iter()
+            .map(|k| r.bytes_by_kind(*k))
+            .sum();
         assert_eq!(sum, r.bytes());
     }
 

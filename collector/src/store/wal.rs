@@ -79,7 +79,10 @@ fn open_segment(path: &Path) -> Result<File, WalError> {
         .append(true)
         .mode(0o600)
         .open(path)
-        .map_err(|err| WalError::Segment { path: path.display().to_string(), err })
+        .map_err(|err| WalError::Segment {
+            path: path.display().to_string(),
+            err,
+        })
 }
 
 impl Wal {
@@ -89,13 +92,23 @@ impl Wal {
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|err| WalError::Dir { path: dir.display().to_string(), err })?;
+            .map_err(|err| WalError::Dir {
+                path: dir.display().to_string(),
+                err,
+            })?;
         let mut names: Vec<(u64, PathBuf)> = fs::read_dir(dir)
-            .map_err(|err| WalError::Dir { path: dir.display().to_string(), err })?
+            .map_err(|err| WalError::Dir {
+                path: dir.display().to_string(),
+                err,
+            })?
             .filter_map(Result::ok)
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
-                let n = name.strip_prefix("wal-")?.strip_suffix(".seg")?.parse().ok()?;
+                let n = name
+                    .strip_prefix("wal-")?
+                    .strip_suffix(".seg")?
+                    .parse()
+                    .ok()?;
                 Some((n, e.path()))
             })
             .collect();
@@ -105,19 +118,31 @@ impl Wal {
         let mut segments = Vec::new();
         let count = names.len();
         for (i, (first, path)) in names.into_iter().enumerate() {
-            let data = fs::read(&path).map_err(|err| WalError::Segment { path: path.display().to_string(), err })?;
+            let data = fs::read(&path).map_err(|err| WalError::Segment {
+                path: path.display().to_string(),
+                err,
+            })?;
             let (valid, last) = replay_segment(&path, &data, &mut replay);
             if valid < data.len() && i + 1 == count {
                 // Cut the damaged tail of the newest segment so appends follow valid frames.
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(|err| WalError::Segment { path: path.display().to_string(), err })?;
-                f.set_len(valid as u64)
-                    .map_err(|err| WalError::Segment { path: path.display().to_string(), err })?;
+                let f = OpenOptions::new().write(true).open(&path).map_err(|err| {
+                    WalError::Segment {
+                        path: path.display().to_string(),
+                        err,
+                    }
+                })?;
+                f.set_len(valid as u64).map_err(|err| WalError::Segment {
+                    path: path.display().to_string(),
+                    err,
+                })?;
             }
             replay.bytes += valid as u64;
-            segments.push(Segment { path, first_cursor: first, last_cursor: last.unwrap_or(first.saturating_sub(1)), bytes: valid as u64 });
+            segments.push(Segment {
+                path,
+                first_cursor: first,
+                last_cursor: last.unwrap_or(first.saturating_sub(1)),
+                bytes: valid as u64,
+            });
         }
         replay.segments = segments.len();
 
@@ -126,7 +151,15 @@ impl Wal {
             None => {
                 let path = dir.join(seg_name(1));
                 let f = open_segment(&path)?;
-                (f, vec![Segment { path, first_cursor: 1, last_cursor: 0, bytes: 0 }])
+                (
+                    f,
+                    vec![Segment {
+                        path,
+                        first_cursor: 1,
+                        last_cursor: 0,
+                        bytes: 0,
+                    }],
+                )
             }
         };
         Ok((
@@ -162,19 +195,35 @@ impl Wal {
 
     /// Starts a new segment (beginning with `checkpoint`) once the current one is full. The
     /// previous segment is synced first so its data is durable before we stop tracking it.
-    pub fn maybe_rotate(&mut self, next_cursor: u64, checkpoint: &StoreCheckpoint) -> io::Result<bool> {
-        let full = self.segments.last().is_some_and(|s| s.bytes >= self.max_segment_bytes);
+    pub fn maybe_rotate(
+        &mut self,
+        next_cursor: u64,
+        checkpoint: &StoreCheckpoint,
+    ) -> io::Result<bool> {
+        let full = self
+            .segments
+            .last()
+            .is_some_and(|s| s.bytes >= self.max_segment_bytes);
         if !full {
             return Ok(false);
         }
         self.file.sync_data()?;
         let path = self.dir.join(seg_name(next_cursor));
-        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(&path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)?;
         let mut buf = Vec::new();
         frame(&mut buf, TYPE_CHECKPOINT, &checkpoint.encode_to_vec());
         (&file).write_all(&buf)?;
         self.file = Arc::new(file);
-        self.segments.push(Segment { path, first_cursor: next_cursor, last_cursor: next_cursor - 1, bytes: buf.len() as u64 });
+        self.segments.push(Segment {
+            path,
+            first_cursor: next_cursor,
+            last_cursor: next_cursor - 1,
+            bytes: buf.len() as u64,
+        });
         Ok(true)
     }
 
@@ -239,11 +288,16 @@ fn replay_segment(path: &Path, data: &[u8], out: &mut Replay) -> (usize, Option<
             bad(off, "truncated frame header".into(), out);
             return (off, last);
         }
-        let len = u32::from_le_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]]) as usize;
+        let len =
+            u32::from_le_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]]) as usize;
         let crc = u32::from_le_bytes([data[off + 4], data[off + 5], data[off + 6], data[off + 7]]);
         let ty = data[off + 8];
         if len > MAX_FRAME || data.len() - off - FRAME_HEADER < len {
-            bad(off, format!("frame length {len} runs past the end of the segment"), out);
+            bad(
+                off,
+                format!("frame length {len} runs past the end of the segment"),
+                out,
+            );
             return (off, last);
         }
         let payload = &data[off + FRAME_HEADER..off + FRAME_HEADER + len];
@@ -297,7 +351,10 @@ mod tests {
             seq: cursor,
             agent_id: "a".into(),
             kind: v1::EventKind::Xid as i32,
-            payload: Some(Payload::Xid(v1::Xid { code: 79, ..Default::default() })),
+            payload: Some(Payload::Xid(v1::Xid {
+                code: 79,
+                ..Default::default()
+            })),
             ..Default::default()
         }
     }
@@ -311,7 +368,10 @@ mod tests {
             w.append(&[ev(1), ev(2), ev(3)]).unwrap();
         }
         let (_, r) = Wal::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(r.events.iter().map(|e| e.cursor).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(
+            r.events.iter().map(|e| e.cursor).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
         assert!(r.corruptions.is_empty());
         for e in fs::read_dir(dir.path()).unwrap() {
             let mode = e.unwrap().metadata().unwrap().permissions().mode() & 0o777;
@@ -338,7 +398,10 @@ mod tests {
         w.append(&[ev(3)]).unwrap();
         drop(w);
         let (_, r) = Wal::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(r.events.iter().map(|e| e.cursor).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(
+            r.events.iter().map(|e| e.cursor).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
         assert!(r.corruptions.is_empty());
     }
 
@@ -356,14 +419,24 @@ mod tests {
         let (_, r) = Wal::open(dir.path(), 1 << 20).unwrap();
         assert!(r.events.len() < 3);
         assert_eq!(r.corruptions.len(), 1);
-        assert!(r.corruptions[0].reason.contains("checksum") || r.corruptions[0].reason.contains("length"));
+        assert!(
+            r.corruptions[0].reason.contains("checksum")
+                || r.corruptions[0].reason.contains("length")
+        );
     }
 
     #[test]
     fn rotation_checkpoints_and_truncation() {
         let dir = tempfile::tempdir().unwrap();
         let (mut w, _) = Wal::open(dir.path(), 200).unwrap();
-        let cp = StoreCheckpoint { agents: vec![v1::AgentProgress { agent_id: "a".into(), through_seq: 7, ..Default::default() }], next_cursor: 0 };
+        let cp = StoreCheckpoint {
+            agents: vec![v1::AgentProgress {
+                agent_id: "a".into(),
+                through_seq: 7,
+                ..Default::default()
+            }],
+            next_cursor: 0,
+        };
         for c in 1..=20 {
             w.append(&[ev(c)]).unwrap();
             w.maybe_rotate(c + 1, &cp).unwrap();

@@ -37,7 +37,9 @@ impl Bdf {
             _ => return Err(err()),
         };
         let bus = parse_hex(bus, 2).ok_or_else(err)?;
-        let device = parse_hex(device, 2).filter(|d| *d <= 0x1f).ok_or_else(err)?;
+        let device = parse_hex(device, 2)
+            .filter(|d| *d <= 0x1f)
+            .ok_or_else(err)?;
         Ok(Bdf {
             domain,
             bus: bus as u8,
@@ -98,7 +100,15 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["PCI:...", "", "0000:91", "0000:91:20", "0000:91:00.8", "zz:00:00", "1:2:3:4"] {
+        for bad in [
+            "PCI:...",
+            "",
+            "0000:91",
+            "0000:91:20",
+            "0000:91:00.8",
+            "zz:00:00",
+            "1:2:3:4",
+        ] {
             assert!(Bdf::parse(bad).is_err(), "{bad}");
         }
     }

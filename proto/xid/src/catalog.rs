@@ -35,7 +35,15 @@ fn parse_tsv(tsv: &'static str) -> Vec<XidInfo> {
         let cols: Vec<&'static str> = line.split('\t').collect();
         // The table is compiled in and its shape is asserted by tests; a malformed row is skipped
         // rather than panicking in library code.
-        let [code, mnemonic, description, immediate, investigatory, severity] = cols[..] else {
+        let [
+            code,
+            mnemonic,
+            description,
+            immediate,
+            investigatory,
+            severity,
+        ] = cols[..]
+        else {
             continue;
         };
         let (Ok(code), Ok(severity)) = (code.parse::<u32>(), severity.parse::<Severity>()) else {
@@ -77,15 +85,42 @@ pub struct SxidInfo {
 /// SXids operators meet most often. Unknown SXids are still reported, with the severity the
 /// record states (`Fatal` / `Non-fatal`).
 const SXIDS: &[SxidInfo] = &[
-    SxidInfo { code: 11004, description: "Ingress invalid ACL" },
-    SxidInfo { code: 11012, description: "Single-bit ECC error on ingress" },
-    SxidInfo { code: 11021, description: "Ingress invalid VC set" },
-    SxidInfo { code: 12028, description: "Egress non-posted PRIV error" },
-    SxidInfo { code: 15008, description: "Route timeout" },
-    SxidInfo { code: 19084, description: "AN1 heartbeat timeout" },
-    SxidInfo { code: 20034, description: "LTSSM fault: NVLink went down" },
-    SxidInfo { code: 22013, description: "Minion link DLREQ interrupt" },
-    SxidInfo { code: 24007, description: "Internal SOE error" },
+    SxidInfo {
+        code: 11004,
+        description: "Ingress invalid ACL",
+    },
+    SxidInfo {
+        code: 11012,
+        description: "Single-bit ECC error on ingress",
+    },
+    SxidInfo {
+        code: 11021,
+        description: "Ingress invalid VC set",
+    },
+    SxidInfo {
+        code: 12028,
+        description: "Egress non-posted PRIV error",
+    },
+    SxidInfo {
+        code: 15008,
+        description: "Route timeout",
+    },
+    SxidInfo {
+        code: 19084,
+        description: "AN1 heartbeat timeout",
+    },
+    SxidInfo {
+        code: 20034,
+        description: "LTSSM fault: NVLink went down",
+    },
+    SxidInfo {
+        code: 22013,
+        description: "Minion link DLREQ interrupt",
+    },
+    SxidInfo {
+        code: 24007,
+        description: "Internal SOE error",
+    },
 ];
 
 /// The SXid catalog entry for `code`, if known.
@@ -104,7 +139,11 @@ mod tests {
         for (i, info) in all.iter().enumerate() {
             assert_eq!(info.code, i as u32 + 1);
             assert!(!info.mnemonic.is_empty(), "mnemonic for {}", info.code);
-            assert!(!info.description.is_empty(), "description for {}", info.code);
+            assert!(
+                !info.description.is_empty(),
+                "description for {}",
+                info.code
+            );
         }
         // Every non-comment line parsed: nothing was silently skipped.
         let rows = TSV
@@ -122,11 +161,18 @@ mod tests {
         assert_eq!(x79.severity, Severity::Fatal);
         assert_eq!(lookup(48).unwrap().immediate_action, "WORKFLOW_XID_48");
         assert_eq!(lookup(119).unwrap().mnemonic, "GSP_RPC_TIMEOUT");
-        assert_eq!(lookup(64).unwrap().description, "GPU memory remapping failure");
+        assert_eq!(
+            lookup(64).unwrap().description,
+            "GPU memory remapping failure"
+        );
         assert_eq!(lookup(154).unwrap().severity, Severity::Info);
         // DCGM's "devastating" set is fatal under the default policy.
         for code in [48, 74, 79, 95, 119, 120, 140] {
-            assert_eq!(lookup(code).unwrap().severity, Severity::Fatal, "xid {code}");
+            assert_eq!(
+                lookup(code).unwrap().severity,
+                Severity::Fatal,
+                "xid {code}"
+            );
         }
         assert!(lookup(0).is_none());
         assert!(lookup(174).is_none());

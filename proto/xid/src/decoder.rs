@@ -165,12 +165,21 @@ mod tests {
     #[test]
     fn preamble_maps_pci_to_uuid() {
         let mut d = Decoder::default();
-        d.feed(0, "NVRM: GPU at PCI:0000:91:00: GPU-b6c3b2be-c55b-d076-fa0e-d464e4c7e08b").unwrap();
+        d.feed(
+            0,
+            "NVRM: GPU at PCI:0000:91:00: GPU-b6c3b2be-c55b-d076-fa0e-d464e4c7e08b",
+        )
+        .unwrap();
         let x = d.feed(S, "NVRM: Xid (PCI:0000:91:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus.").unwrap();
-        assert_eq!(x.gpu_uuid.as_deref(), Some("GPU-b6c3b2be-c55b-d076-fa0e-d464e4c7e08b"));
+        assert_eq!(
+            x.gpu_uuid.as_deref(),
+            Some("GPU-b6c3b2be-c55b-d076-fa0e-d464e4c7e08b")
+        );
         assert_eq!(x.severity, Severity::Fatal);
         // Another GPU is not given that UUID.
-        let y = d.feed(2 * S, "NVRM: Xid (PCI:0000:92:00): 13, Graphics Exception").unwrap();
+        let y = d
+            .feed(2 * S, "NVRM: Xid (PCI:0000:92:00): 13, Graphics Exception")
+            .unwrap();
         assert_eq!(y.gpu_uuid, None);
     }
 
@@ -178,35 +187,69 @@ mod tests {
     fn inferred_79_takes_pci_from_previous_record_and_is_not_double_counted() {
         let mut d = Decoder::default();
         d.feed(0, "NVRM: The NVIDIA GPU 0000:01:00.0").unwrap();
-        let x = d.feed(S, "NVRM: fallen off the bus and is not responding to commands.").unwrap();
-        let ParsedRecord::Xid(r) = &x.record else { panic!("{x:?}") };
+        let x = d
+            .feed(
+                S,
+                "NVRM: fallen off the bus and is not responding to commands.",
+            )
+            .unwrap();
+        let ParsedRecord::Xid(r) = &x.record else {
+            panic!("{x:?}")
+        };
         assert!(r.inferred);
         assert_eq!(r.pci.unwrap().to_string(), "0000:01:00.0");
 
         let mut d = Decoder::default();
         d.feed(0, "NVRM: Xid (PCI:0000:3b:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus.").unwrap();
-        let dup = d.feed(S, "NVRM: GPU 0000:3b:00.0: GPU has fallen off the bus.").unwrap();
-        assert!(matches!(dup.record, ParsedRecord::DriverLog { .. }), "{dup:?}");
+        let dup = d
+            .feed(S, "NVRM: GPU 0000:3b:00.0: GPU has fallen off the bus.")
+            .unwrap();
+        assert!(
+            matches!(dup.record, ParsedRecord::DriverLog { .. }),
+            "{dup:?}"
+        );
         // Much later it is a new failure again.
-        let again = d.feed(60 * S, "NVRM: GPU 0000:3b:00.0: GPU has fallen off the bus.").unwrap();
+        let again = d
+            .feed(
+                60 * S,
+                "NVRM: GPU 0000:3b:00.0: GPU has fallen off the bus.",
+            )
+            .unwrap();
         assert!(matches!(again.record, ParsedRecord::Xid(_)));
     }
 
     #[test]
     fn sxid_continuations_inherit_group_severity() {
         let mut d = Decoder::default();
-        let a = d.feed(0, "nvidia-nvswitch1: SXid (PCI:0000:06:00.0): 20034, Fatal, Link 48 LTSSM Fault Up").unwrap();
+        let a = d
+            .feed(
+                0,
+                "nvidia-nvswitch1: SXid (PCI:0000:06:00.0): 20034, Fatal, Link 48 LTSSM Fault Up",
+            )
+            .unwrap();
         assert_eq!(a.severity, Severity::Fatal);
-        let b = d.feed(S / 10, "nvidia-nvswitch1: SXid (PCI:0000:06:00.0): 20034, Data {0x10000000, 0x00000000}").unwrap();
+        let b = d
+            .feed(
+                S / 10,
+                "nvidia-nvswitch1: SXid (PCI:0000:06:00.0): 20034, Data {0x10000000, 0x00000000}",
+            )
+            .unwrap();
         assert_eq!(b.severity, Severity::Fatal);
-        let c = d.feed(S / 10, "nvidia-nvswitch2: SXid (PCI:0000:07:00.0): 20034, Data {0x1}").unwrap();
+        let c = d
+            .feed(
+                S / 10,
+                "nvidia-nvswitch2: SXid (PCI:0000:07:00.0): 20034, Data {0x1}",
+            )
+            .unwrap();
         assert_eq!(c.severity, Severity::Warning, "other switch, no group");
     }
 
     #[test]
     fn policy_applies() {
         let mut d = Decoder::new(SeverityPolicy::parse("13=info").unwrap());
-        let x = d.feed(0, "NVRM: Xid (PCI:0000:cb:00): 13, Graphics Exception").unwrap();
+        let x = d
+            .feed(0, "NVRM: Xid (PCI:0000:cb:00): 13, Graphics Exception")
+            .unwrap();
         assert_eq!(x.severity, Severity::Info);
     }
 
@@ -214,7 +257,12 @@ mod tests {
     fn state_stays_bounded() {
         let mut d = Decoder::default();
         for i in 0..2000u32 {
-            let text = format!("NVRM: GPU at PCI:{:04x}:{:02x}:00: GPU-00000000-0000-0000-0000-{:012x}", i / 256, i % 256, i);
+            let text = format!(
+                "NVRM: GPU at PCI:{:04x}:{:02x}:00: GPU-00000000-0000-0000-0000-{:012x}",
+                i / 256,
+                i % 256,
+                i
+            );
             d.feed(u64::from(i), &text).unwrap();
             let text = format!("NVRM: Xid (PCI:{:04x}:{:02x}:00): 79, x", i / 256, i % 256);
             d.feed(u64::from(i), &text).unwrap();

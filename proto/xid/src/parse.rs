@@ -310,7 +310,10 @@ fn parse_num_token(s: &str) -> Option<(u32, &str)> {
 fn parse_nvlink5(msg: &str) -> Option<NvlinkDetail> {
     let mut tokens = msg.split_whitespace();
     let unit = tokens.next()?;
-    if !unit.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') {
+    if !unit
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    {
         return None;
     }
     let head = msg.split('(').next().unwrap_or(msg);
@@ -358,7 +361,14 @@ fn number_after(s: &str, pat: &str) -> Option<u32> {
 }
 
 fn find_channel(msg: &str) -> Option<u32> {
-    for pat in ["Channel ID ", "ChID ", "channel 0x", "Channel 0x", "Channel ", "Ch "] {
+    for pat in [
+        "Channel ID ",
+        "ChID ",
+        "channel 0x",
+        "Channel 0x",
+        "Channel ",
+        "Ch ",
+    ] {
         if let Some(i) = msg.find(pat) {
             let rest = &msg[i + pat.len()..];
             let rest = rest.strip_prefix("0x").unwrap_or(rest);
@@ -381,7 +391,8 @@ pub fn find_bdf(text: &str) -> Option<Bdf> {
             let t = t.trim_end_matches([':', '.', ';']);
             let core = t.strip_prefix("PCI:").unwrap_or(t);
             // Require a 4-digit domain or an explicit function so times like 11:43:09 never match.
-            let plausible = core.split(':').next().is_some_and(|d| d.len() >= 4) || core.contains('.');
+            let plausible =
+                core.split(':').next().is_some_and(|d| d.len() >= 4) || core.contains('.');
             if plausible { Bdf::parse(t).ok() } else { None }
         })
 }
@@ -399,7 +410,9 @@ mod tests {
 
     #[test]
     fn full_xid_with_quoted_pid() {
-        let x = xid("NVRM: Xid (PCI:0000:91:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus.");
+        let x = xid(
+            "NVRM: Xid (PCI:0000:91:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus.",
+        );
         assert_eq!(x.code, 79);
         assert_eq!(x.pci.unwrap().to_string(), "0000:91:00.0");
         assert_eq!(x.pci_raw, "PCI:0000:91:00");
@@ -411,7 +424,9 @@ mod tests {
 
     #[test]
     fn pid_and_name_with_colons() {
-        let x = xid("NVRM: Xid (PCI:0018:01:00): 145, pid=876767, name=ray::WorkerDict, RLW_RXPIPE Nonfatal XC0 i0 Link 13 (0x0409a0c2 0x00000008 0x00000001 0x00000000 0x00100000 0x00000004)");
+        let x = xid(
+            "NVRM: Xid (PCI:0018:01:00): 145, pid=876767, name=ray::WorkerDict, RLW_RXPIPE Nonfatal XC0 i0 Link 13 (0x0409a0c2 0x00000008 0x00000001 0x00000000 0x00100000 0x00000004)",
+        );
         assert_eq!(x.pid, Some(876767));
         assert_eq!(x.process_name.as_deref(), Some("ray::WorkerDict"));
         assert_eq!(x.pci.unwrap().to_string(), "0018:01:00.0");
@@ -428,7 +443,9 @@ mod tests {
 
     #[test]
     fn nvlink5_149_subcode() {
-        let x = xid("NVRM: Xid (PCI:0000:00:00): 149, NETIR_LINK_EVT Fatal XC0 i0 Link 00 (0x025001c6 0x00000000 0x00000000 0x00000000 0x00000000 0x00000000)");
+        let x = xid(
+            "NVRM: Xid (PCI:0000:00:00): 149, NETIR_LINK_EVT Fatal XC0 i0 Link 00 (0x025001c6 0x00000000 0x00000000 0x00000000 0x00000000 0x00000000)",
+        );
         let n = x.nvlink.unwrap();
         assert!(n.fatal);
         assert_eq!(n.sub_code, Some(37));
@@ -438,18 +455,35 @@ mod tests {
 
     #[test]
     fn channels_in_every_spelling() {
-        assert_eq!(xid("NVRM: Xid (0000:03:00): 14, Channel 00000001").channel, Some(1));
-        assert_eq!(xid("NVRM: Xid (PCI:0000:01:00): 31, Ch 0000003a, intr 10000000. MMU Fault").channel, Some(0x3a));
-        assert_eq!(xid("NVRM: Xid (PCI:0000:01:00): 32, Channel ID 00000052 intr 02000000").channel, Some(0x52));
-        assert_eq!(xid("NVRM: Xid (PCI:0000:01:00): 13, Graphics Exception: ChID 0052, Class 00000000").channel, Some(0x52));
+        assert_eq!(
+            xid("NVRM: Xid (0000:03:00): 14, Channel 00000001").channel,
+            Some(1)
+        );
+        assert_eq!(
+            xid("NVRM: Xid (PCI:0000:01:00): 31, Ch 0000003a, intr 10000000. MMU Fault").channel,
+            Some(0x3a)
+        );
+        assert_eq!(
+            xid("NVRM: Xid (PCI:0000:01:00): 32, Channel ID 00000052 intr 02000000").channel,
+            Some(0x52)
+        );
+        assert_eq!(
+            xid("NVRM: Xid (PCI:0000:01:00): 13, Graphics Exception: ChID 0052, Class 00000000")
+                .channel,
+            Some(0x52)
+        );
         assert_eq!(xid("NVRM: Xid (PCI:0000:01:00): 31, pid=13705, name=UnrealEditor, channel 0x0000000c, intr 00000000.").channel, Some(0xc));
     }
 
     #[test]
     fn caused_by_and_recovery_action() {
-        let x = xid("NVRM: Xid (PCI:0000:3b:00): 45, pid=1234, name=python, Ch 00000010, caused by previous Xid 149");
+        let x = xid(
+            "NVRM: Xid (PCI:0000:3b:00): 45, pid=1234, name=python, Ch 00000010, caused by previous Xid 149",
+        );
         assert_eq!(x.caused_by, Some(149));
-        let x = xid("NVRM: Xid (PCI:0000:3b:00): 154, GPU recovery action changed from 0x0 (None) to 0x1 (GPU Reset Required)");
+        let x = xid(
+            "NVRM: Xid (PCI:0000:3b:00): 154, GPU recovery action changed from 0x0 (None) to 0x1 (GPU Reset Required)",
+        );
         let r = x.recovery_action.unwrap();
         assert_eq!((r.from, r.to), (0, 1));
         assert_eq!(r.to_name, "GPU Reset Required");
@@ -459,7 +493,9 @@ mod tests {
 
     #[test]
     fn redacted_address_keeps_raw() {
-        let x = xid("NVRM: Xid (PCI:...): 137, RLW_RXPIPE interrupt hit on link 11 on GPU0: PRIV Error");
+        let x = xid(
+            "NVRM: Xid (PCI:...): 137, RLW_RXPIPE interrupt hit on link 11 on GPU0: PRIV Error",
+        );
         assert_eq!(x.code, 137);
         assert_eq!(x.pci, None);
         assert_eq!(x.pci_raw, "PCI:...");
@@ -471,7 +507,9 @@ mod tests {
         assert!(x.inferred);
         assert_eq!(x.code, 79);
         assert_eq!(x.pci.unwrap().to_string(), "0000:3b:00.0");
-        let x = xid("NVRM: The NVIDIA GPU 0000:01:00.0\nNVRM: (PCI ID: 10de:1eb8) installed in this system has\nNVRM: fallen off the bus and is not responding to commands.");
+        let x = xid(
+            "NVRM: The NVIDIA GPU 0000:01:00.0\nNVRM: (PCI ID: 10de:1eb8) installed in this system has\nNVRM: fallen off the bus and is not responding to commands.",
+        );
         assert!(x.inferred);
         assert_eq!(x.pci.unwrap().to_string(), "0000:01:00.0");
         assert!(x.message.starts_with("The NVIDIA GPU 0000:01:00.0 (PCI ID"));
@@ -492,24 +530,46 @@ mod tests {
 
     #[test]
     fn sxid_shapes() {
-        let Some(ParsedRecord::Sxid(s)) = parse_record("nvidia-nvswitch1: SXid (PCI:0000:06:00.0): 20034, Fatal, Link 48 LTSSM Fault Up") else { panic!() };
+        let Some(ParsedRecord::Sxid(s)) = parse_record(
+            "nvidia-nvswitch1: SXid (PCI:0000:06:00.0): 20034, Fatal, Link 48 LTSSM Fault Up",
+        ) else {
+            panic!()
+        };
         assert_eq!((s.code, s.switch_index, s.link), (20034, Some(1), Some(48)));
         assert_eq!(s.severity_hint, Some(Severity::Fatal));
         assert_eq!(s.message, "Link 48 LTSSM Fault Up");
-        let Some(ParsedRecord::Sxid(s)) = parse_record("nvidia-nvswitch0: SXid (PCI:0000:05:00.0): 20034, Data {0x10000000, 0x10000000, 0x00000000}") else { panic!() };
+        let Some(ParsedRecord::Sxid(s)) = parse_record(
+            "nvidia-nvswitch0: SXid (PCI:0000:05:00.0): 20034, Data {0x10000000, 0x10000000, 0x00000000}",
+        ) else {
+            panic!()
+        };
         assert_eq!(s.data, vec![0x10000000, 0x10000000, 0]);
         assert_eq!(s.severity_hint, None);
-        let Some(ParsedRecord::Sxid(s)) = parse_record("nvidia-nvswitch3: SXid (PCI:0000:04:00.0): 22013, Non-fatal, Link 44 Minion Link DLREQ interrupt") else { panic!() };
+        let Some(ParsedRecord::Sxid(s)) = parse_record(
+            "nvidia-nvswitch3: SXid (PCI:0000:04:00.0): 22013, Non-fatal, Link 44 Minion Link DLREQ interrupt",
+        ) else {
+            panic!()
+        };
         assert_eq!(s.severity_hint, Some(Severity::Warning));
     }
 
     #[test]
     fn unknown_shapes_become_driver_logs() {
-        let Some(ParsedRecord::DriverLog { pci, text }) = parse_record("NVRM: Rate limiting GSP RPC error prints for GPU at PCI:0000:9b:00 (printing 1 of every 30).  The GPU likely needs to be reset.") else { panic!() };
+        let Some(ParsedRecord::DriverLog { pci, text }) = parse_record(
+            "NVRM: Rate limiting GSP RPC error prints for GPU at PCI:0000:9b:00 (printing 1 of every 30).  The GPU likely needs to be reset.",
+        ) else {
+            panic!()
+        };
         assert_eq!(pci.unwrap().to_string(), "0000:9b:00.0");
         assert!(text.starts_with("NVRM: Rate limiting"));
-        assert!(matches!(parse_record("NVRM: Xid (PCI:0000:01:00): notanumber"), Some(ParsedRecord::DriverLog { .. })));
-        assert!(matches!(parse_record("nvidia-nvswitch: garbage"), Some(ParsedRecord::DriverLog { .. })));
+        assert!(matches!(
+            parse_record("NVRM: Xid (PCI:0000:01:00): notanumber"),
+            Some(ParsedRecord::DriverLog { .. })
+        ));
+        assert!(matches!(
+            parse_record("nvidia-nvswitch: garbage"),
+            Some(ParsedRecord::DriverLog { .. })
+        ));
         assert_eq!(parse_record("usb 1-1: new device"), None);
         assert_eq!(parse_record(""), None);
     }
@@ -523,13 +583,20 @@ mod tests {
             "kern  :err   : 2025-01-25T10:34:54,859532+00:00 NVRM: Xid (PCI:0000:91:00): 79, GPU has fallen off the bus.",
         ] {
             let x = xid(strip_rendering(line));
-            assert_eq!((x.code, x.pci.unwrap().to_string()), (79, "0000:91:00.0".to_string()), "{line}");
+            assert_eq!(
+                (x.code, x.pci.unwrap().to_string()),
+                (79, "0000:91:00.0".to_string()),
+                "{line}"
+            );
         }
     }
 
     #[test]
     fn find_bdf_ignores_times_and_pci_ids() {
         assert_eq!(find_bdf("at 11:43:09 with 10de:1eb8"), None);
-        assert_eq!(find_bdf("GPU 0000:3b:00.0: x").unwrap().to_string(), "0000:3b:00.0");
+        assert_eq!(
+            find_bdf("GPU 0000:3b:00.0: x").unwrap().to_string(),
+            "0000:3b:00.0"
+        );
     }
 }

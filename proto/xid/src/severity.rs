@@ -146,9 +146,15 @@ mod tests {
             SeverityPolicy::parse("13=meh"),
             Err(PolicyError::UnknownSeverity("meh".into()))
         );
-        assert_eq!(SeverityPolicy::parse("0=info"), Err(PolicyError::BadCode(0)));
+        assert_eq!(
+            SeverityPolicy::parse("0=info"),
+            Err(PolicyError::BadCode(0))
+        );
         assert!(SeverityPolicy::parse("x=info").is_err());
-        assert_eq!(SeverityPolicy::parse(" , ").unwrap(), SeverityPolicy::default());
+        assert_eq!(
+            SeverityPolicy::parse(" , ").unwrap(),
+            SeverityPolicy::default()
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Every record in the shared corpus of real NVIDIA kernel log lines, plus gpulse's variants file,
 //! parses to the expected kind, code and GPU, and the dmesg/journald renderings of each record
 //! parse to the same thing.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 use gpulse_xid::{
     Decoder, ParsedRecord, Severity,
     parse::{parse_record, strip_rendering},
@@ -25,9 +26,17 @@ fn summary(r: &ParsedRecord) -> (String, u32, String) {
             x.code,
             x.pci.map(|p| p.to_string()).unwrap_or_default(),
         ),
-        ParsedRecord::Sxid(s) => ("sxid".into(), s.code, s.pci.map(|p| p.to_string()).unwrap_or_default()),
+        ParsedRecord::Sxid(s) => (
+            "sxid".into(),
+            s.code,
+            s.pci.map(|p| p.to_string()).unwrap_or_default(),
+        ),
         ParsedRecord::GpuIdentity { pci, .. } => ("identity".into(), 0, pci.to_string()),
-        ParsedRecord::DriverLog { pci, .. } => ("log".into(), 0, pci.map(|p| p.to_string()).unwrap_or_default()),
+        ParsedRecord::DriverLog { pci, .. } => (
+            "log".into(),
+            0,
+            pci.map(|p| p.to_string()).unwrap_or_default(),
+        ),
     }
 }
 
@@ -36,7 +45,11 @@ fn check(file: &str, want: &[(&str, u32, &str)]) {
     assert_eq!(recs.len(), want.len(), "record count");
     for (rec, (kind, code, pci)) in recs.iter().zip(want) {
         let parsed = parse_record(rec).unwrap_or_else(|| panic!("not recognised: {rec}"));
-        assert_eq!(summary(&parsed), (kind.to_string(), *code, pci.to_string()), "{rec}");
+        assert_eq!(
+            summary(&parsed),
+            (kind.to_string(), *code, pci.to_string()),
+            "{rec}"
+        );
         for prefix in [
             "[6781741.548779] ",
             "[Fri Aug 30 11:43:09 2024] ",
@@ -44,7 +57,11 @@ fn check(file: &str, want: &[(&str, u32, &str)]) {
             "kern  :err   : 2025-01-25T10:34:54,859532+00:00 ",
         ] {
             let rendered = format!("{prefix}{rec}");
-            assert_eq!(parse_record(strip_rendering(&rendered)).as_ref(), Some(&parsed), "{rendered}");
+            assert_eq!(
+                parse_record(strip_rendering(&rendered)).as_ref(),
+                Some(&parsed),
+                "{rendered}"
+            );
         }
     }
 }
@@ -110,16 +127,32 @@ fn corpus_fields_and_severities_through_the_decoder() {
         out.push(d.feed(i as u64 * 1_000_000, rec).unwrap());
     }
     // The 79 after its preamble carries the UUID and is fatal.
-    assert_eq!(out[4].gpu_uuid.as_deref(), Some("GPU-b6c3b2be-c55b-d076-fa0e-d464e4c7e08b"));
+    assert_eq!(
+        out[4].gpu_uuid.as_deref(),
+        Some("GPU-b6c3b2be-c55b-d076-fa0e-d464e4c7e08b")
+    );
     assert_eq!(out[4].severity, Severity::Fatal);
     // Xid 14 on the GPU whose preamble came first.
-    assert_eq!(out[1].gpu_uuid.as_deref(), Some("GPU-b850f46d-d5ea-c752-ddf3-c4453e44d3f7"));
-    let ParsedRecord::Xid(x119) = &out[7].record else { panic!() };
-    assert_eq!((x119.pid, x119.process_name.as_deref()), (Some(2024380), Some("nvidia-smi")));
+    assert_eq!(
+        out[1].gpu_uuid.as_deref(),
+        Some("GPU-b850f46d-d5ea-c752-ddf3-c4453e44d3f7")
+    );
+    let ParsedRecord::Xid(x119) = &out[7].record else {
+        panic!()
+    };
+    assert_eq!(
+        (x119.pid, x119.process_name.as_deref()),
+        (Some(2024380), Some("nvidia-smi"))
+    );
     assert!(x119.message.starts_with("Timeout after 6s"));
-    let ParsedRecord::Xid(x63) = &out[16].record else { panic!() };
+    let ParsedRecord::Xid(x63) = &out[16].record else {
+        panic!()
+    };
     assert_eq!((x63.pid, x63.process_name.as_deref()), (Some(1896), None));
-    assert_eq!(x63.message, "Row Remapper: New row marked for remapping, reset gpu to activate.");
+    assert_eq!(
+        x63.message,
+        "Row Remapper: New row marked for remapping, reset gpu to activate."
+    );
     assert_eq!(out[18].severity, Severity::Fatal, "149 Fatal from its text");
     assert_eq!(out[17].severity, Severity::Warning, "145 Nonfatal");
     // SXid continuation from another switch does not inherit; 22013 Non-fatal is a warning.
@@ -131,8 +164,14 @@ fn corpus_fields_and_severities_through_the_decoder() {
 fn shared_copy_matches_when_present() {
     // The repository carries a copy of ../shared/corpus so tests stand alone; when the shared
     // original is beside the checkout, make sure the copy has not drifted.
-    let shared = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/corpus/nvrm-lines.txt");
+    let shared = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/corpus/nvrm-lines.txt"
+    );
     if let Ok(orig) = std::fs::read_to_string(shared) {
-        assert_eq!(orig, CORPUS, "tests/corpus/nvrm-lines.txt differs from shared/corpus");
+        assert_eq!(
+            orig, CORPUS,
+            "tests/corpus/nvrm-lines.txt differs from shared/corpus"
+        );
     }
 }

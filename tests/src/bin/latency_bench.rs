@@ -17,7 +17,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use gpulse_e2e::*;
-use gpulse_proto::v1::{EventFilter, EventKind, SubscribeRequest, subscribe_response::Msg, telemetry_client::TelemetryClient};
+use gpulse_proto::v1::{
+    EventFilter, EventKind, SubscribeRequest, subscribe_response::Msg,
+    telemetry_client::TelemetryClient,
+};
 use hdrhistogram::Histogram;
 
 struct Opts {
@@ -28,13 +31,20 @@ struct Opts {
 }
 
 fn parse_args() -> anyhow::Result<Opts> {
-    let mut o = Opts { records: 2000, interval: Duration::from_micros(3000), source: "ebpf".into(), fsync: "always".into() };
+    let mut o = Opts {
+        records: 2000,
+        interval: Duration::from_micros(3000),
+        source: "ebpf".into(),
+        fsync: "always".into(),
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
             "--records" => o.records = val()?.parse().context("--records")?,
-            "--interval-us" => o.interval = Duration::from_micros(val()?.parse().context("--interval-us")?),
+            "--interval-us" => {
+                o.interval = Duration::from_micros(val()?.parse().context("--interval-us")?)
+            }
             "--source" => o.source = val()?,
             "--fsync" => o.fsync = val()?,
             other => bail!("unknown argument {other:?}"),
@@ -49,16 +59,26 @@ fn parse_args() -> anyhow::Result<Opts> {
 fn index_of(text: &str, m: &str) -> Option<usize> {
     let at = text.find(m)? + m.len();
     let rest = text[at..].strip_prefix('#')?;
-    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn main() -> anyhow::Result<()> {
     let o = parse_args()?;
     if !is_root() {
-        bail!("the latency benchmark writes /dev/kmsg and loads eBPF: run it as root (sudo cargo xtask bench)");
+        bail!(
+            "the latency benchmark writes /dev/kmsg and loads eBPF: run it as root (sudo cargo xtask bench)"
+        );
     }
     let dir = tempfile::tempdir()?;
-    let c = Collector::start(&dir.path().join("data"), free_port(), free_port(), &["--fsync", &o.fsync])?;
+    let c = Collector::start(
+        &dir.path().join("data"),
+        free_port(),
+        free_port(),
+        &["--fsync", &o.fsync],
+    )?;
     let node = marker("bench");
     let agent_log = dir.path().join("agent.log");
     let _agent = start_agent(&c.url(), &node, &o.source, &agent_log, &[])?;
@@ -71,7 +91,10 @@ fn main() -> anyhow::Result<()> {
     let via: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; n]));
 
     // The baseline: a plain blocking /dev/kmsg reader thread.
-    let mut kmsg = OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open("/dev/kmsg")?;
+    let mut kmsg = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/kmsg")?;
     // SAFETY: lseek on our own fd; SEEK_END skips the existing buffer.
     unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&kmsg), 0, libc::SEEK_END) };
     let (pm, pp) = (m.clone(), plain.clone());
@@ -94,13 +117,26 @@ fn main() -> anyhow::Result<()> {
         }
     });
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let (url, vm, vv, vnode) = (c.url(), m.clone(), via.clone(), node.clone());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let sub = rt.spawn(async move {
         let mut client = TelemetryClient::connect(url).await?;
-        let f = EventFilter { nodes: vec![vnode], kinds: vec![EventKind::Xid as i32], ..Default::default() };
-        let mut stream = client.subscribe(SubscribeRequest { filter: Some(f), after_cursor: None }).await?.into_inner();
+        let f = EventFilter {
+            nodes: vec![vnode],
+            kinds: vec![EventKind::Xid as i32],
+            ..Default::default()
+        };
+        let mut stream = client
+            .subscribe(SubscribeRequest {
+                filter: Some(f),
+                after_cursor: None,
+            })
+            .await?
+            .into_inner();
         let _ = ready_tx.send(());
         let mut lagged = 0;
         while let Some(msg) = stream.message().await? {
@@ -121,12 +157,16 @@ fn main() -> anyhow::Result<()> {
         }
         anyhow::Ok(lagged)
     });
-    ready_rx.recv_timeout(Duration::from_secs(10)).context("subscriber did not connect")?;
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("subscriber did not connect")?;
     std::thread::sleep(Duration::from_millis(300));
 
     let started = Instant::now();
     for i in 0..n {
-        let line = format!("<3>NVRM: Xid (PCI:0000:3b:00): 13, pid={i}, name=bench, Graphics Exception {m}#{i}");
+        let line = format!(
+            "<3>NVRM: Xid (PCI:0000:3b:00): 13, pid={i}, name=bench, Graphics Exception {m}#{i}"
+        );
         let mut f = OpenOptions::new().write(true).open("/dev/kmsg")?;
         let t0 = Instant::now();
         f.write_all(line.as_bytes())?;
@@ -144,8 +184,14 @@ fn main() -> anyhow::Result<()> {
     inject(&format!("NVRM: gpulse latency benchmark finished {m}-end"))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        let done = via.lock().map(|v| v.iter().all(Option::is_some)).unwrap_or(false)
-            && plain.lock().map(|v| v.iter().all(Option::is_some)).unwrap_or(false);
+        let done = via
+            .lock()
+            .map(|v| v.iter().all(Option::is_some))
+            .unwrap_or(false)
+            && plain
+                .lock()
+                .map(|v| v.iter().all(Option::is_some))
+                .unwrap_or(false);
         if done {
             break;
         }
@@ -153,8 +199,14 @@ fn main() -> anyhow::Result<()> {
     }
     sub.abort();
 
-    let sent = sent.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
-    let plain = plain.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let sent = sent
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    let plain = plain
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
     let via = via.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
     let mut h_plain = Histogram::<u64>::new(3)?;
     let mut h_via = Histogram::<u64>::new(3)?;
@@ -177,7 +229,11 @@ fn main() -> anyhow::Result<()> {
             }
         }
         if let (Some(a), Some(b)) = (plain[i], via[i]) {
-            let d = if b >= a { b.duration_since(a).as_micros() as i64 } else { -(a.duration_since(b).as_micros() as i64) };
+            let d = if b >= a {
+                b.duration_since(a).as_micros() as i64
+            } else {
+                -(a.duration_since(b).as_micros() as i64)
+            };
             deltas.push(d);
         }
     }
@@ -191,12 +247,24 @@ fn main() -> anyhow::Result<()> {
             h.max() as f64 / 1000.0
         )
     };
-    println!("gpulse latency benchmark: {n} records, one every {:?}, source {}, collector --fsync {}", o.interval, o.source, o.fsync);
-    println!("agent: {}", live.split("why=").nth(1).unwrap_or(&live).trim());
+    println!(
+        "gpulse latency benchmark: {n} records, one every {:?}, source {}, collector --fsync {}",
+        o.interval, o.source, o.fsync
+    );
+    println!(
+        "agent: {}",
+        live.split("why=").nth(1).unwrap_or(&live).trim()
+    );
     println!("{}", row("plain blocking /dev/kmsg reader", &h_plain));
     println!("{}", row("gpulse (kmsg write -> subscriber)", &h_via));
     deltas.sort_unstable();
-    let q = |p: f64| deltas.get(((deltas.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0) as f64 / 1000.0;
+    let q = |p: f64| {
+        deltas
+            .get(((deltas.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
     println!(
         "{:<34} n={:<5} p50={:>+7.3} ms  p90={:>+7.3} ms  p99={:>+7.3} ms  (negative: gpulse delivered first)",
         "gpulse minus plain, per record",
@@ -205,7 +273,11 @@ fn main() -> anyhow::Result<()> {
         q(0.9),
         q(0.99)
     );
-    println!("missing: plain {} gpulse {}", missing.get("plain").unwrap_or(&0), missing.get("gpulse").unwrap_or(&0));
+    println!(
+        "missing: plain {} gpulse {}",
+        missing.get("plain").unwrap_or(&0),
+        missing.get("gpulse").unwrap_or(&0)
+    );
     let p99_ok = h_via.value_at_quantile(0.99) <= 5000;
     let delta = h_via.value_at_quantile(0.99) as i64 - h_plain.value_at_quantile(0.99) as i64;
     println!(
