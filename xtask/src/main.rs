@@ -393,12 +393,17 @@ fn fuzz(args: &[String]) -> anyhow::Result<()> {
             .arg(&tools);
         run(&mut c)?;
     }
+    // New inputs land in fuzz/corpus (ignored by git); fuzz/seeds holds the committed corpus
+    // records every run starts from.
+    fs::create_dir_all(root_dir().join("proto/xid/fuzz/corpus/parse_record"))?;
     let mut c = cmd("cargo");
     c.current_dir(root_dir().join("proto/xid")).args([
         "+nightly",
         "fuzz",
         "run",
         "parse_record",
+        "fuzz/corpus/parse_record",
+        "fuzz/seeds",
         "--",
         &format!("-max_total_time={seconds}"),
         "-max_len=4096",
