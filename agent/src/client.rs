@@ -87,6 +87,12 @@ pub async fn run(
         match session(&cfg, &ep, &spool, &stats, &mut shutdown).await {
             Ok(()) => return Ok(()),
             Err(e) => {
+                // Whatever was in flight on the dead connection is unsent again.
+                {
+                    let mut s = spool.lock();
+                    let acked = s.acked_through();
+                    s.rewind_sent(acked);
+                }
                 if *shutdown.borrow() {
                     warn!(error = %e, unacked = spool.lock().len(), "collector unreachable during shutdown; unsent events are lost with this process");
                     return Ok(());
@@ -140,7 +146,9 @@ async fn session(
             });
         }
         s.ack(first.through_seq);
-        s.acked_through().max(first.through_seq)
+        let resume = s.acked_through().max(first.through_seq);
+        s.rewind_sent(resume);
+        resume
     };
     info!(collector = %cfg.collector, resume_after = sent_through, spooled = spool.lock().len(), "connected to collector");
 
@@ -165,6 +173,7 @@ async fn session(
             let first_seq = events[0].seq;
             let n = events.len() as u64;
             debug!(first_seq, n, acked, "sending batch");
+            spool.lock().mark_sent(last);
             tx.send(batch(cfg, first_seq, events))
                 .await
                 .map_err(|_| ClientError::Closed)?;

@@ -35,6 +35,8 @@ pub struct Spool {
     limits: SpoolLimits,
     next_seq: u64,
     acked_through: u64,
+    /// Highest seq handed to the transport on the current connection.
+    sent_through: u64,
     dropped: u64,
 }
 
@@ -46,11 +48,18 @@ impl Spool {
             limits,
             next_seq: 1,
             acked_through: 0,
+            sent_through: 0,
             dropped: 0,
         }
     }
 
     /// Appends an event, assigning its seq. Returns how many old events were dropped to fit.
+    ///
+    /// Over the bounds, the oldest events are removed. Their loss is recorded in a
+    /// `Gap{AGENT_SPOOL}` notice that takes the place (and the seq) of the last event it replaces,
+    /// so seqs stay strictly increasing and the collector sees the jump explained. Notices are
+    /// never dropped, and a notice already handed to the client is never changed: later losses
+    /// start a new one.
     pub fn push(&mut self, mut ev: v1::Event) -> u64 {
         ev.seq = self.next_seq;
         self.next_seq += 1;
@@ -58,69 +67,77 @@ impl Spool {
         self.events.push_back((ev, size));
         self.bytes += size;
         let mut dropped = 0;
-        // Missing counts of dropped gap notices: carried into the new notice, not re-counted.
-        let mut carried = 0;
-        // When trimming, leave room for the gap notice itself so the bounds hold after it.
-        let over = |sp: &Self, extra_bytes: usize, extra_events: usize| {
-            sp.bytes + extra_bytes > sp.limits.max_bytes
-                || sp.events.len() + extra_events > sp.limits.max_events
-        };
-        let trimming = over(self, 0, 0);
-        while trimming && over(self, GAP_RESERVE_BYTES, 1) && self.events.len() > 1 {
-            let Some((old, sz)) = self.events.pop_front() else {
+        while self.bytes > self.limits.max_bytes || self.events.len() > self.limits.max_events {
+            // Only events not yet handed to the transport may go: an in-flight event is either
+            // acknowledged soon or, if the connection drops, unsent again (see rewind_sent).
+            let sent = self.sent_through;
+            let Some(k) = self
+                .events
+                .iter()
+                .position(|(e, _)| !is_spool_gap(e) && e.seq > sent)
+            else {
+                break;
+            };
+            // Never drop the event just pushed: the newest data is the most valuable.
+            if k + 1 == self.events.len() {
+                break;
+            }
+            let Some((old, sz)) = self.events.remove(k) else {
                 break;
             };
             self.bytes -= sz;
-            match &old.payload {
-                Some(Payload::Gap(g)) if g.stage == GapStage::AgentSpool as i32 => {
-                    carried += g.missed
-                }
-                _ => dropped += 1,
-            }
+            dropped += 1;
+            self.record_loss(k, &old);
         }
-        if dropped + carried > 0 {
-            self.dropped += dropped;
-            self.note_gap(dropped + carried);
-        }
+        self.dropped += dropped;
         dropped
     }
 
-    fn note_gap(&mut self, dropped: u64) {
-        // Coalesce into the newest spool gap notice that has not been sent yet.
-        if let Some((last, sz)) = self.events.back_mut()
-            && let Some(Payload::Gap(g)) = &mut last.payload
-            && g.stage == GapStage::AgentSpool as i32
+    /// Accounts for `old` (removed from index `k`) in the notice just before `k`, or a new one.
+    fn record_loss(&mut self, k: usize, old: &v1::Event) {
+        let sent_through = self.sent_through;
+        if k > 0
+            && let Some((prev, sz)) = self.events.get_mut(k - 1)
+            && is_spool_gap(prev)
+            && prev.seq > sent_through
         {
-            g.missed += dropped;
-            g.detail = spool_detail(g.missed);
+            if let Some(Payload::Gap(g)) = &mut prev.payload {
+                g.missed += 1;
+                g.detail = spool_detail(g.missed);
+            }
+            prev.seq = old.seq;
             self.bytes -= *sz;
-            *sz = last.encoded_len();
+            *sz = prev.encoded_len();
             self.bytes += *sz;
             return;
         }
-        let template = self
-            .events
-            .back()
-            .map(|(e, _)| e.clone())
-            .unwrap_or_default();
         let gap = v1::Event {
-            seq: self.next_seq,
+            seq: old.seq,
             time: gpulse_proto::time::now().into(),
-            node: template.node,
-            agent_id: template.agent_id,
+            node: old.node.clone(),
+            agent_id: old.agent_id.clone(),
             kind: EventKind::Gap as i32,
             severity: v1::Severity::Warning as i32,
             payload: Some(Payload::Gap(v1::Gap {
                 stage: GapStage::AgentSpool as i32,
-                missed: dropped,
-                detail: spool_detail(dropped),
+                missed: 1,
+                detail: spool_detail(1),
             })),
             ..Default::default()
         };
-        self.next_seq += 1;
         let size = gap.encoded_len();
         self.bytes += size;
-        self.events.push_back((gap, size));
+        self.events.insert(k, (gap, size));
+    }
+
+    /// The client handed everything up to `seq` to the transport.
+    pub fn mark_sent(&mut self, seq: u64) {
+        self.sent_through = self.sent_through.max(seq);
+    }
+
+    /// A new connection resends from `acked`: only what was acknowledged counts as delivered.
+    pub fn rewind_sent(&mut self, acked: u64) {
+        self.sent_through = acked;
     }
 
     /// Forgets everything with seq <= `through` (the collector stored it).
@@ -170,8 +187,9 @@ impl Spool {
     }
 }
 
-/// Upper bound on the encoded size of a spool gap notice.
-const GAP_RESERVE_BYTES: usize = 512;
+fn is_spool_gap(e: &v1::Event) -> bool {
+    matches!(&e.payload, Some(Payload::Gap(g)) if g.stage == GapStage::AgentSpool as i32)
+}
 
 fn spool_detail(n: u64) -> String {
     format!(
@@ -249,6 +267,15 @@ mod tests {
         assert_eq!(s.acked_through(), 6);
     }
 
+    fn gaps(all: &[v1::Event]) -> Vec<u64> {
+        all.iter()
+            .filter_map(|e| match &e.payload {
+                Some(Payload::Gap(g)) => Some(g.missed),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn overflow_drops_oldest_and_reports_one_coalesced_gap() {
         let mut s = Spool::new(SpoolLimits {
@@ -258,24 +285,49 @@ mod tests {
         for i in 0..20 {
             s.push(ev(&format!("e{i}")));
         }
-        assert!(s.len() <= 6);
         let all = s.unsent(0, 100, 1 << 20);
-        let gaps: Vec<_> = all
-            .iter()
-            .filter_map(|e| match &e.payload {
-                Some(Payload::Gap(g)) => Some(g.missed),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(gaps.len(), 1, "{all:?}");
-        // Everything not in the spool is accounted for by the gap.
+        assert_eq!(gaps(&all), vec![16], "{all:?}");
+        // The notice stands first, in place of the last dropped event's seq; the newest survive.
+        assert_eq!(
+            all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![16, 17, 18, 19, 20]
+        );
+        assert_eq!(s.dropped(), 16);
+    }
+
+    #[test]
+    fn in_flight_events_and_sent_notices_are_never_touched() {
+        let mut s = Spool::new(SpoolLimits {
+            max_bytes: 1 << 20,
+            max_events: 4,
+        });
+        for i in 0..6 {
+            s.push(ev(&format!("a{i}")));
+        }
+        let first = s.unsent(0, 100, 1 << 20);
+        assert_eq!(gaps(&first), vec![3]);
+        s.mark_sent(first.last().unwrap().seq);
+        for i in 0..3 {
+            s.push(ev(&format!("b{i}")));
+        }
+        let all = s.unsent(0, 100, 1 << 20);
+        // The in-flight events and the delivered notice are as they were; new losses have
+        // their own notice.
+        assert_eq!(&all[..4], &first[..]);
+        assert_eq!(gaps(&all), vec![3, 2]);
+        assert_eq!(s.dropped(), 5);
+        assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+        // The connection drops: nothing is in flight any more, so old events may go too, and
+        // every loss is accounted for.
+        s.rewind_sent(0);
+        s.push(ev("c0"));
+        let all = s.unsent(0, 100, 1 << 20);
         let kept = all
             .iter()
             .filter(|e| e.kind == EventKind::DriverLog as i32)
             .count() as u64;
-        assert_eq!(kept + gaps[0], 20);
-        assert_eq!(s.dropped(), gaps[0]);
-        // Seqs stay strictly increasing.
+        assert_eq!(kept + gaps(&all).iter().sum::<u64>(), 10);
+        assert_eq!(s.dropped(), gaps(&all).iter().sum::<u64>());
         assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
     }
 

@@ -377,7 +377,8 @@ impl State {
                 duplicates += 1;
                 continue;
             }
-            if ev.seq > through + 1 {
+            let explained = matches!(&ev.payload, Some(Payload::Gap(g)) if g.stage == GapStage::AgentSpool as i32);
+            if ev.seq > through + 1 && !explained {
                 // The agent's sequence jumped: events in between never reached us.
                 let missed = ev.seq - through - 1;
                 self.metrics.ingest_seq_gap_events.inc_by(missed);

@@ -373,3 +373,36 @@ async fn agent_sequence_jump_is_recorded_as_gap() {
     assert_eq!(g.missed, 3);
     assert_eq!(h.metrics.ingest_seq_gap_events.get(), 3);
 }
+
+#[tokio::test]
+async fn agent_spool_notice_explains_its_own_sequence_jump() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(store_config(dir.path())).await;
+    let (mut a, _) = AgentStream::open(&h, "n/1", "n").await;
+    a.send(1, vec![log("a")]).await.unwrap();
+    // The agent dropped seqs 2..=5 and put its notice in place of seq 5.
+    let notice = v1::Event {
+        kind: EventKind::Gap as i32,
+        severity: v1::Severity::Warning as i32,
+        payload: Some(v1::event::Payload::Gap(v1::Gap {
+            stage: v1::GapStage::AgentSpool as i32,
+            missed: 4,
+            detail: "spool".into(),
+        })),
+        ..Default::default()
+    };
+    let ack = a.send(5, vec![notice, log("b")]).await.unwrap();
+    assert_eq!(ack.through_seq, 6);
+    assert_eq!(
+        h.metrics.ingest_seq_gap_events.get(),
+        0,
+        "the agent explained the jump"
+    );
+    let reported = h
+        .metrics
+        .agent_reported_drops
+        .with_label_values(&["n", "agent_spool"])
+        .get();
+    assert_eq!(reported, 4);
+    assert_eq!(h.store.status().await.unwrap().events_stored, 3);
+}

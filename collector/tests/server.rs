@@ -19,7 +19,12 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let mut b = String::new();
     s.read_to_string(&mut b).unwrap();
     let code = b.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (code, b.split_once("\r\n\r\n").map(|(_, x)| x.to_string()).unwrap_or_default())
+    (
+        code,
+        b.split_once("\r\n\r\n")
+            .map(|(_, x)| x.to_string())
+            .unwrap_or_default(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -39,34 +44,70 @@ async fn reflection_health_and_http_endpoints() {
     .unwrap();
     let url = format!("http://{}", running.grpc_addr);
 
-    let channel = tonic::transport::Endpoint::from_shared(url).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut refl = ServerReflectionClient::new(channel.clone());
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut resp = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = refl
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
     let msg = resp.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { panic!("{msg:?}") };
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("{msg:?}")
+    };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in ["gpulse.v1.Ingest", "gpulse.v1.Telemetry", "grpc.health.v1.Health"] {
-        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    for want in [
+        "gpulse.v1.Ingest",
+        "gpulse.v1.Telemetry",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
     }
 
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let st = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "gpulse.v1.Telemetry".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "gpulse.v1.Telemetry".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(st.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        st.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     let http = running.http_addr;
-    let (code, body) = tokio::task::spawn_blocking(move || http_get(http, "/healthz")).await.unwrap();
+    let (code, body) = tokio::task::spawn_blocking(move || http_get(http, "/healthz"))
+        .await
+        .unwrap();
     assert_eq!((code, body.trim()), (200, "ok"));
-    let (code, body) = tokio::task::spawn_blocking(move || http_get(http, "/readyz")).await.unwrap();
+    let (code, body) = tokio::task::spawn_blocking(move || http_get(http, "/readyz"))
+        .await
+        .unwrap();
     assert_eq!(code, 200, "{body}");
-    let (code, body) = tokio::task::spawn_blocking(move || http_get(http, "/metrics")).await.unwrap();
+    let (code, body) = tokio::task::spawn_blocking(move || http_get(http, "/metrics"))
+        .await
+        .unwrap();
     assert_eq!(code, 200);
-    assert!(body.contains("gpulse_store_ring_budget_bytes 268435456"), "{body}");
-    let (code, _) = tokio::task::spawn_blocking(move || http_get(http, "/nope")).await.unwrap();
+    assert!(
+        body.contains("gpulse_store_ring_budget_bytes 268435456"),
+        "{body}"
+    );
+    let (code, _) = tokio::task::spawn_blocking(move || http_get(http, "/nope"))
+        .await
+        .unwrap();
     assert_eq!(code, 404);
 
     stop_tx.send(()).unwrap();
