@@ -223,8 +223,42 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     println!("== cargo test");
     let mut c = cmd("cargo");
     c.args(["test", "--no-fail-fast"])
-        .env("GPULSE_BIN_DIR", &bins);
-    run(&mut c)
+        .env("GPULSE_BIN_DIR", &bins)
+        .stdout(Stdio::piped());
+    let mut child = c.spawn().context("running cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                for part in rest.split(['.', ';']) {
+                    let mut w = part.split_whitespace();
+                    if let (Some(n), Some(what)) =
+                        (w.next().and_then(|n| n.parse::<u64>().ok()), w.next())
+                    {
+                        match what {
+                            "passed" => passed += n,
+                            "failed" => failed += n,
+                            "ignored" => ignored += n,
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    // One closing line over every test binary (cargo's own last line is a crate's doc-tests).
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
