@@ -5,6 +5,13 @@
 //! * `nvidia_dev_xid` on `nvidia:nvidia_dev_xid`: the open driver's own XID tracepoint, attached
 //!   by the agent only when it exists. The agent removes records seen through both paths.
 //!
+//! * `openat_enter` / `openat_exit` on `syscalls:sys_{enter,exit}_openat`: a successful open of a
+//!   path under the GPU device prefix makes the process a tracked GPU process (`TRACKED`); the
+//!   open is reported. Failed opens are not (the exit side sees the result).
+//! * `process_exec` / `process_exit` on `sched:sched_process_{exec,exit}`: reported for tracked
+//!   processes only. An exit that cannot be reported (ring buffer full) is flagged in `TRACKED` so
+//!   the agent reports it from its garbage collection: exits are never lost silently.
+//!
 //! Tracepoint field offsets are load-time globals filled in by the agent from tracefs format files,
 //! so nothing here depends on one kernel's layout. Every lost record is counted in `STATS`.
 #![no_std]
@@ -13,17 +20,19 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_boot_ns,
-        bpf_probe_read_kernel_str_bytes,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_smp_processor_id, bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str_bytes,
+        bpf_probe_read_user_str_bytes,
     },
     macros::{map, tracepoint},
-    maps::{PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::debug;
 use gpulse_ebpf_common::{
-    DEV_MAX, FILTER_PREFIX_LEN, MSG_MAX, NvDevXidRecord, PrintkRecord, RecordHeader, RecordKind,
-    XID_MSG_MAX, flags, keep_line, stats,
+    DEV_MAX, DEVICE_PREFIX_MAX, FILTER_PREFIX_LEN, MSG_MAX, NvDevXidRecord, PATH_MAX_BPF,
+    PrintkRecord, ProcRecord, RecordHeader, RecordKind, Tracked, XID_MSG_MAX, flags, keep_line,
+    stats,
 };
 
 /// Records for userspace. Size is overridden by the agent (`--ring-bytes`) before load.
@@ -33,6 +42,24 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 /// Per-CPU counters, indexed by `gpulse_ebpf_common::stats`.
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
+
+/// A path buffer (per-CPU scratch and pending-open values).
+#[repr(C)]
+pub struct PathBuf {
+    pub buf: [u8; PATH_MAX_BPF],
+}
+
+/// Per-CPU scratch for the filename an openat is about to open.
+#[map]
+static SCRATCH: PerCpuArray<PathBuf> = PerCpuArray::with_max_entries(1, 0);
+
+/// Opens of GPU device paths in flight, by pid_tgid (LRU: a thread killed mid-syscall cannot leak).
+#[map]
+static PENDING: LruHashMap<u64, PathBuf> = LruHashMap::with_max_entries(4096, 0);
+
+/// Tracked GPU processes by tgid. Size overridden by the agent (`--max-tracked-processes`).
+#[map]
+static TRACKED: HashMap<u32, Tracked> = HashMap::with_max_entries(16384, 0);
 
 // Load-time globals (set by the agent from tracefs; defaults match Linux 6.x).
 #[unsafe(no_mangle)]
@@ -45,6 +72,19 @@ static XID_CODE_OFF: u32 = 12;
 static XID_MSG_LOC: u32 = 16;
 #[unsafe(no_mangle)]
 static DEBUG_LOG: u8 = 0;
+#[unsafe(no_mangle)]
+static OPENAT_FILENAME_OFF: u32 = 24;
+#[unsafe(no_mangle)]
+static OPENAT_RET_OFF: u32 = 16;
+#[unsafe(no_mangle)]
+static EXEC_FILENAME_LOC: u32 = 8;
+#[unsafe(no_mangle)]
+static EXIT_GROUP_DEAD_OFF: u32 = 32;
+#[unsafe(no_mangle)]
+static DEVICE_PREFIX: [u8; DEVICE_PREFIX_MAX] = [0; DEVICE_PREFIX_MAX];
+/// 0 disables process tracking.
+#[unsafe(no_mangle)]
+static DEVICE_PREFIX_LEN: u32 = 0;
 
 #[inline(always)]
 fn global_u32(v: &'static u32) -> u32 {
@@ -185,6 +225,198 @@ fn try_nvidia_dev_xid(ctx: &TracePointContext) -> Result<(), i64> {
     bump(stats::DEV_XID_SUBMITTED);
     if debug_enabled() {
         debug!(ctx, "gpulse: nvidia_dev_xid code {}", code);
+    }
+    Ok(())
+}
+
+/// True when `path` starts with the configured GPU device prefix.
+#[inline(always)]
+fn device_prefix_matches(path: &[u8], plen: usize) -> bool {
+    if plen == 0 || plen > DEVICE_PREFIX_MAX || path.len() < plen {
+        return false;
+    }
+    let mut i = 0;
+    while i < DEVICE_PREFIX_MAX {
+        if i >= plen {
+            return true;
+        }
+        // SAFETY: i < DEVICE_PREFIX_MAX; volatile so the loader-patched bytes are read.
+        let want = unsafe { core::ptr::read_volatile(&DEVICE_PREFIX[i]) };
+        match path.get(i) {
+            Some(b) if *b == want => {}
+            _ => return false,
+        }
+        i += 1;
+    }
+    true
+}
+
+#[tracepoint]
+pub fn openat_enter(ctx: TracePointContext) -> u32 {
+    if try_openat_enter(&ctx).is_err() {
+        bump(stats::READ_FAILED);
+    }
+    0
+}
+
+fn try_openat_enter(ctx: &TracePointContext) -> Result<(), i64> {
+    let plen = global_u32(&DEVICE_PREFIX_LEN) as usize;
+    if plen == 0 {
+        return Ok(());
+    }
+    // SAFETY: bounds-checked tracepoint read of the user pointer argument.
+    let fname: u64 =
+        unsafe { ctx.read_at(global_u32(&OPENAT_FILENAME_OFF) as usize) }.map_err(|e| e as i64)?;
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(-1i64)?;
+    // SAFETY: per-CPU scratch slot; user string read with a fault-tolerant helper.
+    let path = unsafe { bpf_probe_read_user_str_bytes(fname as *const u8, &mut (*scratch).buf) };
+    let Ok(path) = path else {
+        // Unreadable filename (e.g. not yet faulted in): not a GPU open we can see.
+        return Ok(());
+    };
+    if !device_prefix_matches(path, plen) {
+        return Ok(());
+    }
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: scratch holds a fully written PathBuf.
+    PENDING
+        .insert(&key, unsafe { &*scratch }, 0)
+        .map_err(|e| e as i64)?;
+    Ok(())
+}
+
+#[tracepoint]
+pub fn openat_exit(ctx: TracePointContext) -> u32 {
+    if try_openat_exit(&ctx).is_err() {
+        bump(stats::READ_FAILED);
+    }
+    0
+}
+
+fn try_openat_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: map lookup; the value is copied out below before any other map operation.
+    let Some(pending) = (unsafe { PENDING.get(&key) }) else {
+        return Ok(());
+    };
+    let pending: *const PathBuf = pending;
+    // SAFETY: bounds-checked tracepoint read.
+    let ret: i64 =
+        unsafe { ctx.read_at(global_u32(&OPENAT_RET_OFF) as usize) }.map_err(|e| e as i64)?;
+    if ret < 0 {
+        let _ = PENDING.remove(&key);
+        return Ok(());
+    }
+    let tgid = (key >> 32) as u32;
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // SAFETY: plain map lookup.
+    if unsafe { TRACKED.get(&tgid) }.is_none() {
+        let t = Tracked {
+            first_open_ns: now,
+            exit_lost: 0,
+            _pad: 0,
+        };
+        if TRACKED.insert(&tgid, &t, 0).is_err() {
+            // Reported anyway; the agent tracks it from user space and collects its exit.
+            bump(stats::TRACKED_FULL);
+        }
+    }
+    let r = emit_proc(RecordKind::ProcOpen, key, 0, |dst| {
+        // SAFETY: `pending` points into a map value that is still present.
+        unsafe { bpf_probe_read_kernel_str_bytes((*pending).buf.as_ptr(), dst) }.map(|s| s.len())
+    });
+    let _ = PENDING.remove(&key);
+    if r {
+        bump(stats::PROC_OPEN_SUBMITTED);
+    }
+    Ok(())
+}
+
+/// Reserves and submits a process record; `fill` writes the path. False when the ring was full.
+#[inline(always)]
+fn emit_proc(
+    kind: RecordKind,
+    pid_tgid: u64,
+    group_dead: u32,
+    fill: impl FnOnce(&mut [u8]) -> Result<usize, i32>,
+) -> bool {
+    let Some(mut entry) = EVENTS.reserve::<ProcRecord>(0) else {
+        bump(stats::RING_RESERVE_FAILED);
+        return false;
+    };
+    let rec = entry.as_mut_ptr();
+    // SAFETY: `rec` points at reserved ring memory of the right size.
+    unsafe {
+        let len = fill(&mut (*rec).path).unwrap_or(0);
+        (*rec).header = header(kind, len, false);
+        (*rec).header.tgid = (pid_tgid >> 32) as u32;
+        (*rec).pid = pid_tgid as u32;
+        (*rec).group_dead = group_dead;
+        (*rec).cgroup_id = bpf_get_current_cgroup_id();
+        (*rec).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    }
+    entry.submit(0);
+    true
+}
+
+#[tracepoint]
+pub fn process_exec(ctx: TracePointContext) -> u32 {
+    if try_process_exec(&ctx).is_err() {
+        bump(stats::READ_FAILED);
+    }
+    0
+}
+
+fn try_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
+    let key = bpf_get_current_pid_tgid();
+    let tgid = (key >> 32) as u32;
+    // SAFETY: plain map lookup.
+    if unsafe { TRACKED.get(&tgid) }.is_none() {
+        return Ok(());
+    }
+    let filename = data_loc(ctx, global_u32(&EXEC_FILENAME_LOC))?;
+    // SAFETY: kernel string from the tracepoint record.
+    if emit_proc(RecordKind::ProcExec, key, 0, |dst| {
+        unsafe { bpf_probe_read_kernel_str_bytes(filename, dst) }.map(|s| s.len())
+    }) {
+        bump(stats::PROC_EXEC_SUBMITTED);
+    }
+    Ok(())
+}
+
+#[tracepoint]
+pub fn process_exit(ctx: TracePointContext) -> u32 {
+    if try_process_exit(&ctx).is_err() {
+        bump(stats::READ_FAILED);
+    }
+    0
+}
+
+fn try_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    let key = bpf_get_current_pid_tgid();
+    let tgid = (key >> 32) as u32;
+    let Some(tracked) = TRACKED.get_ptr_mut(&tgid) else {
+        return Ok(());
+    };
+    let off = global_u32(&EXIT_GROUP_DEAD_OFF);
+    let group_dead = if off == u32::MAX {
+        // Older kernels: the leader's exit stands for the process.
+        key as u32 == tgid
+    } else {
+        // SAFETY: bounds-checked tracepoint read.
+        unsafe { ctx.read_at::<u8>(off as usize) }.map_err(|e| e as i64)? != 0
+    };
+    if !group_dead {
+        return Ok(());
+    }
+    if emit_proc(RecordKind::ProcExit, key, 1, |_| Ok(0)) {
+        bump(stats::PROC_EXIT_SUBMITTED);
+        let _ = TRACKED.remove(&tgid);
+    } else {
+        // Never silently: leave it flagged for the agent's garbage collection.
+        bump(stats::PROC_EXIT_LOST);
+        // SAFETY: pointer from get_ptr_mut on a present key.
+        unsafe { (*tracked).exit_lost = 1 };
     }
     Ok(())
 }

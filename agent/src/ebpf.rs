@@ -7,11 +7,12 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
 use gpulse_ebpf_common::{
-    DEV_MAX, MSG_MAX, RecordHeader, RecordKind, XID_MSG_MAX, flags, globals, stats as kstats,
+    COMM_LEN, DEV_MAX, DEVICE_PREFIX_MAX, MSG_MAX, PATH_MAX_BPF, RecordHeader, RecordKind, Tracked,
+    XID_MSG_MAX, flags, globals, stats as kstats,
 };
 use gpulse_proto::v1::{GapStage, RecordSource};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -19,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     clock::{self, KernelClock},
+    procs::{ProcCapture, ProcKind},
     record::{Captured, DevXid, RawRecord, SourceNote},
     stats::AgentStats,
     tracefs,
@@ -55,6 +57,10 @@ pub struct EbpfOptions {
     pub nvidia_tracepoint: bool,
     /// Turn on aya-log diagnostics from the kernel side.
     pub debug_log: bool,
+    /// GPU device path prefix for process tracking; `None` turns process tracking off.
+    pub device_prefix: Option<String>,
+    /// Size of the kernel's tracked-process table.
+    pub max_tracked: u32,
 }
 
 impl Default for EbpfOptions {
@@ -63,6 +69,8 @@ impl Default for EbpfOptions {
             ring_bytes: 1 << 20,
             nvidia_tracepoint: true,
             debug_log: false,
+            device_prefix: Some("/dev/nvidia".into()),
+            max_tracked: 16384,
         }
     }
 }
@@ -74,8 +82,12 @@ pub struct EbpfSource {
     ring: AsyncFd<RingBuf<MapData>>,
     stats: PerCpuArray<MapData, u64>,
     logger: Option<AsyncFd<LoggerFd>>,
+    /// Kernel tracked-process table (None when process tracking is off).
+    tracked: Option<BpfHashMap<MapData, u32, Tracked>>,
     /// True when the nvidia:nvidia_dev_xid program is attached.
     pub nvidia_attached: bool,
+    /// Why process tracking is off, when it is.
+    pub process_tracking: Result<(), String>,
     pub tracefs_mounted_by_us: bool,
 }
 
@@ -121,6 +133,22 @@ impl EbpfSource {
             None
         };
 
+        // Process tracking: optional; a kernel without these tracepoints keeps XIDs working.
+        let proc_offsets = match &opts.device_prefix {
+            None => Err("disabled (--process-events off)".to_string()),
+            Some(p) if p.is_empty() || p.len() > DEVICE_PREFIX_MAX => Err(format!(
+                "--gpu-device-prefix must be 1..={DEVICE_PREFIX_MAX} bytes"
+            )),
+            Some(_) => process_offsets(&root).map_err(|e| e.to_string()),
+        };
+        let mut prefix = [0u8; DEVICE_PREFIX_MAX];
+        let mut prefix_len: u32 = 0;
+        if let (Ok(_), Some(p)) = (&proc_offsets, &opts.device_prefix) {
+            prefix[..p.len()].copy_from_slice(p.as_bytes());
+            prefix_len = p.len() as u32;
+        }
+        let (fname_off, ret_off, exec_loc, group_dead_off) =
+            proc_offsets.clone().unwrap_or((24, 16, 8, u32::MAX));
         let debug_flag: u8 = u8::from(opts.debug_log);
         let (dev_off, code_off, nvmsg_off) = nv.unwrap_or((8, 12, 16));
         let mut ebpf = EbpfLoader::new()
@@ -129,7 +157,14 @@ impl EbpfSource {
             .override_global(globals::XID_CODE_OFF, &code_off, true)
             .override_global(globals::XID_MSG_LOC, &nvmsg_off, true)
             .override_global(globals::DEBUG_LOG, &debug_flag, true)
+            .override_global(globals::OPENAT_FILENAME_OFF, &fname_off, true)
+            .override_global(globals::OPENAT_RET_OFF, &ret_off, true)
+            .override_global(globals::EXEC_FILENAME_LOC, &exec_loc, true)
+            .override_global(globals::EXIT_GROUP_DEAD_OFF, &group_dead_off, true)
+            .override_global(globals::DEVICE_PREFIX, &prefix, true)
+            .override_global(globals::DEVICE_PREFIX_LEN, &prefix_len, true)
             .map_max_entries("EVENTS", round_ring(opts.ring_bytes))
+            .map_max_entries("TRACKED", opts.max_tracked.max(1))
             .load(OBJECT)?;
 
         let logger = if opts.debug_log {
@@ -158,6 +193,28 @@ impl EbpfSource {
             false
         };
 
+        let mut process_tracking = proc_offsets.map(|_| ());
+        if process_tracking.is_ok() {
+            let attached = [
+                ("openat_enter", "syscalls", "sys_enter_openat"),
+                ("openat_exit", "syscalls", "sys_exit_openat"),
+                ("process_exec", "sched", "sched_process_exec"),
+                ("process_exit", "sched", "sched_process_exit"),
+            ]
+            .into_iter()
+            .try_for_each(|(prog, cat, name)| attach(&mut ebpf, prog, cat, name));
+            if let Err(e) = attached {
+                warn!(error = %e, "GPU process tracking unavailable; XIDs are unaffected");
+                process_tracking = Err(e.to_string());
+            }
+        }
+        let tracked = match &process_tracking {
+            Ok(()) => match ebpf.take_map("TRACKED").map(BpfHashMap::try_from) {
+                Some(Ok(m)) => Some(m),
+                _ => None,
+            },
+            Err(_) => None,
+        };
         let ring = ebpf.take_map("EVENTS").ok_or(EbpfError::Map {
             name: "EVENTS",
             detail: "missing".into(),
@@ -179,7 +236,9 @@ impl EbpfSource {
             ring: crate::record::async_fd(ring)?,
             stats,
             logger,
+            tracked,
             nvidia_attached,
+            process_tracking,
             tracefs_mounted_by_us: mounted,
         })
     }
@@ -200,6 +259,7 @@ impl EbpfSource {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reported_lost = 0u64;
+        let mut ticks = 0u64;
         let mut batch = Vec::with_capacity(64);
         loop {
             tokio::select! {
@@ -208,7 +268,7 @@ impl EbpfSource {
                     let ring = guard.get_inner_mut();
                     while let Some(item) = ring.next() {
                         match decode_item(&item) {
-                            Some(rec) => batch.push(rec),
+                            Some(c) => batch.push(c),
                             None => {
                                 AgentStats::add(&stats.malformed_records, 1);
                                 debug!(len = item.len(), "ring record with unknown kind or size");
@@ -216,9 +276,9 @@ impl EbpfSource {
                         }
                     }
                     guard.clear_ready();
-                    for rec in batch.drain(..) {
+                    for c in batch.drain(..) {
                         AgentStats::add(&stats.records_captured, 1);
-                        if tx.send(Captured::Record(rec)).await.is_err() {
+                        if tx.send(c).await.is_err() {
                             return Ok(());
                         }
                     }
@@ -234,6 +294,10 @@ impl EbpfSource {
                     guard.clear_ready();
                 }
                 _ = tick.tick() => {
+                    ticks += 1;
+                    if ticks.is_multiple_of(10) {
+                        self.collect_kernel_table();
+                    }
                     let lost = self.kernel_counter(kstats::RING_RESERVE_FAILED);
                     if lost > reported_lost {
                         let missed = lost - reported_lost;
@@ -258,6 +322,44 @@ impl EbpfSource {
     }
 }
 
+impl EbpfSource {
+    /// Removes processes from the kernel's tracked table that are gone (exit seen but not
+    /// reportable, or never seen). The user-space tracker reports their exits; this keeps the
+    /// kernel table from filling up.
+    fn collect_kernel_table(&mut self) {
+        let Some(map) = self.tracked.as_mut() else {
+            return;
+        };
+        let stale: Vec<u32> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(tgid, t)| {
+                t.exit_lost != 0 || !crate::procs::alive(std::path::Path::new("/proc"), *tgid)
+            })
+            .map(|(tgid, _)| tgid)
+            .collect();
+        for tgid in stale {
+            let _ = map.remove(&tgid);
+        }
+    }
+}
+
+/// Offsets for the process tracepoints: (openat filename, openat ret, exec filename data_loc,
+/// exit group_dead or u32::MAX when the kernel has no such field).
+fn process_offsets(root: &std::path::Path) -> Result<(u32, u32, u32, u32), tracefs::TracefsError> {
+    let enter = tracefs::read_format(root, "syscalls", "sys_enter_openat")?;
+    let exit = tracefs::read_format(root, "syscalls", "sys_exit_openat")?;
+    let exec = tracefs::read_format(root, "sched", "sched_process_exec")?;
+    let pexit = tracefs::read_format(root, "sched", "sched_process_exit")?;
+    Ok((
+        tracefs::field(&enter, "syscalls:sys_enter_openat", "filename")?.offset,
+        tracefs::field(&exit, "syscalls:sys_exit_openat", "ret")?.offset,
+        tracefs::field(&exec, "sched:sched_process_exec", "filename")?.offset,
+        tracefs::field(&pexit, "sched:sched_process_exit", "group_dead")
+            .map_or(u32::MAX, |f| f.offset),
+    ))
+}
+
 fn attach(
     ebpf: &mut Ebpf,
     prog: &'static str,
@@ -279,8 +381,13 @@ fn attach(
     Ok(())
 }
 
-/// Turns one ring-buffer record into a [`RawRecord`]; `None` for records that are malformed.
-pub fn decode_item(buf: &[u8]) -> Option<RawRecord> {
+fn c_str(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// Turns one ring-buffer record into a [`Captured`] item; `None` for malformed records.
+pub fn decode_item(buf: &[u8]) -> Option<Captured> {
     const H: usize = std::mem::size_of::<RecordHeader>();
     if buf.len() < H {
         return None;
@@ -293,13 +400,13 @@ pub fn decode_item(buf: &[u8]) -> Option<RawRecord> {
         RecordKind::PrintkLine => {
             let len = (header.len as usize).min(MSG_MAX);
             let text = buf.get(H..H + len)?;
-            Some(RawRecord {
+            Some(Captured::Record(RawRecord {
                 unix_ns,
                 source: RecordSource::EbpfPrintk,
                 text: String::from_utf8_lossy(text).into_owned(),
                 truncated,
                 dev_xid: None,
-            })
+            }))
         }
         RecordKind::NvDevXid => {
             let code = u32::from_ne_bytes(buf.get(H..H + 4)?.try_into().ok()?);
@@ -309,14 +416,34 @@ pub fn decode_item(buf: &[u8]) -> Option<RawRecord> {
             let msg = buf.get(msg_at..msg_at + (header.len as usize).min(XID_MSG_MAX))?;
             let dev = String::from_utf8_lossy(dev).into_owned();
             let msg = String::from_utf8_lossy(msg);
-            Some(RawRecord {
+            Some(Captured::Record(RawRecord {
                 unix_ns,
                 source: RecordSource::EbpfNvidiaTracepoint,
                 // Rebuilt in the printk shape so one parser serves both paths.
                 text: format!("NVRM: Xid (PCI:{dev}): {code}, {msg}"),
                 truncated,
                 dev_xid: Some(DevXid { code, dev }),
-            })
+            }))
+        }
+        kind @ (RecordKind::ProcOpen | RecordKind::ProcExec | RecordKind::ProcExit) => {
+            let pid = u32::from_ne_bytes(buf.get(H..H + 4)?.try_into().ok()?);
+            let cgroup_id = u64::from_ne_bytes(buf.get(H + 8..H + 16)?.try_into().ok()?);
+            let comm = c_str(buf.get(H + 16..H + 16 + COMM_LEN)?);
+            let path_at = H + 16 + COMM_LEN;
+            let path = buf.get(path_at..path_at + (header.len as usize).min(PATH_MAX_BPF))?;
+            Some(Captured::Proc(ProcCapture {
+                kind: match kind {
+                    RecordKind::ProcOpen => ProcKind::Open,
+                    RecordKind::ProcExec => ProcKind::Exec,
+                    _ => ProcKind::Exit,
+                },
+                unix_ns,
+                pid,
+                tgid: header.tgid,
+                cgroup_id,
+                comm,
+                path: c_str(path),
+            }))
         }
     }
 }
@@ -366,7 +493,9 @@ mod tests {
         let text = b"NVRM: Xid (PCI:0000:01:00): 79, GPU has fallen off the bus.";
         rec.msg[..text.len()].copy_from_slice(text);
         rec.header.len = text.len() as u32;
-        let raw = decode_item(as_bytes(&rec)).unwrap();
+        let Some(Captured::Record(raw)) = decode_item(as_bytes(&rec)) else {
+            panic!()
+        };
         assert_eq!(raw.text.as_bytes(), text);
         assert_eq!(raw.source, RecordSource::EbpfPrintk);
         let now = std::time::SystemTime::now()
@@ -393,13 +522,54 @@ mod tests {
         let m = b"pid='<unknown>', name=<unknown>, GPU has fallen off the bus.";
         x.msg[..m.len()].copy_from_slice(m);
         x.header.len = m.len() as u32;
-        let raw = decode_item(as_bytes(&x)).unwrap();
+        let Some(Captured::Record(raw)) = decode_item(as_bytes(&x)) else {
+            panic!()
+        };
         assert_eq!(
             raw.text,
             "NVRM: Xid (PCI:0000:3b:00.0): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus."
         );
         assert!(raw.truncated);
         assert_eq!(raw.dev_xid.unwrap().code, 79);
+    }
+
+    #[test]
+    fn decodes_process_records() {
+        use gpulse_ebpf_common::ProcRecord;
+        let mut r = ProcRecord {
+            header: RecordHeader {
+                kind: RecordKind::ProcOpen as u16,
+                flags: 0,
+                len: 12,
+                ts_boot_ns: 0,
+                tgid: 4242,
+                cpu: 0,
+            },
+            pid: 4243,
+            group_dead: 0,
+            cgroup_id: 99,
+            comm: [0; COMM_LEN],
+            path: [0; PATH_MAX_BPF],
+        };
+        r.comm[..6].copy_from_slice(b"python");
+        r.path[..12].copy_from_slice(b"/dev/nvidia0");
+        let Some(Captured::Proc(p)) = decode_item(as_bytes(&r)) else {
+            panic!()
+        };
+        assert_eq!(
+            (p.kind, p.pid, p.tgid, p.cgroup_id),
+            (ProcKind::Open, 4243, 4242, 99)
+        );
+        assert_eq!(
+            (p.comm.as_str(), p.path.as_str()),
+            ("python", "/dev/nvidia0")
+        );
+        r.header.kind = RecordKind::ProcExit as u16;
+        r.header.len = 0;
+        let Some(Captured::Proc(p)) = decode_item(as_bytes(&r)) else {
+            panic!()
+        };
+        assert_eq!((p.kind, p.path.as_str()), (ProcKind::Exit, ""));
     }
 
     #[test]

@@ -77,7 +77,7 @@ fn hex(b: u8) -> Option<u8> {
 }
 
 /// Upper bound on how long a record can sit unread when the kernel's wakeup is late.
-const KMSG_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+const KMSG_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
 struct KmsgFd(OwnedFd);
 

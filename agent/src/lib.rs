@@ -9,6 +9,7 @@ pub mod clock;
 pub mod ebpf;
 pub mod kmsg;
 pub mod pipeline;
+pub mod procs;
 pub mod record;
 pub mod source;
 pub mod spool;

@@ -52,6 +52,15 @@ struct Args {
     /// Severity overrides, e.g. "13=warning,94=error" (see docs/xid-catalog.md).
     #[arg(long, default_value = "")]
     xid_severity: String,
+    /// Report GPU process events (open of a GPU device node, exec, exit) from eBPF.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    process_events: String,
+    /// Paths under this prefix are GPU device nodes; a process that opens one is a GPU process.
+    #[arg(long, default_value = "/dev/nvidia")]
+    gpu_device_prefix: String,
+    /// Bound on tracked GPU processes (kernel table and agent table).
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(16..=1_000_000))]
+    max_tracked_processes: u32,
     /// Turn on kernel-side (aya-log) diagnostics.
     #[arg(long)]
     ebpf_log: bool,
@@ -109,7 +118,15 @@ async fn main() -> anyhow::Result<()> {
         ring_bytes: args.ring_bytes,
         nvidia_tracepoint: args.nvidia_tracepoint == "auto",
         debug_log: args.ebpf_log,
+        device_prefix: (args.process_events == "on").then(|| args.gpu_device_prefix.clone()),
+        max_tracked: args.max_tracked_processes,
     };
+    anyhow::ensure!(
+        !args.gpu_device_prefix.is_empty()
+            && args.gpu_device_prefix.len() <= gpulse_ebpf_common::DEVICE_PREFIX_MAX,
+        "--gpu-device-prefix must be 1..={} bytes",
+        gpulse_ebpf_common::DEVICE_PREFIX_MAX
+    );
     let running = source::start(choice, &opts, &args.kmsg_path, tx.clone(), stats.clone())?;
 
     let spool = SharedSpool::new(
@@ -119,7 +136,10 @@ async fn main() -> anyhow::Result<()> {
         },
         stats.clone(),
     );
-    let mut pipeline = Pipeline::new(node.clone(), agent_id.clone(), policy, stats.clone());
+    let mut pipeline = Pipeline::new(node.clone(), agent_id.clone(), policy, stats.clone())
+        .with_process_tracker(gpulse_agent::procs::ProcessTracker::new(
+            args.max_tracked_processes as usize,
+        ));
     let status = |state: AgentState, detail: String| {
         Captured::Status(AgentStatus {
             state: state as i32,
@@ -135,10 +155,24 @@ async fn main() -> anyhow::Result<()> {
 
     let pipe_spool = spool.clone();
     let pipe = tokio::spawn(async move {
-        while let Some(item) = rx.recv().await {
-            let now = gpulse_proto::time::to_unix_nanos(&gpulse_proto::time::now());
-            if let Some(ev) = pipeline.process(item, now) {
-                pipe_spool.push(ev);
+        // Every 5 s: report exits of GPU processes that vanished without a reported exit.
+        let mut gc = tokio::time::interval(Duration::from_secs(5));
+        gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                item = rx.recv() => {
+                    let Some(item) = item else { break };
+                    let now = gpulse_proto::time::to_unix_nanos(&gpulse_proto::time::now());
+                    if let Some(ev) = pipeline.process(item, now) {
+                        pipe_spool.push(ev);
+                    }
+                }
+                _ = gc.tick() => {
+                    let now = gpulse_proto::time::to_unix_nanos(&gpulse_proto::time::now());
+                    for ev in pipeline.collect(now) {
+                        pipe_spool.push(ev);
+                    }
+                }
             }
         }
     });

@@ -10,6 +10,7 @@ use gpulse_proto::{
 use gpulse_xid::{Decoder, ParsedRecord, SeverityPolicy};
 
 use crate::{
+    procs::ProcessTracker,
     record::{Captured, RawRecord, SourceNote},
     stats::AgentStats,
 };
@@ -31,6 +32,7 @@ pub struct Pipeline {
     node: String,
     agent_id: String,
     recent: VecDeque<(XidKey, i128, RecordSource)>,
+    procs: ProcessTracker,
     stats: Arc<AgentStats>,
 }
 
@@ -46,8 +48,35 @@ impl Pipeline {
             node,
             agent_id,
             recent: VecDeque::new(),
+            procs: ProcessTracker::new(16384),
             stats,
         }
+    }
+
+    /// Replaces the process tracker (bounds, or a fake /proc in tests).
+    pub fn with_process_tracker(mut self, t: ProcessTracker) -> Self {
+        self.procs = t;
+        self
+    }
+
+    pub fn process_tracker(&self) -> &ProcessTracker {
+        &self.procs
+    }
+
+    /// Periodic work: exits of GPU processes that vanished without a reported exit.
+    pub fn collect(&mut self, now_unix_ns: i128) -> Vec<v1::Event> {
+        self.procs
+            .gc(now_unix_ns)
+            .into_iter()
+            .map(|p| {
+                self.envelope(
+                    now_unix_ns,
+                    EventKind::GpuProcess,
+                    v1::Severity::Info,
+                    Payload::GpuProcess(p),
+                )
+            })
+            .collect()
     }
 
     pub fn decoder_mut(&mut self) -> &mut Decoder {
@@ -92,6 +121,16 @@ impl Pipeline {
                     detail,
                 }),
             )),
+            Captured::Proc(c) => {
+                let t = c.unix_ns;
+                let p = self.procs.handle(c)?;
+                Some(self.envelope(
+                    t,
+                    EventKind::GpuProcess,
+                    v1::Severity::Info,
+                    Payload::GpuProcess(p),
+                ))
+            }
             Captured::Status(st) => {
                 let severity = if st.state == v1::AgentState::Degraded as i32 {
                     v1::Severity::Warning

@@ -37,6 +37,8 @@ pub enum Captured {
     Note(SourceNote),
     /// The agent's own state changes (start, degraded source, stop).
     Status(gpulse_proto::v1::AgentStatus),
+    /// A GPU process record (open of a GPU device node, exec, exit).
+    Proc(crate::procs::ProcCapture),
 }
 
 /// Registers an owned descriptor with the tokio reactor for readiness (read) notifications.

@@ -63,11 +63,15 @@ pub fn start(
         SourceChoice::Ebpf | SourceChoice::Auto => match EbpfSource::load(opts) {
             Ok(src) => {
                 let why = format!(
-                    "eBPF programs attached to printk:console{}",
+                    "eBPF programs attached to printk:console{}; GPU process events {}",
                     if src.nvidia_attached {
                         " and nvidia:nvidia_dev_xid"
                     } else {
                         " (nvidia:nvidia_dev_xid not present: driver not loaded or not the open driver)"
+                    },
+                    match &src.process_tracking {
+                        Ok(()) => "on".to_string(),
+                        Err(e) => format!("off ({e})"),
                     }
                 );
                 info!(source = "ebpf", why = %why, "XID source live");

@@ -5,7 +5,7 @@
 //! `agent_status`, `gap`). Absent optional values are `null`, never zero.
 use gpulse_proto::{
     time::rfc3339,
-    v1::{self, GapStage, RecordSource, event::Payload},
+    v1::{self, GapStage, ProcessEventType, RecordSource, event::Payload},
 };
 use serde_json::{Value, json};
 
@@ -23,6 +23,16 @@ fn source_name(s: i32) -> &'static str {
         RecordSource::EbpfPrintk => "ebpf_printk",
         RecordSource::EbpfNvidiaTracepoint => "ebpf_nvidia_tracepoint",
         RecordSource::Kmsg => "kmsg",
+    }
+}
+
+pub fn process_type(t: i32) -> &'static str {
+    match ProcessEventType::try_from(t).unwrap_or_default() {
+        ProcessEventType::Unspecified => "unspecified",
+        ProcessEventType::Open => "open",
+        ProcessEventType::DeviceOpen => "device_open",
+        ProcessEventType::Exec => "exec",
+        ProcessEventType::Exit => "exit",
     }
 }
 
@@ -102,6 +112,17 @@ pub fn event(ev: &v1::Event) -> Value {
                 "missed": g.missed, "detail": g.detail,
             }),
         ),
+        Some(Payload::GpuProcess(p)) => (
+            "gpu_process",
+            json!({
+                "type": process_type(p.r#type),
+                "pid": p.pid, "tgid": p.tgid, "ppid": if p.ppid == 0 { Value::Null } else { json!(p.ppid) },
+                "comm": p.comm, "exe": opt_str(&p.exe), "cgroup_id": p.cgroup_id,
+                "device": opt_str(&p.device), "devices": p.devices,
+                "start_time": p.start_time.as_ref().map(rfc3339), "end_time": p.end_time.as_ref().map(rfc3339),
+                "inferred": p.inferred,
+            }),
+        ),
         None => return obj,
     };
     if let Some(map) = obj.as_object_mut() {
@@ -159,6 +180,18 @@ pub fn line(ev: &v1::Event) -> String {
             a.detail
         ),
         Some(Payload::Gap(g)) => format!("GAP {} events lost: {}", g.missed, g.detail),
+        Some(Payload::GpuProcess(p)) => {
+            let what = match ProcessEventType::try_from(p.r#type).unwrap_or_default() {
+                ProcessEventType::Open | ProcessEventType::DeviceOpen => {
+                    format!("opened {}", p.device)
+                }
+                ProcessEventType::Exec => format!("exec {}", p.exe),
+                ProcessEventType::Exit if p.inferred => "exited (found gone)".to_string(),
+                ProcessEventType::Exit => "exited".to_string(),
+                ProcessEventType::Unspecified => String::new(),
+            };
+            format!("GPU process {} ({}) ppid={} {what}", p.tgid, p.comm, p.ppid)
+        }
         None => String::new(),
     };
     format!(

@@ -624,6 +624,7 @@ impl State {
             EventKind::DriverLog,
             EventKind::AgentStatus,
             EventKind::Gap,
+            EventKind::GpuProcess,
         ] {
             let k = kind.short_name();
             self.metrics

@@ -39,6 +39,7 @@ impl v1::EventKind {
             Self::DriverLog => "driver_log",
             Self::AgentStatus => "agent_status",
             Self::Gap => "gap",
+            Self::GpuProcess => "gpu_process",
         }
     }
 
@@ -49,6 +50,7 @@ impl v1::EventKind {
             "driver_log" | "log" => Self::DriverLog,
             "agent_status" | "status" => Self::AgentStatus,
             "gap" => Self::Gap,
+            "gpu_process" | "process" => Self::GpuProcess,
             _ => return None,
         })
     }
@@ -65,6 +67,7 @@ impl v1::Event {
             Some(Payload::DriverLog(_)) => v1::EventKind::DriverLog,
             Some(Payload::AgentStatus(_)) => v1::EventKind::AgentStatus,
             Some(Payload::Gap(_)) => v1::EventKind::Gap,
+            Some(Payload::GpuProcess(_)) => v1::EventKind::GpuProcess,
         }
     }
 

@@ -59,7 +59,7 @@ pub fn inject(line: &str) -> anyhow::Result<()> {
         .write(true)
         .open("/dev/kmsg")
         .context("opening /dev/kmsg")?;
-    f.write_all(format!("<3>{line}").as_bytes())
+    f.write_all(format!("<3>{line}\n").as_bytes())
         .context("writing /dev/kmsg")?;
     Ok(())
 }

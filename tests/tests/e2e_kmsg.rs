@@ -79,7 +79,7 @@ fn xid_reaches_subscriber(source: &str, want_source: &str) {
         .iter()
         .find_map(xid_of)
         .unwrap_or_else(|| panic!("no XID arrived: {events:?}"));
-    assert_eq!(xid.code, 79);
+    assert_eq!(xid.code, 79, "{events:?}");
     assert_eq!(xid.pci, "0000:91:00.0");
     assert_eq!(
         xid.gpu_uuid, UUID,

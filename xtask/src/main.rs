@@ -382,7 +382,7 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(800));
     for r in DEMO_RECORDS {
         let mut f = fs::OpenOptions::new().write(true).open("/dev/kmsg")?;
-        std::io::Write::write_all(&mut f, format!("<3>{r}").as_bytes())?;
+        std::io::Write::write_all(&mut f, format!("<3>{r}\n").as_bytes())?;
         std::thread::sleep(Duration::from_millis(300));
     }
     match seconds {

@@ -14,6 +14,12 @@ pub const DEV_MAX: usize = 32;
 pub const XID_MSG_MAX: usize = 448;
 /// Bytes of a printk line copied to the stack for the in-kernel prefix filter.
 pub const FILTER_PREFIX_LEN: usize = 16;
+/// Room for a path (opened device node, exec'd file) in a process record.
+pub const PATH_MAX_BPF: usize = 128;
+/// Longest GPU device prefix the kernel filter compares (`--gpu-device-prefix`).
+pub const DEVICE_PREFIX_MAX: usize = 64;
+/// Length of a task's comm.
+pub const COMM_LEN: usize = 16;
 
 /// What follows a [`RecordHeader`].
 #[repr(u16)]
@@ -23,6 +29,12 @@ pub enum RecordKind {
     PrintkLine = 1,
     /// A record from the open driver's own `nvidia:nvidia_dev_xid` tracepoint.
     NvDevXid = 2,
+    /// A successful open of a GPU device node ([`ProcRecord`]).
+    ProcOpen = 3,
+    /// A tracked GPU process called exec ([`ProcRecord`], path = new executable).
+    ProcExec = 4,
+    /// A tracked GPU process exited ([`ProcRecord`]).
+    ProcExit = 5,
 }
 
 impl RecordKind {
@@ -30,6 +42,9 @@ impl RecordKind {
         match v {
             1 => Some(Self::PrintkLine),
             2 => Some(Self::NvDevXid),
+            3 => Some(Self::ProcOpen),
+            4 => Some(Self::ProcExec),
+            5 => Some(Self::ProcExit),
             _ => None,
         }
     }
@@ -81,6 +96,35 @@ pub struct NvDevXidRecord {
     pub msg: [u8; XID_MSG_MAX],
 }
 
+/// A GPU process lifecycle record (open of a GPU device node, exec, exit).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ProcRecord {
+    /// `header.len` is the length of `path`; `header.tgid` the process.
+    pub header: RecordHeader,
+    /// Thread that did it.
+    pub pid: u32,
+    /// Exit: 1 when the whole thread group is gone (`group_dead`), 0 for a lone thread.
+    pub group_dead: u32,
+    /// `bpf_get_current_cgroup_id()` (cgroup v2 id of the task).
+    pub cgroup_id: u64,
+    pub comm: [u8; COMM_LEN],
+    /// Open: the device node; exec: the new executable; exit: empty.
+    pub path: [u8; PATH_MAX_BPF],
+}
+
+/// Value of the kernel's tracked-process map, keyed by tgid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tracked {
+    /// CLOCK_BOOTTIME of the first GPU device open.
+    pub first_open_ns: u64,
+    /// Set when the exit could not be reported through the ring buffer: userspace reports it
+    /// from its garbage collection instead, so an exit is never lost silently.
+    pub exit_lost: u32,
+    pub _pad: u32,
+}
+
 /// Indices into the per-CPU `STATS` array; userspace sums them across CPUs.
 pub mod stats {
     /// printk:console records inspected.
@@ -93,8 +137,17 @@ pub mod stats {
     pub const READ_FAILED: u32 = 3;
     /// nvidia:nvidia_dev_xid records submitted.
     pub const DEV_XID_SUBMITTED: u32 = 4;
+    /// GPU device opens submitted.
+    pub const PROC_OPEN_SUBMITTED: u32 = 5;
+    /// Exec / exit records of tracked processes submitted.
+    pub const PROC_EXEC_SUBMITTED: u32 = 6;
+    pub const PROC_EXIT_SUBMITTED: u32 = 7;
+    /// Exits that could not go through the ring buffer (left flagged in the tracked map).
+    pub const PROC_EXIT_LOST: u32 = 8;
+    /// Processes not tracked because the tracked map was full.
+    pub const TRACKED_FULL: u32 = 9;
     /// Number of slots.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 10;
 }
 
 /// Names of the load-time globals the agent sets from tracefs format files.
@@ -107,6 +160,15 @@ pub mod globals {
     pub const XID_MSG_LOC: &str = "XID_MSG_LOC";
     /// Non-zero enables aya-log diagnostics on the kernel side.
     pub const DEBUG_LOG: &str = "DEBUG_LOG";
+    /// Process tracepoint offsets.
+    pub const OPENAT_FILENAME_OFF: &str = "OPENAT_FILENAME_OFF";
+    pub const OPENAT_RET_OFF: &str = "OPENAT_RET_OFF";
+    pub const EXEC_FILENAME_LOC: &str = "EXEC_FILENAME_LOC";
+    /// Offset of `group_dead` in sched_process_exit, or u32::MAX when the kernel lacks it.
+    pub const EXIT_GROUP_DEAD_OFF: &str = "EXIT_GROUP_DEAD_OFF";
+    /// The GPU device path prefix and its length.
+    pub const DEVICE_PREFIX: &str = "DEVICE_PREFIX";
+    pub const DEVICE_PREFIX_LEN: &str = "DEVICE_PREFIX_LEN";
 }
 
 /// The prefixes the in-kernel filter keeps: NVIDIA's resource manager and NVSwitch drivers.
@@ -146,11 +208,17 @@ const _: () = assert!(core::mem::offset_of!(PrintkRecord, msg) == 24);
 const _: () = assert!(core::mem::offset_of!(NvDevXidRecord, dev) == 32);
 const _: () = assert!(core::mem::offset_of!(NvDevXidRecord, msg) == 32 + DEV_MAX);
 const _: () = assert!(FILTER_PREFIX_LEN >= 15); // "nvidia-nvswitch" must fit
+const _: () = assert!(core::mem::size_of::<ProcRecord>() == 24 + 8 + 8 + COMM_LEN + PATH_MAX_BPF);
+const _: () = assert!(core::mem::offset_of!(ProcRecord, cgroup_id) == 32);
+const _: () = assert!(core::mem::offset_of!(ProcRecord, path) == 40 + COMM_LEN);
+const _: () = assert!(core::mem::size_of::<Tracked>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain repr(C) integers and byte arrays; every bit pattern is valid.
     unsafe impl aya::Pod for super::RecordHeader {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Tracked {}
 }
 
 #[cfg(test)]
@@ -175,6 +243,7 @@ mod tests {
     fn kinds_round_trip() {
         assert_eq!(RecordKind::from_u16(1), Some(RecordKind::PrintkLine));
         assert_eq!(RecordKind::from_u16(2), Some(RecordKind::NvDevXid));
+        assert_eq!(RecordKind::from_u16(5), Some(RecordKind::ProcExit));
         assert_eq!(RecordKind::from_u16(0), None);
         assert_eq!(RecordKind::from_u16(99), None);
     }

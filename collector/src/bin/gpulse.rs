@@ -78,7 +78,7 @@ struct TailArgs {
     /// Only these nodes (repeatable).
     #[arg(long = "node")]
     nodes: Vec<String>,
-    /// Only these kinds: xid, sxid, driver_log, agent_status, gap (repeatable).
+    /// Only these kinds: xid, sxid, driver_log, agent_status, gap, gpu_process (repeatable).
     #[arg(long = "kind")]
     kinds: Vec<String>,
     /// Only events at least this severe: info, warning, error, fatal.
@@ -126,7 +126,7 @@ fn filter(a: &TailArgs) -> anyhow::Result<EventFilter> {
             EventKind::from_short_name(k)
                 .map(|k| k as i32)
                 .with_context(|| {
-                    format!("unknown --kind {k:?} (xid, sxid, driver_log, agent_status, gap)")
+                    format!("unknown --kind {k:?} (xid, sxid, driver_log, agent_status, gap, gpu_process)")
                 })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

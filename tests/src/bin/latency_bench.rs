@@ -165,7 +165,7 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     for i in 0..n {
         let line = format!(
-            "<3>NVRM: Xid (PCI:0000:3b:00): 13, pid={i}, name=bench, Graphics Exception {m}#{i}"
+            "<3>NVRM: Xid (PCI:0000:3b:00): 13, pid={i}, name=bench, Graphics Exception {m}#{i}\n"
         );
         let mut f = OpenOptions::new().write(true).open("/dev/kmsg")?;
         let t0 = Instant::now();
@@ -178,10 +178,6 @@ fn main() -> anyhow::Result<()> {
             std::thread::sleep(d);
         }
     }
-    // /dev/kmsg readers are woken through printk's deferred (irq_work) wakeup, which on an idle
-    // tickless CPU may wait for the next printk: one trailing unmeasured record flushes it.
-    std::thread::sleep(Duration::from_millis(200));
-    inject(&format!("NVRM: gpulse latency benchmark finished {m}-end"))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let done = via
