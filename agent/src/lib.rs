@@ -8,6 +8,7 @@ pub mod client;
 pub mod clock;
 pub mod ebpf;
 pub mod kmsg;
+pub mod nvml;
 pub mod pipeline;
 pub mod procs;
 pub mod record;

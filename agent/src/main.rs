@@ -61,6 +61,13 @@ struct Args {
     /// Bound on tracked GPU processes (kernel table and agent table).
     #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(16..=1_000_000))]
     max_tracked_processes: u32,
+    /// NVML for GPU samples: `auto` (the driver's libnvidia-ml), `off`, or a path to a
+    /// libnvidia-ml.so to load.
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(gpulse_agent::nvml::NvmlChoice))]
+    nvml: gpulse_agent::nvml::NvmlChoice,
+    /// GPU sample interval in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=3_600_000))]
+    sample_interval_ms: u64,
     /// Turn on kernel-side (aya-log) diagnostics.
     #[arg(long)]
     ebpf_log: bool,
@@ -129,6 +136,32 @@ async fn main() -> anyhow::Result<()> {
     );
     let running = source::start(choice, &opts, &args.kmsg_path, tx.clone(), stats.clone())?;
 
+    // GPU samples: optional. No NVML (no driver, no GPU) is said once; everything else goes on.
+    let nvml_state = match gpulse_agent::nvml::open(&args.nvml) {
+        Ok(None) => "GPU samples off (--nvml off)".to_string(),
+        Ok(Some(sampler)) => {
+            let driver = sampler.driver_version().to_string();
+            match gpulse_agent::nvml::spawn(
+                sampler,
+                Duration::from_millis(args.sample_interval_ms),
+                tx.clone(),
+                stats.clone(),
+            ) {
+                Ok(()) => {
+                    info!(driver = %driver, interval_ms = args.sample_interval_ms, "NVML sampling on");
+                    format!(
+                        "GPU samples every {} ms (driver {driver})",
+                        args.sample_interval_ms
+                    )
+                }
+                Err(e) => format!("GPU samples off: cannot start the sampler thread: {e}"),
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "NVML unavailable: no GPU samples; XIDs and process events are unaffected");
+            format!("GPU samples off: NVML unavailable ({e})")
+        }
+    };
     let spool = SharedSpool::new(
         SpoolLimits {
             max_bytes: args.spool_bytes as usize,
@@ -149,9 +182,12 @@ async fn main() -> anyhow::Result<()> {
             boot_id: boot_id.clone(),
         })
     };
-    tx.send(status(AgentState::Started, running.why.clone()))
-        .await
-        .ok();
+    tx.send(status(
+        AgentState::Started,
+        format!("{}; {nvml_state}", running.why),
+    ))
+    .await
+    .ok();
 
     let pipe_spool = spool.clone();
     let pipe = tokio::spawn(async move {
@@ -205,6 +241,7 @@ async fn main() -> anyhow::Result<()> {
                 kmsg_missed = AgentStats::get(&stats_log.kmsg_missed),
                 malformed = AgentStats::get(&stats_log.malformed_records),
                 spool_dropped = AgentStats::get(&stats_log.spool_dropped),
+                samples_shed = AgentStats::get(&stats_log.samples_shed),
                 spooled,
                 spool_bytes,
                 sent = AgentStats::get(&stats_log.events_sent),

@@ -131,6 +131,20 @@ impl Pipeline {
                     Payload::GpuProcess(p),
                 ))
             }
+            Captured::Sample { unix_ns, sample } => {
+                // NVML is the better PCI -> UUID source for XIDs; the log preamble is the fallback.
+                if let (Ok(pci), false) =
+                    (gpulse_xid::Bdf::parse(&sample.pci), sample.uuid.is_empty())
+                {
+                    self.decoder.learn_uuid(pci, sample.uuid.clone());
+                }
+                Some(self.envelope(
+                    unix_ns,
+                    EventKind::GpuSample,
+                    v1::Severity::Info,
+                    Payload::GpuSample(*sample),
+                ))
+            }
             Captured::Status(st) => {
                 let severity = if st.state == v1::AgentState::Degraded as i32 {
                     v1::Severity::Warning

@@ -31,7 +31,7 @@ pub enum SourceNote {
 }
 
 /// Items on the capture channel.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Captured {
     Record(RawRecord),
     Note(SourceNote),
@@ -39,6 +39,12 @@ pub enum Captured {
     Status(gpulse_proto::v1::AgentStatus),
     /// A GPU process record (open of a GPU device node, exec, exit).
     Proc(crate::procs::ProcCapture),
+    /// One NVML sample of one GPU.
+    Sample {
+        unix_ns: i128,
+        /// Boxed: a sample is several times larger than the other variants.
+        sample: Box<gpulse_proto::v1::GpuSample>,
+    },
 }
 
 /// Registers an owned descriptor with the tokio reactor for readiness (read) notifications.

@@ -38,6 +38,7 @@ pub struct Spool {
     /// Highest seq handed to the transport on the current connection.
     sent_through: u64,
     dropped: u64,
+    samples_shed: u64,
 }
 
 impl Spool {
@@ -50,6 +51,7 @@ impl Spool {
             acked_through: 0,
             sent_through: 0,
             dropped: 0,
+            samples_shed: 0,
         }
     }
 
@@ -71,11 +73,14 @@ impl Spool {
             // Only events not yet handed to the transport may go: an in-flight event is either
             // acknowledged soon or, if the connection drops, unsent again (see rewind_sent).
             let sent = self.sent_through;
-            let Some(k) = self
+            let unsent = |e: &v1::Event| !is_spool_gap(e) && e.seq > sent;
+            // Samples are shed before events.
+            let k = self
                 .events
                 .iter()
-                .position(|(e, _)| !is_spool_gap(e) && e.seq > sent)
-            else {
+                .position(|(e, _)| unsent(e) && e.kind == EventKind::GpuSample as i32)
+                .or_else(|| self.events.iter().position(|(e, _)| unsent(e)));
+            let Some(k) = k else {
                 break;
             };
             // Never drop the event just pushed: the newest data is the most valuable.
@@ -94,11 +99,18 @@ impl Spool {
     }
 
     /// Accounts for `old` (removed from index `k`) in the notice just before `k`, or a new one.
+    /// Shed samples and dropped events are counted in separate notices.
     fn record_loss(&mut self, k: usize, old: &v1::Event) {
         let sent_through = self.sent_through;
+        let stage = if old.kind == EventKind::GpuSample as i32 {
+            self.samples_shed += 1;
+            GapStage::SamplesShed
+        } else {
+            GapStage::AgentSpool
+        };
         if k > 0
             && let Some((prev, sz)) = self.events.get_mut(k - 1)
-            && is_spool_gap(prev)
+            && matches!(&prev.payload, Some(Payload::Gap(g)) if g.stage == stage as i32)
             && prev.seq > sent_through
         {
             if let Some(Payload::Gap(g)) = &mut prev.payload {
@@ -119,7 +131,7 @@ impl Spool {
             kind: EventKind::Gap as i32,
             severity: v1::Severity::Warning as i32,
             payload: Some(Payload::Gap(v1::Gap {
-                stage: GapStage::AgentSpool as i32,
+                stage: stage as i32,
                 missed: 1,
                 detail: spool_detail(1),
             })),
@@ -182,13 +194,20 @@ impl Spool {
     pub fn last_seq(&self) -> u64 {
         self.next_seq - 1
     }
+    /// Events (samples included) dropped to stay within bounds.
     pub fn dropped(&self) -> u64 {
         self.dropped
+    }
+
+    /// Of those, GPU samples.
+    pub fn samples_shed(&self) -> u64 {
+        self.samples_shed
     }
 }
 
 fn is_spool_gap(e: &v1::Event) -> bool {
-    matches!(&e.payload, Some(Payload::Gap(g)) if g.stage == GapStage::AgentSpool as i32)
+    matches!(&e.payload, Some(Payload::Gap(g))
+        if g.stage == GapStage::AgentSpool as i32 || g.stage == GapStage::SamplesShed as i32)
 }
 
 fn spool_detail(n: u64) -> String {
@@ -221,9 +240,15 @@ impl SharedSpool {
     }
 
     pub fn push(&self, ev: v1::Event) {
-        let dropped = self.lock().push(ev);
+        let (dropped, shed) = {
+            let mut sp = self.lock();
+            let before = sp.samples_shed();
+            let dropped = sp.push(ev);
+            (dropped, sp.samples_shed() - before)
+        };
         if dropped > 0 {
-            AgentStats::add(&self.stats.spool_dropped, dropped);
+            AgentStats::add(&self.stats.spool_dropped, dropped - shed);
+            AgentStats::add(&self.stats.samples_shed, shed);
         }
         self.notify.notify_one();
     }
@@ -328,6 +353,50 @@ mod tests {
             .count() as u64;
         assert_eq!(kept + gaps(&all).iter().sum::<u64>(), 10);
         assert_eq!(s.dropped(), gaps(&all).iter().sum::<u64>());
+        assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    }
+
+    #[test]
+    fn samples_are_shed_before_events() {
+        let sample = |i: u32| v1::Event {
+            kind: EventKind::GpuSample as i32,
+            payload: Some(Payload::GpuSample(v1::GpuSample {
+                index: i,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let mut s = Spool::new(SpoolLimits {
+            max_bytes: 1 << 20,
+            max_events: 6,
+        });
+        s.push(ev("xid-like event 1"));
+        for i in 0..4 {
+            s.push(sample(i));
+        }
+        s.push(ev("xid-like event 2"));
+        for i in 4..8 {
+            s.push(sample(i));
+        }
+        let all = s.unsent(0, 100, 1 << 20);
+        let logs: Vec<_> = all
+            .iter()
+            .filter(|e| e.kind == EventKind::DriverLog as i32)
+            .collect();
+        assert_eq!(
+            logs.len(),
+            2,
+            "both events survive while samples can be shed: {all:?}"
+        );
+        assert_eq!(s.samples_shed(), s.dropped());
+        let shed: u64 = all
+            .iter()
+            .filter_map(|e| match &e.payload {
+                Some(Payload::Gap(g)) if g.stage == GapStage::SamplesShed as i32 => Some(g.missed),
+                _ => None,
+            })
+            .sum();
+        assert_eq!(shed, s.samples_shed());
         assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
     }
 

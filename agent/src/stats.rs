@@ -16,6 +16,8 @@ pub struct AgentStats {
     pub xids: AtomicU64,
     /// Events dropped from the spool because it was full.
     pub spool_dropped: AtomicU64,
+    /// GPU samples dropped under pressure (capture queue or spool full).
+    pub samples_shed: AtomicU64,
     pub events_sent: AtomicU64,
     pub events_acked: AtomicU64,
     pub reconnects: AtomicU64,

@@ -123,6 +123,22 @@ pub fn event(ev: &v1::Event) -> Value {
                 "inferred": p.inferred,
             }),
         ),
+        Some(Payload::GpuSample(g)) => (
+            "gpu_sample",
+            json!({
+                "index": g.index, "uuid": opt_str(&g.uuid), "pci": opt_str(&g.pci), "name": opt_str(&g.name),
+                "driver_version": opt_str(&g.driver_version), "cuda_driver_version": opt_str(&g.cuda_driver_version),
+                "gpu_util_pct": g.gpu_util_pct, "mem_util_pct": g.mem_util_pct,
+                "mem_used_bytes": g.mem_used_bytes, "mem_total_bytes": g.mem_total_bytes,
+                "temperature_c": g.temperature_c, "power_mw": g.power_mw, "power_limit_mw": g.power_limit_mw,
+                "sm_clock_mhz": g.sm_clock_mhz, "mem_clock_mhz": g.mem_clock_mhz,
+                "throttle_reasons": g.throttle_reasons, "throttle_reason_names": g.throttle_reason_names,
+                "ecc_corrected_volatile": g.ecc_corrected_volatile, "ecc_uncorrected_volatile": g.ecc_uncorrected_volatile,
+                "pcie_replay_count": g.pcie_replay_count,
+                "processes": g.processes.iter().map(|p| json!({"pid": p.pid, "used_memory_bytes": p.used_memory_bytes, "type": p.r#type})).collect::<Vec<_>>(),
+                "errors": g.errors.iter().map(|e| json!({"field": e.field, "error": e.error})).collect::<Vec<_>>(),
+            }),
+        ),
         None => return obj,
     };
     if let Some(map) = obj.as_object_mut() {
@@ -191,6 +207,28 @@ pub fn line(ev: &v1::Event) -> String {
                 ProcessEventType::Unspecified => String::new(),
             };
             format!("GPU process {} ({}) ppid={} {what}", p.tgid, p.comm, p.ppid)
+        }
+        Some(Payload::GpuSample(g)) => {
+            let opt = |v: Option<u64>, unit: &str| {
+                v.map(|v| format!("{v}{unit}"))
+                    .unwrap_or_else(|| "-".into())
+            };
+            format!(
+                "GPU {} {} util={} mem={}/{} MiB temp={} power={} procs={}{}",
+                g.index,
+                if g.uuid.is_empty() { &g.pci } else { &g.uuid },
+                opt(g.gpu_util_pct.map(u64::from), "%"),
+                opt(g.mem_used_bytes.map(|b| b >> 20), ""),
+                opt(g.mem_total_bytes.map(|b| b >> 20), ""),
+                opt(g.temperature_c.map(u64::from), "C"),
+                opt(g.power_mw.map(|p| u64::from(p) / 1000), "W"),
+                g.processes.len(),
+                if g.errors.is_empty() {
+                    String::new()
+                } else {
+                    format!(" errors={}", g.errors.len())
+                }
+            )
         }
         None => String::new(),
     };

@@ -625,6 +625,7 @@ impl State {
             EventKind::AgentStatus,
             EventKind::Gap,
             EventKind::GpuProcess,
+            EventKind::GpuSample,
         ] {
             let k = kind.short_name();
             self.metrics

@@ -40,6 +40,7 @@ impl v1::EventKind {
             Self::AgentStatus => "agent_status",
             Self::Gap => "gap",
             Self::GpuProcess => "gpu_process",
+            Self::GpuSample => "gpu_sample",
         }
     }
 
@@ -51,6 +52,7 @@ impl v1::EventKind {
             "agent_status" | "status" => Self::AgentStatus,
             "gap" => Self::Gap,
             "gpu_process" | "process" => Self::GpuProcess,
+            "gpu_sample" | "sample" => Self::GpuSample,
             _ => return None,
         })
     }
@@ -68,6 +70,7 @@ impl v1::Event {
             Some(Payload::AgentStatus(_)) => v1::EventKind::AgentStatus,
             Some(Payload::Gap(_)) => v1::EventKind::Gap,
             Some(Payload::GpuProcess(_)) => v1::EventKind::GpuProcess,
+            Some(Payload::GpuSample(_)) => v1::EventKind::GpuSample,
         }
     }
 
@@ -78,6 +81,7 @@ impl v1::Event {
             Some(Payload::Xid(x)) => [x.gpu_uuid.as_str(), x.pci.as_str()],
             Some(Payload::DriverLog(d)) => [d.gpu_uuid.as_str(), d.pci.as_str()],
             Some(Payload::Sxid(s)) => ["", s.pci.as_str()],
+            Some(Payload::GpuSample(g)) => [g.uuid.as_str(), g.pci.as_str()],
             _ => ["", ""],
         }
     }

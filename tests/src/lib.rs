@@ -79,9 +79,20 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, args: &[&str], log: &Path) -> anyhow::Result<Self> {
+        Self::spawn_env(name, args, log, &[])
+    }
+
+    /// As [`Proc::spawn`], with extra environment variables for the child.
+    pub fn spawn_env(
+        name: &str,
+        args: &[&str],
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let err = std::fs::File::create(log)?;
         let child = Command::new(bin(name))
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -236,6 +247,14 @@ pub fn start_agent(
     ];
     args.extend_from_slice(extra);
     Proc::spawn("gpulse-agent", &args, log)
+}
+
+/// The fake libnvidia-ml.so built from tests/fake-nvml, and a scenario file of it.
+pub fn fake_nvml() -> (PathBuf, PathBuf) {
+    (
+        bin("libgpulse_fake_nvml.so"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fake-nvml/scenarios"),
+    )
 }
 
 /// Waits until the agent log says a source is live (so injected records are not missed).

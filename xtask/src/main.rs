@@ -188,14 +188,9 @@ fn setup() -> anyhow::Result<()> {
 // build / test
 
 fn build(release: bool) -> anyhow::Result<PathBuf> {
+    // Binaries and libraries (the fake libnvidia-ml.so the NVML tests load is a cdylib).
     let mut c = cmd("cargo");
-    c.args([
-        "build",
-        "--bins",
-        "--workspace",
-        "--exclude",
-        "gpulse-agent-ebpf",
-    ]);
+    c.args(["build", "--workspace", "--exclude", "gpulse-agent-ebpf"]);
     if release {
         c.arg("--release");
     }

@@ -78,7 +78,7 @@ struct TailArgs {
     /// Only these nodes (repeatable).
     #[arg(long = "node")]
     nodes: Vec<String>,
-    /// Only these kinds: xid, sxid, driver_log, agent_status, gap, gpu_process (repeatable).
+    /// Only these kinds: xid, sxid, driver_log, agent_status, gap, gpu_process, gpu_sample (repeatable).
     #[arg(long = "kind")]
     kinds: Vec<String>,
     /// Only events at least this severe: info, warning, error, fatal.
@@ -93,6 +93,9 @@ struct TailArgs {
     /// Replay stored events after this cursor before going live (0 = everything retained).
     #[arg(long)]
     after: Option<u64>,
+    /// Include GPU samples (many: one per GPU per second); `--kind gpu_sample` alone shows only them.
+    #[arg(long)]
+    samples: bool,
     /// Exit after this many events.
     #[arg(long)]
     count: Option<u64>,
@@ -119,17 +122,31 @@ async fn main() {
 }
 
 fn filter(a: &TailArgs) -> anyhow::Result<EventFilter> {
-    let kinds = a
+    let mut kinds = a
         .kinds
         .iter()
         .map(|k| {
             EventKind::from_short_name(k)
                 .map(|k| k as i32)
                 .with_context(|| {
-                    format!("unknown --kind {k:?} (xid, sxid, driver_log, agent_status, gap, gpu_process)")
+                    format!("unknown --kind {k:?} (xid, sxid, driver_log, agent_status, gap, gpu_process, gpu_sample)")
                 })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if kinds.is_empty() && !a.samples {
+        // Samples are opt-in: everything else by default.
+        kinds = [
+            EventKind::Xid,
+            EventKind::Sxid,
+            EventKind::DriverLog,
+            EventKind::AgentStatus,
+            EventKind::Gap,
+            EventKind::GpuProcess,
+        ]
+        .iter()
+        .map(|k| *k as i32)
+        .collect();
+    }
     let min_severity = match &a.min_severity {
         None => Severity::Unspecified,
         Some(s) => {

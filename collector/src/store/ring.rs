@@ -13,7 +13,7 @@ use prost::Message;
 pub const EVENT_OVERHEAD_BYTES: usize = 96;
 
 /// Number of EventKind values (index = kind as usize).
-pub const KINDS: usize = 7;
+pub const KINDS: usize = 8;
 
 #[derive(Debug)]
 struct Slot {
