@@ -10,6 +10,7 @@ pub mod ebpf;
 pub mod kmsg;
 pub mod nvml;
 pub mod pipeline;
+pub mod pods;
 pub mod procs;
 pub mod record;
 pub mod source;

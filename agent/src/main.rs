@@ -68,6 +68,12 @@ struct Args {
     /// GPU sample interval in milliseconds.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=3_600_000))]
     sample_interval_ms: u64,
+    /// Pod attribution through the Kubernetes API (in-cluster config or KUBECONFIG): `auto` or `off`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
+    kube: String,
+    /// Bound on containers in the pod cache.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
+    max_pod_containers: u64,
     /// Turn on kernel-side (aya-log) diagnostics.
     #[arg(long)]
     ebpf_log: bool,
@@ -169,10 +175,43 @@ async fn main() -> anyhow::Result<()> {
         },
         stats.clone(),
     );
-    let mut pipeline = Pipeline::new(node.clone(), agent_id.clone(), policy, stats.clone())
-        .with_process_tracker(gpulse_agent::procs::ProcessTracker::new(
-            args.max_tracked_processes as usize,
-        ));
+    // Pod attribution: optional; without Kubernetes it is off, said once.
+    let (attributor, kube_state) = if args.kube == "off" {
+        (None, "pod attribution off (--kube off)".to_string())
+    } else {
+        match kube::Config::infer()
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|c| kube::Client::try_from(c).map_err(|e| e.to_string()))
+        {
+            Ok(client) => {
+                let cache = std::sync::Arc::new(std::sync::RwLock::new(
+                    gpulse_agent::pods::PodCache::new(args.max_pod_containers as usize),
+                ));
+                tokio::spawn(gpulse_agent::pods::watch(
+                    client,
+                    node.clone(),
+                    cache.clone(),
+                ));
+                info!(node = %node, "pod attribution on: watching this node's pods");
+                (
+                    Some(gpulse_agent::pods::Attributor::new(cache)),
+                    "pod attribution on".to_string(),
+                )
+            }
+            Err(e) => {
+                info!(reason = %e, "no Kubernetes configuration (not in a cluster, no KUBECONFIG): pod attribution off");
+                (None, format!("pod attribution off: {e}"))
+            }
+        }
+    };
+    let mut tracker = gpulse_agent::procs::ProcessTracker::new(args.max_tracked_processes as usize);
+    let mut pipeline = Pipeline::new(node.clone(), agent_id.clone(), policy, stats.clone());
+    if let Some(a) = &attributor {
+        tracker = tracker.with_attributor(a.clone());
+        pipeline = pipeline.with_attributor(a.clone());
+    }
+    let mut pipeline = pipeline.with_process_tracker(tracker);
     let status = |state: AgentState, detail: String| {
         Captured::Status(AgentStatus {
             state: state as i32,
@@ -184,7 +223,7 @@ async fn main() -> anyhow::Result<()> {
     };
     tx.send(status(
         AgentState::Started,
-        format!("{}; {nvml_state}", running.why),
+        format!("{}; {nvml_state}; {kube_state}", running.why),
     ))
     .await
     .ok();

@@ -33,6 +33,7 @@ pub struct Pipeline {
     agent_id: String,
     recent: VecDeque<(XidKey, i128, RecordSource)>,
     procs: ProcessTracker,
+    pods: Option<crate::pods::Attributor>,
     stats: Arc<AgentStats>,
 }
 
@@ -49,8 +50,15 @@ impl Pipeline {
             agent_id,
             recent: VecDeque::new(),
             procs: ProcessTracker::new(16384),
+            pods: None,
             stats,
         }
+    }
+
+    /// Attributes XIDs that name a pid to that pid's pod.
+    pub fn with_attributor(mut self, a: crate::pods::Attributor) -> Self {
+        self.pods = Some(a);
+        self
     }
 
     /// Replaces the process tracker (bounds, or a fake /proc in tests).
@@ -178,7 +186,13 @@ impl Pipeline {
             }
             AgentStats::add(&self.stats.xids, 1);
         }
-        let (kind, payload) = payload_from_decoded(&decoded, &r.text, r.source, r.truncated);
+        let (kind, mut payload) = payload_from_decoded(&decoded, &r.text, r.source, r.truncated);
+        if let (Payload::Xid(x), Some(a)) = (&mut payload, &self.pods)
+            && let Some(pid) = x.pid
+        {
+            // At the time of the event: the process may be gone by the time anyone asks.
+            x.pod = a.pod_of(pid);
+        }
         Some(self.envelope(r.unix_ns, kind, decoded.severity.into(), payload))
     }
 

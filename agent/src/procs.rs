@@ -10,8 +10,10 @@ use std::{
 
 use gpulse_proto::{
     time::from_unix_nanos,
-    v1::{GpuProcess, ProcessEventType},
+    v1::{GpuProcess, PodRef, ProcessEventType},
 };
+
+use crate::pods::Attributor;
 
 /// Most device nodes remembered per process (a node has a few dozen at most).
 const MAX_DEVICES: usize = 64;
@@ -47,6 +49,8 @@ struct ProcInfo {
     start_unix_ns: i128,
     /// /proc/<tgid>/stat starttime (clock ticks since boot), to tell PID reuse apart.
     proc_start: Option<u64>,
+    /// The pod at the time of the open/exec (kept for the exit, when /proc is gone).
+    pod: Option<PodRef>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +66,7 @@ pub struct ProcessTracker {
     max: usize,
     proc_root: PathBuf,
     stats: TrackerStats,
+    pods: Option<Attributor>,
 }
 
 /// `(ppid, starttime)` from `/proc/<pid>/stat`. The comm field may hold spaces and parentheses,
@@ -85,7 +90,18 @@ impl ProcessTracker {
             max,
             proc_root,
             stats: TrackerStats::default(),
+            pods: None,
         }
+    }
+
+    /// Attributes processes to pods (at open and exec time).
+    pub fn with_attributor(mut self, a: Attributor) -> Self {
+        self.pods = Some(a);
+        self
+    }
+
+    fn pod(&self, tgid: u32) -> Option<PodRef> {
+        self.pods.as_ref().and_then(|a| a.pod_of(tgid))
     }
 
     pub fn stats(&self) -> TrackerStats {
@@ -120,6 +136,7 @@ impl ProcessTracker {
             start_time: Some(from_unix_nanos(info.start_unix_ns)),
             end_time: None,
             inferred: false,
+            pod: info.pod.clone(),
         }
     }
 
@@ -155,6 +172,7 @@ impl ProcessTracker {
                     devices: vec![c.path.clone()],
                     start_unix_ns: c.unix_ns,
                     proc_start,
+                    pod: self.pod(c.tgid),
                 };
                 let ev = Self::event(ProcessEventType::Open, c.tgid, &info, &c.path);
                 if self.table.len() >= self.max {
@@ -173,12 +191,16 @@ impl ProcessTracker {
                 };
                 // exec keeps the PID but /proc's start time too; re-read it anyway (cheap).
                 let start = self.proc_start_of(c.tgid);
+                let pod = self.pod(c.tgid);
                 let info = match self.table.get_mut(&c.tgid) {
                     Some(info) => {
                         info.exe = exe;
                         info.comm = c.comm;
                         info.pid = c.pid;
                         info.proc_start = start.or(info.proc_start);
+                        if pod.is_some() {
+                            info.pod = pod;
+                        }
                         info.clone()
                     }
                     None => ProcInfo {
@@ -190,6 +212,7 @@ impl ProcessTracker {
                         devices: Vec::new(),
                         start_unix_ns: c.unix_ns,
                         proc_start: None,
+                        pod,
                     },
                 };
                 Some(Self::event(ProcessEventType::Exec, c.tgid, &info, ""))
@@ -204,6 +227,7 @@ impl ProcessTracker {
                     devices: Vec::new(),
                     start_unix_ns: c.unix_ns,
                     proc_start: None,
+                    pod: None,
                 });
                 let mut ev = Self::event(ProcessEventType::Exit, c.tgid, &info, "");
                 ev.end_time = Some(from_unix_nanos(c.unix_ns));

@@ -9,6 +9,14 @@ use gpulse_proto::{
 };
 use serde_json::{Value, json};
 
+fn pod(p: Option<&v1::PodRef>) -> Value {
+    match p {
+        Some(p) => json!({"namespace": p.namespace, "name": p.name, "uid": p.uid,
+                          "container": opt_str(&p.container), "container_id": opt_str(&p.container_id)}),
+        None => Value::Null,
+    }
+}
+
 fn opt_str(s: &str) -> Value {
     if s.is_empty() {
         Value::Null
@@ -79,6 +87,7 @@ pub fn event(ev: &v1::Event) -> Value {
                     "words": n.words, "intrinfo": n.intrinfo, "error_status": n.error_status, "sub_code": n.sub_code,
                 })),
                 "inferred": x.inferred,
+                "pod": pod(x.pod.as_ref()),
                 "source": source_name(x.source),
                 "truncated": x.truncated,
                 "raw": x.raw,
@@ -121,6 +130,7 @@ pub fn event(ev: &v1::Event) -> Value {
                 "device": opt_str(&p.device), "devices": p.devices,
                 "start_time": p.start_time.as_ref().map(rfc3339), "end_time": p.end_time.as_ref().map(rfc3339),
                 "inferred": p.inferred,
+                "pod": pod(p.pod.as_ref()),
             }),
         ),
         Some(Payload::GpuSample(g)) => (
@@ -206,7 +216,15 @@ pub fn line(ev: &v1::Event) -> String {
                 ProcessEventType::Exit => "exited".to_string(),
                 ProcessEventType::Unspecified => String::new(),
             };
-            format!("GPU process {} ({}) ppid={} {what}", p.tgid, p.comm, p.ppid)
+            let pod = p
+                .pod
+                .as_ref()
+                .map(|p| format!(" pod={}/{}", p.namespace, p.name))
+                .unwrap_or_default();
+            format!(
+                "GPU process {} ({}) ppid={}{pod} {what}",
+                p.tgid, p.comm, p.ppid
+            )
         }
         Some(Payload::GpuSample(g)) => {
             let opt = |v: Option<u64>, unit: &str| {

@@ -150,6 +150,7 @@ pub fn payload_from_decoded(
                     source: source as i32,
                     raw: raw.to_string(),
                     truncated,
+                    pod: None,
                 }),
             )
         }
