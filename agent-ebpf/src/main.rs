@@ -31,9 +31,14 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use gpulse_ebpf_common::{
     DEV_MAX, DEVICE_PREFIX_MAX, FILTER_PREFIX_LEN, MSG_MAX, NvDevXidRecord, PATH_MAX_BPF,
-    PrintkRecord, ProcRecord, RecordHeader, RecordKind, Tracked, XID_MSG_MAX, flags, keep_line,
-    stats,
+    PrintkRecord, ProcRecord, RecordHeader, RecordKind, TRACKED_DEVICES, Tracked, XID_MSG_MAX,
+    flags, keep_line, path_hash, stats,
 };
+
+/// `bpf_ringbuf_submit` flags. XIDs always wake the agent at once; process records do not (the
+/// agent also drains every few milliseconds), so a storm of them costs no wake-up per record.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 /// Records for userspace. Size is overridden by the agent (`--ring-bytes`) before load.
 #[map]
@@ -172,7 +177,7 @@ fn try_printk_console(ctx: &TracePointContext) -> Result<(), i64> {
     unsafe {
         (*rec).header = header(RecordKind::PrintkLine, len, len + 1 >= MSG_MAX);
     }
-    entry.submit(0);
+    entry.submit(BPF_RB_FORCE_WAKEUP);
     bump(stats::PRINTK_MATCHED);
     if debug_enabled() {
         debug!(ctx, "gpulse: kept printk line of {} bytes", len);
@@ -221,7 +226,7 @@ fn try_nvidia_dev_xid(ctx: &TracePointContext) -> Result<(), i64> {
         (*rec).dev_len = dev_len.min(DEV_MAX) as u32;
         (*rec).header = header(RecordKind::NvDevXid, msg_len, msg_len + 1 >= XID_MSG_MAX);
     }
-    entry.submit(0);
+    entry.submit(BPF_RB_FORCE_WAKEUP);
     bump(stats::DEV_XID_SUBMITTED);
     if debug_enabled() {
         debug!(ctx, "gpulse: nvidia_dev_xid code {}", code);
@@ -308,17 +313,46 @@ fn try_openat_exit(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let tgid = (key >> 32) as u32;
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    // SAFETY: plain map lookup.
-    if unsafe { TRACKED.get(&tgid) }.is_none() {
-        let t = Tracked {
-            first_open_ns: now,
-            exit_lost: 0,
-            _pad: 0,
-        };
-        if TRACKED.insert(&tgid, &t, 0).is_err() {
-            // Reported anyway; the agent tracks it from user space and collects its exit.
-            bump(stats::TRACKED_FULL);
+    // SAFETY: `pending` points into a present map value; the hash reads at most PATH_MAX_BPF.
+    let hash = path_hash(unsafe { &(*pending).buf });
+    match TRACKED.get_ptr_mut(&tgid) {
+        Some(t) => {
+            // SAFETY: pointer from get_ptr_mut on a present key.
+            let n = unsafe { (*t).n_devices } as usize;
+            let mut i = 0;
+            while i < TRACKED_DEVICES {
+                if i >= n {
+                    break;
+                }
+                // SAFETY: i < TRACKED_DEVICES.
+                if unsafe { (*t).devices[i] } == hash {
+                    let _ = PENDING.remove(&key);
+                    bump(stats::PROC_OPEN_REPEAT);
+                    return Ok(());
+                }
+                i += 1;
+            }
+            if n < TRACKED_DEVICES {
+                // SAFETY: n < TRACKED_DEVICES.
+                unsafe {
+                    (*t).devices[n] = hash;
+                    (*t).n_devices = n as u32 + 1;
+                }
+            }
+        }
+        None => {
+            let mut t = Tracked {
+                // SAFETY: helper with no preconditions.
+                first_open_ns: unsafe { bpf_ktime_get_boot_ns() },
+                exit_lost: 0,
+                n_devices: 1,
+                devices: [0; TRACKED_DEVICES],
+            };
+            t.devices[0] = hash;
+            if TRACKED.insert(&tgid, &t, 0).is_err() {
+                // Reported anyway; the agent tracks it from user space and collects its exit.
+                bump(stats::TRACKED_FULL);
+            }
         }
     }
     let r = emit_proc(RecordKind::ProcOpen, key, 0, |dst| {
@@ -355,7 +389,7 @@ fn emit_proc(
         (*rec).cgroup_id = bpf_get_current_cgroup_id();
         (*rec).comm = bpf_get_current_comm().unwrap_or([0; 16]);
     }
-    entry.submit(0);
+    entry.submit(BPF_RB_NO_WAKEUP);
     true
 }
 

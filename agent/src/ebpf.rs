@@ -256,7 +256,8 @@ impl EbpfSource {
         tx: mpsc::Sender<Captured>,
         stats: Arc<AgentStats>,
     ) -> Result<(), EbpfError> {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        // Process records are submitted without a wake-up (see agent-ebpf): drain every 20 ms.
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reported_lost = 0u64;
         let mut ticks = 0u64;
@@ -295,8 +296,26 @@ impl EbpfSource {
                 }
                 _ = tick.tick() => {
                     ticks += 1;
-                    if ticks.is_multiple_of(10) {
+                    {
+                        let ring = self.ring.get_mut();
+                        while let Some(item) = ring.next() {
+                            match decode_item(&item) {
+                                Some(c) => batch.push(c),
+                                None => AgentStats::add(&stats.malformed_records, 1),
+                            }
+                        }
+                    }
+                    for c in batch.drain(..) {
+                        AgentStats::add(&stats.records_captured, 1);
+                        if tx.send(c).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    if ticks.is_multiple_of(250) {
                         self.collect_kernel_table();
+                    }
+                    if !ticks.is_multiple_of(25) {
+                        continue;
                     }
                     let lost = self.kernel_counter(kstats::RING_RESERVE_FAILED);
                     if lost > reported_lost {

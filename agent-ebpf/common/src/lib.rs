@@ -115,14 +115,36 @@ pub struct ProcRecord {
 
 /// Value of the kernel's tracked-process map, keyed by tgid.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Tracked {
     /// CLOCK_BOOTTIME of the first GPU device open.
     pub first_open_ns: u64,
     /// Set when the exit could not be reported through the ring buffer: userspace reports it
     /// from its garbage collection instead, so an exit is never lost silently.
     pub exit_lost: u32,
-    pub _pad: u32,
+    /// Used slots of `devices`.
+    pub n_devices: u32,
+    /// FNV-1a hashes of the device paths already reported for this process: CUDA opens the
+    /// same nodes many times, and only the first open of each is worth a record.
+    pub devices: [u32; TRACKED_DEVICES],
+}
+
+/// Device paths remembered per tracked process in the kernel (more are reported every time).
+pub const TRACKED_DEVICES: usize = 14;
+
+/// FNV-1a over a NUL-terminated path (bytes after the NUL are ignored), the same on both sides.
+pub fn path_hash(p: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < p.len() && i < PATH_MAX_BPF {
+        if p[i] == 0 {
+            break;
+        }
+        h ^= p[i] as u32;
+        h = h.wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    h
 }
 
 /// Indices into the per-CPU `STATS` array; userspace sums them across CPUs.
@@ -146,8 +168,10 @@ pub mod stats {
     pub const PROC_EXIT_LOST: u32 = 8;
     /// Processes not tracked because the tracked map was full.
     pub const TRACKED_FULL: u32 = 9;
+    /// Repeated opens of an already reported device by the same process (not sent).
+    pub const PROC_OPEN_REPEAT: u32 = 10;
     /// Number of slots.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 /// Names of the load-time globals the agent sets from tracefs format files.
@@ -211,7 +235,7 @@ const _: () = assert!(FILTER_PREFIX_LEN >= 15); // "nvidia-nvswitch" must fit
 const _: () = assert!(core::mem::size_of::<ProcRecord>() == 24 + 8 + 8 + COMM_LEN + PATH_MAX_BPF);
 const _: () = assert!(core::mem::offset_of!(ProcRecord, cgroup_id) == 32);
 const _: () = assert!(core::mem::offset_of!(ProcRecord, path) == 40 + COMM_LEN);
-const _: () = assert!(core::mem::size_of::<Tracked>() == 16);
+const _: () = assert!(core::mem::size_of::<Tracked>() == 16 + 4 * TRACKED_DEVICES);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -237,6 +261,16 @@ mod tests {
         assert!(!keep_line(b"usb 1-1: new high-speed USB device"));
         assert!(!keep_line(b"NVR"));
         assert!(!keep_line(b""));
+    }
+
+    #[test]
+    fn path_hash_stops_at_nul() {
+        let mut a = [0u8; PATH_MAX_BPF];
+        a[..12].copy_from_slice(b"/dev/nvidia0");
+        let mut b = [0xffu8; PATH_MAX_BPF];
+        b[..13].copy_from_slice(b"/dev/nvidia0\0");
+        assert_eq!(path_hash(&a), path_hash(&b));
+        assert_ne!(path_hash(b"/dev/nvidia0"), path_hash(b"/dev/nvidia1"));
     }
 
     #[test]
