@@ -40,9 +40,13 @@ fn status_kib(pid: u32, key: &str) -> anyhow::Result<u64> {
 /// Sum of run_time_ns / run_cnt over the BPF programs the agent holds open.
 fn bpf_stats(pid: u32) -> (u64, u64) {
     let (mut t, mut n) = (0, 0);
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return (0, 0) };
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return (0, 0);
+    };
     for e in dir.flatten() {
-        let Ok(info) = fs::read_to_string(e.path()) else { continue };
+        let Ok(info) = fs::read_to_string(e.path()) else {
+            continue;
+        };
         if !info.contains("prog_type:") {
             continue;
         }
@@ -66,7 +70,12 @@ struct Window {
 
 fn window(pid: u32) -> anyhow::Result<Window> {
     let (bpf, bpf_runs) = bpf_stats(pid);
-    Ok(Window { cpu: cpu_ns(pid)?, bpf, bpf_runs, at: Instant::now() })
+    Ok(Window {
+        cpu: cpu_ns(pid)?,
+        bpf,
+        bpf_runs,
+        at: Instant::now(),
+    })
 }
 
 fn scenario_8_gpus(path: &Path) -> anyhow::Result<()> {
@@ -93,7 +102,13 @@ fn report(name: &str, a: &Window, b: &Window, events: u64, pid: u32) -> anyhow::
     let secs = b.at.duration_since(a.at).as_secs_f64();
     let cpu = b.cpu - a.cpu;
     let bpf = b.bpf - a.bpf;
-    let per = |ns: u64| if events == 0 { 0.0 } else { ns as f64 / events as f64 / 1000.0 };
+    let per = |ns: u64| {
+        if events == 0 {
+            0.0
+        } else {
+            ns as f64 / events as f64 / 1000.0
+        }
+    };
     println!(
         "{name:<36} {secs:>5.1} s  events={events:<7} ({:>6.0}/s)  agent cpu={:>6.1} ms ({:>5.2}% of a core)  bpf={:>6.1} ms / {} runs = {:.3} us/run  \
          per event: agent {:.3} us + bpf {:.3} us = {:.3} us  RSS {} KiB (peak {} KiB)",
@@ -102,7 +117,11 @@ fn report(name: &str, a: &Window, b: &Window, events: u64, pid: u32) -> anyhow::
         cpu as f64 / secs / 1e7,
         bpf as f64 / 1e6,
         b.bpf_runs - a.bpf_runs,
-        if b.bpf_runs > a.bpf_runs { bpf as f64 / (b.bpf_runs - a.bpf_runs) as f64 / 1000.0 } else { 0.0 },
+        if b.bpf_runs > a.bpf_runs {
+            bpf as f64 / (b.bpf_runs - a.bpf_runs) as f64 / 1000.0
+        } else {
+            0.0
+        },
         per(cpu),
         per(bpf),
         per(cpu + bpf),
@@ -114,7 +133,9 @@ fn report(name: &str, a: &Window, b: &Window, events: u64, pid: u32) -> anyhow::
 
 fn main() -> anyhow::Result<()> {
     if !is_root() {
-        bail!("the overhead benchmark loads eBPF and enables kernel.bpf_stats_enabled: run it as root");
+        bail!(
+            "the overhead benchmark loads eBPF and enables kernel.bpf_stats_enabled: run it as root"
+        );
     }
     let stats_path = "/proc/sys/kernel/bpf_stats_enabled";
     let old_stats = fs::read_to_string(stats_path).unwrap_or_else(|_| "0".into());
@@ -140,14 +161,27 @@ fn run() -> anyhow::Result<()> {
     let (lib_s, sc) = (lib.display().to_string(), scenario.display().to_string());
     let agent = Proc::spawn_env(
         "gpulse-agent",
-        &["--collector", &url, "--node", &node, "--gpu-device-prefix", &prefix, "--nvml", &lib_s, "--sample-interval-ms", "1000"],
+        &[
+            "--collector",
+            &url,
+            "--node",
+            &node,
+            "--gpu-device-prefix",
+            &prefix,
+            "--nvml",
+            &lib_s,
+            "--sample-interval-ms",
+            "1000",
+        ],
         &log,
         &[("GPULSE_FAKE_NVML_SCENARIO", sc.as_str())],
     )?;
     let pid = agent.child.id();
     wait_agent_live(&log, Duration::from_secs(20))?;
     std::thread::sleep(Duration::from_secs(3));
-    println!("gpulse agent overhead: 8 fake GPUs sampled at 1 Hz, eBPF source, collector on loopback");
+    println!(
+        "gpulse agent overhead: 8 fake GPUs sampled at 1 Hz, eBPF source, collector on loopback"
+    );
 
     // Idle: sampling only.
     let a = window(pid)?;
@@ -199,7 +233,11 @@ fn run() -> anyhow::Result<()> {
         while started.elapsed() < Duration::from_secs(8) {
             let mut batch = Vec::new();
             for _ in 0..16 {
-                batch.push(std::process::Command::new("/bin/sh").args(["-c", script]).spawn()?);
+                batch.push(
+                    std::process::Command::new("/bin/sh")
+                        .args(["-c", script])
+                        .spawn()?,
+                );
             }
             for mut ch in batch {
                 ch.wait()?;
@@ -231,7 +269,9 @@ fn run() -> anyhow::Result<()> {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     let gaps = value_of_metric(&metrics, "gpulse_ingest_seq_gap_events_total").unwrap_or(0.0);
-    println!("drops: agent-reported {dropped} (kernel ring, spool, samples shed), collector seq gaps {gaps}");
+    println!(
+        "drops: agent-reported {dropped} (kernel ring, spool, samples shed), collector seq gaps {gaps}"
+    );
     println!("idle RSS {idle_rss} KiB (target <= 12288 KiB)");
     Ok(())
 }
