@@ -261,6 +261,13 @@ impl Telemetry for TelemetryService {
     ) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(self.store.status().await?))
     }
+
+    async fn nodes(
+        &self,
+        _req: Request<gpulse_proto::v1::NodesRequest>,
+    ) -> Result<Response<gpulse_proto::v1::NodesResponse>, Status> {
+        Ok(Response::new(self.store.nodes().await?))
+    }
 }
 
 #[cfg(test)]

@@ -98,6 +98,9 @@ pub enum Command {
     Status {
         reply: oneshot::Sender<StatusResponse>,
     },
+    Nodes {
+        reply: oneshot::Sender<v1::NodesResponse>,
+    },
 }
 
 /// Cheap handle for RPC handlers.
@@ -158,6 +161,10 @@ impl StoreHandle {
     pub async fn status(&self) -> Result<StatusResponse, StoreError> {
         self.call(|reply| Command::Status { reply }).await
     }
+
+    pub async fn nodes(&self) -> Result<v1::NodesResponse, StoreError> {
+        self.call(|reply| Command::Nodes { reply }).await
+    }
 }
 
 struct Subscriber {
@@ -166,6 +173,39 @@ struct Subscriber {
     /// Events not delivered since the last Lagged notice went out.
     missed: u64,
     last_cursor: u64,
+}
+
+/// Most nodes and GPUs per node remembered for `Nodes` (a node has at most a few dozen GPUs).
+const MAX_NODES: usize = 100_000;
+const MAX_GPUS_PER_NODE: usize = 256;
+
+/// What the collector knows about one node, kept current by every stored event.
+#[derive(Default)]
+struct NodeState {
+    last_seen: Option<prost_types::Timestamp>,
+    xid_source: String,
+    agent_detail: String,
+    gpus: std::collections::BTreeMap<u32, v1::GpuSample>,
+}
+
+fn note_node(nodes: &mut HashMap<String, NodeState>, ev: &v1::Event) {
+    if !nodes.contains_key(&ev.node) && nodes.len() >= MAX_NODES {
+        return;
+    }
+    let n = nodes.entry(ev.node.clone()).or_default();
+    n.last_seen = ev.received.or(ev.time);
+    match &ev.payload {
+        Some(Payload::AgentStatus(a)) => {
+            n.xid_source.clone_from(&a.xid_source);
+            n.agent_detail.clone_from(&a.detail);
+        }
+        Some(Payload::GpuSample(g))
+            if n.gpus.contains_key(&g.index) || n.gpus.len() < MAX_GPUS_PER_NODE =>
+        {
+            n.gpus.insert(g.index, g.clone());
+        }
+        _ => {}
+    }
 }
 
 struct AgentEntry {
@@ -183,6 +223,7 @@ pub struct State {
     metrics: Metrics,
     started: prost_types::Timestamp,
     duplicates: u64,
+    nodes: HashMap<String, NodeState>,
 }
 
 /// Opens the store (replaying the WAL) and starts the state task.
@@ -221,9 +262,11 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         .wal_corruptions
         .inc_by(replay.corruptions.len() as u64);
     let restored = replay.events.len();
+    let mut nodes = HashMap::new();
     for ev in replay.events {
         next_cursor = next_cursor.max(ev.cursor + 1);
         count_xid(&metrics, &ev);
+        note_node(&mut nodes, &ev);
         ring.restore(ev);
     }
     if ring.next_cursor() < next_cursor {
@@ -254,6 +297,7 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         metrics,
         started: ptime::now(),
         duplicates: 0,
+        nodes,
     };
     state.wal.truncate_before(
         state
@@ -353,6 +397,9 @@ impl State {
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            Command::Nodes { reply } => {
+                let _ = reply.send(self.nodes());
+            }
         }
     }
 
@@ -449,6 +496,7 @@ impl State {
                     .with_label_values(&[ev.node.as_str(), stage.as_str()])
                     .inc_by(g.missed);
             }
+            note_node(&mut self.nodes, &ev);
             // Same cursor as written above: the ring hands out cursors in the same order.
             let (stored_ev, _) = self.ring.push(ev);
             self.fan_out(&stored_ev);
@@ -599,6 +647,32 @@ impl State {
         });
         self.metrics.subscribers.set(self.subscribers.len() as i64);
         Subscription { replay, live }
+    }
+
+    fn nodes(&self) -> v1::NodesResponse {
+        let mut nodes: Vec<v1::NodeInfo> = self
+            .nodes
+            .iter()
+            .map(|(name, n)| {
+                let mut connected_agents: Vec<String> = self
+                    .agents
+                    .values()
+                    .filter(|a| a.connections > 0 && a.progress.node == *name)
+                    .map(|a| a.progress.agent_id.clone())
+                    .collect();
+                connected_agents.sort();
+                v1::NodeInfo {
+                    node: name.clone(),
+                    connected_agents,
+                    last_seen: n.last_seen,
+                    xid_source: n.xid_source.clone(),
+                    agent_detail: n.agent_detail.clone(),
+                    gpus: n.gpus.values().cloned().collect(),
+                }
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        v1::NodesResponse { nodes }
     }
 
     fn status(&self) -> StatusResponse {

@@ -406,3 +406,52 @@ async fn agent_spool_notice_explains_its_own_sequence_jump() {
     assert_eq!(reported, 4);
     assert_eq!(h.store.status().await.unwrap().events_stored, 3);
 }
+
+#[tokio::test]
+async fn nodes_report_latest_gpu_samples_and_agent_state_across_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let sample = |index: u32, util: u32| v1::Event {
+        kind: EventKind::GpuSample as i32,
+        severity: v1::Severity::Info as i32,
+        payload: Some(v1::event::Payload::GpuSample(v1::GpuSample {
+            index,
+            uuid: format!("GPU-{index}"),
+            gpu_util_pct: Some(util),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let status = v1::Event {
+        kind: EventKind::AgentStatus as i32,
+        severity: v1::Severity::Info as i32,
+        payload: Some(v1::event::Payload::AgentStatus(v1::AgentStatus {
+            xid_source: "ebpf".into(),
+            detail: "started".into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    {
+        let h = start(store_config(dir.path())).await;
+        let (mut a, _) = AgentStream::open(&h, "gpu-node/1", "gpu-node").await;
+        a.send(1, vec![status, sample(0, 10), sample(1, 20), sample(0, 30)])
+            .await
+            .unwrap();
+        let r = h.store.nodes().await.unwrap();
+        assert_eq!(r.nodes.len(), 1);
+        let n = &r.nodes[0];
+        assert_eq!(
+            (n.node.as_str(), n.xid_source.as_str()),
+            ("gpu-node", "ebpf")
+        );
+        assert_eq!(n.connected_agents, vec!["gpu-node/1"]);
+        assert_eq!(n.gpus.len(), 2);
+        assert_eq!(n.gpus[0].gpu_util_pct, Some(30), "latest sample wins");
+        assert!(n.last_seen.is_some());
+    }
+    // Restored from the WAL; nobody connected now.
+    let h = start(store_config(dir.path())).await;
+    let r = h.store.nodes().await.unwrap();
+    assert_eq!(r.nodes[0].gpus.len(), 2);
+    assert!(r.nodes[0].connected_agents.is_empty());
+}

@@ -81,6 +81,7 @@ fn samples_stream_and_nvml_enriches_xids() {
         "NVRM: Xid (PCI:0000:3b:00): 94, pid=12, name=trainer, Contained ECC error {m}"
     ))
     .unwrap();
+    let node_name = node.clone();
     let f = EventFilter {
         nodes: vec![node],
         kinds: vec![EventKind::Xid as i32],
@@ -100,6 +101,27 @@ fn samples_stream_and_nvml_enriches_xids() {
     assert_eq!(x.gpu_uuid, "GPU-11111111-2222-3333-4444-555555555555");
     let agent = std::fs::read_to_string(&agent_log).unwrap();
     assert!(agent.contains("NVML sampling on"), "{agent}");
+
+    // `gpulse nodes --json` shows this node, connected, with its three GPUs' latest samples.
+    let out = std::process::Command::new(bin("gpulse"))
+        .args(["nodes", "--json", "--collector", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let line = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .find(|l| l.contains(&node_name))
+        .map(str::to_string)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["connected"], true);
+    assert_eq!(v["gpus"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        v["gpus"][0]["uuid"],
+        "GPU-11111111-2222-3333-4444-555555555555"
+    );
+    assert_eq!(v["gpus"][0]["pci"], "0000:3b:00.0");
 }
 
 #[test]

@@ -37,6 +37,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: XidCmd,
     },
+    /// Nodes the collector has heard from, with their GPUs' latest samples.
+    Nodes {
+        #[arg(
+            long,
+            env = "GPULSE_COLLECTOR",
+            default_value = "http://127.0.0.1:7700"
+        )]
+        collector: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Collector status.
     Status {
         #[arg(
@@ -114,6 +125,7 @@ async fn main() {
         } => explain(code, json),
         Cmd::Xid { cmd: XidCmd::Parse } => parse_stdin(),
         Cmd::Status { collector, json } => status(&collector, json).await,
+        Cmd::Nodes { collector, json } => nodes(&collector, json).await,
     };
     if let Err(e) = res {
         eprintln!("gpulse: {e:#}");
@@ -275,6 +287,81 @@ fn parse_stdin() -> anyhow::Result<()> {
                 json!({"severity": dec.severity, "gpu_uuid": dec.gpu_uuid, "record": dec.record})
             )?,
             None => eprintln!("gpulse: line {}: not an NVIDIA driver record", i + 1),
+        }
+    }
+    Ok(())
+}
+
+async fn nodes(collector: &str, as_json: bool) -> anyhow::Result<()> {
+    let mut client = TelemetryClient::connect(collector.to_string())
+        .await
+        .with_context(|| format!("connecting to {collector}"))?;
+    let r = client
+        .nodes(gpulse_proto::v1::NodesRequest {})
+        .await?
+        .into_inner();
+    if as_json {
+        for n in &r.nodes {
+            let gpus: Vec<serde_json::Value> = n
+                .gpus
+                .iter()
+                .map(|g| {
+                    let ev = gpulse_proto::v1::Event {
+                        payload: Some(gpulse_proto::v1::event::Payload::GpuSample(g.clone())),
+                        ..Default::default()
+                    };
+                    json::event(&ev)["gpu_sample"].clone()
+                })
+                .collect();
+            println!(
+                "{}",
+                json!({
+                    "node": n.node,
+                    "connected": !n.connected_agents.is_empty(),
+                    "connected_agents": n.connected_agents,
+                    "last_seen": n.last_seen.as_ref().map(gpulse_proto::time::rfc3339),
+                    "xid_source": n.xid_source,
+                    "agent_detail": n.agent_detail,
+                    "gpus": gpus,
+                })
+            );
+        }
+        return Ok(());
+    }
+    if r.nodes.is_empty() {
+        println!("no nodes yet: no agent has sent anything to {collector}");
+    }
+    for n in &r.nodes {
+        println!(
+            "{}  {}  last seen {}  source {}  {} GPU(s)",
+            n.node,
+            if n.connected_agents.is_empty() {
+                "disconnected"
+            } else {
+                "connected"
+            },
+            n.last_seen
+                .as_ref()
+                .map(gpulse_proto::time::rfc3339)
+                .unwrap_or_else(|| "-".into()),
+            if n.xid_source.is_empty() {
+                "-"
+            } else {
+                &n.xid_source
+            },
+            n.gpus.len()
+        );
+        for g in &n.gpus {
+            let ev = gpulse_proto::v1::Event {
+                payload: Some(gpulse_proto::v1::event::Payload::GpuSample(g.clone())),
+                ..Default::default()
+            };
+            let line = json::line(&ev);
+            println!(
+                "    {} {}",
+                g.name,
+                line.split("gpu_sample").nth(1).unwrap_or(&line).trim()
+            );
         }
     }
     Ok(())
