@@ -7,7 +7,7 @@
 //!   events (needs root for eBPF).
 //! * `test`   the whole suite: fmt, clippy, unit, in-process gRPC, CLI and, as root, the
 //!   end-to-end tests through the real kernel.
-//! * `bench`  the latency benchmark (root).
+//! * `bench`  the XID latency benchmark, or with `--overhead` the agent overhead one (root).
 //! * `fuzz`   runs the XID parser fuzz target (`--seconds N`).
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a developer tool talking to its user
 
@@ -395,13 +395,17 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
     if !is_root() {
-        bail!(
-            "the latency benchmark writes /dev/kmsg and loads eBPF: run it as root (sudo -E cargo xtask bench)"
-        );
+        bail!("the benchmarks load eBPF and write /dev/kmsg: run them as root (sudo -E cargo xtask bench)");
     }
     let bins = build(true)?;
-    let mut c = Command::new(bins.join("gpulse-latency-bench"));
-    c.args(args).env("GPULSE_BIN_DIR", &bins);
+    // `--overhead`: agent CPU/RSS under storms; otherwise the XID latency benchmark.
+    let (harness, rest): (&str, Vec<&String>) = if args.iter().any(|a| a == "--overhead") {
+        ("gpulse-overhead-bench", args.iter().filter(|a| *a != "--overhead").collect())
+    } else {
+        ("gpulse-latency-bench", args.iter().collect())
+    };
+    let mut c = Command::new(bins.join(harness));
+    c.args(rest).env("GPULSE_BIN_DIR", &bins);
     run(&mut c)
 }
 
