@@ -266,22 +266,10 @@ impl EbpfSource {
             tokio::select! {
                 guard = self.ring.readable_mut() => {
                     let mut guard = guard?;
-                    let ring = guard.get_inner_mut();
-                    while let Some(item) = ring.next() {
-                        match decode_item(&item) {
-                            Some(c) => batch.push(c),
-                            None => {
-                                AgentStats::add(&stats.malformed_records, 1);
-                                debug!(len = item.len(), "ring record with unknown kind or size");
-                            }
-                        }
-                    }
+                    drain_ring(guard.get_inner_mut(), &mut batch, &stats);
                     guard.clear_ready();
-                    for c in batch.drain(..) {
-                        AgentStats::add(&stats.records_captured, 1);
-                        if tx.send(c).await.is_err() {
-                            return Ok(());
-                        }
+                    if !forward(&mut batch, &tx, &stats).await {
+                        return Ok(());
                     }
                 }
                 guard = async {
@@ -296,20 +284,9 @@ impl EbpfSource {
                 }
                 _ = tick.tick() => {
                     ticks += 1;
-                    {
-                        let ring = self.ring.get_mut();
-                        while let Some(item) = ring.next() {
-                            match decode_item(&item) {
-                                Some(c) => batch.push(c),
-                                None => AgentStats::add(&stats.malformed_records, 1),
-                            }
-                        }
-                    }
-                    for c in batch.drain(..) {
-                        AgentStats::add(&stats.records_captured, 1);
-                        if tx.send(c).await.is_err() {
-                            return Ok(());
-                        }
+                    drain_ring(self.ring.get_mut(), &mut batch, &stats);
+                    if !forward(&mut batch, &tx, &stats).await {
+                        return Ok(());
                     }
                     if ticks.is_multiple_of(250) {
                         self.collect_kernel_table();
@@ -339,6 +316,34 @@ impl EbpfSource {
             }
         }
     }
+}
+
+/// Decodes everything waiting in the ring into `batch`.
+fn drain_ring(ring: &mut RingBuf<MapData>, batch: &mut Vec<Captured>, stats: &AgentStats) {
+    while let Some(item) = ring.next() {
+        match decode_item(&item) {
+            Some(c) => batch.push(c),
+            None => {
+                AgentStats::add(&stats.malformed_records, 1);
+                debug!(len = item.len(), "ring record with unknown kind or size");
+            }
+        }
+    }
+}
+
+/// Hands a drained batch to the pipeline; false when the pipeline is gone.
+async fn forward(
+    batch: &mut Vec<Captured>,
+    tx: &mpsc::Sender<Captured>,
+    stats: &AgentStats,
+) -> bool {
+    for c in batch.drain(..) {
+        AgentStats::add(&stats.records_captured, 1);
+        if tx.send(c).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 impl EbpfSource {

@@ -174,8 +174,13 @@ pub fn line(ev: &v1::Event) -> String {
             } else {
                 format!("{} {}", x.pci, x.gpu_uuid)
             };
+            let pod = x
+                .pod
+                .as_ref()
+                .map(|p| format!(" pod={}/{}", p.namespace, p.name))
+                .unwrap_or_default();
             format!(
-                "XID {} {} on {}{}: {}",
+                "XID {} {} on {}{}{}: {}",
                 x.code,
                 x.mnemonic,
                 if gpu.is_empty() {
@@ -184,6 +189,7 @@ pub fn line(ev: &v1::Event) -> String {
                     gpu
                 },
                 who,
+                pod,
                 x.message
             )
         }

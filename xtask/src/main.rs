@@ -395,12 +395,17 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("the benchmarks load eBPF and write /dev/kmsg: run them as root (sudo -E cargo xtask bench)");
+        bail!(
+            "the benchmarks load eBPF and write /dev/kmsg: run them as root (sudo -E cargo xtask bench)"
+        );
     }
     let bins = build(true)?;
     // `--overhead`: agent CPU/RSS under storms; otherwise the XID latency benchmark.
     let (harness, rest): (&str, Vec<&String>) = if args.iter().any(|a| a == "--overhead") {
-        ("gpulse-overhead-bench", args.iter().filter(|a| *a != "--overhead").collect())
+        (
+            "gpulse-overhead-bench",
+            args.iter().filter(|a| *a != "--overhead").collect(),
+        )
     } else {
         ("gpulse-latency-bench", args.iter().collect())
     };
