@@ -66,7 +66,7 @@ pub struct EbpfOptions {
 impl Default for EbpfOptions {
     fn default() -> Self {
         Self {
-            ring_bytes: 1 << 20,
+            ring_bytes: 512 << 10,
             nvidia_tracepoint: true,
             debug_log: false,
             device_prefix: Some("/dev/nvidia".into()),

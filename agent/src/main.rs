@@ -40,8 +40,9 @@ struct Args {
     /// Attach nvidia:nvidia_dev_xid when the driver provides it.
     #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
     nvidia_tracepoint: String,
-    /// BPF ring buffer size in bytes (rounded up to a power of two).
-    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(4096..=(1 << 30)))]
+    /// BPF ring buffer size in bytes (rounded up to a power of two). Its pages are mapped twice
+    /// into the agent, so this costs twice its size in RSS; 512 KiB holds ~960 XID records.
+    #[arg(long, default_value_t = 512 << 10, value_parser = clap::value_parser!(u32).range(4096..=(1 << 30)))]
     ring_bytes: u32,
     /// Spool bound in bytes while the collector is unreachable.
     #[arg(long, default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
