@@ -98,9 +98,14 @@ fn scenario_8_gpus(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Agent CPU per second when idle (sampling only), subtracted to get the marginal cost of events.
+static IDLE_NS_PER_S: AtomicU64 = AtomicU64::new(0);
+
 fn report(name: &str, a: &Window, b: &Window, events: u64, pid: u32) -> anyhow::Result<()> {
     let secs = b.at.duration_since(a.at).as_secs_f64();
     let cpu = b.cpu - a.cpu;
+    let idle = (IDLE_NS_PER_S.load(Ordering::Relaxed) as f64 * secs) as u64;
+    let marginal = cpu.saturating_sub(idle);
     let bpf = b.bpf - a.bpf;
     let per = |ns: u64| {
         if events == 0 {
@@ -111,7 +116,7 @@ fn report(name: &str, a: &Window, b: &Window, events: u64, pid: u32) -> anyhow::
     };
     println!(
         "{name:<36} {secs:>5.1} s  events={events:<7} ({:>6.0}/s)  agent cpu={:>6.1} ms ({:>5.2}% of a core)  bpf={:>6.1} ms / {} runs = {:.3} us/run  \
-         per event: agent {:.3} us + bpf {:.3} us = {:.3} us  RSS {} KiB (peak {} KiB)",
+         per event: agent {:.3} us + bpf {:.3} us = {:.3} us (marginal over idle: {:.3} us)  RSS {} KiB (peak {} KiB)",
         events as f64 / secs,
         cpu as f64 / 1e6,
         cpu as f64 / secs / 1e7,
@@ -125,6 +130,7 @@ fn report(name: &str, a: &Window, b: &Window, events: u64, pid: u32) -> anyhow::
         per(cpu),
         per(bpf),
         per(cpu + bpf),
+        per(marginal + bpf),
         status_kib(pid, "VmRSS:")?,
         status_kib(pid, "VmHWM:")?
     );
@@ -188,6 +194,11 @@ fn run() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(10));
     let b = window(pid)?;
     report("idle (8 GPUs @ 1 Hz)", &a, &b, 80, pid)?;
+    let idle_secs = b.at.duration_since(a.at).as_secs_f64();
+    IDLE_NS_PER_S.store(
+        ((b.cpu - a.cpu) as f64 / idle_secs) as u64,
+        Ordering::Relaxed,
+    );
     let idle_rss = status_kib(pid, "VmRSS:")?;
 
     let devpath = dev.join("nvidia0");
