@@ -234,6 +234,27 @@ fn try_nvidia_dev_xid(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
+/// True when `tgid` is tracked and has already reported a device with this path hash.
+#[inline(always)]
+fn known_device(tracked: &HashMap<u32, Tracked>, tgid: u32, hash: u32) -> bool {
+    // SAFETY: plain map lookup; the value is only read.
+    let Some(t) = (unsafe { tracked.get(&tgid) }) else {
+        return false;
+    };
+    let n = t.n_devices as usize;
+    let mut i = 0;
+    while i < TRACKED_DEVICES {
+        if i >= n {
+            return false;
+        }
+        if t.devices[i] == hash {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
 /// True when `path` starts with the configured GPU device prefix.
 #[inline(always)]
 fn device_prefix_matches(path: &[u8], plen: usize) -> bool {
@@ -283,6 +304,17 @@ fn try_openat_enter(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let key = bpf_get_current_pid_tgid();
+    // A device this process has already reported: nothing to learn from the result, so skip the
+    // pending-open bookkeeping entirely (CUDA reopens its nodes constantly).
+    // SAFETY: scratch holds a NUL-terminated path.
+    if known_device(
+        &TRACKED,
+        (key >> 32) as u32,
+        path_hash(unsafe { &(*scratch).buf }),
+    ) {
+        bump(stats::PROC_OPEN_REPEAT);
+        return Ok(());
+    }
     // SAFETY: scratch holds a fully written PathBuf.
     PENDING
         .insert(&key, unsafe { &*scratch }, 0)
