@@ -269,9 +269,12 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         note_node(&mut nodes, &ev);
         ring.restore(ev);
     }
-    if ring.next_cursor() < next_cursor {
-        ring = rebase(ring, next_cursor);
+    // Frames lost to damage may have carried cursors already handed to subscribers: skip past
+    // every cursor they could have held (a frame is at least 9 bytes) so none is ever reused.
+    for c in &replay.corruptions {
+        next_cursor += c.skipped_bytes / 9 + 1;
     }
+    ring.skip_to(next_cursor);
     info!(
         restored_events = restored,
         retained = ring.len(),
@@ -308,16 +311,6 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     state.update_gauges();
     tokio::spawn(state.run(rx));
     Ok(StoreHandle { tx })
-}
-
-/// A ring whose next cursor is at least `next` (after checkpoints said cursors went further than
-/// the surviving events).
-fn rebase(ring: EventRing, next: u64) -> EventRing {
-    if ring.is_empty() {
-        EventRing::new(ring.budget(), next)
-    } else {
-        ring
-    }
 }
 
 fn count_xid(metrics: &Metrics, ev: &v1::Event) {

@@ -344,6 +344,23 @@ async fn restart_with_damaged_log_skips_damage_and_reports_it() {
     let (mut a, hello) = AgentStream::open(&h, "n/1", "n").await;
     assert_eq!(hello.through_seq, 3);
     assert_eq!(a.send(4, vec![log("e3")]).await.unwrap().through_seq, 4);
+    // The damaged bytes could have held frames with cursors 4.. that a subscriber saw before the
+    // crash: the new event's cursor lies beyond all of them, and resuming after 3 still finds it.
+    let st = h.store.status().await.unwrap();
+    assert!(
+        st.last_cursor > 4 + 25 / 9,
+        "cursor {} may reuse a lost one",
+        st.last_cursor
+    );
+    let mut sub = subscribe(
+        &h,
+        SubscribeRequest {
+            filter: None,
+            after_cursor: Some(3),
+        },
+    )
+    .await;
+    assert_eq!(message_of(&next(&mut sub).await.unwrap()), "e3");
 }
 
 #[tokio::test]

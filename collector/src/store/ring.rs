@@ -1,8 +1,9 @@
 //! The in-memory event ring: bounded by bytes, oldest expired first, indexed by cursor.
 //!
-//! Cursors are assigned contiguously (one per stored event) and only the oldest events are ever
-//! removed, so the event with cursor `c` lives at index `c - front.cursor`: resuming after a
-//! cursor is O(1) to locate.
+//! Cursors increase with every stored event and only the oldest events are ever removed, so the
+//! slots are sorted by cursor and resuming after a cursor is a binary search. (Cursors are
+//! contiguous in normal operation; after a damaged log tail they skip the range that may have been
+//! handed out before the crash, so no cursor is ever reused.)
 use std::{collections::VecDeque, sync::Arc};
 
 use gpulse_proto::v1::{self, EventKind};
@@ -66,20 +67,18 @@ impl EventRing {
     }
 
     /// Re-inserts an event read back from the write-ahead log, keeping its cursor. Events must
-    /// come in increasing cursor order; a cursor jump (a damaged log segment) is allowed.
+    /// come in increasing cursor order; a jump (events lost to a damaged log segment) is allowed.
     pub fn restore(&mut self, ev: v1::Event) -> Option<(Arc<v1::Event>, u64)> {
         if ev.cursor < self.next_cursor {
             return None;
         }
-        if ev.cursor > self.next_cursor && !self.slots.is_empty() {
-            // Keep the index arithmetic valid: a jump means the events in between are gone.
-            self.slots.clear();
-            self.bytes = 0;
-            self.bytes_by_kind = [0; KINDS];
-            self.events_by_kind = [0; KINDS];
-        }
         self.next_cursor = ev.cursor + 1;
         Some(self.insert(ev))
+    }
+
+    /// Never hand out cursors below `next` (they may have been issued before a crash).
+    pub fn skip_to(&mut self, next: u64) {
+        self.next_cursor = self.next_cursor.max(next);
     }
 
     fn insert(&mut self, ev: v1::Event) -> (Arc<v1::Event>, u64) {
@@ -126,10 +125,7 @@ impl EventRing {
         limit: usize,
         mut keep: impl FnMut(&v1::Event) -> bool,
     ) -> Vec<Arc<v1::Event>> {
-        let Some(front) = self.oldest_cursor() else {
-            return Vec::new();
-        };
-        let start = after.saturating_add(1).saturating_sub(front) as usize;
+        let start = self.slots.partition_point(|s| s.event.cursor <= after);
         self.slots
             .iter()
             .skip(start)
@@ -250,7 +246,19 @@ mod tests {
         let mut e = ev(2, EventKind::Xid);
         e.cursor = 9;
         r.restore(e);
-        assert_eq!((r.oldest_cursor(), r.last_cursor()), (Some(9), Some(9)));
+        assert_eq!((r.oldest_cursor(), r.last_cursor()), (Some(5), Some(9)));
         assert_eq!(r.push(ev(3, EventKind::Xid)).0.cursor, 10);
+        // Resuming inside the hole starts at the next existing cursor.
+        assert_eq!(
+            r.after(6, 10, |_| true)
+                .iter()
+                .map(|e| e.cursor)
+                .collect::<Vec<_>>(),
+            vec![9, 10]
+        );
+        r.skip_to(20);
+        assert_eq!(r.push(ev(4, EventKind::Xid)).0.cursor, 20);
+        r.skip_to(3);
+        assert_eq!(r.next_cursor(), 21, "never backwards");
     }
 }
