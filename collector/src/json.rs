@@ -133,28 +133,30 @@ pub fn event(ev: &v1::Event) -> Value {
                 "pod": pod(p.pod.as_ref()),
             }),
         ),
-        Some(Payload::GpuSample(g)) => (
-            "gpu_sample",
-            json!({
-                "index": g.index, "uuid": opt_str(&g.uuid), "pci": opt_str(&g.pci), "name": opt_str(&g.name),
-                "driver_version": opt_str(&g.driver_version), "cuda_driver_version": opt_str(&g.cuda_driver_version),
-                "gpu_util_pct": g.gpu_util_pct, "mem_util_pct": g.mem_util_pct,
-                "mem_used_bytes": g.mem_used_bytes, "mem_total_bytes": g.mem_total_bytes,
-                "temperature_c": g.temperature_c, "power_mw": g.power_mw, "power_limit_mw": g.power_limit_mw,
-                "sm_clock_mhz": g.sm_clock_mhz, "mem_clock_mhz": g.mem_clock_mhz,
-                "throttle_reasons": g.throttle_reasons, "throttle_reason_names": g.throttle_reason_names,
-                "ecc_corrected_volatile": g.ecc_corrected_volatile, "ecc_uncorrected_volatile": g.ecc_uncorrected_volatile,
-                "pcie_replay_count": g.pcie_replay_count,
-                "processes": g.processes.iter().map(|p| json!({"pid": p.pid, "used_memory_bytes": p.used_memory_bytes, "type": p.r#type})).collect::<Vec<_>>(),
-                "errors": g.errors.iter().map(|e| json!({"field": e.field, "error": e.error})).collect::<Vec<_>>(),
-            }),
-        ),
+        Some(Payload::GpuSample(g)) => ("gpu_sample", gpu_sample(g)),
         None => return obj,
     };
     if let Some(map) = obj.as_object_mut() {
         map.insert(key.to_string(), body);
     }
     obj
+}
+
+/// One GPU sample as JSON (absent measurements are `null`).
+pub fn gpu_sample(g: &v1::GpuSample) -> Value {
+    json!({
+        "index": g.index, "uuid": opt_str(&g.uuid), "pci": opt_str(&g.pci), "name": opt_str(&g.name),
+        "driver_version": opt_str(&g.driver_version), "cuda_driver_version": opt_str(&g.cuda_driver_version),
+        "gpu_util_pct": g.gpu_util_pct, "mem_util_pct": g.mem_util_pct,
+        "mem_used_bytes": g.mem_used_bytes, "mem_total_bytes": g.mem_total_bytes,
+        "temperature_c": g.temperature_c, "power_mw": g.power_mw, "power_limit_mw": g.power_limit_mw,
+        "sm_clock_mhz": g.sm_clock_mhz, "mem_clock_mhz": g.mem_clock_mhz,
+        "throttle_reasons": g.throttle_reasons, "throttle_reason_names": g.throttle_reason_names,
+        "ecc_corrected_volatile": g.ecc_corrected_volatile, "ecc_uncorrected_volatile": g.ecc_uncorrected_volatile,
+        "pcie_replay_count": g.pcie_replay_count,
+        "processes": g.processes.iter().map(|p| json!({"pid": p.pid, "used_memory_bytes": p.used_memory_bytes, "type": p.r#type})).collect::<Vec<_>>(),
+        "errors": g.errors.iter().map(|e| json!({"field": e.field, "error": e.error})).collect::<Vec<_>>(),
+    })
 }
 
 /// A one-line human rendering.

@@ -273,6 +273,17 @@ pub fn wait_agent_live(log: &Path, within: Duration) -> anyhow::Result<String> {
     )
 }
 
+/// A tokio runtime for tests that drive gRPC clients from synchronous test code.
+pub fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("cannot start a tokio runtime: {e}"),
+    }
+}
+
 /// Subscribes and collects events until `done` says so or `within` passes.
 pub async fn collect_events(
     url: &str,

@@ -13,13 +13,6 @@ use gpulse_proto::v1::{self, EventFilter, EventKind, event::Payload};
 
 const UUID: &str = "GPU-b6c3b2be-c55b-d076-fa0e-d464e4c7e08b";
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn xid_reaches_subscriber(source: &str, want_source: &str) {
     let _k = kernel_lock();
     let dir = tempfile::tempdir().unwrap();
@@ -49,7 +42,7 @@ fn xid_reaches_subscriber(source: &str, want_source: &str) {
         .spawn()
         .unwrap();
 
-    let rt = rt();
+    let rt = runtime();
     let url = c.url();
     let n2 = node.clone();
     let sub = rt.spawn(async move {
@@ -219,7 +212,7 @@ fn collector_kill9_and_restart_loses_no_xid_and_duplicates_none() {
         std::thread::sleep(Duration::from_millis(25));
     }
 
-    let rt = rt();
+    let rt = runtime();
     let url = c.url();
     let f = EventFilter {
         nodes: vec![node.clone()],

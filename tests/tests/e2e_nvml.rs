@@ -45,10 +45,7 @@ fn samples_stream_and_nvml_enriches_xids() {
     .unwrap();
     wait_agent_live(&agent_log, Duration::from_secs(20)).unwrap();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let f = EventFilter {
         nodes: vec![node.clone()],
         kinds: vec![EventKind::GpuSample as i32],
@@ -149,10 +146,7 @@ fn agent_without_nvml_says_so_once_and_keeps_streaming() {
         "NVRM: Xid (PCI:0000:3b:00): 13, Graphics Exception {m}"
     ))
     .unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let f = EventFilter {
         nodes: vec![node],
         ..Default::default()

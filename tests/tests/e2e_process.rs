@@ -49,10 +49,7 @@ fn gpu_device_open_exec_and_exit_reach_a_subscriber() {
     let tgid = child.id();
     child.wait().unwrap();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let f = EventFilter {
         nodes: vec![node.clone()],
         kinds: vec![EventKind::GpuProcess as i32],

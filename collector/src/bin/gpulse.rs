@@ -302,17 +302,7 @@ async fn nodes(collector: &str, as_json: bool) -> anyhow::Result<()> {
         .into_inner();
     if as_json {
         for n in &r.nodes {
-            let gpus: Vec<serde_json::Value> = n
-                .gpus
-                .iter()
-                .map(|g| {
-                    let ev = gpulse_proto::v1::Event {
-                        payload: Some(gpulse_proto::v1::event::Payload::GpuSample(g.clone())),
-                        ..Default::default()
-                    };
-                    json::event(&ev)["gpu_sample"].clone()
-                })
-                .collect();
+            let gpus: Vec<serde_json::Value> = n.gpus.iter().map(json::gpu_sample).collect();
             println!(
                 "{}",
                 json!({
