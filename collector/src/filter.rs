@@ -55,6 +55,20 @@ impl Filter {
         })
     }
 
+    /// The kinds this filter can match (empty = all); with XID codes only XIDs can match.
+    pub fn lanes(&self) -> Vec<EventKind> {
+        if !self.xid_codes.is_empty() {
+            return vec![EventKind::Xid];
+        }
+        let mut k: Vec<EventKind> = self
+            .kinds
+            .iter()
+            .filter_map(|k| EventKind::try_from(*k).ok())
+            .collect();
+        k.sort_by_key(|k| *k as i32);
+        k
+    }
+
     pub fn matches(&self, ev: &v1::Event) -> bool {
         if !self.nodes.is_empty() && !self.nodes.contains(&ev.node) {
             return false;

@@ -1,10 +1,11 @@
-//! gRPC services: `Ingest.Push` (agents) and `Telemetry.Subscribe` / `Status` (clients).
+//! gRPC services: `Ingest.Push` (agents) and `Telemetry` (clients: Subscribe, Status, Nodes,
+//! ListEvents, Trend).
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt, stream};
 use gpulse_proto::v1::{
-    Ack, Batch, EventKind, StatusRequest, StatusResponse, SubscribeRequest, SubscribeResponse,
-    ingest_server::Ingest, subscribe_response::Msg, telemetry_server::Telemetry,
+    self, Ack, Batch, EventKind, StatusRequest, StatusResponse, SubscribeRequest,
+    SubscribeResponse, ingest_server::Ingest, subscribe_response::Msg, telemetry_server::Telemetry,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -14,6 +15,7 @@ use tracing::{debug, info, warn};
 use crate::{
     filter::Filter,
     metrics::Metrics,
+    query::QueryError,
     state::{StoreError, StoreHandle, SubMsg},
 };
 
@@ -264,9 +266,35 @@ impl Telemetry for TelemetryService {
 
     async fn nodes(
         &self,
-        _req: Request<gpulse_proto::v1::NodesRequest>,
-    ) -> Result<Response<gpulse_proto::v1::NodesResponse>, Status> {
-        Ok(Response::new(self.store.nodes().await?))
+        req: Request<v1::NodesRequest>,
+    ) -> Result<Response<v1::NodesResponse>, Status> {
+        let r = self.store.nodes(req.into_inner().window).await?;
+        Ok(Response::new(r?))
+    }
+
+    async fn list_events(
+        &self,
+        req: Request<v1::ListEventsRequest>,
+    ) -> Result<Response<v1::ListEventsResponse>, Status> {
+        let r = self.store.list_events(req.into_inner()).await?;
+        Ok(Response::new(r?))
+    }
+
+    async fn trend(
+        &self,
+        req: Request<v1::TrendRequest>,
+    ) -> Result<Response<v1::TrendResponse>, Status> {
+        let r = self.store.trend(req.into_inner()).await?;
+        Ok(Response::new(r?))
+    }
+}
+
+impl From<QueryError> for Status {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::Decode(_) => Status::internal(e.to_string()),
+            _ => Status::invalid_argument(e.to_string()),
+        }
     }
 }
 

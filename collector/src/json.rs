@@ -4,7 +4,7 @@
 //! `kind`, `severity`) and the payload under its kind's name (`xid`, `sxid`, `driver_log`,
 //! `agent_status`, `gap`). Absent optional values are `null`, never zero.
 use gpulse_proto::{
-    time::rfc3339,
+    time::{self as ptime, rfc3339},
     v1::{self, GapStage, ProcessEventType, RecordSource, event::Payload},
 };
 use serde_json::{Value, json};
@@ -160,6 +160,78 @@ pub fn gpu_sample(g: &v1::GpuSample) -> Value {
 }
 
 /// A one-line human rendering.
+/// A resolved query window with its coverage.
+pub fn window(w: &v1::ResolvedWindow) -> Value {
+    let t = |x: &Option<prost_types::Timestamp>| x.as_ref().map(ptime::rfc3339);
+    json!({
+        "start": t(&w.start),
+        "end": t(&w.end),
+        "defaulted": w.defaulted,
+        "oldest_data": t(&w.oldest_data),
+        "partial": w.partial,
+    })
+}
+
+/// A trend answer: window, step, source tier, series with points `[time, value, samples]`.
+pub fn trend(r: &v1::TrendResponse) -> Value {
+    let series: Vec<Value> = r
+        .series
+        .iter()
+        .map(|s| {
+            let points: Vec<Value> = s
+                .points
+                .iter()
+                .map(|p| json!([p.time.as_ref().map(ptime::rfc3339), p.value, p.samples]))
+                .collect();
+            let st = s.stats.unwrap_or_default();
+            json!({
+                "node": opt_str(&s.node),
+                "gpu_index": s.gpu_index,
+                "gpu_uuid": opt_str(&s.gpu_uuid),
+                "other": s.other,
+                "merged_series": s.merged_series,
+                "stats": {"min": st.min, "max": st.max, "avg": st.avg, "p95": st.p95, "last": st.last, "samples": st.samples},
+                "points": points,
+            })
+        })
+        .collect();
+    let tier = v1::Tier::try_from(r.source)
+        .map(|t| match t {
+            v1::Tier::Raw => "raw",
+            v1::Tier::Tier1m => "1m",
+            v1::Tier::Tier1h => "1h",
+            v1::Tier::Unspecified => "unspecified",
+        })
+        .unwrap_or("unspecified");
+    let agg = v1::Aggregation::try_from(r.aggregation)
+        .map(|a| {
+            a.as_str_name()
+                .trim_start_matches("AGGREGATION_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    let group = v1::GroupBy::try_from(r.group_by)
+        .map(|a| {
+            a.as_str_name()
+                .trim_start_matches("GROUP_BY_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    json!({
+        "metric": r.metric,
+        "unit": r.unit,
+        "window": r.window.as_ref().map(window),
+        "step_seconds": r.step_seconds,
+        "source": tier,
+        "aggregation": agg,
+        "group_by": group,
+        "approximate": r.approximate,
+        "series_total": r.series_total,
+        "series": series,
+        "hints": r.hints,
+    })
+}
+
 pub fn line(ev: &v1::Event) -> String {
     let time = ev.time.as_ref().map(rfc3339).unwrap_or_default();
     let sev = severity_name(ev.severity);

@@ -29,6 +29,25 @@ struct Args {
     /// Event ring budget (memory), e.g. 256MiB.
     #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
     ring_bytes: u64,
+    /// Raw GPU sample history budget (recent rows plain, older rows in compressed chunks).
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    samples_raw_bytes: u64,
+    /// 1-minute rollup budget (min/max/sum/count/last per metric per GPU).
+    #[arg(long, default_value = "32MiB", value_parser = parse_bytes)]
+    samples_1m_bytes: u64,
+    /// 1-hour rollup budget.
+    #[arg(long, default_value = "8MiB", value_parser = parse_bytes)]
+    samples_1h_bytes: u64,
+    /// Most GPUs with sample history.
+    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    max_gpus: u64,
+    /// How often the sample history is snapshotted to --data-dir (e.g. 60s, 5m).
+    #[arg(long, default_value = "60s", value_parser = parse_interval)]
+    snapshot_interval: std::time::Duration,
+    /// Log size that triggers an event-store snapshot so old segments can be deleted
+    /// (default: twice --ring-bytes).
+    #[arg(long, value_parser = parse_bytes)]
+    wal_max_bytes: Option<u64>,
     /// WAL segment size before rotation.
     #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
     wal_segment_bytes: u64,
@@ -78,6 +97,14 @@ async fn main() -> anyhow::Result<()> {
     store.wal_segment_bytes = args.wal_segment_bytes;
     store.fsync = args.fsync == "always";
     store.subscriber_queue = args.subscriber_queue as usize;
+    store.series = gpulse_collector::store::series::SeriesBudgets {
+        raw: args.samples_raw_bytes as usize,
+        minute: args.samples_1m_bytes as usize,
+        hour: args.samples_1h_bytes as usize,
+        max_gpus: args.max_gpus as usize,
+    };
+    store.snapshot_interval = args.snapshot_interval;
+    store.wal_max_bytes = args.wal_max_bytes.unwrap_or(0);
     let cfg = ServerConfig {
         grpc_listen: args.grpc_listen,
         http_listen: args.http_listen,
@@ -90,6 +117,16 @@ async fn main() -> anyhow::Result<()> {
     h??;
     info!("gpulse-collector stopped");
     Ok(())
+}
+
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let ns = gpulse_proto::window::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 30s, 5m)"))?;
+    let d = std::time::Duration::from_nanos(ns as u64);
+    if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(86_400) {
+        return Err("must be between 1s and 24h".into());
+    }
+    Ok(d)
 }
 
 async fn shutdown_signal() {

@@ -25,6 +25,17 @@ pub struct Metrics {
     /// Losses agents reported in the stream (Gap events), by node and stage.
     pub agent_reported_drops: IntCounterVec,
     pub xid_events: IntCounterVec,
+    pub ring_share_bytes: IntGaugeVec,
+    pub ring_oldest_seconds: IntGaugeVec,
+    pub series_bytes: IntGaugeVec,
+    pub series_budget_bytes: IntGaugeVec,
+    pub series_expired: IntCounterVec,
+    pub series_oldest_seconds: IntGaugeVec,
+    pub series_rejected: IntCounterVec,
+    pub series_gpus: IntGauge,
+    pub snapshots: IntCounterVec,
+    pub snapshot_failures: IntCounterVec,
+    pub query_seconds: prometheus::HistogramVec,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +140,66 @@ impl Metrics {
                 "XID events stored, by node, GPU and code.",
                 &["node", "gpu_uuid", "pci", "xid", "severity"],
             )?,
+            ring_share_bytes: gv(
+                "gpulse_store_ring_share_bytes",
+                "Bytes of the event budget guaranteed to each kind (kinds may borrow unused shares).",
+                &["kind"],
+            )?,
+            ring_oldest_seconds: gv(
+                "gpulse_store_ring_oldest_timestamp_seconds",
+                "Time of the oldest event held, by kind (Unix seconds).",
+                &["kind"],
+            )?,
+            series_bytes: gv(
+                "gpulse_store_series_bytes",
+                "Bytes held by the sample history, by tier (raw, 1m, 1h).",
+                &["tier"],
+            )?,
+            series_budget_bytes: gv(
+                "gpulse_store_series_budget_bytes",
+                "Configured sample history budget, by tier.",
+                &["tier"],
+            )?,
+            series_expired: cv(
+                "gpulse_store_series_expired_total",
+                "Raw chunks or rollup buckets expired to stay within budget, by tier.",
+                &["tier"],
+            )?,
+            series_oldest_seconds: gv(
+                "gpulse_store_series_oldest_timestamp_seconds",
+                "Time of the oldest sample data held, by tier (Unix seconds).",
+                &["tier"],
+            )?,
+            series_rejected: cv(
+                "gpulse_store_series_rejected_samples_total",
+                "GPU samples not added to the history (reason: out_of_order, too_many_gpus).",
+                &["reason"],
+            )?,
+            series_gpus: g("gpulse_store_series_gpus", "GPUs with sample history.")?,
+            snapshots: cv(
+                "gpulse_store_snapshots_total",
+                "Snapshots written, by kind (series, events).",
+                &["kind"],
+            )?,
+            snapshot_failures: cv(
+                "gpulse_store_snapshot_failures_total",
+                "Snapshots that failed to write or load (load: damaged and skipped), by kind and stage.",
+                &["kind", "stage"],
+            )?,
+            query_seconds: {
+                let h = prometheus::HistogramVec::new(
+                    prometheus::HistogramOpts::new(
+                        "gpulse_query_duration_seconds",
+                        "Time the store spent answering a query, by RPC.",
+                    )
+                    .buckets(vec![
+                        0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+                    ]),
+                    &["rpc"],
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
             registry,
         })
     }

@@ -1,12 +1,18 @@
 //! The one task that owns collector state (tokio-console style): ingest, de-duplication, the
 //! ring, the WAL, and subscriber fan-out. RPC handlers talk to it over a channel, so no lock is
 //! ever held across I/O and ingest order is the store order.
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use gpulse_proto::{
     time as ptime,
     v1::{
-        self, Batch, EventKind, GapStage, Lagged, StatusResponse, StoreCheckpoint, event::Payload,
+        self, Batch, EventKind, GapStage, Lagged, ListEventsRequest, ListEventsResponse,
+        StatusResponse, StoreCheckpoint, TimeWindow, TrendRequest, TrendResponse, event::Payload,
     },
 };
 use prost::Message;
@@ -16,7 +22,14 @@ use tracing::{info, warn};
 use crate::{
     filter::Filter,
     metrics::Metrics,
-    store::{ring::EventRing, syncer::Syncer, wal::Wal},
+    query::{self, QueryError},
+    store::{
+        events::{EventStore, event_ms},
+        series::{SeriesBudgets, SeriesStore, Tier},
+        snapshot::{self, EVENTS_FILE, SERIES_FILE},
+        syncer::Syncer,
+        wal::Wal,
+    },
 };
 
 /// Store configuration.
@@ -30,6 +43,13 @@ pub struct StoreConfig {
     pub subscriber_queue: usize,
     /// Most events replayed to one resuming subscriber before it is told it lagged.
     pub max_replay: usize,
+    /// Sample history budgets (raw, 1 min, 1 h).
+    pub series: SeriesBudgets,
+    /// How often the sample history is snapshotted (it outlives the write-ahead log).
+    pub snapshot_interval: Duration,
+    /// Once the log holds more than this, the event store is snapshotted so old segments can go
+    /// (0 = twice the ring budget).
+    pub wal_max_bytes: u64,
 }
 
 impl StoreConfig {
@@ -41,6 +61,9 @@ impl StoreConfig {
             fsync: true,
             subscriber_queue: 4096,
             max_replay: 100_000,
+            series: SeriesBudgets::default(),
+            snapshot_interval: Duration::from_secs(60),
+            wal_max_bytes: 0,
         }
     }
 }
@@ -99,8 +122,38 @@ pub enum Command {
         reply: oneshot::Sender<StatusResponse>,
     },
     Nodes {
-        reply: oneshot::Sender<v1::NodesResponse>,
+        window: Option<TimeWindow>,
+        reply: oneshot::Sender<Result<v1::NodesResponse, QueryError>>,
     },
+    ListEvents {
+        req: ListEventsRequest,
+        reply: oneshot::Sender<Result<ListEventsResponse, QueryError>>,
+    },
+    Trend {
+        req: TrendRequest,
+        reply: oneshot::Sender<Result<TrendResponse, QueryError>>,
+    },
+    /// A snapshot written in the background finished.
+    SnapshotDone {
+        kind: SnapKind,
+        through: u64,
+        result: Result<(), String>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapKind {
+    Series,
+    Events,
+}
+
+impl SnapKind {
+    fn name(self) -> &'static str {
+        match self {
+            SnapKind::Series => "series",
+            SnapKind::Events => "events",
+        }
+    }
 }
 
 /// Cheap handle for RPC handlers.
@@ -162,8 +215,25 @@ impl StoreHandle {
         self.call(|reply| Command::Status { reply }).await
     }
 
-    pub async fn nodes(&self) -> Result<v1::NodesResponse, StoreError> {
-        self.call(|reply| Command::Nodes { reply }).await
+    pub async fn nodes(
+        &self,
+        window: Option<TimeWindow>,
+    ) -> Result<Result<v1::NodesResponse, QueryError>, StoreError> {
+        self.call(|reply| Command::Nodes { window, reply }).await
+    }
+
+    pub async fn list_events(
+        &self,
+        req: ListEventsRequest,
+    ) -> Result<Result<ListEventsResponse, QueryError>, StoreError> {
+        self.call(|reply| Command::ListEvents { req, reply }).await
+    }
+
+    pub async fn trend(
+        &self,
+        req: TrendRequest,
+    ) -> Result<Result<TrendResponse, QueryError>, StoreError> {
+        self.call(|reply| Command::Trend { req, reply }).await
     }
 }
 
@@ -215,7 +285,15 @@ struct AgentEntry {
 
 pub struct State {
     cfg: StoreConfig,
-    ring: EventRing,
+    ring: EventStore,
+    series: SeriesStore,
+    /// Last cursor covered by the snapshot on disk (0 = none).
+    series_snap_through: u64,
+    events_snap_through: u64,
+    snapshot_in_flight: bool,
+    last_series_snapshot: Instant,
+    rows_at_last_snapshot: u64,
+    me: mpsc::Sender<Command>,
     wal: Wal,
     syncer: Syncer,
     agents: HashMap<String, AgentEntry>,
@@ -226,10 +304,59 @@ pub struct State {
     nodes: HashMap<String, NodeState>,
 }
 
-/// Opens the store (replaying the WAL) and starts the state task.
+/// Loads a snapshot, reporting (not failing on) a damaged or unreadable one.
+fn load_snapshot<T>(
+    cfg: &StoreConfig,
+    metrics: &Metrics,
+    name: &str,
+    kind: SnapKind,
+    decode: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> Option<T> {
+    let data = match snapshot::read(&cfg.data_dir, name) {
+        Ok(d) => d?,
+        Err(e) => {
+            warn!(error = %e, "snapshot unreadable; starting without it");
+            metrics
+                .snapshot_failures
+                .with_label_values(&[kind.name(), "load"])
+                .inc();
+            return None;
+        }
+    };
+    match decode(&data) {
+        Ok(v) => Some(v),
+        Err(reason) => {
+            let e = snapshot::corrupt(&cfg.data_dir, name, reason);
+            warn!(error = %e, "snapshot damaged; skipped (the write-ahead log still replays)");
+            metrics
+                .snapshot_failures
+                .with_label_values(&[kind.name(), "load"])
+                .inc();
+            None
+        }
+    }
+}
+
+/// Opens the store (snapshots, then the WAL after them) and starts the state task.
 pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::Error> {
     let (wal, replay) = Wal::open(&cfg.data_dir, cfg.wal_segment_bytes)?;
-    let mut ring = EventRing::new(cfg.ring_bytes, 1);
+    let n_metrics = query::metric_count();
+    let events_snap = load_snapshot(&cfg, &metrics, EVENTS_FILE, SnapKind::Events, |d| {
+        snapshot::decode_events(d)
+    });
+    let series_snap = load_snapshot(&cfg, &metrics, SERIES_FILE, SnapKind::Series, |d| {
+        snapshot::decode_series(d).and_then(|s| {
+            if s.metrics == n_metrics {
+                Ok(s)
+            } else {
+                Err(format!(
+                    "written with {} metrics per GPU, this collector keeps {n_metrics}",
+                    s.metrics
+                ))
+            }
+        })
+    });
+    let mut ring = EventStore::new(cfg.ring_bytes, 1);
     let mut agents: HashMap<String, AgentEntry> = HashMap::new();
     let mut merge = |p: &v1::AgentProgress| {
         let e = agents
@@ -243,6 +370,16 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         }
     };
     let mut next_cursor = 1;
+    let (events_through, snap_events) = match events_snap {
+        Some(es) => {
+            for a in &es.checkpoint.agents {
+                merge(a);
+            }
+            next_cursor = next_cursor.max(es.checkpoint.next_cursor);
+            (es.through, es.events)
+        }
+        None => (0, Vec::new()),
+    };
     for cp in &replay.checkpoints {
         for a in &cp.agents {
             merge(a);
@@ -261,12 +398,27 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     metrics
         .wal_corruptions
         .inc_by(replay.corruptions.len() as u64);
+    let (series_through, mut series) = match series_snap {
+        Some(ss) => (
+            ss.through,
+            SeriesStore::restore(n_metrics, cfg.series, ss.gpus),
+        ),
+        None => (0, SeriesStore::new(n_metrics, cfg.series)),
+    };
+    let from_snapshot = snap_events.len();
     let restored = replay.events.len();
     let mut nodes = HashMap::new();
-    for ev in replay.events {
+    let wal_events = replay
+        .events
+        .into_iter()
+        .filter(|e| e.cursor > events_through);
+    for ev in snap_events.into_iter().chain(wal_events) {
         next_cursor = next_cursor.max(ev.cursor + 1);
         count_xid(&metrics, &ev);
         note_node(&mut nodes, &ev);
+        if ev.cursor > series_through {
+            add_sample(&mut series, &ev);
+        }
         ring.restore(ev);
     }
     // Frames lost to damage may have carried cursors already handed to subscribers: skip past
@@ -277,23 +429,33 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     ring.skip_to(next_cursor);
     info!(
         restored_events = restored,
+        from_snapshot,
         retained = ring.len(),
         agents = agents.len(),
         segments = replay.segments,
         corruptions = replay.corruptions.len(),
         next_cursor = ring.next_cursor(),
+        sample_gpus = series.gpus().len(),
         data_dir = %cfg.data_dir.display(),
-        "store restored from write-ahead log"
+        "store restored from snapshots and write-ahead log"
     );
     for c in &replay.corruptions {
         warn!(segment = %c.segment, offset = c.offset, skipped_bytes = c.skipped_bytes, reason = %c.reason, "WAL damage skipped at start-up");
     }
     metrics.ring_budget_bytes.set(cfg.ring_bytes as i64);
     let (tx, rx) = mpsc::channel(1024);
+    let rows = series.rows();
     let mut state = State {
         syncer: Syncer::start()?,
         cfg,
         ring,
+        series,
+        series_snap_through: series_through,
+        events_snap_through: events_through,
+        snapshot_in_flight: false,
+        last_series_snapshot: Instant::now(),
+        rows_at_last_snapshot: rows,
+        me: tx.clone(),
         wal,
         agents,
         subscribers: Vec::new(),
@@ -302,15 +464,45 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         duplicates: 0,
         nodes,
     };
-    state.wal.truncate_before(
-        state
-            .ring
-            .oldest_cursor()
-            .unwrap_or(state.ring.next_cursor()),
-    );
+    state.truncate_wal();
     state.update_gauges();
     tokio::spawn(state.run(rx));
     Ok(StoreHandle { tx })
+}
+
+/// Adds a GPU sample event to the sample history.
+fn add_sample(series: &mut SeriesStore, ev: &v1::Event) -> bool {
+    let Some((g, row)) = query::sample_row(ev) else {
+        return false;
+    };
+    series
+        .push(&ev.node, g.index, &g.uuid, event_ms(ev), &row)
+        .is_ok()
+}
+
+const KIND_LIST: [EventKind; 7] = [
+    EventKind::Xid,
+    EventKind::Sxid,
+    EventKind::DriverLog,
+    EventKind::AgentStatus,
+    EventKind::Gap,
+    EventKind::GpuProcess,
+    EventKind::GpuSample,
+];
+
+/// Brings a counter up to a total kept elsewhere (counters only go up).
+fn raise(c: &prometheus::IntCounter, total: u64) {
+    if total > c.get() {
+        c.inc_by(total - c.get());
+    }
+}
+
+fn now_ns() -> i128 {
+    ptime::to_unix_nanos(&ptime::now())
+}
+
+fn ms_ts(ms: i64) -> prost_types::Timestamp {
+    ptime::from_unix_nanos(i128::from(ms) * 1_000_000)
 }
 
 fn count_xid(metrics: &Metrics, ev: &v1::Event) {
@@ -341,7 +533,10 @@ impl State {
                     Some(cmd) => self.handle(cmd),
                     None => return,
                 },
-                _ = tick.tick() => self.flush_lag_notices(),
+                _ = tick.tick() => {
+                    self.flush_lag_notices();
+                    self.maybe_snapshot();
+                }
             }
         }
     }
@@ -390,8 +585,53 @@ impl State {
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
-            Command::Nodes { reply } => {
-                let _ = reply.send(self.nodes());
+            Command::Nodes { window, reply } => {
+                let t = Instant::now();
+                let _ = reply.send(self.nodes(window));
+                self.observe("Nodes", t);
+            }
+            Command::ListEvents { req, reply } => {
+                let t = Instant::now();
+                let _ = reply.send(query::list_events(&self.ring, req, now_ns()));
+                self.observe("ListEvents", t);
+            }
+            Command::Trend { req, reply } => {
+                let t = Instant::now();
+                let _ = reply.send(query::trend(&self.series, req, now_ns()));
+                self.observe("Trend", t);
+            }
+            Command::SnapshotDone {
+                kind,
+                through,
+                result,
+            } => {
+                self.snapshot_in_flight = false;
+                match result {
+                    Ok(()) => {
+                        self.metrics
+                            .snapshots
+                            .with_label_values(&[kind.name()])
+                            .inc();
+                        match kind {
+                            SnapKind::Series => self.series_snap_through = through,
+                            SnapKind::Events => self.events_snap_through = through,
+                        }
+                        info!(
+                            kind = kind.name(),
+                            through_cursor = through,
+                            "snapshot written"
+                        );
+                        self.truncate_wal();
+                        self.update_gauges();
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .snapshot_failures
+                            .with_label_values(&[kind.name(), "write"])
+                            .inc();
+                        warn!(kind = kind.name(), error = %e, "snapshot failed; the write-ahead log keeps the data");
+                    }
+                }
             }
         }
     }
@@ -490,6 +730,7 @@ impl State {
                     .inc_by(g.missed);
             }
             note_node(&mut self.nodes, &ev);
+            add_sample(&mut self.series, &ev);
             // Same cursor as written above: the ring hands out cursors in the same order.
             let (stored_ev, _) = self.ring.push(ev);
             self.fan_out(&stored_ev);
@@ -512,8 +753,7 @@ impl State {
                 warn!(error = %e, "WAL rotation failed; continuing in the current segment");
             }
         }
-        self.wal
-            .truncate_before(self.ring.oldest_cursor().unwrap_or(self.ring.next_cursor()));
+        self.truncate_wal();
         self.update_gauges();
         Ok(IngestOutcome {
             through_seq: through,
@@ -521,6 +761,90 @@ impl State {
             stored,
             durable,
         })
+    }
+
+    fn observe(&self, rpc: &str, t: Instant) {
+        self.metrics
+            .query_seconds
+            .with_label_values(&[rpc])
+            .observe(t.elapsed().as_secs_f64());
+    }
+
+    /// Deletes log segments nothing needs: the event store needs cursors from its oldest
+    /// retained event (or after its snapshot), the sample history from after its snapshot.
+    fn truncate_wal(&mut self) {
+        let ring_from = self
+            .ring
+            .oldest_cursor()
+            .unwrap_or(self.ring.next_cursor())
+            .max(self.events_snap_through + 1);
+        let keep_from = ring_from.min(self.series_snap_through + 1);
+        self.wal.truncate_before(keep_from);
+    }
+
+    fn wal_max_bytes(&self) -> u64 {
+        if self.cfg.wal_max_bytes > 0 {
+            self.cfg.wal_max_bytes
+        } else {
+            (self.cfg.ring_bytes as u64 * 2).max(self.cfg.wal_segment_bytes * 4)
+        }
+    }
+
+    /// Starts a background snapshot when one is due: the sample history every
+    /// `snapshot_interval` (if it changed), the event store when old events pin too much log.
+    fn maybe_snapshot(&mut self) {
+        if self.snapshot_in_flight {
+            return;
+        }
+        let through = self.ring.next_cursor() - 1;
+        let over = self.wal.bytes() > self.wal_max_bytes();
+        let ring_from = self
+            .ring
+            .oldest_cursor()
+            .unwrap_or(self.ring.next_cursor())
+            .max(self.events_snap_through + 1);
+        let events_due =
+            over && ring_from <= self.series_snap_through && through > self.events_snap_through;
+        let series_due = (self.last_series_snapshot.elapsed() >= self.cfg.snapshot_interval
+            && self.series.rows() != self.rows_at_last_snapshot)
+            || (over && through > self.series_snap_through);
+        if events_due {
+            let events = self.ring.all();
+            let checkpoint = self.checkpoint();
+            self.spawn_snapshot(SnapKind::Events, through, move || {
+                snapshot::encode_events(through, &checkpoint, &events)
+            });
+        } else if series_due {
+            // Encoded here (compressed chunks are shared, the rest is small); written off-task.
+            let data = snapshot::encode_series(through, self.series.metrics(), self.series.gpus());
+            self.last_series_snapshot = Instant::now();
+            self.rows_at_last_snapshot = self.series.rows();
+            self.spawn_snapshot(SnapKind::Series, through, move || data);
+        }
+    }
+
+    fn spawn_snapshot(
+        &mut self,
+        kind: SnapKind,
+        through: u64,
+        encode: impl FnOnce() -> Vec<u8> + Send + 'static,
+    ) {
+        self.snapshot_in_flight = true;
+        let dir = self.cfg.data_dir.clone();
+        let me = self.me.clone();
+        let name = match kind {
+            SnapKind::Series => SERIES_FILE,
+            SnapKind::Events => EVENTS_FILE,
+        };
+        tokio::task::spawn_blocking(move || {
+            let data = encode();
+            let result = snapshot::write_atomic(&dir, name, &data).map_err(|e| e.to_string());
+            let _ = me.blocking_send(Command::SnapshotDone {
+                kind,
+                through,
+                result,
+            });
+        });
     }
 
     fn checkpoint(&self) -> StoreCheckpoint {
@@ -642,10 +966,28 @@ impl State {
         Subscription { replay, live }
     }
 
-    fn nodes(&self) -> v1::NodesResponse {
+    fn nodes(&self, window: Option<TimeWindow>) -> Result<v1::NodesResponse, QueryError> {
+        let w = match &window {
+            Some(tw) => Some(gpulse_proto::window::resolve(
+                &tw.since,
+                &tw.until,
+                now_ns(),
+                3_600_000_000_000,
+            )?),
+            None => None,
+        };
+        let (start, end) = w.map_or((i64::MIN, i64::MAX), |w| (w.start_ms(), w.end_ms()));
+        let xids = query::xid_counts(&self.ring, start, end);
         let mut nodes: Vec<v1::NodeInfo> = self
             .nodes
             .iter()
+            .filter(|(_, n)| {
+                w.is_none_or(|w| {
+                    n.last_seen
+                        .as_ref()
+                        .is_some_and(|t| ptime::to_unix_nanos(t) >= w.start_ns)
+                })
+            })
             .map(|(name, n)| {
                 let mut connected_agents: Vec<String> = self
                     .agents
@@ -661,11 +1003,20 @@ impl State {
                     xid_source: n.xid_source.clone(),
                     agent_detail: n.agent_detail.clone(),
                     gpus: n.gpus.values().cloned().collect(),
+                    xid_count: xids.get(name).map_or(0, |c| c.0),
+                    critical_xid_count: xids.get(name).map_or(0, |c| c.1),
                 }
             })
             .collect();
         nodes.sort_by(|a, b| a.node.cmp(&b.node));
-        v1::NodesResponse { nodes }
+        let window = w.map(|w| v1::ResolvedWindow {
+            start: Some(ptime::from_unix_nanos(w.start_ns)),
+            end: Some(ptime::from_unix_nanos(w.end_ns)),
+            defaulted: w.defaulted,
+            oldest_data: self.ring.oldest_ms(None).map(ms_ts),
+            partial: self.ring.oldest_ms(None).is_none_or(|o| o > w.start_ms()),
+        });
+        Ok(v1::NodesResponse { nodes, window })
     }
 
     fn status(&self) -> StatusResponse {
@@ -681,20 +1032,95 @@ impl State {
             duplicates_dropped: self.duplicates,
             events_expired: self.ring.expired_total(),
             started: Some(self.started),
+            kinds: KIND_LIST
+                .iter()
+                .map(|k| v1::KindStatus {
+                    kind: *k as i32,
+                    bytes: self.ring.bytes_by_kind(*k) as u64,
+                    share_bytes: self.ring.share(*k) as u64,
+                    events: self.ring.events_by_kind(*k),
+                    expired: self.ring.expired_by_kind(*k),
+                    oldest: self.ring.oldest_ms(Some(*k)).map(ms_ts),
+                })
+                .collect(),
+            tiers: Tier::ALL
+                .iter()
+                .map(|t| {
+                    let st = self.series.tier_stats(*t);
+                    v1::TierStatus {
+                        tier: match t {
+                            Tier::Raw => v1::Tier::Raw,
+                            Tier::Minute => v1::Tier::Tier1m,
+                            Tier::Hour => v1::Tier::Tier1h,
+                        } as i32,
+                        resolution_seconds: (t.resolution_ms() / 1000) as u32,
+                        bytes: st.bytes as u64,
+                        budget_bytes: st.budget as u64,
+                        expired: st.expired,
+                        oldest: st.oldest_ms.map(ms_ts),
+                    }
+                })
+                .collect(),
+            wal_bytes: self.wal.bytes(),
+            samples_out_of_order: self.series.rejected().0,
+            samples_gpus_refused: self.series.rejected().1,
+            gpus_tracked: self.series.gpus().len() as u32,
         }
     }
 
     fn update_gauges(&self) {
-        for kind in [
-            EventKind::Xid,
-            EventKind::Sxid,
-            EventKind::DriverLog,
-            EventKind::AgentStatus,
-            EventKind::Gap,
-            EventKind::GpuProcess,
-            EventKind::GpuSample,
-        ] {
+        for t in Tier::ALL {
+            let st = self.series.tier_stats(t);
+            let l = [t.name()];
+            self.metrics
+                .series_bytes
+                .with_label_values(&l)
+                .set(st.bytes as i64);
+            self.metrics
+                .series_budget_bytes
+                .with_label_values(&l)
+                .set(st.budget as i64);
+            raise(
+                &self.metrics.series_expired.with_label_values(&l),
+                st.expired,
+            );
+            if let Some(o) = st.oldest_ms {
+                self.metrics
+                    .series_oldest_seconds
+                    .with_label_values(&l)
+                    .set(o.div_euclid(1000));
+            }
+        }
+        let (ooo, refused) = self.series.rejected();
+        raise(
+            &self
+                .metrics
+                .series_rejected
+                .with_label_values(&["out_of_order"]),
+            ooo,
+        );
+        raise(
+            &self
+                .metrics
+                .series_rejected
+                .with_label_values(&["too_many_gpus"]),
+            refused,
+        );
+        self.metrics
+            .series_gpus
+            .set(self.series.gpus().len() as i64);
+        for kind in KIND_LIST {
             let k = kind.short_name();
+            self.metrics
+                .ring_share_bytes
+                .with_label_values(&[k])
+                .set(self.ring.share(kind) as i64);
+            if let Some(o) = self.ring.oldest_ms(Some(kind)) {
+                self.metrics
+                    .ring_oldest_seconds
+                    .with_label_values(&[k])
+                    .set(o.div_euclid(1000));
+            }
             self.metrics
                 .ring_bytes
                 .with_label_values(&[k])
@@ -703,11 +1129,10 @@ impl State {
                 .ring_events
                 .with_label_values(&[k])
                 .set(self.ring.events_by_kind(kind) as i64);
-            let expired = self.ring.expired_by_kind(kind);
-            let c = self.metrics.ring_expired.with_label_values(&[k]);
-            if expired > c.get() {
-                c.inc_by(expired - c.get());
-            }
+            raise(
+                &self.metrics.ring_expired.with_label_values(&[k]),
+                self.ring.expired_by_kind(kind),
+            );
         }
         self.metrics.wal_bytes.set(self.wal.bytes() as i64);
         self.metrics

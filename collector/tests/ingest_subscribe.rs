@@ -454,7 +454,7 @@ async fn nodes_report_latest_gpu_samples_and_agent_state_across_restart() {
         a.send(1, vec![status, sample(0, 10), sample(1, 20), sample(0, 30)])
             .await
             .unwrap();
-        let r = h.store.nodes().await.unwrap();
+        let r = h.store.nodes(None).await.unwrap().unwrap();
         assert_eq!(r.nodes.len(), 1);
         let n = &r.nodes[0];
         assert_eq!(
@@ -468,7 +468,7 @@ async fn nodes_report_latest_gpu_samples_and_agent_state_across_restart() {
     }
     // Restored from the WAL; nobody connected now.
     let h = start(store_config(dir.path())).await;
-    let r = h.store.nodes().await.unwrap();
+    let r = h.store.nodes(None).await.unwrap().unwrap();
     assert_eq!(r.nodes[0].gpus.len(), 2);
     assert!(r.nodes[0].connected_agents.is_empty());
 }

@@ -11,5 +11,6 @@ pub mod v1 {
 
 pub mod convert;
 pub mod time;
+pub mod window;
 
 pub use v1::*;

@@ -10,9 +10,13 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use gpulse_collector::json;
-use gpulse_proto::v1::{
-    EventFilter, EventKind, Severity, StatusRequest, SubscribeRequest, subscribe_response::Msg,
-    telemetry_client::TelemetryClient,
+use gpulse_proto::{
+    time::rfc3339,
+    v1::{
+        Aggregation, EventFilter, EventKind, GroupBy, ListEventsRequest, Order, ResolvedWindow,
+        Severity, StatusRequest, SubscribeRequest, TimeWindow, TrendRequest,
+        subscribe_response::Msg, telemetry_client::TelemetryClient,
+    },
 };
 use gpulse_xid::{Decoder, catalog, parse::strip_rendering};
 use serde_json::json;
@@ -37,6 +41,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: XidCmd,
     },
+    /// Stored events in a time window (newest first), filtered and paged.
+    Events(EventsArgs),
+    /// A GPU metric over a time window, per GPU, node or fleet.
+    Trend(TrendArgs),
     /// Nodes the collector has heard from, with their GPUs' latest samples.
     Nodes {
         #[arg(
@@ -45,6 +53,9 @@ enum Cmd {
             default_value = "http://127.0.0.1:7700"
         )]
         collector: String,
+        /// Only nodes heard from in this window (e.g. 1h, now-30m, RFC 3339), with XID counts.
+        #[arg(long)]
+        since: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -86,6 +97,101 @@ struct TailArgs {
     /// One JSON object per line.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    filter: FilterArgs,
+    /// Replay stored events after this cursor before going live (0 = everything retained).
+    #[arg(long)]
+    after: Option<u64>,
+    /// Exit after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Exit instead of reconnecting when the stream breaks.
+    #[arg(long)]
+    no_reconnect: bool,
+}
+
+#[derive(ClapArgs, Debug)]
+struct EventsArgs {
+    /// Collector gRPC URL.
+    #[arg(
+        long,
+        env = "GPULSE_COLLECTOR",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    collector: String,
+    /// Window start: a duration back from now (90s, 15m, 1h, 7d), now-<duration>, or RFC 3339.
+    #[arg(long, default_value = "1h")]
+    since: String,
+    /// Window end: now, now-<duration> or RFC 3339.
+    #[arg(long, default_value = "now")]
+    until: String,
+    #[command(flatten)]
+    filter: FilterArgs,
+    /// Events per page (1-1000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    limit: u32,
+    /// Follow pages to the end of the window (at most --max-events events).
+    #[arg(long)]
+    all: bool,
+    #[arg(long, default_value_t = 100_000)]
+    max_events: u64,
+    /// Continue from a previous page's next_page_token.
+    #[arg(long)]
+    page_token: Option<String>,
+    /// Oldest first instead of newest first.
+    #[arg(long)]
+    oldest_first: bool,
+    /// One JSON document: window, coverage, total_matched, events, next_page_token, hints.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(ClapArgs, Debug)]
+struct TrendArgs {
+    /// Collector gRPC URL.
+    #[arg(
+        long,
+        env = "GPULSE_COLLECTOR",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    collector: String,
+    /// Metric name (see --list-metrics).
+    #[arg(long, required_unless_present = "list_metrics")]
+    metric: Option<String>,
+    /// Window start: a duration back from now (90s, 15m, 24h, 7d), now-<duration>, or RFC 3339.
+    #[arg(long, default_value = "1h")]
+    since: String,
+    /// Window end: now, now-<duration> or RFC 3339.
+    #[arg(long, default_value = "now")]
+    until: String,
+    /// Step in seconds (default: chosen from --max-points).
+    #[arg(long, default_value_t = 0)]
+    step: u32,
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    max_points: u32,
+    /// avg, min, max, p95 or last.
+    #[arg(long, default_value = "avg", value_parser = ["avg", "min", "max", "p95", "last"])]
+    agg: String,
+    /// gpu, node or fleet.
+    #[arg(long, default_value = "gpu", value_parser = ["gpu", "node", "fleet"])]
+    group_by: String,
+    /// Only these nodes (repeatable).
+    #[arg(long = "node")]
+    nodes: Vec<String>,
+    /// Only these GPUs: UUID or node/index (repeatable).
+    #[arg(long = "gpu")]
+    gpus: Vec<String>,
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=200))]
+    max_series: u32,
+    /// List the metrics the collector keeps and exit.
+    #[arg(long)]
+    list_metrics: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(ClapArgs, Debug)]
+struct FilterArgs {
     /// Only these nodes (repeatable).
     #[arg(long = "node")]
     nodes: Vec<String>,
@@ -101,18 +207,9 @@ struct TailArgs {
     /// Only these GPUs, by UUID or PCI address (repeatable).
     #[arg(long = "gpu")]
     gpus: Vec<String>,
-    /// Replay stored events after this cursor before going live (0 = everything retained).
-    #[arg(long)]
-    after: Option<u64>,
     /// Include GPU samples (many: one per GPU per second); `--kind gpu_sample` alone shows only them.
     #[arg(long)]
     samples: bool,
-    /// Exit after this many events.
-    #[arg(long)]
-    count: Option<u64>,
-    /// Exit instead of reconnecting when the stream breaks.
-    #[arg(long)]
-    no_reconnect: bool,
 }
 
 #[tokio::main]
@@ -125,7 +222,13 @@ async fn main() {
         } => explain(code, json),
         Cmd::Xid { cmd: XidCmd::Parse } => parse_stdin(),
         Cmd::Status { collector, json } => status(&collector, json).await,
-        Cmd::Nodes { collector, json } => nodes(&collector, json).await,
+        Cmd::Nodes {
+            collector,
+            since,
+            json,
+        } => nodes(&collector, since, json).await,
+        Cmd::Events(a) => events(a).await,
+        Cmd::Trend(a) => trend(a).await,
     };
     if let Err(e) = res {
         eprintln!("gpulse: {e:#}");
@@ -133,7 +236,7 @@ async fn main() {
     }
 }
 
-fn filter(a: &TailArgs) -> anyhow::Result<EventFilter> {
+fn filter(a: &FilterArgs) -> anyhow::Result<EventFilter> {
     let mut kinds = a
         .kinds
         .iter()
@@ -178,7 +281,7 @@ fn filter(a: &TailArgs) -> anyhow::Result<EventFilter> {
 }
 
 async fn tail(a: TailArgs) -> anyhow::Result<()> {
-    let filter = filter(&a)?;
+    let filter = filter(&a.filter)?;
     let mut after = a.after;
     let mut seen = 0u64;
     let mut backoff = Duration::from_millis(200);
@@ -292,12 +395,17 @@ fn parse_stdin() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn nodes(collector: &str, as_json: bool) -> anyhow::Result<()> {
+async fn nodes(collector: &str, since: Option<String>, as_json: bool) -> anyhow::Result<()> {
     let mut client = TelemetryClient::connect(collector.to_string())
         .await
         .with_context(|| format!("connecting to {collector}"))?;
     let r = client
-        .nodes(gpulse_proto::v1::NodesRequest {})
+        .nodes(gpulse_proto::v1::NodesRequest {
+            window: since.map(|since| TimeWindow {
+                since,
+                until: String::new(),
+            }),
+        })
         .await?
         .into_inner();
     if as_json {
@@ -312,6 +420,8 @@ async fn nodes(collector: &str, as_json: bool) -> anyhow::Result<()> {
                     "last_seen": n.last_seen.as_ref().map(gpulse_proto::time::rfc3339),
                     "xid_source": n.xid_source,
                     "agent_detail": n.agent_detail,
+                    "xid_count": n.xid_count,
+                    "critical_xid_count": n.critical_xid_count,
                     "gpus": gpus,
                 })
             );
@@ -323,7 +433,7 @@ async fn nodes(collector: &str, as_json: bool) -> anyhow::Result<()> {
     }
     for n in &r.nodes {
         println!(
-            "{}  {}  last seen {}  source {}  {} GPU(s)",
+            "{}  {}  last seen {}  source {}  {} GPU(s)  {} XID(s), {} error/fatal",
             n.node,
             if n.connected_agents.is_empty() {
                 "disconnected"
@@ -339,7 +449,9 @@ async fn nodes(collector: &str, as_json: bool) -> anyhow::Result<()> {
             } else {
                 &n.xid_source
             },
-            n.gpus.len()
+            n.gpus.len(),
+            n.xid_count,
+            n.critical_xid_count
         );
         for g in &n.gpus {
             let ev = gpulse_proto::v1::Event {
@@ -357,6 +469,204 @@ async fn nodes(collector: &str, as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn window_line(w: Option<&ResolvedWindow>) -> String {
+    let Some(w) = w else {
+        return String::new();
+    };
+    let t = |x: &Option<prost_types::Timestamp>| x.as_ref().map(rfc3339).unwrap_or_default();
+    let mut s = format!("window {} .. {}", t(&w.start), t(&w.end));
+    if w.partial {
+        s.push_str(&format!(
+            " (partial: data from {})",
+            w.oldest_data
+                .as_ref()
+                .map(rfc3339)
+                .unwrap_or_else(|| "nothing stored".into())
+        ));
+    }
+    s
+}
+
+async fn events(a: EventsArgs) -> anyhow::Result<()> {
+    let filter = filter(&a.filter)?;
+    let mut client = TelemetryClient::connect(a.collector.clone())
+        .await
+        .with_context(|| format!("connecting to {}", a.collector))?;
+    let mut token = a.page_token.clone().unwrap_or_default();
+    let mut all = Vec::new();
+    let mut first = None;
+    let mut last_token;
+    loop {
+        let r = client
+            .list_events(ListEventsRequest {
+                window: Some(TimeWindow {
+                    since: a.since.clone(),
+                    until: a.until.clone(),
+                }),
+                filter: Some(filter.clone()),
+                limit: a.limit,
+                page_token: token.clone(),
+                order: if a.oldest_first {
+                    Order::OldestFirst
+                } else {
+                    Order::NewestFirst
+                } as i32,
+            })
+            .await?
+            .into_inner();
+        last_token = r.next_page_token.clone();
+        all.extend(r.events.iter().cloned());
+        let done = r.next_page_token.is_empty() || !a.all || all.len() as u64 >= a.max_events;
+        if first.is_none() {
+            first = Some(r);
+        } else if let Some(f) = &mut first {
+            f.hints.extend(r.hints);
+            f.expired_while_paging = r.expired_while_paging;
+        }
+        if done {
+            break;
+        }
+        token = last_token.clone();
+    }
+    let Some(head) = first else { return Ok(()) };
+    let mut out = io::stdout().lock();
+    if a.json {
+        let evs: Vec<serde_json::Value> = all.iter().map(json::event).collect();
+        let mut hints = head.hints.clone();
+        hints.dedup();
+        writeln!(
+            out,
+            "{}",
+            json!({
+                "window": head.window.as_ref().map(json::window),
+                "total_matched": head.total_matched,
+                "returned": evs.len(),
+                "events": evs,
+                "next_page_token": if last_token.is_empty() { None } else { Some(last_token) },
+                "expired_while_paging": head.expired_while_paging,
+                "hints": hints,
+            })
+        )?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{}: {} matching, showing {}",
+        window_line(head.window.as_ref()),
+        head.total_matched,
+        all.len()
+    )?;
+    for ev in &all {
+        writeln!(out, "{}", json::line(ev))?;
+    }
+    if !last_token.is_empty() {
+        writeln!(out, "more: --page-token {last_token}  (or --all)")?;
+    }
+    for h in head.hints {
+        eprintln!("gpulse: note: {h}");
+    }
+    Ok(())
+}
+
+/// Eight-level bar for one value between lo and hi.
+fn spark(v: f64, lo: f64, hi: f64) -> char {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    if !v.is_finite() || hi <= lo {
+        return BARS[0];
+    }
+    let i = ((v - lo) / (hi - lo) * 7.0).round().clamp(0.0, 7.0) as usize;
+    BARS[i]
+}
+
+async fn trend(a: TrendArgs) -> anyhow::Result<()> {
+    if a.list_metrics {
+        for m in gpulse_collector::metric::METRICS {
+            println!("{:<18} {:<10} {}", m.name, m.unit, m.help);
+        }
+        return Ok(());
+    }
+    let metric = a.metric.clone().unwrap_or_default();
+    let agg = match a.agg.as_str() {
+        "min" => Aggregation::Min,
+        "max" => Aggregation::Max,
+        "p95" => Aggregation::P95,
+        "last" => Aggregation::Last,
+        _ => Aggregation::Avg,
+    };
+    let group = match a.group_by.as_str() {
+        "node" => GroupBy::Node,
+        "fleet" => GroupBy::Fleet,
+        _ => GroupBy::Gpu,
+    };
+    let mut client = TelemetryClient::connect(a.collector.clone())
+        .await
+        .with_context(|| format!("connecting to {}", a.collector))?;
+    let r = client
+        .trend(TrendRequest {
+            metric,
+            window: Some(TimeWindow {
+                since: a.since.clone(),
+                until: a.until.clone(),
+            }),
+            step_seconds: a.step,
+            max_points: a.max_points,
+            aggregation: agg as i32,
+            group_by: group as i32,
+            nodes: a.nodes.clone(),
+            gpus: a.gpus.clone(),
+            max_series: a.max_series,
+        })
+        .await?
+        .into_inner();
+    let mut out = io::stdout().lock();
+    if a.json {
+        writeln!(out, "{}", json::trend(&r))?;
+        return Ok(());
+    }
+    let j = json::trend(&r);
+    writeln!(
+        out,
+        "{} ({}), {} per {}, step {}s from {}{}; {}",
+        r.metric,
+        r.unit,
+        j["aggregation"].as_str().unwrap_or(""),
+        j["group_by"].as_str().unwrap_or(""),
+        r.step_seconds,
+        j["source"].as_str().unwrap_or(""),
+        if r.approximate { " (approximate)" } else { "" },
+        window_line(r.window.as_ref())
+    )?;
+    if r.series.is_empty() {
+        writeln!(out, "no data")?;
+    }
+    for s in &r.series {
+        let name = if s.other {
+            format!("other ({} series)", s.merged_series)
+        } else if s.node.is_empty() {
+            "fleet".to_string()
+        } else if let Some(i) = s.gpu_index {
+            format!("{}/{}", s.node, i)
+        } else {
+            s.node.clone()
+        };
+        let st = s.stats.unwrap_or_default();
+        let line: String = s
+            .points
+            .iter()
+            .map(|p| spark(p.value, st.min, st.max))
+            .collect();
+        writeln!(
+            out,
+            "{name:<24} min {:.1} avg {:.1} max {:.1} last {:.1}  {line}",
+            st.min, st.avg, st.max, st.last
+        )?;
+    }
+    for h in &r.hints {
+        eprintln!("gpulse: note: {h}");
+    }
+    Ok(())
+}
+
 async fn status(collector: &str, as_json: bool) -> anyhow::Result<()> {
     let mut client = TelemetryClient::connect(collector.to_string())
         .await
@@ -370,6 +680,16 @@ async fn status(collector: &str, as_json: bool) -> anyhow::Result<()> {
                 "last_cursor": s.last_cursor, "oldest_cursor": s.oldest_cursor, "agents_connected": s.agents_connected,
                 "subscribers": s.subscribers, "duplicates_dropped": s.duplicates_dropped, "events_expired": s.events_expired,
                 "started": s.started.as_ref().map(gpulse_proto::time::rfc3339),
+                "wal_bytes": s.wal_bytes, "gpus_tracked": s.gpus_tracked,
+                "samples_out_of_order": s.samples_out_of_order, "samples_gpus_refused": s.samples_gpus_refused,
+                "kinds": s.kinds.iter().map(|k| json!({
+                    "kind": json::kind_name(k.kind), "bytes": k.bytes, "share_bytes": k.share_bytes,
+                    "events": k.events, "expired": k.expired, "oldest": k.oldest.as_ref().map(rfc3339),
+                })).collect::<Vec<_>>(),
+                "tiers": s.tiers.iter().map(|t| json!({
+                    "resolution_seconds": t.resolution_seconds, "bytes": t.bytes, "budget_bytes": t.budget_bytes,
+                    "expired": t.expired, "oldest": t.oldest.as_ref().map(rfc3339),
+                })).collect::<Vec<_>>(),
             })
         );
     } else {
@@ -390,6 +710,37 @@ async fn status(collector: &str, as_json: bool) -> anyhow::Result<()> {
             "  agents connected: {}, subscribers: {}, duplicates dropped: {}",
             s.agents_connected, s.subscribers, s.duplicates_dropped
         );
+        for k in &s.kinds {
+            println!(
+                "    {:<13} {:>12} bytes (share {:>12}) {:>9} events, {} expired, oldest {}",
+                json::kind_name(k.kind),
+                k.bytes,
+                k.share_bytes,
+                k.events,
+                k.expired,
+                k.oldest.as_ref().map(rfc3339).unwrap_or_else(|| "-".into())
+            );
+        }
+        println!(
+            "  sample history: {} GPUs, WAL {} bytes",
+            s.gpus_tracked, s.wal_bytes
+        );
+        for t in &s.tiers {
+            println!(
+                "    {:<4} {:>12} of {:>12} bytes, {} expired, oldest {}",
+                if t.resolution_seconds == 0 {
+                    "raw".to_string()
+                } else if t.resolution_seconds == 60 {
+                    "1m".to_string()
+                } else {
+                    "1h".to_string()
+                },
+                t.bytes,
+                t.budget_bytes,
+                t.expired,
+                t.oldest.as_ref().map(rfc3339).unwrap_or_else(|| "-".into())
+            );
+        }
     }
     Ok(())
 }

@@ -1,4 +1,9 @@
-//! The collector's store: the in-memory ring, the write-ahead log, and group-commit syncing.
-pub mod ring;
+//! The collector's store: events (per-kind lanes with a time index inside one byte budget),
+//! GPU sample series (raw head, compressed chunks, 1 min / 1 h rollups), the write-ahead log,
+//! snapshots, and group-commit syncing.
+pub mod codec;
+pub mod events;
+pub mod series;
+pub mod snapshot;
 pub mod syncer;
 pub mod wal;

@@ -1,0 +1,648 @@
+//! GPU sample history: per GPU, a raw head of recent rows (plain arrays, fast to scan), sealed
+//! chunks compressed column by column (see `codec`), and two rollup tiers (1 min and 1 h buckets
+//! holding min/max/sum/count/last per metric). Each of the three has its own byte budget and
+//! expires oldest first; what each holds (bytes, oldest time, expirations) is exported.
+//!
+//! A GPU is identified by (node, index); its UUID is kept as an attribute. Every metric column of
+//! a GPU shares the row timestamps, so "per GPU metric series" are the columns of that GPU.
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+};
+
+use super::codec::{self, CodecError};
+
+/// Rows per sealed chunk (2 min at the default 1 s sampling interval).
+pub const CHUNK_ROWS: usize = 120;
+/// Fixed bookkeeping bytes counted per chunk / per bucket row, so budgets bound real memory.
+const CHUNK_OVERHEAD: usize = 96;
+const BUCKET_ROW_OVERHEAD: usize = 24;
+const HEAD_ROW_OVERHEAD: usize = 8;
+const GPU_OVERHEAD: usize = 256;
+
+/// The three retention tiers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tier {
+    Raw,
+    Minute,
+    Hour,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 3] = [Tier::Raw, Tier::Minute, Tier::Hour];
+
+    /// Bucket width in ms (raw: 0, every sample).
+    pub fn resolution_ms(self) -> i64 {
+        match self {
+            Tier::Raw => 0,
+            Tier::Minute => 60_000,
+            Tier::Hour => 3_600_000,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Raw => "raw",
+            Tier::Minute => "1m",
+            Tier::Hour => "1h",
+        }
+    }
+
+    fn idx(self) -> usize {
+        self as usize
+    }
+}
+
+/// One rollup bucket's figures for one metric.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Agg {
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+    pub count: u32,
+    pub last: f64,
+    /// Time of `last` (ms), so merged buckets keep the latest value.
+    pub last_ms: i64,
+}
+
+impl Agg {
+    pub const EMPTY: Agg = Agg {
+        min: f64::INFINITY,
+        max: f64::NEG_INFINITY,
+        sum: 0.0,
+        count: 0,
+        last: f64::NAN,
+        last_ms: i64::MIN,
+    };
+
+    pub fn add(&mut self, ts: i64, v: f64) {
+        self.min = self.min.min(v);
+        self.max = self.max.max(v);
+        self.sum += v;
+        self.count += 1;
+        if ts >= self.last_ms {
+            self.last = v;
+            self.last_ms = ts;
+        }
+    }
+
+    pub fn merge(&mut self, o: &Agg) {
+        if o.count == 0 {
+            return;
+        }
+        self.min = self.min.min(o.min);
+        self.max = self.max.max(o.max);
+        self.sum += o.sum;
+        self.count += o.count;
+        if o.last_ms >= self.last_ms {
+            self.last = o.last;
+            self.last_ms = o.last_ms;
+        }
+    }
+}
+
+/// A sealed, compressed run of rows.
+#[derive(Clone, Debug)]
+pub struct Chunk {
+    pub first_ms: i64,
+    pub last_ms: i64,
+    pub rows: u32,
+    /// Timestamps column then one column per metric, back to back.
+    pub data: Arc<[u8]>,
+    /// Start of each column in `data` (ts first), plus the end.
+    pub offsets: Arc<[u32]>,
+}
+
+impl Chunk {
+    fn seal(ts: &[i64], cols: &[Vec<f64>]) -> Chunk {
+        let mut data = codec::encode_ts(ts);
+        let mut offsets = Vec::with_capacity(cols.len() + 2);
+        offsets.push(0);
+        offsets.push(data.len() as u32);
+        for c in cols {
+            data.extend_from_slice(&codec::encode_values(c));
+            offsets.push(data.len() as u32);
+        }
+        Chunk {
+            first_ms: ts.first().copied().unwrap_or(0),
+            last_ms: ts.last().copied().unwrap_or(0),
+            rows: ts.len() as u32,
+            data: data.into(),
+            offsets: offsets.into(),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len() + self.offsets.len() * 4 + CHUNK_OVERHEAD
+    }
+
+    pub fn timestamps(&self, out: &mut Vec<i64>) -> Result<(), CodecError> {
+        let end = *self.offsets.get(1).ok_or(CodecError::Truncated)? as usize;
+        codec::decode_ts(
+            self.data.get(..end).ok_or(CodecError::Truncated)?,
+            self.rows as usize,
+            out,
+        )
+    }
+
+    pub fn column(&self, metric: usize, out: &mut Vec<f64>) -> Result<(), CodecError> {
+        let a = *self.offsets.get(metric + 1).ok_or(CodecError::Truncated)? as usize;
+        let b = *self.offsets.get(metric + 2).ok_or(CodecError::Truncated)? as usize;
+        codec::decode_values(
+            self.data.get(a..b).ok_or(CodecError::Truncated)?,
+            self.rows as usize,
+            out,
+        )
+    }
+}
+
+/// A rollup tier of one GPU: bucket start times and per-metric aggregates.
+#[derive(Clone, Debug, Default)]
+pub struct Buckets {
+    pub starts: VecDeque<i64>,
+    pub aggs: VecDeque<Box<[Agg]>>,
+}
+
+/// Everything stored for one GPU.
+#[derive(Clone, Debug)]
+pub struct GpuSeries {
+    pub node: Arc<str>,
+    pub index: u32,
+    pub uuid: String,
+    pub head_ts: Vec<i64>,
+    pub head: Vec<Vec<f64>>,
+    pub chunks: VecDeque<Chunk>,
+    pub tiers: [Buckets; 2],
+    pub last_ms: i64,
+}
+
+impl GpuSeries {
+    fn new(node: Arc<str>, index: u32, uuid: String, metrics: usize) -> Self {
+        Self {
+            node,
+            index,
+            uuid,
+            head_ts: Vec::with_capacity(CHUNK_ROWS),
+            head: vec![Vec::with_capacity(CHUNK_ROWS); metrics],
+            chunks: VecDeque::new(),
+            tiers: [Buckets::default(), Buckets::default()],
+            last_ms: i64::MIN,
+        }
+    }
+}
+
+/// Budgets for the three tiers (bytes).
+#[derive(Clone, Copy, Debug)]
+pub struct SeriesBudgets {
+    pub raw: usize,
+    pub minute: usize,
+    pub hour: usize,
+    pub max_gpus: usize,
+}
+
+impl Default for SeriesBudgets {
+    fn default() -> Self {
+        Self {
+            raw: 64 << 20,
+            minute: 32 << 20,
+            hour: 8 << 20,
+            max_gpus: 65_536,
+        }
+    }
+}
+
+/// Per tier accounting.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TierStats {
+    pub bytes: usize,
+    pub budget: usize,
+    /// Chunks (raw) or bucket rows (rollups) expired so far.
+    pub expired: u64,
+    /// Oldest time still held (ms), if any.
+    pub oldest_ms: Option<i64>,
+}
+
+/// Why a row was not stored.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// Older than or equal to the GPU's previous row (clock stepped back or a replayed row).
+    OutOfOrder,
+    /// The store already tracks `max_gpus` GPUs.
+    TooManyGpus,
+}
+
+pub type GpuId = u32;
+
+pub struct SeriesStore {
+    metrics: usize,
+    budgets: SeriesBudgets,
+    gpus: Vec<GpuSeries>,
+    by_node: HashMap<Arc<str>, HashMap<u32, GpuId>>,
+    /// Sealed chunks in seal order (gpu), for oldest-first expiry across GPUs.
+    chunk_fifo: VecDeque<GpuId>,
+    /// Bucket rows in creation order per rollup tier.
+    bucket_fifo: [VecDeque<GpuId>; 2],
+    bytes: [usize; 3],
+    expired: [u64; 3],
+    rows: u64,
+    rejected_out_of_order: u64,
+    rejected_gpus: u64,
+}
+
+fn floor_to(ts: i64, res: i64) -> i64 {
+    ts.div_euclid(res) * res
+}
+
+impl SeriesStore {
+    pub fn new(metrics: usize, budgets: SeriesBudgets) -> Self {
+        Self {
+            metrics,
+            budgets,
+            gpus: Vec::new(),
+            by_node: HashMap::new(),
+            chunk_fifo: VecDeque::new(),
+            bucket_fifo: [VecDeque::new(), VecDeque::new()],
+            bytes: [0; 3],
+            expired: [0; 3],
+            rows: 0,
+            rejected_out_of_order: 0,
+            rejected_gpus: 0,
+        }
+    }
+
+    pub fn metrics(&self) -> usize {
+        self.metrics
+    }
+
+    fn bucket_row_bytes(&self) -> usize {
+        BUCKET_ROW_OVERHEAD + self.metrics * std::mem::size_of::<Agg>()
+    }
+
+    fn head_row_bytes(&self) -> usize {
+        HEAD_ROW_OVERHEAD + self.metrics * 8
+    }
+
+    /// Stores one row (`values[m]` is metric m; NaN = absent).
+    pub fn push(
+        &mut self,
+        node: &str,
+        index: u32,
+        uuid: &str,
+        ts_ms: i64,
+        values: &[f64],
+    ) -> Result<(), Rejected> {
+        let id = match self.by_node.get(node).and_then(|m| m.get(&index)) {
+            Some(id) => *id,
+            None => {
+                if self.gpus.len() >= self.budgets.max_gpus {
+                    self.rejected_gpus += 1;
+                    return Err(Rejected::TooManyGpus);
+                }
+                let node: Arc<str> = Arc::from(node);
+                let id = self.gpus.len() as GpuId;
+                self.gpus.push(GpuSeries::new(
+                    node.clone(),
+                    index,
+                    uuid.to_string(),
+                    self.metrics,
+                ));
+                self.by_node.entry(node).or_default().insert(index, id);
+                self.bytes[0] += GPU_OVERHEAD;
+                id
+            }
+        };
+        let head_row = self.head_row_bytes();
+        let bucket_row = self.bucket_row_bytes();
+        let metrics = self.metrics;
+        let g = &mut self.gpus[id as usize];
+        if ts_ms <= g.last_ms {
+            self.rejected_out_of_order += 1;
+            return Err(Rejected::OutOfOrder);
+        }
+        if !uuid.is_empty() && g.uuid != uuid {
+            g.uuid = uuid.to_string();
+        }
+        g.last_ms = ts_ms;
+        g.head_ts.push(ts_ms);
+        for m in 0..metrics {
+            g.head[m].push(values.get(m).copied().unwrap_or(f64::NAN));
+        }
+        self.bytes[0] += head_row;
+        for t in 0..2 {
+            let res = [60_000, 3_600_000][t];
+            let start = floor_to(ts_ms, res);
+            let b = &mut g.tiers[t];
+            if b.starts.back() != Some(&start) {
+                b.starts.push_back(start);
+                b.aggs
+                    .push_back(vec![Agg::EMPTY; metrics].into_boxed_slice());
+                self.bucket_fifo[t].push_back(id);
+                self.bytes[t + 1] += bucket_row;
+            }
+            if let Some(aggs) = b.aggs.back_mut() {
+                for (m, a) in aggs.iter_mut().enumerate() {
+                    let v = values.get(m).copied().unwrap_or(f64::NAN);
+                    if !v.is_nan() {
+                        a.add(ts_ms, v);
+                    }
+                }
+            }
+        }
+        if g.head_ts.len() >= CHUNK_ROWS {
+            let chunk = Chunk::seal(&g.head_ts, &g.head);
+            self.bytes[0] += chunk.bytes();
+            self.bytes[0] -= head_row * g.head_ts.len();
+            g.head_ts.clear();
+            for c in &mut g.head {
+                c.clear();
+            }
+            g.chunks.push_back(chunk);
+            self.chunk_fifo.push_back(id);
+        }
+        self.rows += 1;
+        self.expire();
+        Ok(())
+    }
+
+    fn expire(&mut self) {
+        while self.bytes[0] > self.budgets.raw {
+            let Some(id) = self.chunk_fifo.pop_front() else {
+                break;
+            };
+            if let Some(c) = self.gpus[id as usize].chunks.pop_front() {
+                self.bytes[0] -= c.bytes();
+                self.expired[0] += 1;
+            }
+        }
+        let row = self.bucket_row_bytes();
+        let budgets = [self.budgets.minute, self.budgets.hour];
+        for t in 0..2 {
+            // Keep each GPU's newest (open) bucket: it is still being filled.
+            while self.bytes[t + 1] > budgets[t] {
+                let Some(id) = self.bucket_fifo[t].front().copied() else {
+                    break;
+                };
+                let b = &mut self.gpus[id as usize].tiers[t];
+                if b.starts.len() <= 1 {
+                    break;
+                }
+                self.bucket_fifo[t].pop_front();
+                b.starts.pop_front();
+                b.aggs.pop_front();
+                self.bytes[t + 1] -= row;
+                self.expired[t + 1] += 1;
+            }
+        }
+    }
+
+    pub fn gpus(&self) -> &[GpuSeries] {
+        &self.gpus
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    pub fn rejected(&self) -> (u64, u64) {
+        (self.rejected_out_of_order, self.rejected_gpus)
+    }
+
+    pub fn budgets(&self) -> SeriesBudgets {
+        self.budgets
+    }
+
+    pub fn tier_stats(&self, tier: Tier) -> TierStats {
+        let i = tier.idx();
+        let oldest_ms = match tier {
+            Tier::Raw => self
+                .gpus
+                .iter()
+                .filter_map(|g| {
+                    g.chunks
+                        .front()
+                        .map(|c| c.first_ms)
+                        .or(g.head_ts.first().copied())
+                })
+                .min(),
+            Tier::Minute | Tier::Hour => self
+                .gpus
+                .iter()
+                .filter_map(|g| g.tiers[i - 1].starts.front().copied())
+                .min(),
+        };
+        TierStats {
+            bytes: self.bytes[i],
+            budget: [self.budgets.raw, self.budgets.minute, self.budgets.hour][i],
+            expired: self.expired[i],
+            oldest_ms,
+        }
+    }
+
+    /// Raw rows of `metric` for one GPU with `start <= ts < end`, oldest first. Chunks outside
+    /// the window are skipped by their time bounds without decoding.
+    pub fn raw_points(
+        &self,
+        g: &GpuSeries,
+        metric: usize,
+        start: i64,
+        end: i64,
+        mut f: impl FnMut(i64, f64),
+    ) -> Result<(), CodecError> {
+        let mut ts = Vec::with_capacity(CHUNK_ROWS);
+        let mut vals = Vec::with_capacity(CHUNK_ROWS);
+        let first = g.chunks.partition_point(|c| c.last_ms < start);
+        for c in g.chunks.iter().skip(first) {
+            if c.first_ms >= end {
+                break;
+            }
+            ts.clear();
+            vals.clear();
+            c.timestamps(&mut ts)?;
+            c.column(metric, &mut vals)?;
+            for (t, v) in ts.iter().zip(&vals) {
+                if *t >= start && *t < end && !v.is_nan() {
+                    f(*t, *v);
+                }
+            }
+        }
+        if let Some(col) = g.head.get(metric) {
+            let from = g.head_ts.partition_point(|t| *t < start);
+            for (t, v) in g.head_ts[from..].iter().zip(&col[from..]) {
+                if *t >= end {
+                    break;
+                }
+                if !v.is_nan() {
+                    f(*t, *v);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rollup buckets of `metric` for one GPU whose start lies in `[start, end)`.
+    pub fn buckets(
+        &self,
+        g: &GpuSeries,
+        tier: Tier,
+        metric: usize,
+        start: i64,
+        end: i64,
+        mut f: impl FnMut(i64, &Agg),
+    ) {
+        let Some(b) = g.tiers.get(tier.idx().wrapping_sub(1)) else {
+            return;
+        };
+        let from = b.starts.partition_point(|s| *s < start);
+        for (s, aggs) in b.starts.iter().skip(from).zip(b.aggs.iter().skip(from)) {
+            if *s >= end {
+                break;
+            }
+            if let Some(a) = aggs.get(metric)
+                && a.count > 0
+            {
+                f(*s, a);
+            }
+        }
+    }
+
+    /// Rebuilds a store from snapshot parts (see `snapshot`). Accounting and FIFOs are
+    /// recomputed from what is loaded.
+    pub fn restore(metrics: usize, budgets: SeriesBudgets, gpus: Vec<GpuSeries>) -> Self {
+        let mut s = Self::new(metrics, budgets);
+        let head_row = s.head_row_bytes();
+        let bucket_row = s.bucket_row_bytes();
+        let mut chunks: Vec<(i64, GpuId)> = Vec::new();
+        let mut buckets: [Vec<(i64, GpuId)>; 2] = [Vec::new(), Vec::new()];
+        for g in gpus.into_iter().take(budgets.max_gpus) {
+            if g.head.len() != metrics || g.tiers.iter().any(|t| t.starts.len() != t.aggs.len()) {
+                continue;
+            }
+            let id = s.gpus.len() as GpuId;
+            s.bytes[0] += GPU_OVERHEAD + g.head_ts.len() * head_row;
+            for c in &g.chunks {
+                s.bytes[0] += c.bytes();
+                chunks.push((c.first_ms, id));
+            }
+            for t in 0..2 {
+                for st in &g.tiers[t].starts {
+                    s.bytes[t + 1] += bucket_row;
+                    buckets[t].push((*st, id));
+                }
+            }
+            s.by_node
+                .entry(g.node.clone())
+                .or_default()
+                .insert(g.index, id);
+            s.gpus.push(g);
+        }
+        chunks.sort();
+        s.chunk_fifo = chunks.into_iter().map(|(_, id)| id).collect();
+        for t in 0..2 {
+            buckets[t].sort();
+            s.bucket_fifo[t] = buckets[t].iter().map(|(_, id)| *id).collect();
+        }
+        s.expire();
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(i: i64) -> Vec<f64> {
+        vec![
+            (i % 100) as f64,
+            1000.0,
+            if i % 2 == 0 { f64::NAN } else { 5.0 },
+        ]
+    }
+
+    #[test]
+    fn rows_seal_into_chunks_and_read_back() {
+        let mut s = SeriesStore::new(3, SeriesBudgets::default());
+        let t0 = 1_764_000_000_000;
+        for i in 0..1000 {
+            s.push("n1", 0, "GPU-a", t0 + i * 1000, &row(i)).unwrap();
+        }
+        let g = &s.gpus()[0];
+        assert_eq!(g.chunks.len(), 1000 / CHUNK_ROWS);
+        assert_eq!(g.head_ts.len(), 1000 % CHUNK_ROWS);
+        let mut got = Vec::new();
+        s.raw_points(g, 0, t0 + 100_000, t0 + 900_000, |t, v| got.push((t, v)))
+            .unwrap();
+        assert_eq!(got.len(), 800);
+        assert_eq!(got[0], (t0 + 100_000, 0.0));
+        assert!(
+            got.iter()
+                .all(|(t, v)| *v == ((t - t0) / 1000 % 100) as f64)
+        );
+        let mut absent = 0;
+        s.raw_points(g, 2, t0, t0 + 1_000_000, |_, _| absent += 1)
+            .unwrap();
+        assert_eq!(absent, 500, "absent values are skipped");
+        assert_eq!(
+            s.push("n1", 0, "GPU-a", t0, &row(0)),
+            Err(Rejected::OutOfOrder)
+        );
+    }
+
+    #[test]
+    fn rollups_match_raw() {
+        let mut s = SeriesStore::new(3, SeriesBudgets::default());
+        let t0 = 1_764_000_000_000 - 1_764_000_000_000 % 3_600_000;
+        for i in 0..7200 {
+            s.push("n1", 0, "", t0 + i * 1000, &row(i)).unwrap();
+        }
+        let g = &s.gpus()[0];
+        let mut mins = Vec::new();
+        s.buckets(g, Tier::Minute, 0, t0, t0 + 7_200_000, |st, a| {
+            mins.push((st, *a))
+        });
+        assert_eq!(mins.len(), 120);
+        let mut raw = Agg::EMPTY;
+        s.raw_points(g, 0, t0 + 60_000, t0 + 120_000, |t, v| raw.add(t, v))
+            .unwrap();
+        let m = mins[1].1;
+        assert_eq!(
+            (m.min, m.max, m.sum, m.count, m.last),
+            (raw.min, raw.max, raw.sum, raw.count, raw.last)
+        );
+        let mut hours = Vec::new();
+        s.buckets(g, Tier::Hour, 0, t0, t0 + 7_200_000, |st, a| {
+            hours.push((st, *a))
+        });
+        assert_eq!(hours.len(), 2);
+        assert_eq!(hours[0].1.count, 3600);
+    }
+
+    #[test]
+    fn each_tier_stays_within_its_budget_and_expires_oldest() {
+        let budgets = SeriesBudgets {
+            raw: 40_000,
+            minute: 20_000,
+            hour: 4_000,
+            max_gpus: 4,
+        };
+        let mut s = SeriesStore::new(3, budgets);
+        let t0 = 1_764_000_000_000;
+        for i in 0..50_000 {
+            for gpu in 0..4 {
+                s.push("n1", gpu, "", t0 + i * 1000, &row(i + gpu as i64))
+                    .unwrap();
+            }
+        }
+        for t in Tier::ALL {
+            let st = s.tier_stats(t);
+            assert!(st.bytes <= st.budget, "{t:?} {st:?}");
+            assert!(st.expired > 0, "{t:?} expired nothing");
+            assert!(st.oldest_ms.unwrap() > t0);
+        }
+        assert_eq!(s.push("n1", 9, "", t0, &row(0)), Err(Rejected::TooManyGpus));
+        // Oldest first: every GPU keeps a suffix of its history.
+        let raw_oldest = s.tier_stats(Tier::Raw).oldest_ms.unwrap();
+        for g in s.gpus() {
+            assert!(g.chunks.front().unwrap().first_ms >= raw_oldest);
+        }
+    }
+}

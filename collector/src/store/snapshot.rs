@@ -1,0 +1,438 @@
+//! Snapshots in `--data-dir`: the sample series (`series.snap`, written periodically so history
+//! outlives the write-ahead log) and the event store (`events.snap`, written when old events
+//! would otherwise pin too much log). Each records the last cursor it covers; at start-up the
+//! log replays only what comes after it.
+//!
+//! Format: 8-byte magic, little-endian fields, CRC-32 of everything before it as the last 4
+//! bytes. Files are written to a temporary name (0600), fsynced, renamed, and the directory
+//! fsynced, so a crash leaves either the old snapshot or the new one. A damaged snapshot is
+//! reported and ignored, never fatal.
+use std::{
+    collections::VecDeque,
+    fs::{self, File, OpenOptions},
+    io::{self, Write},
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use gpulse_proto::v1;
+use prost::Message;
+use thiserror::Error;
+
+use super::series::{Agg, Buckets, Chunk, GpuSeries};
+
+pub const SERIES_FILE: &str = "series.snap";
+pub const EVENTS_FILE: &str = "events.snap";
+const SERIES_MAGIC: &[u8; 8] = b"GPSER001";
+const EVENTS_MAGIC: &[u8; 8] = b"GPEVT001";
+
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    #[error("{path}: {err}")]
+    Io { path: String, err: io::Error },
+    #[error("{path}: damaged snapshot ({reason})")]
+    Corrupt { path: String, reason: String },
+}
+
+#[derive(Default)]
+struct Out(Vec<u8>);
+
+impl Out {
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn i64(&mut self, v: i64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f64(&mut self, v: f64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+    }
+    fn finish(mut self) -> Vec<u8> {
+        let crc = crc32fast::hash(&self.0);
+        self.u32(crc);
+        self.0
+    }
+}
+
+struct In<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> In<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|e| *e <= self.buf.len())
+            .ok_or_else(|| format!("ends early at byte {}", self.pos))?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn arr<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.arr()?))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.arr()?))
+    }
+    fn i64(&mut self) -> Result<i64, String> {
+        Ok(i64::from_le_bytes(self.arr()?))
+    }
+    fn f64(&mut self) -> Result<f64, String> {
+        Ok(f64::from_le_bytes(self.arr()?))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn str(&mut self) -> Result<String, String> {
+        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| "a name is not UTF-8".to_string())
+    }
+    /// A count of items each at least `min_bytes` long, checked against what is left so a
+    /// damaged count cannot make us allocate wildly.
+    fn count(&mut self, min_bytes: usize) -> Result<usize, String> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_bytes.max(1)) > self.buf.len() - self.pos {
+            return Err(format!("count {n} exceeds the file"));
+        }
+        Ok(n)
+    }
+}
+
+/// Checks magic and CRC; returns the body between them.
+fn open_body<'a>(data: &'a [u8], magic: &[u8; 8]) -> Result<&'a [u8], String> {
+    if data.len() < 12 || &data[..8] != magic {
+        return Err("not a gpulse snapshot of this kind".into());
+    }
+    let (body, crc) = data.split_at(data.len() - 4);
+    let want = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+    if crc32fast::hash(body) != want {
+        return Err("checksum mismatch".into());
+    }
+    Ok(&body[8..])
+}
+
+/// Serialises the series store's GPUs (`through` = last cursor whose samples they include).
+pub fn encode_series(through: u64, metrics: usize, gpus: &[GpuSeries]) -> Vec<u8> {
+    let mut o = Out::default();
+    o.0.extend_from_slice(SERIES_MAGIC);
+    o.u64(through);
+    o.u32(metrics as u32);
+    o.u32(gpus.len() as u32);
+    for g in gpus {
+        o.bytes(g.node.as_bytes());
+        o.u32(g.index);
+        o.bytes(g.uuid.as_bytes());
+        o.i64(g.last_ms);
+        o.u32(g.head_ts.len() as u32);
+        for t in &g.head_ts {
+            o.i64(*t);
+        }
+        for col in &g.head {
+            for v in col {
+                o.f64(*v);
+            }
+        }
+        o.u32(g.chunks.len() as u32);
+        for c in &g.chunks {
+            o.i64(c.first_ms);
+            o.i64(c.last_ms);
+            o.u32(c.rows);
+            o.bytes(&c.data);
+            o.u32(c.offsets.len() as u32);
+            for off in c.offsets.iter() {
+                o.u32(*off);
+            }
+        }
+        for t in &g.tiers {
+            o.u32(t.starts.len() as u32);
+            for (s, aggs) in t.starts.iter().zip(&t.aggs) {
+                o.i64(*s);
+                for a in aggs.iter() {
+                    o.f64(a.min);
+                    o.f64(a.max);
+                    o.f64(a.sum);
+                    o.u32(a.count);
+                    o.f64(a.last);
+                    o.i64(a.last_ms);
+                }
+            }
+        }
+    }
+    o.finish()
+}
+
+pub struct SeriesSnapshot {
+    pub through: u64,
+    pub metrics: usize,
+    pub gpus: Vec<GpuSeries>,
+}
+
+pub fn decode_series(data: &[u8]) -> Result<SeriesSnapshot, String> {
+    let mut r = In {
+        buf: open_body(data, SERIES_MAGIC)?,
+        pos: 0,
+    };
+    let through = r.u64()?;
+    let metrics = r.u32()? as usize;
+    if metrics > 4096 {
+        return Err(format!("{metrics} metrics per GPU is not plausible"));
+    }
+    let n = r.count(32)?;
+    let mut gpus = Vec::with_capacity(n);
+    for _ in 0..n {
+        let node: Arc<str> = Arc::from(r.str()?);
+        let index = r.u32()?;
+        let uuid = r.str()?;
+        let last_ms = r.i64()?;
+        let rows = r.count(8)?;
+        let head_ts = (0..rows).map(|_| r.i64()).collect::<Result<Vec<_>, _>>()?;
+        let mut head = Vec::with_capacity(metrics);
+        for _ in 0..metrics {
+            head.push((0..rows).map(|_| r.f64()).collect::<Result<Vec<_>, _>>()?);
+        }
+        let nc = r.count(28)?;
+        let mut chunks = VecDeque::with_capacity(nc);
+        for _ in 0..nc {
+            let first_ms = r.i64()?;
+            let last_ms = r.i64()?;
+            let rows = r.u32()?;
+            let data: Arc<[u8]> = r.bytes()?.into();
+            let no = r.count(4)?;
+            let offsets = (0..no).map(|_| r.u32()).collect::<Result<Vec<_>, _>>()?;
+            if no != metrics + 2 || offsets.iter().any(|o| *o as usize > data.len()) {
+                return Err("a chunk's column offsets do not fit its data".into());
+            }
+            chunks.push_back(Chunk {
+                first_ms,
+                last_ms,
+                rows,
+                data,
+                offsets: offsets.into(),
+            });
+        }
+        let mut tiers = [Buckets::default(), Buckets::default()];
+        for t in &mut tiers {
+            let nb = r.count(8 + metrics * 44)?;
+            for _ in 0..nb {
+                t.starts.push_back(r.i64()?);
+                let mut aggs = Vec::with_capacity(metrics);
+                for _ in 0..metrics {
+                    aggs.push(Agg {
+                        min: r.f64()?,
+                        max: r.f64()?,
+                        sum: r.f64()?,
+                        count: r.u32()?,
+                        last: r.f64()?,
+                        last_ms: r.i64()?,
+                    });
+                }
+                t.aggs.push_back(aggs.into_boxed_slice());
+            }
+        }
+        gpus.push(GpuSeries {
+            node,
+            index,
+            uuid,
+            head_ts,
+            head,
+            chunks,
+            tiers,
+            last_ms,
+        });
+    }
+    if r.pos != r.buf.len() {
+        return Err("trailing bytes".into());
+    }
+    Ok(SeriesSnapshot {
+        through,
+        metrics,
+        gpus,
+    })
+}
+
+/// Serialises retained events (oldest cursor first) and the agents' progress.
+pub fn encode_events(
+    through: u64,
+    checkpoint: &v1::StoreCheckpoint,
+    events: &[Arc<v1::Event>],
+) -> Vec<u8> {
+    let mut o = Out::default();
+    o.0.extend_from_slice(EVENTS_MAGIC);
+    o.u64(through);
+    o.bytes(&checkpoint.encode_to_vec());
+    o.u64(events.len() as u64);
+    let mut buf = Vec::new();
+    for e in events {
+        buf.clear();
+        // Encoding into a Vec cannot fail.
+        let _ = e.encode(&mut buf);
+        o.bytes(&buf);
+    }
+    o.finish()
+}
+
+pub struct EventsSnapshot {
+    pub through: u64,
+    pub checkpoint: v1::StoreCheckpoint,
+    pub events: Vec<v1::Event>,
+}
+
+pub fn decode_events(data: &[u8]) -> Result<EventsSnapshot, String> {
+    let mut r = In {
+        buf: open_body(data, EVENTS_MAGIC)?,
+        pos: 0,
+    };
+    let through = r.u64()?;
+    let checkpoint =
+        v1::StoreCheckpoint::decode(r.bytes()?).map_err(|e| format!("checkpoint: {e}"))?;
+    let n = r.u64()? as usize;
+    if n.saturating_mul(4) > r.buf.len() {
+        return Err(format!("count {n} exceeds the file"));
+    }
+    let mut events = Vec::with_capacity(n);
+    for i in 0..n {
+        events.push(v1::Event::decode(r.bytes()?).map_err(|e| format!("event {i}: {e}"))?);
+    }
+    if r.pos != r.buf.len() {
+        return Err("trailing bytes".into());
+    }
+    Ok(EventsSnapshot {
+        through,
+        checkpoint,
+        events,
+    })
+}
+
+/// Writes `data` to `dir/name` atomically (0600).
+pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> Result<(), SnapshotError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let io_err = |p: &PathBuf| {
+        let p = p.display().to_string();
+        move |err| SnapshotError::Io { path: p, err }
+    };
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(data).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(&dir.to_path_buf()))?;
+    Ok(())
+}
+
+/// Reads `dir/name`; `Ok(None)` when it does not exist.
+pub fn read(dir: &Path, name: &str) -> Result<Option<Vec<u8>>, SnapshotError> {
+    let path = dir.join(name);
+    match fs::read(&path) {
+        Ok(d) => Ok(Some(d)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(SnapshotError::Io {
+            path: path.display().to_string(),
+            err,
+        }),
+    }
+}
+
+pub fn corrupt(dir: &Path, name: &str, reason: String) -> SnapshotError {
+    SnapshotError::Corrupt {
+        path: dir.join(name).display().to_string(),
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::series::{SeriesBudgets, SeriesStore};
+
+    #[test]
+    fn series_roundtrip_and_damage_is_detected() {
+        let mut s = SeriesStore::new(3, SeriesBudgets::default());
+        for i in 0..5000i64 {
+            for gpu in 0..2 {
+                s.push(
+                    "n",
+                    gpu,
+                    "GPU-x",
+                    1_764_000_000_000 + i * 1000,
+                    &[i as f64, 1.5, f64::NAN],
+                )
+                .unwrap();
+            }
+        }
+        let data = encode_series(77, 3, s.gpus());
+        let snap = decode_series(&data).unwrap();
+        assert_eq!((snap.through, snap.metrics, snap.gpus.len()), (77, 3, 2));
+        let back = SeriesStore::restore(3, SeriesBudgets::default(), snap.gpus);
+        for t in crate::store::series::Tier::ALL {
+            assert_eq!(back.tier_stats(t).bytes, s.tier_stats(t).bytes, "{t:?}");
+            assert_eq!(back.tier_stats(t).oldest_ms, s.tier_stats(t).oldest_ms);
+        }
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        s.raw_points(&s.gpus()[1], 0, 0, i64::MAX, |t, v| a.push((t, v)))
+            .unwrap();
+        back.raw_points(&back.gpus()[1], 0, 0, i64::MAX, |t, v| b.push((t, v)))
+            .unwrap();
+        assert_eq!(a, b);
+        for cut in [0, 7, 12, data.len() / 2, data.len() - 1] {
+            assert!(decode_series(&data[..cut]).is_err());
+        }
+        let mut flipped = data.clone();
+        flipped[data.len() / 3] ^= 0x40;
+        assert!(decode_series(&flipped).err().unwrap().contains("checksum"));
+    }
+
+    #[test]
+    fn events_roundtrip_atomically_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let evs: Vec<Arc<v1::Event>> = (1..=3)
+            .map(|c| {
+                Arc::new(v1::Event {
+                    cursor: c,
+                    node: "n".into(),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        let cp = v1::StoreCheckpoint {
+            next_cursor: 4,
+            ..Default::default()
+        };
+        write_atomic(dir.path(), EVENTS_FILE, &encode_events(3, &cp, &evs)).unwrap();
+        let data = read(dir.path(), EVENTS_FILE).unwrap().unwrap();
+        let snap = decode_events(&data).unwrap();
+        assert_eq!(snap.events.len(), 3);
+        assert_eq!(snap.checkpoint.next_cursor, 4);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dir.path().join(EVENTS_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(read(dir.path(), SERIES_FILE).unwrap().is_none());
+        assert!(decode_events(&data[..data.len() - 2]).is_err());
+    }
+}
