@@ -91,6 +91,8 @@ fn fnv(data: &[u8]) -> u64 {
 #[derive(Debug, PartialEq, Eq)]
 struct PageToken {
     key: u64,
+    /// Newest cursor when paging began: later arrivals are not part of this listing.
+    ceiling: u64,
     start_ns: i64,
     end_ns: i64,
     query: u64,
@@ -99,9 +101,10 @@ struct PageToken {
 
 impl PageToken {
     fn encode(&self) -> String {
-        let mut b = Vec::with_capacity(40);
+        let mut b = Vec::with_capacity(48);
         for v in [
             self.key,
+            self.ceiling,
             self.start_ns as u64,
             self.end_ns as u64,
             self.query,
@@ -119,14 +122,14 @@ impl PageToken {
         let hex = s
             .strip_prefix("e1.")
             .ok_or(QueryError::Token("unknown format"))?;
-        if hex.len() != 88 || !hex.is_ascii() {
+        if hex.len() != 104 || !hex.is_ascii() {
             return Err(QueryError::Token("wrong length"));
         }
-        let b: Vec<u8> = (0..44)
+        let b: Vec<u8> = (0..52)
             .map(|i| u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16))
             .collect::<Result<_, _>>()
             .map_err(|_| QueryError::Token("not hex"))?;
-        let (body, check) = b.split_at(40);
+        let (body, check) = b.split_at(48);
         if (fnv(body) as u32).to_be_bytes() != check {
             return Err(QueryError::Token("checksum"));
         }
@@ -137,10 +140,11 @@ impl PageToken {
         };
         Ok(Self {
             key: w(0),
-            start_ns: w(1) as i64,
-            end_ns: w(2) as i64,
-            query: w(3),
-            expired_at_start: w(4),
+            ceiling: w(1),
+            start_ns: w(2) as i64,
+            end_ns: w(3) as i64,
+            query: w(4),
+            expired_at_start: w(5),
         })
     }
 }
@@ -181,9 +185,9 @@ pub fn list_events(
     let filter = Filter::from_wire(req.filter)?;
     let tw = req.window.unwrap_or_default();
     let expired_now = store.expired_total();
-    let (w, key, expired_at_start) = if req.page_token.is_empty() {
+    let (w, key, ceiling, expired_at_start) = if req.page_token.is_empty() {
         let w = window::resolve(&tw.since, &tw.until, now_ns, HOUR_NS)?;
-        (w, None, expired_now)
+        (w, None, store.next_cursor() - 1, expired_now)
     } else {
         let t = PageToken::decode(&req.page_token)?;
         if t.query != fingerprint {
@@ -196,7 +200,7 @@ pub fn list_events(
             end_ns: i128::from(t.end_ns),
             defaulted: tw.since.is_empty(),
         };
-        (w, Some(t.key), t.expired_at_start)
+        (w, Some(t.key), t.ceiling, t.expired_at_start)
     };
     let lanes = filter.lanes();
     let page = store.window(
@@ -206,7 +210,7 @@ pub fn list_events(
         order,
         key,
         limit as usize,
-        |e| filter.matches(e),
+        |e| e.cursor <= ceiling && filter.matches(e),
     );
     let oldest = if lanes.is_empty() {
         store.oldest_ms(None)
@@ -237,6 +241,7 @@ pub fn list_events(
     let next_page_token = match (page.more, page.events.last()) {
         (true, Some(last)) => PageToken {
             key: last.cursor,
+            ceiling,
             start_ns: w.start_ns as i64,
             end_ns: w.end_ns as i64,
             query: fingerprint,
@@ -324,6 +329,9 @@ fn nice_step(min_s: i64) -> i64 {
         .find(|s| *s >= min_s)
         .unwrap_or_else(|| ceil_div(min_s, 86400) * 86400)
 }
+
+/// A group's key (node, GPU index), steps, UUID, and whether it is the merged "other".
+type Grouped = ((String, Option<u32>), Steps, String, bool);
 
 /// Per step figures of one group.
 #[derive(Clone)]
@@ -450,7 +458,19 @@ pub fn trend(
         ));
         step_s = nice_step(min_step);
     }
-    let tier = choose_tier(series, w.start_ms(), step_s * 1000, agg);
+    let tier = match WireTier::try_from(req.tier) {
+        Ok(WireTier::Unspecified) => choose_tier(series, w.start_ms(), step_s * 1000, agg),
+        Ok(WireTier::Raw) => Tier::Raw,
+        Ok(WireTier::Tier1m) => Tier::Minute,
+        Ok(WireTier::Tier1h) => Tier::Hour,
+        Err(_) => {
+            return Err(QueryError::Range {
+                field: "tier",
+                value: req.tier as u64,
+                allowed: "0 (auto), 1 (raw), 2 (1m), 3 (1h)",
+            });
+        }
+    };
     let res_s = tier.resolution_ms() / 1000;
     if res_s > 0 && step_s % res_s != 0 {
         step_s = ceil_div(step_s, res_s) * res_s;
@@ -513,7 +533,7 @@ pub fn trend(
         }
     }
     let series_total = groups.len() as u32;
-    let mut list: Vec<((String, Option<u32>), Steps, String, bool)> = Vec::new();
+    let mut list: Vec<Grouped> = Vec::new();
     let mut other: Option<Steps> = None;
     for (i, (key, (s, uuid))) in groups.into_iter().enumerate() {
         if series_total > max_series && i + 1 >= max_series as usize {
@@ -653,6 +673,7 @@ mod tests {
     fn tokens_roundtrip_and_reject_tampering() {
         let t = PageToken {
             key: 42,
+            ceiling: 99,
             start_ns: -5,
             end_ns: 1_764_000_000_000_000_000,
             query: 7,

@@ -133,12 +133,13 @@ pub enum Command {
         req: TrendRequest,
         reply: oneshot::Sender<Result<TrendResponse, QueryError>>,
     },
-    /// A snapshot written in the background finished.
-    SnapshotDone {
-        kind: SnapKind,
-        through: u64,
-        result: Result<(), String>,
-    },
+}
+
+/// A snapshot written in the background finished.
+struct SnapshotDone {
+    kind: SnapKind,
+    through: u64,
+    result: Result<(), String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -293,7 +294,8 @@ pub struct State {
     snapshot_in_flight: bool,
     last_series_snapshot: Instant,
     rows_at_last_snapshot: u64,
-    me: mpsc::Sender<Command>,
+    snap_tx: mpsc::Sender<SnapshotDone>,
+    snap_rx: Option<mpsc::Receiver<SnapshotDone>>,
     wal: Wal,
     syncer: Syncer,
     agents: HashMap<String, AgentEntry>,
@@ -444,6 +446,7 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     }
     metrics.ring_budget_bytes.set(cfg.ring_bytes as i64);
     let (tx, rx) = mpsc::channel(1024);
+    let (snap_tx, snap_rx) = mpsc::channel(4);
     let rows = series.rows();
     let mut state = State {
         syncer: Syncer::start()?,
@@ -455,7 +458,8 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         snapshot_in_flight: false,
         last_series_snapshot: Instant::now(),
         rows_at_last_snapshot: rows,
-        me: tx.clone(),
+        snap_tx,
+        snap_rx: Some(snap_rx),
         wal,
         agents,
         subscribers: Vec::new(),
@@ -527,12 +531,16 @@ impl State {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let Some(mut snap_rx) = self.snap_rx.take() else {
+            return;
+        };
         loop {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => self.handle(cmd),
                     None => return,
                 },
+                Some(done) = snap_rx.recv() => self.snapshot_done(done),
                 _ = tick.tick() => {
                     self.flush_lag_notices();
                     self.maybe_snapshot();
@@ -600,38 +608,40 @@ impl State {
                 let _ = reply.send(query::trend(&self.series, req, now_ns()));
                 self.observe("Trend", t);
             }
-            Command::SnapshotDone {
-                kind,
-                through,
-                result,
-            } => {
-                self.snapshot_in_flight = false;
-                match result {
-                    Ok(()) => {
-                        self.metrics
-                            .snapshots
-                            .with_label_values(&[kind.name()])
-                            .inc();
-                        match kind {
-                            SnapKind::Series => self.series_snap_through = through,
-                            SnapKind::Events => self.events_snap_through = through,
-                        }
-                        info!(
-                            kind = kind.name(),
-                            through_cursor = through,
-                            "snapshot written"
-                        );
-                        self.truncate_wal();
-                        self.update_gauges();
-                    }
-                    Err(e) => {
-                        self.metrics
-                            .snapshot_failures
-                            .with_label_values(&[kind.name(), "write"])
-                            .inc();
-                        warn!(kind = kind.name(), error = %e, "snapshot failed; the write-ahead log keeps the data");
-                    }
+        }
+    }
+
+    fn snapshot_done(&mut self, done: SnapshotDone) {
+        let SnapshotDone {
+            kind,
+            through,
+            result,
+        } = done;
+        self.snapshot_in_flight = false;
+        match result {
+            Ok(()) => {
+                self.metrics
+                    .snapshots
+                    .with_label_values(&[kind.name()])
+                    .inc();
+                match kind {
+                    SnapKind::Series => self.series_snap_through = through,
+                    SnapKind::Events => self.events_snap_through = through,
                 }
+                info!(
+                    kind = kind.name(),
+                    through_cursor = through,
+                    "snapshot written"
+                );
+                self.truncate_wal();
+                self.update_gauges();
+            }
+            Err(e) => {
+                self.metrics
+                    .snapshot_failures
+                    .with_label_values(&[kind.name(), "write"])
+                    .inc();
+                warn!(kind = kind.name(), error = %e, "snapshot failed; the write-ahead log keeps the data");
             }
         }
     }
@@ -831,7 +841,7 @@ impl State {
     ) {
         self.snapshot_in_flight = true;
         let dir = self.cfg.data_dir.clone();
-        let me = self.me.clone();
+        let me = self.snap_tx.clone();
         let name = match kind {
             SnapKind::Series => SERIES_FILE,
             SnapKind::Events => EVENTS_FILE,
@@ -839,7 +849,7 @@ impl State {
         tokio::task::spawn_blocking(move || {
             let data = encode();
             let result = snapshot::write_atomic(&dir, name, &data).map_err(|e| e.to_string());
-            let _ = me.blocking_send(Command::SnapshotDone {
+            let _ = me.blocking_send(SnapshotDone {
                 kind,
                 through,
                 result,

@@ -14,7 +14,7 @@ use gpulse_proto::{
     time::rfc3339,
     v1::{
         Aggregation, EventFilter, EventKind, GroupBy, ListEventsRequest, Order, ResolvedWindow,
-        Severity, StatusRequest, SubscribeRequest, TimeWindow, TrendRequest,
+        Severity, StatusRequest, SubscribeRequest, Tier, TimeWindow, TrendRequest,
         subscribe_response::Msg, telemetry_client::TelemetryClient,
     },
 };
@@ -183,6 +183,9 @@ struct TrendArgs {
     gpus: Vec<String>,
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=200))]
     max_series: u32,
+    /// Source tier: auto (by step and coverage), raw, 1m or 1h.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "raw", "1m", "1h"])]
+    tier: String,
     /// List the metrics the collector keeps and exit.
     #[arg(long)]
     list_metrics: bool,
@@ -615,6 +618,12 @@ async fn trend(a: TrendArgs) -> anyhow::Result<()> {
             nodes: a.nodes.clone(),
             gpus: a.gpus.clone(),
             max_series: a.max_series,
+            tier: match a.tier.as_str() {
+                "raw" => Tier::Raw,
+                "1m" => Tier::Tier1m,
+                "1h" => Tier::Tier1h,
+                _ => Tier::Unspecified,
+            } as i32,
         })
         .await?
         .into_inner();

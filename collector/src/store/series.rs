@@ -376,21 +376,18 @@ impl SeriesStore {
         }
         let row = self.bucket_row_bytes();
         let budgets = [self.budgets.minute, self.budgets.hour];
-        for t in 0..2 {
-            // Keep each GPU's newest (open) bucket: it is still being filled.
-            while self.bytes[t + 1] > budgets[t] {
-                let Some(id) = self.bucket_fifo[t].front().copied() else {
+        for (t, budget) in budgets.into_iter().enumerate() {
+            // One FIFO entry per bucket row, in creation order: the front is the oldest row.
+            while self.bytes[t + 1] > budget {
+                let Some(id) = self.bucket_fifo[t].pop_front() else {
                     break;
                 };
                 let b = &mut self.gpus[id as usize].tiers[t];
-                if b.starts.len() <= 1 {
-                    break;
+                if b.starts.pop_front().is_some() {
+                    b.aggs.pop_front();
+                    self.bytes[t + 1] -= row;
+                    self.expired[t + 1] += 1;
                 }
-                self.bucket_fifo[t].pop_front();
-                b.starts.pop_front();
-                b.aggs.pop_front();
-                self.bytes[t + 1] -= row;
-                self.expired[t + 1] += 1;
             }
         }
     }
@@ -523,10 +520,10 @@ impl SeriesStore {
                 s.bytes[0] += c.bytes();
                 chunks.push((c.first_ms, id));
             }
-            for t in 0..2 {
+            for (t, list) in buckets.iter_mut().enumerate() {
                 for st in &g.tiers[t].starts {
                     s.bytes[t + 1] += bucket_row;
-                    buckets[t].push((*st, id));
+                    list.push((*st, id));
                 }
             }
             s.by_node
@@ -537,9 +534,9 @@ impl SeriesStore {
         }
         chunks.sort();
         s.chunk_fifo = chunks.into_iter().map(|(_, id)| id).collect();
-        for t in 0..2 {
-            buckets[t].sort();
-            s.bucket_fifo[t] = buckets[t].iter().map(|(_, id)| *id).collect();
+        for (fifo, mut list) in s.bucket_fifo.iter_mut().zip(buckets) {
+            list.sort();
+            *fifo = list.into_iter().map(|(_, id)| id).collect();
         }
         s.expire();
         s
@@ -590,7 +587,7 @@ mod tests {
     #[test]
     fn rollups_match_raw() {
         let mut s = SeriesStore::new(3, SeriesBudgets::default());
-        let t0 = 1_764_000_000_000 - 1_764_000_000_000 % 3_600_000;
+        let t0 = 1_764_000_000_000; // a whole hour
         for i in 0..7200 {
             s.push("n1", 0, "", t0 + i * 1000, &row(i)).unwrap();
         }
