@@ -17,7 +17,10 @@ pub struct MetricDef {
 /// NVML's "GPU idle" clock-event bit: not a throttle anyone acts on.
 const THROTTLE_GPU_IDLE: u64 = 0x1;
 
-pub const METRICS: &[MetricDef] = &[
+/// Number of metrics kept per GPU.
+pub const COUNT: usize = 14;
+
+pub const METRICS: &[MetricDef; COUNT] = &[
     MetricDef {
         name: "gpu_util_pct",
         unit: "percent",
@@ -137,11 +140,8 @@ pub fn names() -> Vec<&'static str> {
 }
 
 /// One row of stored values for a sample (NaN where the agent sent no value).
-pub fn row(s: &GpuSample) -> Vec<f64> {
-    METRICS
-        .iter()
-        .map(|m| (m.read)(s).unwrap_or(f64::NAN))
-        .collect()
+pub fn row(s: &GpuSample) -> [f64; COUNT] {
+    METRICS.map(|m| (m.read)(s).unwrap_or(f64::NAN))
 }
 
 #[cfg(test)]

@@ -394,6 +394,19 @@ pub fn trend(
     let (mi, def) = metric::by_name(&req.metric)
         .filter(|(i, _)| *i < series.metrics())
         .ok_or_else(|| QueryError::Metric(req.metric.clone(), metric::names().join(", ")))?;
+    trend_column(series, mi, def.name, def.unit, def.scale, req, now_ns)
+}
+
+/// `Trend` over column `mi` of the store (named `name`, in `unit`, values times `scale`).
+pub fn trend_column(
+    series: &SeriesStore,
+    mi: usize,
+    name: &str,
+    unit: &str,
+    scale: f64,
+    req: TrendRequest,
+    now_ns: i128,
+) -> Result<TrendResponse, QueryError> {
     let max_points = match req.max_points {
         0 => DEFAULT_POINTS,
         n if n <= MAX_POINTS => n,
@@ -491,16 +504,28 @@ pub fn trend(
         s.merged = 1;
         let mut any = false;
         match tier {
-            Tier::Raw => series.raw_points(g, mi, start, end, |t, v| {
-                let i = ((t - start) / step) as usize;
-                if let Some(a) = s.aggs.get_mut(i) {
-                    a.add(t, v);
-                    any = true;
-                }
-                if let Some(vals) = s.values.as_mut().and_then(|x| x.get_mut(i)) {
-                    vals.push(v);
-                }
-            })?,
+            Tier::Raw => {
+                // Rows come oldest first: find each step's run of rows by binary search and
+                // fold it in one tight loop.
+                series.raw_runs(g, mi, start, end, |ts, vals| {
+                    let mut lo = ts.partition_point(|t| *t < start);
+                    let hi = ts.partition_point(|t| *t < end);
+                    while lo < hi {
+                        let i = ((ts[lo] - start) / step) as usize;
+                        let bound = start + (i as i64 + 1) * step;
+                        let j = lo + ts[lo..hi].partition_point(|t| *t < bound);
+                        if let Some(a) = s.aggs.get_mut(i) {
+                            let before = a.count;
+                            a.add_run(&ts[lo..j], &vals[lo..j]);
+                            any |= a.count > before;
+                        }
+                        if let Some(v) = s.values.as_mut().and_then(|x| x.get_mut(i)) {
+                            v.extend(vals[lo..j].iter().filter(|x| !x.is_nan()));
+                        }
+                        lo = j;
+                    }
+                })?
+            }
             Tier::Minute | Tier::Hour => series.buckets(g, tier, mi, start, end, |b, a| {
                 let i = ((b - start) / step) as usize;
                 if let Some(x) = s.aggs.get_mut(i) {
@@ -552,7 +577,6 @@ pub fn trend(
         ));
         list.push(((String::new(), None), o, String::new(), true));
     }
-    let scale = def.scale;
     let value = |a: &Agg, vals: Option<&mut Vec<f64>>| -> f64 {
         let v = match agg {
             Aggregation::Min => a.min,
@@ -632,14 +656,14 @@ pub fn trend(
     {
         hints.push(format!(
             "no {} samples in the window for the selected GPUs",
-            def.name
+            name
         ));
     } else if out_series.is_empty() && !(req.nodes.is_empty() && req.gpus.is_empty()) {
         hints.push("no GPU matches the nodes/gpus selection".to_string());
     }
     Ok(TrendResponse {
-        metric: def.name.to_string(),
-        unit: def.unit.to_string(),
+        metric: name.to_string(),
+        unit: unit.to_string(),
         window: Some(window),
         step_seconds: step_s as u32,
         source: wire_tier(tier) as i32,
@@ -653,7 +677,7 @@ pub fn trend(
 }
 
 /// The metric's samples of a GPU sample event, for the series store.
-pub fn sample_row(ev: &v1::Event) -> Option<(&v1::GpuSample, Vec<f64>)> {
+pub fn sample_row(ev: &v1::Event) -> Option<(&v1::GpuSample, [f64; metric::COUNT])> {
     match &ev.payload {
         Some(Payload::GpuSample(g)) => Some((g, metric::row(g))),
         _ => None,

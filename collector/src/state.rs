@@ -256,14 +256,20 @@ struct NodeState {
     last_seen: Option<prost_types::Timestamp>,
     xid_source: String,
     agent_detail: String,
-    gpus: std::collections::BTreeMap<u32, v1::GpuSample>,
+    /// The latest sample event of each GPU (shared with the event store, not copied).
+    gpus: std::collections::BTreeMap<u32, Arc<v1::Event>>,
 }
 
-fn note_node(nodes: &mut HashMap<String, NodeState>, ev: &v1::Event) {
-    if !nodes.contains_key(&ev.node) && nodes.len() >= MAX_NODES {
-        return;
+fn note_node(nodes: &mut HashMap<String, NodeState>, ev: &Arc<v1::Event>) {
+    if !nodes.contains_key(&ev.node) {
+        if nodes.len() >= MAX_NODES {
+            return;
+        }
+        nodes.insert(ev.node.clone(), NodeState::default());
     }
-    let n = nodes.entry(ev.node.clone()).or_default();
+    let Some(n) = nodes.get_mut(&ev.node) else {
+        return;
+    };
     n.last_seen = ev.received.or(ev.time);
     match &ev.payload {
         Some(Payload::AgentStatus(a)) => {
@@ -273,7 +279,7 @@ fn note_node(nodes: &mut HashMap<String, NodeState>, ev: &v1::Event) {
         Some(Payload::GpuSample(g))
             if n.gpus.contains_key(&g.index) || n.gpus.len() < MAX_GPUS_PER_NODE =>
         {
-            n.gpus.insert(g.index, g.clone());
+            n.gpus.insert(g.index, ev.clone());
         }
         _ => {}
     }
@@ -416,12 +422,14 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         .filter(|e| e.cursor > events_through);
     for ev in snap_events.into_iter().chain(wal_events) {
         next_cursor = next_cursor.max(ev.cursor + 1);
+        let Some((ev, _)) = ring.restore(ev) else {
+            continue;
+        };
         count_xid(&metrics, &ev);
         note_node(&mut nodes, &ev);
         if ev.cursor > series_through {
             add_sample(&mut series, &ev);
         }
-        ring.restore(ev);
     }
     // Frames lost to damage may have carried cursors already handed to subscribers: skip past
     // every cursor they could have held (a frame is at least 9 bytes) so none is ever reused.
@@ -482,6 +490,11 @@ fn add_sample(series: &mut SeriesStore, ev: &v1::Event) -> bool {
     series
         .push(&ev.node, g.index, &g.uuid, event_ms(ev), &row)
         .is_ok()
+}
+
+/// A loss notice from the agent's own spool: it explains the seq jump it sits at.
+fn is_spool_gap(ev: &v1::Event) -> bool {
+    matches!(&ev.payload, Some(Payload::Gap(g)) if g.stage == GapStage::AgentSpool as i32)
 }
 
 const KIND_LIST: [EventKind; 7] = [
@@ -661,44 +674,69 @@ impl State {
             });
         let mut through = entry.progress.through_seq;
         let mut duplicates = 0;
-        let mut fresh = Vec::new();
-        for mut ev in batch.events {
-            if ev.seq <= through {
-                duplicates += 1;
-                continue;
+        let mut events = batch.events;
+        // (position, first missing seq, last missing seq) where the agent's sequence jumped.
+        let mut gaps: Vec<(usize, u64, u64)> = Vec::new();
+        let contiguous = events
+            .iter()
+            .enumerate()
+            .all(|(i, e)| events.first().is_some_and(|f| e.seq == f.seq + i as u64));
+        let mut fresh = if contiguous {
+            // The usual shape (validated batches are contiguous): drop the resent prefix and
+            // keep the vector, so events are not moved one by one.
+            let first = events.first().map_or(0, |e| e.seq);
+            let dup = (through + 1).saturating_sub(first).min(events.len() as u64) as usize;
+            events.drain(..dup);
+            duplicates = dup as u64;
+            if let Some(ev) = events.first()
+                && ev.seq > through + 1
+                && !is_spool_gap(ev)
+            {
+                gaps.push((0, through + 1, ev.seq - 1));
             }
-            let explained = matches!(&ev.payload, Some(Payload::Gap(g)) if g.stage == GapStage::AgentSpool as i32);
-            if ev.seq > through + 1 && !explained {
-                // The agent's sequence jumped: events in between never reached us.
-                let missed = ev.seq - through - 1;
-                self.metrics.ingest_seq_gap_events.inc_by(missed);
-                fresh.push(v1::Event {
+            if let Some(last) = events.last() {
+                through = last.seq;
+            }
+            events
+        } else {
+            let mut fresh = Vec::with_capacity(events.len());
+            for ev in events {
+                if ev.seq <= through {
+                    duplicates += 1;
+                    continue;
+                }
+                if ev.seq > through + 1 && !is_spool_gap(&ev) {
+                    gaps.push((fresh.len(), through + 1, ev.seq - 1));
+                }
+                through = ev.seq;
+                fresh.push(ev);
+            }
+            fresh
+        };
+        for (k, (at, from, to)) in gaps.into_iter().enumerate() {
+            let missed = to - from + 1;
+            self.metrics.ingest_seq_gap_events.inc_by(missed);
+            fresh.insert(
+                at + k,
+                v1::Event {
                     seq: 0,
                     time: Some(received),
-                    node: batch.node.clone(),
                     kind: EventKind::Gap as i32,
                     severity: v1::Severity::Warning as i32,
-                    agent_id: batch.agent_id.clone(),
-                    received: Some(received),
                     payload: Some(Payload::Gap(v1::Gap {
                         stage: GapStage::CollectorSeq as i32,
                         missed,
-                        detail: format!(
-                            "agent {} skipped seqs {}..={}",
-                            batch.agent_id,
-                            through + 1,
-                            ev.seq - 1
-                        ),
+                        detail: format!("agent {} skipped seqs {from}..={to}", batch.agent_id),
                     })),
                     ..Default::default()
-                });
-            }
-            through = ev.seq;
+                },
+            );
+        }
+        for ev in &mut fresh {
             // The batch envelope is authoritative for who sent it.
             ev.node.clone_from(&batch.node);
             ev.agent_id.clone_from(&batch.agent_id);
             ev.received = Some(received);
-            fresh.push(ev);
         }
         self.duplicates += duplicates;
         self.metrics.ingest_duplicates.inc_by(duplicates);
@@ -723,9 +761,12 @@ impl State {
             return Err(StoreError::Write(e.to_string()));
         }
         let stored = fresh.len() as u64;
+        self.metrics.ingest_events.inc_by(stored);
         for ev in fresh {
-            self.metrics.ingest_events.inc();
-            self.metrics.ingest_bytes.inc_by(ev.encoded_len() as u64);
+            let len = ev.encoded_len();
+            self.metrics.ingest_bytes.inc_by(len as u64);
+            // Same cursor as written above: the store hands out cursors in the same order.
+            let (ev, _) = self.ring.push_len(ev, len);
             count_xid(&self.metrics, &ev);
             if let Some(Payload::Gap(g)) = &ev.payload
                 && g.stage != GapStage::CollectorSeq as i32
@@ -741,9 +782,7 @@ impl State {
             }
             note_node(&mut self.nodes, &ev);
             add_sample(&mut self.series, &ev);
-            // Same cursor as written above: the ring hands out cursors in the same order.
-            let (stored_ev, _) = self.ring.push(ev);
-            self.fan_out(&stored_ev);
+            self.fan_out(&ev);
         }
         if let Some(e) = self.agents.get_mut(&batch.agent_id) {
             e.progress.through_seq = through;
@@ -1012,7 +1051,14 @@ impl State {
                     last_seen: n.last_seen,
                     xid_source: n.xid_source.clone(),
                     agent_detail: n.agent_detail.clone(),
-                    gpus: n.gpus.values().cloned().collect(),
+                    gpus: n
+                        .gpus
+                        .values()
+                        .filter_map(|e| match &e.payload {
+                            Some(Payload::GpuSample(g)) => Some(g.clone()),
+                            _ => None,
+                        })
+                        .collect(),
                     xid_count: xids.get(name).map_or(0, |c| c.0),
                     critical_xid_count: xids.get(name).map_or(0, |c| c.1),
                 }

@@ -4,10 +4,11 @@
 //! timestamp is stored once however many metrics it carries; each column is encoded on its own
 //! and can be decoded without touching the others.
 //!
-//! - Timestamps (ms): delta-of-delta with Gorilla's prefix buckets.
-//! - Values: a constant column is stored once; if every value in the column is an integer (all NVML fields are), zig-zag deltas or
-//!   delta-of-deltas (whichever is smaller for this column, chosen at seal time) in prefix
-//!   buckets; otherwise Gorilla's XOR encoding of the f64 bits. Absent values (NaN) cost one bit
+//! - Timestamps (ms): offsets from a regular grid (sampler jitter only), or delta-of-delta with
+//!   Gorilla's prefix buckets when the rows are irregular.
+//! - Values: a constant column is stored once; if every value in the column is an integer (all
+//!   NVML fields are), the smallest of zig-zag deltas or delta-of-deltas in prefix buckets, or
+//!   frame-of-reference bit packing (noisy gauges), chosen per column at seal time; otherwise Gorilla's XOR encoding of the f64 bits. Absent values (NaN) cost one bit
 //!   each, and nothing when the whole column is present.
 use thiserror::Error;
 
@@ -54,34 +55,86 @@ impl BitWriter {
     }
 }
 
+/// Reads bits MSB-first through a 64-bit window.
 pub struct BitReader<'a> {
     buf: &'a [u8],
+    /// Next byte of `buf` to load.
     pos: usize,
+    /// Loaded bits, MSB-aligned.
+    acc: u64,
+    bits: u32,
 }
 
 impl<'a> BitReader<'a> {
     pub fn new(buf: &'a [u8]) -> Self {
-        Self { buf, pos: 0 }
-    }
-
-    pub fn read(&mut self, bits: u32) -> Result<u64, CodecError> {
-        let mut out = 0u64;
-        let mut left = bits;
-        while left > 0 {
-            let byte = *self.buf.get(self.pos / 8).ok_or(CodecError::Truncated)?;
-            let off = (self.pos % 8) as u32;
-            let room = 8 - off;
-            let take = room.min(left);
-            let chunk = (byte >> (room - take)) & ((1u16 << take) - 1) as u8;
-            out = (out << take) | u64::from(chunk);
-            self.pos += take as usize;
-            left -= take;
+        Self {
+            buf,
+            pos: 0,
+            acc: 0,
+            bits: 0,
         }
-        Ok(out)
     }
 
+    #[inline]
+    fn refill(&mut self) {
+        while self.bits <= 56 {
+            let Some(b) = self.buf.get(self.pos) else {
+                return;
+            };
+            self.acc |= u64::from(*b) << (56 - self.bits);
+            self.bits += 8;
+            self.pos += 1;
+        }
+    }
+
+    pub fn read(&mut self, n: u32) -> Result<u64, CodecError> {
+        if n > 56 {
+            let hi = self.read_small(n - 32)?;
+            let lo = self.read_small(32)?;
+            return Ok((hi << 32) | lo);
+        }
+        self.read_small(n)
+    }
+
+    /// At most 56 bits.
+    #[inline(always)]
+    fn read_small(&mut self, n: u32) -> Result<u64, CodecError> {
+        if n == 0 {
+            return Ok(0);
+        }
+        if self.bits < n {
+            self.refill();
+            if self.bits < n {
+                return Err(CodecError::Truncated);
+            }
+        }
+        let v = self.acc >> (64 - n);
+        self.acc <<= n;
+        self.bits -= n;
+        Ok(v)
+    }
+
+    #[inline]
     pub fn bit(&mut self) -> Result<bool, CodecError> {
-        Ok(self.read(1)? == 1)
+        Ok(self.read_small(1)? == 1)
+    }
+
+    /// Consecutive one bits (at most `max`), consuming them and the zero that ends them.
+    #[inline]
+    fn ones(&mut self, max: u32) -> Result<u32, CodecError> {
+        if self.bits <= max {
+            self.refill();
+        }
+        let avail = self.bits.min(max + 1);
+        let n = self.acc.leading_ones().min(max);
+        if n >= avail {
+            return Err(CodecError::Truncated);
+        }
+        // Consume the ones and, below `max`, the terminating zero.
+        let used = if n < max { n + 1 } else { n };
+        self.acc <<= used;
+        self.bits -= used;
+        Ok(n)
     }
 }
 
@@ -115,11 +168,9 @@ fn put_signed(w: &mut BitWriter, v: i64) {
     w.write(z, 64);
 }
 
+#[inline]
 fn get_signed(r: &mut BitReader) -> Result<i64, CodecError> {
-    let mut ones = 0;
-    while ones < 5 && r.bit()? {
-        ones += 1;
-    }
+    let ones = r.ones(5)? as usize;
     if ones == 0 {
         return Ok(0);
     }
@@ -140,9 +191,30 @@ fn signed_cost(v: i64) -> usize {
     69
 }
 
-/// Timestamps (ms): first as 64 bits, then delta-of-delta.
+/// Widest residual the grid layout is used for; beyond it timestamps are irregular.
+const GRID_MAX_WIDTH: u32 = 24;
+
+/// Timestamps (ms). Samplers tick at a fixed interval with a little jitter, so the usual layout
+/// is a grid: 1 bit tag, first time (64 bits), interval (32), smallest residual (64), residual
+/// width (6), then each row's offset from the grid point `first + i * interval` in that width:
+/// smaller than delta-of-delta (jitter, not jitter differences) and decoded without branches.
+/// Irregular rows fall back to delta-of-delta with Gorilla's prefix buckets.
 pub fn encode_ts(ts: &[i64]) -> Vec<u8> {
     let mut w = BitWriter::default();
+    if let Some(grid) = grid(ts) {
+        let (first, interval, min, width) = grid;
+        w.bit(true);
+        w.write(first as u64, 64);
+        w.write(interval as u64, 32);
+        w.write(min as u64, 64);
+        w.write(u64::from(width), 6);
+        for (i, t) in ts.iter().enumerate() {
+            let r = t - (first + i as i64 * interval);
+            w.write((r - min) as u64, width);
+        }
+        return w.finish();
+    }
+    w.bit(false);
     let mut prev = 0i64;
     let mut prev_delta = 0i64;
     for (i, &t) in ts.iter().enumerate() {
@@ -158,8 +230,45 @@ pub fn encode_ts(ts: &[i64]) -> Vec<u8> {
     w.finish()
 }
 
+/// (first, interval, smallest residual, residual width) when the rows sit close to a grid.
+fn grid(ts: &[i64]) -> Option<(i64, i64, i64, u32)> {
+    let (first, last) = (*ts.first()?, *ts.last()?);
+    let n = ts.len() as i64;
+    let interval = if n > 1 { last.checked_sub(first)? / (n - 1) } else { 0 };
+    if !(0..=i64::from(u32::MAX)).contains(&interval) {
+        return None;
+    }
+    let mut min = i64::MAX;
+    let mut max = i64::MIN;
+    for (i, t) in ts.iter().enumerate() {
+        let r = t.checked_sub(first.checked_add((i as i64).checked_mul(interval)?)?)?;
+        min = min.min(r);
+        max = max.max(r);
+    }
+    let width = 64 - (max.checked_sub(min)? as u64).leading_zeros();
+    (width <= GRID_MAX_WIDTH).then_some((first, interval, min, width))
+}
+
 pub fn decode_ts(buf: &[u8], n: usize, out: &mut Vec<i64>) -> Result<(), CodecError> {
     let mut r = BitReader::new(buf);
+    if n == 0 {
+        return Ok(());
+    }
+    if r.bit()? {
+        let first = r.read(64)? as i64;
+        let interval = r.read(32)? as i64;
+        let min = r.read(64)? as i64;
+        let width = r.read(6)? as u32;
+        if width > GRID_MAX_WIDTH {
+            return Err(CodecError::Mode(width as u8));
+        }
+        let mut base = first.wrapping_add(min);
+        for _ in 0..n {
+            out.push(base.wrapping_add(r.read_small(width)? as i64));
+            base = base.wrapping_add(interval);
+        }
+        return Ok(());
+    }
     let mut prev = 0i64;
     let mut prev_delta = 0i64;
     for i in 0..n {
@@ -181,11 +290,12 @@ const MODE_DELTA: u8 = 1;
 const MODE_DOD: u8 = 2;
 const MODE_XOR: u8 = 3;
 const MODE_CONST: u8 = 4;
+const MODE_FOR: u8 = 5;
 /// Largest magnitude stored as an integer (f64 represents every integer up to 2^53 exactly).
 const MAX_INT: f64 = 9_007_199_254_740_992.0;
 
 /// Encodes one column (NaN = absent). Layout: 3 bits mode (empty, delta, delta-of-delta, XOR,
-/// constant), 1 bit "all present" (else one
+/// constant, frame-of-reference), 1 bit "all present" (else one
 /// presence bit per row), then the present values.
 pub fn encode_values(vals: &[f64]) -> Vec<u8> {
     let present: Vec<f64> = vals.iter().copied().filter(|v| !v.is_nan()).collect();
@@ -200,7 +310,15 @@ pub fn encode_values(vals: &[f64]) -> Vec<u8> {
     } else if ints {
         let iv: Vec<i64> = present.iter().map(|v| *v as i64).collect();
         let (d, dd) = int_costs(&iv);
-        if dd < d { MODE_DOD } else { MODE_DELTA }
+        let (_, w) = frame(&iv);
+        let f = 71 + iv.len() * w as usize;
+        if f < d && f < dd {
+            MODE_FOR
+        } else if dd < d {
+            MODE_DOD
+        } else {
+            MODE_DELTA
+        }
     } else {
         MODE_XOR
     };
@@ -234,9 +352,26 @@ pub fn encode_values(vals: &[f64]) -> Vec<u8> {
         }
         MODE_XOR => xor_encode(&mut w, &present),
         MODE_CONST => w.write(present[0].to_bits(), 64),
+        MODE_FOR => {
+            let iv: Vec<i64> = present.iter().map(|v| *v as i64).collect();
+            let (min, width) = frame(&iv);
+            w.write(min as u64, 64);
+            w.write(u64::from(width), 7);
+            for x in iv {
+                w.write(x.wrapping_sub(min) as u64, width);
+            }
+        }
         _ => {}
     }
     w.finish()
+}
+
+/// Frame of reference: the minimum and the bit width of the largest offset from it.
+fn frame(iv: &[i64]) -> (i64, u32) {
+    let min = iv.iter().copied().min().unwrap_or(0);
+    let max = iv.iter().copied().max().unwrap_or(0);
+    let span = max.wrapping_sub(min) as u64;
+    (min, 64 - span.leading_zeros())
 }
 
 fn int_costs(iv: &[i64]) -> (usize, usize) {
@@ -311,61 +446,84 @@ fn xor_decode(r: &mut BitReader, n: usize, out: &mut Vec<f64>) -> Result<(), Cod
 pub fn decode_values(buf: &[u8], n: usize, out: &mut Vec<f64>) -> Result<(), CodecError> {
     let mut r = BitReader::new(buf);
     let mode = r.read(3)? as u8;
-    let all = r.bit()?;
-    let mut presence = Vec::new();
-    let count = if all {
-        n
-    } else {
-        presence.reserve(n);
-        for _ in 0..n {
-            presence.push(r.bit()?);
+    if r.bit()? {
+        // Every row present (the usual case): decode straight into `out`.
+        if mode == MODE_EMPTY {
+            out.extend(std::iter::repeat_n(f64::NAN, n));
+            return Ok(());
         }
-        presence.iter().filter(|p| **p).count()
-    };
+        return decode_present(&mut r, mode, n, out);
+    }
+    let mut presence = Vec::with_capacity(n);
+    for _ in 0..n {
+        presence.push(r.bit()?);
+    }
+    let count = presence.iter().filter(|p| **p).count();
     let mut present = Vec::with_capacity(count);
+    if mode != MODE_EMPTY {
+        decode_present(&mut r, mode, count, &mut present)?;
+    }
+    let mut it = present.into_iter();
+    for p in presence {
+        out.push(if p {
+            it.next().ok_or(CodecError::Truncated)?
+        } else {
+            f64::NAN
+        });
+    }
+    Ok(())
+}
+
+/// The `count` present values of a column in `mode`.
+fn decode_present(
+    r: &mut BitReader,
+    mode: u8,
+    count: usize,
+    out: &mut Vec<f64>,
+) -> Result<(), CodecError> {
+    out.reserve(count);
     match mode {
-        MODE_EMPTY => {}
         MODE_DELTA | MODE_DOD => {
             let mut prev = 0i64;
             let mut prev_delta = 0i64;
             for i in 0..count {
                 let x = if i == 0 {
-                    get_signed(&mut r)?
+                    get_signed(r)?
                 } else {
                     let delta = if mode == MODE_DELTA {
-                        get_signed(&mut r)?
+                        get_signed(r)?
                     } else {
-                        prev_delta.wrapping_add(get_signed(&mut r)?)
+                        prev_delta.wrapping_add(get_signed(r)?)
                     };
                     prev_delta = delta;
                     prev.wrapping_add(delta)
                 };
-                present.push(x as f64);
+                out.push(x as f64);
                 prev = x;
             }
         }
-        MODE_XOR => xor_decode(&mut r, count, &mut present)?,
+        MODE_XOR => xor_decode(r, count, out)?,
         MODE_CONST => {
             let v = f64::from_bits(r.read(64)?);
-            present.extend(std::iter::repeat_n(v, count));
+            out.extend(std::iter::repeat_n(v, count));
+        }
+        MODE_FOR => {
+            let min = r.read(64)? as i64;
+            let width = r.read(7)? as u32;
+            if width > 64 {
+                return Err(CodecError::Mode(MODE_FOR));
+            }
+            if width <= 56 {
+                for _ in 0..count {
+                    out.push(min.wrapping_add(r.read_small(width)? as i64) as f64);
+                }
+            } else {
+                for _ in 0..count {
+                    out.push(min.wrapping_add(r.read(width)? as i64) as f64);
+                }
+            }
         }
         m => return Err(CodecError::Mode(m)),
-    }
-    if all {
-        if mode == MODE_EMPTY {
-            out.extend(std::iter::repeat_n(f64::NAN, n));
-        } else {
-            out.extend_from_slice(&present);
-        }
-    } else {
-        let mut it = present.into_iter();
-        for p in presence {
-            out.push(if p {
-                it.next().ok_or(CodecError::Truncated)?
-            } else {
-                f64::NAN
-            });
-        }
     }
     Ok(())
 }
@@ -400,9 +558,20 @@ mod tests {
         let mut out = Vec::new();
         decode_ts(&enc, ts.len(), &mut out).unwrap();
         assert_eq!(out, ts);
-        // Regular 1 s samples cost ~1 bit each after the first.
-        let reg: Vec<i64> = (0..120).map(|i| 1_764_000_000_000 + i * 1000).collect();
-        assert!(encode_ts(&reg).len() <= 8 + 3 + 16);
+        // Regular 1 s samples with 0-4 ms of jitter: 3 bits a row after a 21-byte header.
+        let reg: Vec<i64> = (0..120)
+            .map(|i| 1_764_000_000_000 + i * 1000 + (i * 7919) % 5)
+            .collect();
+        let enc = encode_ts(&reg);
+        assert!(enc.len() <= 21 + 45, "{}", enc.len());
+        let mut out = Vec::new();
+        decode_ts(&enc, reg.len(), &mut out).unwrap();
+        assert_eq!(out, reg);
+        for odd in [vec![5], vec![], vec![i64::MIN, i64::MAX], vec![0, 10, 5, 1 << 40]] {
+            let mut out = Vec::new();
+            decode_ts(&encode_ts(&odd), odd.len(), &mut out).unwrap();
+            assert_eq!(out, odd);
+        }
     }
 
     #[test]
@@ -429,6 +598,17 @@ mod tests {
         roundtrip(&[f64::NAN, 0.1, f64::NAN, 0.30000000000000004]);
         roundtrip(&[]);
         roundtrip(&[f64::INFINITY, f64::NEG_INFINITY, 1.0, -0.0]);
+    }
+
+    #[test]
+    fn noisy_gauges_pack_to_their_range() {
+        // Power in mW jittering over a 100 W range: ~17 bits each, not 36.
+        let vals: Vec<f64> = (0..120u64)
+            .map(|i| (550_000 + (i.wrapping_mul(2_654_435_761) % 100_000)) as f64)
+            .collect();
+        let n = roundtrip(&vals);
+        assert!(n <= 10 + 120 * 17 / 8, "{n} bytes");
+        roundtrip(&[i64::MIN as f64 / 2.0, i64::MAX as f64 / 2.0, 0.0, 5.0]);
     }
 
     #[test]

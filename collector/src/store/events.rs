@@ -159,10 +159,16 @@ impl EventStore {
 
     /// Stores `ev` with the next cursor (overwriting whatever cursor it carried). Returns the
     /// stored event and how many old events were expired to make room.
-    pub fn push(&mut self, mut ev: v1::Event) -> (Arc<v1::Event>, u64) {
+    pub fn push(&mut self, ev: v1::Event) -> (Arc<v1::Event>, u64) {
+        let len = ev.encoded_len();
+        self.push_len(ev, len)
+    }
+
+    /// [`EventStore::push`] for a caller that already knows the event's encoded length.
+    pub fn push_len(&mut self, mut ev: v1::Event, encoded_len: usize) -> (Arc<v1::Event>, u64) {
         ev.cursor = self.next_cursor;
         self.next_cursor += 1;
-        self.insert(ev)
+        self.insert(ev, encoded_len)
     }
 
     /// Re-inserts an event read back from disk, keeping its cursor. Events must come in
@@ -172,7 +178,8 @@ impl EventStore {
             return None;
         }
         self.next_cursor = ev.cursor + 1;
-        Some(self.insert(ev))
+        let len = ev.encoded_len();
+        Some(self.insert(ev, len))
     }
 
     /// Never hand out cursors below `next` (they may have been issued before a crash).
@@ -180,8 +187,8 @@ impl EventStore {
         self.next_cursor = self.next_cursor.max(next);
     }
 
-    fn insert(&mut self, ev: v1::Event) -> (Arc<v1::Event>, u64) {
-        let size = ev.encoded_len() + EVENT_OVERHEAD_BYTES;
+    fn insert(&mut self, ev: v1::Event, encoded_len: usize) -> (Arc<v1::Event>, u64) {
+        let size = encoded_len + EVENT_OVERHEAD_BYTES;
         let kind = kind_index(&ev);
         let ms = event_ms(&ev);
         let ev = Arc::new(ev);

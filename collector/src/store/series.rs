@@ -6,6 +6,7 @@
 //! A GPU is identified by (node, index); its UUID is kept as an attribute. Every metric column of
 //! a GPU shares the row timestamps, so "per GPU metric series" are the columns of that GPU.
 use std::{
+    cell::RefCell,
     collections::{HashMap, VecDeque},
     sync::Arc,
 };
@@ -83,6 +84,37 @@ impl Agg {
         if ts >= self.last_ms {
             self.last = v;
             self.last_ms = ts;
+        }
+    }
+
+    /// Adds rows already in time order (NaN = absent) with a tight loop.
+    pub fn add_run(&mut self, ts: &[i64], vals: &[f64]) {
+        let (mut min, mut max, mut sum, mut n) = (self.min, self.max, 0.0, 0u32);
+        for &v in vals {
+            // Plain comparisons: NaN (absent) fails both and is skipped below.
+            if v < min {
+                min = v;
+            }
+            if v > max {
+                max = v;
+            }
+            if !v.is_nan() {
+                sum += v;
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return;
+        }
+        self.min = min;
+        self.max = max;
+        self.sum += sum;
+        self.count += n;
+        if let Some(k) = vals.iter().rposition(|v| !v.is_nan())
+            && ts[k] >= self.last_ms
+        {
+            self.last = vals[k];
+            self.last_ms = ts[k];
         }
     }
 
@@ -247,7 +279,14 @@ pub struct SeriesStore {
     rows: u64,
     rejected_out_of_order: u64,
     rejected_gpus: u64,
+    /// Decoded timestamp columns of recently read chunks, keyed by (GPU, chunk start): every
+    /// metric of a chunk shares them, so a query over many metrics decodes them once. Bounded
+    /// (cleared when full); chunks never change, and a GPU's chunk starts are unique.
+    ts_cache: RefCell<HashMap<(GpuId, i64), Arc<[i64]>>>,
 }
+
+/// Chunks whose decoded timestamps are cached (~1 KiB each at 120 rows).
+const TS_CACHE_CHUNKS: usize = 4096;
 
 fn floor_to(ts: i64, res: i64) -> i64 {
     ts.div_euclid(res) * res
@@ -267,6 +306,7 @@ impl SeriesStore {
             rows: 0,
             rejected_out_of_order: 0,
             rejected_gpus: 0,
+            ts_cache: RefCell::new(HashMap::new()),
         }
     }
 
@@ -435,8 +475,8 @@ impl SeriesStore {
         }
     }
 
-    /// Raw rows of `metric` for one GPU with `start <= ts < end`, oldest first. Chunks outside
-    /// the window are skipped by their time bounds without decoding.
+    /// Raw rows of `metric` for one GPU with `start <= ts < end`, oldest first (absent
+    /// values skipped).
     pub fn raw_points(
         &self,
         g: &GpuSeries,
@@ -445,35 +485,64 @@ impl SeriesStore {
         end: i64,
         mut f: impl FnMut(i64, f64),
     ) -> Result<(), CodecError> {
-        let mut ts = Vec::with_capacity(CHUNK_ROWS);
-        let mut vals = Vec::with_capacity(CHUNK_ROWS);
-        let first = g.chunks.partition_point(|c| c.last_ms < start);
-        for c in g.chunks.iter().skip(first) {
-            if c.first_ms >= end {
-                break;
-            }
-            ts.clear();
-            vals.clear();
-            c.timestamps(&mut ts)?;
-            c.column(metric, &mut vals)?;
-            for (t, v) in ts.iter().zip(&vals) {
+        self.raw_runs(g, metric, start, end, |ts, vals| {
+            for (t, v) in ts.iter().zip(vals) {
                 if *t >= start && *t < end && !v.is_nan() {
                     f(*t, *v);
                 }
             }
+        })
+    }
+
+    /// Runs of raw rows of `metric` (timestamps and values, oldest first, NaN = absent) from
+    /// every chunk and head that meets `[start, end)`; rows at the edges may lie outside it.
+    /// Chunks outside the window are skipped by their time bounds without decoding.
+    pub fn raw_runs(
+        &self,
+        g: &GpuSeries,
+        metric: usize,
+        start: i64,
+        end: i64,
+        mut f: impl FnMut(&[i64], &[f64]),
+    ) -> Result<(), CodecError> {
+        let mut vals = Vec::with_capacity(CHUNK_ROWS);
+        let first = g.chunks.partition_point(|c| c.last_ms < start);
+        let id = self
+            .by_node
+            .get(&*g.node)
+            .and_then(|m| m.get(&g.index))
+            .copied()
+            .unwrap_or(GpuId::MAX);
+        for c in g.chunks.iter().skip(first) {
+            if c.first_ms >= end {
+                break;
+            }
+            let ts = self.chunk_ts(id, c)?;
+            vals.clear();
+            c.column(metric, &mut vals)?;
+            f(&ts, &vals);
         }
         if let Some(col) = g.head.get(metric) {
             let from = g.head_ts.partition_point(|t| *t < start);
-            for (t, v) in g.head_ts[from..].iter().zip(&col[from..]) {
-                if *t >= end {
-                    break;
-                }
-                if !v.is_nan() {
-                    f(*t, *v);
-                }
-            }
+            f(&g.head_ts[from..], &col[from..]);
         }
         Ok(())
+    }
+
+    fn chunk_ts(&self, id: GpuId, c: &Chunk) -> Result<Arc<[i64]>, CodecError> {
+        let key = (id, c.first_ms);
+        if let Some(ts) = self.ts_cache.borrow().get(&key) {
+            return Ok(ts.clone());
+        }
+        let mut ts = Vec::with_capacity(c.rows as usize);
+        c.timestamps(&mut ts)?;
+        let ts: Arc<[i64]> = ts.into();
+        let mut cache = self.ts_cache.borrow_mut();
+        if cache.len() >= TS_CACHE_CHUNKS {
+            cache.clear();
+        }
+        cache.insert(key, ts.clone());
+        Ok(ts)
     }
 
     /// Rollup buckets of `metric` for one GPU whose start lies in `[start, end)`.

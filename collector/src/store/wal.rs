@@ -181,7 +181,7 @@ impl Wal {
         }
         self.buf.clear();
         for ev in events {
-            frame(&mut self.buf, TYPE_EVENT, &ev.encode_to_vec());
+            frame_event(&mut self.buf, ev);
         }
         (&*self.file).write_all(&self.buf)?;
         if let Some(seg) = self.segments.last_mut() {
@@ -257,6 +257,20 @@ impl Wal {
     pub fn first_cursor(&self) -> u64 {
         self.segments.first().map_or(1, |s| s.first_cursor)
     }
+}
+
+/// An event frame, encoded in place (no intermediate buffer).
+fn frame_event(buf: &mut Vec<u8>, ev: &v1::Event) {
+    let start = buf.len();
+    let len = ev.encoded_len();
+    buf.reserve(FRAME_HEADER + len);
+    buf.extend_from_slice(&(len as u32).to_le_bytes());
+    buf.extend_from_slice(&[0; 4]);
+    buf.push(TYPE_EVENT);
+    // Encoding into a Vec with room reserved cannot fail.
+    let _ = ev.encode(buf);
+    let crc = crc32fast::hash(&buf[start + 8..]);
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn frame(buf: &mut Vec<u8>, ty: u8, payload: &[u8]) {
