@@ -4,6 +4,7 @@
 //! `cargo bench -p gpulse-collector --bench compression`
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/gpu_data.rs"]
 mod gpu_data;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
@@ -74,7 +75,9 @@ fn gorilla(rows: &Rows, div: i64) -> (usize, usize) {
 }
 
 fn report() {
-    println!("\nbytes per stored sample, {GPUS} GPUs x {FIELDS} fields x {SECONDS} s at 1 s (same samples for every encoder)");
+    println!(
+        "\nbytes per stored sample, {GPUS} GPUs x {FIELDS} fields x {SECONDS} s at 1 s (same samples for every encoder)"
+    );
     println!(
         "{:<12} {:>14} {:>20} {:>16} {:>16}",
         "data", "gpulse codec", "gpulse + bookkeeping", "tsz Gorilla (ms)", "tsz Gorilla (s)"

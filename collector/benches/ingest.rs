@@ -146,17 +146,19 @@ fn setup(fsync: bool) -> Run {
     cfg.ring_bytes = 48 << 20;
     cfg.snapshot_interval = Duration::from_secs(3600);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let _ = std::thread::Builder::new().name("collector".into()).spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let (client_io, cpu_tx) = serve(cfg).await;
-            ready_tx.send((client_io, cpu_tx)).unwrap();
-            std::future::pending::<()>().await
-        })
-    });
+    let _ = std::thread::Builder::new()
+        .name("collector".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let (client_io, cpu_tx) = serve(cfg).await;
+                ready_tx.send((client_io, cpu_tx)).unwrap();
+                std::future::pending::<()>().await
+            })
+        });
     let (client_io, cpu) = ready_rx.recv().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -8,6 +8,7 @@
 //! `cargo bench -p gpulse-collector --bench queries`
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/gpu_data.rs"]
 mod gpu_data;
 
 use std::{hint::black_box, time::Instant};
@@ -71,9 +72,7 @@ fn req(since: &str, max_points: u32) -> TrendRequest {
 
 fn store_window_1h(d: &Data) -> Vec<TrendResponse> {
     (0..FIELDS)
-        .map(|f| {
-            query::trend_column(&d.store, f, "f", "u", 1.0, req("1h", 120), d.now_ns).unwrap()
-        })
+        .map(|f| query::trend_column(&d.store, f, "f", "u", 1.0, req("1h", 120), d.now_ns).unwrap())
         .collect()
 }
 
@@ -125,9 +124,15 @@ fn bench(c: &mut Criterion) {
         "\nbuilt {} rows x {FIELDS} fields in {:.1} s; raw {} B, 1m {} B, 1h {} B",
         d.rows.len(),
         t.elapsed().as_secs_f64(),
-        d.store.tier_stats(gpulse_collector::store::series::Tier::Raw).bytes,
-        d.store.tier_stats(gpulse_collector::store::series::Tier::Minute).bytes,
-        d.store.tier_stats(gpulse_collector::store::series::Tier::Hour).bytes,
+        d.store
+            .tier_stats(gpulse_collector::store::series::Tier::Raw)
+            .bytes,
+        d.store
+            .tier_stats(gpulse_collector::store::series::Tier::Minute)
+            .bytes,
+        d.store
+            .tier_stats(gpulse_collector::store::series::Tier::Hour)
+            .bytes,
     );
     // Same answers: the store's avg per GPU per step equals the brute-force one.
     let ours = store_window_1h(&d);
@@ -145,7 +150,11 @@ fn bench(c: &mut Criterion) {
         }
     }
     let t24 = store_trend_24h(&d);
-    assert_eq!((t24.step_seconds, t24.source), (900, 2), "1m tier at 15 min steps");
+    assert_eq!(
+        (t24.step_seconds, t24.source),
+        (900, 2),
+        "1m tier at 15 min steps"
+    );
     println!("query latency, 300 runs each (same data, same process)");
     percentiles("window_1h store (30 fields, raw)", || {
         black_box(store_window_1h(&d));

@@ -3,6 +3,7 @@
 //! ever held across I/O and ingest order is the store order.
 use std::{
     collections::HashMap,
+    io::Write as _,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -858,17 +859,18 @@ impl State {
             && self.series.rows() != self.rows_at_last_snapshot)
             || (over && through > self.series_snap_through);
         if events_due {
+            // Only the Arcs are collected here; encoding streams to disk off this task.
             let events = self.ring.all();
             let checkpoint = self.checkpoint();
-            self.spawn_snapshot(SnapKind::Events, through, move || {
-                snapshot::encode_events(through, &checkpoint, &events)
+            self.spawn_snapshot(SnapKind::Events, through, move |w| {
+                snapshot::write_events(w, through, &checkpoint, &events)
             });
         } else if series_due {
             // Encoded here (compressed chunks are shared, the rest is small); written off-task.
             let data = snapshot::encode_series(through, self.series.metrics(), self.series.gpus());
             self.last_series_snapshot = Instant::now();
             self.rows_at_last_snapshot = self.series.rows();
-            self.spawn_snapshot(SnapKind::Series, through, move || data);
+            self.spawn_snapshot(SnapKind::Series, through, move |w| w.write_all(&data));
         }
     }
 
@@ -876,7 +878,9 @@ impl State {
         &mut self,
         kind: SnapKind,
         through: u64,
-        encode: impl FnOnce() -> Vec<u8> + Send + 'static,
+        fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>
+        + Send
+        + 'static,
     ) {
         self.snapshot_in_flight = true;
         let dir = self.cfg.data_dir.clone();
@@ -886,8 +890,7 @@ impl State {
             SnapKind::Events => EVENTS_FILE,
         };
         tokio::task::spawn_blocking(move || {
-            let data = encode();
-            let result = snapshot::write_atomic(&dir, name, &data).map_err(|e| e.to_string());
+            let result = snapshot::write_atomic_with(&dir, name, fill).map_err(|e| e.to_string());
             let _ = me.blocking_send(SnapshotDone {
                 kind,
                 through,

@@ -234,7 +234,11 @@ pub fn encode_ts(ts: &[i64]) -> Vec<u8> {
 fn grid(ts: &[i64]) -> Option<(i64, i64, i64, u32)> {
     let (first, last) = (*ts.first()?, *ts.last()?);
     let n = ts.len() as i64;
-    let interval = if n > 1 { last.checked_sub(first)? / (n - 1) } else { 0 };
+    let interval = if n > 1 {
+        last.checked_sub(first)? / (n - 1)
+    } else {
+        0
+    };
     if !(0..=i64::from(u32::MAX)).contains(&interval) {
         return None;
     }
@@ -567,7 +571,12 @@ mod tests {
         let mut out = Vec::new();
         decode_ts(&enc, reg.len(), &mut out).unwrap();
         assert_eq!(out, reg);
-        for odd in [vec![5], vec![], vec![i64::MIN, i64::MAX], vec![0, 10, 5, 1 << 40]] {
+        for odd in [
+            vec![5],
+            vec![],
+            vec![i64::MIN, i64::MAX],
+            vec![0, 10, 5, 1 << 40],
+        ] {
             let mut out = Vec::new();
             decode_ts(&encode_ts(&odd), odd.len(), &mut out).unwrap();
             assert_eq!(out, odd);

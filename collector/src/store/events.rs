@@ -16,9 +16,10 @@ use gpulse_proto::{
 };
 use prost::Message;
 
-/// Fixed per-event overhead counted against the budget (Arc, slot, bookkeeping), so the budget
-/// bounds real memory, not just payload bytes.
-pub const EVENT_OVERHEAD_BYTES: usize = 96;
+/// Per-event memory beyond its encoded bytes, counted against the budget so the budget bounds
+/// real memory: the decoded struct (its largest payload variant sets the size), the Arc counts,
+/// the slot, and allocator headers of its heap parts. (Strings cost about their encoded length.)
+pub const EVENT_OVERHEAD_BYTES: usize = std::mem::size_of::<v1::Event>() + 16 + 16 + 64;
 /// Fixed per-block overhead.
 const BLOCK_OVERHEAD_BYTES: usize = 64;
 

@@ -282,8 +282,11 @@ pub struct SeriesStore {
     /// Decoded timestamp columns of recently read chunks, keyed by (GPU, chunk start): every
     /// metric of a chunk shares them, so a query over many metrics decodes them once. Bounded
     /// (cleared when full); chunks never change, and a GPU's chunk starts are unique.
-    ts_cache: RefCell<HashMap<(GpuId, i64), Arc<[i64]>>>,
+    ts_cache: RefCell<TsCache>,
 }
+
+/// Decoded timestamps by (GPU, chunk start).
+type TsCache = HashMap<(GpuId, i64), Arc<[i64]>>;
 
 /// Chunks whose decoded timestamps are cached (~1 KiB each at 120 rows).
 const TS_CACHE_CHUNKS: usize = 4096;

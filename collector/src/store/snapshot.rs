@@ -265,25 +265,63 @@ pub fn decode_series(data: &[u8]) -> Result<SeriesSnapshot, String> {
     })
 }
 
-/// Serialises retained events (oldest cursor first) and the agents' progress.
-pub fn encode_events(
+/// A writer that keeps the CRC-32 of everything written through it.
+struct CrcWriter<W: Write> {
+    inner: W,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Streams retained events (oldest cursor first) and the agents' progress into `w`, one event
+/// at a time: no copy of the whole store is ever built in memory.
+pub fn write_events(
+    w: &mut impl Write,
     through: u64,
     checkpoint: &v1::StoreCheckpoint,
     events: &[Arc<v1::Event>],
-) -> Vec<u8> {
-    let mut o = Out::default();
-    o.0.extend_from_slice(EVENTS_MAGIC);
-    o.u64(through);
-    o.bytes(&checkpoint.encode_to_vec());
-    o.u64(events.len() as u64);
+) -> io::Result<()> {
+    let mut w = CrcWriter {
+        inner: w,
+        crc: crc32fast::Hasher::new(),
+    };
+    w.write_all(EVENTS_MAGIC)?;
+    w.write_all(&through.to_le_bytes())?;
+    let cp = checkpoint.encode_to_vec();
+    w.write_all(&(cp.len() as u32).to_le_bytes())?;
+    w.write_all(&cp)?;
+    w.write_all(&(events.len() as u64).to_le_bytes())?;
     let mut buf = Vec::new();
     for e in events {
         buf.clear();
         // Encoding into a Vec cannot fail.
         let _ = e.encode(&mut buf);
-        o.bytes(&buf);
+        w.write_all(&(buf.len() as u32).to_le_bytes())?;
+        w.write_all(&buf)?;
     }
-    o.finish()
+    let crc = w.crc.clone().finalize();
+    w.inner.write_all(&crc.to_le_bytes())
+}
+
+/// [`write_events`] into memory (tests).
+pub fn encode_events(
+    through: u64,
+    checkpoint: &v1::StoreCheckpoint,
+    events: &[Arc<v1::Event>],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Writing into a Vec cannot fail.
+    let _ = write_events(&mut out, through, checkpoint, events);
+    out
 }
 
 pub struct EventsSnapshot {
@@ -320,20 +358,32 @@ pub fn decode_events(data: &[u8]) -> Result<EventsSnapshot, String> {
 
 /// Writes `data` to `dir/name` atomically (0600).
 pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> Result<(), SnapshotError> {
+    write_atomic_with(dir, name, |w| w.write_all(data))
+}
+
+/// Writes `dir/name` atomically (0600) from `fill`, through a buffer: a temporary file is
+/// written and fsynced, renamed over the old one, and the directory fsynced.
+pub fn write_atomic_with(
+    dir: &Path,
+    name: &str,
+    fill: impl FnOnce(&mut io::BufWriter<File>) -> io::Result<()>,
+) -> Result<(), SnapshotError> {
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp"));
     let io_err = |p: &PathBuf| {
         let p = p.display().to_string();
         move |err| SnapshotError::Io { path: p, err }
     };
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .create(true)
         .write(true)
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
         .map_err(io_err(&tmp))?;
-    f.write_all(data).map_err(io_err(&tmp))?;
+    let mut w = io::BufWriter::with_capacity(1 << 20, f);
+    fill(&mut w).map_err(io_err(&tmp))?;
+    let f = w.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
     f.sync_all().map_err(io_err(&tmp))?;
     fs::rename(&tmp, &path).map_err(io_err(&path))?;
     File::open(dir)

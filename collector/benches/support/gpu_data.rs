@@ -14,7 +14,7 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Self(seed.max(1))
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -23,10 +23,10 @@ impl Rng {
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
     pub fn range(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + (self.next() % ((hi - lo + 1) as u64)) as i64
+        lo + (self.next_u64() % ((hi - lo + 1) as u64)) as i64
     }
     pub fn chance(&mut self, p: f64) -> bool {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
     }
 }
 
@@ -162,7 +162,7 @@ pub fn random(gpus: u32, seconds: i64, t0_ms: i64) -> Vec<(u32, i64, [f64; FIELD
     let mut r = Rng::new(4242);
     for (_, _, row) in &mut v {
         for x in row.iter_mut() {
-            *x = (r.next() >> 11) as f64 / (1u64 << 53) as f64;
+            *x = (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         }
     }
     v
