@@ -4,6 +4,7 @@ pub mod filter;
 pub mod grpc;
 pub mod http;
 pub mod json;
+pub mod mcp;
 pub mod metric;
 pub mod metrics;
 pub mod query;

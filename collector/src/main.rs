@@ -17,10 +17,12 @@ use tracing::info;
     about = "gpulse collector: gRPC ingest from agents, bounded durable event store, live gRPC subscribers, /healthz /readyz /metrics"
 )]
 struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// gRPC listen address (Ingest, Telemetry, reflection, health).
     #[arg(long, env = "GPULSE_GRPC_LISTEN", default_value = "127.0.0.1:7700")]
     grpc_listen: SocketAddr,
-    /// HTTP listen address (/healthz, /readyz, /metrics).
+    /// HTTP listen address (/healthz, /readyz, /metrics, /mcp).
     #[arg(long, env = "GPULSE_HTTP_LISTEN", default_value = "127.0.0.1:7701")]
     http_listen: SocketAddr,
     /// Directory for the write-ahead log (created 0700; files 0600).
@@ -61,9 +63,42 @@ struct Args {
     /// Largest accepted gRPC message.
     #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
     max_message_bytes: u64,
+    /// Serve MCP (Streamable HTTP) at /mcp on the HTTP address.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    mcp: String,
+    /// Bearer token /mcp requires (`Authorization: Bearer <token>`). Required to bind HTTP off
+    /// loopback unless --mcp-allow-unauthenticated.
+    #[arg(long, env = "GPULSE_MCP_TOKEN", hide_env_values = true)]
+    mcp_token: Option<String>,
+    /// Serve /mcp without a token on a non-loopback address (trusted networks only).
+    #[arg(long)]
+    mcp_allow_unauthenticated: bool,
+    /// Extra Host header values /mcp accepts (e.g. the Service's DNS name); loopback always.
+    #[arg(long = "mcp-allowed-host")]
+    mcp_allowed_hosts: Vec<String>,
+    /// Browser origins /mcp accepts; by default a request carrying any Origin is refused.
+    #[arg(long = "mcp-allowed-origin")]
+    mcp_allowed_origins: Vec<String>,
     /// Log format on stderr.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Serve MCP on stdio from a running collector's data (over gRPC). stdout carries only MCP.
+    Mcp {
+        /// Required: stdio is the only transport of this subcommand (HTTP is served at /mcp).
+        #[arg(long, required = true)]
+        stdio: bool,
+        /// The running collector's gRPC URL.
+        #[arg(
+            long,
+            env = "GPULSE_COLLECTOR",
+            default_value = "http://127.0.0.1:7700"
+        )]
+        collector: String,
+    },
 }
 
 #[tokio::main]
@@ -79,6 +114,29 @@ async fn main() -> anyhow::Result<()> {
         b.json().init();
     } else {
         b.init();
+    }
+    if let Some(Cmd::Mcp { collector, .. }) = &args.cmd {
+        // Connect lazily: the client may list tools before the collector is up.
+        let channel = tonic::transport::Endpoint::from_shared(collector.clone())
+            .map_err(|e| anyhow::anyhow!("--collector {collector:?}: {e}"))?
+            .connect_lazy();
+        let client = gpulse_proto::v1::telemetry_client::TelemetryClient::new(channel)
+            .max_decoding_message_size(64 << 20);
+        info!(collector = %collector, "serving MCP on stdio");
+        return gpulse_collector::mcp::serve_stdio(
+            gpulse_collector::mcp::backend::Backend::Remote(client),
+        )
+        .await;
+    }
+    let loopback = args.http_listen.ip().is_loopback();
+    anyhow::ensure!(
+        args.mcp == "off" || loopback || args.mcp_token.is_some() || args.mcp_allow_unauthenticated,
+        "--http-listen {} is not loopback: set --mcp-token (or GPULSE_MCP_TOKEN), --mcp off, or \
+         --mcp-allow-unauthenticated for a trusted network",
+        args.http_listen
+    );
+    if let Some(t) = &args.mcp_token {
+        anyhow::ensure!(t.len() >= 16, "--mcp-token must be at least 16 characters");
     }
     anyhow::ensure!(
         args.ring_bytes >= 64 << 10,
@@ -110,6 +168,11 @@ async fn main() -> anyhow::Result<()> {
         http_listen: args.http_listen,
         store,
         max_message_bytes: args.max_message_bytes as usize,
+        mcp: (args.mcp == "on").then(|| gpulse_collector::mcp::HttpOptions {
+            token: args.mcp_token.clone(),
+            allowed_hosts: args.mcp_allowed_hosts.clone(),
+            allowed_origins: args.mcp_allowed_origins.clone(),
+        }),
     };
     let running = server::start(cfg, shutdown_signal()).await?;
     let (g, h) = tokio::join!(running.grpc, running.http);

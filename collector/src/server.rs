@@ -23,6 +23,8 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     /// Largest accepted gRPC message (a batch); larger ones are refused with OUT_OF_RANGE.
     pub max_message_bytes: usize,
+    /// MCP at `/mcp` on the HTTP address (None: off).
+    pub mcp: Option<crate::mcp::HttpOptions>,
 }
 
 /// A started collector: its bound addresses and handles.
@@ -101,10 +103,16 @@ pub async fn start(
             }),
     );
     let mut http_stop = stop_rx;
-    let app = http::router(HttpState {
+    let mut app = http::router(HttpState {
         store: store.clone(),
         metrics: metrics.clone(),
     });
+    if let Some(opts) = cfg.mcp.clone() {
+        app = app.merge(crate::mcp::http_router(
+            crate::mcp::backend::Backend::Local(store.clone()),
+            opts,
+        ));
+    }
     let http = tokio::spawn(async move {
         axum::serve(http_listener, app)
             .with_graceful_shutdown(async move {

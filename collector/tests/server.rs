@@ -35,6 +35,7 @@ async fn reflection_health_and_http_endpoints() {
         grpc_listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
         store: StoreConfig::new(dir.path().to_path_buf()),
+        mcp: Some(gpulse_collector::mcp::HttpOptions::default()),
         max_message_bytes: 4 << 20,
     };
     let running = server::start(cfg, async move {
