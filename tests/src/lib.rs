@@ -333,3 +333,48 @@ pub fn marker(tag: &str) -> String {
         .unwrap_or(0);
     format!("{tag}-{}-{nanos}", std::process::id())
 }
+
+/// A Python virtual environment under `target/py/<name>` with `packages` installed (pinned
+/// specs), created on first use (needs PyPI). Concurrent callers wait on a lock file.
+pub fn python_venv(name: &str, packages: &[&str]) -> anyhow::Result<PathBuf> {
+    let root = bin_dir()
+        .parent()
+        .map(|p| p.join("py"))
+        .unwrap_or_else(|| PathBuf::from("target/py"));
+    std::fs::create_dir_all(&root)?;
+    let dir = root.join(name);
+    let python = dir.join("bin/python");
+    let stamp = dir.join(".installed");
+    let want = packages.join("\n");
+    let lock = std::fs::File::create(root.join(format!("{name}.lock")))?;
+    // SAFETY: flock on a file descriptor we own; released when `lock` is dropped.
+    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) && python.exists() {
+        return Ok(python);
+    }
+    let run = |c: &mut Command| -> anyhow::Result<()> {
+        let out = c.output().with_context(|| format!("running {c:?}"))?;
+        if !out.status.success() {
+            bail!(
+                "{c:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    run(Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&dir))?;
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(packages))?;
+    std::fs::write(&stamp, want)?;
+    Ok(python)
+}

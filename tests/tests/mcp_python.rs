@@ -1,0 +1,242 @@
+//! The MCP server driven by the official Python `mcp` client (pinned, in a venv this test
+//! creates), over Streamable HTTP and stdio, in both protocol eras (2026-07-28 via the client's
+//! auto mode, 2025-11-25 via its legacy handshake). As root the data comes through the real
+//! pipeline (an XID written to /dev/kmsg, captured by the agent, GPU samples from the fake NVML);
+//! otherwise the same events are sent over gRPC Ingest.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use gpulse_e2e::*;
+use gpulse_proto::v1::{self, EventFilter, EventKind, event::Payload};
+
+const MCP_PACKAGE: &str = "mcp==2.3.0";
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+fn script() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("mcp/mcp_client.py")
+        .display()
+        .to_string()
+}
+
+/// Sends GPU samples and an XID 79 for `node` over gRPC (the non-root path).
+fn feed_over_grpc(url: &str, node: &str) {
+    let rt = runtime();
+    rt.block_on(async {
+        let mut client = v1::ingest_client::IngestClient::connect(url.to_string())
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let agent_id = format!("{node}/test");
+        let batch = |first_seq: u64, events: Vec<v1::Event>| v1::Batch {
+            agent_id: agent_id.clone(),
+            node: node.to_string(),
+            boot_id: "b".into(),
+            first_seq,
+            events,
+        };
+        tx.send(batch(0, vec![])).await.unwrap();
+        let mut acks = client
+            .push(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        acks.message().await.unwrap();
+        let now = gpulse_proto::time::now();
+        let sample = v1::Event {
+            kind: EventKind::GpuSample as i32,
+            severity: v1::Severity::Info as i32,
+            time: Some(now),
+            payload: Some(Payload::GpuSample(v1::GpuSample {
+                index: 0,
+                uuid: "GPU-11111111-2222-3333-4444-555555555555".into(),
+                pci: "0000:3b:00.0".into(),
+                name: "NVIDIA H100 80GB HBM3".into(),
+                gpu_util_pct: Some(97),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let info = gpulse_xid::catalog::lookup(79).unwrap();
+        let xid = v1::Event {
+            kind: EventKind::Xid as i32,
+            severity: v1::Severity::Fatal as i32,
+            time: Some(now),
+            payload: Some(Payload::Xid(v1::Xid {
+                code: 79,
+                pci: "0000:3b:00.0".into(),
+                gpu_uuid: "GPU-11111111-2222-3333-4444-555555555555".into(),
+                message: "GPU has fallen off the bus.".into(),
+                mnemonic: info.mnemonic.into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        tx.send(batch(1, vec![sample, xid])).await.unwrap();
+        acks.message().await.unwrap().unwrap();
+    });
+}
+
+/// Starts an agent with the fake NVML and writes an XID 79 to /dev/kmsg (the root path).
+fn feed_through_pipeline(url: &str, node: &str, dir: &Path) -> Proc {
+    let (lib, scenarios) = fake_nvml();
+    let scenario = scenarios.join("three-gpus.json").display().to_string();
+    let log = dir.join("agent.log");
+    let lib_s = lib.display().to_string();
+    let agent = Proc::spawn_env(
+        "gpulse-agent",
+        &[
+            "--collector",
+            url,
+            "--node",
+            node,
+            "--nvml",
+            &lib_s,
+            "--sample-interval-ms",
+            "200",
+        ],
+        &log,
+        &[("GPULSE_FAKE_NVML_SCENARIO", scenario.as_str())],
+    )
+    .unwrap();
+    wait_agent_live(&log, Duration::from_secs(20)).unwrap();
+    let m = marker("mcp");
+    inject(&format!(
+        "NVRM: Xid (PCI:0000:3b:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus. {m}"
+    ))
+    .unwrap();
+    let rt = runtime();
+    let got = rt
+        .block_on(collect_events(
+            url,
+            EventFilter {
+                nodes: vec![node.to_string()],
+                kinds: vec![EventKind::Xid as i32],
+                ..Default::default()
+            },
+            Some(0),
+            Duration::from_secs(15),
+            |e| !e.is_empty(),
+        ))
+        .unwrap();
+    assert_eq!(xid_of(&got[0]).unwrap().code, 79);
+    // Let a few samples arrive too.
+    std::thread::sleep(Duration::from_millis(800));
+    agent
+}
+
+fn run_client(python: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(python)
+        .arg(script())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mcp_client.py {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap()
+}
+
+/// Raw HTTP POST to /mcp; returns the status code.
+fn post_status(port: u16, headers: &[(&str, &str)]) -> u16 {
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut req = format!(
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    resp.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn python_mcp_client_over_http_and_stdio_in_both_eras() {
+    let python = python_venv("mcp", &[MCP_PACKAGE]).unwrap();
+    let _k = is_root().then(kernel_lock);
+    let dir = tempfile::tempdir().unwrap();
+    let (g, h) = (free_port(), free_port());
+    let c = Collector::start(&dir.path().join("data"), g, h, &["--mcp-token", TOKEN]).unwrap();
+    let node = marker("mcp-node");
+    let _agent = if is_root() {
+        Some(feed_through_pipeline(&c.url(), &node, dir.path()))
+    } else {
+        eprintln!("not root: feeding the collector over gRPC instead of through the kernel");
+        feed_over_grpc(&c.url(), &node);
+        None
+    };
+    let http = format!("http://127.0.0.1:{h}/mcp");
+    for (mode, want) in [("auto", "2026-07-28"), ("legacy", "2025-11-25")] {
+        let v = run_client(
+            &python,
+            &[
+                "--http", &http, "--token", TOKEN, "--mode", mode, "--node", &node,
+            ],
+        );
+        assert_eq!(v["protocol"], want, "HTTP {mode}");
+    }
+    let collector_bin = bin("gpulse-collector").display().to_string();
+    let url = c.url();
+    for (mode, want) in [("auto", "2026-07-28"), ("legacy", "2025-11-25")] {
+        let v = run_client(
+            &python,
+            &[
+                "--stdio",
+                "--mode",
+                mode,
+                "--node",
+                &node,
+                "--",
+                &collector_bin,
+                "mcp",
+                "--stdio",
+                "--collector",
+                &url,
+            ],
+        );
+        assert_eq!(v["protocol"], want, "stdio {mode}");
+    }
+    // Security: no token, a wrong token, or a foreign Origin are refused before any MCP work.
+    assert_eq!(post_status(h, &[]), 401);
+    assert_eq!(
+        post_status(h, &[("Authorization", "Bearer wrong-token-000000000")]),
+        401
+    );
+    let auth = format!("Bearer {TOKEN}");
+    assert_eq!(
+        post_status(
+            h,
+            &[("Authorization", &auth), ("Origin", "http://evil.example")]
+        ),
+        403
+    );
+    assert_eq!(post_status(h, &[("Authorization", &auth)]), 200);
+    // Refuses to serve /mcp without a token off loopback unless told to.
+    let out = Command::new(bin("gpulse-collector"))
+        .args(["--http-listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path().join("other"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--mcp-token"));
+}
