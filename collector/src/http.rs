@@ -34,13 +34,26 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    let started = std::time::Instant::now();
+    // Node and GPU gauges come from the store; if it does not answer in time the registry's
+    // metrics are still served (and the failure is visible as a missing family, not an error).
+    let extra = match tokio::time::timeout(Duration::from_secs(2), s.store.exposition()).await {
+        Ok(Ok(text)) => text,
+        _ => String::new(),
+    };
+    s.metrics
+        .scrape_seconds
+        .observe(started.elapsed().as_secs_f64());
     match s.metrics.render() {
-        Ok(body) => (
-            StatusCode::OK,
-            [("content-type", "text/plain; version=0.0.4")],
-            body,
-        )
-            .into_response(),
+        Ok(mut body) => {
+            body.push_str(&extra);
+            (
+                StatusCode::OK,
+                [("content-type", "text/plain; version=0.0.4")],
+                body,
+            )
+                .into_response()
+        }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

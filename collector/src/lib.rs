@@ -1,5 +1,6 @@
 //! gpulse collector: gRPC ingest from agents, a bounded and durable event store, live
 //! subscribers, and HTTP health/metrics. See docs/architecture.md.
+pub mod counters;
 pub mod filter;
 pub mod grpc;
 pub mod http;

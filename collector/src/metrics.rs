@@ -25,6 +25,8 @@ pub struct Metrics {
     /// Losses agents reported in the stream (Gap events), by node and stage.
     pub agent_reported_drops: IntCounterVec,
     pub xid_events: IntCounterVec,
+    pub sxid_events: IntCounterVec,
+    pub counter_series_dropped: IntCounter,
     pub ring_share_bytes: IntGaugeVec,
     pub ring_oldest_seconds: IntGaugeVec,
     pub series_bytes: IntGaugeVec,
@@ -36,6 +38,7 @@ pub struct Metrics {
     pub snapshots: IntCounterVec,
     pub snapshot_failures: IntCounterVec,
     pub query_seconds: prometheus::HistogramVec,
+    pub scrape_seconds: prometheus::Histogram,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,8 +140,17 @@ impl Metrics {
             )?,
             xid_events: cv(
                 "gpulse_xid_events_total",
-                "XID events stored, by node, GPU and code.",
+                "XID events stored, by node, GPU (UUID and PCI address), code and severity. Survives collector restarts.",
                 &["node", "gpu_uuid", "pci", "xid", "severity"],
+            )?,
+            sxid_events: cv(
+                "gpulse_sxid_events_total",
+                "NVSwitch SXid events stored, by node, switch (PCI address), code and severity.",
+                &["node", "switch", "sxid", "severity"],
+            )?,
+            counter_series_dropped: c(
+                "gpulse_counter_series_dropped_total",
+                "XID/SXid increments not exported because the label-set bound was reached.",
             )?,
             ring_share_bytes: gv(
                 "gpulse_store_ring_share_bytes",
@@ -196,6 +208,17 @@ impl Metrics {
                         0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
                     ]),
                     &["rpc"],
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
+            scrape_seconds: {
+                let h = prometheus::Histogram::with_opts(
+                    prometheus::HistogramOpts::new(
+                        "gpulse_metrics_scrape_duration_seconds",
+                        "Time to render the node and GPU gauges for a /metrics scrape.",
+                    )
+                    .buckets(vec![0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05]),
                 )?;
                 registry.register(Box::new(h.clone()))?;
                 h

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::{
+    counters::Counters,
     filter::Filter,
     metrics::Metrics,
     query::{self, QueryError},
@@ -122,6 +123,10 @@ pub enum Command {
     Status {
         reply: oneshot::Sender<StatusResponse>,
     },
+    /// Per node and per GPU gauges, rendered when /metrics is scraped.
+    Exposition {
+        reply: oneshot::Sender<String>,
+    },
     Nodes {
         window: Option<TimeWindow>,
         reply: oneshot::Sender<Result<v1::NodesResponse, QueryError>>,
@@ -211,6 +216,12 @@ impl StoreHandle {
             reply,
         })
         .await
+    }
+
+    /// Node and GPU gauges in the Prometheus text format (rendered from the latest samples at
+    /// scrape time, so ingest pays nothing per sample for them).
+    pub async fn exposition(&self) -> Result<String, StoreError> {
+        self.call(|reply| Command::Exposition { reply }).await
     }
 
     pub async fn status(&self) -> Result<StatusResponse, StoreError> {
@@ -311,6 +322,7 @@ pub struct State {
     started: prost_types::Timestamp,
     duplicates: u64,
     nodes: HashMap<String, NodeState>,
+    counters: Counters,
 }
 
 /// Loads a snapshot, reporting (not failing on) a damaged or unreadable one.
@@ -407,30 +419,61 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     metrics
         .wal_corruptions
         .inc_by(replay.corruptions.len() as u64);
+    let mut counters = Counters::default();
     let (series_through, mut series) = match series_snap {
-        Some(ss) => (
-            ss.through,
-            SeriesStore::restore(n_metrics, cfg.series, ss.gpus),
-        ),
+        Some(ss) => {
+            counters.restore(&metrics, ss.counters);
+            (
+                ss.through,
+                SeriesStore::restore(n_metrics, cfg.series, ss.gpus),
+            )
+        }
         None => (0, SeriesStore::new(n_metrics, cfg.series)),
     };
     let from_snapshot = snap_events.len();
     let restored = replay.events.len();
     let mut nodes = HashMap::new();
-    let wal_events = replay
-        .events
-        .into_iter()
-        .filter(|e| e.cursor > events_through);
-    for ev in snap_events.into_iter().chain(wal_events) {
+    // Snapshot events (cursor <= events_through) and log events, merged in cursor order. Log
+    // events the events snapshot covers feed counters and samples (they may have expired from
+    // the store before it was written) but are not put back into the store.
+    let mut snap_iter = snap_events.into_iter().peekable();
+    let mut wal_iter = replay.events.into_iter().peekable();
+    loop {
+        let take_snap = match (snap_iter.peek(), wal_iter.peek()) {
+            (Some(a), Some(b)) => a.cursor <= b.cursor,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        let (ev, from_snap) = match if take_snap {
+            snap_iter.next()
+        } else {
+            wal_iter.next()
+        } {
+            Some(ev) => (ev, take_snap),
+            None => break,
+        };
+        if !from_snap && ev.cursor <= events_through {
+            // Covered by the events snapshot (or expired before it): history only.
+            if ev.cursor > series_through {
+                counters.count(&metrics, &ev);
+                add_sample(&mut series, &ev);
+            }
+            continue;
+        }
+        if from_snap && wal_iter.peek().is_some_and(|w| w.cursor == ev.cursor) {
+            // The same event is in the log too: keep one.
+            wal_iter.next();
+        }
         next_cursor = next_cursor.max(ev.cursor + 1);
         let Some((ev, _)) = ring.restore(ev) else {
             continue;
         };
-        count_xid(&metrics, &ev);
-        note_node(&mut nodes, &ev);
         if ev.cursor > series_through {
+            counters.count(&metrics, &ev);
             add_sample(&mut series, &ev);
         }
+        note_node(&mut nodes, &ev);
     }
     // Frames lost to damage may have carried cursors already handed to subscribers: skip past
     // every cursor they could have held (a frame is at least 9 bytes) so none is ever reused.
@@ -476,6 +519,7 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         started: ptime::now(),
         duplicates: 0,
         nodes,
+        counters,
     };
     state.truncate_wal();
     state.update_gauges();
@@ -521,24 +565,6 @@ fn now_ns() -> i128 {
 
 fn ms_ts(ms: i64) -> prost_types::Timestamp {
     ptime::from_unix_nanos(i128::from(ms) * 1_000_000)
-}
-
-fn count_xid(metrics: &Metrics, ev: &v1::Event) {
-    if let Some(Payload::Xid(x)) = &ev.payload {
-        let sev = v1::Severity::try_from(ev.severity)
-            .unwrap_or_default()
-            .short_name();
-        metrics
-            .xid_events
-            .with_label_values(&[
-                ev.node.as_str(),
-                x.gpu_uuid.as_str(),
-                x.pci.as_str(),
-                &x.code.to_string(),
-                sev,
-            ])
-            .inc();
-    }
 }
 
 impl State {
@@ -606,6 +632,9 @@ impl State {
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
+            }
+            Command::Exposition { reply } => {
+                let _ = reply.send(self.exposition());
             }
             Command::Nodes { window, reply } => {
                 let t = Instant::now();
@@ -768,7 +797,7 @@ impl State {
             self.metrics.ingest_bytes.inc_by(len as u64);
             // Same cursor as written above: the store hands out cursors in the same order.
             let (ev, _) = self.ring.push_len(ev, len);
-            count_xid(&self.metrics, &ev);
+            self.counters.count(&self.metrics, &ev);
             if let Some(Payload::Gap(g)) = &ev.payload
                 && g.stage != GapStage::CollectorSeq as i32
             {
@@ -867,7 +896,12 @@ impl State {
             });
         } else if series_due {
             // Encoded here (compressed chunks are shared, the rest is small); written off-task.
-            let data = snapshot::encode_series(through, self.series.metrics(), self.series.gpus());
+            let data = snapshot::encode_series(
+                through,
+                self.series.metrics(),
+                self.series.gpus(),
+                &self.counters.rows(),
+            );
             self.last_series_snapshot = Instant::now();
             self.rows_at_last_snapshot = self.series.rows();
             self.spawn_snapshot(SnapKind::Series, through, move |w| w.write_all(&data));
@@ -1076,6 +1110,160 @@ impl State {
             partial: self.ring.oldest_ms(None).is_none_or(|o| o > w.start_ms()),
         });
         Ok(v1::NodesResponse { nodes, window })
+    }
+
+    fn exposition(&self) -> String {
+        use crate::counters::gauge_family;
+        let mut names: Vec<&String> = self.nodes.keys().collect();
+        names.sort();
+        let mut connected = Vec::new();
+        let mut last_seen = Vec::new();
+        // (name, help, value of a sample)
+        type Read = fn(&v1::GpuSample) -> Option<f64>;
+        let gpu_families: [(&str, &str, Read); 14] = [
+            (
+                "gpulse_gpu_utilization_percent",
+                "GPU (SM) utilisation, latest sample.",
+                |g| g.gpu_util_pct.map(f64::from),
+            ),
+            (
+                "gpulse_gpu_memory_utilization_percent",
+                "Memory controller utilisation, latest sample.",
+                |g| g.mem_util_pct.map(f64::from),
+            ),
+            (
+                "gpulse_gpu_memory_used_bytes",
+                "Framebuffer memory in use, latest sample.",
+                |g| g.mem_used_bytes.map(|v| v as f64),
+            ),
+            (
+                "gpulse_gpu_memory_total_bytes",
+                "Framebuffer memory size.",
+                |g| g.mem_total_bytes.map(|v| v as f64),
+            ),
+            (
+                "gpulse_gpu_temperature_celsius",
+                "GPU core temperature, latest sample.",
+                |g| g.temperature_c.map(f64::from),
+            ),
+            (
+                "gpulse_gpu_power_watts",
+                "Board power draw, latest sample.",
+                |g| g.power_mw.map(|v| f64::from(v) / 1000.0),
+            ),
+            (
+                "gpulse_gpu_power_limit_watts",
+                "Enforced power limit.",
+                |g| g.power_limit_mw.map(|v| f64::from(v) / 1000.0),
+            ),
+            ("gpulse_gpu_sm_clock_mhz", "SM clock, latest sample.", |g| {
+                g.sm_clock_mhz.map(f64::from)
+            }),
+            (
+                "gpulse_gpu_memory_clock_mhz",
+                "Memory clock, latest sample.",
+                |g| g.mem_clock_mhz.map(f64::from),
+            ),
+            (
+                "gpulse_gpu_ecc_corrected_errors",
+                "Volatile corrected ECC errors (since the driver loaded).",
+                |g| g.ecc_corrected_volatile.map(|v| v as f64),
+            ),
+            (
+                "gpulse_gpu_ecc_uncorrected_errors",
+                "Volatile uncorrected ECC errors (since the driver loaded).",
+                |g| g.ecc_uncorrected_volatile.map(|v| v as f64),
+            ),
+            ("gpulse_gpu_pcie_replays", "PCIe replay counter.", |g| {
+                g.pcie_replay_count.map(f64::from)
+            }),
+            (
+                "gpulse_gpu_throttled",
+                "1 when a clock-event reason other than idle is active.",
+                |g| g.throttle_reasons.map(|r| f64::from(u8::from(r & !1 != 0))),
+            ),
+            (
+                "gpulse_gpu_processes",
+                "Processes holding memory on the GPU (NVML's list).",
+                |g| {
+                    (!g.errors.iter().any(|e| e.field == "processes"))
+                        .then_some(g.processes.len() as f64)
+                },
+            ),
+        ];
+        let mut gpu_samples: Vec<Vec<(Vec<(&str, &str)>, f64)>> =
+            vec![Vec::new(); gpu_families.len()];
+        let mut sample_time = Vec::new();
+        let mut index_strings: Vec<String> = Vec::new();
+        for name in &names {
+            for (_, e) in &self.nodes[*name].gpus {
+                if let Some(Payload::GpuSample(g)) = &e.payload {
+                    index_strings.push(g.index.to_string());
+                }
+            }
+        }
+        let mut k = 0;
+        for name in &names {
+            let n = &self.nodes[*name];
+            let up = self
+                .agents
+                .values()
+                .any(|a| a.connections > 0 && a.progress.node == **name);
+            connected.push((vec![("node", name.as_str())], f64::from(u8::from(up))));
+            if let Some(t) = &n.last_seen {
+                last_seen.push((
+                    vec![("node", name.as_str())],
+                    (ptime::to_unix_nanos(t) / 1_000_000) as f64 / 1000.0,
+                ));
+            }
+            for e in n.gpus.values() {
+                let Some(Payload::GpuSample(g)) = &e.payload else {
+                    continue;
+                };
+                let labels = vec![
+                    ("node", name.as_str()),
+                    ("gpu_uuid", g.uuid.as_str()),
+                    ("pci", g.pci.as_str()),
+                    ("index", index_strings[k].as_str()),
+                    ("model", g.name.as_str()),
+                ];
+                k += 1;
+                for (i, (_, _, read)) in gpu_families.iter().enumerate() {
+                    if let Some(v) = read(g) {
+                        gpu_samples[i].push((labels.clone(), v));
+                    }
+                }
+                if let Some(t) = e.time.or(e.received) {
+                    sample_time.push((
+                        labels.clone(),
+                        (ptime::to_unix_nanos(&t) / 1_000_000) as f64 / 1000.0,
+                    ));
+                }
+            }
+        }
+        let mut out = String::new();
+        gauge_family(
+            &mut out,
+            "gpulse_node_agent_connected",
+            "1 while an agent of the node has an open Ingest stream.",
+            &connected,
+        );
+        gauge_family(
+            &mut out,
+            "gpulse_node_last_seen_timestamp_seconds",
+            "When the collector last received anything from the node.",
+            &last_seen,
+        );
+        for (i, (name, help, _)) in gpu_families.iter().enumerate() {
+            gauge_family(&mut out, name, help, &gpu_samples[i]);
+        }
+        gauge_family(
+            &mut out,
+            "gpulse_gpu_last_sample_timestamp_seconds",
+            "Time of the GPU's latest sample.",
+            &sample_time,
+        );
+        out
     }
 
     fn status(&self) -> StatusResponse {

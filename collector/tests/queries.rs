@@ -666,3 +666,77 @@ async fn history_survives_restart_from_snapshot_after_the_log_is_gone() {
         "history beyond the log is gone with the damaged snapshot"
     );
 }
+
+#[tokio::test]
+async fn xid_counters_survive_restart_after_the_events_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = store_config(dir.path());
+    cfg.fsync = false;
+    cfg.ring_bytes = 64 << 10;
+    cfg.wal_max_bytes = 64 << 10;
+    cfg.snapshot_interval = std::time::Duration::from_secs(1);
+    let labels = ["n1", "", "0000:3b:00.0", "79", "fatal"];
+    let n1_xids = |s: &v1::StatusResponse| {
+        s.kinds
+            .iter()
+            .find(|k| k.kind == EventKind::Xid as i32)
+            .map_or(0, |k| k.expired)
+    };
+    {
+        let h = start(cfg.clone()).await;
+        let (mut a, _) = AgentStream::open(&h, "n1/a", "n1").await;
+        a.send(
+            1,
+            vec![xid(79, "fell off"), xid(79, "again"), sample(0, now_ms())],
+        )
+        .await
+        .unwrap();
+        assert_eq!(h.metrics.xid_events.with_label_values(&labels).get(), 2);
+        // Another node's XIDs push n1's out of the store (oldest first within the XID share).
+        let (mut b, _) = AgentStream::open(&h, "n2/a", "n2").await;
+        let mut c = TelemetryClient::new(h.channel.clone());
+        let mut seq = 1;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let evs: Vec<v1::Event> = (0..50)
+                .map(|i| xid(13, &format!("flood {seq} {i}")))
+                .collect();
+            b.send(seq, evs).await.unwrap();
+            seq += 50;
+            let s = c.status(v1::StatusRequest {}).await.unwrap().into_inner();
+            if n1_xids(&s) > 100 && h.metrics.snapshots.with_label_values(&["series"]).get() > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{s:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let r = c
+            .list_events(ListEventsRequest {
+                filter: Some(EventFilter {
+                    nodes: vec!["n1".into()],
+                    kinds: vec![EventKind::Xid as i32],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.total_matched, 0, "n1's XIDs have expired");
+        // One more snapshot after the last batch.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    }
+    let h = start(cfg).await;
+    assert_eq!(
+        h.metrics.xid_events.with_label_values(&labels).get(),
+        2,
+        "the counter comes back although none of its events is stored any more"
+    );
+    assert!(
+        h.metrics
+            .xid_events
+            .with_label_values(&["n2", "", "0000:3b:00.0", "13", "error"])
+            .get()
+            > 100
+    );
+}

@@ -24,7 +24,7 @@ use super::series::{Agg, Buckets, Chunk, GpuSeries};
 
 pub const SERIES_FILE: &str = "series.snap";
 pub const EVENTS_FILE: &str = "events.snap";
-const SERIES_MAGIC: &[u8; 8] = b"GPSER001";
+const SERIES_MAGIC: &[u8; 8] = b"GPSER002";
 const EVENTS_MAGIC: &[u8; 8] = b"GPEVT001";
 
 #[derive(Debug, Error)]
@@ -126,8 +126,17 @@ fn open_body<'a>(data: &'a [u8], magic: &[u8; 8]) -> Result<&'a [u8], String> {
     Ok(&body[8..])
 }
 
-/// Serialises the series store's GPUs (`through` = last cursor whose samples they include).
-pub fn encode_series(through: u64, metrics: usize, gpus: &[GpuSeries]) -> Vec<u8> {
+/// A counter total: family, label values, value.
+pub type CounterRow = (u8, Vec<String>, u64);
+
+/// Serialises the series store's GPUs and the XID/SXid counter totals (`through` = last cursor
+/// whose samples and counts they include).
+pub fn encode_series(
+    through: u64,
+    metrics: usize,
+    gpus: &[GpuSeries],
+    counters: &[CounterRow],
+) -> Vec<u8> {
     let mut o = Out::default();
     o.0.extend_from_slice(SERIES_MAGIC);
     o.u64(through);
@@ -173,6 +182,15 @@ pub fn encode_series(through: u64, metrics: usize, gpus: &[GpuSeries]) -> Vec<u8
             }
         }
     }
+    o.u32(counters.len() as u32);
+    for (family, labels, value) in counters {
+        o.0.push(*family);
+        o.u32(labels.len() as u32);
+        for l in labels {
+            o.bytes(l.as_bytes());
+        }
+        o.u64(*value);
+    }
     o.finish()
 }
 
@@ -180,6 +198,7 @@ pub struct SeriesSnapshot {
     pub through: u64,
     pub metrics: usize,
     pub gpus: Vec<GpuSeries>,
+    pub counters: Vec<CounterRow>,
 }
 
 pub fn decode_series(data: &[u8]) -> Result<SeriesSnapshot, String> {
@@ -255,6 +274,14 @@ pub fn decode_series(data: &[u8]) -> Result<SeriesSnapshot, String> {
             last_ms,
         });
     }
+    let nc = r.count(13)?;
+    let mut counters = Vec::with_capacity(nc);
+    for _ in 0..nc {
+        let family = r.take(1)?[0];
+        let nl = r.count(4)?;
+        let labels = (0..nl).map(|_| r.str()).collect::<Result<Vec<_>, _>>()?;
+        counters.push((family, labels, r.u64()?));
+    }
     if r.pos != r.buf.len() {
         return Err("trailing bytes".into());
     }
@@ -262,6 +289,7 @@ pub fn decode_series(data: &[u8]) -> Result<SeriesSnapshot, String> {
         through,
         metrics,
         gpus,
+        counters,
     })
 }
 
@@ -432,9 +460,11 @@ mod tests {
                 .unwrap();
             }
         }
-        let data = encode_series(77, 3, s.gpus());
+        let counters = vec![(1u8, vec!["n".to_string(), "79".to_string()], 5u64)];
+        let data = encode_series(77, 3, s.gpus(), &counters);
         let snap = decode_series(&data).unwrap();
         assert_eq!((snap.through, snap.metrics, snap.gpus.len()), (77, 3, 2));
+        assert_eq!(snap.counters, counters);
         let back = SeriesStore::restore(3, SeriesBudgets::default(), snap.gpus);
         for t in crate::store::series::Tier::ALL {
             assert_eq!(back.tier_stats(t).bytes, s.tier_stats(t).bytes, "{t:?}");

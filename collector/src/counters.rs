@@ -1,0 +1,179 @@
+//! XID and SXid counters that only go up, across restarts: their totals are kept here, written
+//! into the history snapshot with the cursor they cover, and on start-up the snapshot's totals
+//! plus the events replayed after it bring `/metrics` back to where it was, so Prometheus'
+//! `increase()` never sees a false reset.
+use std::collections::HashMap;
+
+use gpulse_proto::v1::{self, event::Payload};
+
+use crate::metrics::Metrics;
+
+/// Most label sets kept per family; beyond it new ones are counted as dropped (cardinality
+/// bound: nodes x GPUs x codes x severities).
+pub const MAX_SERIES: usize = 100_000;
+
+pub const XID: u8 = 1;
+pub const SXID: u8 = 2;
+
+#[derive(Default)]
+pub struct Counters {
+    totals: HashMap<(u8, Vec<String>), u64>,
+    /// Increments refused by the cardinality bound.
+    pub dropped: u64,
+}
+
+fn labels(ev: &v1::Event) -> Option<(u8, Vec<String>)> {
+    let sev = v1::Severity::try_from(ev.severity)
+        .unwrap_or_default()
+        .short_name()
+        .to_string();
+    match &ev.payload {
+        Some(Payload::Xid(x)) => Some((
+            XID,
+            vec![
+                ev.node.clone(),
+                x.gpu_uuid.clone(),
+                x.pci.clone(),
+                x.code.to_string(),
+                sev,
+            ],
+        )),
+        Some(Payload::Sxid(x)) => Some((
+            SXID,
+            vec![ev.node.clone(), x.pci.clone(), x.code.to_string(), sev],
+        )),
+        _ => None,
+    }
+}
+
+impl Counters {
+    /// Counts `ev` if it is an XID or SXid.
+    pub fn count(&mut self, metrics: &Metrics, ev: &v1::Event) {
+        let Some(key) = labels(ev) else { return };
+        self.add(metrics, key, 1);
+    }
+
+    fn add(&mut self, metrics: &Metrics, key: (u8, Vec<String>), n: u64) {
+        if !self.totals.contains_key(&key) && self.totals.len() >= MAX_SERIES {
+            self.dropped += n;
+            metrics.counter_series_dropped.inc_by(n);
+            return;
+        }
+        let refs: Vec<&str> = key.1.iter().map(String::as_str).collect();
+        match key.0 {
+            XID if refs.len() == 5 => metrics.xid_events.with_label_values(&refs).inc_by(n),
+            SXID if refs.len() == 4 => metrics.sxid_events.with_label_values(&refs).inc_by(n),
+            _ => return,
+        }
+        *self.totals.entry(key).or_default() += n;
+    }
+
+    /// Rows for the snapshot.
+    pub fn rows(&self) -> Vec<(u8, Vec<String>, u64)> {
+        let mut v: Vec<(u8, Vec<String>, u64)> = self
+            .totals
+            .iter()
+            .map(|((f, l), n)| (*f, l.clone(), *n))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Brings counters back from a snapshot's rows.
+    pub fn restore(&mut self, metrics: &Metrics, rows: Vec<(u8, Vec<String>, u64)>) {
+        for (f, l, n) in rows {
+            self.add(metrics, (f, l), n);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.totals.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.totals.is_empty()
+    }
+}
+
+/// Escapes a label value for the text exposition format.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Writes one family of gauges (`HELP`, `TYPE`, then samples) in the text format.
+pub fn gauge_family(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    samples: &[(Vec<(&str, &str)>, f64)],
+) {
+    if samples.is_empty() {
+        return;
+    }
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+    for (labels, v) in samples {
+        out.push_str(name);
+        if !labels.is_empty() {
+            out.push('{');
+            for (i, (k, val)) in labels.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&format!("{k}=\"{}\"", esc(val)));
+            }
+            out.push('}');
+        }
+        out.push_str(&format!(" {v}\n"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_escapes_and_skips_empty_families() {
+        let mut s = String::new();
+        gauge_family(&mut s, "x", "h", &[]);
+        assert!(s.is_empty());
+        gauge_family(
+            &mut s,
+            "gpulse_gpu_temperature_celsius",
+            "t",
+            &[(vec![("node", "a\"b"), ("gpu", "0")], 61.0)],
+        );
+        assert!(s.contains("gpulse_gpu_temperature_celsius{node=\"a\\\"b\",gpu=\"0\"} 61\n"));
+        assert!(s.starts_with("# HELP gpulse_gpu_temperature_celsius t\n# TYPE"));
+    }
+
+    #[test]
+    fn counters_restore_to_the_same_totals() {
+        let m = Metrics::new().unwrap();
+        let mut c = Counters::default();
+        let ev = v1::Event {
+            node: "n".into(),
+            severity: v1::Severity::Fatal as i32,
+            payload: Some(Payload::Xid(v1::Xid {
+                code: 79,
+                pci: "0000:3b:00.0".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        c.count(&m, &ev);
+        c.count(&m, &ev);
+        let rows = c.rows();
+        assert_eq!(rows[0].2, 2);
+        let m2 = Metrics::new().unwrap();
+        let mut c2 = Counters::default();
+        c2.restore(&m2, rows);
+        assert_eq!(
+            m2.xid_events
+                .with_label_values(&["n", "", "0000:3b:00.0", "79", "fatal"])
+                .get(),
+            2
+        );
+    }
+}
