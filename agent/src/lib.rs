@@ -7,6 +7,7 @@
 pub mod client;
 pub mod clock;
 pub mod ebpf;
+pub mod health;
 pub mod kmsg;
 pub mod nvml;
 pub mod pipeline;

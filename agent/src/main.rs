@@ -84,6 +84,9 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Serve /healthz and /readyz (HTTP) here for probes, e.g. 0.0.0.0:7702; off when unset.
+    #[arg(long, env = "GPULSE_HEALTH_LISTEN")]
+    health_listen: Option<std::net::SocketAddr>,
 }
 
 fn hostname() -> String {
@@ -269,6 +272,11 @@ async fn main() -> anyhow::Result<()> {
     // so the steady-state footprint is what the agent actually uses.
     // SAFETY: glibc call with no preconditions.
     unsafe { libc::malloc_trim(0) };
+    if let Some(addr) = args.health_listen {
+        gpulse_agent::health::serve(addr, running.name, stats.clone())
+            .await
+            .with_context(|| format!("binding --health-listen {addr}"))?;
+    }
     info!(node = %node, agent_id = %agent_id, collector = %args.collector, source = running.name, "gpulse-agent running");
     let (stats_log, spool_log) = (stats.clone(), spool.clone());
     tokio::spawn(async move {

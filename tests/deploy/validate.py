@@ -1,0 +1,203 @@
+"""Validate deploy/: Kubernetes manifests against the official schemas (kubernetes-validate,
+strict), the PrometheusRule against the promtool-tested rule file, the security posture the docs
+promise, and the Grafana dashboard's shape.
+
+Usage: validate.py REPO_ROOT [KUBECTL]   (KUBECTL renders the kustomizations when given)
+       validate.py REPO_ROOT --write-prometheusrule   (regenerate it from the rule file)
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import kubernetes_validate
+import yaml
+
+ROOT = sys.argv[1]
+KUBECTL = sys.argv[2] if len(sys.argv) > 2 and not sys.argv[2].startswith("--") else None
+K8S_VERSIONS = ["1.29.0", "1.32.0"]
+DEPLOY = os.path.join(ROOT, "deploy")
+failures = []
+
+
+def fail(msg):
+    failures.append(msg)
+    print("FAIL:", msg, file=sys.stderr)
+
+
+def docs_of(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def render(kdir):
+    """The kustomization rendered by kubectl, or its resources read directly."""
+    if KUBECTL:
+        out = subprocess.run([KUBECTL, "kustomize", kdir], check=True, capture_output=True, text=True).stdout
+        return [d for d in yaml.safe_load_all(out) if d]
+    k = docs_of(os.path.join(kdir, "kustomization.yaml"))[0]
+    docs = []
+    for r in k.get("resources", []):
+        p = os.path.join(kdir, r)
+        if os.path.isdir(p):
+            docs += render(p)
+        else:
+            docs += docs_of(p)
+    return docs
+
+
+def check_crd(d):
+    kind = d["kind"]
+    spec = d.get("spec", {})
+    if kind == "ServiceMonitor":
+        if not spec.get("selector") or not spec.get("endpoints"):
+            fail("ServiceMonitor needs selector and endpoints")
+        for e in spec.get("endpoints", []):
+            if e.get("path") != "/metrics" or not e.get("port"):
+                fail(f"ServiceMonitor endpoint {e}")
+    elif kind == "PrometheusRule":
+        groups = spec.get("groups") or []
+        if not groups:
+            fail("PrometheusRule has no groups")
+        source = docs_of(os.path.join(DEPLOY, "prometheus", "gpulse-rules.yaml"))[0]
+        if spec != source:
+            fail("PrometheusRule spec differs from deploy/prometheus/gpulse-rules.yaml (regenerate it)")
+    else:
+        fail(f"unknown custom kind {kind}")
+
+
+def check_posture(docs):
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    ds = by.get(("DaemonSet", "gpulse-agent"))
+    if not ds:
+        return fail("no agent DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    sc = c.get("securityContext", {})
+    if sc.get("privileged"):
+        fail("agent must not be privileged")
+    caps = sc.get("capabilities", {})
+    if sorted(caps.get("add", [])) != ["BPF", "PERFMON", "SYSLOG"] or caps.get("drop") != ["ALL"]:
+        fail(f"agent capabilities {caps}")
+    if not pod.get("hostPID"):
+        fail("agent needs hostPID")
+    if sc.get("allowPrivilegeEscalation") is not False or not sc.get("readOnlyRootFilesystem"):
+        fail("agent securityContext")
+    for p in ("livenessProbe", "readinessProbe", "startupProbe"):
+        if p not in c:
+            fail(f"agent lacks {p}")
+    if "limits" not in c.get("resources", {}):
+        fail("agent lacks resource limits")
+    if "nvidia.com/gpu.present" not in pod.get("nodeSelector", {}):
+        fail("agent is not restricted to GPU nodes")
+    mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+    for m in ("/sys/kernel/tracing", "/sys/fs/cgroup"):
+        if m not in mounts:
+            fail(f"agent does not mount {m}")
+    sts = by.get(("StatefulSet", "gpulse-collector"))
+    if not sts:
+        return fail("no collector StatefulSet")
+    pod = sts["spec"]["template"]["spec"]
+    if not pod.get("securityContext", {}).get("runAsNonRoot"):
+        fail("collector must run as non-root")
+    if not sts["spec"].get("volumeClaimTemplates"):
+        fail("collector has no volume for --data-dir")
+    args = " ".join(pod["containers"][0]["args"])
+    if "--data-dir=/var/lib/gpulse" not in args:
+        fail("collector --data-dir")
+    role = by.get(("ClusterRole", "gpulse-agent-read-pods"))
+    if not role or role["rules"] != [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]:
+        fail(f"agent RBAC must be read-only on pods: {role and role['rules']}")
+    for kind in ("NetworkPolicy", "Service", "ServiceMonitor", "PrometheusRule", "Namespace"):
+        if not any(k == kind for k, _ in by):
+            fail(f"no {kind}")
+
+
+def check_dashboard():
+    path = os.path.join(DEPLOY, "grafana", "gpulse-dashboard.json")
+    with open(path) as f:
+        d = json.load(f)
+    panels = d.get("panels", [])
+    if len(panels) < 6:
+        fail("dashboard has too few panels")
+    exprs = []
+    for p in panels:
+        for t in p.get("targets", []):
+            if "gpulse_" not in t.get("expr", ""):
+                fail(f"panel {p.get('title')} target without a gpulse metric: {t}")
+            exprs.append(t.get("expr", ""))
+    check_metric_names(exprs, "dashboard")
+
+
+HEADER = """# Generated from deploy/prometheus/gpulse-rules.yaml (the promtool-tested source) by
+# `tests/deploy/validate.py . --write-prometheusrule`; the test command checks they match.
+apiVersion: monitoring.coreos.com/v1
+kind: PrometheusRule
+metadata:
+  name: gpulse
+  namespace: gpulse
+  labels: {app.kubernetes.io/name: gpulse-collector, app.kubernetes.io/part-of: gpulse}
+spec:
+"""
+
+
+def write_prometheusrule():
+    with open(os.path.join(DEPLOY, "prometheus", "gpulse-rules.yaml")) as f:
+        body = [l for l in f.read().splitlines() if not l.startswith("#")]
+    text = HEADER + "\n".join("  " + l if l.strip() else l for l in body) + "\n"
+    with open(os.path.join(DEPLOY, "kubernetes", "base", "prometheusrule.yaml"), "w") as f:
+        f.write(text)
+
+
+def known_metrics():
+    """Every gpulse_* metric name the collector's source declares."""
+    import re
+    names = set()
+    src = os.path.join(ROOT, "collector", "src")
+    for dirpath, _, files in os.walk(src):
+        for fn in files:
+            if fn.endswith(".rs"):
+                with open(os.path.join(dirpath, fn)) as f:
+                    names |= set(re.findall(r'"(gpulse_[a-z0-9_]+)"', f.read()))
+    return names
+
+
+def check_metric_names(exprs, where):
+    import re
+    known = known_metrics()
+    for e in exprs:
+        for m in re.findall(r"gpulse_[a-z0-9_]+", e):
+            base = re.sub(r"_(bucket|sum|count)$", "", m)
+            if m not in known and base not in known:
+                fail(f"{where}: {m} is not a metric the collector exports")
+
+
+def main():
+    if "--write-prometheusrule" in sys.argv:
+        write_prometheusrule()
+        return
+    rules = docs_of(os.path.join(DEPLOY, "prometheus", "gpulse-rules.yaml"))[0]
+    check_metric_names([r["expr"] for g in rules["groups"] for r in g["rules"]], "alert rules")
+    total = 0
+    for kdir in ("kubernetes/base", "kubernetes/overlays/example"):
+        docs = render(os.path.join(DEPLOY, kdir))
+        for d in docs:
+            total += 1
+            if d["apiVersion"].startswith("monitoring.coreos.com/"):
+                check_crd(d)
+                continue
+            for v in K8S_VERSIONS:
+                try:
+                    kubernetes_validate.validate(d, v, strict=True)
+                except kubernetes_validate.ValidationError as e:
+                    fail(f"{kdir} {d['kind']}/{d['metadata']['name']} (k8s {v}): {e.message} at {list(e.path)}")
+                except Exception as e:  # noqa: BLE001 - any schema problem is a failure
+                    fail(f"{kdir} {d['kind']}/{d['metadata']['name']} (k8s {v}): {e}")
+        check_posture(docs)
+    check_dashboard()
+    print(json.dumps({"documents": total, "kubernetes_versions": K8S_VERSIONS, "failures": len(failures)}))
+    sys.exit(1 if failures else 0)
+
+
+main()
