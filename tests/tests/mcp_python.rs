@@ -107,6 +107,14 @@ fn feed_through_pipeline(url: &str, node: &str, dir: &Path) -> Proc {
     )
     .unwrap();
     wait_agent_live(&log, Duration::from_secs(20)).unwrap();
+    // The probe endpoint the DaemonSet uses answers with the agent's counters.
+    let (code, body) = http_get(health_port, "/healthz").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.starts_with("ok source=") && body.contains("captured="),
+        "{body}"
+    );
+    assert_eq!(http_get(health_port, "/nope").unwrap().0, 404);
     let m = marker("mcp");
     inject(&format!(
         "NVRM: Xid (PCI:0000:3b:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus. {m}"

@@ -7,7 +7,8 @@
 //!   events (needs root for eBPF).
 //! * `test`   the whole suite: fmt, clippy, unit, in-process gRPC, CLI and, as root, the
 //!   end-to-end tests through the real kernel.
-//! * `bench`  the XID latency benchmark, or with `--overhead` the agent overhead one (root).
+//! * `bench`  the XID latency benchmark, with `--overhead` the agent overhead one (root), with
+//!            `--mcp` MCP tool latency and /metrics size.
 //! * `fuzz`   runs the XID parser fuzz target (`--seconds N`).
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a developer tool talking to its user
 
@@ -394,6 +395,13 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
 // bench / fuzz
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
+    if args.iter().any(|a| a == "--mcp") {
+        // MCP tool latency and /metrics size: no eBPF, no root needed.
+        let bins = build(true)?;
+        let mut c = Command::new(bins.join("gpulse-mcp-bench"));
+        c.env("GPULSE_BIN_DIR", &bins);
+        return run(&mut c);
+    }
     if !is_root() {
         bail!(
             "the benchmarks load eBPF and write /dev/kmsg: run them as root (sudo -E cargo xtask bench)"
