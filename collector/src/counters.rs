@@ -102,13 +102,11 @@ fn esc(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// One gauge sample: label pairs and value.
+pub type GaugeSample<'a> = (Vec<(&'a str, &'a str)>, f64);
+
 /// Writes one family of gauges (`HELP`, `TYPE`, then samples) in the text format.
-pub fn gauge_family(
-    out: &mut String,
-    name: &str,
-    help: &str,
-    samples: &[(Vec<(&str, &str)>, f64)],
-) {
+pub fn gauge_family(out: &mut String, name: &str, help: &str, samples: &[GaugeSample<'_>]) {
     if samples.is_empty() {
         return;
     }

@@ -542,15 +542,7 @@ fn is_spool_gap(ev: &v1::Event) -> bool {
     matches!(&ev.payload, Some(Payload::Gap(g)) if g.stage == GapStage::AgentSpool as i32)
 }
 
-const KIND_LIST: [EventKind; 7] = [
-    EventKind::Xid,
-    EventKind::Sxid,
-    EventKind::DriverLog,
-    EventKind::AgentStatus,
-    EventKind::Gap,
-    EventKind::GpuProcess,
-    EventKind::GpuSample,
-];
+const KIND_LIST: [EventKind; 7] = EventKind::ALL;
 
 /// Brings a counter up to a total kept elsewhere (counters only go up).
 fn raise(c: &prometheus::IntCounter, total: u64) {
@@ -1191,12 +1183,12 @@ impl State {
                 },
             ),
         ];
-        let mut gpu_samples: Vec<Vec<(Vec<(&str, &str)>, f64)>> =
+        let mut gpu_samples: Vec<Vec<crate::counters::GaugeSample<'_>>> =
             vec![Vec::new(); gpu_families.len()];
         let mut sample_time = Vec::new();
         let mut index_strings: Vec<String> = Vec::new();
         for name in &names {
-            for (_, e) in &self.nodes[*name].gpus {
+            for e in self.nodes[*name].gpus.values() {
                 if let Some(Payload::GpuSample(g)) = &e.payload {
                     index_strings.push(g.index.to_string());
                 }

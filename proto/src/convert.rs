@@ -31,6 +31,27 @@ impl v1::Severity {
 }
 
 impl v1::EventKind {
+    /// Every kind, in wire order.
+    pub const ALL: [Self; 7] = [
+        Self::Xid,
+        Self::Sxid,
+        Self::DriverLog,
+        Self::AgentStatus,
+        Self::Gap,
+        Self::GpuProcess,
+        Self::GpuSample,
+    ];
+
+    /// Every kind but GPU samples (one per GPU per second): what listings show by default.
+    pub const EVENTS: [Self; 6] = [
+        Self::Xid,
+        Self::Sxid,
+        Self::DriverLog,
+        Self::AgentStatus,
+        Self::Gap,
+        Self::GpuProcess,
+    ];
+
     pub fn short_name(self) -> &'static str {
         match self {
             Self::Unspecified => "unspecified",

@@ -378,3 +378,37 @@ pub fn python_venv(name: &str, packages: &[&str]) -> anyhow::Result<PathBuf> {
     std::fs::write(&stamp, want)?;
     Ok(python)
 }
+
+/// Sends `batches` for `node` over one Ingest stream (as an agent would), waiting for each ack.
+/// Seqs are assigned here. For tests and benchmarks that feed a collector without the kernel.
+pub async fn ingest_batches(
+    url: &str,
+    node: &str,
+    batches: impl IntoIterator<Item = Vec<v1::Event>>,
+) -> anyhow::Result<u64> {
+    let mut client = v1::ingest_client::IngestClient::connect(url.to_string()).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let batch = |first_seq, events| v1::Batch {
+        agent_id: format!("{node}/ingest"),
+        node: node.to_string(),
+        boot_id: "b".into(),
+        first_seq,
+        events,
+    };
+    tx.send(batch(0, vec![])).await?;
+    let mut acks = client
+        .push(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    acks.message().await?.context("no hello ack")?;
+    let mut seq = 1;
+    for events in batches {
+        let n = events.len() as u64;
+        tx.send(batch(seq, events)).await?;
+        seq += n;
+        acks.message()
+            .await?
+            .context("stream closed before the ack")?;
+    }
+    Ok(seq - 1)
+}

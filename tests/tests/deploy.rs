@@ -100,42 +100,23 @@ fn http_json(port: u16, path: &str) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
-/// Sends one XID 79 for `node` over gRPC Ingest (when the kernel path is not available).
+/// One XID 79 for `node` over gRPC Ingest (when the kernel path is not available).
 fn send_xid(url: &str, node: &str) {
-    runtime().block_on(async {
-        let mut client = v1::ingest_client::IngestClient::connect(url.to_string())
-            .await
-            .unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let b = |first_seq, events| v1::Batch {
-            agent_id: format!("{node}/t"),
-            node: node.to_string(),
-            boot_id: "b".into(),
-            first_seq,
-            events,
-        };
-        tx.send(b(0, vec![])).await.unwrap();
-        let mut acks = client
-            .push(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        acks.message().await.unwrap();
-        let ev = v1::Event {
-            kind: EventKind::Xid as i32,
-            severity: v1::Severity::Fatal as i32,
-            time: Some(gpulse_proto::time::now()),
-            payload: Some(Payload::Xid(v1::Xid {
-                code: 79,
-                pci: "0000:3b:00.0".into(),
-                message: "GPU has fallen off the bus.".into(),
-                ..Default::default()
-            })),
+    let ev = v1::Event {
+        kind: EventKind::Xid as i32,
+        severity: v1::Severity::Fatal as i32,
+        time: Some(gpulse_proto::time::now()),
+        payload: Some(Payload::Xid(v1::Xid {
+            code: 79,
+            pci: "0000:3b:00.0".into(),
+            message: "GPU has fallen off the bus.".into(),
             ..Default::default()
-        };
-        tx.send(b(1, vec![ev])).await.unwrap();
-        acks.message().await.unwrap().unwrap();
-    });
+        })),
+        ..Default::default()
+    };
+    runtime()
+        .block_on(ingest_batches(url, node, [vec![ev]]))
+        .unwrap();
 }
 
 #[test]

@@ -28,60 +28,39 @@ fn script() -> String {
 
 /// Sends GPU samples and an XID 79 for `node` over gRPC (the non-root path).
 fn feed_over_grpc(url: &str, node: &str) {
-    let rt = runtime();
-    rt.block_on(async {
-        let mut client = v1::ingest_client::IngestClient::connect(url.to_string())
-            .await
-            .unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let agent_id = format!("{node}/test");
-        let batch = |first_seq: u64, events: Vec<v1::Event>| v1::Batch {
-            agent_id: agent_id.clone(),
-            node: node.to_string(),
-            boot_id: "b".into(),
-            first_seq,
-            events,
-        };
-        tx.send(batch(0, vec![])).await.unwrap();
-        let mut acks = client
-            .push(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        acks.message().await.unwrap();
-        let now = gpulse_proto::time::now();
-        let sample = v1::Event {
-            kind: EventKind::GpuSample as i32,
-            severity: v1::Severity::Info as i32,
-            time: Some(now),
-            payload: Some(Payload::GpuSample(v1::GpuSample {
-                index: 0,
-                uuid: "GPU-11111111-2222-3333-4444-555555555555".into(),
-                pci: "0000:3b:00.0".into(),
-                name: "NVIDIA H100 80GB HBM3".into(),
-                gpu_util_pct: Some(97),
-                ..Default::default()
-            })),
+    let now = gpulse_proto::time::now();
+    let sample = v1::Event {
+        kind: EventKind::GpuSample as i32,
+        severity: v1::Severity::Info as i32,
+        time: Some(now),
+        payload: Some(Payload::GpuSample(v1::GpuSample {
+            index: 0,
+            uuid: "GPU-11111111-2222-3333-4444-555555555555".into(),
+            pci: "0000:3b:00.0".into(),
+            name: "NVIDIA H100 80GB HBM3".into(),
+            gpu_util_pct: Some(97),
             ..Default::default()
-        };
-        let info = gpulse_xid::catalog::lookup(79).unwrap();
-        let xid = v1::Event {
-            kind: EventKind::Xid as i32,
-            severity: v1::Severity::Fatal as i32,
-            time: Some(now),
-            payload: Some(Payload::Xid(v1::Xid {
-                code: 79,
-                pci: "0000:3b:00.0".into(),
-                gpu_uuid: "GPU-11111111-2222-3333-4444-555555555555".into(),
-                message: "GPU has fallen off the bus.".into(),
-                mnemonic: info.mnemonic.into(),
-                ..Default::default()
-            })),
+        })),
+        ..Default::default()
+    };
+    let info = gpulse_xid::catalog::lookup(79).unwrap();
+    let xid = v1::Event {
+        kind: EventKind::Xid as i32,
+        severity: v1::Severity::Fatal as i32,
+        time: Some(now),
+        payload: Some(Payload::Xid(v1::Xid {
+            code: 79,
+            pci: "0000:3b:00.0".into(),
+            gpu_uuid: "GPU-11111111-2222-3333-4444-555555555555".into(),
+            message: "GPU has fallen off the bus.".into(),
+            mnemonic: info.mnemonic.into(),
             ..Default::default()
-        };
-        tx.send(batch(1, vec![sample, xid])).await.unwrap();
-        acks.message().await.unwrap().unwrap();
-    });
+        })),
+        ..Default::default()
+    };
+    runtime()
+        .block_on(ingest_batches(url, node, [vec![sample, xid]]))
+        .unwrap();
 }
 
 /// Starts an agent with the fake NVML and writes an XID 79 to /dev/kmsg (the root path).
@@ -90,9 +69,13 @@ fn feed_through_pipeline(url: &str, node: &str, dir: &Path) -> Proc {
     let scenario = scenarios.join("three-gpus.json").display().to_string();
     let log = dir.join("agent.log");
     let lib_s = lib.display().to_string();
+    let health_port = free_port();
+    let health = format!("127.0.0.1:{health_port}");
     let agent = Proc::spawn_env(
         "gpulse-agent",
         &[
+            "--health-listen",
+            &health,
             "--collector",
             url,
             "--node",

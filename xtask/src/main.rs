@@ -8,7 +8,7 @@
 //! * `test`   the whole suite: fmt, clippy, unit, in-process gRPC, CLI and, as root, the
 //!   end-to-end tests through the real kernel.
 //! * `bench`  the XID latency benchmark, with `--overhead` the agent overhead one (root), with
-//!            `--mcp` MCP tool latency and /metrics size.
+//!   `--mcp` MCP tool latency and /metrics size.
 //! * `fuzz`   runs the XID parser fuzz target (`--seconds N`).
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a developer tool talking to its user
 

@@ -253,17 +253,7 @@ fn filter(a: &FilterArgs) -> anyhow::Result<EventFilter> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     if kinds.is_empty() && !a.samples {
         // Samples are opt-in: everything else by default.
-        kinds = [
-            EventKind::Xid,
-            EventKind::Sxid,
-            EventKind::DriverLog,
-            EventKind::AgentStatus,
-            EventKind::Gap,
-            EventKind::GpuProcess,
-        ]
-        .iter()
-        .map(|k| *k as i32)
-        .collect();
+        kinds = EventKind::EVENTS.iter().map(|k| *k as i32).collect();
     }
     let min_severity = match &a.min_severity {
         None => Severity::Unspecified,

@@ -78,17 +78,7 @@ pub fn kind_of(k: Kind) -> EventKind {
 /// Requested kinds, or every kind but samples.
 fn kinds(k: &[Kind]) -> Vec<i32> {
     if k.is_empty() {
-        [
-            EventKind::Xid,
-            EventKind::Sxid,
-            EventKind::DriverLog,
-            EventKind::AgentStatus,
-            EventKind::Gap,
-            EventKind::GpuProcess,
-        ]
-        .iter()
-        .map(|k| *k as i32)
-        .collect()
+        EventKind::EVENTS.iter().map(|k| *k as i32).collect()
     } else {
         k.iter().map(|k| kind_of(*k) as i32).collect()
     }

@@ -12,8 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
-use gpulse_e2e::{Collector, free_port, http_get, python_venv, runtime};
+use anyhow::bail;
+use gpulse_e2e::{Collector, free_port, http_get, ingest_batches, python_venv, runtime};
 use gpulse_proto::v1::{self, EventKind, event::Payload};
 
 const GPUS: u32 = 8;
@@ -75,53 +75,28 @@ fn xid(gpu: u32, ms: i64, code: u32) -> v1::Event {
     }
 }
 
-fn feed(url: &str) -> anyhow::Result<usize> {
-    runtime().block_on(async {
-        let mut client = v1::ingest_client::IngestClient::connect(url.to_string()).await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
-        let b = |first_seq, events| v1::Batch {
-            agent_id: "bench-node/agent".into(),
-            node: "bench-node".into(),
-            boot_id: "b".into(),
-            first_seq,
-            events,
-        };
-        tx.send(b(0, vec![])).await?;
-        let mut acks = client
-            .push(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        acks.message().await?;
-        let now =
-            (gpulse_proto::time::to_unix_nanos(&gpulse_proto::time::now()) / 1_000_000) as i64;
-        let start = now - HOURS * 3_600_000;
-        let mut seq = 1u64;
-        let mut batch = Vec::new();
-        let mut total = 0;
-        let mut t = start;
-        while t < now {
+/// 24 h of samples for every GPU, in time order, with an XID every ~10 s in the last hour.
+fn feed(url: &str) -> anyhow::Result<u64> {
+    let now = (gpulse_proto::time::to_unix_nanos(&gpulse_proto::time::now()) / 1_000_000) as i64;
+    let mut t = now - HOURS * 3_600_000;
+    let batches = std::iter::from_fn(move || {
+        if t >= now {
+            return None;
+        }
+        let mut batch = Vec::with_capacity(2100);
+        while t < now && batch.len() < 2000 {
             for g in 0..GPUS {
                 batch.push(sample(g, t));
             }
-            // The last hour: an XID every ~10 s on some GPU (a few incidents).
             if now - t < 3_600_000 && (t / 1000) % 10 == 0 {
                 let code = [13, 31, 43, 48, 79, 94, 119][((t / 10_000) % 7) as usize];
                 batch.push(xid(((t / 10_000) % i64::from(GPUS)) as u32, t, code));
             }
-            if batch.len() >= 2000 {
-                let n = batch.len() as u64;
-                tx.send(b(seq, std::mem::take(&mut batch))).await?;
-                seq += n;
-                total += n as usize;
-                acks.message().await?.context("ack")?;
-            }
             t += 1000;
         }
-        let n = batch.len() as u64;
-        tx.send(b(seq, batch)).await?;
-        acks.message().await?.context("ack")?;
-        Ok(total + n as usize)
-    })
+        Some(batch)
+    });
+    runtime().block_on(ingest_batches(url, "bench-node", batches))
 }
 
 /// One stateless (2026-07-28) `tools/call` over a raw HTTP/1.1 connection: what the server
