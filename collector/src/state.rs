@@ -816,10 +816,10 @@ impl State {
         } else {
             None
         };
-        let checkpoint = self.checkpoint();
-        match self.wal.maybe_rotate(self.ring.next_cursor(), &checkpoint) {
-            Ok(_) => {}
-            Err(e) => {
+        // The checkpoint copies every agent's progress: build it only when a segment starts.
+        if self.wal.needs_rotation() {
+            let checkpoint = self.checkpoint();
+            if let Err(e) = self.wal.maybe_rotate(self.ring.next_cursor(), &checkpoint) {
                 self.metrics.store_write_errors.inc();
                 warn!(error = %e, "WAL rotation failed; continuing in the current segment");
             }

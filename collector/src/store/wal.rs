@@ -193,6 +193,13 @@ impl Wal {
         Ok(())
     }
 
+    /// The open segment is full: the next [`Wal::maybe_rotate`] starts a new one.
+    pub fn needs_rotation(&self) -> bool {
+        self.segments
+            .last()
+            .is_some_and(|s| s.bytes >= self.max_segment_bytes)
+    }
+
     /// Starts a new segment (beginning with `checkpoint`) once the current one is full. The
     /// previous segment is synced first so its data is durable before we stop tracking it.
     pub fn maybe_rotate(
