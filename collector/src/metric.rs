@@ -11,6 +11,8 @@ pub struct MetricDef {
     pub help: &'static str,
     /// Multiply stored values by this for display (mW -> W).
     pub scale: f64,
+    /// The Prometheus gauge carrying each GPU's latest value (in `unit`, i.e. scaled).
+    pub prom: &'static str,
     read: fn(&GpuSample) -> Option<f64>,
 }
 
@@ -23,6 +25,7 @@ pub const COUNT: usize = 14;
 pub const METRICS: &[MetricDef; COUNT] = &[
     MetricDef {
         name: "gpu_util_pct",
+        prom: "gpulse_gpu_utilization_percent",
         unit: "percent",
         help: "GPU (SM) utilisation",
         scale: 1.0,
@@ -30,6 +33,7 @@ pub const METRICS: &[MetricDef; COUNT] = &[
     },
     MetricDef {
         name: "mem_util_pct",
+        prom: "gpulse_gpu_memory_utilization_percent",
         unit: "percent",
         help: "memory controller utilisation",
         scale: 1.0,
@@ -37,6 +41,7 @@ pub const METRICS: &[MetricDef; COUNT] = &[
     },
     MetricDef {
         name: "mem_used_bytes",
+        prom: "gpulse_gpu_memory_used_bytes",
         unit: "bytes",
         help: "framebuffer memory in use",
         scale: 1.0,
@@ -44,6 +49,7 @@ pub const METRICS: &[MetricDef; COUNT] = &[
     },
     MetricDef {
         name: "mem_total_bytes",
+        prom: "gpulse_gpu_memory_total_bytes",
         unit: "bytes",
         help: "framebuffer memory size",
         scale: 1.0,
@@ -51,6 +57,7 @@ pub const METRICS: &[MetricDef; COUNT] = &[
     },
     MetricDef {
         name: "temperature_c",
+        prom: "gpulse_gpu_temperature_celsius",
         unit: "celsius",
         help: "GPU core temperature",
         scale: 1.0,
@@ -58,6 +65,7 @@ pub const METRICS: &[MetricDef; COUNT] = &[
     },
     MetricDef {
         name: "power_w",
+        prom: "gpulse_gpu_power_watts",
         unit: "watts",
         help: "board power draw",
         scale: 0.001,
@@ -65,6 +73,7 @@ pub const METRICS: &[MetricDef; COUNT] = &[
     },
     MetricDef {
         name: "power_limit_w",
+        prom: "gpulse_gpu_power_limit_watts",
         unit: "watts",
         help: "enforced power limit",
         scale: 0.001,
@@ -72,6 +81,7 @@ pub const METRICS: &[MetricDef; COUNT] = &[
     },
     MetricDef {
         name: "sm_clock_mhz",
+        prom: "gpulse_gpu_sm_clock_mhz",
         unit: "MHz",
         help: "SM clock",
         scale: 1.0,
@@ -79,6 +89,7 @@ pub const METRICS: &[MetricDef; COUNT] = &[
     },
     MetricDef {
         name: "mem_clock_mhz",
+        prom: "gpulse_gpu_memory_clock_mhz",
         unit: "MHz",
         help: "memory clock",
         scale: 1.0,
@@ -86,6 +97,7 @@ pub const METRICS: &[MetricDef; COUNT] = &[
     },
     MetricDef {
         name: "ecc_corrected",
+        prom: "gpulse_gpu_ecc_corrected_errors",
         unit: "errors",
         help: "volatile corrected ECC error count",
         scale: 1.0,
@@ -93,6 +105,7 @@ pub const METRICS: &[MetricDef; COUNT] = &[
     },
     MetricDef {
         name: "ecc_uncorrected",
+        prom: "gpulse_gpu_ecc_uncorrected_errors",
         unit: "errors",
         help: "volatile uncorrected ECC error count",
         scale: 1.0,
@@ -100,6 +113,7 @@ pub const METRICS: &[MetricDef; COUNT] = &[
     },
     MetricDef {
         name: "pcie_replays",
+        prom: "gpulse_gpu_pcie_replays",
         unit: "replays",
         help: "PCIe replay counter",
         scale: 1.0,
@@ -107,6 +121,7 @@ pub const METRICS: &[MetricDef; COUNT] = &[
     },
     MetricDef {
         name: "throttled",
+        prom: "gpulse_gpu_throttled",
         unit: "bool",
         help: "1 when any clock-event reason other than idle is active",
         scale: 1.0,
@@ -117,6 +132,7 @@ pub const METRICS: &[MetricDef; COUNT] = &[
     },
     MetricDef {
         name: "process_count",
+        prom: "gpulse_gpu_processes",
         unit: "processes",
         help: "processes holding GPU memory (as NVML lists them)",
         scale: 1.0,
@@ -130,6 +146,13 @@ pub const METRICS: &[MetricDef; COUNT] = &[
         },
     },
 ];
+
+impl MetricDef {
+    /// The value of this metric in a sample, in `unit` (scaled), if the agent sent it.
+    pub fn value(&self, s: &GpuSample) -> Option<f64> {
+        (self.read)(s).map(|v| v * self.scale)
+    }
+}
 
 pub fn by_name(name: &str) -> Option<(usize, &'static MetricDef)> {
     METRICS.iter().enumerate().find(|(_, m)| m.name == name)
@@ -174,5 +197,11 @@ mod tests {
         };
         assert!(row(&failed)[by_name("process_count").unwrap().0].is_nan());
         assert!(by_name("nope").is_none());
+        let mut proms: Vec<&str> = METRICS.iter().map(|m| m.prom).collect();
+        proms.sort();
+        proms.dedup();
+        assert_eq!(proms.len(), METRICS.len(), "one gauge per metric");
+        assert!(proms.iter().all(|p| p.starts_with("gpulse_gpu_")));
+        assert_eq!(def.value(&s), Some(312.456), "scaled to watts");
     }
 }

@@ -1110,81 +1110,11 @@ impl State {
         names.sort();
         let mut connected = Vec::new();
         let mut last_seen = Vec::new();
-        // (name, help, value of a sample)
-        type Read = fn(&v1::GpuSample) -> Option<f64>;
-        let gpu_families: [(&str, &str, Read); 14] = [
-            (
-                "gpulse_gpu_utilization_percent",
-                "GPU (SM) utilisation, latest sample.",
-                |g| g.gpu_util_pct.map(f64::from),
-            ),
-            (
-                "gpulse_gpu_memory_utilization_percent",
-                "Memory controller utilisation, latest sample.",
-                |g| g.mem_util_pct.map(f64::from),
-            ),
-            (
-                "gpulse_gpu_memory_used_bytes",
-                "Framebuffer memory in use, latest sample.",
-                |g| g.mem_used_bytes.map(|v| v as f64),
-            ),
-            (
-                "gpulse_gpu_memory_total_bytes",
-                "Framebuffer memory size.",
-                |g| g.mem_total_bytes.map(|v| v as f64),
-            ),
-            (
-                "gpulse_gpu_temperature_celsius",
-                "GPU core temperature, latest sample.",
-                |g| g.temperature_c.map(f64::from),
-            ),
-            (
-                "gpulse_gpu_power_watts",
-                "Board power draw, latest sample.",
-                |g| g.power_mw.map(|v| f64::from(v) / 1000.0),
-            ),
-            (
-                "gpulse_gpu_power_limit_watts",
-                "Enforced power limit.",
-                |g| g.power_limit_mw.map(|v| f64::from(v) / 1000.0),
-            ),
-            ("gpulse_gpu_sm_clock_mhz", "SM clock, latest sample.", |g| {
-                g.sm_clock_mhz.map(f64::from)
-            }),
-            (
-                "gpulse_gpu_memory_clock_mhz",
-                "Memory clock, latest sample.",
-                |g| g.mem_clock_mhz.map(f64::from),
-            ),
-            (
-                "gpulse_gpu_ecc_corrected_errors",
-                "Volatile corrected ECC errors (since the driver loaded).",
-                |g| g.ecc_corrected_volatile.map(|v| v as f64),
-            ),
-            (
-                "gpulse_gpu_ecc_uncorrected_errors",
-                "Volatile uncorrected ECC errors (since the driver loaded).",
-                |g| g.ecc_uncorrected_volatile.map(|v| v as f64),
-            ),
-            ("gpulse_gpu_pcie_replays", "PCIe replay counter.", |g| {
-                g.pcie_replay_count.map(f64::from)
-            }),
-            (
-                "gpulse_gpu_throttled",
-                "1 when a clock-event reason other than idle is active.",
-                |g| g.throttle_reasons.map(|r| f64::from(u8::from(r & !1 != 0))),
-            ),
-            (
-                "gpulse_gpu_processes",
-                "Processes holding memory on the GPU (NVML's list).",
-                |g| {
-                    (!g.errors.iter().any(|e| e.field == "processes"))
-                        .then_some(g.processes.len() as f64)
-                },
-            ),
-        ];
+
+        // One gauge family per stored metric, from the same readers the sample history uses.
+        let families = crate::metric::METRICS;
         let mut gpu_samples: Vec<Vec<crate::counters::GaugeSample<'_>>> =
-            vec![Vec::new(); gpu_families.len()];
+            vec![Vec::new(); families.len()];
         let mut sample_time = Vec::new();
         let mut index_strings: Vec<String> = Vec::new();
         for name in &names {
@@ -1220,8 +1150,8 @@ impl State {
                     ("model", g.name.as_str()),
                 ];
                 k += 1;
-                for (i, (_, _, read)) in gpu_families.iter().enumerate() {
-                    if let Some(v) = read(g) {
+                for (i, def) in families.iter().enumerate() {
+                    if let Some(v) = def.value(g) {
                         gpu_samples[i].push((labels.clone(), v));
                     }
                 }
@@ -1246,8 +1176,9 @@ impl State {
             "When the collector last received anything from the node.",
             &last_seen,
         );
-        for (i, (name, help, _)) in gpu_families.iter().enumerate() {
-            gauge_family(&mut out, name, help, &gpu_samples[i]);
+        for (i, def) in families.iter().enumerate() {
+            let help = format!("{} ({}), latest sample.", def.help, def.unit);
+            gauge_family(&mut out, def.prom, &help, &gpu_samples[i]);
         }
         gauge_family(
             &mut out,
