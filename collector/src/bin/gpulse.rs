@@ -47,12 +47,8 @@ enum Cmd {
     Trend(TrendArgs),
     /// Nodes the collector has heard from, with their GPUs' latest samples.
     Nodes {
-        #[arg(
-            long,
-            env = "GPULSE_COLLECTOR",
-            default_value = "http://127.0.0.1:7700"
-        )]
-        collector: String,
+        #[command(flatten)]
+        collector: CollectorArg,
         /// Only nodes heard from in this window (e.g. 1h, now-30m, RFC 3339), with XID counts.
         #[arg(long)]
         since: Option<String>,
@@ -61,15 +57,31 @@ enum Cmd {
     },
     /// Collector status.
     Status {
-        #[arg(
-            long,
-            env = "GPULSE_COLLECTOR",
-            default_value = "http://127.0.0.1:7700"
-        )]
-        collector: String,
+        #[command(flatten)]
+        collector: CollectorArg,
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `--collector`: where the collector's gRPC port is.
+#[derive(ClapArgs, Debug, Clone)]
+struct CollectorArg {
+    /// Collector gRPC URL.
+    #[arg(
+        long = "collector",
+        env = "GPULSE_COLLECTOR",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    url: String,
+}
+
+impl CollectorArg {
+    async fn connect(&self) -> anyhow::Result<TelemetryClient<tonic::transport::Channel>> {
+        TelemetryClient::connect(self.url.clone())
+            .await
+            .with_context(|| format!("connecting to {}", self.url))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -87,13 +99,8 @@ enum XidCmd {
 
 #[derive(ClapArgs, Debug)]
 struct TailArgs {
-    /// Collector gRPC URL.
-    #[arg(
-        long,
-        env = "GPULSE_COLLECTOR",
-        default_value = "http://127.0.0.1:7700"
-    )]
-    collector: String,
+    #[command(flatten)]
+    collector: CollectorArg,
     /// One JSON object per line.
     #[arg(long)]
     json: bool,
@@ -112,13 +119,8 @@ struct TailArgs {
 
 #[derive(ClapArgs, Debug)]
 struct EventsArgs {
-    /// Collector gRPC URL.
-    #[arg(
-        long,
-        env = "GPULSE_COLLECTOR",
-        default_value = "http://127.0.0.1:7700"
-    )]
-    collector: String,
+    #[command(flatten)]
+    collector: CollectorArg,
     /// Window start: a duration back from now (90s, 15m, 1h, 7d), now-<duration>, or RFC 3339.
     #[arg(long, default_value = "1h")]
     since: String,
@@ -148,13 +150,8 @@ struct EventsArgs {
 
 #[derive(ClapArgs, Debug)]
 struct TrendArgs {
-    /// Collector gRPC URL.
-    #[arg(
-        long,
-        env = "GPULSE_COLLECTOR",
-        default_value = "http://127.0.0.1:7700"
-    )]
-    collector: String,
+    #[command(flatten)]
+    collector: CollectorArg,
     /// Metric name (see --list-metrics).
     #[arg(long, required_unless_present = "list_metrics")]
     metric: Option<String>,
@@ -281,7 +278,7 @@ async fn tail(a: TailArgs) -> anyhow::Result<()> {
     let stdout = io::stdout();
     loop {
         let res: anyhow::Result<()> = async {
-            let mut client = TelemetryClient::connect(a.collector.clone()).await.with_context(|| format!("connecting to {}", a.collector))?;
+            let mut client = a.collector.connect().await?;
             let mut stream = client
                 .subscribe(SubscribeRequest { filter: Some(filter.clone()), after_cursor: after })
                 .await?
@@ -388,10 +385,12 @@ fn parse_stdin() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn nodes(collector: &str, since: Option<String>, as_json: bool) -> anyhow::Result<()> {
-    let mut client = TelemetryClient::connect(collector.to_string())
-        .await
-        .with_context(|| format!("connecting to {collector}"))?;
+async fn nodes(
+    collector: &CollectorArg,
+    since: Option<String>,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let mut client = collector.connect().await?;
     let r = client
         .nodes(gpulse_proto::v1::NodesRequest {
             window: since.map(|since| TimeWindow {
@@ -422,7 +421,10 @@ async fn nodes(collector: &str, since: Option<String>, as_json: bool) -> anyhow:
         return Ok(());
     }
     if r.nodes.is_empty() {
-        println!("no nodes yet: no agent has sent anything to {collector}");
+        println!(
+            "no nodes yet: no agent has sent anything to {}",
+            collector.url
+        );
     }
     for n in &r.nodes {
         println!(
@@ -482,9 +484,7 @@ fn window_line(w: Option<&ResolvedWindow>) -> String {
 
 async fn events(a: EventsArgs) -> anyhow::Result<()> {
     let filter = filter(&a.filter)?;
-    let mut client = TelemetryClient::connect(a.collector.clone())
-        .await
-        .with_context(|| format!("connecting to {}", a.collector))?;
+    let mut client = a.collector.connect().await?;
     let mut token = a.page_token.clone().unwrap_or_default();
     let mut all = Vec::new();
     let mut first = None;
@@ -591,9 +591,7 @@ async fn trend(a: TrendArgs) -> anyhow::Result<()> {
         "fleet" => GroupBy::Fleet,
         _ => GroupBy::Gpu,
     };
-    let mut client = TelemetryClient::connect(a.collector.clone())
-        .await
-        .with_context(|| format!("connecting to {}", a.collector))?;
+    let mut client = a.collector.connect().await?;
     let r = client
         .trend(TrendRequest {
             metric,
@@ -666,10 +664,8 @@ async fn trend(a: TrendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn status(collector: &str, as_json: bool) -> anyhow::Result<()> {
-    let mut client = TelemetryClient::connect(collector.to_string())
-        .await
-        .with_context(|| format!("connecting to {collector}"))?;
+async fn status(collector: &CollectorArg, as_json: bool) -> anyhow::Result<()> {
+    let mut client = collector.connect().await?;
     let s = client.status(StatusRequest {}).await?.into_inner();
     if as_json {
         println!(
