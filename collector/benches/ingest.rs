@@ -208,7 +208,7 @@ type CpuTx = tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Duration>>;
 
 async fn serve(cfg: gpulse_collector::state::StoreConfig) -> (tokio::io::DuplexStream, CpuTx) {
     use gpulse_collector::grpc::{IngestService, TelemetryService};
-    use gpulse_proto::v1::{ingest_server::IngestServer, telemetry_server::TelemetryServer};
+    use gpulse_proto::{raw::ingest_server::IngestServer, v1::telemetry_server::TelemetryServer};
     let metrics = gpulse_collector::metrics::Metrics::new().unwrap();
     let store = gpulse_collector::state::start(cfg, metrics.clone()).unwrap();
     let (client_io, server_io) = tokio::io::duplex(1 << 20);

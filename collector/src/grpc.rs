@@ -3,9 +3,12 @@
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt, stream};
-use gpulse_proto::v1::{
-    self, Ack, Batch, EventKind, StatusRequest, StatusResponse, SubscribeRequest,
-    SubscribeResponse, ingest_server::Ingest, subscribe_response::Msg, telemetry_server::Telemetry,
+use gpulse_proto::{
+    raw::{RawBatch, ingest_server::Ingest},
+    v1::{
+        self, Ack, StatusRequest, StatusResponse, SubscribeRequest, SubscribeResponse,
+        subscribe_response::Msg, telemetry_server::Telemetry,
+    },
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -14,14 +17,11 @@ use tracing::{debug, info, warn};
 
 use crate::{
     filter::Filter,
+    ingest::IngestBatch,
     metrics::Metrics,
     query::QueryError,
     state::{StoreError, StoreHandle, SubMsg},
 };
-
-/// Most events one batch may carry.
-pub const MAX_BATCH_EVENTS: usize = 10_000;
-const MAX_ID_LEN: usize = 256;
 
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
@@ -30,73 +30,6 @@ impl From<StoreError> for Status {
             StoreError::Write(_) => Status::unavailable(e.to_string()),
         }
     }
-}
-
-/// Checks a batch's structure; fills in seqs and kinds an agent left at zero.
-pub fn validate_batch(batch: &mut Batch, stream_agent: Option<&str>) -> Result<(), Status> {
-    if batch.agent_id.is_empty() || batch.agent_id.len() > MAX_ID_LEN {
-        return Err(Status::invalid_argument(format!(
-            "batch.agent_id must be 1..={MAX_ID_LEN} bytes"
-        )));
-    }
-    if let Some(a) = stream_agent
-        && a != batch.agent_id
-    {
-        return Err(Status::invalid_argument(format!(
-            "batch.agent_id changed within one stream ({a:?} -> {:?}); open a new stream per agent",
-            batch.agent_id
-        )));
-    }
-    if batch.node.is_empty() || batch.node.len() > MAX_ID_LEN {
-        return Err(Status::invalid_argument(format!(
-            "batch.node must be 1..={MAX_ID_LEN} bytes"
-        )));
-    }
-    if batch.events.len() > MAX_BATCH_EVENTS {
-        return Err(Status::invalid_argument(format!(
-            "batch has {} events; at most {MAX_BATCH_EVENTS} are allowed",
-            batch.events.len()
-        )));
-    }
-    if !batch.events.is_empty() && batch.first_seq == 0 {
-        return Err(Status::invalid_argument(
-            "batch.first_seq must be >= 1 when the batch has events",
-        ));
-    }
-    let first = batch.first_seq;
-    for (i, ev) in batch.events.iter_mut().enumerate() {
-        let want = first + i as u64;
-        if ev.seq == 0 {
-            ev.seq = want;
-        } else if ev.seq != want {
-            return Err(Status::invalid_argument(format!(
-                "events[{i}].seq is {} but batch.first_seq {first} + {i} = {want}: seqs must be contiguous",
-                ev.seq
-            )));
-        }
-        let payload_kind = ev.payload_kind();
-        if payload_kind == EventKind::Unspecified {
-            return Err(Status::invalid_argument(format!(
-                "events[{i}] (seq {want}) has no payload"
-            )));
-        }
-        if ev.kind == EventKind::Unspecified as i32 {
-            ev.kind = payload_kind as i32;
-        } else if ev.kind != payload_kind as i32 {
-            return Err(Status::invalid_argument(format!(
-                "events[{i}] (seq {want}) kind {} does not match its {} payload",
-                ev.kind,
-                payload_kind.short_name()
-            )));
-        }
-        if gpulse_proto::v1::Severity::try_from(ev.severity).is_err() {
-            return Err(Status::invalid_argument(format!(
-                "events[{i}] (seq {want}) has unknown severity {}",
-                ev.severity
-            )));
-        }
-    }
-    Ok(())
 }
 
 pub struct IngestService {
@@ -112,7 +45,7 @@ impl Ingest for IngestService {
 
     async fn push(
         &self,
-        req: Request<Streaming<Batch>>,
+        req: Request<Streaming<RawBatch>>,
     ) -> Result<Response<Self::PushStream>, Status> {
         let peer = req.remote_addr();
         let mut inbound = req.into_inner();
@@ -153,7 +86,7 @@ impl Ingest for IngestService {
         tokio::spawn(async move {
             let mut agent: Option<String> = None;
             loop {
-                let mut batch = match inbound.message().await {
+                let raw = match inbound.message().await {
                     Ok(Some(b)) => b,
                     Ok(None) => break,
                     Err(status) => {
@@ -163,12 +96,16 @@ impl Ingest for IngestService {
                         break;
                     }
                 };
-                if let Err(status) = validate_batch(&mut batch, agent.as_deref()) {
-                    metrics.ingest_rejected_batches.inc();
-                    warn!(?peer, agent = %batch.agent_id, error = %status.message(), "rejected malformed batch");
-                    let _ = out_tx.send(Err(status)).await;
-                    break;
-                }
+                let raw_agent = raw.agent_id.clone();
+                let batch = match IngestBatch::from_raw(raw, agent.as_deref()) {
+                    Ok(b) => b,
+                    Err(status) => {
+                        metrics.ingest_rejected_batches.inc();
+                        warn!(?peer, agent = %raw_agent, error = %status.message(), "rejected malformed batch");
+                        let _ = out_tx.send(Err(status)).await;
+                        break;
+                    }
+                };
                 if agent.is_none() {
                     match store
                         .hello(
@@ -295,104 +232,5 @@ impl From<QueryError> for Status {
             QueryError::Decode(_) => Status::internal(e.to_string()),
             _ => Status::invalid_argument(e.to_string()),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use gpulse_proto::v1::{self, event::Payload};
-
-    fn batch(events: Vec<v1::Event>) -> Batch {
-        Batch {
-            agent_id: "n/a".into(),
-            node: "n".into(),
-            first_seq: 1,
-            events,
-            ..Default::default()
-        }
-    }
-
-    fn log_ev(seq: u64) -> v1::Event {
-        v1::Event {
-            seq,
-            payload: Some(Payload::DriverLog(v1::DriverLog::default())),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn validation_accepts_and_fills() {
-        let mut b = batch(vec![log_ev(0), log_ev(0)]);
-        validate_batch(&mut b, None).unwrap();
-        assert_eq!(b.events[1].seq, 2);
-        assert_eq!(b.events[0].kind, EventKind::DriverLog as i32);
-    }
-
-    #[test]
-    fn validation_rejects_with_clear_messages() {
-        let cases: Vec<(Batch, &str)> = vec![
-            (
-                Batch {
-                    agent_id: String::new(),
-                    ..batch(vec![])
-                },
-                "agent_id",
-            ),
-            (
-                Batch {
-                    node: String::new(),
-                    ..batch(vec![])
-                },
-                "node",
-            ),
-            (batch(vec![log_ev(1), log_ev(3)]), "contiguous"),
-            (
-                Batch {
-                    first_seq: 0,
-                    ..batch(vec![log_ev(0)])
-                },
-                "first_seq",
-            ),
-            (batch(vec![v1::Event::default()]), "no payload"),
-            (
-                batch(vec![v1::Event {
-                    kind: EventKind::Xid as i32,
-                    ..log_ev(1)
-                }]),
-                "does not match",
-            ),
-            (
-                batch(vec![v1::Event {
-                    severity: 77,
-                    ..log_ev(1)
-                }]),
-                "severity",
-            ),
-            (
-                batch(
-                    (0..MAX_BATCH_EVENTS as u64 + 1)
-                        .map(|_| log_ev(0))
-                        .collect(),
-                ),
-                "at most",
-            ),
-        ];
-        for (mut b, want) in cases {
-            let err = validate_batch(&mut b, None).unwrap_err();
-            assert_eq!(err.code(), tonic::Code::InvalidArgument);
-            assert!(
-                err.message().contains(want),
-                "{} should mention {want}",
-                err.message()
-            );
-        }
-        let mut b = batch(vec![]);
-        assert!(
-            validate_batch(&mut b, Some("other"))
-                .unwrap_err()
-                .message()
-                .contains("changed")
-        );
     }
 }

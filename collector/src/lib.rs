@@ -4,6 +4,7 @@ pub mod counters;
 pub mod filter;
 pub mod grpc;
 pub mod http;
+pub mod ingest;
 pub mod json;
 pub mod mcp;
 pub mod metric;

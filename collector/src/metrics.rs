@@ -75,7 +75,7 @@ impl Metrics {
             )?,
             ingest_bytes: c(
                 "gpulse_ingest_bytes_total",
-                "Encoded bytes of stored events.",
+                "Bytes of stored events as the agents encoded them (duplicates excluded).",
             )?,
             ingest_duplicates: c(
                 "gpulse_ingest_duplicates_total",

@@ -2,8 +2,9 @@
 use std::{future::Future, net::SocketAddr};
 
 use anyhow::Context as _;
-use gpulse_proto::v1::{
-    FILE_DESCRIPTOR_SET, ingest_server::IngestServer, telemetry_server::TelemetryServer,
+use gpulse_proto::{
+    raw::ingest_server::IngestServer,
+    v1::{FILE_DESCRIPTOR_SET, telemetry_server::TelemetryServer},
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;

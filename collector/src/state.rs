@@ -12,17 +12,17 @@ use std::{
 use gpulse_proto::{
     time as ptime,
     v1::{
-        self, Batch, EventKind, GapStage, Lagged, ListEventsRequest, ListEventsResponse,
-        StatusResponse, StoreCheckpoint, TimeWindow, TrendRequest, TrendResponse, event::Payload,
+        self, EventKind, GapStage, Lagged, ListEventsRequest, ListEventsResponse, StatusResponse,
+        StoreCheckpoint, TimeWindow, TrendRequest, TrendResponse, event::Payload,
     },
 };
-use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::{
     counters::Counters,
     filter::Filter,
+    ingest::{IngestBatch, Wire, envelope_len},
     metrics::Metrics,
     query::{self, QueryError},
     store::{
@@ -30,7 +30,7 @@ use crate::{
         series::{SeriesBudgets, SeriesStore, Tier},
         snapshot::{self, EVENTS_FILE, SERIES_FILE},
         syncer::Syncer,
-        wal::Wal,
+        wal::{BatchHeader, Wal},
     },
 };
 
@@ -109,7 +109,7 @@ pub enum Command {
         reply: oneshot::Sender<u64>,
     },
     Ingest {
-        batch: Batch,
+        batch: IngestBatch,
         reply: oneshot::Sender<Result<IngestOutcome, StoreError>>,
     },
     Disconnected {
@@ -197,7 +197,7 @@ impl StoreHandle {
         .await
     }
 
-    pub async fn ingest(&self, batch: Batch) -> Result<IngestOutcome, StoreError> {
+    pub async fn ingest(&self, batch: IngestBatch) -> Result<IngestOutcome, StoreError> {
         self.call(|reply| Command::Ingest { batch, reply }).await?
     }
 
@@ -681,7 +681,7 @@ impl State {
         }
     }
 
-    fn ingest(&mut self, batch: Batch) -> Result<IngestOutcome, StoreError> {
+    fn ingest(&mut self, batch: IngestBatch) -> Result<IngestOutcome, StoreError> {
         let received = ptime::now();
         let entry = self
             .agents
@@ -699,39 +699,40 @@ impl State {
         let mut events = batch.events;
         // (position, first missing seq, last missing seq) where the agent's sequence jumped.
         let mut gaps: Vec<(usize, u64, u64)> = Vec::new();
-        let contiguous = events
-            .iter()
-            .enumerate()
-            .all(|(i, e)| events.first().is_some_and(|f| e.seq == f.seq + i as u64));
+        let contiguous = events.iter().enumerate().all(|(i, w)| {
+            events
+                .first()
+                .is_some_and(|f| w.ev.seq == f.ev.seq + i as u64)
+        });
         let mut fresh = if contiguous {
             // The usual shape (validated batches are contiguous): drop the resent prefix and
             // keep the vector, so events are not moved one by one.
-            let first = events.first().map_or(0, |e| e.seq);
+            let first = events.first().map_or(0, |w| w.ev.seq);
             let dup = (through + 1).saturating_sub(first).min(events.len() as u64) as usize;
             events.drain(..dup);
             duplicates = dup as u64;
-            if let Some(ev) = events.first()
-                && ev.seq > through + 1
-                && !is_spool_gap(ev)
+            if let Some(w) = events.first()
+                && w.ev.seq > through + 1
+                && !is_spool_gap(&w.ev)
             {
-                gaps.push((0, through + 1, ev.seq - 1));
+                gaps.push((0, through + 1, w.ev.seq - 1));
             }
             if let Some(last) = events.last() {
-                through = last.seq;
+                through = last.ev.seq;
             }
             events
         } else {
             let mut fresh = Vec::with_capacity(events.len());
-            for ev in events {
-                if ev.seq <= through {
+            for w in events {
+                if w.ev.seq <= through {
                     duplicates += 1;
                     continue;
                 }
-                if ev.seq > through + 1 && !is_spool_gap(&ev) {
-                    gaps.push((fresh.len(), through + 1, ev.seq - 1));
+                if w.ev.seq > through + 1 && !is_spool_gap(&w.ev) {
+                    gaps.push((fresh.len(), through + 1, w.ev.seq - 1));
                 }
-                through = ev.seq;
-                fresh.push(ev);
+                through = w.ev.seq;
+                fresh.push(w);
             }
             fresh
         };
@@ -740,7 +741,7 @@ impl State {
             self.metrics.ingest_seq_gap_events.inc_by(missed);
             fresh.insert(
                 at + k,
-                v1::Event {
+                Wire::encode(v1::Event {
                     seq: 0,
                     time: Some(received),
                     kind: EventKind::Gap as i32,
@@ -751,14 +752,8 @@ impl State {
                         detail: format!("agent {} skipped seqs {from}..={to}", batch.agent_id),
                     })),
                     ..Default::default()
-                },
+                }),
             );
-        }
-        for ev in &mut fresh {
-            // The batch envelope is authoritative for who sent it.
-            ev.node.clone_from(&batch.node);
-            ev.agent_id.clone_from(&batch.agent_id);
-            ev.received = Some(received);
         }
         self.duplicates += duplicates;
         self.metrics.ingest_duplicates.inc_by(duplicates);
@@ -771,22 +766,37 @@ impl State {
             });
         }
 
-        // Assign cursors, then write, then make visible: a failed write stores nothing (the
-        // agent keeps the events and resends).
-        let base = self.ring.next_cursor();
-        for (i, e) in fresh.iter_mut().enumerate() {
-            e.cursor = base + i as u64;
-        }
-        if let Err(e) = self.wal.append(&fresh) {
+        // Cursors are assigned in order from the store's next one. Write, then make visible: a
+        // failed write stores nothing (the agent keeps the events and resends). The log gets the
+        // bytes as received plus one header with what the collector sets on every event.
+        let header = BatchHeader {
+            node: batch.node.clone(),
+            agent_id: batch.agent_id.clone(),
+            received: Some(received),
+            first_cursor: self.ring.next_cursor(),
+        };
+        if let Err(e) = self
+            .wal
+            .append_batch(&header, fresh.iter().map(|w| w.bytes.as_ref()))
+        {
             self.metrics.store_write_errors.inc();
             warn!(error = %e, agent = %batch.agent_id, "WAL append failed; batch not stored");
             return Err(StoreError::Write(e.to_string()));
         }
         let stored = fresh.len() as u64;
         self.metrics.ingest_events.inc_by(stored);
-        for ev in fresh {
-            let len = ev.encoded_len();
-            self.metrics.ingest_bytes.inc_by(len as u64);
+        let mut wire_bytes = 0;
+        for (i, Wire { mut ev, bytes }) in fresh.into_iter().enumerate() {
+            wire_bytes += bytes.len() as u64;
+            // The batch envelope is authoritative for who sent it. The stored event's encoded
+            // length follows from the received one without encoding it again.
+            let sent_envelope = envelope_len(&ev);
+            ev.node.clone_from(&batch.node);
+            ev.agent_id.clone_from(&batch.agent_id);
+            ev.received = Some(received);
+            ev.cursor = header.first_cursor + i as u64;
+            let len = bytes.len() - sent_envelope + envelope_len(&ev);
+            drop(bytes);
             // Same cursor as written above: the store hands out cursors in the same order.
             let (ev, _) = self.ring.push_len(ev, len);
             self.counters.count(&self.metrics, &ev);
@@ -806,6 +816,7 @@ impl State {
             add_sample(&mut self.series, &ev);
             self.fan_out(&ev);
         }
+        self.metrics.ingest_bytes.inc_by(wire_bytes);
         if let Some(e) = self.agents.get_mut(&batch.agent_id) {
             e.progress.through_seq = through;
             e.progress.last_seen = Some(received);

@@ -319,6 +319,74 @@ async fn restart_restores_events_cursors_and_dedupe_state() {
     );
 }
 
+async fn all_events(h: &Harness, n: usize) -> Vec<v1::Event> {
+    let mut sub = subscribe(
+        h,
+        SubscribeRequest {
+            filter: None,
+            after_cursor: Some(0),
+        },
+    )
+    .await;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        match next(&mut sub).await.unwrap().msg {
+            Some(Msg::Event(e)) => out.push(e),
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+    out
+}
+
+/// Every event as stored (envelope set by the collector, seqs and kinds it filled in, the gap
+/// it recorded) comes back byte for byte after a restart, and so does the store's accounting.
+#[tokio::test]
+async fn restart_replays_exactly_what_was_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (before, bytes_before) = {
+        let h = start(store_config(dir.path())).await;
+        let (mut a, _) = AgentStream::open(&h, "n/1", "n").await;
+        // What an agent should not set, set anyway: the collector's envelope wins.
+        let lie = |mut e: v1::Event| {
+            e.node = "not-n".into();
+            e.agent_id = "someone/else".into();
+            e.cursor = 999;
+            e.received = Some(prost_types::Timestamp {
+                seconds: 1,
+                nanos: 2,
+            });
+            e
+        };
+        a.send(
+            1,
+            vec![
+                lie(xid(79, "fell off the bus")),
+                log("seq and kind left at 0"),
+            ],
+        )
+        .await
+        .unwrap();
+        // Seqs 3..=4 never arrive: a gap event is stored before seq 5.
+        let mut late = log("after the jump");
+        late.seq = 5;
+        a.send(5, vec![late, lie(xid(13, "warp"))]).await.unwrap();
+        let stored = all_events(&h, 5).await;
+        let bytes = h.store.status().await.unwrap().ring_bytes;
+        (stored, bytes)
+    };
+    assert_eq!(before[0].node, "n");
+    assert_eq!(before[0].agent_id, "n/1");
+    assert_eq!(before[0].cursor, 1);
+    assert_ne!(before[0].received.unwrap().seconds, 1);
+    assert_eq!(before[1].seq, 2);
+    assert_eq!(before[1].kind, v1::EventKind::DriverLog as i32);
+    assert_eq!(before[2].kind, v1::EventKind::Gap as i32);
+    let h = start(store_config(dir.path())).await;
+    let after = all_events(&h, 5).await;
+    assert_eq!(after, before);
+    assert_eq!(h.store.status().await.unwrap().ring_bytes, bytes_before);
+}
+
 #[tokio::test]
 async fn restart_with_damaged_log_skips_damage_and_reports_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -10,6 +10,7 @@ pub mod v1 {
 }
 
 pub mod convert;
+pub mod raw;
 pub mod time;
 pub mod window;
 

@@ -2,9 +2,13 @@
 //!
 //! Segments `wal-<first cursor>.seg` (mode 0600) hold frames
 //! `[u32 len][u32 crc32][u8 type][payload]`, little-endian, where the CRC covers type and
-//! payload. Type 1 is a protobuf `Event` (with its cursor), type 2 a `StoreCheckpoint` (agent
-//! de-duplication state), written first in every segment so old segments can be deleted once the
-//! ring has expired their events. On start-up every segment is replayed; a damaged or truncated
+//! payload. Type 3 is a run of one batch's events: a length-prefixed [`BatchHeader`] (node,
+//! agent id, received time, first cursor) followed by length-prefixed encoded `Event`s to the
+//! end of the frame, exactly as the agent sent them; replay sets the header's fields on each (the
+//! collector overwrites them at ingest), so nothing is encoded twice on the hot path. Type 2 is
+//! a `StoreCheckpoint` (agent de-duplication state), written first in every segment so old
+//! segments can be deleted once the ring has expired their events. Type 1, one encoded `Event`
+//! with its envelope, is what earlier collectors wrote; replay still reads it. On start-up every segment is replayed; a damaged or truncated
 //! frame ends that segment's replay, is reported, and (in the newest segment) is cut off so new
 //! frames never follow garbage.
 use std::{
@@ -22,8 +26,26 @@ use tracing::{info, warn};
 const FRAME_HEADER: usize = 9;
 const TYPE_EVENT: u8 = 1;
 const TYPE_CHECKPOINT: u8 = 2;
-/// Frames larger than this are corruption, not data (batches are capped far below).
-const MAX_FRAME: usize = 16 << 20;
+const TYPE_BATCH: u8 = 3;
+/// Frames larger than this are corruption, not data: one event is at most the largest gRPC
+/// message (`--max-message-bytes` <= 256 MiB) and batch frames are split far below.
+const MAX_FRAME: usize = 272 << 20;
+/// A batch's run is split into frames of about this size, so replay never holds a huge one.
+const BATCH_FRAME_BYTES: usize = 4 << 20;
+
+/// What the collector sets on every event of a batch frame (see the module docs).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BatchHeader {
+    #[prost(string, tag = "1")]
+    pub node: String,
+    #[prost(string, tag = "2")]
+    pub agent_id: String,
+    #[prost(message, optional, tag = "3")]
+    pub received: Option<prost_types::Timestamp>,
+    /// Cursor of the first event; the rest follow one by one.
+    #[prost(uint64, tag = "4")]
+    pub first_cursor: u64,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
@@ -174,21 +196,40 @@ impl Wal {
         ))
     }
 
-    /// Appends events with one write. Not yet durable: pass [`Wal::sync_handle`] to the syncer.
-    pub fn append(&mut self, events: &[v1::Event]) -> io::Result<()> {
-        if events.is_empty() {
+    /// Appends one batch's events (each encoded without the header's fields, cursors from
+    /// `header.first_cursor` on) with one write. Not yet durable: pass [`Wal::sync_handle`] to
+    /// the syncer.
+    pub fn append_batch<'a>(
+        &mut self,
+        header: &BatchHeader,
+        events: impl IntoIterator<Item = &'a [u8]>,
+    ) -> io::Result<()> {
+        self.buf.clear();
+        let mut frame = BatchFrame::start(&mut self.buf, header);
+        let mut count = 0u64;
+        for ev in events {
+            if frame.count > 0 && frame.payload_len(&self.buf) + ev.len() > BATCH_FRAME_BYTES {
+                frame.finish(&mut self.buf);
+                let next = BatchHeader {
+                    first_cursor: header.first_cursor + count,
+                    ..header.clone()
+                };
+                frame = BatchFrame::start(&mut self.buf, &next);
+            }
+            prost::encoding::encode_varint(ev.len() as u64, &mut self.buf);
+            self.buf.extend_from_slice(ev);
+            frame.count += 1;
+            count += 1;
+        }
+        if count == 0 {
+            self.buf.clear();
             return Ok(());
         }
-        self.buf.clear();
-        for ev in events {
-            frame_event(&mut self.buf, ev);
-        }
+        frame.finish(&mut self.buf);
         (&*self.file).write_all(&self.buf)?;
         if let Some(seg) = self.segments.last_mut() {
             seg.bytes += self.buf.len() as u64;
-            if let Some(last) = events.last() {
-                seg.last_cursor = seg.last_cursor.max(last.cursor);
-            }
+            seg.last_cursor = seg.last_cursor.max(header.first_cursor + count - 1);
         }
         Ok(())
     }
@@ -266,18 +307,61 @@ impl Wal {
     }
 }
 
-/// An event frame, encoded in place (no intermediate buffer).
-fn frame_event(buf: &mut Vec<u8>, ev: &v1::Event) {
-    let start = buf.len();
-    let len = ev.encoded_len();
-    buf.reserve(FRAME_HEADER + len);
-    buf.extend_from_slice(&(len as u32).to_le_bytes());
-    buf.extend_from_slice(&[0; 4]);
-    buf.push(TYPE_EVENT);
-    // Encoding into a Vec with room reserved cannot fail.
-    let _ = ev.encode(buf);
-    let crc = crc32fast::hash(&buf[start + 8..]);
-    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+/// A batch frame being written into the append buffer: frame header placeholder, the
+/// length-prefixed header message, then entries; `finish` fills in the length and CRC.
+struct BatchFrame {
+    start: usize,
+    count: usize,
+}
+
+impl BatchFrame {
+    fn start(buf: &mut Vec<u8>, header: &BatchHeader) -> Self {
+        let start = buf.len();
+        buf.extend_from_slice(&[0; FRAME_HEADER - 1]);
+        buf.push(TYPE_BATCH);
+        // Encoding into a Vec cannot fail.
+        let _ = header.encode_length_delimited(buf);
+        Self { start, count: 0 }
+    }
+
+    fn payload_len(&self, buf: &[u8]) -> usize {
+        buf.len() - self.start - FRAME_HEADER
+    }
+
+    fn finish(&self, buf: &mut [u8]) {
+        let len = self.payload_len(buf) as u32;
+        buf[self.start..self.start + 4].copy_from_slice(&len.to_le_bytes());
+        let crc = crc32fast::hash(&buf[self.start + 8..]);
+        buf[self.start + 4..self.start + 8].copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
+/// Replays one batch frame's events into `out`; returns the last cursor, or why it is damaged.
+fn replay_batch(payload: &[u8], out: &mut Replay) -> Result<Option<u64>, String> {
+    let mut buf = payload;
+    let header = BatchHeader::decode_length_delimited(&mut buf)
+        .map_err(|e| format!("undecodable batch header: {e}"))?;
+    let mut last = None;
+    let mut i = 0;
+    while !buf.is_empty() {
+        let len = prost::encoding::decode_varint(&mut buf)
+            .map_err(|e| format!("batch entry {i}: {e}"))?;
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        if len > buf.len() {
+            return Err(format!("batch entry {i} runs past the frame"));
+        }
+        let mut ev = v1::Event::decode(&buf[..len])
+            .map_err(|e| format!("undecodable event in batch entry {i}: {e}"))?;
+        buf = &buf[len..];
+        ev.node.clone_from(&header.node);
+        ev.agent_id.clone_from(&header.agent_id);
+        ev.received = header.received;
+        ev.cursor = header.first_cursor + i;
+        last = Some(ev.cursor);
+        out.events.push(ev);
+        i += 1;
+    }
+    Ok(last)
 }
 
 fn frame(buf: &mut Vec<u8>, ty: u8, payload: &[u8]) {
@@ -340,6 +424,18 @@ fn replay_segment(path: &Path, data: &[u8], out: &mut Replay) -> (usize, Option<
                     return (off, last);
                 }
             },
+            TYPE_BATCH => {
+                let before = out.events.len();
+                match replay_batch(payload, out) {
+                    Ok(l) => last = l.or(last),
+                    Err(reason) => {
+                        // Half a frame's events are not replayed: the frame is one unit.
+                        out.events.truncate(before);
+                        bad(off, reason, out);
+                        return (off, last);
+                    }
+                }
+            }
             TYPE_CHECKPOINT => match StoreCheckpoint::decode(payload) {
                 Ok(c) => out.checkpoints.push(c),
                 Err(e) => {
@@ -366,6 +462,25 @@ mod tests {
     use gpulse_proto::v1::event::Payload;
     use std::os::unix::fs::PermissionsExt;
 
+    fn header(first_cursor: u64) -> BatchHeader {
+        BatchHeader {
+            node: "node-a".into(),
+            agent_id: "a".into(),
+            received: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 5,
+            }),
+            first_cursor,
+        }
+    }
+
+    /// Appends the events with these cursors as one batch.
+    fn append(w: &mut Wal, cursors: &[u64]) {
+        let bytes: Vec<Vec<u8>> = cursors.iter().map(|c| ev(*c).encode_to_vec()).collect();
+        w.append_batch(&header(cursors[0]), bytes.iter().map(Vec::as_slice))
+            .unwrap();
+    }
+
     fn ev(cursor: u64) -> v1::Event {
         v1::Event {
             cursor,
@@ -386,7 +501,7 @@ mod tests {
         {
             let (mut w, r) = Wal::open(dir.path(), 1 << 20).unwrap();
             assert!(r.events.is_empty());
-            w.append(&[ev(1), ev(2), ev(3)]).unwrap();
+            append(&mut w, &[1, 2, 3]);
         }
         let (_, r) = Wal::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(
@@ -404,7 +519,7 @@ mod tests {
     fn torn_tail_is_reported_cut_and_appends_continue() {
         let dir = tempfile::tempdir().unwrap();
         let (mut w, _) = Wal::open(dir.path(), 1 << 20).unwrap();
-        w.append(&[ev(1), ev(2)]).unwrap();
+        append(&mut w, &[1, 2]);
         drop(w);
         let seg = dir.path().join(seg_name(1));
         let mut data = fs::read(&seg).unwrap();
@@ -416,7 +531,7 @@ mod tests {
         assert_eq!(r.corruptions.len(), 1);
         assert_eq!(r.corruptions[0].offset as usize, full);
         assert_eq!(fs::metadata(&seg).unwrap().len() as usize, full, "tail cut");
-        w.append(&[ev(3)]).unwrap();
+        append(&mut w, &[3]);
         drop(w);
         let (_, r) = Wal::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(
@@ -430,7 +545,7 @@ mod tests {
     fn flipped_byte_is_detected() {
         let dir = tempfile::tempdir().unwrap();
         let (mut w, _) = Wal::open(dir.path(), 1 << 20).unwrap();
-        w.append(&[ev(1), ev(2), ev(3)]).unwrap();
+        append(&mut w, &[1, 2, 3]);
         drop(w);
         let seg = dir.path().join(seg_name(1));
         let mut data = fs::read(&seg).unwrap();
@@ -459,7 +574,7 @@ mod tests {
             next_cursor: 0,
         };
         for c in 1..=20 {
-            w.append(&[ev(c)]).unwrap();
+            append(&mut w, &[c]);
             w.maybe_rotate(c + 1, &cp).unwrap();
         }
         assert!(w.segment_count() > 2);
@@ -472,5 +587,129 @@ mod tests {
         assert_eq!(r.checkpoints[0].agents[0].through_seq, 7);
         assert_eq!(r.events.last().unwrap().cursor, 20);
         assert!(r.events.first().unwrap().cursor <= 15);
+    }
+
+    #[test]
+    fn batch_frames_restore_the_envelope_on_every_event() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut w, _) = Wal::open(dir.path(), 1 << 20).unwrap();
+            // As received: no cursor, another node name (the batch envelope wins).
+            let sent: Vec<Vec<u8>> = (1..=3)
+                .map(|s| {
+                    v1::Event {
+                        cursor: 0,
+                        node: "as-sent".into(),
+                        ..ev(s)
+                    }
+                    .encode_to_vec()
+                })
+                .collect();
+            w.append_batch(&header(10), sent.iter().map(Vec::as_slice))
+                .unwrap();
+            assert_eq!(w.segments[0].last_cursor, 12);
+        }
+        let (_, r) = Wal::open(dir.path(), 1 << 20).unwrap();
+        assert!(r.corruptions.is_empty());
+        let want: Vec<v1::Event> = (1..=3)
+            .map(|s| v1::Event {
+                cursor: 9 + s,
+                node: "node-a".into(),
+                agent_id: "a".into(),
+                received: header(0).received,
+                ..ev(s)
+            })
+            .collect();
+        assert_eq!(r.events, want);
+    }
+
+    #[test]
+    fn large_batches_are_split_into_bounded_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![b'x'; 300 << 10];
+        let one = v1::Event {
+            payload: Some(Payload::DriverLog(v1::DriverLog {
+                text: String::from_utf8(big).unwrap(),
+                ..Default::default()
+            })),
+            ..ev(0)
+        }
+        .encode_to_vec();
+        let n = 40; // 12 MiB in all: at least three frames
+        {
+            let (mut w, _) = Wal::open(dir.path(), 64 << 20).unwrap();
+            w.append_batch(&header(100), (0..n).map(|_| one.as_slice()))
+                .unwrap();
+        }
+        let data = fs::read(dir.path().join(seg_name(1))).unwrap();
+        let mut frames = 0;
+        let mut off = 0;
+        while off < data.len() {
+            let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
+            assert!(len <= BATCH_FRAME_BYTES + one.len());
+            off += FRAME_HEADER + len;
+            frames += 1;
+        }
+        assert!(frames >= 3, "{frames} frames");
+        let (_, r) = Wal::open(dir.path(), 64 << 20).unwrap();
+        assert!(r.corruptions.is_empty());
+        assert_eq!(
+            r.events.iter().map(|e| e.cursor).collect::<Vec<_>>(),
+            (100..100 + n).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn single_event_frames_from_earlier_collectors_still_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = Vec::new();
+        for c in 1..=2 {
+            frame(&mut data, TYPE_EVENT, &ev(c).encode_to_vec());
+        }
+        fs::write(dir.path().join(seg_name(1)), &data).unwrap();
+        let (mut w, r) = Wal::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(r.events, vec![ev(1), ev(2)]);
+        append(&mut w, &[3]);
+        drop(w);
+        let (_, r) = Wal::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            r.events.iter().map(|e| e.cursor).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn a_damaged_entry_under_a_valid_checksum_drops_its_whole_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut w, _) = Wal::open(dir.path(), 1 << 20).unwrap();
+            append(&mut w, &[1, 2]);
+        }
+        let seg = dir.path().join(seg_name(1));
+        let mut data = fs::read(&seg).unwrap();
+        let good = data.len();
+        // A frame whose CRC is right but whose second entry claims more bytes than it has.
+        let mut payload = Vec::new();
+        header(3).encode_length_delimited(&mut payload).unwrap();
+        let e = ev(3).encode_to_vec();
+        prost::encoding::encode_varint(e.len() as u64, &mut payload);
+        payload.extend_from_slice(&e);
+        prost::encoding::encode_varint(50, &mut payload);
+        payload.extend_from_slice(&[1, 2, 3]);
+        frame(&mut data, TYPE_BATCH, &payload);
+        fs::write(&seg, &data).unwrap();
+        let (_, r) = Wal::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            r.events.iter().map(|e| e.cursor).collect::<Vec<_>>(),
+            vec![1, 2],
+            "none of the damaged frame's events"
+        );
+        assert_eq!(r.corruptions.len(), 1);
+        assert_eq!(r.corruptions[0].offset as usize, good);
+        assert!(
+            r.corruptions[0].reason.contains("entry 1"),
+            "{:?}",
+            r.corruptions
+        );
     }
 }

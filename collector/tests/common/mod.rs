@@ -9,10 +9,13 @@ use gpulse_collector::{
     metrics::Metrics,
     state::{self, StoreConfig, StoreHandle},
 };
-use gpulse_proto::v1::{
-    self, Ack, Batch, SubscribeRequest, SubscribeResponse, event::Payload,
-    ingest_client::IngestClient, ingest_server::IngestServer, telemetry_client::TelemetryClient,
-    telemetry_server::TelemetryServer,
+use gpulse_proto::{
+    raw::ingest_server::IngestServer,
+    v1::{
+        self, Ack, Batch, SubscribeRequest, SubscribeResponse, event::Payload,
+        ingest_client::IngestClient, telemetry_client::TelemetryClient,
+        telemetry_server::TelemetryServer,
+    },
 };
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;

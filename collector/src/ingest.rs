@@ -1,0 +1,355 @@
+//! What `Ingest.Push` accepts: an agent's batch checked, its events decoded, and each event's
+//! received bytes kept for the write-ahead log (see `gpulse_proto::raw`).
+//!
+//! A batch is all or nothing: one bad event rejects the batch with a message that names it, and
+//! the agent keeps (and can inspect) what it sent.
+use gpulse_proto::{
+    raw::RawBatch,
+    v1::{self, Batch, EventKind},
+};
+use prost::{
+    Message,
+    bytes::Bytes,
+    encoding::{message, string, uint64},
+};
+use tonic::Status;
+
+/// Most events one batch may carry.
+pub const MAX_BATCH_EVENTS: usize = 10_000;
+const MAX_ID_LEN: usize = 256;
+
+/// One event as received: decoded, plus its encoding without the collector's envelope fields
+/// (node, agent id, cursor, received time), which the store sets on both.
+#[derive(Clone, Debug)]
+pub struct Wire {
+    pub ev: v1::Event,
+    pub bytes: Bytes,
+}
+
+impl Wire {
+    /// An event the collector made itself (or received decoded): encoded once here.
+    pub fn encode(ev: v1::Event) -> Self {
+        let bytes = Bytes::from(ev.encode_to_vec());
+        Self { ev, bytes }
+    }
+}
+
+/// A checked batch, ready for the store.
+#[derive(Clone, Debug)]
+pub struct IngestBatch {
+    pub agent_id: String,
+    pub boot_id: String,
+    pub node: String,
+    pub first_seq: u64,
+    pub events: Vec<Wire>,
+}
+
+/// Encoded size of the fields the collector overwrites on every stored event. With it the
+/// stored event's encoded length is known without encoding it again:
+/// `bytes.len() - envelope_len(as received) + envelope_len(as stored)`.
+pub fn envelope_len(ev: &v1::Event) -> usize {
+    let mut n = 0;
+    if !ev.node.is_empty() {
+        n += string::encoded_len(3, &ev.node);
+    }
+    if ev.cursor != 0 {
+        n += uint64::encoded_len(6, &ev.cursor);
+    }
+    if !ev.agent_id.is_empty() {
+        n += string::encoded_len(7, &ev.agent_id);
+    }
+    if let Some(r) = &ev.received {
+        n += message::encoded_len(8, r);
+    }
+    n
+}
+
+fn check_header(
+    agent_id: &str,
+    node: &str,
+    first_seq: u64,
+    events: usize,
+    stream_agent: Option<&str>,
+) -> Result<(), Status> {
+    if agent_id.is_empty() || agent_id.len() > MAX_ID_LEN {
+        return Err(Status::invalid_argument(format!(
+            "batch.agent_id must be 1..={MAX_ID_LEN} bytes"
+        )));
+    }
+    if let Some(a) = stream_agent
+        && a != agent_id
+    {
+        return Err(Status::invalid_argument(format!(
+            "batch.agent_id changed within one stream ({a:?} -> {agent_id:?}); open a new stream per agent"
+        )));
+    }
+    if node.is_empty() || node.len() > MAX_ID_LEN {
+        return Err(Status::invalid_argument(format!(
+            "batch.node must be 1..={MAX_ID_LEN} bytes"
+        )));
+    }
+    if events > MAX_BATCH_EVENTS {
+        return Err(Status::invalid_argument(format!(
+            "batch has {events} events; at most {MAX_BATCH_EVENTS} are allowed"
+        )));
+    }
+    if events > 0 && first_seq == 0 {
+        return Err(Status::invalid_argument(
+            "batch.first_seq must be >= 1 when the batch has events",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks event `i` of a batch starting at `first`; fills in a seq or kind the agent left at
+/// zero. Returns whether it changed the event (its received bytes then no longer match it).
+fn check_event(i: usize, first: u64, ev: &mut v1::Event) -> Result<bool, Status> {
+    let want = first + i as u64;
+    let mut changed = false;
+    if ev.seq == 0 {
+        ev.seq = want;
+        changed = true;
+    } else if ev.seq != want {
+        return Err(Status::invalid_argument(format!(
+            "events[{i}].seq is {} but batch.first_seq {first} + {i} = {want}: seqs must be contiguous",
+            ev.seq
+        )));
+    }
+    let payload_kind = ev.payload_kind();
+    if payload_kind == EventKind::Unspecified {
+        return Err(Status::invalid_argument(format!(
+            "events[{i}] (seq {want}) has no payload"
+        )));
+    }
+    if ev.kind == EventKind::Unspecified as i32 {
+        ev.kind = payload_kind as i32;
+        changed = true;
+    } else if ev.kind != payload_kind as i32 {
+        return Err(Status::invalid_argument(format!(
+            "events[{i}] (seq {want}) kind {} does not match its {} payload",
+            ev.kind,
+            payload_kind.short_name()
+        )));
+    }
+    if v1::Severity::try_from(ev.severity).is_err() {
+        return Err(Status::invalid_argument(format!(
+            "events[{i}] (seq {want}) has unknown severity {}",
+            ev.severity
+        )));
+    }
+    Ok(changed)
+}
+
+impl IngestBatch {
+    /// Decodes and checks a batch as it came off the wire. `stream_agent` is the agent id the
+    /// stream started with (one stream carries one agent).
+    pub fn from_raw(raw: RawBatch, stream_agent: Option<&str>) -> Result<Self, Status> {
+        check_header(
+            &raw.agent_id,
+            &raw.node,
+            raw.first_seq,
+            raw.events.len(),
+            stream_agent,
+        )?;
+        let mut events = Vec::with_capacity(raw.events.len());
+        for (i, bytes) in raw.events.into_iter().enumerate() {
+            // From one contiguous slice: prost's fast path.
+            let mut ev = v1::Event::decode(bytes.as_ref()).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "events[{i}] (seq {}) is not a valid gpulse.v1.Event: {e}",
+                    raw.first_seq + i as u64
+                ))
+            })?;
+            if check_event(i, raw.first_seq, &mut ev)? {
+                events.push(Wire::encode(ev));
+            } else {
+                events.push(Wire { ev, bytes });
+            }
+        }
+        Ok(Self {
+            agent_id: raw.agent_id,
+            boot_id: raw.boot_id,
+            node: raw.node,
+            first_seq: raw.first_seq,
+            events,
+        })
+    }
+
+    /// Checks a decoded batch (in-process callers) and encodes its events once.
+    pub fn from_batch(batch: Batch, stream_agent: Option<&str>) -> Result<Self, Status> {
+        check_header(
+            &batch.agent_id,
+            &batch.node,
+            batch.first_seq,
+            batch.events.len(),
+            stream_agent,
+        )?;
+        let mut events = Vec::with_capacity(batch.events.len());
+        for (i, mut ev) in batch.events.into_iter().enumerate() {
+            check_event(i, batch.first_seq, &mut ev)?;
+            events.push(Wire::encode(ev));
+        }
+        Ok(Self {
+            agent_id: batch.agent_id,
+            boot_id: batch.boot_id,
+            node: batch.node,
+            first_seq: batch.first_seq,
+            events,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpulse_proto::v1::event::Payload;
+
+    fn batch(events: Vec<v1::Event>) -> Batch {
+        Batch {
+            agent_id: "n/a".into(),
+            node: "n".into(),
+            first_seq: 1,
+            events,
+            ..Default::default()
+        }
+    }
+
+    fn log_ev(seq: u64) -> v1::Event {
+        v1::Event {
+            seq,
+            payload: Some(Payload::DriverLog(v1::DriverLog::default())),
+            ..Default::default()
+        }
+    }
+
+    fn raw(b: &Batch) -> RawBatch {
+        RawBatch::decode(b.encode_to_vec().as_slice()).unwrap()
+    }
+
+    #[test]
+    fn validation_accepts_and_fills() {
+        for via_raw in [false, true] {
+            let b = batch(vec![log_ev(0), log_ev(0)]);
+            let got = if via_raw {
+                IngestBatch::from_raw(raw(&b), None).unwrap()
+            } else {
+                IngestBatch::from_batch(b, None).unwrap()
+            };
+            assert_eq!(got.events[1].ev.seq, 2);
+            assert_eq!(got.events[0].ev.kind, EventKind::DriverLog as i32);
+            // The filled-in event is what its bytes say.
+            for w in &got.events {
+                assert_eq!(v1::Event::decode(w.bytes.as_ref()).unwrap(), w.ev);
+            }
+        }
+    }
+
+    #[test]
+    fn received_bytes_are_kept_as_sent() {
+        let mut ev = log_ev(1);
+        ev.kind = EventKind::DriverLog as i32;
+        ev.node = "n".into();
+        let sent = ev.encode_to_vec();
+        let got = IngestBatch::from_raw(raw(&batch(vec![ev.clone()])), None).unwrap();
+        assert_eq!(got.events[0].bytes.as_ref(), sent.as_slice());
+        assert_eq!(got.events[0].ev, ev);
+    }
+
+    #[test]
+    fn envelope_len_predicts_the_stored_length() {
+        let mut ev = log_ev(9);
+        ev.kind = EventKind::DriverLog as i32;
+        ev.node = "sent-as".into();
+        ev.cursor = 3;
+        let received = ev.encode_to_vec().len();
+        let before = envelope_len(&ev);
+        ev.node = "a-much-longer-node-name".into();
+        ev.agent_id = "a-much-longer-node-name/77".into();
+        ev.cursor = 1 << 40;
+        ev.received = Some(gpulse_proto::time::now());
+        assert_eq!(received - before + envelope_len(&ev), ev.encoded_len());
+    }
+
+    #[test]
+    fn validation_rejects_with_clear_messages() {
+        let cases: Vec<(Batch, &str)> = vec![
+            (
+                Batch {
+                    agent_id: String::new(),
+                    ..batch(vec![])
+                },
+                "agent_id",
+            ),
+            (
+                Batch {
+                    node: String::new(),
+                    ..batch(vec![])
+                },
+                "node",
+            ),
+            (batch(vec![log_ev(1), log_ev(3)]), "contiguous"),
+            (
+                Batch {
+                    first_seq: 0,
+                    ..batch(vec![log_ev(0)])
+                },
+                "first_seq",
+            ),
+            (batch(vec![v1::Event::default()]), "no payload"),
+            (
+                batch(vec![v1::Event {
+                    kind: EventKind::Xid as i32,
+                    ..log_ev(1)
+                }]),
+                "does not match",
+            ),
+            (
+                batch(vec![v1::Event {
+                    severity: 77,
+                    ..log_ev(1)
+                }]),
+                "severity",
+            ),
+            (
+                batch(
+                    (0..MAX_BATCH_EVENTS as u64 + 1)
+                        .map(|_| log_ev(0))
+                        .collect(),
+                ),
+                "at most",
+            ),
+        ];
+        for (b, want) in cases {
+            for err in [
+                IngestBatch::from_raw(raw(&b), None).unwrap_err(),
+                IngestBatch::from_batch(b, None).unwrap_err(),
+            ] {
+                assert_eq!(err.code(), tonic::Code::InvalidArgument);
+                assert!(
+                    err.message().contains(want),
+                    "{} should mention {want}",
+                    err.message()
+                );
+            }
+        }
+        assert!(
+            IngestBatch::from_batch(batch(vec![]), Some("other"))
+                .unwrap_err()
+                .message()
+                .contains("changed")
+        );
+    }
+
+    #[test]
+    fn an_undecodable_event_rejects_the_batch_and_names_it() {
+        let mut r = raw(&batch(vec![log_ev(1), log_ev(2)]));
+        r.events[1] = Bytes::from_static(&[0x0a, 0x05, 0x01]); // field 1 claims 5 bytes, has 1
+        let err = IngestBatch::from_raw(r, None).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().contains("events[1] (seq 2)"),
+            "{}",
+            err.message()
+        );
+    }
+}
