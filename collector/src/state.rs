@@ -789,13 +789,15 @@ impl State {
         for (i, Wire { mut ev, bytes }) in fresh.into_iter().enumerate() {
             wire_bytes += bytes.len() as u64;
             // The batch envelope is authoritative for who sent it. The stored event's encoded
-            // length follows from the received one without encoding it again.
-            let sent_envelope = envelope_len(&ev);
-            ev.node.clone_from(&batch.node);
-            ev.agent_id.clone_from(&batch.agent_id);
-            ev.received = Some(received);
-            ev.cursor = header.first_cursor + i as u64;
-            let len = bytes.len() - sent_envelope + envelope_len(&ev);
+            // length follows from the received one without encoding it again. (Nothing else
+            // holds the event yet, so make_mut never copies.)
+            let e = Arc::make_mut(&mut ev);
+            let sent_envelope = envelope_len(e);
+            e.node.clone_from(&batch.node);
+            e.agent_id.clone_from(&batch.agent_id);
+            e.received = Some(received);
+            e.cursor = header.first_cursor + i as u64;
+            let len = bytes.len() - sent_envelope + envelope_len(e);
             drop(bytes);
             // Same cursor as written above: the store hands out cursors in the same order.
             let (ev, _) = self.ring.push_len(ev, len);

@@ -162,12 +162,16 @@ impl EventStore {
     /// stored event and how many old events were expired to make room.
     pub fn push(&mut self, ev: v1::Event) -> (Arc<v1::Event>, u64) {
         let len = ev.encoded_len();
-        self.push_len(ev, len)
+        self.push_len(Arc::new(ev), len)
     }
 
-    /// [`EventStore::push`] for a caller that already knows the event's encoded length.
-    pub fn push_len(&mut self, mut ev: v1::Event, encoded_len: usize) -> (Arc<v1::Event>, u64) {
-        ev.cursor = self.next_cursor;
+    /// [`EventStore::push`] for a caller that already holds the event in its `Arc` (ingest
+    /// decodes straight into one, so the event is never moved) and knows its encoded length.
+    pub fn push_len(&mut self, mut ev: Arc<v1::Event>, encoded_len: usize) -> (Arc<v1::Event>, u64) {
+        if ev.cursor != self.next_cursor {
+            // Copies only if someone else holds the event too (ingest's never is).
+            Arc::make_mut(&mut ev).cursor = self.next_cursor;
+        }
         self.next_cursor += 1;
         self.insert(ev, encoded_len)
     }
@@ -180,7 +184,7 @@ impl EventStore {
         }
         self.next_cursor = ev.cursor + 1;
         let len = ev.encoded_len();
-        Some(self.insert(ev, len))
+        Some(self.insert(Arc::new(ev), len))
     }
 
     /// Never hand out cursors below `next` (they may have been issued before a crash).
@@ -188,11 +192,10 @@ impl EventStore {
         self.next_cursor = self.next_cursor.max(next);
     }
 
-    fn insert(&mut self, ev: v1::Event, encoded_len: usize) -> (Arc<v1::Event>, u64) {
+    fn insert(&mut self, ev: Arc<v1::Event>, encoded_len: usize) -> (Arc<v1::Event>, u64) {
         let size = encoded_len + EVENT_OVERHEAD_BYTES;
         let kind = kind_index(&ev);
         let ms = event_ms(&ev);
-        let ev = Arc::new(ev);
         let lane = &mut self.lanes[kind];
         let new_block = lane
             .blocks
