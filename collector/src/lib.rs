@@ -14,3 +14,7 @@ pub mod server;
 pub mod size;
 pub mod state;
 pub mod store;
+
+/// Hash maps on the ingest path (keyed by node names, GPU indexes): foldhash, randomly seeded
+/// per process, instead of SipHash, which cost more than the lookups it guards.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

@@ -2,7 +2,6 @@
 //! ring, the WAL, and subscriber fan-out. RPC handlers talk to it over a channel, so no lock is
 //! ever held across I/O and ingest order is the store order.
 use std::{
-    collections::HashMap,
     io::Write as _,
     path::PathBuf,
     sync::Arc,
@@ -20,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::{
+    FastMap,
     counters::Counters,
     filter::Filter,
     ingest::{IngestBatch, Wire, envelope_len},
@@ -272,7 +272,7 @@ struct NodeState {
     gpus: std::collections::BTreeMap<u32, Arc<v1::Event>>,
 }
 
-fn note_node(nodes: &mut HashMap<String, NodeState>, ev: &Arc<v1::Event>) {
+fn note_node(nodes: &mut FastMap<String, NodeState>, ev: &Arc<v1::Event>) {
     if !nodes.contains_key(&ev.node) {
         if nodes.len() >= MAX_NODES {
             return;
@@ -316,12 +316,12 @@ pub struct State {
     snap_rx: Option<mpsc::Receiver<SnapshotDone>>,
     wal: Wal,
     syncer: Syncer,
-    agents: HashMap<String, AgentEntry>,
+    agents: FastMap<String, AgentEntry>,
     subscribers: Vec<Subscriber>,
     metrics: Metrics,
     started: prost_types::Timestamp,
     duplicates: u64,
-    nodes: HashMap<String, NodeState>,
+    nodes: FastMap<String, NodeState>,
     counters: Counters,
 }
 
@@ -378,7 +378,7 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         })
     });
     let mut ring = EventStore::new(cfg.ring_bytes, 1);
-    let mut agents: HashMap<String, AgentEntry> = HashMap::new();
+    let mut agents: FastMap<String, AgentEntry> = FastMap::default();
     let mut merge = |p: &v1::AgentProgress| {
         let e = agents
             .entry(p.agent_id.clone())
@@ -432,7 +432,7 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     };
     let from_snapshot = snap_events.len();
     let restored = replay.events.len();
-    let mut nodes = HashMap::new();
+    let mut nodes = FastMap::default();
     // Snapshot events (cursor <= events_through) and log events, merged in cursor order. Log
     // events the events snapshot covers feed counters and samples (they may have expired from
     // the store before it was written) but are not put back into the store.

@@ -12,6 +12,7 @@ use std::{
 };
 
 use super::codec::{self, CodecError};
+use crate::FastMap;
 
 /// Rows per sealed chunk (2 min at the default 1 s sampling interval).
 pub const CHUNK_ROWS: usize = 120;
@@ -269,7 +270,7 @@ pub struct SeriesStore {
     metrics: usize,
     budgets: SeriesBudgets,
     gpus: Vec<GpuSeries>,
-    by_node: HashMap<Arc<str>, HashMap<u32, GpuId>>,
+    by_node: FastMap<Arc<str>, FastMap<u32, GpuId>>,
     /// Sealed chunks in seal order (gpu), for oldest-first expiry across GPUs.
     chunk_fifo: VecDeque<GpuId>,
     /// Bucket rows in creation order per rollup tier.
@@ -301,7 +302,7 @@ impl SeriesStore {
             metrics,
             budgets,
             gpus: Vec::new(),
-            by_node: HashMap::new(),
+            by_node: FastMap::default(),
             chunk_fifo: VecDeque::new(),
             bucket_fifo: [VecDeque::new(), VecDeque::new()],
             bytes: [0; 3],
