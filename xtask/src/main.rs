@@ -191,9 +191,22 @@ fn setup() -> anyhow::Result<()> {
 fn build(release: bool) -> anyhow::Result<PathBuf> {
     // Binaries and libraries (the fake libnvidia-ml.so the NVML tests load is a cdylib).
     let mut c = cmd("cargo");
-    c.args(["build", "--workspace", "--exclude", "gpulse-agent-ebpf"]);
+    c.args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "gpulse-agent-ebpf",
+        "--lib",
+        "--bins",
+    ]);
     if release {
         c.arg("--release");
+    } else {
+        // Test targets too: with them, dev-dependencies take part in feature resolution, so the
+        // binaries are built in the very configuration `cargo test` then reuses. Without them
+        // every crate above a dev-dependency's features (the agent and its eBPF object among
+        // them) was built twice, which doubled the CI machine's target/ (8 GB).
+        c.arg("--tests");
     }
     run(&mut c)?;
     Ok(root_dir()
