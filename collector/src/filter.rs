@@ -3,6 +3,8 @@ use std::collections::HashSet;
 
 use gpulse_proto::v1::{self, EventFilter, EventKind, Severity, event::Payload};
 
+use crate::store::events::EventRef;
+
 /// Upper bound on list sizes in one filter, so a request cannot make matching expensive.
 pub const MAX_FILTER_ITEMS: usize = 1024;
 
@@ -69,32 +71,83 @@ impl Filter {
         k
     }
 
-    pub fn matches(&self, ev: &v1::Event) -> bool {
-        if !self.nodes.is_empty() && !self.nodes.contains(&ev.node) {
+    /// Whether the filter needs an event's GPU identities (which a stored event gives only
+    /// decoded).
+    pub fn needs_gpus(&self) -> bool {
+        !self.gpus.is_empty()
+    }
+
+    pub fn matches(&self, ev: &impl Subject) -> bool {
+        if !self.nodes.is_empty() && !self.nodes.contains(ev.node()) {
             return false;
         }
-        if !self.kinds.is_empty() && !self.kinds.contains(&ev.kind) {
+        if !self.kinds.is_empty() && !self.kinds.contains(&ev.kind()) {
             return false;
         }
-        if ev.severity < self.min_severity {
+        if ev.severity() < self.min_severity {
             return false;
         }
-        if !self.xid_codes.is_empty() {
-            match &ev.payload {
-                Some(Payload::Xid(x)) if self.xid_codes.contains(&x.code) => {}
-                _ => return false,
-            }
+        if !self.xid_codes.is_empty() && !ev.xid_code().is_some_and(|c| self.xid_codes.contains(&c))
+        {
+            return false;
         }
         if !self.gpus.is_empty() {
-            let keys = ev.gpu_keys();
-            if !keys
-                .iter()
-                .any(|k| !k.is_empty() && self.gpus.contains(&k.to_ascii_lowercase()))
-            {
-                return false;
-            }
+            return ev.gpu_keys_match(&mut |keys| {
+                keys.iter()
+                    .any(|k| !k.is_empty() && self.gpus.contains(&k.to_ascii_lowercase()))
+            });
         }
         true
+    }
+}
+
+/// What a filter looks at: a decoded event, or a stored one (whose indexed fields need no
+/// decoding).
+pub trait Subject {
+    fn node(&self) -> &str;
+    fn kind(&self) -> i32;
+    fn severity(&self) -> i32;
+    fn xid_code(&self) -> Option<u32>;
+    /// `f` applied to the event's GPU identities (UUID and PCI address).
+    fn gpu_keys_match(&self, f: &mut dyn FnMut([&str; 2]) -> bool) -> bool;
+}
+
+impl Subject for v1::Event {
+    fn node(&self) -> &str {
+        &self.node
+    }
+    fn kind(&self) -> i32 {
+        self.kind
+    }
+    fn severity(&self) -> i32 {
+        self.severity
+    }
+    fn xid_code(&self) -> Option<u32> {
+        match &self.payload {
+            Some(Payload::Xid(x)) => Some(x.code),
+            _ => None,
+        }
+    }
+    fn gpu_keys_match(&self, f: &mut dyn FnMut([&str; 2]) -> bool) -> bool {
+        f(self.gpu_keys())
+    }
+}
+
+impl Subject for EventRef<'_> {
+    fn node(&self) -> &str {
+        EventRef::node(self)
+    }
+    fn kind(&self) -> i32 {
+        EventRef::kind(self)
+    }
+    fn severity(&self) -> i32 {
+        EventRef::severity(self)
+    }
+    fn xid_code(&self) -> Option<u32> {
+        EventRef::xid_code(self)
+    }
+    fn gpu_keys_match(&self, f: &mut dyn FnMut([&str; 2]) -> bool) -> bool {
+        self.decode().is_some_and(|ev| f(ev.gpu_keys()))
     }
 }
 

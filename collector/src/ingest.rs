@@ -9,19 +9,16 @@ use gpulse_proto::{
     raw::RawBatch,
     v1::{self, Batch, EventKind},
 };
-use prost::{
-    Message,
-    bytes::Bytes,
-    encoding::{message, string, uint64},
-};
+use prost::{Message, bytes::Bytes};
 use tonic::Status;
 
 /// Most events one batch may carry.
 pub const MAX_BATCH_EVENTS: usize = 10_000;
 const MAX_ID_LEN: usize = 256;
 
-/// One event as received: decoded, plus its encoding without the collector's envelope fields
-/// (node, agent id, cursor, received time), which the store sets on both.
+/// One event as received: decoded, plus its encoding as the agent sent it (the collector's
+/// envelope fields, node, agent id, cursor and received time, are set on the decoded event and
+/// kept beside the bytes in the store, never encoded into them).
 ///
 /// The event is decoded straight into the `Arc` the store keeps: a decoded event is several
 /// hundred bytes, and moving it from decoder to batch to store cost more than decoding it.
@@ -50,26 +47,6 @@ pub struct IngestBatch {
     pub node: String,
     pub first_seq: u64,
     pub events: Vec<Wire>,
-}
-
-/// Encoded size of the fields the collector overwrites on every stored event. With it the
-/// stored event's encoded length is known without encoding it again:
-/// `bytes.len() - envelope_len(as received) + envelope_len(as stored)`.
-pub fn envelope_len(ev: &v1::Event) -> usize {
-    let mut n = 0;
-    if !ev.node.is_empty() {
-        n += string::encoded_len(3, &ev.node);
-    }
-    if ev.cursor != 0 {
-        n += uint64::encoded_len(6, &ev.cursor);
-    }
-    if !ev.agent_id.is_empty() {
-        n += string::encoded_len(7, &ev.agent_id);
-    }
-    if let Some(r) = &ev.received {
-        n += message::encoded_len(8, r);
-    }
-    n
 }
 
 fn check_header(
@@ -263,21 +240,6 @@ mod tests {
         let got = IngestBatch::from_raw(raw(&batch(vec![ev.clone()])), None).unwrap();
         assert_eq!(got.events[0].bytes.as_ref(), sent.as_slice());
         assert_eq!(*got.events[0].ev, ev);
-    }
-
-    #[test]
-    fn envelope_len_predicts_the_stored_length() {
-        let mut ev = log_ev(9);
-        ev.kind = EventKind::DriverLog as i32;
-        ev.node = "sent-as".into();
-        ev.cursor = 3;
-        let received = ev.encode_to_vec().len();
-        let before = envelope_len(&ev);
-        ev.node = "a-much-longer-node-name".into();
-        ev.agent_id = "a-much-longer-node-name/77".into();
-        ev.cursor = 1 << 40;
-        ev.received = Some(gpulse_proto::time::now());
-        assert_eq!(received - before + envelope_len(&ev), ev.encoded_len());
     }
 
     #[test]

@@ -210,7 +210,7 @@ pub fn list_events(
         order,
         key,
         limit as usize,
-        |e| e.cursor <= ceiling && filter.matches(e),
+        |e| e.cursor() <= ceiling && filter.matches(e),
     );
     let oldest = if lanes.is_empty() {
         store.oldest_ms(None)
@@ -252,7 +252,7 @@ pub fn list_events(
     };
     Ok(ListEventsResponse {
         window: Some(window),
-        events: page.events.iter().map(|e| (**e).clone()).collect(),
+        events: page.events,
         next_page_token,
         total_matched: page.total_matched,
         expired_while_paging,
@@ -263,22 +263,16 @@ pub fn list_events(
 /// XIDs per node in a window: (all, error or fatal).
 pub fn xid_counts(store: &EventStore, start_ms: i64, end_ms: i64) -> BTreeMap<String, (u64, u64)> {
     let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    store.window(
-        start_ms,
-        end_ms,
-        &[EventKind::Xid],
-        events::Order::OldestFirst,
-        Some(u64::MAX),
-        0,
-        |e| {
-            let c = out.entry(e.node.clone()).or_default();
-            c.0 += 1;
-            if e.severity >= v1::Severity::Error as i32 {
-                c.1 += 1;
-            }
-            false
-        },
-    );
+    store.scan(start_ms, end_ms, &[EventKind::Xid], |e| {
+        let c = match out.get_mut(e.node()) {
+            Some(c) => c,
+            None => out.entry(e.node().to_string()).or_default(),
+        };
+        c.0 += 1;
+        if e.severity() >= v1::Severity::Error as i32 {
+            c.1 += 1;
+        }
+    });
     out
 }
 

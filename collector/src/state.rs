@@ -22,11 +22,11 @@ use crate::{
     FastMap,
     counters::Counters,
     filter::Filter,
-    ingest::{IngestBatch, Wire, envelope_len},
+    ingest::{IngestBatch, Wire},
     metrics::Metrics,
     query::{self, QueryError},
     store::{
-        events::{EventStore, event_ms},
+        events::{EventStore, Origin, event_ms},
         series::{SeriesBudgets, SeriesStore, Tier},
         snapshot::{self, EVENTS_FILE, SERIES_FILE},
         syncer::Syncer,
@@ -300,6 +300,33 @@ fn note_node(nodes: &mut FastMap<String, NodeState>, ev: &Arc<v1::Event>) {
 struct AgentEntry {
     progress: v1::AgentProgress,
     connections: u32,
+    /// The envelope the store records for this agent's events (node as of its latest batch).
+    origin: Option<Arc<Origin>>,
+}
+
+impl AgentEntry {
+    fn new(progress: v1::AgentProgress) -> Self {
+        Self {
+            progress,
+            connections: 0,
+            origin: None,
+        }
+    }
+
+    /// One shared envelope for every event of this agent's batches from `node`.
+    fn origin(&mut self, node: &str) -> Arc<Origin> {
+        match &self.origin {
+            Some(o) if o.node == node && o.agent_id == self.progress.agent_id => o.clone(),
+            _ => {
+                let o = Arc::new(Origin {
+                    node: node.to_string(),
+                    agent_id: self.progress.agent_id.clone(),
+                });
+                self.origin = Some(o.clone());
+                o
+            }
+        }
+    }
 }
 
 pub struct State {
@@ -382,24 +409,21 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     let mut merge = |p: &v1::AgentProgress| {
         let e = agents
             .entry(p.agent_id.clone())
-            .or_insert_with(|| AgentEntry {
-                progress: p.clone(),
-                connections: 0,
-            });
+            .or_insert_with(|| AgentEntry::new(p.clone()));
         if p.through_seq > e.progress.through_seq {
             e.progress = p.clone();
         }
     };
     let mut next_cursor = 1;
-    let (events_through, snap_events) = match events_snap {
+    let (events_through, snap_events, snap_encoded) = match events_snap {
         Some(es) => {
             for a in &es.checkpoint.agents {
                 merge(a);
             }
             next_cursor = next_cursor.max(es.checkpoint.next_cursor);
-            (es.through, es.events)
+            (es.through, es.events, es.encoded)
         }
-        None => (0, Vec::new()),
+        None => (0, Vec::new(), Vec::new()),
     };
     for cp in &replay.checkpoints {
         for a in &cp.agents {
@@ -436,21 +460,23 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     // Snapshot events (cursor <= events_through) and log events, merged in cursor order. Log
     // events the events snapshot covers feed counters and samples (they may have expired from
     // the store before it was written) but are not put back into the store.
-    let mut snap_iter = snap_events.into_iter().peekable();
-    let mut wal_iter = replay.events.into_iter().peekable();
+    let mut snap_iter = snap_events.into_iter().zip(snap_encoded).peekable();
+    let mut wal_iter = replay.events.into_iter().zip(replay.encoded).peekable();
+    // One shared envelope per sender, as at ingest.
+    let mut origins: FastMap<(String, String), Arc<Origin>> = FastMap::default();
     loop {
         let take_snap = match (snap_iter.peek(), wal_iter.peek()) {
-            (Some(a), Some(b)) => a.cursor <= b.cursor,
+            (Some((a, _)), Some((b, _))) => a.cursor <= b.cursor,
             (Some(_), None) => true,
             (None, Some(_)) => false,
             (None, None) => break,
         };
-        let (ev, from_snap) = match if take_snap {
+        let ((ev, encoded), from_snap) = match if take_snap {
             snap_iter.next()
         } else {
             wal_iter.next()
         } {
-            Some(ev) => (ev, take_snap),
+            Some(e) => (e, take_snap),
             None => break,
         };
         if !from_snap && ev.cursor <= events_through {
@@ -461,14 +487,26 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
             }
             continue;
         }
-        if from_snap && wal_iter.peek().is_some_and(|w| w.cursor == ev.cursor) {
+        if from_snap && wal_iter.peek().is_some_and(|(w, _)| w.cursor == ev.cursor) {
             // The same event is in the log too: keep one.
             wal_iter.next();
         }
         next_cursor = next_cursor.max(ev.cursor + 1);
-        let Some((ev, _)) = ring.restore(ev) else {
-            continue;
+        let origin = match origins.get(&(ev.node.clone(), ev.agent_id.clone())) {
+            Some(o) => o.clone(),
+            None => {
+                let o = Arc::new(Origin {
+                    node: ev.node.clone(),
+                    agent_id: ev.agent_id.clone(),
+                });
+                origins.insert((ev.node.clone(), ev.agent_id.clone()), o.clone());
+                o
+            }
         };
+        if ring.restore(&ev, &encoded, &origin).is_none() {
+            continue;
+        }
+        let ev = Arc::new(ev);
         if ev.cursor > series_through {
             counters.count(&metrics, &ev);
             add_sample(&mut series, &ev);
@@ -589,16 +627,12 @@ impl State {
                 boot_id,
                 reply,
             } => {
-                let e = self
-                    .agents
-                    .entry(agent_id.clone())
-                    .or_insert_with(|| AgentEntry {
-                        progress: v1::AgentProgress {
-                            agent_id,
-                            ..Default::default()
-                        },
-                        connections: 0,
-                    });
+                let e = self.agents.entry(agent_id.clone()).or_insert_with(|| {
+                    AgentEntry::new(v1::AgentProgress {
+                        agent_id,
+                        ..Default::default()
+                    })
+                });
                 e.connections += 1;
                 e.progress.node = node;
                 e.progress.boot_id = boot_id;
@@ -686,14 +720,14 @@ impl State {
         let entry = self
             .agents
             .entry(batch.agent_id.clone())
-            .or_insert_with(|| AgentEntry {
-                progress: v1::AgentProgress {
+            .or_insert_with(|| {
+                AgentEntry::new(v1::AgentProgress {
                     agent_id: batch.agent_id.clone(),
                     node: batch.node.clone(),
                     ..Default::default()
-                },
-                connections: 0,
+                })
             });
+        let origin = entry.origin(&batch.node);
         let mut through = entry.progress.through_seq;
         let mut duplicates = 0;
         let mut events = batch.events;
@@ -788,19 +822,22 @@ impl State {
         let mut wire_bytes = 0;
         for (i, Wire { mut ev, bytes }) in fresh.into_iter().enumerate() {
             wire_bytes += bytes.len() as u64;
-            // The batch envelope is authoritative for who sent it. The stored event's encoded
-            // length follows from the received one without encoding it again. (Nothing else
-            // holds the event yet, so make_mut never copies.)
+            // The batch envelope is authoritative for who sent it. The store keeps the bytes as
+            // received and the envelope in its record; the decoded event carries it for
+            // subscribers. (Nothing else holds the event yet, so make_mut never copies, and
+            // agents put their own node and id on every event, so nothing is allocated.)
             let e = Arc::make_mut(&mut ev);
-            let sent_envelope = envelope_len(e);
-            e.node.clone_from(&batch.node);
-            e.agent_id.clone_from(&batch.agent_id);
+            if e.node != batch.node {
+                e.node.clone_from(&batch.node);
+            }
+            if e.agent_id != batch.agent_id {
+                e.agent_id.clone_from(&batch.agent_id);
+            }
             e.received = Some(received);
             e.cursor = header.first_cursor + i as u64;
-            let len = bytes.len() - sent_envelope + envelope_len(e);
-            drop(bytes);
             // Same cursor as written above: the store hands out cursors in the same order.
-            let (ev, _) = self.ring.push_len(ev, len);
+            self.ring.push(&ev, &bytes, &origin);
+            drop(bytes);
             self.counters.count(&self.metrics, &ev);
             if let Some(Payload::Gap(g)) = &ev.payload
                 && g.stage != GapStage::CollectorSeq as i32
@@ -893,8 +930,8 @@ impl State {
             && self.series.rows() != self.rows_at_last_snapshot)
             || (over && through > self.series_snap_through);
         if events_due {
-            // Only the Arcs are collected here; encoding streams to disk off this task.
-            let events = self.ring.all();
+            // Only the blocks are shared here; writing streams them to disk off this task.
+            let events = self.ring.view();
             let checkpoint = self.checkpoint();
             self.spawn_snapshot(SnapKind::Events, through, move |w| {
                 snapshot::write_events(w, through, &checkpoint, &events)
@@ -953,7 +990,7 @@ impl State {
             if s.tx.is_closed() {
                 return false;
             }
-            if !s.filter.matches(ev) {
+            if !s.filter.matches(&**ev) {
                 return true;
             }
             if s.missed > 0 {
@@ -1032,7 +1069,7 @@ impl State {
                 .after(after, self.cfg.max_replay + 1, |e| filter.matches(e));
             let truncated = events.len() > self.cfg.max_replay;
             for ev in events.into_iter().take(self.cfg.max_replay) {
-                replay.push(SubMsg::Event(ev));
+                replay.push(SubMsg::Event(Arc::new(ev)));
             }
             if truncated {
                 // Too much to replay at once: the client resumes from the last replayed cursor.

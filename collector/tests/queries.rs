@@ -77,7 +77,7 @@ async fn pages_never_skip_or_duplicate_while_events_expire() {
     for order in [Order::OldestFirst, Order::NewestFirst] {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = store_config(dir.path());
-        cfg.ring_bytes = 640 << 10; // ~750 log lines
+        cfg.ring_bytes = 96 << 10; // ~750 log lines
         cfg.fsync = false;
         let h = start(cfg).await;
         let (mut a, _) = AgentStream::open(&h, "n1/a", "n1").await;

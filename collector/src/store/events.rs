@@ -1,10 +1,21 @@
-//! The in-memory event store: one lane per event kind, each a queue of small blocks with a time
-//! index (min/max event time per block), all inside one global byte budget.
+//! The in-memory event store: one lane per event kind, each a queue of blocks with a time index
+//! (min/max event time per block), all inside one global byte budget.
+//!
+//! **Events are kept as their encoded bytes**, copied back to back into a block's buffer, next
+//! to a small record of what queries filter and sort on (cursor, time, severity, XID code, who
+//! sent it). Nothing decoded is retained: an event is decoded again only when a query returns
+//! it or a subscriber replays it. A retained decoded event cost several times its encoding (the
+//! 696-byte struct, its strings, their allocator headers), and freeing the oldest ones at expiry
+//! missed the cache on every piece; a block is two allocations however many events it holds.
+//!
+//! **Accounting is memory, not payload**: a lane's bytes are the capacities of its blocks'
+//! buffers and record vectors plus a fixed overhead per block, so the budget bounds what is
+//! really allocated. Expiry is by whole blocks, oldest first, which is also when memory is freed.
 //!
 //! Budget policy: every kind has a guaranteed share of the global budget and may borrow what
 //! other kinds leave unused. When the total goes over, the kind furthest over its share gives up
-//! its oldest events first, so a flood of driver log lines or samples cannot expire XIDs that
-//! fit in the XID share.
+//! its oldest block first, so a flood of driver log lines or samples cannot expire XIDs that fit
+//! in the XID share. The block holding the event just stored is never the one expired.
 //!
 //! Cursors increase with every stored event, so each lane is sorted by cursor (resume is a binary
 //! search) and a window query only visits blocks whose time range meets the window.
@@ -15,20 +26,21 @@ use gpulse_proto::{
     v1::{self, EventKind, event::Payload},
 };
 use prost::Message;
-
-/// Per-event memory beyond its encoded bytes, counted against the budget so the budget bounds
-/// real memory: the decoded struct (its largest payload variant sets the size), the Arc counts,
-/// the slot, and allocator headers of its heap parts. (Strings cost about their encoded length.)
-pub const EVENT_OVERHEAD_BYTES: usize = std::mem::size_of::<v1::Event>() + 16 + 16 + 64;
-/// Fixed per-block overhead.
-const BLOCK_OVERHEAD_BYTES: usize = 64;
+use tracing::error;
 
 /// Number of EventKind values (index = kind as usize).
 pub const KINDS: usize = 8;
 
-/// Events per block: small enough that a window edge decodes little, large enough that the time
-/// index stays tiny.
+/// Most events in one block: small enough that a window edge or a resume scans little.
 const BLOCK_EVENTS: usize = 256;
+/// Bytes of encoded events one block's buffer holds (a larger event gets a block of its own
+/// size). Small blocks keep expiry fine-grained in small budgets.
+const BLOCK_DATA_BYTES: usize = 8 << 10;
+/// Per-block memory beyond its buffers: the block entry, the shared body and its allocator
+/// headers.
+const BLOCK_OVERHEAD_BYTES: usize = 128;
+/// Memory of one record (per stored event, besides its encoding).
+pub const RECORD_BYTES: usize = std::mem::size_of::<Rec>();
 
 /// Default guaranteed shares (percent of the global budget) per kind index.
 pub const DEFAULT_SHARES: [u32; KINDS] = [
@@ -50,19 +62,170 @@ pub fn event_ms(ev: &v1::Event) -> i64 {
         .map_or(0, |t| (ptime::to_unix_nanos(t) / 1_000_000) as i64)
 }
 
+/// Who sent a batch: the envelope every event of an agent's batches carries, shared by their
+/// records instead of copied into each.
+#[derive(Debug, Default, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub node: String,
+    pub agent_id: String,
+}
+
+/// No `received` time (never the case for events the collector stored itself).
+const NO_TIME: i64 = i64::MIN;
+
+fn ts_ns(t: Option<&prost_types::Timestamp>) -> i64 {
+    t.map_or(NO_TIME, |t| {
+        i64::try_from(ptime::to_unix_nanos(t)).unwrap_or(NO_TIME)
+    })
+}
+
+fn ns_ts(ns: i64) -> Option<prost_types::Timestamp> {
+    (ns != NO_TIME).then(|| ptime::from_unix_nanos(i128::from(ns)))
+}
+
+/// One stored event: where its encoding lies in the block's buffer, the envelope the collector
+/// set on it, and the fields queries filter on without decoding it.
+#[derive(Clone, Debug)]
+struct Rec {
+    cursor: u64,
+    /// Event time (ms), see [`event_ms`].
+    ms: i64,
+    received_ns: i64,
+    origin: Arc<Origin>,
+    off: u32,
+    len: u32,
+    /// The XID code of an XID (0 for every other kind).
+    code: u32,
+    severity: i32,
+}
+
+const _: () = assert!(RECORD_BYTES == 48);
+
+/// A block's contents: records and the encoded events they point into. Shared (read-only) with
+/// an events snapshot being written in the background.
+#[derive(Debug, Default)]
+pub struct Body {
+    recs: Vec<Rec>,
+    data: Vec<u8>,
+}
+
+impl Body {
+    fn mem(&self) -> usize {
+        self.data.capacity() + self.recs.capacity() * RECORD_BYTES
+    }
+
+    /// A writable copy with the same capacities (so accounting does not depend on whether a
+    /// snapshot happened to share the block).
+    fn copy_for_write(&self) -> Body {
+        let mut recs = Vec::with_capacity(self.recs.capacity());
+        recs.extend_from_slice(&self.recs);
+        let mut data = Vec::with_capacity(self.data.capacity());
+        data.extend_from_slice(&self.data);
+        Body { recs, data }
+    }
+
+    fn event(&self, kind: usize, i: usize) -> Option<EventRef<'_>> {
+        let rec = self.recs.get(i)?;
+        let bytes = self
+            .data
+            .get(rec.off as usize..rec.off as usize + rec.len as usize)?;
+        Some(EventRef { kind, rec, bytes })
+    }
+
+    fn events(&self, kind: usize) -> impl Iterator<Item = EventRef<'_>> + '_ {
+        (0..self.recs.len()).filter_map(move |i| self.event(kind, i))
+    }
+}
+
+/// A stored event as queries see it: its indexed fields without decoding, and the whole event
+/// decoded on demand.
+#[derive(Clone, Copy, Debug)]
+pub struct EventRef<'a> {
+    kind: usize,
+    rec: &'a Rec,
+    bytes: &'a [u8],
+}
+
+impl<'a> EventRef<'a> {
+    pub fn cursor(&self) -> u64 {
+        self.rec.cursor
+    }
+    /// Event time in ms ([`event_ms`]).
+    pub fn ms(&self) -> i64 {
+        self.rec.ms
+    }
+    pub fn kind(&self) -> i32 {
+        self.kind as i32
+    }
+    pub fn severity(&self) -> i32 {
+        self.rec.severity
+    }
+    pub fn node(&self) -> &'a str {
+        &self.rec.origin.node
+    }
+    pub fn agent_id(&self) -> &'a str {
+        &self.rec.origin.agent_id
+    }
+    /// The XID code, for an XID.
+    pub fn xid_code(&self) -> Option<u32> {
+        (self.kind == EventKind::Xid as usize).then_some(self.rec.code)
+    }
+    /// The event's encoding as received (the envelope fields in it are not authoritative).
+    pub fn encoded(&self) -> &'a [u8] {
+        self.bytes
+    }
+    pub fn received(&self) -> Option<prost_types::Timestamp> {
+        ns_ts(self.rec.received_ns)
+    }
+    /// `received` in ns since the epoch (`i64::MIN` when absent).
+    pub fn received_ns(&self) -> i64 {
+        self.rec.received_ns
+    }
+    /// Who sent it (shared by all events of the sender's batches).
+    pub fn origin(&self) -> &'a Arc<Origin> {
+        &self.rec.origin
+    }
+
+    /// The stored event. Its bytes were decoded once already when it was stored, so this does
+    /// not fail; if it ever did, the event is reported and left out rather than invented.
+    pub fn decode(&self) -> Option<v1::Event> {
+        match v1::Event::decode(self.bytes) {
+            Ok(mut ev) => {
+                ev.node.clone_from(&self.rec.origin.node);
+                ev.agent_id.clone_from(&self.rec.origin.agent_id);
+                ev.cursor = self.rec.cursor;
+                ev.received = self.received();
+                Some(ev)
+            }
+            Err(e) => {
+                error!(cursor = self.rec.cursor, error = %e, "stored event does not decode; left out");
+                None
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Block {
-    events: VecDeque<(Arc<v1::Event>, u32)>,
+    body: Arc<Body>,
     min_ms: i64,
     max_ms: i64,
+    /// Memory counted for this block (buffers + overhead).
+    mem: usize,
 }
 
 impl Block {
     fn first_cursor(&self) -> u64 {
-        self.events.front().map_or(u64::MAX, |(e, _)| e.cursor)
+        self.body.recs.first().map_or(u64::MAX, |r| r.cursor)
     }
     fn last_cursor(&self) -> u64 {
-        self.events.back().map_or(0, |(e, _)| e.cursor)
+        self.body.recs.last().map_or(0, |r| r.cursor)
+    }
+    fn len(&self) -> usize {
+        self.body.recs.len()
+    }
+    fn meets(&self, start_ms: i64, end_ms: i64) -> bool {
+        self.max_ms >= start_ms && self.min_ms < end_ms
     }
 }
 
@@ -75,83 +238,14 @@ struct Lane {
     share: usize,
 }
 
-/// How far ahead of the expiry point events are asked into cache (see [`prefetch_event`]).
-const PREFETCH_AHEAD: usize = 6;
-/// How far ahead their strings are (by then the event itself has arrived).
-const PREFETCH_STRINGS_AHEAD: usize = 3;
-
-/// Hints the CPU to load `p`'s cache line; never faults, never changes anything.
-#[inline(always)]
-fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: PREFETCHT0 is a hint: it cannot fault or change memory, whatever the address.
-    unsafe {
-        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
-/// Expiry frees the oldest events, long out of cache in a ring of many MiB: every reference
-/// count, field and string it touches is a miss, one after another. Asking for the event a few
-/// places ahead (and, once it is in, its strings) overlaps those misses.
-fn prefetch_event(ev: &Arc<v1::Event>) {
-    // The Arc's counts sit just before the event; the event spans several lines.
-    let start = Arc::as_ptr(ev).cast::<u8>().wrapping_sub(16);
-    for off in (0..16 + std::mem::size_of::<v1::Event>()).step_by(64) {
-        prefetch(start.wrapping_add(off));
-    }
-}
-
-fn prefetch_strings(ev: &v1::Event) {
-    prefetch(ev.node.as_ptr());
-    prefetch(ev.agent_id.as_ptr());
-    match &ev.payload {
-        Some(Payload::GpuSample(g)) => {
-            for s in [
-                &g.uuid,
-                &g.pci,
-                &g.name,
-                &g.driver_version,
-                &g.cuda_driver_version,
-            ] {
-                prefetch(s.as_ptr());
-            }
-        }
-        Some(Payload::GpuProcess(p)) => {
-            for s in [&p.comm, &p.exe, &p.device] {
-                prefetch(s.as_ptr());
-            }
-        }
-        Some(Payload::DriverLog(d)) => prefetch(d.text.as_ptr()),
-        Some(Payload::Xid(x)) => {
-            for s in [&x.pci, &x.message, &x.raw] {
-                prefetch(s.as_ptr());
-            }
-        }
-        _ => {}
-    }
-}
-
 impl Lane {
-    fn pop_oldest(&mut self) -> Option<(Arc<v1::Event>, usize)> {
-        let block = self.blocks.front_mut()?;
-        let (ev, size) = block.events.pop_front()?;
-        if let Some((ahead, _)) = block.events.get(PREFETCH_AHEAD) {
-            prefetch_event(ahead);
-        }
-        if let Some((ahead, _)) = block.events.get(PREFETCH_STRINGS_AHEAD) {
-            prefetch_strings(ahead);
-        }
-        let mut freed = size as usize;
-        if block.events.is_empty() {
-            self.blocks.pop_front();
-            freed += BLOCK_OVERHEAD_BYTES;
-        }
-        self.bytes -= freed;
-        self.events -= 1;
-        self.expired += 1;
-        Some((ev, freed))
+    fn pop_oldest_block(&mut self) -> Option<(usize, u64)> {
+        let b = self.blocks.pop_front()?;
+        let n = b.len() as u64;
+        self.bytes -= b.mem;
+        self.events -= n;
+        self.expired += n;
+        Some((b.mem, n))
     }
 
     fn oldest_cursor(&self) -> Option<u64> {
@@ -161,6 +255,17 @@ impl Lane {
     /// Index of the first block that may hold a cursor > `after`.
     fn block_after(&self, after: u64) -> usize {
         self.blocks.partition_point(|b| b.last_cursor() <= after)
+    }
+
+    /// Events with cursor > `after`, oldest first.
+    fn after(&self, kind: usize, after: u64) -> impl Iterator<Item = EventRef<'_>> + '_ {
+        self.blocks
+            .iter()
+            .skip(self.block_after(after))
+            .flat_map(move |b| {
+                let from = b.body.recs.partition_point(|r| r.cursor <= after);
+                (from..b.len()).filter_map(move |i| b.body.event(kind, i))
+            })
     }
 }
 
@@ -174,13 +279,53 @@ pub enum Order {
 /// The answer to a window query.
 #[derive(Debug, Default)]
 pub struct WindowPage {
-    pub events: Vec<Arc<v1::Event>>,
+    pub events: Vec<v1::Event>,
     /// All events in the window that match, on every page.
     pub total_matched: u64,
     /// More matching events lie beyond this page.
     pub more: bool,
     /// Blocks visited (the time index skipped the rest).
     pub blocks_scanned: usize,
+}
+
+/// What an events snapshot is written from: each lane's blocks, shared with the store (no
+/// event is copied), walked in cursor order off the state task.
+#[derive(Debug, Default)]
+pub struct EventsView {
+    lanes: Vec<(usize, Vec<Arc<Body>>)>,
+    events: u64,
+}
+
+impl EventsView {
+    pub fn len(&self) -> u64 {
+        self.events
+    }
+    pub fn is_empty(&self) -> bool {
+        self.events == 0
+    }
+
+    /// Every event, oldest cursor first (a merge of the lanes).
+    pub fn for_each<'s>(&'s self, mut f: impl FnMut(EventRef<'s>)) {
+        let mut iters: Vec<_> = self
+            .lanes
+            .iter()
+            .map(|(kind, bodies)| bodies.iter().flat_map(|b| b.events(*kind)).peekable())
+            .collect();
+        loop {
+            let mut best: Option<(usize, u64)> = None;
+            for (i, it) in iters.iter_mut().enumerate() {
+                if let Some(e) = it.peek()
+                    && best.is_none_or(|(_, c)| e.cursor() < c)
+                {
+                    best = Some((i, e.cursor()));
+                }
+            }
+            let Some((i, _)) = best else { break };
+            if let Some(e) = iters[i].next() {
+                f(e);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -222,37 +367,24 @@ impl EventStore {
         self.next_cursor
     }
 
-    /// Stores `ev` with the next cursor (overwriting whatever cursor it carried). Returns the
-    /// stored event and how many old events were expired to make room.
-    pub fn push(&mut self, ev: v1::Event) -> (Arc<v1::Event>, u64) {
-        let len = ev.encoded_len();
-        self.push_len(Arc::new(ev), len)
-    }
-
-    /// [`EventStore::push`] for a caller that already holds the event in its `Arc` (ingest
-    /// decodes straight into one, so the event is never moved) and knows its encoded length.
-    pub fn push_len(
-        &mut self,
-        mut ev: Arc<v1::Event>,
-        encoded_len: usize,
-    ) -> (Arc<v1::Event>, u64) {
-        if ev.cursor != self.next_cursor {
-            // Copies only if someone else holds the event too (ingest's never is).
-            Arc::make_mut(&mut ev).cursor = self.next_cursor;
-        }
+    /// Stores an event with the next cursor: `ev` decoded (for its indexed fields and
+    /// `received`; its own cursor, node and agent id are ignored), `bytes` its encoding, `origin`
+    /// who sent it. Returns the cursor and how many old events were expired to make room.
+    pub fn push(&mut self, ev: &v1::Event, bytes: &[u8], origin: &Arc<Origin>) -> (u64, u64) {
+        let cursor = self.next_cursor;
         self.next_cursor += 1;
-        self.insert(ev, encoded_len)
+        (cursor, self.insert(cursor, ev, bytes, origin))
     }
 
-    /// Re-inserts an event read back from disk, keeping its cursor. Events must come in
-    /// increasing cursor order; a jump (events lost to a damaged log) is allowed.
-    pub fn restore(&mut self, ev: v1::Event) -> Option<(Arc<v1::Event>, u64)> {
+    /// Re-inserts an event read back from disk with its cursor (`ev.cursor`). Events must come in
+    /// increasing cursor order; a jump (events lost to a damaged log) is allowed. Returns how many
+    /// events were expired, or None for a cursor already used.
+    pub fn restore(&mut self, ev: &v1::Event, bytes: &[u8], origin: &Arc<Origin>) -> Option<u64> {
         if ev.cursor < self.next_cursor {
             return None;
         }
         self.next_cursor = ev.cursor + 1;
-        let len = ev.encoded_len();
-        Some(self.insert(Arc::new(ev), len))
+        Some(self.insert(ev.cursor, ev, bytes, origin))
     }
 
     /// Never hand out cursors below `next` (they may have been issued before a crash).
@@ -260,51 +392,79 @@ impl EventStore {
         self.next_cursor = self.next_cursor.max(next);
     }
 
-    fn insert(&mut self, ev: Arc<v1::Event>, encoded_len: usize) -> (Arc<v1::Event>, u64) {
-        let size = encoded_len + EVENT_OVERHEAD_BYTES;
-        let kind = kind_index(&ev);
-        let ms = event_ms(&ev);
+    fn insert(&mut self, cursor: u64, ev: &v1::Event, bytes: &[u8], origin: &Arc<Origin>) -> u64 {
+        let kind = kind_index(ev);
+        let ms = event_ms(ev);
         let lane = &mut self.lanes[kind];
-        let new_block = lane
-            .blocks
-            .back()
-            .is_none_or(|b| b.events.len() >= BLOCK_EVENTS);
-        if new_block {
+        let fits = |b: &Body| {
+            b.recs.len() < BLOCK_EVENTS && b.data.capacity() - b.data.len() >= bytes.len()
+        };
+        if lane.blocks.back().is_none_or(|b| !fits(&b.body)) {
+            // As many records as the block before held (events of a kind are much alike), so
+            // the record vector rarely grows and wastes little.
+            let body = Body {
+                recs: Vec::with_capacity(lane.blocks.back().map_or(0, Block::len)),
+                data: Vec::with_capacity(BLOCK_DATA_BYTES.max(bytes.len())),
+            };
+            let mem = body.mem() + BLOCK_OVERHEAD_BYTES;
             lane.blocks.push_back(Block {
-                events: VecDeque::with_capacity(BLOCK_EVENTS),
+                body: Arc::new(body),
                 min_ms: ms,
                 max_ms: ms,
+                mem,
             });
-            lane.bytes += BLOCK_OVERHEAD_BYTES;
-            self.bytes += BLOCK_OVERHEAD_BYTES;
+            lane.bytes += mem;
+            self.bytes += mem;
         }
         if let Some(b) = lane.blocks.back_mut() {
-            b.events.push_back((ev.clone(), size as u32));
+            if Arc::get_mut(&mut b.body).is_none() {
+                // An events snapshot is reading this block: write into a copy.
+                b.body = Arc::new(b.body.copy_for_write());
+            }
+            if let Some(body) = Arc::get_mut(&mut b.body) {
+                let before = body.mem();
+                body.recs.push(Rec {
+                    cursor,
+                    ms,
+                    received_ns: ts_ns(ev.received.as_ref()),
+                    origin: origin.clone(),
+                    off: body.data.len() as u32,
+                    len: bytes.len() as u32,
+                    code: match &ev.payload {
+                        Some(Payload::Xid(x)) => x.code,
+                        _ => 0,
+                    },
+                    severity: ev.severity,
+                });
+                body.data.extend_from_slice(bytes);
+                let grown = body.mem() - before;
+                b.mem += grown;
+                lane.bytes += grown;
+                self.bytes += grown;
+            }
             b.min_ms = b.min_ms.min(ms);
             b.max_ms = b.max_ms.max(ms);
         }
-        lane.bytes += size;
         lane.events += 1;
-        self.bytes += size;
         let mut expired = 0;
         while self.bytes > self.budget {
-            // The lane furthest over its share gives way; never the event just stored.
+            // The lane furthest over its share gives way; never the block just written to.
             let victim = (0..KINDS)
-                .filter(|k| self.lanes[*k].events > u64::from(*k == kind))
+                .filter(|k| self.lanes[*k].blocks.len() > usize::from(*k == kind))
                 .max_by_key(|k| {
                     let l = &self.lanes[*k];
                     l.bytes as i64 - l.share as i64
                 });
             let Some(v) = victim else { break };
-            match self.lanes[v].pop_oldest() {
-                Some((_, freed)) => {
+            match self.lanes[v].pop_oldest_block() {
+                Some((freed, n)) => {
                     self.bytes -= freed;
-                    expired += 1;
+                    expired += n;
                 }
                 None => break,
             }
         }
-        (ev, expired)
+        expired
     }
 
     pub fn oldest_cursor(&self) -> Option<u64> {
@@ -328,41 +488,36 @@ impl EventStore {
             .min()
     }
 
-    /// Events with cursor > `after`, oldest first, that satisfy `keep`, at most `limit`
+    /// Events with cursor > `after`, oldest first, that satisfy `keep`, at most `limit`, decoded
     /// (a k-way merge of the lanes by cursor).
     pub fn after(
         &self,
         after: u64,
         limit: usize,
-        mut keep: impl FnMut(&v1::Event) -> bool,
-    ) -> Vec<Arc<v1::Event>> {
+        mut keep: impl FnMut(&EventRef<'_>) -> bool,
+    ) -> Vec<v1::Event> {
         let mut iters: Vec<_> = self
             .lanes
             .iter()
-            .map(|l| {
-                l.blocks
-                    .iter()
-                    .skip(l.block_after(after))
-                    .flat_map(|b| b.events.iter())
-                    .filter(move |(e, _)| e.cursor > after)
-                    .peekable()
-            })
+            .enumerate()
+            .map(|(k, l)| l.after(k, after).peekable())
             .collect();
         let mut out = Vec::new();
         while out.len() < limit {
             let mut best: Option<(usize, u64)> = None;
             for (i, it) in iters.iter_mut().enumerate() {
-                if let Some((e, _)) = it.peek()
-                    && best.is_none_or(|(_, c)| e.cursor < c)
+                if let Some(e) = it.peek()
+                    && best.is_none_or(|(_, c)| e.cursor() < c)
                 {
-                    best = Some((i, e.cursor));
+                    best = Some((i, e.cursor()));
                 }
             }
             let Some((i, _)) = best else { break };
-            if let Some((e, _)) = iters[i].next()
-                && keep(e)
+            if let Some(e) = iters[i].next()
+                && keep(&e)
+                && let Some(ev) = e.decode()
             {
-                out.push(e.clone());
+                out.push(ev);
             }
         }
         out
@@ -370,7 +525,8 @@ impl EventStore {
 
     /// Events whose time lies in `[start_ms, end_ms)`, of the given kinds (all when empty),
     /// matching `keep`, ordered by cursor, strictly beyond `key` in the walking direction, at
-    /// most `limit`. Only blocks whose time range meets the window are visited.
+    /// most `limit` (decoded). Only blocks whose time range meets the window are visited, and
+    /// only the returned events are decoded.
     #[allow(clippy::too_many_arguments)]
     pub fn window(
         &self,
@@ -380,29 +536,25 @@ impl EventStore {
         order: Order,
         key: Option<u64>,
         limit: usize,
-        mut keep: impl FnMut(&v1::Event) -> bool,
+        mut keep: impl FnMut(&EventRef<'_>) -> bool,
     ) -> WindowPage {
         let mut page = WindowPage::default();
-        let mut matches: Vec<&Arc<v1::Event>> = Vec::new();
+        let mut matches: Vec<EventRef<'_>> = Vec::new();
         for (k, lane) in self.lanes.iter().enumerate() {
             if !kinds.is_empty() && !kinds.iter().any(|want| *want as usize == k) {
                 continue;
             }
-            for b in &lane.blocks {
-                if b.max_ms < start_ms || b.min_ms >= end_ms {
-                    continue;
-                }
+            for b in lane.blocks.iter().filter(|b| b.meets(start_ms, end_ms)) {
                 page.blocks_scanned += 1;
-                for (e, _) in &b.events {
-                    let ms = event_ms(e);
-                    if ms < start_ms || ms >= end_ms || !keep(e) {
+                for e in b.body.events(k) {
+                    if e.ms() < start_ms || e.ms() >= end_ms || !keep(&e) {
                         continue;
                     }
                     page.total_matched += 1;
                     let beyond = match (order, key) {
                         (_, None) => true,
-                        (Order::OldestFirst, Some(k)) => e.cursor > k,
-                        (Order::NewestFirst, Some(k)) => e.cursor < k,
+                        (Order::OldestFirst, Some(c)) => e.cursor() > c,
+                        (Order::NewestFirst, Some(c)) => e.cursor() < c,
                     };
                     if beyond {
                         matches.push(e);
@@ -411,12 +563,39 @@ impl EventStore {
             }
         }
         match order {
-            Order::OldestFirst => matches.sort_unstable_by_key(|e| e.cursor),
-            Order::NewestFirst => matches.sort_unstable_by_key(|e| std::cmp::Reverse(e.cursor)),
+            Order::OldestFirst => matches.sort_unstable_by_key(|e| e.cursor()),
+            Order::NewestFirst => matches.sort_unstable_by_key(|e| std::cmp::Reverse(e.cursor())),
         }
         page.more = matches.len() > limit;
-        page.events = matches.into_iter().take(limit).cloned().collect();
+        page.events = matches
+            .iter()
+            .take(limit)
+            .filter_map(EventRef::decode)
+            .collect();
         page
+    }
+
+    /// Visits every stored event whose time lies in `[start_ms, end_ms)` of the given kinds (all
+    /// when empty), in no particular order, without decoding any.
+    pub fn scan(
+        &self,
+        start_ms: i64,
+        end_ms: i64,
+        kinds: &[EventKind],
+        mut f: impl FnMut(&EventRef<'_>),
+    ) {
+        for (k, lane) in self.lanes.iter().enumerate() {
+            if !kinds.is_empty() && !kinds.iter().any(|want| *want as usize == k) {
+                continue;
+            }
+            for b in lane.blocks.iter().filter(|b| b.meets(start_ms, end_ms)) {
+                for e in b.body.events(k) {
+                    if e.ms() >= start_ms && e.ms() < end_ms {
+                        f(&e);
+                    }
+                }
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -446,9 +625,18 @@ impl EventStore {
     pub fn expired_total(&self) -> u64 {
         self.lanes.iter().map(|l| l.expired).sum()
     }
-    /// Every retained event, oldest cursor first (for snapshots).
-    pub fn all(&self) -> Vec<Arc<v1::Event>> {
-        self.after(0, usize::MAX, |_| true)
+
+    /// Every retained event, shared block by block, for a snapshot written off the state task.
+    pub fn view(&self) -> EventsView {
+        EventsView {
+            lanes: self
+                .lanes
+                .iter()
+                .enumerate()
+                .map(|(k, l)| (k, l.blocks.iter().map(|b| b.body.clone()).collect()))
+                .collect(),
+            events: self.len() as u64,
+        }
     }
 }
 
@@ -464,6 +652,7 @@ mod tests {
             time: Some(ptime::from_unix_nanos(
                 (1_764_000_000_000 + i as i128 * 1000) * 1_000_000,
             )),
+            received: Some(ptime::from_unix_nanos(1_764_000_000_123_456_789)),
             payload: Some(match kind {
                 EventKind::Xid => Payload::Xid(v1::Xid {
                     code: 79,
@@ -479,18 +668,61 @@ mod tests {
         }
     }
 
+    fn origin() -> Arc<Origin> {
+        Arc::new(Origin {
+            node: "n1".into(),
+            agent_id: "n1/a".into(),
+        })
+    }
+
+    fn push(r: &mut EventStore, e: v1::Event) -> (u64, u64) {
+        r.push(&e, &e.encode_to_vec(), &origin())
+    }
+
+    #[test]
+    fn stored_events_decode_with_their_envelope() {
+        let mut r = EventStore::new(1 << 20, 1);
+        let mut e = ev(7, EventKind::Xid);
+        // What the agent put in the envelope fields is not what is stored.
+        e.node = "liar".into();
+        e.cursor = 99;
+        let bytes = e.encode_to_vec();
+        let (cursor, _) = r.push(&e, &bytes, &origin());
+        assert_eq!(cursor, 1);
+        let got = r.after(0, 10, |_| true);
+        assert_eq!(got.len(), 1);
+        let mut want = e.clone();
+        want.node = "n1".into();
+        want.agent_id = "n1/a".into();
+        want.cursor = 1;
+        assert_eq!(got[0], want);
+        let mut seen = Vec::new();
+        r.scan(i64::MIN, i64::MAX, &[], |e| {
+            seen.push((
+                e.node().to_string(),
+                e.xid_code(),
+                e.severity(),
+                e.encoded().len(),
+            ))
+        });
+        assert_eq!(seen, vec![("n1".to_string(), Some(79), 0, bytes.len())]);
+    }
+
     #[test]
     fn cursors_are_contiguous_and_resumable_across_lanes() {
         let mut r = EventStore::new(1 << 20, 1);
         for i in 0..1000 {
-            r.push(ev(
-                i,
-                if i % 3 == 0 {
-                    EventKind::Xid
-                } else {
-                    EventKind::DriverLog
-                },
-            ));
+            push(
+                &mut r,
+                ev(
+                    i,
+                    if i % 3 == 0 {
+                        EventKind::Xid
+                    } else {
+                        EventKind::DriverLog
+                    },
+                ),
+            );
         }
         assert_eq!((r.oldest_cursor(), r.last_cursor()), (Some(1), Some(1000)));
         let got: Vec<u64> = r
@@ -499,25 +731,47 @@ mod tests {
             .map(|e| e.cursor)
             .collect();
         assert_eq!(got, (991..=1000).collect::<Vec<_>>());
-        let xids = r.after(0, 5, |e| e.kind == EventKind::Xid as i32);
+        let xids = r.after(0, 5, |e| e.kind() == EventKind::Xid as i32);
         assert_eq!(
             xids.iter().map(|e| e.cursor).collect::<Vec<_>>(),
             vec![1, 4, 7, 10, 13]
         );
         assert!(r.after(1000, 10, |_| true).is_empty());
         assert_eq!(r.events_by_kind(EventKind::Xid), 334);
-        assert_eq!(r.all().len(), 1000);
+        let mut all = Vec::new();
+        r.view().for_each(|e| all.push(e.cursor()));
+        assert_eq!(all, (1..=1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn accounting_is_the_memory_of_the_blocks() {
+        let mut r = EventStore::new(64 << 20, 1);
+        for i in 0..10_000 {
+            push(&mut r, ev(i, EventKind::DriverLog));
+        }
+        let lane = &r.lanes[EventKind::DriverLog as usize];
+        let real: usize = lane
+            .blocks
+            .iter()
+            .map(|b| b.body.data.capacity() + b.body.recs.capacity() * RECORD_BYTES)
+            .sum::<usize>()
+            + lane.blocks.len() * BLOCK_OVERHEAD_BYTES;
+        assert_eq!(r.bytes(), real);
+        assert_eq!(r.bytes_by_kind(EventKind::DriverLog), real);
+        // ~30-byte events: far below the ~900 bytes a retained decoded event cost.
+        let per_event = real / 10_000;
+        assert!((60..120).contains(&per_event), "{per_event} bytes per event");
     }
 
     #[test]
     fn a_flood_of_one_kind_does_not_expire_another_within_its_share() {
-        let mut r = EventStore::new(200_000, 1);
+        let mut r = EventStore::new(400_000, 1);
         for i in 0..100 {
-            r.push(ev(i, EventKind::Xid));
+            push(&mut r, ev(i, EventKind::Xid));
         }
         let mut expired = 0;
-        for i in 100..20_000 {
-            expired += r.push(ev(i, EventKind::DriverLog)).1;
+        for i in 100..40_000 {
+            expired += push(&mut r, ev(i, EventKind::DriverLog)).1;
         }
         assert!(r.bytes() <= r.budget());
         assert_eq!(r.events_by_kind(EventKind::Xid), 100, "XIDs kept");
@@ -526,12 +780,12 @@ mod tests {
         // Driver logs borrowed the unused shares: they use far more than their own 15 %.
         assert!(r.bytes_by_kind(EventKind::DriverLog) > r.share(EventKind::DriverLog) * 3);
         // Once XIDs grow past their share and the budget is full, they expire oldest first.
-        for i in 20_000..30_000 {
-            r.push(ev(i, EventKind::Xid));
+        for i in 40_000..60_000 {
+            push(&mut r, ev(i, EventKind::Xid));
         }
         assert!(r.bytes() <= r.budget());
         assert!(r.expired_by_kind(EventKind::Xid) > 0);
-        let oldest_xid = r.after(0, 1, |e| e.kind == EventKind::Xid as i32)[0].seq;
+        let oldest_xid = r.after(0, 1, |e| e.kind() == EventKind::Xid as i32)[0].seq;
         assert!(oldest_xid > 99, "oldest XIDs went first");
         let sum: usize = [EventKind::DriverLog, EventKind::Xid]
             .iter()
@@ -544,7 +798,7 @@ mod tests {
     fn window_visits_only_blocks_in_range() {
         let mut r = EventStore::new(64 << 20, 1);
         for i in 0..100_000 {
-            r.push(ev(i, EventKind::DriverLog));
+            push(&mut r, ev(i, EventKind::DriverLog));
         }
         // 10 minutes in the middle: 600 events, 3-4 blocks of 256.
         let start = 1_764_000_000_000 + 50_000 * 1000;
@@ -560,6 +814,7 @@ mod tests {
         assert_eq!(page.total_matched, 600);
         assert!(page.more);
         assert!(page.blocks_scanned <= 4, "{}", page.blocks_scanned);
+        assert_eq!(page.events.len(), 50);
         assert_eq!(page.events[0].seq, 50_000);
         let newest = r.window(
             start,
@@ -586,15 +841,17 @@ mod tests {
     #[test]
     fn restore_keeps_cursors_and_rejects_old_ones() {
         let mut r = EventStore::new(1 << 20, 1);
+        let o = origin();
         let mut e = ev(1, EventKind::Xid);
         e.cursor = 5;
-        assert!(r.restore(e.clone()).is_some());
-        assert!(r.restore(e).is_none(), "duplicate cursor");
+        let b = e.encode_to_vec();
+        assert!(r.restore(&e, &b, &o).is_some());
+        assert!(r.restore(&e, &b, &o).is_none(), "duplicate cursor");
         let mut e = ev(2, EventKind::DriverLog);
         e.cursor = 9;
-        r.restore(e);
+        r.restore(&e, &e.encode_to_vec(), &o);
         assert_eq!((r.oldest_cursor(), r.last_cursor()), (Some(5), Some(9)));
-        assert_eq!(r.push(ev(3, EventKind::Xid)).0.cursor, 10);
+        assert_eq!(push(&mut r, ev(3, EventKind::Xid)).0, 10);
         assert_eq!(
             r.after(6, 10, |_| true)
                 .iter()
@@ -603,8 +860,29 @@ mod tests {
             vec![9, 10]
         );
         r.skip_to(20);
-        assert_eq!(r.push(ev(4, EventKind::Xid)).0.cursor, 20);
+        assert_eq!(push(&mut r, ev(4, EventKind::Xid)).0, 20);
         r.skip_to(3);
         assert_eq!(r.next_cursor(), 21, "never backwards");
+    }
+
+    #[test]
+    fn a_snapshot_view_is_unchanged_by_later_writes_and_expiry() {
+        let mut r = EventStore::new(200_000, 1);
+        for i in 0..100 {
+            push(&mut r, ev(i, EventKind::DriverLog));
+        }
+        let bytes = r.bytes();
+        let view = r.view();
+        // The open block is shared with the view: the next write copies it, at the same size.
+        push(&mut r, ev(100, EventKind::DriverLog));
+        assert_eq!(r.bytes(), bytes, "the copy keeps the capacities");
+        for i in 101..20_000 {
+            push(&mut r, ev(i, EventKind::DriverLog));
+        }
+        assert!(r.expired_total() > 100);
+        let mut seen = Vec::new();
+        view.for_each(|e| seen.push(e.decode().map(|d| d.seq)));
+        assert_eq!(seen, (0..100).map(Some).collect::<Vec<_>>());
+        assert_eq!(view.len(), 100);
     }
 }

@@ -8,7 +8,7 @@
 //! fsynced, so a crash leaves either the old snapshot or the new one. A damaged snapshot is
 //! reported and ignored, never fatal.
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     fs::{self, File, OpenOptions},
     io::{self, Write},
     os::unix::fs::OpenOptionsExt,
@@ -17,15 +17,20 @@ use std::{
 };
 
 use gpulse_proto::v1;
-use prost::Message;
+use prost::{Message, bytes::Bytes};
 use thiserror::Error;
 
-use super::series::{Agg, Buckets, Chunk, GpuSeries};
+use super::{
+    events::{EventsView, Origin},
+    series::{Agg, Buckets, Chunk, GpuSeries},
+};
 
 pub const SERIES_FILE: &str = "series.snap";
 pub const EVENTS_FILE: &str = "events.snap";
 const SERIES_MAGIC: &[u8; 8] = b"GPSER002";
-const EVENTS_MAGIC: &[u8; 8] = b"GPEVT001";
+const EVENTS_MAGIC: &[u8; 8] = b"GPEVT002";
+/// Earlier collectors' events snapshots (still read).
+const EVENTS_MAGIC_V1: &[u8; 8] = b"GPEVT001";
 
 #[derive(Debug, Error)]
 pub enum SnapshotError {
@@ -311,12 +316,15 @@ impl<W: Write> Write for CrcWriter<W> {
 }
 
 /// Streams retained events (oldest cursor first) and the agents' progress into `w`, one event
-/// at a time: no copy of the whole store is ever built in memory.
+/// at a time, from the store's own blocks: no copy of the store is built in memory.
+///
+/// Body: `through`, the checkpoint, the senders (`node`, `agent_id` pairs) once each, then per
+/// event its cursor, received time (ns), sender index and encoding.
 pub fn write_events(
     w: &mut impl Write,
     through: u64,
     checkpoint: &v1::StoreCheckpoint,
-    events: &[Arc<v1::Event>],
+    events: &EventsView,
 ) -> io::Result<()> {
     let mut w = CrcWriter {
         inner: w,
@@ -327,25 +335,46 @@ pub fn write_events(
     let cp = checkpoint.encode_to_vec();
     w.write_all(&(cp.len() as u32).to_le_bytes())?;
     w.write_all(&cp)?;
-    w.write_all(&(events.len() as u64).to_le_bytes())?;
-    let mut buf = Vec::new();
-    for e in events {
-        buf.clear();
-        // Encoding into a Vec cannot fail.
-        let _ = e.encode(&mut buf);
-        w.write_all(&(buf.len() as u32).to_le_bytes())?;
-        w.write_all(&buf)?;
+    // Senders by identity: every record of one agent's batches shares one.
+    let mut index: HashMap<*const Origin, u32> = HashMap::new();
+    let mut origins: Vec<&Arc<Origin>> = Vec::new();
+    events.for_each(|e| {
+        let o = e.origin();
+        index.entry(Arc::as_ptr(o)).or_insert_with(|| {
+            origins.push(o);
+            (origins.len() - 1) as u32
+        });
+    });
+    w.write_all(&(origins.len() as u32).to_le_bytes())?;
+    for o in &origins {
+        for s in [&o.node, &o.agent_id] {
+            w.write_all(&(s.len() as u32).to_le_bytes())?;
+            w.write_all(s.as_bytes())?;
+        }
     }
+    w.write_all(&events.len().to_le_bytes())?;
+    let mut result = Ok(());
+    events.for_each(|e| {
+        if result.is_err() {
+            return;
+        }
+        let sender = index.get(&Arc::as_ptr(e.origin())).copied().unwrap_or(0);
+        let b = e.encoded();
+        result = (|| {
+            w.write_all(&e.cursor().to_le_bytes())?;
+            w.write_all(&e.received_ns().to_le_bytes())?;
+            w.write_all(&sender.to_le_bytes())?;
+            w.write_all(&(b.len() as u32).to_le_bytes())?;
+            w.write_all(b)
+        })();
+    });
+    result?;
     let crc = w.crc.clone().finalize();
     w.inner.write_all(&crc.to_le_bytes())
 }
 
 /// [`write_events`] into memory (tests).
-pub fn encode_events(
-    through: u64,
-    checkpoint: &v1::StoreCheckpoint,
-    events: &[Arc<v1::Event>],
-) -> Vec<u8> {
+pub fn encode_events(through: u64, checkpoint: &v1::StoreCheckpoint, events: &EventsView) -> Vec<u8> {
     let mut out = Vec::new();
     // Writing into a Vec cannot fail.
     let _ = write_events(&mut out, through, checkpoint, events);
@@ -355,12 +384,74 @@ pub fn encode_events(
 pub struct EventsSnapshot {
     pub through: u64,
     pub checkpoint: v1::StoreCheckpoint,
+    /// Events with the collector's envelope set, oldest cursor first.
     pub events: Vec<v1::Event>,
+    /// Each event's encoding as stored (`encoded[i]` is `events[i]`).
+    pub encoded: Vec<Bytes>,
 }
 
 pub fn decode_events(data: &[u8]) -> Result<EventsSnapshot, String> {
+    if data.get(..8) == Some(EVENTS_MAGIC_V1.as_slice()) {
+        return decode_events_v1(data);
+    }
     let mut r = In {
         buf: open_body(data, EVENTS_MAGIC)?,
+        pos: 0,
+    };
+    let through = r.u64()?;
+    let checkpoint =
+        v1::StoreCheckpoint::decode(r.bytes()?).map_err(|e| format!("checkpoint: {e}"))?;
+    let n_origins = r.u32()? as usize;
+    if n_origins.saturating_mul(8) > r.buf.len() {
+        return Err(format!("sender count {n_origins} exceeds the file"));
+    }
+    let mut origins = Vec::with_capacity(n_origins);
+    for i in 0..n_origins {
+        let mut s = || {
+            r.bytes().and_then(|b| {
+                String::from_utf8(b.to_vec()).map_err(|_| format!("sender {i} is not UTF-8"))
+            })
+        };
+        origins.push((s()?, s()?));
+    }
+    let n = r.u64()? as usize;
+    if n.saturating_mul(24) > r.buf.len() {
+        return Err(format!("count {n} exceeds the file"));
+    }
+    let mut events = Vec::with_capacity(n);
+    let mut encoded = Vec::with_capacity(n);
+    for i in 0..n {
+        let cursor = r.u64()?;
+        let received_ns = r.i64()?;
+        let sender = r.u32()? as usize;
+        let b = r.bytes()?;
+        let mut ev = v1::Event::decode(b).map_err(|e| format!("event {i}: {e}"))?;
+        let (node, agent_id) = origins
+            .get(sender)
+            .ok_or_else(|| format!("event {i}: sender {sender} of {n_origins}"))?;
+        ev.node.clone_from(node);
+        ev.agent_id.clone_from(agent_id);
+        ev.cursor = cursor;
+        ev.received =
+            (received_ns != i64::MIN).then(|| gpulse_proto::time::from_unix_nanos(i128::from(received_ns)));
+        events.push(ev);
+        encoded.push(Bytes::copy_from_slice(b));
+    }
+    if r.pos != r.buf.len() {
+        return Err("trailing bytes".into());
+    }
+    Ok(EventsSnapshot {
+        through,
+        checkpoint,
+        events,
+        encoded,
+    })
+}
+
+/// Events snapshots of earlier collectors: whole events, envelope included.
+fn decode_events_v1(data: &[u8]) -> Result<EventsSnapshot, String> {
+    let mut r = In {
+        buf: open_body(data, EVENTS_MAGIC_V1)?,
         pos: 0,
     };
     let through = r.u64()?;
@@ -371,8 +462,11 @@ pub fn decode_events(data: &[u8]) -> Result<EventsSnapshot, String> {
         return Err(format!("count {n} exceeds the file"));
     }
     let mut events = Vec::with_capacity(n);
+    let mut encoded = Vec::with_capacity(n);
     for i in 0..n {
-        events.push(v1::Event::decode(r.bytes()?).map_err(|e| format!("event {i}: {e}"))?);
+        let b = r.bytes()?;
+        events.push(v1::Event::decode(b).map_err(|e| format!("event {i}: {e}"))?);
+        encoded.push(Bytes::copy_from_slice(b));
     }
     if r.pos != r.buf.len() {
         return Err("trailing bytes".into());
@@ -381,6 +475,7 @@ pub fn decode_events(data: &[u8]) -> Result<EventsSnapshot, String> {
         through,
         checkpoint,
         events,
+        encoded,
     })
 }
 
@@ -487,24 +582,48 @@ mod tests {
 
     #[test]
     fn events_roundtrip_atomically_on_disk() {
+        use crate::store::events::EventStore;
         let dir = tempfile::tempdir().unwrap();
-        let evs: Vec<Arc<v1::Event>> = (1..=3)
-            .map(|c| {
-                Arc::new(v1::Event {
-                    cursor: c,
-                    node: "n".into(),
+        let mut store = EventStore::new(1 << 20, 1);
+        let senders = [
+            Arc::new(Origin {
+                node: "n".into(),
+                agent_id: "n/a".into(),
+            }),
+            Arc::new(Origin {
+                node: "m".into(),
+                agent_id: "m/a".into(),
+            }),
+        ];
+        let mut want = Vec::new();
+        for c in 1..=3u64 {
+            let mut ev = v1::Event {
+                seq: c,
+                kind: v1::EventKind::DriverLog as i32,
+                received: Some(gpulse_proto::time::from_unix_nanos(1_764_000_000_000_000_123)),
+                payload: Some(v1::event::Payload::DriverLog(v1::DriverLog {
+                    text: format!("line {c}"),
                     ..Default::default()
-                })
-            })
-            .collect();
+                })),
+                ..Default::default()
+            };
+            let o = &senders[(c % 2) as usize];
+            store.push(&ev, &ev.encode_to_vec(), o);
+            ev.cursor = c;
+            ev.node.clone_from(&o.node);
+            ev.agent_id.clone_from(&o.agent_id);
+            want.push(ev);
+        }
         let cp = v1::StoreCheckpoint {
             next_cursor: 4,
             ..Default::default()
         };
-        write_atomic(dir.path(), EVENTS_FILE, &encode_events(3, &cp, &evs)).unwrap();
+        write_atomic(dir.path(), EVENTS_FILE, &encode_events(3, &cp, &store.view())).unwrap();
         let data = read(dir.path(), EVENTS_FILE).unwrap().unwrap();
         let snap = decode_events(&data).unwrap();
-        assert_eq!(snap.events.len(), 3);
+        assert_eq!(snap.events, want);
+        assert_eq!(snap.encoded.len(), 3);
+        assert_eq!(snap.through, 3);
         assert_eq!(snap.checkpoint.next_cursor, 4);
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(dir.path().join(EVENTS_FILE))
@@ -513,6 +632,29 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(read(dir.path(), SERIES_FILE).unwrap().is_none());
-        assert!(decode_events(&data[..data.len() - 2]).is_err());
+        for cut in [0, 9, 30, data.len() / 2, data.len() - 2] {
+            assert!(decode_events(&data[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn events_snapshots_of_earlier_collectors_still_load() {
+        let evs: Vec<v1::Event> = (1..=2)
+            .map(|c| v1::Event {
+                cursor: c,
+                node: "n".into(),
+                ..Default::default()
+            })
+            .collect();
+        let mut out = Out::default();
+        out.0.extend_from_slice(EVENTS_MAGIC_V1);
+        out.u64(2);
+        out.bytes(&v1::StoreCheckpoint::default().encode_to_vec());
+        out.u64(2);
+        for e in &evs {
+            out.bytes(&e.encode_to_vec());
+        }
+        let snap = decode_events(&out.finish()).unwrap();
+        assert_eq!(snap.events, evs);
     }
 }

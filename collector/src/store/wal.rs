@@ -20,7 +20,7 @@ use std::{
 };
 
 use gpulse_proto::v1::{self, StoreCheckpoint};
-use prost::Message;
+use prost::{Message, bytes::Bytes};
 use tracing::{info, warn};
 
 const FRAME_HEADER: usize = 9;
@@ -67,7 +67,11 @@ pub struct Corruption {
 /// What replay recovered.
 #[derive(Debug, Default)]
 pub struct Replay {
+    /// Events with the collector's envelope set, oldest first.
     pub events: Vec<v1::Event>,
+    /// Each event's bytes as the log holds them (`encoded[i]` is `events[i]`), slices of the
+    /// segments read: the store keeps these, as it did when the events arrived.
+    pub encoded: Vec<Bytes>,
     pub checkpoints: Vec<StoreCheckpoint>,
     pub corruptions: Vec<Corruption>,
     pub segments: usize,
@@ -140,10 +144,10 @@ impl Wal {
         let mut segments = Vec::new();
         let count = names.len();
         for (i, (first, path)) in names.into_iter().enumerate() {
-            let data = fs::read(&path).map_err(|err| WalError::Segment {
+            let data = Bytes::from(fs::read(&path).map_err(|err| WalError::Segment {
                 path: path.display().to_string(),
                 err,
-            })?;
+            })?);
             let (valid, last) = replay_segment(&path, &data, &mut replay);
             if valid < data.len() && i + 1 == count {
                 // Cut the damaged tail of the newest segment so appends follow valid frames.
@@ -336,9 +340,21 @@ impl BatchFrame {
     }
 }
 
+impl Replay {
+    fn push(&mut self, ev: v1::Event, encoded: Bytes) {
+        self.events.push(ev);
+        self.encoded.push(encoded);
+    }
+
+    fn truncate(&mut self, n: usize) {
+        self.events.truncate(n);
+        self.encoded.truncate(n);
+    }
+}
+
 /// Replays one batch frame's events into `out`; returns the last cursor, or why it is damaged.
-fn replay_batch(payload: &[u8], out: &mut Replay) -> Result<Option<u64>, String> {
-    let mut buf = payload;
+fn replay_batch(payload: &Bytes, out: &mut Replay) -> Result<Option<u64>, String> {
+    let mut buf: &[u8] = payload;
     let header = BatchHeader::decode_length_delimited(&mut buf)
         .map_err(|e| format!("undecodable batch header: {e}"))?;
     let mut last = None;
@@ -350,7 +366,9 @@ fn replay_batch(payload: &[u8], out: &mut Replay) -> Result<Option<u64>, String>
         if len > buf.len() {
             return Err(format!("batch entry {i} runs past the frame"));
         }
-        let mut ev = v1::Event::decode(&buf[..len])
+        let start = payload.len() - buf.len();
+        let encoded = payload.slice(start..start + len);
+        let mut ev = v1::Event::decode(encoded.as_ref())
             .map_err(|e| format!("undecodable event in batch entry {i}: {e}"))?;
         buf = &buf[len..];
         ev.node.clone_from(&header.node);
@@ -358,7 +376,7 @@ fn replay_batch(payload: &[u8], out: &mut Replay) -> Result<Option<u64>, String>
         ev.received = header.received;
         ev.cursor = header.first_cursor + i;
         last = Some(ev.cursor);
-        out.events.push(ev);
+        out.push(ev, encoded);
         i += 1;
     }
     Ok(last)
@@ -376,7 +394,7 @@ fn frame(buf: &mut Vec<u8>, ty: u8, payload: &[u8]) {
 
 /// Replays one segment's frames into `out`; returns the length of the valid prefix and the last
 /// event cursor seen.
-fn replay_segment(path: &Path, data: &[u8], out: &mut Replay) -> (usize, Option<u64>) {
+fn replay_segment(path: &Path, data: &Bytes, out: &mut Replay) -> (usize, Option<u64>) {
     let mut off = 0;
     let mut last = None;
     let bad = |off: usize, reason: String, out: &mut Replay| {
@@ -405,19 +423,19 @@ fn replay_segment(path: &Path, data: &[u8], out: &mut Replay) -> (usize, Option<
             );
             return (off, last);
         }
-        let payload = &data[off + FRAME_HEADER..off + FRAME_HEADER + len];
+        let payload = data.slice(off + FRAME_HEADER..off + FRAME_HEADER + len);
         let mut h = crc32fast::Hasher::new();
         h.update(&[ty]);
-        h.update(payload);
+        h.update(&payload);
         if h.finalize() != crc {
             bad(off, "checksum mismatch".into(), out);
             return (off, last);
         }
         match ty {
-            TYPE_EVENT => match v1::Event::decode(payload) {
+            TYPE_EVENT => match v1::Event::decode(payload.as_ref()) {
                 Ok(ev) => {
                     last = Some(ev.cursor);
-                    out.events.push(ev);
+                    out.push(ev, payload);
                 }
                 Err(e) => {
                     bad(off, format!("undecodable event: {e}"), out);
@@ -426,17 +444,17 @@ fn replay_segment(path: &Path, data: &[u8], out: &mut Replay) -> (usize, Option<
             },
             TYPE_BATCH => {
                 let before = out.events.len();
-                match replay_batch(payload, out) {
+                match replay_batch(&payload, out) {
                     Ok(l) => last = l.or(last),
                     Err(reason) => {
                         // Half a frame's events are not replayed: the frame is one unit.
-                        out.events.truncate(before);
+                        out.truncate(before);
                         bad(off, reason, out);
                         return (off, last);
                     }
                 }
             }
-            TYPE_CHECKPOINT => match StoreCheckpoint::decode(payload) {
+            TYPE_CHECKPOINT => match StoreCheckpoint::decode(payload.as_ref()) {
                 Ok(c) => out.checkpoints.push(c),
                 Err(e) => {
                     bad(off, format!("undecodable checkpoint: {e}"), out);
