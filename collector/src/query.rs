@@ -61,7 +61,7 @@ fn to_ts(ns: i128) -> prost_types::Timestamp {
 }
 
 fn ms_ts(ms: i64) -> prost_types::Timestamp {
-    ptime::from_unix_nanos(i128::from(ms) * 1_000_000)
+    ptime::from_unix_millis(ms)
 }
 
 fn resolved(w: &Window, oldest_ms: Option<i64>) -> ResolvedWindow {
@@ -586,7 +586,7 @@ pub fn trend_column(
         .map(|((node, index), mut s, uuid, is_other)| {
             let mut total = Agg::EMPTY;
             let mut all_vals = Vec::new();
-            let mut points = Vec::new();
+            let mut points = Vec::with_capacity(n);
             for i in 0..n {
                 let a = s.aggs[i];
                 if a.count == 0 {

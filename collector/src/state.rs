@@ -594,7 +594,7 @@ fn now_ns() -> i128 {
 }
 
 fn ms_ts(ms: i64) -> prost_types::Timestamp {
-    ptime::from_unix_nanos(i128::from(ms) * 1_000_000)
+    ptime::from_unix_millis(ms)
 }
 
 impl State {

@@ -59,7 +59,7 @@ pub fn event_ms(ev: &v1::Event) -> i64 {
     ev.time
         .as_ref()
         .or(ev.received.as_ref())
-        .map_or(0, |t| (ptime::to_unix_nanos(t) / 1_000_000) as i64)
+        .map_or(0, ptime::to_unix_millis)
 }
 
 /// Who sent a batch: the envelope every event of an agent's batches carries, shared by their
@@ -760,7 +760,10 @@ mod tests {
         assert_eq!(r.bytes_by_kind(EventKind::DriverLog), real);
         // ~30-byte events: far below the ~900 bytes a retained decoded event cost.
         let per_event = real / 10_000;
-        assert!((60..120).contains(&per_event), "{per_event} bytes per event");
+        assert!(
+            (60..120).contains(&per_event),
+            "{per_event} bytes per event"
+        );
     }
 
     #[test]

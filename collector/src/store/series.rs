@@ -5,11 +5,7 @@
 //!
 //! A GPU is identified by (node, index); its UUID is kept as an attribute. Every metric column of
 //! a GPU shares the row timestamps, so "per GPU metric series" are the columns of that GPU.
-use std::{
-    cell::RefCell,
-    collections::{HashMap, VecDeque},
-    sync::Arc,
-};
+use std::{cell::RefCell, collections::VecDeque, sync::Arc};
 
 use super::codec::{self, CodecError};
 use crate::FastMap;
@@ -88,28 +84,44 @@ impl Agg {
         }
     }
 
-    /// Adds rows already in time order (NaN = absent) with a tight loop.
+    /// Adds rows already in time order (NaN = absent) in a branch-free loop over four lanes of
+    /// accumulators (the compiler keeps them in vector registers). The sum's order differs from
+    /// one value at a time only in rounding, and not at all for the integer values NVML gives.
     pub fn add_run(&mut self, ts: &[i64], vals: &[f64]) {
-        let (mut min, mut max, mut sum, mut n) = (self.min, self.max, 0.0, 0u32);
-        for &v in vals {
-            // Plain comparisons: NaN (absent) fails both and is skipped below.
-            if v < min {
-                min = v;
-            }
-            if v > max {
-                max = v;
-            }
-            if !v.is_nan() {
-                sum += v;
-                n += 1;
+        const L: usize = 4;
+        let mut min = [self.min; L];
+        let mut max = [self.max; L];
+        let mut sum = [0.0f64; L];
+        let mut n = [0u32; L];
+        let chunks = vals.chunks_exact(L);
+        let tail = chunks.remainder();
+        let mut lane = |k: usize, v: f64| {
+            // Plain comparisons: NaN (absent) fails both; it adds 0 and counts 0.
+            let present = !v.is_nan();
+            min[k] = if v < min[k] { v } else { min[k] };
+            max[k] = if v > max[k] { v } else { max[k] };
+            sum[k] += if present { v } else { 0.0 };
+            n[k] += u32::from(present);
+        };
+        for c in chunks {
+            for (k, v) in c.iter().enumerate() {
+                lane(k, *v);
             }
         }
+        for (k, v) in tail.iter().enumerate() {
+            lane(k, *v);
+        }
+        let n: u32 = n.iter().sum();
         if n == 0 {
             return;
         }
-        self.min = min;
-        self.max = max;
-        self.sum += sum;
+        self.min = min
+            .iter()
+            .fold(f64::INFINITY, |a, b| if *b < a { *b } else { a });
+        self.max = max
+            .iter()
+            .fold(f64::NEG_INFINITY, |a, b| if *b > a { *b } else { a });
+        self.sum += (sum[0] + sum[1]) + (sum[2] + sum[3]);
         self.count += n;
         if let Some(k) = vals.iter().rposition(|v| !v.is_nan())
             && ts[k] >= self.last_ms
@@ -287,7 +299,7 @@ pub struct SeriesStore {
 }
 
 /// Decoded timestamps by (GPU, chunk start).
-type TsCache = HashMap<(GpuId, i64), Arc<[i64]>>;
+type TsCache = FastMap<(GpuId, i64), Arc<[i64]>>;
 
 /// Chunks whose decoded timestamps are cached (~1 KiB each at 120 rows).
 const TS_CACHE_CHUNKS: usize = 4096;
@@ -310,7 +322,7 @@ impl SeriesStore {
             rows: 0,
             rejected_out_of_order: 0,
             rejected_gpus: 0,
-            ts_cache: RefCell::new(HashMap::new()),
+            ts_cache: RefCell::new(FastMap::default()),
         }
     }
 

@@ -374,7 +374,11 @@ pub fn write_events(
 }
 
 /// [`write_events`] into memory (tests).
-pub fn encode_events(through: u64, checkpoint: &v1::StoreCheckpoint, events: &EventsView) -> Vec<u8> {
+pub fn encode_events(
+    through: u64,
+    checkpoint: &v1::StoreCheckpoint,
+    events: &EventsView,
+) -> Vec<u8> {
     let mut out = Vec::new();
     // Writing into a Vec cannot fail.
     let _ = write_events(&mut out, through, checkpoint, events);
@@ -432,8 +436,8 @@ pub fn decode_events(data: &[u8]) -> Result<EventsSnapshot, String> {
         ev.node.clone_from(node);
         ev.agent_id.clone_from(agent_id);
         ev.cursor = cursor;
-        ev.received =
-            (received_ns != i64::MIN).then(|| gpulse_proto::time::from_unix_nanos(i128::from(received_ns)));
+        ev.received = (received_ns != i64::MIN)
+            .then(|| gpulse_proto::time::from_unix_nanos(i128::from(received_ns)));
         events.push(ev);
         encoded.push(Bytes::copy_from_slice(b));
     }
@@ -600,7 +604,9 @@ mod tests {
             let mut ev = v1::Event {
                 seq: c,
                 kind: v1::EventKind::DriverLog as i32,
-                received: Some(gpulse_proto::time::from_unix_nanos(1_764_000_000_000_000_123)),
+                received: Some(gpulse_proto::time::from_unix_nanos(
+                    1_764_000_000_000_000_123,
+                )),
                 payload: Some(v1::event::Payload::DriverLog(v1::DriverLog {
                     text: format!("line {c}"),
                     ..Default::default()
@@ -618,7 +624,12 @@ mod tests {
             next_cursor: 4,
             ..Default::default()
         };
-        write_atomic(dir.path(), EVENTS_FILE, &encode_events(3, &cp, &store.view())).unwrap();
+        write_atomic(
+            dir.path(),
+            EVENTS_FILE,
+            &encode_events(3, &cp, &store.view()),
+        )
+        .unwrap();
         let data = read(dir.path(), EVENTS_FILE).unwrap().unwrap();
         let snap = decode_events(&data).unwrap();
         assert_eq!(snap.events, want);
