@@ -934,7 +934,7 @@ impl State {
             let events = self.ring.view();
             let checkpoint = self.checkpoint();
             self.spawn_snapshot(SnapKind::Events, through, move |w| {
-                snapshot::write_events(w, through, &checkpoint, &events)
+                snapshot::write_events(w, through, &checkpoint, events)
             });
         } else if series_due {
             // Encoded here (compressed chunks are shared, the rest is small); written off-task.

@@ -292,7 +292,7 @@ pub struct WindowPage {
 /// event is copied), walked in cursor order off the state task.
 #[derive(Debug, Default)]
 pub struct EventsView {
-    lanes: Vec<(usize, Vec<Arc<Body>>)>,
+    lanes: Vec<(usize, VecDeque<Arc<Body>>)>,
     events: u64,
 }
 
@@ -304,26 +304,30 @@ impl EventsView {
         self.events == 0
     }
 
-    /// Every event, oldest cursor first (a merge of the lanes).
-    pub fn for_each<'s>(&'s self, mut f: impl FnMut(EventRef<'s>)) {
-        let mut iters: Vec<_> = self
-            .lanes
-            .iter()
-            .map(|(kind, bodies)| bodies.iter().flat_map(|b| b.events(*kind)).peekable())
-            .collect();
+    /// Every event, oldest cursor first (a merge of the lanes). Each block is let go as soon as
+    /// the walk is past it, so blocks the store expired meanwhile are freed during the walk
+    /// rather than after it: a snapshot holds on to at most what expires while it is written.
+    pub fn drain(mut self, mut f: impl FnMut(EventRef<'_>)) {
+        let mut pos = vec![0usize; self.lanes.len()];
         loop {
             let mut best: Option<(usize, u64)> = None;
-            for (i, it) in iters.iter_mut().enumerate() {
-                if let Some(e) = it.peek()
-                    && best.is_none_or(|(_, c)| e.cursor() < c)
+            for (i, (_, q)) in self.lanes.iter_mut().enumerate() {
+                while q.front().is_some_and(|b| pos[i] >= b.recs.len()) {
+                    q.pop_front();
+                    pos[i] = 0;
+                }
+                if let Some(r) = q.front().and_then(|b| b.recs.get(pos[i]))
+                    && best.is_none_or(|(_, c)| r.cursor < c)
                 {
-                    best = Some((i, e.cursor()));
+                    best = Some((i, r.cursor));
                 }
             }
             let Some((i, _)) = best else { break };
-            if let Some(e) = iters[i].next() {
+            let (kind, q) = &self.lanes[i];
+            if let Some(e) = q.front().and_then(|b| b.event(*kind, pos[i])) {
                 f(e);
             }
+            pos[i] += 1;
         }
     }
 }
@@ -739,7 +743,7 @@ mod tests {
         assert!(r.after(1000, 10, |_| true).is_empty());
         assert_eq!(r.events_by_kind(EventKind::Xid), 334);
         let mut all = Vec::new();
-        r.view().for_each(|e| all.push(e.cursor()));
+        r.view().drain(|e| all.push(e.cursor()));
         assert_eq!(all, (1..=1000).collect::<Vec<_>>());
     }
 
@@ -883,9 +887,9 @@ mod tests {
             push(&mut r, ev(i, EventKind::DriverLog));
         }
         assert!(r.expired_total() > 100);
-        let mut seen = Vec::new();
-        view.for_each(|e| seen.push(e.decode().map(|d| d.seq)));
-        assert_eq!(seen, (0..100).map(Some).collect::<Vec<_>>());
         assert_eq!(view.len(), 100);
+        let mut seen = Vec::new();
+        view.drain(|e| seen.push(e.decode().map(|d| d.seq)));
+        assert_eq!(seen, (0..100).map(Some).collect::<Vec<_>>());
     }
 }

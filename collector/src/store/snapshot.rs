@@ -31,6 +31,8 @@ const SERIES_MAGIC: &[u8; 8] = b"GPSER002";
 const EVENTS_MAGIC: &[u8; 8] = b"GPEVT002";
 /// Earlier collectors' events snapshots (still read).
 const EVENTS_MAGIC_V1: &[u8; 8] = b"GPEVT001";
+const ENTRY_SENDER: u8 = 0;
+const ENTRY_EVENT: u8 = 1;
 
 #[derive(Debug, Error)]
 pub enum SnapshotError {
@@ -316,15 +318,17 @@ impl<W: Write> Write for CrcWriter<W> {
 }
 
 /// Streams retained events (oldest cursor first) and the agents' progress into `w`, one event
-/// at a time, from the store's own blocks: no copy of the store is built in memory.
+/// at a time, from the store's own blocks: no copy of the store is built in memory, and blocks
+/// are let go as they are written.
 ///
-/// Body: `through`, the checkpoint, the senders (`node`, `agent_id` pairs) once each, then per
-/// event its cursor, received time (ns), sender index and encoding.
+/// Body: `through`, the checkpoint, the event count, then entries: a sender (tag 0: `node`,
+/// `agent_id`; numbered in order of appearance) before the first event that names it, and
+/// events (tag 1: cursor, received time in ns, sender number, encoding).
 pub fn write_events(
     w: &mut impl Write,
     through: u64,
     checkpoint: &v1::StoreCheckpoint,
-    events: &EventsView,
+    events: EventsView,
 ) -> io::Result<()> {
     let mut w = CrcWriter {
         inner: w,
@@ -335,32 +339,34 @@ pub fn write_events(
     let cp = checkpoint.encode_to_vec();
     w.write_all(&(cp.len() as u32).to_le_bytes())?;
     w.write_all(&cp)?;
-    // Senders by identity: every record of one agent's batches shares one.
-    let mut index: HashMap<*const Origin, u32> = HashMap::new();
-    let mut origins: Vec<&Arc<Origin>> = Vec::new();
-    events.for_each(|e| {
-        let o = e.origin();
-        index.entry(Arc::as_ptr(o)).or_insert_with(|| {
-            origins.push(o);
-            (origins.len() - 1) as u32
-        });
-    });
-    w.write_all(&(origins.len() as u32).to_le_bytes())?;
-    for o in &origins {
-        for s in [&o.node, &o.agent_id] {
-            w.write_all(&(s.len() as u32).to_le_bytes())?;
-            w.write_all(s.as_bytes())?;
-        }
-    }
     w.write_all(&events.len().to_le_bytes())?;
+    // Senders by identity: every record of one agent's batches shares one. The map's keys stay
+    // valid because `senders` holds each Arc until the end.
+    let mut index: HashMap<*const Origin, u32> = HashMap::new();
+    let mut senders: Vec<Arc<Origin>> = Vec::new();
     let mut result = Ok(());
-    events.for_each(|e| {
+    events.drain(|e| {
         if result.is_err() {
             return;
         }
-        let sender = index.get(&Arc::as_ptr(e.origin())).copied().unwrap_or(0);
-        let b = e.encoded();
         result = (|| {
+            let o = e.origin();
+            let sender = match index.get(&Arc::as_ptr(o)) {
+                Some(i) => *i,
+                None => {
+                    let i = senders.len() as u32;
+                    w.write_all(&[ENTRY_SENDER])?;
+                    for s in [&o.node, &o.agent_id] {
+                        w.write_all(&(s.len() as u32).to_le_bytes())?;
+                        w.write_all(s.as_bytes())?;
+                    }
+                    index.insert(Arc::as_ptr(o), i);
+                    senders.push(o.clone());
+                    i
+                }
+            };
+            let b = e.encoded();
+            w.write_all(&[ENTRY_EVENT])?;
             w.write_all(&e.cursor().to_le_bytes())?;
             w.write_all(&e.received_ns().to_le_bytes())?;
             w.write_all(&sender.to_le_bytes())?;
@@ -377,7 +383,7 @@ pub fn write_events(
 pub fn encode_events(
     through: u64,
     checkpoint: &v1::StoreCheckpoint,
-    events: &EventsView,
+    events: EventsView,
 ) -> Vec<u8> {
     let mut out = Vec::new();
     // Writing into a Vec cannot fail.
@@ -405,41 +411,45 @@ pub fn decode_events(data: &[u8]) -> Result<EventsSnapshot, String> {
     let through = r.u64()?;
     let checkpoint =
         v1::StoreCheckpoint::decode(r.bytes()?).map_err(|e| format!("checkpoint: {e}"))?;
-    let n_origins = r.u32()? as usize;
-    if n_origins.saturating_mul(8) > r.buf.len() {
-        return Err(format!("sender count {n_origins} exceeds the file"));
-    }
-    let mut origins = Vec::with_capacity(n_origins);
-    for i in 0..n_origins {
-        let mut s = || {
-            r.bytes().and_then(|b| {
-                String::from_utf8(b.to_vec()).map_err(|_| format!("sender {i} is not UTF-8"))
-            })
-        };
-        origins.push((s()?, s()?));
-    }
     let n = r.u64()? as usize;
-    if n.saturating_mul(24) > r.buf.len() {
+    if n.saturating_mul(25) > r.buf.len() {
         return Err(format!("count {n} exceeds the file"));
     }
+    let mut senders: Vec<(String, String)> = Vec::new();
     let mut events = Vec::with_capacity(n);
     let mut encoded = Vec::with_capacity(n);
-    for i in 0..n {
-        let cursor = r.u64()?;
-        let received_ns = r.i64()?;
-        let sender = r.u32()? as usize;
-        let b = r.bytes()?;
-        let mut ev = v1::Event::decode(b).map_err(|e| format!("event {i}: {e}"))?;
-        let (node, agent_id) = origins
-            .get(sender)
-            .ok_or_else(|| format!("event {i}: sender {sender} of {n_origins}"))?;
-        ev.node.clone_from(node);
-        ev.agent_id.clone_from(agent_id);
-        ev.cursor = cursor;
-        ev.received = (received_ns != i64::MIN)
-            .then(|| gpulse_proto::time::from_unix_nanos(i128::from(received_ns)));
-        events.push(ev);
-        encoded.push(Bytes::copy_from_slice(b));
+    while events.len() < n {
+        let i = events.len();
+        match r.take(1)?[0] {
+            ENTRY_SENDER => {
+                let mut s = || {
+                    r.bytes().and_then(|b| {
+                        String::from_utf8(b.to_vec())
+                            .map_err(|_| format!("sender {} is not UTF-8", senders.len()))
+                    })
+                };
+                let sender = (s()?, s()?);
+                senders.push(sender);
+            }
+            ENTRY_EVENT => {
+                let cursor = r.u64()?;
+                let received_ns = r.i64()?;
+                let sender = r.u32()? as usize;
+                let b = r.bytes()?;
+                let mut ev = v1::Event::decode(b).map_err(|e| format!("event {i}: {e}"))?;
+                let (node, agent_id) = senders
+                    .get(sender)
+                    .ok_or_else(|| format!("event {i}: sender {sender} was never named"))?;
+                ev.node.clone_from(node);
+                ev.agent_id.clone_from(agent_id);
+                ev.cursor = cursor;
+                ev.received = (received_ns != i64::MIN)
+                    .then(|| gpulse_proto::time::from_unix_nanos(i128::from(received_ns)));
+                events.push(ev);
+                encoded.push(Bytes::copy_from_slice(b));
+            }
+            t => return Err(format!("entry before event {i} has unknown tag {t}")),
+        }
     }
     if r.pos != r.buf.len() {
         return Err("trailing bytes".into());
@@ -627,7 +637,7 @@ mod tests {
         write_atomic(
             dir.path(),
             EVENTS_FILE,
-            &encode_events(3, &cp, &store.view()),
+            &encode_events(3, &cp, store.view()),
         )
         .unwrap();
         let data = read(dir.path(), EVENTS_FILE).unwrap().unwrap();
