@@ -3,8 +3,6 @@
 //!
 //! A batch is all or nothing: one bad event rejects the batch with a message that names it, and
 //! the agent keeps (and can inspect) what it sent.
-use std::sync::Arc;
-
 use gpulse_proto::{
     raw::RawBatch,
     v1::{self, Batch, EventKind},
@@ -20,11 +18,12 @@ const MAX_ID_LEN: usize = 256;
 /// envelope fields, node, agent id, cursor and received time, are set on the decoded event and
 /// kept beside the bytes in the store, never encoded into them).
 ///
-/// The event is decoded straight into the `Arc` the store keeps: a decoded event is several
-/// hundred bytes, and moving it from decoder to batch to store cost more than decoding it.
+/// The event is boxed (a decoded event is several hundred bytes, and moving it from decoder to
+/// batch to state cost more than decoding it) and, after ingest, given back to be decoded into
+/// again (see `recycle`).
 #[derive(Clone, Debug)]
 pub struct Wire {
-    pub ev: Arc<v1::Event>,
+    pub ev: Box<v1::Event>,
     pub bytes: Bytes,
 }
 
@@ -33,7 +32,7 @@ impl Wire {
     pub fn encode(ev: v1::Event) -> Self {
         let bytes = Bytes::from(ev.encode_to_vec());
         Self {
-            ev: Arc::new(ev),
+            ev: Box::new(ev),
             bytes,
         }
     }
@@ -137,10 +136,12 @@ impl IngestBatch {
             stream_agent,
         )?;
         let mut events = Vec::with_capacity(raw.events.len());
+        let mut spares = crate::recycle::Spares::for_batch(raw.events.len());
         for (i, mut bytes) in raw.events.into_iter().enumerate() {
-            let mut ev = Arc::new(v1::Event::default());
-            // Just created, so unique: make_mut never copies here.
-            let slot = Arc::make_mut(&mut ev);
+            // An empty event, given back by an earlier batch when one of this payload kind is
+            // spare: decoding into it reuses its strings.
+            let mut ev = spares.take(&bytes);
+            let slot = &mut *ev;
             // From one contiguous slice: prost's fast path.
             slot.merge(bytes.as_ref()).map_err(|e| {
                 Status::invalid_argument(format!(

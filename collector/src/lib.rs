@@ -10,6 +10,7 @@ pub mod mcp;
 pub mod metric;
 pub mod metrics;
 pub mod query;
+pub mod recycle;
 pub mod server;
 pub mod size;
 pub mod state;

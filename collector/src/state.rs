@@ -268,32 +268,35 @@ struct NodeState {
     last_seen: Option<prost_types::Timestamp>,
     xid_source: String,
     agent_detail: String,
-    /// The latest sample event of each GPU (shared with the event store, not copied).
-    gpus: std::collections::BTreeMap<u32, Arc<v1::Event>>,
+    /// The latest sample event of each GPU.
+    gpus: std::collections::BTreeMap<u32, Box<v1::Event>>,
 }
 
-fn note_node(nodes: &mut FastMap<String, NodeState>, ev: &Arc<v1::Event>) {
+/// Updates the node's state from `ev`. A GPU sample is kept as that GPU's latest; what is no
+/// longer needed (the event, or the sample it replaced) is returned for reuse.
+fn note_node(nodes: &mut FastMap<String, NodeState>, ev: Box<v1::Event>) -> Option<Box<v1::Event>> {
     if !nodes.contains_key(&ev.node) {
         if nodes.len() >= MAX_NODES {
-            return;
+            return Some(ev);
         }
         nodes.insert(ev.node.clone(), NodeState::default());
     }
     let Some(n) = nodes.get_mut(&ev.node) else {
-        return;
+        return Some(ev);
     };
     n.last_seen = ev.received.or(ev.time);
     match &ev.payload {
         Some(Payload::AgentStatus(a)) => {
             n.xid_source.clone_from(&a.xid_source);
             n.agent_detail.clone_from(&a.detail);
+            Some(ev)
         }
         Some(Payload::GpuSample(g))
             if n.gpus.contains_key(&g.index) || n.gpus.len() < MAX_GPUS_PER_NODE =>
         {
-            n.gpus.insert(g.index, ev.clone());
+            n.gpus.insert(g.index, ev)
         }
-        _ => {}
+        _ => Some(ev),
     }
 }
 
@@ -506,12 +509,11 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         if ring.restore(&ev, &encoded, &origin).is_none() {
             continue;
         }
-        let ev = Arc::new(ev);
         if ev.cursor > series_through {
             counters.count(&metrics, &ev);
             add_sample(&mut series, &ev);
         }
-        note_node(&mut nodes, &ev);
+        note_node(&mut nodes, Box::new(ev));
     }
     // Frames lost to damage may have carried cursors already handed to subscribers: skip past
     // every cursor they could have held (a frame is at least 9 bytes) so none is ever reused.
@@ -820,13 +822,14 @@ impl State {
         let stored = fresh.len() as u64;
         self.metrics.ingest_events.inc_by(stored);
         let mut wire_bytes = 0;
+        let mut done = Vec::with_capacity(fresh.len());
         for (i, Wire { mut ev, bytes }) in fresh.into_iter().enumerate() {
             wire_bytes += bytes.len() as u64;
             // The batch envelope is authoritative for who sent it. The store keeps the bytes as
             // received and the envelope in its record; the decoded event carries it for
-            // subscribers. (Nothing else holds the event yet, so make_mut never copies, and
-            // agents put their own node and id on every event, so nothing is allocated.)
-            let e = Arc::make_mut(&mut ev);
+            // subscribers. (Agents put their own node and id on every event, so nothing is
+            // allocated here.)
+            let e = &mut *ev;
             if e.node != batch.node {
                 e.node.clone_from(&batch.node);
             }
@@ -851,10 +854,11 @@ impl State {
                     .with_label_values(&[ev.node.as_str(), stage.as_str()])
                     .inc_by(g.missed);
             }
-            note_node(&mut self.nodes, &ev);
             add_sample(&mut self.series, &ev);
             self.fan_out(&ev);
+            done.extend(note_node(&mut self.nodes, ev));
         }
+        crate::recycle::give_back(done);
         self.metrics.ingest_bytes.inc_by(wire_bytes);
         if let Some(e) = self.agents.get_mut(&batch.agent_id) {
             e.progress.through_seq = through;
@@ -984,13 +988,18 @@ impl State {
 
     /// Hands one event to every matching subscriber without ever waiting: a full queue counts a
     /// miss, reported to that subscriber as `Lagged` as soon as it has room again.
-    fn fan_out(&mut self, ev: &Arc<v1::Event>) {
+    fn fan_out(&mut self, ev: &v1::Event) {
+        if self.subscribers.is_empty() {
+            return;
+        }
         let metrics = &self.metrics;
+        // One copy shared by every subscriber that wants the event, made only if one does.
+        let mut shared: Option<Arc<v1::Event>> = None;
         self.subscribers.retain_mut(|s| {
             if s.tx.is_closed() {
                 return false;
             }
-            if !s.filter.matches(&**ev) {
+            if !s.filter.matches(ev) {
                 return true;
             }
             if s.missed > 0 {
@@ -1011,9 +1020,11 @@ impl State {
                     Err(mpsc::error::TrySendError::Closed(_)) => return false,
                 }
             }
-            match s.tx.try_send(SubMsg::Event(ev.clone())) {
+            let ev = shared.get_or_insert_with(|| Arc::new(ev.clone())).clone();
+            let cursor = ev.cursor;
+            match s.tx.try_send(SubMsg::Event(ev)) {
                 Ok(()) => {
-                    s.last_cursor = ev.cursor;
+                    s.last_cursor = cursor;
                     true
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
