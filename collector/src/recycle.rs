@@ -288,6 +288,52 @@ mod tests {
         }
     }
 
+    /// Damaged and arbitrary bytes: a decode into a given-back event succeeds exactly when a
+    /// fresh decode does, with the same result, and reading the payload kind never panics.
+    #[test]
+    fn mutated_bytes_decode_alike_fresh_or_reused() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut seeds: Vec<Vec<u8>> = others().iter().map(Message::encode_to_vec).collect();
+        seeds.push(sample(true).encode_to_vec());
+        seeds.push(sample(false).encode_to_vec());
+        let mut recycled = 0;
+        for i in 0..20_000 {
+            let mut b = seeds[i % seeds.len()].clone();
+            for _ in 0..1 + next() % 3 {
+                if b.is_empty() {
+                    break;
+                }
+                let at = (next() as usize) % b.len();
+                match next() % 3 {
+                    0 => b[at] ^= 1 << (next() % 8),
+                    1 => b.truncate(at),
+                    _ => b.insert(at, next() as u8),
+                }
+            }
+            let _ = payload_kind(&b);
+            let fresh = v1::Event::decode(b.as_slice());
+            let mut spares = Spares::for_batch(1);
+            let mut ev = spares.take(&b);
+            recycled += usize::from(ev.payload.is_some());
+            let reused = ev.merge(b.as_slice()).map(|()| (*ev).clone());
+            match (fresh, reused) {
+                (Ok(a), Ok(b)) => {
+                    assert_eq!(a, b, "case {i}");
+                    give_back([ev]);
+                }
+                (Err(_), Err(_)) => {}
+                (a, b) => panic!("case {i}: fresh {a:?} vs reused {b:?}"),
+            }
+        }
+        assert!(recycled > 100, "given-back events were used ({recycled})");
+    }
+
     #[test]
     fn reset_keeps_capacity_and_nothing_else() {
         let mut ev = sample(true);
