@@ -401,23 +401,50 @@ pub struct EventsSnapshot {
 }
 
 pub fn decode_events(data: &[u8]) -> Result<EventsSnapshot, String> {
-    if data.get(..8) == Some(EVENTS_MAGIC_V1.as_slice()) {
-        return decode_events_v1(data);
-    }
+    // Earlier collectors wrote whole events, envelope included.
+    let v1 = data.get(..8) == Some(EVENTS_MAGIC_V1.as_slice());
     let mut r = In {
-        buf: open_body(data, EVENTS_MAGIC)?,
+        buf: open_body(data, if v1 { EVENTS_MAGIC_V1 } else { EVENTS_MAGIC })?,
         pos: 0,
     };
     let through = r.u64()?;
     let checkpoint =
         v1::StoreCheckpoint::decode(r.bytes()?).map_err(|e| format!("checkpoint: {e}"))?;
     let n = r.u64()? as usize;
-    if n.saturating_mul(25) > r.buf.len() {
+    // The smallest entry: a length (v1); a tag, cursor, time, sender and length (v2).
+    if n.saturating_mul(if v1 { 4 } else { 25 }) > r.buf.len() {
         return Err(format!("count {n} exceeds the file"));
     }
-    let mut senders: Vec<(String, String)> = Vec::new();
     let mut events = Vec::with_capacity(n);
     let mut encoded = Vec::with_capacity(n);
+    if v1 {
+        for i in 0..n {
+            let b = r.bytes()?;
+            events.push(v1::Event::decode(b).map_err(|e| format!("event {i}: {e}"))?);
+            encoded.push(Bytes::copy_from_slice(b));
+        }
+    } else {
+        read_entries(&mut r, n, &mut events, &mut encoded)?;
+    }
+    if r.pos != r.buf.len() {
+        return Err("trailing bytes".into());
+    }
+    Ok(EventsSnapshot {
+        through,
+        checkpoint,
+        events,
+        encoded,
+    })
+}
+
+/// The entries of a current events snapshot: senders, and `n` events with their envelope set.
+fn read_entries(
+    r: &mut In<'_>,
+    n: usize,
+    events: &mut Vec<v1::Event>,
+    encoded: &mut Vec<Bytes>,
+) -> Result<(), String> {
+    let mut senders: Vec<(String, String)> = Vec::new();
     while events.len() < n {
         let i = events.len();
         match r.take(1)?[0] {
@@ -451,46 +478,7 @@ pub fn decode_events(data: &[u8]) -> Result<EventsSnapshot, String> {
             t => return Err(format!("entry before event {i} has unknown tag {t}")),
         }
     }
-    if r.pos != r.buf.len() {
-        return Err("trailing bytes".into());
-    }
-    Ok(EventsSnapshot {
-        through,
-        checkpoint,
-        events,
-        encoded,
-    })
-}
-
-/// Events snapshots of earlier collectors: whole events, envelope included.
-fn decode_events_v1(data: &[u8]) -> Result<EventsSnapshot, String> {
-    let mut r = In {
-        buf: open_body(data, EVENTS_MAGIC_V1)?,
-        pos: 0,
-    };
-    let through = r.u64()?;
-    let checkpoint =
-        v1::StoreCheckpoint::decode(r.bytes()?).map_err(|e| format!("checkpoint: {e}"))?;
-    let n = r.u64()? as usize;
-    if n.saturating_mul(4) > r.buf.len() {
-        return Err(format!("count {n} exceeds the file"));
-    }
-    let mut events = Vec::with_capacity(n);
-    let mut encoded = Vec::with_capacity(n);
-    for i in 0..n {
-        let b = r.bytes()?;
-        events.push(v1::Event::decode(b).map_err(|e| format!("event {i}: {e}"))?);
-        encoded.push(Bytes::copy_from_slice(b));
-    }
-    if r.pos != r.buf.len() {
-        return Err("trailing bytes".into());
-    }
-    Ok(EventsSnapshot {
-        through,
-        checkpoint,
-        events,
-        encoded,
-    })
+    Ok(())
 }
 
 /// Writes `data` to `dir/name` atomically (0600).
