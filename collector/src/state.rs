@@ -26,7 +26,7 @@ use crate::{
     metrics::Metrics,
     query::{self, QueryError},
     store::{
-        events::{EventStore, Origin, event_ms},
+        events::{EventStore, Origin, Senders, event_ms},
         series::{SeriesBudgets, SeriesStore, Tier},
         snapshot::{self, EVENTS_FILE, SERIES_FILE},
         syncer::Syncer,
@@ -466,7 +466,7 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     let mut snap_iter = snap_events.into_iter().zip(snap_encoded).peekable();
     let mut wal_iter = replay.events.into_iter().zip(replay.encoded).peekable();
     // One shared envelope per sender, as at ingest.
-    let mut origins: FastMap<(String, String), Arc<Origin>> = FastMap::default();
+    let mut senders = Senders::default();
     loop {
         let take_snap = match (snap_iter.peek(), wal_iter.peek()) {
             (Some((a, _)), Some((b, _))) => a.cursor <= b.cursor,
@@ -495,17 +495,7 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
             wal_iter.next();
         }
         next_cursor = next_cursor.max(ev.cursor + 1);
-        let origin = match origins.get(&(ev.node.clone(), ev.agent_id.clone())) {
-            Some(o) => o.clone(),
-            None => {
-                let o = Arc::new(Origin {
-                    node: ev.node.clone(),
-                    agent_id: ev.agent_id.clone(),
-                });
-                origins.insert((ev.node.clone(), ev.agent_id.clone()), o.clone());
-                o
-            }
-        };
+        let origin = senders.get(&ev.node, &ev.agent_id);
         if ring.restore(&ev, &encoded, &origin).is_none() {
             continue;
         }

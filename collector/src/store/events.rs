@@ -70,6 +70,34 @@ pub struct Origin {
     pub agent_id: String,
 }
 
+/// One shared [`Origin`] per (node, agent id), for events restored at start-up (ingest shares
+/// one per agent's batches). A lookup allocates nothing once the sender is known.
+#[derive(Debug, Default)]
+pub struct Senders {
+    by_agent: std::collections::HashMap<String, Vec<Arc<Origin>>>,
+}
+
+impl Senders {
+    pub fn get(&mut self, node: &str, agent_id: &str) -> Arc<Origin> {
+        if let Some(o) = self
+            .by_agent
+            .get(agent_id)
+            .and_then(|v| v.iter().find(|o| o.node == node))
+        {
+            return o.clone();
+        }
+        let o = Arc::new(Origin {
+            node: node.to_string(),
+            agent_id: agent_id.to_string(),
+        });
+        self.by_agent
+            .entry(agent_id.to_string())
+            .or_default()
+            .push(o.clone());
+        o
+    }
+}
+
 /// No `received` time (never the case for events the collector stored itself).
 const NO_TIME: i64 = i64::MIN;
 
