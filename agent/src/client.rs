@@ -63,11 +63,16 @@ pub enum ClientError {
 pub fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
     let ep = Endpoint::from_shared(url.to_string())
         .map_err(|e| ClientError::BadUrl(url.into(), e.to_string()))?;
+    // HTTP/2 PINGs even while no batch is in flight, and TCP keepalive under them: a collector
+    // that vanished without a FIN (a node or a network path gone) is noticed within ~30 s and
+    // the agent reconnects, instead of spooling behind a dead stream.
     Ok(ep
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
+        .tcp_keepalive(Some(Duration::from_secs(20)))
         .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10)))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true))
 }
 
 /// Runs until `shutdown` turns true and the spool has been flushed (or the flush timed out).

@@ -246,8 +246,12 @@ async fn serve(cfg: gpulse_collector::state::StoreConfig) -> (tokio::io::DuplexS
             .add_service(IngestServer::new(IngestService {
                 store: store.clone(),
                 metrics,
+                stop: gpulse_collector::shutdown::Shutdown::never(),
             }))
-            .add_service(TelemetryServer::new(TelemetryService { store }))
+            .add_service(TelemetryServer::new(TelemetryService {
+                store,
+                stop: gpulse_collector::shutdown::Shutdown::never(),
+            }))
             .serve_with_incoming(tokio_stream::once(Ok::<_, std::io::Error>(server_io))),
     );
     let (cpu_tx, mut cpu_rx) =

@@ -20,14 +20,17 @@ use crate::{
     ingest::IngestBatch,
     metrics::Metrics,
     query::QueryError,
+    shutdown::{STOPPING, Shutdown},
     state::{StoreError, StoreHandle, SubMsg},
 };
 
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Closed => Status::unavailable(e.to_string()),
-            StoreError::Write(_) => Status::unavailable(e.to_string()),
+            StoreError::Closed | StoreError::Write(_) | StoreError::Failed(_) => {
+                Status::unavailable(e.to_string())
+            }
+            StoreError::TooManySubscribers(_) => Status::resource_exhausted(e.to_string()),
         }
     }
 }
@@ -35,6 +38,8 @@ impl From<StoreError> for Status {
 pub struct IngestService {
     pub store: StoreHandle,
     pub metrics: Metrics,
+    /// Ends every Push stream (after its pending acks) when the collector stops.
+    pub stop: Shutdown,
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<Ack, Status>> + Send>>;
@@ -59,6 +64,7 @@ impl Ingest for IngestService {
             Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
         )>(1024);
         let ack_out = out_tx.clone();
+        let ack_stop = self.stop.clone();
         tokio::spawn(async move {
             while let Some((ack, durable)) = pending_rx.recv().await {
                 if let Some(d) = durable {
@@ -82,11 +88,25 @@ impl Ingest for IngestService {
                     return;
                 }
             }
+            // Every batch read before the stop is acknowledged above; now tell the agent why the
+            // stream ends so it reconnects (to this collector's successor) instead of waiting.
+            if ack_stop.is_triggered() {
+                let _ = ack_out.send(Err(Status::unavailable(STOPPING))).await;
+            }
         });
+        let mut stop = self.stop.clone();
         tokio::spawn(async move {
             let mut agent: Option<String> = None;
             loop {
-                let raw = match inbound.message().await {
+                let next = tokio::select! {
+                    biased;
+                    () = stop.wait() => {
+                        debug!(?peer, "collector stopping: ingest stream ends after its pending acks");
+                        break;
+                    }
+                    next = inbound.message() => next,
+                };
+                let raw = match next {
                     Ok(Some(b)) => b,
                     Ok(None) => break,
                     Err(status) => {
@@ -164,6 +184,8 @@ impl Ingest for IngestService {
 
 pub struct TelemetryService {
     pub store: StoreHandle,
+    /// Ends every Subscribe stream when the collector stops.
+    pub stop: Shutdown,
 }
 
 type SubStream = Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Status>> + Send>>;
@@ -191,7 +213,15 @@ impl Telemetry for TelemetryService {
         let sub = self.store.subscribe(filter, req.after_cursor).await?;
         let replay = stream::iter(sub.replay).map(to_response);
         let live = ReceiverStream::new(sub.live).map(to_response);
-        Ok(Response::new(Box::pin(replay.chain(live))))
+        let mut stop = self.stop.clone();
+        // The stream only ends when the collector stops (or its store task is gone): either way
+        // the client is told to reconnect, and resumes after the last cursor it saw.
+        let ended = stream::once(async { Err(Status::unavailable(STOPPING)) });
+        let stream = replay
+            .chain(live)
+            .take_until(async move { stop.wait().await })
+            .chain(ended);
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn status(

@@ -1,4 +1,5 @@
-//! HTTP endpoints: /healthz (process up), /readyz (store answering), /metrics (Prometheus).
+//! HTTP endpoints: /healthz (the state task alive), /readyz (alive, answering, and able to make
+//! writes durable), /metrics (Prometheus). See `health` for what each one checks.
 use std::time::Duration;
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
@@ -13,13 +14,29 @@ pub struct HttpState {
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
 
+async fn healthz(State(s): State<HttpState>) -> impl IntoResponse {
+    if s.store.is_closed() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unhealthy: the store's state task has ended\n".to_string(),
+        );
+    }
+    match s.store.health().liveness(std::time::Instant::now()) {
+        None => (StatusCode::OK, "ok\n".to_string()),
+        Some(p) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {p}\n")),
+    }
+}
+
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
+    if let Some(p) = s.store.health().readiness(std::time::Instant::now()) {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {p}\n"));
+    }
     match tokio::time::timeout(Duration::from_secs(2), s.store.status()).await {
         Ok(Ok(st)) => (
             StatusCode::OK,

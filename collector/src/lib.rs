@@ -3,6 +3,7 @@
 pub mod counters;
 pub mod filter;
 pub mod grpc;
+pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod json;
@@ -12,6 +13,7 @@ pub mod metrics;
 pub mod query;
 pub mod recycle;
 pub mod server;
+pub mod shutdown;
 pub mod size;
 pub mod state;
 pub mod store;

@@ -8,7 +8,7 @@ use gpulse_collector::{
     size::parse_bytes,
     state::StoreConfig,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 /// The event store is a FIFO of many small heap objects (each event and its strings, expired
 /// oldest first). Under glibc's malloc, ingest spent over a third of its time consolidating free
@@ -63,6 +63,20 @@ struct Args {
     /// crash, not a power loss).
     #[arg(long, default_value = "always", value_parser = ["always", "never"])]
     fsync: String,
+    /// Most open Subscribe streams (gpulse tail, dashboards); more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_subscribers: u64,
+    /// On SIGTERM/SIGINT: end every stream, finish pending acks, sync the log and write the
+    /// sample snapshot within this long, then exit regardless.
+    #[arg(long, default_value = "5s", value_parser = parse_interval)]
+    shutdown_timeout: std::time::Duration,
+    /// HTTP/2 PING (and TCP keepalive) interval on gRPC connections; a peer that does not answer
+    /// within --keepalive-timeout after it is disconnected (a node that lost power).
+    #[arg(long, default_value = "20s", value_parser = parse_interval)]
+    keepalive_interval: std::time::Duration,
+    #[arg(long, default_value = "20s", value_parser = parse_interval)]
+    keepalive_timeout: std::time::Duration,
     /// Per-subscriber queue length before it is marked lagged.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     subscriber_queue: u64,
@@ -109,10 +123,26 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     disable_transparent_huge_pages();
-    tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(run())
+        .build()?;
+    let res = rt.block_on(run());
+    // A snapshot still being written (or a stuck disk) must not hold the exit past the deadline.
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    match res {
+        Ok(Exit::Clean) => Ok(()),
+        Ok(Exit::StoreFailed) => std::process::exit(EXIT_STORE_FAILED),
+        Err(e) => Err(e),
+    }
+}
+
+/// Exit status after a failed fsync: the orchestrator restarts the collector, which replays the
+/// log from disk (what is there is the truth; the page cache no longer is).
+const EXIT_STORE_FAILED: i32 = 3;
+
+enum Exit {
+    Clean,
+    StoreFailed,
 }
 
 /// With THP set to `always`, the kernel backs mimalloc's 2 MiB-aligned regions with huge pages,
@@ -126,7 +156,7 @@ fn disable_transparent_huge_pages() {
     let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
 }
 
-async fn run() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<Exit> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -147,10 +177,9 @@ async fn run() -> anyhow::Result<()> {
         let client = gpulse_proto::v1::telemetry_client::TelemetryClient::new(channel)
             .max_decoding_message_size(64 << 20);
         info!(collector = %collector, "serving MCP on stdio");
-        return gpulse_collector::mcp::serve_stdio(
-            gpulse_collector::mcp::backend::Backend::Remote(client),
-        )
-        .await;
+        gpulse_collector::mcp::serve_stdio(gpulse_collector::mcp::backend::Backend::Remote(client))
+            .await?;
+        return Ok(Exit::Clean);
     }
     let loopback = args.http_listen.ip().is_loopback();
     anyhow::ensure!(
@@ -187,23 +216,61 @@ async fn run() -> anyhow::Result<()> {
     };
     store.snapshot_interval = args.snapshot_interval;
     store.wal_max_bytes = args.wal_max_bytes.unwrap_or(0);
-    let cfg = ServerConfig {
-        grpc_listen: args.grpc_listen,
-        http_listen: args.http_listen,
-        store,
-        max_message_bytes: args.max_message_bytes as usize,
-        mcp: (args.mcp == "on").then(|| gpulse_collector::mcp::HttpOptions {
-            token: args.mcp_token.clone(),
-            allowed_hosts: args.mcp_allowed_hosts.clone(),
-            allowed_origins: args.mcp_allowed_origins.clone(),
-        }),
+    store.max_subscribers = args.max_subscribers as usize;
+    let mut cfg = ServerConfig::new(args.grpc_listen, args.http_listen, store);
+    cfg.max_message_bytes = args.max_message_bytes as usize;
+    cfg.keepalive_interval = args.keepalive_interval;
+    cfg.keepalive_timeout = args.keepalive_timeout;
+    cfg.mcp = (args.mcp == "on").then(|| gpulse_collector::mcp::HttpOptions {
+        token: args.mcp_token.clone(),
+        allowed_hosts: args.mcp_allowed_hosts.clone(),
+        allowed_origins: args.mcp_allowed_origins.clone(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = server::start(cfg, async move {
+        let _ = stop_rx.await;
+    })
+    .await?;
+    let health = running.store.health().clone();
+    let store_failed = async move {
+        while !health.is_sync_failed() {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     };
-    let running = server::start(cfg, shutdown_signal()).await?;
-    let (g, h) = tokio::join!(running.grpc, running.http);
-    g??;
-    h??;
+    let (mut grpc, mut http) = (running.grpc, running.http);
+    let mut exit = Exit::Clean;
+    tokio::select! {
+        () = shutdown_signal() => info!(timeout_s = args.shutdown_timeout.as_secs_f64(), "signal received: stopping"),
+        () = store_failed => {
+            tracing::error!("the store failed (fsync); stopping so a restart replays the log from disk");
+            exit = Exit::StoreFailed;
+        }
+        r = &mut grpc => anyhow::bail!("gRPC server ended: {:?}", r),
+        r = &mut http => anyhow::bail!("HTTP server ended: {:?}", r),
+    }
+    let _ = stop_tx.send(());
+    let deadline = tokio::time::Instant::now() + args.shutdown_timeout;
+    // Streams end at once; the listeners finish their in-flight calls within the deadline.
+    match tokio::time::timeout_at(deadline, async { tokio::join!(&mut grpc, &mut http) }).await {
+        Ok((g, h)) => {
+            g??;
+            h??;
+        }
+        Err(_) => warn!("connections still open at the shutdown deadline; closing them"),
+    }
+    match tokio::time::timeout_at(deadline, running.store.shutdown()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            warn!(error = %e, "store did not stop cleanly; the log replays at the next start")
+        }
+        Err(_) => warn!(
+            "store did not finish its final sync within --shutdown-timeout; the log replays at the next start"
+        ),
+    }
+    grpc.abort();
+    http.abort();
     info!("gpulse-collector stopped");
-    Ok(())
+    Ok(exit)
 }
 
 fn parse_interval(s: &str) -> Result<std::time::Duration, String> {

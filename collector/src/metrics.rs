@@ -12,6 +12,10 @@ pub struct Metrics {
     pub ingest_rejected_batches: IntCounter,
     pub ingest_seq_gap_events: IntCounter,
     pub store_write_errors: IntCounter,
+    pub store_sync_errors: IntCounter,
+    /// 1 while the store takes writes and makes them durable (what /readyz reports).
+    pub store_writable: IntGauge,
+    pub subscribers_refused: IntCounter,
     pub ring_bytes: IntGaugeVec,
     pub ring_events: IntGaugeVec,
     pub ring_budget_bytes: IntGauge,
@@ -91,7 +95,19 @@ impl Metrics {
             )?,
             store_write_errors: c(
                 "gpulse_store_write_errors_total",
-                "Write-ahead log write or sync failures (batches not acknowledged).",
+                "Write-ahead log writes that failed (a full disk, an I/O error): the batch was cut off the log and not acknowledged; the agent resends it.",
+            )?,
+            store_sync_errors: c(
+                "gpulse_store_sync_errors_total",
+                "Write-ahead log fsyncs that failed. Fatal: the collector stops acknowledging and exits so a restart replays the log from disk.",
+            )?,
+            store_writable: g(
+                "gpulse_store_writable",
+                "1 while the write-ahead log takes writes and fsyncs (what /readyz reports); 0 while writes fail.",
+            )?,
+            subscribers_refused: c(
+                "gpulse_subscribers_refused_total",
+                "Subscribe calls refused with RESOURCE_EXHAUSTED because --max-subscribers streams were open.",
             )?,
             ring_bytes: gv(
                 "gpulse_store_ring_bytes",

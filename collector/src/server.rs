@@ -1,5 +1,5 @@
 //! Wiring: store task, gRPC server (ingest, telemetry, reflection, health) and HTTP server.
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use anyhow::Context as _;
 use gpulse_proto::{
@@ -14,6 +14,7 @@ use crate::{
     grpc::{IngestService, TelemetryService},
     http::{self, HttpState},
     metrics::Metrics,
+    shutdown::{self, Shutdown},
     state::{self, StoreConfig, StoreHandle},
 };
 
@@ -26,6 +27,26 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// MCP at `/mcp` on the HTTP address (None: off).
     pub mcp: Option<crate::mcp::HttpOptions>,
+    /// HTTP/2 PING interval on every gRPC connection (and TCP keepalive): a peer that stops
+    /// answering (a node that lost power, a dropped NAT entry) is disconnected after
+    /// `keepalive_interval + keepalive_timeout` instead of staying "connected" forever.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults for everything but the listen addresses and the store.
+    pub fn new(grpc_listen: SocketAddr, http_listen: SocketAddr, store: StoreConfig) -> Self {
+        Self {
+            grpc_listen,
+            http_listen,
+            store,
+            max_message_bytes: 4 << 20,
+            mcp: None,
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
 }
 
 /// A started collector: its bound addresses and handles.
@@ -36,6 +57,8 @@ pub struct Running {
     pub metrics: Metrics,
     pub grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     pub http: tokio::task::JoinHandle<Result<(), std::io::Error>>,
+    /// Fires when `shutdown` resolved and the streams were told to end.
+    pub stopping: Shutdown,
 }
 
 /// Binds both listeners, restores the store and starts serving. `shutdown` resolving stops both
@@ -74,36 +97,49 @@ pub async fn start(
         .set_serving::<TelemetryServer<TelemetryService>>()
         .await;
 
+    let (stop_tx, stop_rx) = shutdown::channel();
     let ingest = IngestServer::new(IngestService {
         store: store.clone(),
         metrics: metrics.clone(),
+        stop: stop_rx.clone(),
     })
     .max_decoding_message_size(cfg.max_message_bytes);
     let telemetry = TelemetryServer::new(TelemetryService {
         store: store.clone(),
+        stop: stop_rx.clone(),
     })
     .max_decoding_message_size(cfg.max_message_bytes)
     .max_encoding_message_size(cfg.max_message_bytes.max(4 << 20));
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_health = health_reporter.clone();
     tokio::spawn(async move {
         shutdown.await;
-        let _ = stop_tx.send(true);
+        info!("stopping: ending every stream, then the listeners");
+        stop_tx.trigger();
+        stop_health
+            .set_not_serving::<IngestServer<IngestService>>()
+            .await;
+        stop_health
+            .set_not_serving::<TelemetryServer<TelemetryService>>()
+            .await;
     });
     let mut grpc_stop = stop_rx.clone();
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .tcp_keepalive(Some(cfg.keepalive_interval))
+            .http2_keepalive_interval(Some(cfg.keepalive_interval))
+            .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
             .add_service(ingest)
             .add_service(telemetry)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(health)
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
-                let _ = grpc_stop.wait_for(|v| *v).await;
+                grpc_stop.wait().await;
             }),
     );
-    let mut http_stop = stop_rx;
+    let mut http_stop = stop_rx.clone();
     let mut app = http::router(HttpState {
         store: store.clone(),
         metrics: metrics.clone(),
@@ -117,7 +153,7 @@ pub async fn start(
     let http = tokio::spawn(async move {
         axum::serve(http_listener, app)
             .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|v| *v).await;
+                http_stop.wait().await;
             })
             .await
     });
@@ -129,5 +165,6 @@ pub async fn start(
         metrics,
         grpc,
         http,
+        stopping: stop_rx,
     })
 }

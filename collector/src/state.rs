@@ -2,6 +2,7 @@
 //! ring, the WAL, and subscriber fan-out. RPC handlers talk to it over a channel, so no lock is
 //! ever held across I/O and ingest order is the store order.
 use std::{
+    collections::VecDeque,
     io::Write as _,
     path::PathBuf,
     sync::Arc,
@@ -22,6 +23,7 @@ use crate::{
     FastMap,
     counters::Counters,
     filter::Filter,
+    health::StoreHealth,
     ingest::{IngestBatch, Wire},
     metrics::Metrics,
     query::{self, QueryError},
@@ -29,8 +31,8 @@ use crate::{
         events::{EventStore, Origin, Senders, event_ms},
         series::{SeriesBudgets, SeriesStore, Tier},
         snapshot::{self, EVENTS_FILE, SERIES_FILE},
-        syncer::Syncer,
-        wal::{BatchHeader, Wal},
+        syncer::{SyncDone, Syncer},
+        wal::{BatchHeader, RotateError, Wal},
     },
 };
 
@@ -52,6 +54,10 @@ pub struct StoreConfig {
     /// Once the log holds more than this, the event store is snapshotted so old segments can go
     /// (0 = twice the ring budget).
     pub wal_max_bytes: u64,
+    /// Most open Subscribe streams; more are refused with RESOURCE_EXHAUSTED.
+    pub max_subscribers: usize,
+    /// Replaces `fdatasync` (tests: a slow or failing disk).
+    pub sync_hook: Option<crate::store::syncer::SyncHook>,
 }
 
 impl StoreConfig {
@@ -66,6 +72,8 @@ impl StoreConfig {
             series: SeriesBudgets::default(),
             snapshot_interval: Duration::from_secs(60),
             wal_max_bytes: 0,
+            max_subscribers: 1024,
+            sync_hook: None,
         }
     }
 }
@@ -99,6 +107,12 @@ pub enum StoreError {
     Closed,
     #[error("writing the write-ahead log failed: {0}")]
     Write(String),
+    #[error(
+        "the store stopped acknowledging after a failed fsync ({0}); it restarts and replays its log"
+    )]
+    Failed(String),
+    #[error("{0} subscribers are open (--max-subscribers); retry later or use another collector")]
+    TooManySubscribers(usize),
 }
 
 pub enum Command {
@@ -118,7 +132,11 @@ pub enum Command {
     Subscribe {
         filter: Filter,
         after: Option<u64>,
-        reply: oneshot::Sender<Subscription>,
+        reply: oneshot::Sender<Result<Subscription, StoreError>>,
+    },
+    /// Make everything written durable, write the sample snapshot if it changed, and stop.
+    Shutdown {
+        reply: oneshot::Sender<Result<(), String>>,
     },
     Status {
         reply: oneshot::Sender<StatusResponse>,
@@ -167,6 +185,7 @@ impl SnapKind {
 #[derive(Clone)]
 pub struct StoreHandle {
     tx: mpsc::Sender<Command>,
+    health: Arc<StoreHealth>,
 }
 
 impl StoreHandle {
@@ -201,6 +220,23 @@ impl StoreHandle {
         self.call(|reply| Command::Ingest { batch, reply }).await?
     }
 
+    /// What /healthz and /readyz report.
+    pub fn health(&self) -> &Arc<StoreHealth> {
+        &self.health
+    }
+
+    /// The state task has ended (stopped, or panicked).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Syncs the log, writes the sample snapshot if it changed, and stops the state task.
+    pub async fn shutdown(&self) -> Result<(), String> {
+        self.call(|reply| Command::Shutdown { reply })
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
     pub async fn disconnected(&self, agent_id: String) {
         let _ = self.tx.send(Command::Disconnected { agent_id }).await;
     }
@@ -215,7 +251,7 @@ impl StoreHandle {
             after,
             reply,
         })
-        .await
+        .await?
     }
 
     /// Node and GPU gauges in the Prometheus text format (rendered from the latest samples at
@@ -302,6 +338,9 @@ fn note_node(nodes: &mut FastMap<String, NodeState>, ev: Box<v1::Event>) -> Opti
 
 struct AgentEntry {
     progress: v1::AgentProgress,
+    /// Highest seq on disk (fsync completed); `progress.through_seq` may be ahead of it while a
+    /// sync runs. Every answer to the agent uses this one.
+    durable_through: u64,
     connections: u32,
     /// The envelope the store records for this agent's events (node as of its latest batch).
     origin: Option<Arc<Origin>>,
@@ -310,6 +349,8 @@ struct AgentEntry {
 impl AgentEntry {
     fn new(progress: v1::AgentProgress) -> Self {
         Self {
+            // Restored progress was read back from disk.
+            durable_through: progress.through_seq,
             progress,
             connections: 0,
             origin: None,
@@ -346,6 +387,14 @@ pub struct State {
     snap_rx: Option<mpsc::Receiver<SnapshotDone>>,
     wal: Wal,
     syncer: Syncer,
+    sync_rx: Option<mpsc::UnboundedReceiver<SyncDone>>,
+    /// Generation of the latest log write handed to the syncer.
+    write_gen: u64,
+    /// Writes waiting for their sync: (generation, agent, seq it makes durable).
+    pending_durable: VecDeque<(u64, Arc<Origin>, u64)>,
+    /// Set by the first failed fsync: nothing is acknowledged any more.
+    failed: Option<String>,
+    health: Arc<StoreHealth>,
     agents: FastMap<String, AgentEntry>,
     subscribers: Vec<Subscriber>,
     metrics: Metrics,
@@ -415,6 +464,7 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
             .or_insert_with(|| AgentEntry::new(p.clone()));
         if p.through_seq > e.progress.through_seq {
             e.progress = p.clone();
+            e.durable_through = p.through_seq;
         }
     };
     let mut next_cursor = 1;
@@ -529,9 +579,21 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     metrics.ring_budget_bytes.set(cfg.ring_bytes as i64);
     let (tx, rx) = mpsc::channel(1024);
     let (snap_tx, snap_rx) = mpsc::channel(4);
+    let (sync_tx, sync_rx) = mpsc::unbounded_channel();
     let rows = series.rows();
+    let health = Arc::new(StoreHealth::default());
+    health.beat();
+    metrics.store_writable.set(1);
     let mut state = State {
-        syncer: Syncer::start()?,
+        syncer: match &cfg.sync_hook {
+            Some(h) => Syncer::start_with(sync_tx, h.sync_fn())?,
+            None => Syncer::start(sync_tx)?,
+        },
+        sync_rx: Some(sync_rx),
+        write_gen: 0,
+        pending_durable: VecDeque::new(),
+        failed: None,
+        health: health.clone(),
         cfg,
         ring,
         series,
@@ -554,7 +616,7 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     state.truncate_wal();
     state.update_gauges();
     tokio::spawn(state.run(rx));
-    Ok(StoreHandle { tx })
+    Ok(StoreHandle { tx, health })
 }
 
 /// Adds a GPU sample event to the sample history.
@@ -593,12 +655,20 @@ impl State {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let Some(mut snap_rx) = self.snap_rx.take() else {
+        let (Some(mut snap_rx), Some(mut sync_rx)) = (self.snap_rx.take(), self.sync_rx.take())
+        else {
             return;
         };
         loop {
             tokio::select! {
+                // Sync results first: they release acks and Hello answers.
+                biased;
+                Some(done) = sync_rx.recv() => self.synced(done),
                 cmd = rx.recv() => match cmd {
+                    Some(Command::Shutdown { reply }) => {
+                        let _ = reply.send(self.shut_down());
+                        return;
+                    }
                     Some(cmd) => self.handle(cmd),
                     None => return,
                 },
@@ -608,7 +678,69 @@ impl State {
                     self.maybe_snapshot();
                 }
             }
+            self.health.beat();
         }
+    }
+
+    /// A round of fsyncs finished: advance each agent's durable seq, or fail the store.
+    fn synced(&mut self, done: SyncDone) {
+        while let Some((generation, _, _)) = self.pending_durable.front()
+            && *generation <= done.through_gen
+        {
+            let Some((_, origin, through)) = self.pending_durable.pop_front() else {
+                break;
+            };
+            if let Some(a) = self.agents.get_mut(&origin.agent_id) {
+                a.durable_through = a.durable_through.max(through);
+            }
+        }
+        if let Some(e) = done.error {
+            self.fail(e);
+        }
+    }
+
+    /// An fsync failed. The dirty pages may be gone while the file system reports later syncs
+    /// as fine, so nothing written since the last good sync can be vouched for: stop
+    /// acknowledging for good (the process exits and its successor replays the log).
+    fn fail(&mut self, error: String) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.metrics.store_sync_errors.inc();
+        self.metrics.store_writable.set(0);
+        self.syncer.poison(error.clone());
+        self.health.sync_failed(&error);
+        self.pending_durable.clear();
+        warn!(error = %error, "fsync failed: the store stops acknowledging; restart to replay the log");
+        self.failed = Some(error);
+    }
+
+    /// Final sync of the log and a sample snapshot, so a restart replays little.
+    fn shut_down(&mut self) -> Result<(), String> {
+        if let Some(e) = &self.failed {
+            return Err(format!("store failed earlier: {e}"));
+        }
+        if let Err(e) = self.wal.sync_handle().sync_data() {
+            self.fail(e.to_string());
+            return Err(format!("final fsync: {e}"));
+        }
+        if self.series.rows() != self.rows_at_last_snapshot || self.series_snap_through == 0 {
+            let through = self.ring.next_cursor() - 1;
+            let data = snapshot::encode_series(
+                through,
+                self.series.metrics(),
+                self.series.gpus(),
+                &self.counters.rows(),
+            );
+            snapshot::write_atomic_with(&self.cfg.data_dir, SERIES_FILE, |w| w.write_all(&data))
+                .map_err(|e| format!("final series snapshot: {e}"))?;
+        }
+        info!(
+            events = self.ring.len(),
+            wal_bytes = self.wal.bytes(),
+            "store synced and stopped"
+        );
+        Ok(())
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -629,7 +761,8 @@ impl State {
                 e.progress.node = node;
                 e.progress.boot_id = boot_id;
                 e.progress.last_seen = Some(ptime::now());
-                let _ = reply.send(e.progress.through_seq);
+                // Only what is on disk: the agent resends the rest (duplicates are dropped).
+                let _ = reply.send(e.durable_through);
                 self.update_gauges();
             }
             Command::Disconnected { agent_id } => {
@@ -646,7 +779,13 @@ impl State {
                 after,
                 reply,
             } => {
-                let _ = reply.send(self.subscribe(filter, after));
+                let r = if self.live_subscribers() >= self.cfg.max_subscribers {
+                    self.metrics.subscribers_refused.inc();
+                    Err(StoreError::TooManySubscribers(self.cfg.max_subscribers))
+                } else {
+                    Ok(self.subscribe(filter, after))
+                };
+                let _ = reply.send(r);
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -669,7 +808,16 @@ impl State {
                 let _ = reply.send(query::trend(&self.series, req, now_ns()));
                 self.observe("Trend", t);
             }
+            Command::Shutdown { reply } => {
+                let _ = reply.send(self.shut_down());
+            }
         }
+    }
+
+    /// Subscribers whose streams are still open (closed ones are only swept at fan-out).
+    fn live_subscribers(&mut self) -> usize {
+        self.subscribers.retain(|s| !s.tx.is_closed());
+        self.subscribers.len()
     }
 
     fn snapshot_done(&mut self, done: SnapshotDone) {
@@ -708,6 +856,9 @@ impl State {
     }
 
     fn ingest(&mut self, batch: IngestBatch) -> Result<IngestOutcome, StoreError> {
+        if let Some(e) = &self.failed {
+            return Err(StoreError::Failed(e.clone()));
+        }
         let received = ptime::now();
         let entry = self
             .agents
@@ -784,11 +935,15 @@ impl State {
         self.duplicates += duplicates;
         self.metrics.ingest_duplicates.inc_by(duplicates);
         if fresh.is_empty() {
+            // All resent. They may be written but not yet synced (an earlier stream's batch):
+            // the answer waits for a sync like any other, never vouching for the page cache.
+            let durable = (through > entry_durable(&self.agents, &batch.agent_id))
+                .then(|| self.request_sync(origin, through));
             return Ok(IngestOutcome {
                 through_seq: through,
                 duplicates,
                 stored: 0,
-                durable: None,
+                durable,
             });
         }
 
@@ -806,8 +961,17 @@ impl State {
             .append_batch(&header, fresh.iter().map(|w| w.bytes.as_ref()))
         {
             self.metrics.store_write_errors.inc();
-            warn!(error = %e, agent = %batch.agent_id, "WAL append failed; batch not stored");
+            self.metrics.store_writable.set(0);
+            if !self.health.is_write_failing() {
+                warn!(error = %e, agent = %batch.agent_id, "WAL append failed; batch cut off the log and not acknowledged (agents resend); /readyz fails until a write succeeds");
+            }
+            self.health.write_failed(&e.to_string());
             return Err(StoreError::Write(e.to_string()));
+        }
+        if self.health.is_write_failing() {
+            info!("WAL writes succeed again");
+            self.health.write_ok();
+            self.metrics.store_writable.set(1);
         }
         let stored = fresh.len() as u64;
         self.metrics.ingest_events.inc_by(stored);
@@ -855,17 +1019,17 @@ impl State {
             e.progress.last_seen = Some(received);
             e.progress.node.clone_from(&batch.node);
         }
-        let durable = if self.cfg.fsync {
-            Some(self.syncer.request(self.wal.sync_handle()))
-        } else {
-            None
-        };
+        let durable = Some(self.request_sync(origin, through));
         // The checkpoint copies every agent's progress: build it only when a segment starts.
         if self.wal.needs_rotation() {
             let checkpoint = self.checkpoint();
-            if let Err(e) = self.wal.maybe_rotate(self.ring.next_cursor(), &checkpoint) {
-                self.metrics.store_write_errors.inc();
-                warn!(error = %e, "WAL rotation failed; continuing in the current segment");
+            match self.wal.maybe_rotate(self.ring.next_cursor(), &checkpoint) {
+                Ok(_) => {}
+                Err(RotateError::Sync(e)) => self.fail(e.to_string()),
+                Err(e @ RotateError::Write(_)) => {
+                    self.metrics.store_write_errors.inc();
+                    warn!(error = %e, "WAL rotation failed; continuing in the current segment");
+                }
             }
         }
         self.truncate_wal();
@@ -876,6 +1040,27 @@ impl State {
             stored,
             durable,
         })
+    }
+
+    /// Asks the syncer to make everything written so far durable; `origin`'s agent is durable
+    /// through `through` once it did. Without fsync, a write counts as durable at once.
+    fn request_sync(
+        &mut self,
+        origin: Arc<Origin>,
+        through: u64,
+    ) -> oneshot::Receiver<Result<(), String>> {
+        if !self.cfg.fsync {
+            if let Some(a) = self.agents.get_mut(&origin.agent_id) {
+                a.durable_through = a.durable_through.max(through);
+            }
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Ok(()));
+            return rx;
+        }
+        self.write_gen += 1;
+        self.pending_durable
+            .push_back((self.write_gen, origin, through));
+        self.syncer.request(self.wal.sync_handle(), self.write_gen)
     }
 
     fn observe(&self, rpc: &str, t: Instant) {
@@ -1360,4 +1545,8 @@ impl State {
             .agents_connected
             .set(self.agents.values().filter(|a| a.connections > 0).count() as i64);
     }
+}
+
+fn entry_durable(agents: &FastMap<String, AgentEntry>, agent_id: &str) -> u64 {
+    agents.get(agent_id).map_or(0, |a| a.durable_through)
 }

@@ -31,13 +31,12 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 async fn reflection_health_and_http_endpoints() {
     let dir = tempfile::tempdir().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let cfg = ServerConfig {
-        grpc_listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        store: StoreConfig::new(dir.path().to_path_buf()),
-        mcp: Some(gpulse_collector::mcp::HttpOptions::default()),
-        max_message_bytes: 4 << 20,
-    };
+    let mut cfg = ServerConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+        StoreConfig::new(dir.path().to_path_buf()),
+    );
+    cfg.mcp = Some(gpulse_collector::mcp::HttpOptions::default());
     let running = server::start(cfg, async move {
         let _ = stop_rx.await;
     })

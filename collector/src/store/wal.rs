@@ -86,13 +86,45 @@ struct Segment {
     bytes: u64,
 }
 
-#[derive(Debug)]
+/// How frames reach the file: `write_all`, or in tests a layer that fails part-way as a full
+/// disk does.
+pub type WriteFn = Box<dyn FnMut(&File, &[u8]) -> io::Result<()> + Send>;
+
+fn write_all(f: &File, buf: &[u8]) -> io::Result<()> {
+    let mut f = f;
+    f.write_all(buf)
+}
+
+/// Why a segment could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    /// Syncing the full segment failed: fatal to the store (see `syncer`).
+    #[error("fsync before rotation: {0}")]
+    Sync(io::Error),
+    #[error("starting a new segment: {0}")]
+    Write(io::Error),
+}
+
 pub struct Wal {
     dir: PathBuf,
     segments: Vec<Segment>,
     file: Arc<File>,
     max_segment_bytes: u64,
     buf: Vec<u8>,
+    write: WriteFn,
+    /// A failed write could not be cut off: the open segment ends in a torn frame that must be
+    /// cut before anything else is appended.
+    torn: bool,
+}
+
+impl std::fmt::Debug for Wal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wal")
+            .field("dir", &self.dir)
+            .field("segments", &self.segments)
+            .field("torn", &self.torn)
+            .finish_non_exhaustive()
+    }
 }
 
 fn seg_name(first_cursor: u64) -> String {
@@ -195,19 +227,41 @@ impl Wal {
                 file: Arc::new(file),
                 max_segment_bytes,
                 buf: Vec::new(),
+                write: Box::new(write_all),
+                torn: false,
             },
             replay,
         ))
     }
 
+    /// Replaces how frames are written (fault injection in tests).
+    pub fn set_write_fn(&mut self, write: WriteFn) {
+        self.write = write;
+    }
+
+    /// Cuts the open segment back to its last complete frame.
+    fn cut_torn_tail(&mut self) -> io::Result<()> {
+        let good = self.segments.last().map_or(0, |s| s.bytes);
+        self.file.set_len(good)?;
+        self.torn = false;
+        Ok(())
+    }
+
     /// Appends one batch's events (each encoded without the header's fields, cursors from
     /// `header.first_cursor` on) with one write. Not yet durable: pass [`Wal::sync_handle`] to
     /// the syncer.
+    ///
+    /// A failed write (a full disk) may leave part of the frames in the file; they are cut off
+    /// again at once, so the next batch follows the last good frame and replay never meets a
+    /// torn frame with acknowledged data behind it. Nothing of a failed batch is kept.
     pub fn append_batch<'a>(
         &mut self,
         header: &BatchHeader,
         events: impl IntoIterator<Item = &'a [u8]>,
     ) -> io::Result<()> {
+        if self.torn {
+            self.cut_torn_tail()?;
+        }
         self.buf.clear();
         let mut frame = BatchFrame::start(&mut self.buf, header);
         let mut count = 0u64;
@@ -230,7 +284,13 @@ impl Wal {
             return Ok(());
         }
         frame.finish(&mut self.buf);
-        (&*self.file).write_all(&self.buf)?;
+        if let Err(e) = (self.write)(&self.file, &self.buf) {
+            self.torn = true;
+            if let Err(cut) = self.cut_torn_tail() {
+                warn!(error = %cut, "could not cut a failed WAL write; retried before the next append");
+            }
+            return Err(e);
+        }
         if let Some(seg) = self.segments.last_mut() {
             seg.bytes += self.buf.len() as u64;
             seg.last_cursor = seg.last_cursor.max(header.first_cursor + count - 1);
@@ -251,24 +311,35 @@ impl Wal {
         &mut self,
         next_cursor: u64,
         checkpoint: &StoreCheckpoint,
-    ) -> io::Result<bool> {
+    ) -> Result<bool, RotateError> {
         let full = self
             .segments
             .last()
             .is_some_and(|s| s.bytes >= self.max_segment_bytes);
-        if !full {
+        if !full || self.torn {
             return Ok(false);
         }
-        self.file.sync_data()?;
+        self.file.sync_data().map_err(RotateError::Sync)?;
         let path = self.dir.join(seg_name(next_cursor));
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)?;
         let mut buf = Vec::new();
         frame(&mut buf, TYPE_CHECKPOINT, &checkpoint.encode_to_vec());
-        (&file).write_all(&buf)?;
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|file| (self.write)(&file, &buf).map(|()| file));
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                // A half-written checkpoint must not start the segment a later attempt appends
+                // to (the name is the same): remove it and stay in the current segment.
+                if e.kind() != io::ErrorKind::AlreadyExists {
+                    let _ = fs::remove_file(&path);
+                }
+                return Err(RotateError::Write(e));
+            }
+        };
         self.file = Arc::new(file);
         self.segments.push(Segment {
             path,
@@ -531,6 +602,72 @@ mod tests {
             let mode = e.unwrap().metadata().unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600);
         }
+    }
+
+    /// A disk that fills up part-way through a write: the first `ok_writes` writes succeed,
+    /// the next `failures` write half their bytes and fail with ENOSPC, then space is back.
+    fn filling_disk(ok_writes: usize, failures: usize) -> WriteFn {
+        let mut n = 0;
+        Box::new(move |f, buf| {
+            n += 1;
+            if n > ok_writes && n <= ok_writes + failures {
+                let mut f = f;
+                f.write_all(&buf[..buf.len() / 2])?;
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            write_all(f, buf)
+        })
+    }
+
+    #[test]
+    fn a_failed_write_is_cut_back_so_later_frames_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = Wal::open(dir.path(), 1 << 20).unwrap();
+        w.set_write_fn(filling_disk(1, 2));
+        append(&mut w, &[1, 2]);
+        let size = |d: &Path| fs::metadata(d.join(seg_name(1))).unwrap().len();
+        let good = size(dir.path());
+        for _ in 0..2 {
+            let bytes = [ev(3).encode_to_vec()];
+            let e = w
+                .append_batch(&header(3), bytes.iter().map(Vec::as_slice))
+                .unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+            assert_eq!(size(dir.path()), good, "the half frame is cut at once");
+            assert_eq!(w.bytes(), good);
+        }
+        // Space is back: the batch is written again and everything after it replays.
+        append(&mut w, &[3, 4]);
+        append(&mut w, &[5]);
+        drop(w);
+        let (_, r) = Wal::open(dir.path(), 1 << 20).unwrap();
+        assert!(r.corruptions.is_empty(), "{:?}", r.corruptions);
+        assert_eq!(
+            r.events.iter().map(|e| e.cursor).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+    }
+
+    #[test]
+    fn a_failed_rotation_leaves_no_half_segment_and_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = Wal::open(dir.path(), 64).unwrap();
+        append(&mut w, &[1, 2, 3]);
+        assert!(w.needs_rotation());
+        w.set_write_fn(filling_disk(0, 1));
+        let cp = StoreCheckpoint {
+            agents: Vec::new(),
+            next_cursor: 4,
+        };
+        assert!(matches!(w.maybe_rotate(4, &cp), Err(RotateError::Write(_))));
+        assert!(!dir.path().join(seg_name(4)).exists());
+        assert_eq!(w.segment_count(), 1);
+        assert!(w.maybe_rotate(4, &cp).unwrap());
+        append(&mut w, &[4]);
+        drop(w);
+        let (_, r) = Wal::open(dir.path(), 64).unwrap();
+        assert!(r.corruptions.is_empty(), "{:?}", r.corruptions);
+        assert_eq!(r.events.len(), 4);
     }
 
     #[test]

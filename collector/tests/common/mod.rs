@@ -45,10 +45,12 @@ pub async fn start_with_limit(cfg: StoreConfig, max_message: usize) -> Harness {
     let ingest = IngestServer::new(IngestService {
         store: store.clone(),
         metrics: metrics.clone(),
+        stop: gpulse_collector::shutdown::Shutdown::never(),
     })
     .max_decoding_message_size(max_message);
     let telemetry = TelemetryServer::new(TelemetryService {
         store: store.clone(),
+        stop: gpulse_collector::shutdown::Shutdown::never(),
     });
     tokio::spawn(
         Server::builder()

@@ -1,0 +1,277 @@
+//! Acks only for what is on disk, a failed fsync stops the store, a bounded number of
+//! subscribers, and a stop that ends every stream. In-process gRPC (tokio duplex) with a
+//! fault-injecting fsync, plus one real listener for the stop.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::{
+    io,
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::*;
+use gpulse_collector::{
+    health::Problem,
+    server::{self, ServerConfig},
+    state::StoreConfig,
+    store::syncer::SyncHook,
+};
+use gpulse_proto::v1::{SubscribeRequest, telemetry_client::TelemetryClient};
+
+/// An fsync that waits until the gate opens (a slow disk).
+#[derive(Clone, Default)]
+struct Gate(Arc<(Mutex<bool>, Condvar)>);
+
+impl Gate {
+    fn open(&self) {
+        *self.0.0.lock().unwrap() = true;
+        self.0.1.notify_all();
+    }
+
+    fn hook(&self) -> SyncHook {
+        let g = self.clone();
+        SyncHook(Arc::new(move |f| {
+            let (lock, cv) = &*g.0;
+            let open = cv
+                .wait_timeout_while(lock.lock().unwrap(), Duration::from_secs(20), |o| !*o)
+                .unwrap();
+            drop(open);
+            f.sync_data()
+        }))
+    }
+}
+
+/// Opens a stream for `agent` and returns what its Hello was answered with.
+async fn hello(h: &Harness, agent: &str) -> (AgentStream, u64) {
+    let (s, ack) = AgentStream::open(h, agent, "node-a").await;
+    (s, ack.through_seq)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_wait_for_the_sync_and_hello_reports_only_what_is_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Gate::default();
+    let mut cfg = store_config(dir.path());
+    cfg.sync_hook = Some(gate.hook());
+    let h = start(cfg).await;
+
+    let (mut a, through) = hello(&h, "agent-1").await;
+    assert_eq!(through, 0);
+    a.tx.send(gpulse_proto::v1::Batch {
+        agent_id: "agent-1".into(),
+        node: "node-a".into(),
+        boot_id: "b".into(),
+        first_seq: 1,
+        events: vec![xid(79, "one"), xid(79, "two"), xid(79, "three")],
+    })
+    .await
+    .unwrap();
+    // Written, not synced: no ack yet, and a reconnecting agent is told nothing is safe.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), a.acks.message())
+            .await
+            .is_err(),
+        "acknowledged before the fsync finished"
+    );
+    let (mut b, through) = hello(&h, "agent-1").await;
+    assert_eq!(through, 0, "Hello vouched for data still in the page cache");
+
+    // The resend is all duplicates: its answer waits for the sync too.
+    let resend = tokio::spawn(async move {
+        let ack = b
+            .send(1, vec![xid(79, "one"), xid(79, "two"), xid(79, "three")])
+            .await;
+        (b, ack)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !resend.is_finished(),
+        "duplicate-only answer before the sync"
+    );
+    gate.open();
+    let ack = tokio::time::timeout(Duration::from_secs(5), a.acks.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(ack.through_seq, 3);
+    let (_b, dup) = tokio::time::timeout(Duration::from_secs(5), resend)
+        .await
+        .unwrap()
+        .unwrap();
+    let dup = dup.unwrap();
+    assert_eq!((dup.through_seq, dup.duplicates), (3, 3));
+
+    // Once the sync is reported to the store, Hello says so.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_c, through) = hello(&h, "agent-1").await;
+        if through == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Hello never reached 3: {through}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_fsync_stops_acks_for_good_and_fails_readiness() {
+    let dir = tempfile::tempdir().unwrap();
+    let failing = Arc::new(AtomicBool::new(false));
+    let f = failing.clone();
+    let mut cfg = store_config(dir.path());
+    cfg.sync_hook = Some(SyncHook(Arc::new(move |file| {
+        if f.load(Ordering::SeqCst) {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            file.sync_data()
+        }
+    })));
+    let h = start(cfg).await;
+    let (mut a, _) = hello(&h, "agent-1").await;
+    assert_eq!(
+        a.send(1, vec![xid(79, "safe")]).await.unwrap().through_seq,
+        1
+    );
+
+    failing.store(true, Ordering::SeqCst);
+    let err = a.send(2, vec![xid(79, "lost?")]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(h.store.health().is_sync_failed());
+    let p = h.store.health().readiness(Instant::now());
+    assert!(matches!(p, Some(Problem::SyncFailed(_))), "{p:?}");
+    assert_eq!(h.metrics.store_sync_errors.get(), 1);
+    assert_eq!(h.metrics.store_writable.get(), 0);
+
+    // The disk "recovers"; the store does not believe it: nothing more is acknowledged, and a
+    // reconnecting agent keeps everything after seq 1.
+    failing.store(false, Ordering::SeqCst);
+    let (mut b, through) = hello(&h, "agent-1").await;
+    assert_eq!(through, 1);
+    let err = b.send(2, vec![xid(79, "lost?")]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(err.message().contains("fsync"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn subscribers_beyond_the_cap_are_refused_until_one_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = store_config(dir.path());
+    cfg.max_subscribers = 2;
+    let h = start(cfg).await;
+    let s1 = subscribe(&h, SubscribeRequest::default()).await;
+    let _s2 = subscribe(&h, SubscribeRequest::default()).await;
+    let err = TelemetryClient::new(h.channel.clone())
+        .subscribe(SubscribeRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("--max-subscribers"), "{err}");
+    assert_eq!(h.metrics.subscribers_refused.get(), 1);
+    drop(s1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match TelemetryClient::new(h.channel.clone())
+            .subscribe(SubscribeRequest::default())
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+                assert!(
+                    Instant::now() < deadline,
+                    "the closed stream's slot never freed"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// The stop of `SIGTERM`: 100 subscribers and an agent stream open, every stream ends with
+/// UNAVAILABLE and both servers finish within the default 5 s budget.
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_ends_every_stream_with_unavailable_and_the_servers_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let cfg = ServerConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+        StoreConfig::new(dir.path().to_path_buf()),
+    );
+    let running = server::start(cfg, async move {
+        let _ = stop_rx.await;
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{}", running.grpc_addr);
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut subs = Vec::new();
+    for _ in 0..100 {
+        subs.push(
+            TelemetryClient::new(channel.clone())
+                .subscribe(SubscribeRequest::default())
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let h = Harness {
+        store: running.store.clone(),
+        metrics: running.metrics.clone(),
+        channel: channel.clone(),
+    };
+    let (mut agent, _) = hello(&h, "agent-1").await;
+    assert_eq!(
+        agent.send(1, vec![xid(79, "x")]).await.unwrap().through_seq,
+        1
+    );
+
+    let t = Instant::now();
+    stop_tx.send(()).unwrap();
+    for (i, s) in subs.iter_mut().enumerate() {
+        // The event sent above may come first; then the stream must end with UNAVAILABLE.
+        let end = loop {
+            match tokio::time::timeout(Duration::from_secs(5), s.message()).await {
+                Ok(Ok(Some(_))) => continue,
+                Ok(r) => break r,
+                Err(_) => panic!("subscriber {i} still open 5 s after the stop"),
+            }
+        };
+        let status = end.expect_err("a stream that just ends leaves tail unsure why");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+        assert!(status.message().contains("shutting down"), "{status}");
+    }
+    let status = tokio::time::timeout(Duration::from_secs(5), agent.acks.message())
+        .await
+        .expect("the agent stream stays open after the stop")
+        .expect_err("the agent stream must end with a status");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    drop((subs, agent, channel, h));
+    let (g, w) = tokio::time::timeout(Duration::from_secs(5), async {
+        tokio::join!(running.grpc, running.http)
+    })
+    .await
+    .expect("servers still running 5 s after the stop");
+    g.unwrap().unwrap();
+    w.unwrap().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "stop took {:?}",
+        t.elapsed()
+    );
+    running.store.shutdown().await.unwrap();
+    assert!(running.store.is_closed() || running.store.status().await.is_err());
+}
