@@ -103,6 +103,9 @@ fn init_tracing(format: &str) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log that cannot be written (a full disk, a closed pipe) must not take the process
+        // down: tracing-subscriber reports such errors with eprintln!, which panics then.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
         b.json().init();
