@@ -5,6 +5,12 @@
 //! resends everything after it. Events are sent as soon as they are spooled (an XID is never held
 //! back to fill a batch); when several are waiting they go together, up to the batch limits. The
 //! collector drops duplicates by (agent_id, seq), so resends are harmless.
+//!
+//! A batch the collector refuses (invalid, too large, or holding a payload it does not know) is
+//! never resent as it was: the agent halves its batches and sends them one at a time until the
+//! refused batch is a single event, sets that event aside as a `Gap{COLLECTOR_REFUSED}` with
+//! the collector's reason, and goes on (batches grow back as acks arrive). No answer makes the
+//! agent resend the same batch forever.
 use std::{sync::Arc, time::Duration};
 
 use gpulse_proto::v1::{Ack, Batch, ingest_client::IngestClient};
@@ -59,6 +65,54 @@ pub enum ClientError {
     BadAck { acked: u64, sent: u64 },
 }
 
+impl ClientError {
+    /// The collector refused what was sent (not a broken connection): resending the same
+    /// batch would be refused again.
+    fn refusal(&self) -> Option<&tonic::Status> {
+        match self {
+            ClientError::Status(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::InvalidArgument
+                        | tonic::Code::OutOfRange
+                        | tonic::Code::ResourceExhausted
+                ) =>
+            {
+                Some(s)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// How many events the next batches carry. Below the configured maximum the client is
+/// isolating a refused event: it sends one batch at a time, so a refusal names its batch.
+#[derive(Debug)]
+struct BatchLimit {
+    max: usize,
+    now: usize,
+}
+
+impl BatchLimit {
+    fn probing(&self) -> bool {
+        self.now < self.max
+    }
+
+    /// A batch of `n` events starting after `acked` was refused with `status`. Returns the
+    /// seq to set aside when the batch was a single event.
+    fn refused(&mut self, sent_one: bool, acked: u64) -> Option<u64> {
+        if sent_one {
+            return Some(acked + 1);
+        }
+        self.now = (self.now / 2).max(1);
+        None
+    }
+
+    fn acked(&mut self) {
+        self.now = (self.now * 2).min(self.max);
+    }
+}
+
 /// Validates the URL early so a typo is a clear start-up error, not an endless reconnect loop.
 pub fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
     let ep = Endpoint::from_shared(url.to_string())
@@ -84,19 +138,52 @@ pub async fn run(
 ) -> Result<(), ClientError> {
     let ep = endpoint(&cfg.collector)?;
     let mut backoff = cfg.backoff_min;
+    let mut limit = BatchLimit {
+        max: cfg.max_batch_events.max(1),
+        now: cfg.max_batch_events.max(1),
+    };
     loop {
         if *shutdown.borrow() && spool.lock().is_empty() {
             return Ok(());
         }
         let started = tokio::time::Instant::now();
-        match session(&cfg, &ep, &spool, &stats, &mut shutdown).await {
+        let mut last_batch = 0;
+        match session(
+            &cfg,
+            &ep,
+            &spool,
+            &stats,
+            &mut shutdown,
+            &mut limit,
+            &mut last_batch,
+        )
+        .await
+        {
             Ok(()) => return Ok(()),
             Err(e) => {
                 // Whatever was in flight on the dead connection is unsent again.
-                {
+                let acked = {
                     let mut s = spool.lock();
                     let acked = s.acked_through();
                     s.rewind_sent(acked);
+                    acked
+                };
+                // A refusal of the Hello itself (last_batch 0) is no batch's fault: back off.
+                if let Some(status) = e.refusal()
+                    && last_batch > 0
+                {
+                    // Probing sends one batch at a time, so the refused batch starts right
+                    // after what is acknowledged.
+                    let single = limit.probing() && last_batch == 1;
+                    if let Some(seq) = limit.refused(single, acked) {
+                        let kind = spool.lock().set_aside(seq, status.message());
+                        AgentStats::add(&stats.events_refused, 1);
+                        warn!(seq, kind = ?kind, reason = %status.message(), "collector refused one event; set aside as a gap, delivering the rest");
+                    } else {
+                        warn!(reason = %status.message(), batch_events = limit.now, "collector refused a batch; resending in smaller batches to isolate the event");
+                    }
+                    // Our batch, not the collector, was at fault: go again at once.
+                    continue;
                 }
                 if *shutdown.borrow() {
                     warn!(error = %e, unacked = spool.lock().len(), "collector unreachable during shutdown; unsent events are lost with this process");
@@ -132,6 +219,8 @@ async fn session(
     spool: &Arc<SharedSpool>,
     stats: &Arc<AgentStats>,
     shutdown: &mut watch::Receiver<bool>,
+    limit: &mut BatchLimit,
+    last_batch: &mut usize,
 ) -> Result<(), ClientError> {
     let channel = ep.connect().await?;
     let mut client = IngestClient::new(channel)
@@ -163,11 +252,17 @@ async fn session(
             let (events, acked) = {
                 let s = spool.lock();
                 let acked = s.acked_through();
-                if sent_through.saturating_sub(acked) >= cfg.max_in_flight {
+                // While isolating a refused event, one batch at a time.
+                let window = if limit.probing() {
+                    1
+                } else {
+                    cfg.max_in_flight
+                };
+                if sent_through.saturating_sub(acked) >= window {
                     (Vec::new(), acked)
                 } else {
                     (
-                        s.unsent(sent_through, cfg.max_batch_events, cfg.max_batch_bytes),
+                        s.unsent(sent_through, limit.now, cfg.max_batch_bytes),
                         acked,
                     )
                 }
@@ -177,6 +272,7 @@ async fn session(
             };
             let first_seq = events[0].seq;
             let n = events.len() as u64;
+            *last_batch = events.len();
             debug!(first_seq, n, acked, "sending batch");
             spool.lock().mark_sent(last);
             tx.send(batch(cfg, first_seq, events))
@@ -196,6 +292,9 @@ async fn session(
                 }
                 let n = spool.lock().ack(ack.through_seq);
                 AgentStats::add(&stats.events_acked, n);
+                if n > 0 {
+                    limit.acked();
+                }
             }
             _ = spool.notify.notified() => {}
             _ = shutdown.changed() => {}

@@ -306,6 +306,7 @@ async fn main() -> anyhow::Result<()> {
                 sent = AgentStats::get(&stats_log.events_sent),
                 acked = AgentStats::get(&stats_log.events_acked),
                 reconnects = AgentStats::get(&stats_log.reconnects),
+                refused = AgentStats::get(&stats_log.events_refused),
                 "agent counters"
             );
         }

@@ -142,6 +142,41 @@ impl Spool {
         self.events.insert(k, (gap, size));
     }
 
+    /// The collector refused the unacknowledged event `seq` on its own: replace it (same seq) by
+    /// a `Gap{COLLECTOR_REFUSED}` notice carrying `reason`, so the events behind it can go.
+    /// Returns the kind of the event set aside, or None if `seq` is not spooled.
+    pub fn set_aside(&mut self, seq: u64, reason: &str) -> Option<EventKind> {
+        let (ev, sz) = self
+            .events
+            .iter_mut()
+            .find(|(e, _)| e.seq == seq && seq > self.acked_through)?;
+        let kind = EventKind::try_from(ev.kind).unwrap_or(EventKind::Unspecified);
+        let mut reason = reason.to_string();
+        reason.truncate(reason.floor_char_boundary(512));
+        let gap = v1::Event {
+            seq,
+            time: ev.time.or_else(|| Some(gpulse_proto::time::now())),
+            node: std::mem::take(&mut ev.node),
+            agent_id: std::mem::take(&mut ev.agent_id),
+            kind: EventKind::Gap as i32,
+            severity: v1::Severity::Warning as i32,
+            payload: Some(Payload::Gap(v1::Gap {
+                stage: GapStage::CollectorRefused as i32,
+                missed: 1,
+                detail: format!(
+                    "collector refused event seq {seq} ({}): {reason}",
+                    kind.short_name()
+                ),
+            })),
+            ..Default::default()
+        };
+        self.bytes -= *sz;
+        *sz = gap.encoded_len();
+        self.bytes += *sz;
+        *ev = gap;
+        Some(kind)
+    }
+
     /// The client handed everything up to `seq` to the transport.
     pub fn mark_sent(&mut self, seq: u64) {
         self.sent_through = self.sent_through.max(seq);
@@ -398,6 +433,41 @@ mod tests {
             .sum();
         assert_eq!(shed, s.samples_shed());
         assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    }
+
+    #[test]
+    fn a_refused_event_is_set_aside_as_a_gap_with_its_seq() {
+        let mut s = Spool::new(SpoolLimits::default());
+        for t in ["a", "poison", "c"] {
+            s.push(ev(t));
+        }
+        let before = s.bytes();
+        assert_eq!(
+            s.set_aside(2, "events[0] (seq 2) has no payload"),
+            Some(EventKind::DriverLog)
+        );
+        let all = s.unsent(0, 10, 1 << 20);
+        assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        match &all[1].payload {
+            Some(Payload::Gap(g)) => {
+                assert_eq!(g.stage, GapStage::CollectorRefused as i32);
+                assert_eq!(g.missed, 1);
+                assert!(
+                    g.detail.contains("seq 2 (driver_log): events[0]"),
+                    "{}",
+                    g.detail
+                );
+            }
+            other => panic!("not a gap: {other:?}"),
+        }
+        assert_eq!(
+            s.bytes(),
+            all.iter().map(|e| e.encoded_len()).sum::<usize>()
+        );
+        assert_ne!(s.bytes(), before);
+        s.ack(1);
+        assert_eq!(s.set_aside(1, "acked already"), None);
+        assert_eq!(s.set_aside(9, "never spooled"), None);
     }
 
     #[test]

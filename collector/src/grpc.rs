@@ -44,6 +44,17 @@ pub struct IngestService {
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<Ack, Status>> + Send>>;
 
+/// What the ack task sends next, in batch order.
+enum Pending {
+    /// An ack, once its batch is durable.
+    Ack(
+        Ack,
+        Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+    ),
+    /// The stream ends with this status after the acks before it.
+    Refused(Status),
+}
+
 #[tonic::async_trait]
 impl Ingest for IngestService {
     type PushStream = AckStream;
@@ -58,40 +69,42 @@ impl Ingest for IngestService {
         let metrics = self.metrics.clone();
         let (out_tx, out_rx) = mpsc::channel::<Result<Ack, Status>>(64);
         // Acks go out in batch order, each once its batch is durable; reading the next batch
-        // never waits for the previous one's fsync.
-        let (pending_tx, mut pending_rx) = mpsc::channel::<(
-            Ack,
-            Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
-        )>(1024);
-        let ack_out = out_tx.clone();
+        // never waits for the previous one's fsync. A refusal queues behind the acks of the
+        // batches before it, so the agent knows exactly which batch was refused.
+        let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(1024);
         let ack_stop = self.stop.clone();
         tokio::spawn(async move {
-            while let Some((ack, durable)) = pending_rx.recv().await {
+            while let Some(p) = pending_rx.recv().await {
+                let (ack, durable) = match p {
+                    Pending::Ack(ack, durable) => (ack, durable),
+                    Pending::Refused(status) => {
+                        let _ = out_tx.send(Err(status)).await;
+                        return;
+                    }
+                };
                 if let Some(d) = durable {
                     match d.await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => {
-                            let _ = ack_out
+                            let _ = out_tx
                                 .send(Err(Status::unavailable(format!("store sync failed: {e}"))))
                                 .await;
                             return;
                         }
                         Err(_) => {
-                            let _ = ack_out
-                                .send(Err(Status::unavailable("store stopped")))
-                                .await;
+                            let _ = out_tx.send(Err(Status::unavailable("store stopped"))).await;
                             return;
                         }
                     }
                 }
-                if ack_out.send(Ok(ack)).await.is_err() {
+                if out_tx.send(Ok(ack)).await.is_err() {
                     return;
                 }
             }
             // Every batch read before the stop is acknowledged above; now tell the agent why the
             // stream ends so it reconnects (to this collector's successor) instead of waiting.
             if ack_stop.is_triggered() {
-                let _ = ack_out.send(Err(Status::unavailable(STOPPING))).await;
+                let _ = out_tx.send(Err(Status::unavailable(STOPPING))).await;
             }
         });
         let mut stop = self.stop.clone();
@@ -112,7 +125,7 @@ impl Ingest for IngestService {
                     Err(status) => {
                         // e.g. a message over --max-message-bytes: tell the agent why.
                         debug!(?peer, %status, "ingest stream ended with an error");
-                        let _ = out_tx.send(Err(status)).await;
+                        let _ = pending_tx.send(Pending::Refused(status)).await;
                         break;
                     }
                 };
@@ -122,7 +135,7 @@ impl Ingest for IngestService {
                     Err(status) => {
                         metrics.ingest_rejected_batches.inc();
                         warn!(?peer, agent = %raw_agent, error = %status.message(), "rejected malformed batch");
-                        let _ = out_tx.send(Err(status)).await;
+                        let _ = pending_tx.send(Pending::Refused(status)).await;
                         break;
                     }
                 };
@@ -140,7 +153,7 @@ impl Ingest for IngestService {
                             agent = Some(batch.agent_id.clone());
                             if batch.events.is_empty() {
                                 let _ = pending_tx
-                                    .send((
+                                    .send(Pending::Ack(
                                         Ack {
                                             through_seq: through,
                                             duplicates: 0,
@@ -152,7 +165,7 @@ impl Ingest for IngestService {
                             }
                         }
                         Err(e) => {
-                            let _ = out_tx.send(Err(e.into())).await;
+                            let _ = pending_tx.send(Pending::Refused(e.into())).await;
                             break;
                         }
                     }
@@ -163,12 +176,12 @@ impl Ingest for IngestService {
                             through_seq: o.through_seq,
                             duplicates: o.duplicates,
                         };
-                        if pending_tx.send((ack, o.durable)).await.is_err() {
+                        if pending_tx.send(Pending::Ack(ack, o.durable)).await.is_err() {
                             break;
                         }
                     }
                     Err(e) => {
-                        let _ = out_tx.send(Err(e.into())).await;
+                        let _ = pending_tx.send(Pending::Refused(e.into())).await;
                         break;
                     }
                 }
