@@ -43,7 +43,10 @@ pub type SyncFn = Box<dyn Fn(&File) -> io::Result<()> + Send>;
 /// A replacement for `fdatasync` carried in the store's configuration (fault injection: a slow
 /// or failing disk in tests).
 #[derive(Clone)]
-pub struct SyncHook(pub Arc<dyn Fn(&File) -> io::Result<()> + Send + Sync>);
+pub struct SyncHook(pub Arc<SharedSyncFn>);
+
+/// The shareable form of [`SyncFn`].
+pub type SharedSyncFn = dyn Fn(&File) -> io::Result<()> + Send + Sync;
 
 impl std::fmt::Debug for SyncHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
