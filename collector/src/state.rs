@@ -32,7 +32,7 @@ use crate::{
         series::{SeriesBudgets, SeriesStore, Tier},
         snapshot::{self, EVENTS_FILE, SERIES_FILE},
         syncer::{SyncDone, Syncer},
-        wal::{BatchHeader, RotateError, Wal},
+        wal::{BatchHeader, Replayed, RotateError, Wal},
     },
 };
 
@@ -437,13 +437,70 @@ fn load_snapshot<T>(
     }
 }
 
+/// Opens the events snapshot for streaming, reporting (not failing on) a damaged one.
+fn open_events_snapshot(cfg: &StoreConfig, metrics: &Metrics) -> Option<snapshot::EventsReader> {
+    match snapshot::EventsReader::open(&cfg.data_dir, EVENTS_FILE) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "events snapshot damaged or unreadable; skipped (the write-ahead log still replays)");
+            metrics
+                .snapshot_failures
+                .with_label_values(&[SnapKind::Events.name(), "load"])
+                .inc();
+            None
+        }
+    }
+}
+
+/// Raises `agents`' progress to `p` (restored progress counts as durable: it was read back).
+fn merge_progress(agents: &mut FastMap<String, AgentEntry>, p: &v1::AgentProgress) {
+    match agents.get_mut(&p.agent_id) {
+        Some(e) if p.through_seq > e.progress.through_seq => {
+            e.progress = p.clone();
+            e.durable_through = p.through_seq;
+        }
+        Some(_) => {}
+        None => {
+            agents.insert(p.agent_id.clone(), AgentEntry::new(p.clone()));
+        }
+    }
+}
+
+/// Raises an agent's progress to a replayed event's seq (allocating only for a new agent).
+fn merge_event_progress(agents: &mut FastMap<String, AgentEntry>, ev: &v1::Event) {
+    match agents.get_mut(&ev.agent_id) {
+        Some(e) => {
+            if ev.seq > e.progress.through_seq {
+                e.progress.through_seq = ev.seq;
+                e.durable_through = ev.seq;
+                e.progress.last_seen = ev.received;
+                if e.progress.node != ev.node {
+                    e.progress.node.clone_from(&ev.node);
+                }
+            }
+        }
+        None => merge_progress(
+            agents,
+            &v1::AgentProgress {
+                agent_id: ev.agent_id.clone(),
+                through_seq: ev.seq,
+                node: ev.node.clone(),
+                boot_id: String::new(),
+                last_seen: ev.received,
+            },
+        ),
+    }
+}
+
 /// Opens the store (snapshots, then the WAL after them) and starts the state task.
+///
+/// Restart memory stays within the running budget: the events snapshot and the log are
+/// streamed (one snapshot entry, one log segment at a time) straight into the store, which
+/// copies what it keeps into its own blocks and expires as it would at ingest.
 pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::Error> {
-    let (wal, replay) = Wal::open(&cfg.data_dir, cfg.wal_segment_bytes)?;
+    let mut wal_replay = Wal::replay(&cfg.data_dir, cfg.wal_segment_bytes)?;
     let n_metrics = query::metric_count();
-    let events_snap = load_snapshot(&cfg, &metrics, EVENTS_FILE, SnapKind::Events, |d| {
-        snapshot::decode_events(d)
-    });
+    let events_snap = open_events_snapshot(&cfg, &metrics);
     let series_snap = load_snapshot(&cfg, &metrics, SERIES_FILE, SnapKind::Series, |d| {
         snapshot::decode_series(d).and_then(|s| {
             if s.metrics == n_metrics {
@@ -458,44 +515,17 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     });
     let mut ring = EventStore::new(cfg.ring_bytes, 1);
     let mut agents: FastMap<String, AgentEntry> = FastMap::default();
-    let mut merge = |p: &v1::AgentProgress| {
-        let e = agents
-            .entry(p.agent_id.clone())
-            .or_insert_with(|| AgentEntry::new(p.clone()));
-        if p.through_seq > e.progress.through_seq {
-            e.progress = p.clone();
-            e.durable_through = p.through_seq;
-        }
-    };
     let mut next_cursor = 1;
-    let (events_through, snap_events, snap_encoded) = match events_snap {
+    let events_through = match &events_snap {
         Some(es) => {
             for a in &es.checkpoint.agents {
-                merge(a);
+                merge_progress(&mut agents, a);
             }
             next_cursor = next_cursor.max(es.checkpoint.next_cursor);
-            (es.through, es.events, es.encoded)
+            es.through
         }
-        None => (0, Vec::new(), Vec::new()),
+        None => 0,
     };
-    for cp in &replay.checkpoints {
-        for a in &cp.agents {
-            merge(a);
-        }
-        next_cursor = next_cursor.max(cp.next_cursor);
-    }
-    for ev in &replay.events {
-        merge(&v1::AgentProgress {
-            agent_id: ev.agent_id.clone(),
-            through_seq: ev.seq,
-            node: ev.node.clone(),
-            boot_id: String::new(),
-            last_seen: ev.received,
-        });
-    }
-    metrics
-        .wal_corruptions
-        .inc_by(replay.corruptions.len() as u64);
     let mut counters = Counters::default();
     let (series_through, mut series) = match series_snap {
         Some(ss) => {
@@ -507,54 +537,111 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         }
         None => (0, SeriesStore::new(n_metrics, cfg.series)),
     };
-    let from_snapshot = snap_events.len();
-    let restored = replay.events.len();
+    let mut from_snapshot = 0;
+    let mut restored = 0;
     let mut nodes = FastMap::default();
-    // Snapshot events (cursor <= events_through) and log events, merged in cursor order. Log
-    // events the events snapshot covers feed counters and samples (they may have expired from
-    // the store before it was written) but are not put back into the store.
-    let mut snap_iter = snap_events.into_iter().zip(snap_encoded).peekable();
-    let mut wal_iter = replay.events.into_iter().zip(replay.encoded).peekable();
-    // One shared envelope per sender, as at ingest.
-    let mut senders = Senders::default();
-    loop {
-        let take_snap = match (snap_iter.peek(), wal_iter.peek()) {
-            (Some((a, _)), Some((b, _))) => a.cursor <= b.cursor,
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-            (None, None) => break,
-        };
-        let ((ev, encoded), from_snap) = match if take_snap {
-            snap_iter.next()
-        } else {
-            wal_iter.next()
-        } {
-            Some(e) => (e, take_snap),
-            None => break,
-        };
-        if !from_snap && ev.cursor <= events_through {
-            // Covered by the events snapshot (or expired before it): history only.
+    // Checkpoints met in the log: agents' progress and the next cursor, merged after the loop.
+    let mut cp_agents: FastMap<String, v1::AgentProgress> = FastMap::default();
+    let mut cp_next_cursor = 1;
+    {
+        // Snapshot events (cursor <= events_through) and log events, merged in cursor order. Log
+        // events the events snapshot covers feed counters and samples (they may have expired
+        // from the store before it was written) but are not put back into the store.
+        let snap_metrics = metrics.clone();
+        let mut snap_iter = events_snap
+            .into_iter()
+            .flatten()
+            .map_while(|r| match r {
+                Ok((e, b)) => Some((Box::new(e), b)),
+                Err(reason) => {
+                    warn!(%reason, "events snapshot ends early; the rest is skipped");
+                    snap_metrics
+                        .snapshot_failures
+                        .with_label_values(&[SnapKind::Events.name(), "load"])
+                        .inc();
+                    None
+                }
+            })
+            .peekable();
+        let mut wal_iter = wal_replay
+            .by_ref()
+            .filter_map(|item| match item {
+                Replayed::Event(ev, encoded) => Some((ev, encoded)),
+                Replayed::Checkpoint(cp) => {
+                    cp_next_cursor = cp_next_cursor.max(cp.next_cursor);
+                    // Bounded by the agents the collector tracks: keep the highest per agent.
+                    for a in cp.agents {
+                        match cp_agents.get_mut(&a.agent_id) {
+                            Some(p) if a.through_seq > p.through_seq => *p = a,
+                            Some(_) => {}
+                            None => {
+                                cp_agents.insert(a.agent_id.clone(), a);
+                            }
+                        }
+                    }
+                    None
+                }
+            })
+            .peekable();
+        // One shared envelope per sender, as at ingest.
+        let mut senders = Senders::default();
+        loop {
+            let take_snap = match (snap_iter.peek(), wal_iter.peek()) {
+                (Some((a, _)), Some((b, _))) => a.cursor <= b.cursor,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            let ((ev, encoded), from_snap) = match if take_snap {
+                snap_iter.next()
+            } else {
+                wal_iter.next()
+            } {
+                Some(e) => (e, take_snap),
+                None => break,
+            };
+            if from_snap {
+                from_snapshot += 1;
+            } else {
+                restored += 1;
+                merge_event_progress(&mut agents, &ev);
+            }
+            if !from_snap && ev.cursor <= events_through {
+                // Covered by the events snapshot (or expired before it): history only.
+                if ev.cursor > series_through {
+                    counters.count(&metrics, &ev);
+                    add_sample(&mut series, &ev);
+                }
+                continue;
+            }
+            if from_snap && wal_iter.peek().is_some_and(|(w, _)| w.cursor == ev.cursor) {
+                // The same event is in the log too: keep one.
+                if let Some((w, _)) = wal_iter.next() {
+                    restored += 1;
+                    merge_event_progress(&mut agents, &w);
+                }
+            }
+            next_cursor = next_cursor.max(ev.cursor + 1);
+            let origin = senders.get(&ev.node, &ev.agent_id);
+            if ring.restore(&ev, &encoded, &origin).is_none() {
+                continue;
+            }
+            drop(encoded);
             if ev.cursor > series_through {
                 counters.count(&metrics, &ev);
                 add_sample(&mut series, &ev);
             }
-            continue;
+            note_node(&mut nodes, ev);
         }
-        if from_snap && wal_iter.peek().is_some_and(|(w, _)| w.cursor == ev.cursor) {
-            // The same event is in the log too: keep one.
-            wal_iter.next();
-        }
-        next_cursor = next_cursor.max(ev.cursor + 1);
-        let origin = senders.get(&ev.node, &ev.agent_id);
-        if ring.restore(&ev, &encoded, &origin).is_none() {
-            continue;
-        }
-        if ev.cursor > series_through {
-            counters.count(&metrics, &ev);
-            add_sample(&mut series, &ev);
-        }
-        note_node(&mut nodes, Box::new(ev));
     }
+    for p in cp_agents.values() {
+        merge_progress(&mut agents, p);
+    }
+    next_cursor = next_cursor.max(cp_next_cursor);
+    let (wal, replay) = wal_replay.finish()?;
+    metrics
+        .wal_corruptions
+        .inc_by(replay.corruptions.len() as u64);
     // Frames lost to damage may have carried cursors already handed to subscribers: skip past
     // every cursor they could have held (a frame is at least 9 bytes) so none is ever reused.
     for c in &replay.corruptions {

@@ -391,94 +391,195 @@ pub fn encode_events(
     out
 }
 
-pub struct EventsSnapshot {
+/// An events snapshot read one entry at a time from the file (restart memory stays within the
+/// store's budget: neither the file nor a list of its events is ever held whole). The checksum
+/// is verified by a first streaming pass before any entry is handed out.
+pub struct EventsReader {
+    r: io::BufReader<File>,
     pub through: u64,
     pub checkpoint: v1::StoreCheckpoint,
-    /// Events with the collector's envelope set, oldest cursor first.
-    pub events: Vec<v1::Event>,
-    /// Each event's encoding as stored (`encoded[i]` is `events[i]`).
-    pub encoded: Vec<Bytes>,
+    v1: bool,
+    total: u64,
+    read: u64,
+    /// Body bytes left before the checksum (entries never read past it).
+    left: u64,
+    senders: Vec<(String, String)>,
+    failed: bool,
 }
 
-pub fn decode_events(data: &[u8]) -> Result<EventsSnapshot, String> {
-    // Earlier collectors wrote whole events, envelope included.
-    let v1 = data.get(..8) == Some(EVENTS_MAGIC_V1.as_slice());
-    let mut r = In {
-        buf: open_body(data, if v1 { EVENTS_MAGIC_V1 } else { EVENTS_MAGIC })?,
-        pos: 0,
-    };
-    let through = r.u64()?;
-    let checkpoint =
-        v1::StoreCheckpoint::decode(r.bytes()?).map_err(|e| format!("checkpoint: {e}"))?;
-    let n = r.u64()? as usize;
-    // The smallest entry: a length (v1); a tag, cursor, time, sender and length (v2).
-    if n.saturating_mul(if v1 { 4 } else { 25 }) > r.buf.len() {
-        return Err(format!("count {n} exceeds the file"));
+/// Streams `f` once to check the trailing CRC-32 over everything before it.
+fn verify_crc(f: &mut File, len: u64) -> io::Result<bool> {
+    use io::{Read, Seek};
+    f.seek(io::SeekFrom::Start(0))?;
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len - 4;
+    while left > 0 {
+        let n = (left as usize).min(buf.len());
+        f.read_exact(&mut buf[..n])?;
+        h.update(&buf[..n]);
+        left -= n as u64;
     }
-    let mut events = Vec::with_capacity(n);
-    let mut encoded = Vec::with_capacity(n);
-    if v1 {
-        for i in 0..n {
-            let b = r.bytes()?;
-            events.push(v1::Event::decode(b).map_err(|e| format!("event {i}: {e}"))?);
-            encoded.push(Bytes::copy_from_slice(b));
-        }
-    } else {
-        read_entries(&mut r, n, &mut events, &mut encoded)?;
-    }
-    if r.pos != r.buf.len() {
-        return Err("trailing bytes".into());
-    }
-    Ok(EventsSnapshot {
-        through,
-        checkpoint,
-        events,
-        encoded,
-    })
+    let mut crc = [0u8; 4];
+    f.read_exact(&mut crc)?;
+    Ok(h.finalize() == u32::from_le_bytes(crc))
 }
 
-/// The entries of a current events snapshot: senders, and `n` events with their envelope set.
-fn read_entries(
-    r: &mut In<'_>,
-    n: usize,
-    events: &mut Vec<v1::Event>,
-    encoded: &mut Vec<Bytes>,
-) -> Result<(), String> {
-    let mut senders: Vec<(String, String)> = Vec::new();
-    while events.len() < n {
-        let i = events.len();
-        match r.take(1)?[0] {
-            ENTRY_SENDER => {
-                let mut s = || {
-                    r.bytes().and_then(|b| {
-                        String::from_utf8(b.to_vec())
-                            .map_err(|_| format!("sender {} is not UTF-8", senders.len()))
-                    })
-                };
-                let sender = (s()?, s()?);
-                senders.push(sender);
+impl EventsReader {
+    /// Opens `dir/name`: `Ok(None)` when it does not exist; `Err(Corrupt)` when its magic or
+    /// checksum is wrong.
+    pub fn open(dir: &Path, name: &str) -> Result<Option<Self>, SnapshotError> {
+        use io::{Read, Seek};
+        let path = dir.join(name);
+        let io_err = |err| SnapshotError::Io {
+            path: path.display().to_string(),
+            err,
+        };
+        let mut f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(e)),
+        };
+        let len = f.metadata().map_err(io_err)?.len();
+        let mut magic = [0u8; 8];
+        if len < 12 + 8 + 4 + 8 || f.read_exact(&mut magic).is_err() {
+            return Err(corrupt(
+                dir,
+                name,
+                "not a gpulse snapshot of this kind".into(),
+            ));
+        }
+        let v1 = &magic == EVENTS_MAGIC_V1;
+        if !v1 && &magic != EVENTS_MAGIC {
+            return Err(corrupt(
+                dir,
+                name,
+                "not a gpulse snapshot of this kind".into(),
+            ));
+        }
+        if !verify_crc(&mut f, len).map_err(io_err)? {
+            return Err(corrupt(dir, name, "checksum mismatch".into()));
+        }
+        f.seek(io::SeekFrom::Start(8)).map_err(io_err)?;
+        let mut me = Self {
+            r: io::BufReader::with_capacity(1 << 20, f),
+            through: 0,
+            checkpoint: v1::StoreCheckpoint::default(),
+            v1,
+            total: 0,
+            read: 0,
+            left: len - 8 - 4,
+            senders: Vec::new(),
+            failed: false,
+        };
+        let head = (|| {
+            me.through = me.u64()?;
+            let cp = me.bytes()?;
+            me.checkpoint = v1::StoreCheckpoint::decode(cp.as_slice())
+                .map_err(|e| format!("checkpoint: {e}"))?;
+            me.total = me.u64()?;
+            // The smallest entry: a length (v1); a tag, cursor, time, sender and length (v2).
+            if me.total.saturating_mul(if v1 { 4 } else { 25 }) > me.left {
+                return Err(format!("count {} exceeds the file", me.total));
             }
-            ENTRY_EVENT => {
-                let cursor = r.u64()?;
-                let received_ns = r.i64()?;
-                let sender = r.u32()? as usize;
-                let b = r.bytes()?;
-                let mut ev = v1::Event::decode(b).map_err(|e| format!("event {i}: {e}"))?;
-                let (node, agent_id) = senders
-                    .get(sender)
-                    .ok_or_else(|| format!("event {i}: sender {sender} was never named"))?;
-                ev.node.clone_from(node);
-                ev.agent_id.clone_from(agent_id);
-                ev.cursor = cursor;
-                ev.received = (received_ns != i64::MIN)
-                    .then(|| gpulse_proto::time::from_unix_nanos(i128::from(received_ns)));
-                events.push(ev);
-                encoded.push(Bytes::copy_from_slice(b));
+            Ok(())
+        })();
+        head.map_err(|reason| corrupt(dir, name, reason))?;
+        Ok(Some(me))
+    }
+
+    fn take(&mut self, buf: &mut [u8]) -> Result<(), String> {
+        use io::Read;
+        if buf.len() as u64 > self.left {
+            return Err("an entry runs past the end".into());
+        }
+        self.r
+            .read_exact(buf)
+            .map_err(|e| format!("reading: {e}"))?;
+        self.left -= buf.len() as u64;
+        Ok(())
+    }
+
+    fn arr<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut a = [0u8; N];
+        self.take(&mut a)?;
+        Ok(a)
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.arr()?))
+    }
+
+    fn bytes(&mut self) -> Result<Vec<u8>, String> {
+        let n = u64::from(u32::from_le_bytes(self.arr()?));
+        if n > self.left {
+            return Err("an entry runs past the end".into());
+        }
+        let mut b = vec![0u8; n as usize];
+        self.take(&mut b)?;
+        Ok(b)
+    }
+
+    /// The next event with its envelope set and its encoding as stored.
+    fn entry(&mut self) -> Result<(v1::Event, Bytes), String> {
+        let i = self.read;
+        if self.v1 {
+            let b = Bytes::from(self.bytes()?);
+            let ev = v1::Event::decode(b.as_ref()).map_err(|e| format!("event {i}: {e}"))?;
+            return Ok((ev, b));
+        }
+        loop {
+            match self.arr::<1>()?[0] {
+                ENTRY_SENDER => {
+                    let mut s = || {
+                        self.bytes().and_then(|b| {
+                            String::from_utf8(b)
+                                .map_err(|_| format!("a sender before event {i} is not UTF-8"))
+                        })
+                    };
+                    let sender = (s()?, s()?);
+                    self.senders.push(sender);
+                }
+                ENTRY_EVENT => {
+                    let cursor = self.u64()?;
+                    let received_ns = i64::from_le_bytes(self.arr()?);
+                    let sender = u32::from_le_bytes(self.arr()?) as usize;
+                    let b = Bytes::from(self.bytes()?);
+                    let mut ev =
+                        v1::Event::decode(b.as_ref()).map_err(|e| format!("event {i}: {e}"))?;
+                    let (node, agent_id) = self
+                        .senders
+                        .get(sender)
+                        .ok_or_else(|| format!("event {i}: sender {sender} was never named"))?;
+                    ev.node.clone_from(node);
+                    ev.agent_id.clone_from(agent_id);
+                    ev.cursor = cursor;
+                    ev.received = (received_ns != i64::MIN)
+                        .then(|| gpulse_proto::time::from_unix_nanos(i128::from(received_ns)));
+                    return Ok((ev, b));
+                }
+                t => return Err(format!("entry before event {i} has unknown tag {t}")),
             }
-            t => return Err(format!("entry before event {i} has unknown tag {t}")),
         }
     }
-    Ok(())
+}
+
+impl Iterator for EventsReader {
+    type Item = Result<(v1::Event, Bytes), String>;
+
+    /// Events oldest cursor first. After an error (only possible if the file changed while it
+    /// was read, since its checksum was verified) nothing more is returned.
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.read >= self.total {
+            return None;
+        }
+        let r = self.entry();
+        self.read += 1;
+        if r.is_err() {
+            self.failed = true;
+        }
+        Some(r)
+    }
 }
 
 /// Writes `data` to `dir/name` atomically (0600).
@@ -629,11 +730,20 @@ mod tests {
         )
         .unwrap();
         let data = read(dir.path(), EVENTS_FILE).unwrap().unwrap();
-        let snap = decode_events(&data).unwrap();
-        assert_eq!(snap.events, want);
-        assert_eq!(snap.encoded.len(), 3);
-        assert_eq!(snap.through, 3);
-        assert_eq!(snap.checkpoint.next_cursor, 4);
+        let snap = EventsReader::open(dir.path(), EVENTS_FILE)
+            .unwrap()
+            .unwrap();
+        assert_eq!((snap.through, snap.checkpoint.next_cursor), (3, 4));
+        let got: Vec<(v1::Event, Bytes)> = snap.map(Result::unwrap).collect();
+        assert_eq!(got.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>(), want);
+        for (e, b) in &got {
+            let mut stored = v1::Event::decode(b.as_ref()).unwrap();
+            stored.cursor = e.cursor;
+            stored.node.clone_from(&e.node);
+            stored.agent_id.clone_from(&e.agent_id);
+            stored.received = e.received;
+            assert_eq!(&stored, e, "the encoding is the event without its envelope");
+        }
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(dir.path().join(EVENTS_FILE))
             .unwrap()
@@ -642,8 +752,29 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         assert!(read(dir.path(), SERIES_FILE).unwrap().is_none());
         for cut in [0, 9, 30, data.len() / 2, data.len() - 2] {
-            assert!(decode_events(&data[..cut]).is_err());
+            fs::write(dir.path().join("cut.snap"), &data[..cut]).unwrap();
+            assert!(
+                EventsReader::open(dir.path(), "cut.snap").is_err(),
+                "cut at {cut}"
+            );
         }
+        for at in [8, 20, data.len() / 2, data.len() - 1] {
+            let mut bad = data.clone();
+            bad[at] ^= 0x40;
+            fs::write(dir.path().join("flip.snap"), &bad).unwrap();
+            assert!(
+                matches!(
+                    EventsReader::open(dir.path(), "flip.snap"),
+                    Err(SnapshotError::Corrupt { .. })
+                ),
+                "flipped byte {at}"
+            );
+        }
+        assert!(
+            EventsReader::open(dir.path(), "absent.snap")
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -663,7 +794,12 @@ mod tests {
         for e in &evs {
             out.bytes(&e.encode_to_vec());
         }
-        let snap = decode_events(&out.finish()).unwrap();
-        assert_eq!(snap.events, evs);
+        let dir = tempfile::tempdir().unwrap();
+        write_atomic(dir.path(), EVENTS_FILE, &out.finish()).unwrap();
+        let snap = EventsReader::open(dir.path(), EVENTS_FILE)
+            .unwrap()
+            .unwrap();
+        let got: Vec<v1::Event> = snap.map(|r| r.unwrap().0).collect();
+        assert_eq!(got, evs);
     }
 }

@@ -12,6 +12,7 @@
 //! frame ends that segment's replay, is reported, and (in the newest segment) is cut off so new
 //! frames never follow garbage.
 use std::{
+    collections::VecDeque,
     fs::{self, File, OpenOptions},
     io::{self, Write},
     os::unix::fs::{DirBuilderExt, OpenOptionsExt},
@@ -144,8 +145,28 @@ fn open_segment(path: &Path) -> Result<File, WalError> {
 }
 
 impl Wal {
-    /// Opens (creating) the log in `dir` and replays it.
+    /// Opens (creating) the log in `dir` and replays it into memory (tests and tools; the
+    /// collector streams with [`Wal::replay`]).
     pub fn open(dir: &Path, max_segment_bytes: u64) -> Result<(Self, Replay), WalError> {
+        let mut r = Self::replay(dir, max_segment_bytes)?;
+        let mut replay = Replay::default();
+        for item in &mut r {
+            match item {
+                Replayed::Event(ev, encoded) => replay.push(*ev, encoded),
+                Replayed::Checkpoint(cp) => replay.checkpoints.push(cp),
+            }
+        }
+        let (wal, summary) = r.finish()?;
+        replay.corruptions = summary.corruptions;
+        replay.segments = summary.segments;
+        replay.bytes = summary.bytes;
+        Ok((wal, replay))
+    }
+
+    /// Opens (creating) the log in `dir` for replay: the returned iterator yields what the
+    /// segments hold one frame at a time, holding one segment in memory; its
+    /// [`WalReplay::finish`] then gives the log, ready for appends.
+    pub fn replay(dir: &Path, max_segment_bytes: u64) -> Result<WalReplay, WalError> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -171,67 +192,16 @@ impl Wal {
             })
             .collect();
         names.sort();
-
-        let mut replay = Replay::default();
-        let mut segments = Vec::new();
-        let count = names.len();
-        for (i, (first, path)) in names.into_iter().enumerate() {
-            let data = Bytes::from(fs::read(&path).map_err(|err| WalError::Segment {
-                path: path.display().to_string(),
-                err,
-            })?);
-            let (valid, last) = replay_segment(&path, &data, &mut replay);
-            if valid < data.len() && i + 1 == count {
-                // Cut the damaged tail of the newest segment so appends follow valid frames.
-                let f = OpenOptions::new().write(true).open(&path).map_err(|err| {
-                    WalError::Segment {
-                        path: path.display().to_string(),
-                        err,
-                    }
-                })?;
-                f.set_len(valid as u64).map_err(|err| WalError::Segment {
-                    path: path.display().to_string(),
-                    err,
-                })?;
-            }
-            replay.bytes += valid as u64;
-            segments.push(Segment {
-                path,
-                first_cursor: first,
-                last_cursor: last.unwrap_or(first.saturating_sub(1)),
-                bytes: valid as u64,
-            });
-        }
-        replay.segments = segments.len();
-
-        let (file, segments) = match segments.last() {
-            Some(s) => (open_segment(&s.path)?, segments),
-            None => {
-                let path = dir.join(seg_name(1));
-                let f = open_segment(&path)?;
-                (
-                    f,
-                    vec![Segment {
-                        path,
-                        first_cursor: 1,
-                        last_cursor: 0,
-                        bytes: 0,
-                    }],
-                )
-            }
-        };
-        Ok((
-            Self {
-                dir: dir.to_path_buf(),
-                segments,
-                file: Arc::new(file),
-                max_segment_bytes,
-                buf: Vec::new(),
-                write: Box::new(write_all),
-                torn: false,
-            },
-            replay,
-        ))
+        Ok(WalReplay {
+            dir: dir.to_path_buf(),
+            max_segment_bytes,
+            names: names.into(),
+            current: None,
+            pending: VecDeque::new(),
+            segments: Vec::new(),
+            summary: ReplaySummary::default(),
+            error: None,
+        })
     }
 
     /// Replaces how frames are written (fault injection in tests).
@@ -416,19 +386,15 @@ impl Replay {
         self.events.push(ev);
         self.encoded.push(encoded);
     }
-
-    fn truncate(&mut self, n: usize) {
-        self.events.truncate(n);
-        self.encoded.truncate(n);
-    }
 }
 
-/// Replays one batch frame's events into `out`; returns the last cursor, or why it is damaged.
-fn replay_batch(payload: &Bytes, out: &mut Replay) -> Result<Option<u64>, String> {
+/// One batch frame's events, or why it is damaged (then none of them: the frame is one unit).
+fn read_batch(payload: &Bytes, out: &mut VecDeque<Replayed>) -> Result<Option<u64>, String> {
     let mut buf: &[u8] = payload;
     let header = BatchHeader::decode_length_delimited(&mut buf)
         .map_err(|e| format!("undecodable batch header: {e}"))?;
     let mut last = None;
+    let mut events = Vec::new();
     let mut i = 0;
     while !buf.is_empty() {
         let len = prost::encoding::decode_varint(&mut buf)
@@ -447,9 +413,10 @@ fn replay_batch(payload: &Bytes, out: &mut Replay) -> Result<Option<u64>, String
         ev.received = header.received;
         ev.cursor = header.first_cursor + i;
         last = Some(ev.cursor);
-        out.push(ev, encoded);
+        events.push(Replayed::Event(Box::new(ev), encoded));
         i += 1;
     }
+    out.extend(events);
     Ok(last)
 }
 
@@ -463,86 +430,230 @@ fn frame(buf: &mut Vec<u8>, ty: u8, payload: &[u8]) {
     buf.extend_from_slice(payload);
 }
 
-/// Replays one segment's frames into `out`; returns the length of the valid prefix and the last
-/// event cursor seen.
-fn replay_segment(path: &Path, data: &Bytes, out: &mut Replay) -> (usize, Option<u64>) {
-    let mut off = 0;
-    let mut last = None;
-    let bad = |off: usize, reason: String, out: &mut Replay| {
-        warn!(segment = %path.display(), offset = off, skipped = data.len() - off, %reason, "damaged WAL frame; skipping the rest of this segment");
-        out.corruptions.push(Corruption {
-            segment: path.display().to_string(),
-            offset: off as u64,
-            skipped_bytes: (data.len() - off) as u64,
-            reason,
+/// Reads the frame at `off` of a segment: its items go to `out`, `last` follows the event
+/// cursors. Returns the offset after it, or why the segment's valid part ends here.
+fn read_frame(
+    data: &Bytes,
+    off: usize,
+    out: &mut VecDeque<Replayed>,
+    last: &mut Option<u64>,
+) -> Result<usize, String> {
+    if data.len() - off < FRAME_HEADER {
+        return Err("truncated frame header".into());
+    }
+    let len = u32::from_le_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]]) as usize;
+    let crc = u32::from_le_bytes([data[off + 4], data[off + 5], data[off + 6], data[off + 7]]);
+    let ty = data[off + 8];
+    if len > MAX_FRAME || data.len() - off - FRAME_HEADER < len {
+        return Err(format!(
+            "frame length {len} runs past the end of the segment"
+        ));
+    }
+    let payload = data.slice(off + FRAME_HEADER..off + FRAME_HEADER + len);
+    let mut h = crc32fast::Hasher::new();
+    h.update(&[ty]);
+    h.update(&payload);
+    if h.finalize() != crc {
+        return Err("checksum mismatch".into());
+    }
+    match ty {
+        TYPE_EVENT => {
+            let ev = v1::Event::decode(payload.as_ref())
+                .map_err(|e| format!("undecodable event: {e}"))?;
+            *last = Some(ev.cursor);
+            out.push_back(Replayed::Event(Box::new(ev), payload));
+        }
+        TYPE_BATCH => {
+            if let Some(l) = read_batch(&payload, out)? {
+                *last = Some(l);
+            }
+        }
+        TYPE_CHECKPOINT => {
+            let cp = StoreCheckpoint::decode(payload.as_ref())
+                .map_err(|e| format!("undecodable checkpoint: {e}"))?;
+            out.push_back(Replayed::Checkpoint(cp));
+        }
+        other => return Err(format!("unknown frame type {other}")),
+    }
+    Ok(off + FRAME_HEADER + len)
+}
+
+/// One item of the log, in log order.
+#[derive(Debug)]
+pub enum Replayed {
+    /// An event with the collector's envelope set, and its bytes as the log holds them (a
+    /// slice of the segment read: copy what is kept, so the segment can be freed).
+    Event(Box<v1::Event>, Bytes),
+    /// Agents' progress as of a segment's start.
+    Checkpoint(StoreCheckpoint),
+}
+
+/// What a finished replay found.
+#[derive(Debug, Default)]
+pub struct ReplaySummary {
+    pub corruptions: Vec<Corruption>,
+    pub segments: usize,
+    pub bytes: u64,
+}
+
+/// The segment being replayed.
+struct Current {
+    path: PathBuf,
+    first_cursor: u64,
+    data: Bytes,
+    off: usize,
+    last: Option<u64>,
+    newest: bool,
+}
+
+/// The log being replayed, one segment in memory at a time (see [`Wal::replay`]).
+pub struct WalReplay {
+    dir: PathBuf,
+    max_segment_bytes: u64,
+    names: VecDeque<(u64, PathBuf)>,
+    current: Option<Current>,
+    pending: VecDeque<Replayed>,
+    segments: Vec<Segment>,
+    summary: ReplaySummary,
+    /// A segment that could not be read or cut: replay stops, `finish` reports it.
+    error: Option<WalError>,
+}
+
+impl WalReplay {
+    fn open_next(&mut self) -> Option<()> {
+        let (first_cursor, path) = self.names.pop_front()?;
+        match fs::read(&path) {
+            Ok(data) => {
+                self.current = Some(Current {
+                    path,
+                    first_cursor,
+                    data: Bytes::from(data),
+                    off: 0,
+                    last: None,
+                    newest: self.names.is_empty(),
+                });
+                Some(())
+            }
+            Err(err) => {
+                self.error = Some(WalError::Segment {
+                    path: path.display().to_string(),
+                    err,
+                });
+                self.names.clear();
+                None
+            }
+        }
+    }
+
+    /// Ends the current segment at `valid` bytes (cutting a damaged tail of the newest one, so
+    /// appends follow valid frames).
+    fn close_current(&mut self, damage: Option<String>) {
+        let Some(c) = self.current.take() else {
+            return;
+        };
+        let valid = c.off;
+        if let Some(reason) = damage {
+            warn!(segment = %c.path.display(), offset = valid, skipped = c.data.len() - valid, %reason, "damaged WAL frame; skipping the rest of this segment");
+            self.summary.corruptions.push(Corruption {
+                segment: c.path.display().to_string(),
+                offset: valid as u64,
+                skipped_bytes: (c.data.len() - valid) as u64,
+                reason,
+            });
+            if c.newest {
+                let cut = OpenOptions::new()
+                    .write(true)
+                    .open(&c.path)
+                    .and_then(|f| f.set_len(valid as u64));
+                if let Err(err) = cut {
+                    self.error = Some(WalError::Segment {
+                        path: c.path.display().to_string(),
+                        err,
+                    });
+                }
+            }
+        } else if !c.data.is_empty() {
+            info!(segment = %c.path.display(), bytes = c.data.len(), "replayed WAL segment");
+        }
+        self.summary.bytes += valid as u64;
+        self.segments.push(Segment {
+            path: c.path,
+            first_cursor: c.first_cursor,
+            last_cursor: c.last.unwrap_or(c.first_cursor.saturating_sub(1)),
+            bytes: valid as u64,
         });
-    };
-    while off < data.len() {
-        if data.len() - off < FRAME_HEADER {
-            bad(off, "truncated frame header".into(), out);
-            return (off, last);
-        }
-        let len =
-            u32::from_le_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]]) as usize;
-        let crc = u32::from_le_bytes([data[off + 4], data[off + 5], data[off + 6], data[off + 7]]);
-        let ty = data[off + 8];
-        if len > MAX_FRAME || data.len() - off - FRAME_HEADER < len {
-            bad(
-                off,
-                format!("frame length {len} runs past the end of the segment"),
-                out,
-            );
-            return (off, last);
-        }
-        let payload = data.slice(off + FRAME_HEADER..off + FRAME_HEADER + len);
-        let mut h = crc32fast::Hasher::new();
-        h.update(&[ty]);
-        h.update(&payload);
-        if h.finalize() != crc {
-            bad(off, "checksum mismatch".into(), out);
-            return (off, last);
-        }
-        match ty {
-            TYPE_EVENT => match v1::Event::decode(payload.as_ref()) {
-                Ok(ev) => {
-                    last = Some(ev.cursor);
-                    out.push(ev, payload);
-                }
-                Err(e) => {
-                    bad(off, format!("undecodable event: {e}"), out);
-                    return (off, last);
-                }
-            },
-            TYPE_BATCH => {
-                let before = out.events.len();
-                match replay_batch(&payload, out) {
-                    Ok(l) => last = l.or(last),
-                    Err(reason) => {
-                        // Half a frame's events are not replayed: the frame is one unit.
-                        out.truncate(before);
-                        bad(off, reason, out);
-                        return (off, last);
-                    }
-                }
-            }
-            TYPE_CHECKPOINT => match StoreCheckpoint::decode(payload.as_ref()) {
-                Ok(c) => out.checkpoints.push(c),
-                Err(e) => {
-                    bad(off, format!("undecodable checkpoint: {e}"), out);
-                    return (off, last);
-                }
-            },
-            other => {
-                bad(off, format!("unknown frame type {other}"), out);
-                return (off, last);
-            }
-        }
-        off += FRAME_HEADER + len;
     }
-    if !data.is_empty() {
-        info!(segment = %path.display(), bytes = data.len(), "replayed WAL segment");
+
+    /// Reads the next frame of the log into `pending`; false at the end.
+    fn step(&mut self) -> bool {
+        if self.current.is_none() && self.open_next().is_none() {
+            return false;
+        }
+        let Some(c) = self.current.as_mut() else {
+            return false;
+        };
+        if c.off >= c.data.len() {
+            self.close_current(None);
+            return true;
+        }
+        match read_frame(&c.data, c.off, &mut self.pending, &mut c.last) {
+            Ok(next) => c.off = next,
+            Err(reason) => self.close_current(Some(reason)),
+        }
+        true
     }
-    (off, last)
+
+    /// Replays whatever was not consumed, then opens the newest segment for appends (a new log
+    /// when there was none).
+    pub fn finish(mut self) -> Result<(Wal, ReplaySummary), WalError> {
+        while self.next().is_some() {}
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        let mut summary = std::mem::take(&mut self.summary);
+        summary.segments = self.segments.len();
+        let (file, segments) = match self.segments.last() {
+            Some(s) => (open_segment(&s.path)?, self.segments),
+            None => {
+                let path = self.dir.join(seg_name(1));
+                let f = open_segment(&path)?;
+                (
+                    f,
+                    vec![Segment {
+                        path,
+                        first_cursor: 1,
+                        last_cursor: 0,
+                        bytes: 0,
+                    }],
+                )
+            }
+        };
+        let wal = Wal {
+            dir: self.dir,
+            segments,
+            file: Arc::new(file),
+            max_segment_bytes: self.max_segment_bytes,
+            buf: Vec::new(),
+            write: Box::new(write_all),
+            torn: false,
+        };
+        Ok((wal, summary))
+    }
+}
+
+impl Iterator for WalReplay {
+    type Item = Replayed;
+
+    fn next(&mut self) -> Option<Replayed> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some(item);
+            }
+            if self.error.is_some() || !self.step() {
+                return None;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
