@@ -3,7 +3,6 @@
 //! ever held across I/O and ingest order is the store order.
 use std::{
     collections::VecDeque,
-    io::Write as _,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -30,7 +29,7 @@ use crate::{
     store::{
         events::{EventStore, Origin, Senders, event_ms},
         series::{SeriesBudgets, SeriesStore, Tier},
-        snapshot::{self, EVENTS_FILE, SERIES_FILE},
+        snapshot::{self, COUNTERS_FILE, EVENTS_FILE, SERIES_FILE},
         syncer::{SyncDone, Syncer},
         wal::{BatchHeader, Replayed, RotateError, Wal},
     },
@@ -501,17 +500,12 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     let mut wal_replay = Wal::replay(&cfg.data_dir, cfg.wal_segment_bytes)?;
     let n_metrics = query::metric_count();
     let events_snap = open_events_snapshot(&cfg, &metrics);
+    let names = crate::metric::names();
     let series_snap = load_snapshot(&cfg, &metrics, SERIES_FILE, SnapKind::Series, |d| {
-        snapshot::decode_series(d).and_then(|s| {
-            if s.metrics == n_metrics {
-                Ok(s)
-            } else {
-                Err(format!(
-                    "written with {} metrics per GPU, this collector keeps {n_metrics}",
-                    s.metrics
-                ))
-            }
-        })
+        snapshot::decode_series(d, &names)
+    });
+    let counters_snap = load_snapshot(&cfg, &metrics, COUNTERS_FILE, SnapKind::Series, |d| {
+        snapshot::decode_counters(d)
     });
     let mut ring = EventStore::new(cfg.ring_bytes, 1);
     let mut agents: FastMap<String, AgentEntry> = FastMap::default();
@@ -527,9 +521,17 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         None => 0,
     };
     let mut counters = Counters::default();
+    // XID/SXid totals: their own file, else inside a series snapshot of an earlier collector.
+    let mut counters_through = 0;
     let (series_through, mut series) = match series_snap {
         Some(ss) => {
-            counters.restore(&metrics, ss.counters);
+            if !ss.added.is_empty() || !ss.dropped.is_empty() {
+                info!(added = ?ss.added, dropped = ?ss.dropped, "sample history mapped to this collector's metrics by name");
+            }
+            if let Some(rows) = ss.counters {
+                counters.restore(&metrics, rows);
+                counters_through = ss.through;
+            }
             (
                 ss.through,
                 SeriesStore::restore(n_metrics, cfg.series, ss.gpus),
@@ -537,6 +539,11 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         }
         None => (0, SeriesStore::new(n_metrics, cfg.series)),
     };
+    if let Some((through, rows)) = counters_snap {
+        counters = Counters::default();
+        counters.restore(&metrics, rows);
+        counters_through = through;
+    }
     let mut from_snapshot = 0;
     let mut restored = 0;
     let mut nodes = FastMap::default();
@@ -608,8 +615,10 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
             }
             if !from_snap && ev.cursor <= events_through {
                 // Covered by the events snapshot (or expired before it): history only.
-                if ev.cursor > series_through {
+                if ev.cursor > counters_through {
                     counters.count(&metrics, &ev);
+                }
+                if ev.cursor > series_through {
                     add_sample(&mut series, &ev);
                 }
                 continue;
@@ -627,8 +636,10 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
                 continue;
             }
             drop(encoded);
-            if ev.cursor > series_through {
+            if ev.cursor > counters_through {
                 counters.count(&metrics, &ev);
+            }
+            if ev.cursor > series_through {
                 add_sample(&mut series, &ev);
             }
             note_node(&mut nodes, ev);
@@ -813,13 +824,7 @@ impl State {
         }
         if self.series.rows() != self.rows_at_last_snapshot || self.series_snap_through == 0 {
             let through = self.ring.next_cursor() - 1;
-            let data = snapshot::encode_series(
-                through,
-                self.series.metrics(),
-                self.series.gpus(),
-                &self.counters.rows(),
-            );
-            snapshot::write_atomic_with(&self.cfg.data_dir, SERIES_FILE, |w| w.write_all(&data))
+            self.series_snapshot_job(through)(&self.cfg.data_dir)
                 .map_err(|e| format!("final series snapshot: {e}"))?;
         }
         info!(
@@ -1199,20 +1204,31 @@ impl State {
             // Only the blocks are shared here; writing streams them to disk off this task.
             let events = self.ring.view();
             let checkpoint = self.checkpoint();
-            self.spawn_snapshot(SnapKind::Events, through, move |w| {
-                snapshot::write_events(w, through, &checkpoint, events)
+            self.spawn_snapshot(SnapKind::Events, through, move |dir| {
+                snapshot::write_atomic_with(dir, EVENTS_FILE, |w| {
+                    snapshot::write_events(w, through, &checkpoint, events)
+                })
             });
         } else if series_due {
-            // Encoded here (compressed chunks are shared, the rest is small); written off-task.
-            let data = snapshot::encode_series(
-                through,
-                self.series.metrics(),
-                self.series.gpus(),
-                &self.counters.rows(),
-            );
+            let job = self.series_snapshot_job(through);
             self.last_series_snapshot = Instant::now();
             self.rows_at_last_snapshot = self.series.rows();
-            self.spawn_snapshot(SnapKind::Series, through, move |w| w.write_all(&data));
+            self.spawn_snapshot(SnapKind::Series, through, job);
+        }
+    }
+
+    /// The sample history and the counter totals as of `through`, encoded here (compressed
+    /// chunks are shared, the rest is small) and written by the returned job: the counters
+    /// first, so their file is never older than the history's.
+    fn series_snapshot_job(
+        &self,
+        through: u64,
+    ) -> impl FnOnce(&std::path::Path) -> Result<(), snapshot::SnapshotError> + Send + 'static {
+        let counters = snapshot::encode_counters(through, &self.counters.rows());
+        let series = snapshot::encode_series(through, &crate::metric::names(), self.series.gpus());
+        move |dir| {
+            snapshot::write_atomic(dir, COUNTERS_FILE, &counters)?;
+            snapshot::write_atomic(dir, SERIES_FILE, &series)
         }
     }
 
@@ -1220,19 +1236,13 @@ impl State {
         &mut self,
         kind: SnapKind,
         through: u64,
-        fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>
-        + Send
-        + 'static,
+        job: impl FnOnce(&std::path::Path) -> Result<(), snapshot::SnapshotError> + Send + 'static,
     ) {
         self.snapshot_in_flight = true;
         let dir = self.cfg.data_dir.clone();
         let me = self.snap_tx.clone();
-        let name = match kind {
-            SnapKind::Series => SERIES_FILE,
-            SnapKind::Events => EVENTS_FILE,
-        };
         tokio::task::spawn_blocking(move || {
-            let result = snapshot::write_atomic_with(&dir, name, fill).map_err(|e| e.to_string());
+            let result = job(&dir).map_err(|e| e.to_string());
             let _ = me.blocking_send(SnapshotDone {
                 kind,
                 through,

@@ -27,7 +27,12 @@ use super::{
 
 pub const SERIES_FILE: &str = "series.snap";
 pub const EVENTS_FILE: &str = "events.snap";
-const SERIES_MAGIC: &[u8; 8] = b"GPSER002";
+pub const COUNTERS_FILE: &str = "counters.snap";
+/// v3 names its metric columns (mapped by name at load) and leaves the counters to their own
+/// file; v2 (still read) had positional columns and the counters inside.
+const SERIES_MAGIC: &[u8; 8] = b"GPSER003";
+const SERIES_MAGIC_V2: &[u8; 8] = b"GPSER002";
+const COUNTERS_MAGIC: &[u8; 8] = b"GPCNT001";
 const EVENTS_MAGIC: &[u8; 8] = b"GPEVT002";
 /// Earlier collectors' events snapshots (still read).
 const EVENTS_MAGIC_V1: &[u8; 8] = b"GPEVT001";
@@ -136,18 +141,65 @@ fn open_body<'a>(data: &'a [u8], magic: &[u8; 8]) -> Result<&'a [u8], String> {
 /// A counter total: family, label values, value.
 pub type CounterRow = (u8, Vec<String>, u64);
 
-/// Serialises the series store's GPUs and the XID/SXid counter totals (`through` = last cursor
-/// whose samples and counts they include).
-pub fn encode_series(
-    through: u64,
-    metrics: usize,
-    gpus: &[GpuSeries],
-    counters: &[CounterRow],
-) -> Vec<u8> {
+/// Serialises the XID/SXid counter totals (`through` = last cursor they include). Kept apart
+/// from the sample history so no change of the metric catalog can take them away (a counter
+/// that comes back lower is a reset to Prometheus, and `increase()` alerts fire again).
+pub fn encode_counters(through: u64, counters: &[CounterRow]) -> Vec<u8> {
+    let mut o = Out::default();
+    o.0.extend_from_slice(COUNTERS_MAGIC);
+    o.u64(through);
+    write_counter_rows(&mut o, counters);
+    o.finish()
+}
+
+fn write_counter_rows(o: &mut Out, counters: &[CounterRow]) {
+    o.u32(counters.len() as u32);
+    for (family, labels, value) in counters {
+        o.0.push(*family);
+        o.u32(labels.len() as u32);
+        for l in labels {
+            o.bytes(l.as_bytes());
+        }
+        o.u64(*value);
+    }
+}
+
+fn read_counter_rows(r: &mut In<'_>) -> Result<Vec<CounterRow>, String> {
+    let nc = r.count(13)?;
+    let mut counters = Vec::with_capacity(nc);
+    for _ in 0..nc {
+        let family = r.take(1)?[0];
+        let nl = r.count(4)?;
+        let labels = (0..nl).map(|_| r.str()).collect::<Result<Vec<_>, _>>()?;
+        counters.push((family, labels, r.u64()?));
+    }
+    Ok(counters)
+}
+
+/// Counter totals and the last cursor they include.
+pub fn decode_counters(data: &[u8]) -> Result<(u64, Vec<CounterRow>), String> {
+    let mut r = In {
+        buf: open_body(data, COUNTERS_MAGIC)?,
+        pos: 0,
+    };
+    let through = r.u64()?;
+    let rows = read_counter_rows(&mut r)?;
+    if r.pos != r.buf.len() {
+        return Err("trailing bytes".into());
+    }
+    Ok((through, rows))
+}
+
+/// Serialises the series store's GPUs (`through` = last cursor whose samples they include),
+/// naming each metric column so a collector with another metric catalog maps them by name.
+pub fn encode_series(through: u64, names: &[&str], gpus: &[GpuSeries]) -> Vec<u8> {
     let mut o = Out::default();
     o.0.extend_from_slice(SERIES_MAGIC);
     o.u64(through);
-    o.u32(metrics as u32);
+    o.u32(names.len() as u32);
+    for n in names {
+        o.bytes(n.as_bytes());
+    }
     o.u32(gpus.len() as u32);
     for g in gpus {
         o.bytes(g.node.as_bytes());
@@ -189,28 +241,29 @@ pub fn encode_series(
             }
         }
     }
-    o.u32(counters.len() as u32);
-    for (family, labels, value) in counters {
-        o.0.push(*family);
-        o.u32(labels.len() as u32);
-        for l in labels {
-            o.bytes(l.as_bytes());
-        }
-        o.u64(*value);
-    }
     o.finish()
 }
 
 pub struct SeriesSnapshot {
     pub through: u64,
-    pub metrics: usize,
+    /// In the loading collector's column order (see [`decode_series`]).
     pub gpus: Vec<GpuSeries>,
-    pub counters: Vec<CounterRow>,
+    /// Counter totals of a v2 snapshot (they lived inside it then).
+    pub counters: Option<Vec<CounterRow>>,
+    /// Metric names the snapshot has and this collector does not (their history is dropped),
+    /// and the other way round (their history starts empty).
+    pub dropped: Vec<String>,
+    pub added: Vec<String>,
 }
 
-pub fn decode_series(data: &[u8]) -> Result<SeriesSnapshot, String> {
+/// Reads a series snapshot into the column order of `names` (this collector's metric catalog):
+/// columns are matched by name, a metric the snapshot lacks starts empty, one it has and the
+/// catalog does not is dropped. A v2 snapshot (positional columns) maps only when its column
+/// count is the catalog's; otherwise its samples are dropped and its counters kept.
+pub fn decode_series(data: &[u8], names: &[&str]) -> Result<SeriesSnapshot, String> {
+    let v2 = data.get(..8) == Some(SERIES_MAGIC_V2.as_slice());
     let mut r = In {
-        buf: open_body(data, SERIES_MAGIC)?,
+        buf: open_body(data, if v2 { SERIES_MAGIC_V2 } else { SERIES_MAGIC })?,
         pos: 0,
     };
     let through = r.u64()?;
@@ -218,6 +271,15 @@ pub fn decode_series(data: &[u8]) -> Result<SeriesSnapshot, String> {
     if metrics > 4096 {
         return Err(format!("{metrics} metrics per GPU is not plausible"));
     }
+    let have: Vec<String> = if v2 {
+        if metrics == names.len() {
+            names.iter().map(|n| n.to_string()).collect()
+        } else {
+            (0..metrics).map(|i| format!("#{i}")).collect()
+        }
+    } else {
+        (0..metrics).map(|_| r.str()).collect::<Result<_, _>>()?
+    };
     let n = r.count(32)?;
     let mut gpus = Vec::with_capacity(n);
     for _ in 0..n {
@@ -281,23 +343,100 @@ pub fn decode_series(data: &[u8]) -> Result<SeriesSnapshot, String> {
             last_ms,
         });
     }
-    let nc = r.count(13)?;
-    let mut counters = Vec::with_capacity(nc);
-    for _ in 0..nc {
-        let family = r.take(1)?[0];
-        let nl = r.count(4)?;
-        let labels = (0..nl).map(|_| r.str()).collect::<Result<Vec<_>, _>>()?;
-        counters.push((family, labels, r.u64()?));
-    }
+    let counters = if v2 {
+        Some(read_counter_rows(&mut r)?)
+    } else {
+        None
+    };
     if r.pos != r.buf.len() {
         return Err("trailing bytes".into());
     }
+    // Snapshot column of each catalog metric, if it has one.
+    let from: Vec<Option<usize>> = names
+        .iter()
+        .map(|n| have.iter().position(|h| h == n))
+        .collect();
+    let added: Vec<String> = names
+        .iter()
+        .zip(&from)
+        .filter(|(_, f)| f.is_none())
+        .map(|(n, _)| n.to_string())
+        .collect();
+    let dropped: Vec<String> = have
+        .iter()
+        .filter(|h| !names.contains(&h.as_str()))
+        .cloned()
+        .collect();
+    let gpus = if v2 && metrics != names.len() {
+        Vec::new()
+    } else if from.iter().enumerate().all(|(i, f)| *f == Some(i)) && metrics == names.len() {
+        gpus
+    } else {
+        gpus.into_iter().map(|g| remap_columns(g, &from)).collect()
+    };
     Ok(SeriesSnapshot {
         through,
-        metrics,
         gpus,
         counters,
+        dropped,
+        added,
     })
+}
+
+/// Rearranges one GPU's columns: column `i` becomes the snapshot's `from[i]` (empty if None).
+fn remap_columns(g: GpuSeries, from: &[Option<usize>]) -> GpuSeries {
+    let rows = g.head_ts.len();
+    let head = from
+        .iter()
+        .map(|f| match f {
+            Some(j) => g.head[*j].clone(),
+            None => vec![f64::NAN; rows],
+        })
+        .collect();
+    let chunks = g
+        .chunks
+        .iter()
+        .map(|c| {
+            // offsets: [0, end of timestamps, end of column 0, end of column 1, ...].
+            let col = |j: usize| -> &[u8] {
+                let (a, b) = (c.offsets[j + 1] as usize, c.offsets[j + 2] as usize);
+                &c.data[a..b]
+            };
+            let empty = super::codec::encode_values(&vec![f64::NAN; c.rows as usize]);
+            let mut data = c.data[..c.offsets[1] as usize].to_vec();
+            let mut offsets = vec![0, data.len() as u32];
+            for f in from {
+                data.extend_from_slice(f.map_or(empty.as_slice(), col));
+                offsets.push(data.len() as u32);
+            }
+            Chunk {
+                first_ms: c.first_ms,
+                last_ms: c.last_ms,
+                rows: c.rows,
+                data: data.into(),
+                offsets: offsets.into(),
+            }
+        })
+        .collect();
+    let tiers = g.tiers.map(|t| Buckets {
+        starts: t.starts,
+        aggs: t
+            .aggs
+            .into_iter()
+            .map(|a| {
+                from.iter()
+                    .map(|f| f.map_or(Agg::EMPTY, |j| a[j]))
+                    .collect::<Vec<_>>()
+                    .into_boxed_slice()
+            })
+            .collect(),
+    });
+    GpuSeries {
+        head,
+        chunks,
+        tiers,
+        ..g
+    }
 }
 
 /// A writer that keeps the CRC-32 of everything written through it.
@@ -658,11 +797,11 @@ mod tests {
                 .unwrap();
             }
         }
-        let counters = vec![(1u8, vec!["n".to_string(), "79".to_string()], 5u64)];
-        let data = encode_series(77, 3, s.gpus(), &counters);
-        let snap = decode_series(&data).unwrap();
-        assert_eq!((snap.through, snap.metrics, snap.gpus.len()), (77, 3, 2));
-        assert_eq!(snap.counters, counters);
+        let names = ["a", "b", "c"];
+        let data = encode_series(77, &names, s.gpus());
+        let snap = decode_series(&data, &names).unwrap();
+        assert_eq!((snap.through, snap.gpus.len()), (77, 2));
+        assert!(snap.counters.is_none() && snap.added.is_empty() && snap.dropped.is_empty());
         let back = SeriesStore::restore(3, SeriesBudgets::default(), snap.gpus);
         for t in crate::store::series::Tier::ALL {
             assert_eq!(back.tier_stats(t).bytes, s.tier_stats(t).bytes, "{t:?}");
@@ -676,11 +815,103 @@ mod tests {
             .unwrap();
         assert_eq!(a, b);
         for cut in [0, 7, 12, data.len() / 2, data.len() - 1] {
-            assert!(decode_series(&data[..cut]).is_err());
+            assert!(decode_series(&data[..cut], &names).is_err());
         }
         let mut flipped = data.clone();
         flipped[data.len() / 3] ^= 0x40;
-        assert!(decode_series(&flipped).err().unwrap().contains("checksum"));
+        assert!(
+            decode_series(&flipped, &names)
+                .err()
+                .unwrap()
+                .contains("checksum")
+        );
+    }
+
+    fn points(s: &SeriesStore, metric: usize) -> Vec<(i64, f64)> {
+        let mut out = Vec::new();
+        s.raw_points(&s.gpus()[0], metric, 0, i64::MAX, |t, v| out.push((t, v)))
+            .unwrap();
+        out
+    }
+
+    /// A collector with another metric catalog (a metric added, one removed, the order changed)
+    /// keeps every column it shares with the snapshot, by name.
+    #[test]
+    fn series_columns_are_mapped_by_name() {
+        let mut s = SeriesStore::new(3, SeriesBudgets::default());
+        for i in 0..1000i64 {
+            s.push(
+                "n",
+                0,
+                "GPU-x",
+                1_764_000_000_000 + i * 1000,
+                &[i as f64, 2.0, (i % 7) as f64],
+            )
+            .unwrap();
+        }
+        let data = encode_series(9, &["util", "gone", "temp"], s.gpus());
+        let snap = decode_series(&data, &["temp", "power", "util"]).unwrap();
+        assert_eq!(snap.added, ["power"]);
+        assert_eq!(snap.dropped, ["gone"]);
+        let back = SeriesStore::restore(3, SeriesBudgets::default(), snap.gpus);
+        assert_eq!(points(&back, 0), points(&s, 2), "temp");
+        assert_eq!(points(&back, 2), points(&s, 0), "util");
+        assert!(points(&back, 1).is_empty(), "a new metric starts empty");
+        assert_eq!(points(&back, 0).len(), 1000, "chunks and head both mapped");
+        // Rollups follow their columns too.
+        let (sb, bb) = (&s.gpus()[0].tiers[0], &back.gpus()[0].tiers[0]);
+        assert!(!sb.aggs.is_empty());
+        for (x, y) in sb.aggs.iter().zip(&bb.aggs) {
+            assert_eq!(x[2], y[0]);
+            assert_eq!(x[0], y[2]);
+            assert_eq!(y[1].count, 0);
+        }
+    }
+
+    /// A v2 snapshot (positional columns, counters inside) from a v3 one.
+    fn as_v2(v3: &[u8], counters: &[CounterRow]) -> Vec<u8> {
+        let body = &v3[8..v3.len() - 4];
+        let mut r = In { buf: body, pos: 0 };
+        let through = r.u64().unwrap();
+        let n = r.u32().unwrap();
+        for _ in 0..n {
+            r.bytes().unwrap();
+        }
+        let mut o = Out::default();
+        o.0.extend_from_slice(SERIES_MAGIC_V2);
+        o.u64(through);
+        o.u32(n);
+        o.0.extend_from_slice(&body[r.pos..]);
+        write_counter_rows(&mut o, counters);
+        o.finish()
+    }
+
+    #[test]
+    fn counters_have_their_own_file_and_v2_snapshots_still_load() {
+        let counters = vec![(1u8, vec!["n".to_string(), "79".to_string()], 5u64)];
+        let data = encode_counters(41, &counters);
+        assert_eq!(decode_counters(&data).unwrap(), (41, counters.clone()));
+        assert!(decode_counters(&data[..data.len() - 1]).is_err());
+
+        let mut s = SeriesStore::new(2, SeriesBudgets::default());
+        for i in 0..300i64 {
+            s.push(
+                "n",
+                0,
+                "GPU-x",
+                1_764_000_000_000 + i * 1000,
+                &[i as f64, 1.0],
+            )
+            .unwrap();
+        }
+        let v2 = as_v2(&encode_series(5, &["x", "y"], s.gpus()), &counters);
+        let same = decode_series(&v2, &["x", "y"]).unwrap();
+        assert_eq!(same.counters.as_deref(), Some(counters.as_slice()));
+        assert_eq!(same.gpus.len(), 1);
+        // A v2 snapshot cannot be mapped to another catalog: samples go, counters stay.
+        let other = decode_series(&v2, &["x", "y", "z"]).unwrap();
+        assert!(other.gpus.is_empty());
+        assert_eq!(other.counters.as_deref(), Some(counters.as_slice()));
     }
 
     #[test]
