@@ -77,6 +77,11 @@ struct Args {
     keepalive_interval: std::time::Duration,
     #[arg(long, default_value = "20s", value_parser = parse_interval)]
     keepalive_timeout: std::time::Duration,
+    /// Event times further than this from when the event arrived are replaced by the arrival
+    /// time (the agent's time kept as reported_time): a node clock that jumps cannot reorder
+    /// or freeze history.
+    #[arg(long, default_value = "10m", value_parser = parse_interval)]
+    max_clock_skew: std::time::Duration,
     /// Per-subscriber queue length before it is marked lagged.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     subscriber_queue: u64,
@@ -220,6 +225,7 @@ async fn run() -> anyhow::Result<Exit> {
     store.snapshot_interval = args.snapshot_interval;
     store.wal_max_bytes = args.wal_max_bytes.unwrap_or(0);
     store.max_subscribers = args.max_subscribers as usize;
+    store.max_clock_skew = args.max_clock_skew;
     let mut cfg = ServerConfig::new(args.grpc_listen, args.http_listen, store);
     cfg.max_message_bytes = args.max_message_bytes as usize;
     cfg.keepalive_interval = args.keepalive_interval;

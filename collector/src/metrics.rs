@@ -13,6 +13,7 @@ pub struct Metrics {
     pub ingest_seq_gap_events: IntCounter,
     pub store_write_errors: IntCounter,
     pub store_sync_errors: IntCounter,
+    pub ingest_clock_clamped: IntCounter,
     /// 1 while the store takes writes and makes them durable (what /readyz reports).
     pub store_writable: IntGauge,
     pub subscribers_refused: IntCounter,
@@ -96,6 +97,10 @@ impl Metrics {
             store_write_errors: c(
                 "gpulse_store_write_errors_total",
                 "Write-ahead log writes that failed (a full disk, an I/O error): the batch was cut off the log and not acknowledged; the agent resends it.",
+            )?,
+            ingest_clock_clamped: c(
+                "gpulse_ingest_clock_clamped_events_total",
+                "Events whose time was further than --max-clock-skew from their arrival; stored at the arrival time, the agent's time kept in reported_time.",
             )?,
             store_sync_errors: c(
                 "gpulse_store_sync_errors_total",

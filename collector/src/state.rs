@@ -16,7 +16,7 @@ use gpulse_proto::{
     },
 };
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     FastMap,
@@ -57,6 +57,9 @@ pub struct StoreConfig {
     pub max_subscribers: usize,
     /// Replaces `fdatasync` (tests: a slow or failing disk).
     pub sync_hook: Option<crate::store::syncer::SyncHook>,
+    /// Event times further than this from the received time are replaced by it (and kept in
+    /// `reported_time`): one bad clock must not reorder or freeze history.
+    pub max_clock_skew: Duration,
 }
 
 impl StoreConfig {
@@ -73,6 +76,7 @@ impl StoreConfig {
             wal_max_bytes: 0,
             max_subscribers: 1024,
             sync_hook: None,
+            max_clock_skew: Duration::from_secs(600),
         }
     }
 }
@@ -1039,6 +1043,7 @@ impl State {
             });
         }
 
+        self.clamp_times(&mut fresh, received);
         // Cursors are assigned in order from the store's next one. Write, then make visible: a
         // failed write stores nothing (the agent keeps the events and resends). The log gets the
         // bytes as received plus one header with what the collector sets on every event.
@@ -1132,6 +1137,32 @@ impl State {
             stored,
             durable,
         })
+    }
+
+    /// Replaces event times further than `--max-clock-skew` from `received` by `received`,
+    /// keeping the agent's in `reported_time`. Such an event is encoded again (rare) so the log
+    /// and the store keep the corrected time.
+    fn clamp_times(&self, fresh: &mut [Wire], received: prost_types::Timestamp) {
+        let skew = self.cfg.max_clock_skew.as_nanos() as i128;
+        let now = ptime::to_unix_nanos(&received);
+        let mut clamped = 0;
+        for w in fresh.iter_mut() {
+            let Some(t) = w.ev.time else { continue };
+            if (ptime::to_unix_nanos(&t) - now).abs() <= skew {
+                continue;
+            }
+            w.ev.reported_time = Some(t);
+            w.ev.time = Some(received);
+            w.bytes = prost::bytes::Bytes::from(prost::Message::encode_to_vec(&*w.ev));
+            clamped += 1;
+        }
+        if clamped > 0 {
+            self.metrics.ingest_clock_clamped.inc_by(clamped);
+            debug!(
+                clamped,
+                "event times beyond --max-clock-skew replaced by the received time"
+            );
+        }
     }
 
     /// Asks the syncer to make everything written so far durable; `origin`'s agent is durable

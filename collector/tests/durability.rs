@@ -275,3 +275,76 @@ async fn stop_ends_every_stream_with_unavailable_and_the_servers_finish() {
     running.store.shutdown().await.unwrap();
     assert!(running.store.is_closed() || running.store.status().await.is_err());
 }
+
+fn sample_at(t: prost_types::Timestamp, util: u32) -> gpulse_proto::v1::Event {
+    use gpulse_proto::v1::{self, event::Payload};
+    v1::Event {
+        kind: v1::EventKind::GpuSample as i32,
+        severity: v1::Severity::Info as i32,
+        time: Some(t),
+        payload: Some(Payload::GpuSample(v1::GpuSample {
+            index: 0,
+            uuid: "GPU-clock".into(),
+            gpu_util_pct: Some(util),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// One sample dated an hour ahead (a node clock that jumped) is stored at its arrival time and
+/// flagged; the samples after it are not refused as out of order, and the correction survives
+/// a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clock_far_off_is_clamped_flagged_and_freezes_nothing() {
+    use gpulse_proto::{time as ptime, v1::subscribe_response::Msg};
+    let dir = tempfile::tempdir().unwrap();
+    let now = ptime::now();
+    let ahead = prost_types::Timestamp {
+        seconds: now.seconds + 3600,
+        nanos: 0,
+    };
+    let fine = |s: i64| prost_types::Timestamp {
+        seconds: now.seconds + s,
+        nanos: 0,
+    };
+    {
+        let h = start(store_config(dir.path())).await;
+        let (mut a, _) = hello(&h, "agent-clock").await;
+        a.send(1, vec![sample_at(ahead, 10)]).await.unwrap();
+        a.send(2, vec![sample_at(fine(1), 20), sample_at(fine(2), 30)])
+            .await
+            .unwrap();
+        assert_eq!(h.metrics.ingest_clock_clamped.get(), 1);
+        let st = h.store.status().await.unwrap();
+        assert_eq!(
+            st.samples_out_of_order, 0,
+            "a future sample froze the series"
+        );
+    }
+    let h = start(store_config(dir.path())).await;
+    let mut s = subscribe(
+        &h,
+        SubscribeRequest {
+            after_cursor: Some(0),
+            ..Default::default()
+        },
+    )
+    .await;
+    let first = match next(&mut s).await.and_then(|m| m.msg) {
+        Some(Msg::Event(e)) => e,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(first.reported_time, Some(ahead), "the agent's time is kept");
+    let t = first.time.unwrap();
+    assert!(
+        (t.seconds - now.seconds).abs() < 60,
+        "stored at its arrival, not an hour ahead: {t:?}"
+    );
+    let second = match next(&mut s).await.and_then(|m| m.msg) {
+        Some(Msg::Event(e)) => e,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(second.reported_time, None);
+    assert_eq!(second.time, Some(fine(1)));
+}
