@@ -82,6 +82,14 @@ struct Args {
     /// or freeze history.
     #[arg(long, default_value = "10m", value_parser = parse_interval)]
     max_clock_skew: std::time::Duration,
+    /// Agent ids without a connection for this long leave the de-duplication table and the
+    /// log's checkpoints (every agent start has a new id; ids are never reused).
+    #[arg(long, default_value = "24h", value_parser = parse_retention)]
+    agent_retention: std::time::Duration,
+    /// Nodes not heard from for this long leave the node and GPU gauges and `gpulse nodes`
+    /// (so GpulseAgentDown fires for a scaled-down node until then, and resolves after).
+    #[arg(long, default_value = "24h", value_parser = parse_retention)]
+    node_retention: std::time::Duration,
     /// Per-subscriber queue length before it is marked lagged.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     subscriber_queue: u64,
@@ -226,6 +234,8 @@ async fn run() -> anyhow::Result<Exit> {
     store.wal_max_bytes = args.wal_max_bytes.unwrap_or(0);
     store.max_subscribers = args.max_subscribers as usize;
     store.max_clock_skew = args.max_clock_skew;
+    store.agent_retention = args.agent_retention;
+    store.node_retention = args.node_retention;
     let mut cfg = ServerConfig::new(args.grpc_listen, args.http_listen, store);
     cfg.max_message_bytes = args.max_message_bytes as usize;
     cfg.keepalive_interval = args.keepalive_interval;
@@ -288,6 +298,16 @@ fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
     let d = std::time::Duration::from_nanos(ns as u64);
     if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(86_400) {
         return Err("must be between 1s and 24h".into());
+    }
+    Ok(d)
+}
+
+fn parse_retention(s: &str) -> Result<std::time::Duration, String> {
+    let ns = gpulse_proto::window::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 90m, 24h, 7d)"))?;
+    let d = std::time::Duration::from_nanos(ns as u64);
+    if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(30 * 86_400) {
+        return Err("must be between 1s and 30d".into());
     }
     Ok(d)
 }

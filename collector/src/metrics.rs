@@ -40,6 +40,9 @@ pub struct Metrics {
     pub series_oldest_seconds: IntGaugeVec,
     pub series_rejected: IntCounterVec,
     pub series_gpus: IntGauge,
+    pub series_gpus_retired: IntCounter,
+    pub agents_retired: IntCounter,
+    pub nodes_retired: IntCounter,
     pub snapshots: IntCounterVec,
     pub snapshot_failures: IntCounterVec,
     pub query_seconds: prometheus::HistogramVec,
@@ -209,6 +212,18 @@ impl Metrics {
                 &["reason"],
             )?,
             series_gpus: g("gpulse_store_series_gpus", "GPUs with sample history.")?,
+            series_gpus_retired: c(
+                "gpulse_store_series_gpus_retired_total",
+                "GPUs silent for over an hour whose history slot went to a new GPU at --max-gpus.",
+            )?,
+            agents_retired: c(
+                "gpulse_agents_retired_total",
+                "Agent ids forgotten after --agent-retention without a connection (their de-duplication state leaves the checkpoints).",
+            )?,
+            nodes_retired: c(
+                "gpulse_nodes_retired_total",
+                "Nodes dropped from the node and GPU gauges after --node-retention without news.",
+            )?,
             snapshots: cv(
                 "gpulse_store_snapshots_total",
                 "Snapshots written, by kind (series, events).",

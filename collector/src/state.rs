@@ -60,6 +60,10 @@ pub struct StoreConfig {
     /// Event times further than this from the received time are replaced by it (and kept in
     /// `reported_time`): one bad clock must not reorder or freeze history.
     pub max_clock_skew: Duration,
+    /// Agent ids without a connection for this long are forgotten (ids are never reused).
+    pub agent_retention: Duration,
+    /// Nodes not heard from for this long leave the node and GPU gauges and `Nodes`.
+    pub node_retention: Duration,
 }
 
 impl StoreConfig {
@@ -77,6 +81,8 @@ impl StoreConfig {
             max_subscribers: 1024,
             sync_hook: None,
             max_clock_skew: Duration::from_secs(600),
+            agent_retention: Duration::from_secs(86_400),
+            node_retention: Duration::from_secs(86_400),
         }
     }
 }
@@ -398,6 +404,7 @@ pub struct State {
     /// Set by the first failed fsync: nothing is acknowledged any more.
     failed: Option<String>,
     health: Arc<StoreHealth>,
+    last_sweep: Instant,
     agents: FastMap<String, AgentEntry>,
     subscribers: Vec<Subscriber>,
     metrics: Metrics,
@@ -652,6 +659,12 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     for p in cp_agents.values() {
         merge_progress(&mut agents, p);
     }
+    // Retention counts from the last time an agent was heard of; one restored without that
+    // counts from now.
+    let restart = ptime::now();
+    for a in agents.values_mut() {
+        a.progress.last_seen.get_or_insert(restart);
+    }
     next_cursor = next_cursor.max(cp_next_cursor);
     let (wal, replay) = wal_replay.finish()?;
     metrics
@@ -696,6 +709,7 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         pending_durable: VecDeque::new(),
         failed: None,
         health: health.clone(),
+        last_sweep: Instant::now(),
         cfg,
         ring,
         series,
@@ -738,6 +752,9 @@ fn is_spool_gap(ev: &v1::Event) -> bool {
 
 const KIND_LIST: [EventKind; 7] = EventKind::ALL;
 
+/// At most how long between looks for agents and nodes past their retention.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
 /// Brings a counter up to a total kept elsewhere (counters only go up).
 fn raise(c: &prometheus::IntCounter, total: u64) {
     if total > c.get() {
@@ -778,9 +795,53 @@ impl State {
                 _ = tick.tick() => {
                     self.flush_lag_notices();
                     self.maybe_snapshot();
+                    if self.last_sweep.elapsed() >= self.sweep_every() {
+                        self.last_sweep = Instant::now();
+                        self.sweep(now_ns());
+                    }
                 }
             }
             self.health.beat();
+        }
+    }
+
+    /// A quarter of the shorter retention, at most [`SWEEP_EVERY`].
+    fn sweep_every(&self) -> Duration {
+        (self.cfg.agent_retention.min(self.cfg.node_retention) / 4).min(SWEEP_EVERY)
+    }
+
+    /// Forgets agents and nodes past their retention (`now` in Unix ns). An agent with an open
+    /// stream, or a node with one, is never forgotten.
+    fn sweep(&mut self, now: i128) {
+        let old = |t: Option<&prost_types::Timestamp>, keep: Duration| {
+            t.is_some_and(|t| now - ptime::to_unix_nanos(t) > keep.as_nanos() as i128)
+        };
+        let before = self.agents.len();
+        let keep = self.cfg.agent_retention;
+        self.agents
+            .retain(|_, a| a.connections > 0 || !old(a.progress.last_seen.as_ref(), keep));
+        let agents_gone = before - self.agents.len();
+        let before = self.nodes.len();
+        let keep = self.cfg.node_retention;
+        let connected: std::collections::HashSet<&str> = self
+            .agents
+            .values()
+            .filter(|a| a.connections > 0)
+            .map(|a| a.progress.node.as_str())
+            .collect();
+        self.nodes.retain(|name, n| {
+            !old(n.last_seen.as_ref(), keep) || connected.contains(name.as_str())
+        });
+        let nodes_gone = before - self.nodes.len();
+        if agents_gone + nodes_gone > 0 {
+            self.metrics.agents_retired.inc_by(agents_gone as u64);
+            self.metrics.nodes_retired.inc_by(nodes_gone as u64);
+            info!(
+                agents = agents_gone,
+                nodes = nodes_gone,
+                "forgot agents and nodes past their retention"
+            );
+            self.update_gauges();
         }
     }
 
@@ -864,6 +925,7 @@ impl State {
             Command::Disconnected { agent_id } => {
                 if let Some(e) = self.agents.get_mut(&agent_id) {
                     e.connections = e.connections.saturating_sub(1);
+                    e.progress.last_seen = Some(ptime::now());
                 }
                 self.update_gauges();
             }
@@ -1643,6 +1705,10 @@ impl State {
         self.metrics
             .series_gpus
             .set(self.series.gpus().len() as i64);
+        raise(
+            &self.metrics.series_gpus_retired,
+            self.series.retired_gpus(),
+        );
         for kind in KIND_LIST {
             let k = kind.short_name();
             self.metrics

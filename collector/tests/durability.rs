@@ -145,7 +145,15 @@ async fn a_failed_fsync_stops_acks_for_good_and_fails_readiness() {
     failing.store(true, Ordering::SeqCst);
     let err = a.send(2, vec![xid(79, "lost?")]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
-    assert!(h.store.health().is_sync_failed());
+    // The ack hears of the failure first; the store a moment later.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !h.store.health().is_sync_failed() {
+        assert!(
+            Instant::now() < deadline,
+            "the store never heard of the failed fsync"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let p = h.store.health().readiness(Instant::now());
     assert!(matches!(p, Some(Problem::SyncFailed(_))), "{p:?}");
     assert_eq!(h.metrics.store_sync_errors.get(), 1);
@@ -347,4 +355,41 @@ async fn a_clock_far_off_is_clamped_flagged_and_freezes_nothing() {
     };
     assert_eq!(second.reported_time, None);
     assert_eq!(second.time, Some(fine(1)));
+}
+
+/// A disconnected agent and its node are forgotten after their retention: the node leaves
+/// `Nodes` and the gauges, the agent id the de-duplication table.
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_and_nodes_past_their_retention_are_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = store_config(dir.path());
+    cfg.agent_retention = Duration::from_secs(2);
+    cfg.node_retention = Duration::from_secs(2);
+    let h = start(cfg).await;
+    {
+        let (mut gone, _) = AgentStream::open(&h, "gone-agent", "gone-node").await;
+        gone.send(1, vec![xid(79, "last words")]).await.unwrap();
+    }
+    // A connected one stays however long it is quiet.
+    let (mut live, _) = AgentStream::open(&h, "live-agent", "live-node").await;
+    live.send(1, vec![xid(13, "still here")]).await.unwrap();
+    let names = |r: gpulse_proto::v1::NodesResponse| -> Vec<String> {
+        r.nodes.into_iter().map(|n| n.node).collect()
+    };
+    assert!(names(h.store.nodes(None).await.unwrap().unwrap()).contains(&"gone-node".to_string()));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let n = names(h.store.nodes(None).await.unwrap().unwrap());
+        if !n.contains(&"gone-node".to_string()) {
+            assert!(n.contains(&"live-node".to_string()), "{n:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never forgotten: {n:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!h.store.exposition().await.unwrap().contains("gone-node"));
+    assert_eq!(h.metrics.nodes_retired.get(), 1);
+    assert_eq!(h.metrics.agents_retired.get(), 1);
+    let (_again, through) = hello(&h, "gone-agent").await;
+    assert_eq!(through, 0, "the id left the table");
 }

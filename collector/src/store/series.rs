@@ -278,6 +278,9 @@ pub enum Rejected {
 
 pub type GpuId = u32;
 
+/// A GPU silent this long may give its slot to a new one when `max_gpus` are tracked.
+pub const RETIRE_AFTER_MS: i64 = 3_600_000;
+
 pub struct SeriesStore {
     metrics: usize,
     budgets: SeriesBudgets,
@@ -292,6 +295,7 @@ pub struct SeriesStore {
     rows: u64,
     rejected_out_of_order: u64,
     rejected_gpus: u64,
+    retired_gpus: u64,
     /// Decoded timestamp columns of recently read chunks, keyed by (GPU, chunk start): every
     /// metric of a chunk shares them, so a query over many metrics decodes them once. Bounded
     /// (cleared when full); chunks never change, and a GPU's chunk starts are unique.
@@ -322,6 +326,7 @@ impl SeriesStore {
             rows: 0,
             rejected_out_of_order: 0,
             rejected_gpus: 0,
+            retired_gpus: 0,
             ts_cache: RefCell::new(FastMap::default()),
         }
     }
@@ -350,20 +355,20 @@ impl SeriesStore {
         let id = match self.by_node.get(node).and_then(|m| m.get(&index)) {
             Some(id) => *id,
             None => {
-                if self.gpus.len() >= self.budgets.max_gpus {
+                let node: Arc<str> = Arc::from(node);
+                let fresh = GpuSeries::new(node.clone(), index, uuid.to_string(), self.metrics);
+                let id = if self.gpus.len() < self.budgets.max_gpus {
+                    self.gpus.push(fresh);
+                    self.bytes[0] += GPU_OVERHEAD;
+                    (self.gpus.len() - 1) as GpuId
+                } else if let Some(id) = self.retire_stale(ts_ms) {
+                    self.gpus[id as usize] = fresh;
+                    id
+                } else {
                     self.rejected_gpus += 1;
                     return Err(Rejected::TooManyGpus);
-                }
-                let node: Arc<str> = Arc::from(node);
-                let id = self.gpus.len() as GpuId;
-                self.gpus.push(GpuSeries::new(
-                    node.clone(),
-                    index,
-                    uuid.to_string(),
-                    self.metrics,
-                ));
+                };
                 self.by_node.entry(node).or_default().insert(index, id);
-                self.bytes[0] += GPU_OVERHEAD;
                 id
             }
         };
@@ -418,6 +423,47 @@ impl SeriesStore {
         self.rows += 1;
         self.expire();
         Ok(())
+    }
+
+    /// At the GPU cap: frees the slot of the GPU whose latest sample is oldest, if that is
+    /// more than [`RETIRE_AFTER_MS`] before `now_ms` (a GPU gone from the fleet must not keep a
+    /// new one out). Its history goes with it. None while every tracked GPU is recent.
+    fn retire_stale(&mut self, now_ms: i64) -> Option<GpuId> {
+        let (id, g) = self
+            .gpus
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, g)| g.last_ms)?;
+        if g.last_ms >= now_ms.saturating_sub(RETIRE_AFTER_MS) {
+            return None;
+        }
+        let id = id as GpuId;
+        let g = &self.gpus[id as usize];
+        self.bytes[0] -= g.head_ts.len() * self.head_row_bytes()
+            + g.chunks.iter().map(Chunk::bytes).sum::<usize>();
+        for t in 0..2 {
+            self.bytes[t + 1] -= g.tiers[t].starts.len() * self.bucket_row_bytes();
+        }
+        if let Some(m) = self.by_node.get_mut(&g.node) {
+            m.remove(&g.index);
+            if m.is_empty() {
+                let node = g.node.clone();
+                self.by_node.remove(&node);
+            }
+        }
+        // The slot is reused: no queued expiry may reach the new GPU's data.
+        self.chunk_fifo.retain(|x| *x != id);
+        for f in &mut self.bucket_fifo {
+            f.retain(|x| *x != id);
+        }
+        self.ts_cache.borrow_mut().clear();
+        self.retired_gpus += 1;
+        Some(id)
+    }
+
+    /// GPUs whose history was dropped to make room for new ones.
+    pub fn retired_gpus(&self) -> u64 {
+        self.retired_gpus
     }
 
     fn expire(&mut self) {
@@ -720,11 +766,58 @@ mod tests {
             assert!(st.expired > 0, "{t:?} expired nothing");
             assert!(st.oldest_ms.unwrap() > t0);
         }
-        assert_eq!(s.push("n1", 9, "", t0, &row(0)), Err(Rejected::TooManyGpus));
+        // Every tracked GPU is recent: a fifth is refused rather than dropping a live one.
+        let last = t0 + 49_999 * 1000;
+        assert_eq!(
+            s.push("n1", 9, "", last, &row(0)),
+            Err(Rejected::TooManyGpus)
+        );
         // Oldest first: every GPU keeps a suffix of its history.
         let raw_oldest = s.tier_stats(Tier::Raw).oldest_ms.unwrap();
         for g in s.gpus() {
             assert!(g.chunks.front().unwrap().first_ms >= raw_oldest);
         }
+    }
+
+    /// At the cap, a GPU silent for over an hour gives its slot (and its history) to a new one;
+    /// accounting and expiry stay exact for the new GPU.
+    #[test]
+    fn a_stale_gpu_gives_its_slot_to_a_new_one() {
+        let budgets = SeriesBudgets {
+            raw: 1 << 20,
+            minute: 1 << 20,
+            hour: 1 << 20,
+            max_gpus: 2,
+        };
+        let mut s = SeriesStore::new(3, budgets);
+        let t0 = 1_764_000_000_000;
+        for i in 0..600 {
+            s.push("old", 0, "GPU-old", t0 + i * 1000, &row(i)).unwrap();
+        }
+        let later = t0 + 2 * RETIRE_AFTER_MS;
+        for i in 0..600 {
+            s.push("live", 0, "GPU-live", later + i * 1000, &row(i))
+                .unwrap();
+        }
+        let raw_before = s.tier_stats(Tier::Raw).bytes;
+        s.push("new", 0, "GPU-new", later + 700_000, &row(1))
+            .unwrap();
+        assert_eq!(s.retired_gpus(), 1);
+        assert_eq!(s.gpus().len(), 2);
+        assert!(s.gpus().iter().all(|g| &*g.node != "old"));
+        assert!(
+            s.tier_stats(Tier::Raw).bytes < raw_before,
+            "the old GPU's chunks are freed"
+        );
+        // The freed GPU's data is gone from the accounting: recomputing from scratch agrees.
+        let again = SeriesStore::restore(3, budgets, s.gpus().to_vec());
+        for t in Tier::ALL {
+            assert_eq!(again.tier_stats(t).bytes, s.tier_stats(t).bytes, "{t:?}");
+        }
+        // The live GPU was recent: it is never the one retired.
+        assert_eq!(
+            s.push("newer", 0, "GPU-newer", later + 700_001, &row(1)),
+            Err(Rejected::TooManyGpus)
+        );
     }
 }
