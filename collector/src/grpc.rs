@@ -223,8 +223,24 @@ impl Telemetry for TelemetryService {
         let req = req.into_inner();
         let filter =
             Filter::from_wire(req.filter).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let sub = self.store.subscribe(filter, req.after_cursor).await?;
-        let replay = stream::iter(sub.replay).map(to_response);
+        let sub = self
+            .store
+            .subscribe(filter.clone(), req.after_cursor)
+            .await?;
+        // The replay continues a step at a time, each read from the store only once the client
+        // has taken the one before (the stream is polled on demand): back-pressure, and no
+        // replay of any length held in memory.
+        let store = self.store.clone();
+        let rest = stream::unfold(sub.next, move |next| {
+            let (store, filter) = (store.clone(), filter.clone());
+            async move {
+                let from = next?;
+                let step = store.replay_step(filter, from).await.ok()?;
+                Some((stream::iter(step.events), step.next))
+            }
+        })
+        .flatten();
+        let replay = stream::iter(sub.replay).chain(rest).map(to_response);
         let live = ReceiverStream::new(sub.live).map(to_response);
         let mut stop = self.stop.clone();
         // The stream only ends when the collector stops (or its store task is gone): either way

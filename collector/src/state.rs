@@ -44,8 +44,9 @@ pub struct StoreConfig {
     /// fdatasync before acknowledging (off only for throw-away data dirs).
     pub fsync: bool,
     pub subscriber_queue: usize,
-    /// Most events replayed to one resuming subscriber before it is told it lagged.
-    pub max_replay: usize,
+    /// Events per step of a resuming subscriber's replay: the next step is read only when the
+    /// client has taken this one (back-pressure), so no replay holds more than this.
+    pub replay_chunk: usize,
     /// Sample history budgets (raw, 1 min, 1 h).
     pub series: SeriesBudgets,
     /// How often the sample history is snapshotted (it outlives the write-ahead log).
@@ -74,7 +75,7 @@ impl StoreConfig {
             wal_segment_bytes: 16 << 20,
             fsync: true,
             subscriber_queue: 4096,
-            max_replay: 100_000,
+            replay_chunk: 1024,
             series: SeriesBudgets::default(),
             snapshot_interval: Duration::from_secs(60),
             wal_max_bytes: 0,
@@ -94,11 +95,31 @@ pub enum SubMsg {
     Lagged(Lagged),
 }
 
-/// The answer to a Subscribe: stored events to replay first, then the live channel.
+/// The answer to a Subscribe: the first step of stored events to replay, where the next step
+/// starts (ask [`StoreHandle::replay_step`]), then the live channel.
 pub struct Subscription {
     pub replay: Vec<SubMsg>,
+    pub next: Option<ReplayFrom>,
     pub live: mpsc::Receiver<SubMsg>,
 }
+
+/// Where a replay continues: cursors in `(after, upto]` (`upto`: the newest cursor when the
+/// subscriber registered; later events reach it live).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayFrom {
+    pub after: u64,
+    pub upto: u64,
+}
+
+/// One step of a replay.
+pub struct ReplayStep {
+    pub events: Vec<SubMsg>,
+    pub next: Option<ReplayFrom>,
+}
+
+/// Records one replay step looks at, at most: a filter that matches little must not make one
+/// step scan the whole store on the state task.
+const REPLAY_SCAN: usize = 65_536;
 
 /// Result of storing one batch.
 pub struct IngestOutcome {
@@ -142,6 +163,11 @@ pub enum Command {
         filter: Filter,
         after: Option<u64>,
         reply: oneshot::Sender<Result<Subscription, StoreError>>,
+    },
+    ReplayStep {
+        filter: Filter,
+        from: ReplayFrom,
+        reply: oneshot::Sender<ReplayStep>,
     },
     /// Make everything written durable, write the sample snapshot if it changed, and stop.
     Shutdown {
@@ -261,6 +287,20 @@ impl StoreHandle {
             reply,
         })
         .await?
+    }
+
+    /// The next step of a subscriber's replay.
+    pub async fn replay_step(
+        &self,
+        filter: Filter,
+        from: ReplayFrom,
+    ) -> Result<ReplayStep, StoreError> {
+        self.call(|reply| Command::ReplayStep {
+            filter,
+            from,
+            reply,
+        })
+        .await
     }
 
     /// Node and GPU gauges in the Prometheus text format (rendered from the latest samples at
@@ -945,6 +985,13 @@ impl State {
                 };
                 let _ = reply.send(r);
             }
+            Command::ReplayStep {
+                filter,
+                from,
+                reply,
+            } => {
+                let _ = reply.send(self.replay_step(&filter, from));
+            }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -1427,47 +1474,56 @@ impl State {
 
     fn subscribe(&mut self, filter: Filter, after: Option<u64>) -> Subscription {
         let (tx, live) = mpsc::channel(self.cfg.subscriber_queue.max(1));
-        let mut replay = Vec::new();
         let last = self.ring.next_cursor() - 1;
-        let mut last_cursor = last;
-        if let Some(after) = after {
-            let oldest = self.ring.oldest_cursor().unwrap_or(self.ring.next_cursor());
-            if after + 1 < oldest {
-                // Asked to resume from data that has expired: say how much is gone.
-                replay.push(SubMsg::Lagged(Lagged {
-                    missed: oldest - after - 1,
-                    resume_cursor: oldest - 1,
-                }));
-                self.metrics.subscriber_lag_notices.inc();
-            }
-            let events = self
-                .ring
-                .after(after, self.cfg.max_replay + 1, |e| filter.matches(e));
-            let truncated = events.len() > self.cfg.max_replay;
-            for ev in events.into_iter().take(self.cfg.max_replay) {
-                replay.push(SubMsg::Event(Arc::new(ev)));
-            }
-            if truncated {
-                // Too much to replay at once: the client resumes from the last replayed cursor.
-                let resume = match replay.last() {
-                    Some(SubMsg::Event(e)) => e.cursor,
-                    _ => after,
-                };
-                replay.push(SubMsg::Lagged(Lagged {
-                    missed: last.saturating_sub(resume),
-                    resume_cursor: resume,
-                }));
-                last_cursor = resume;
-            }
-        }
+        let step = match after {
+            Some(after) => self.replay_step(&filter, ReplayFrom { after, upto: last }),
+            None => ReplayStep {
+                events: Vec::new(),
+                next: None,
+            },
+        };
         self.subscribers.push(Subscriber {
             filter,
             tx,
             missed: 0,
-            last_cursor,
+            last_cursor: last,
         });
         self.metrics.subscribers.set(self.subscribers.len() as i64);
-        Subscription { replay, live }
+        Subscription {
+            replay: step.events,
+            next: step.next,
+            live,
+        }
+    }
+
+    /// One bounded step of a replay: at most `replay_chunk` events and [`REPLAY_SCAN`] records
+    /// looked at. Events that expired before the step could reach them are announced with
+    /// `Lagged` (how many cursors are gone and where the replay goes on).
+    fn replay_step(&self, filter: &Filter, from: ReplayFrom) -> ReplayStep {
+        let mut events = Vec::new();
+        let mut after = from.after;
+        let oldest = self.ring.oldest_cursor().unwrap_or(self.ring.next_cursor());
+        if after + 1 < oldest && after < from.upto {
+            events.push(SubMsg::Lagged(Lagged {
+                missed: oldest.min(from.upto + 1) - after - 1,
+                resume_cursor: oldest - 1,
+            }));
+            self.metrics.subscriber_lag_notices.inc();
+            after = oldest - 1;
+        }
+        let scan = self.ring.scan_after(
+            after,
+            from.upto,
+            self.cfg.replay_chunk.max(1),
+            REPLAY_SCAN,
+            |e| filter.matches(e),
+        );
+        events.extend(scan.events.into_iter().map(|e| SubMsg::Event(Arc::new(e))));
+        let next = (!scan.done && scan.resume < from.upto).then_some(ReplayFrom {
+            after: scan.resume,
+            upto: from.upto,
+        });
+        ReplayStep { events, next }
     }
 
     fn nodes(&self, window: Option<TimeWindow>) -> Result<v1::NodesResponse, QueryError> {

@@ -62,6 +62,16 @@ pub fn event_ms(ev: &v1::Event) -> i64 {
         .map_or(0, ptime::to_unix_millis)
 }
 
+/// One bounded step of a replay ([`EventStore::scan_after`]).
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub events: Vec<v1::Event>,
+    /// The last cursor looked at: the next step continues after it.
+    pub resume: u64,
+    /// Nothing is left up to the bound.
+    pub done: bool,
+}
+
 /// Who sent a batch: the envelope every event of an agent's batches carries, shared by their
 /// records instead of copied into each.
 #[derive(Debug, Default, PartialEq, Eq, Hash)]
@@ -526,16 +536,36 @@ impl EventStore {
         &self,
         after: u64,
         limit: usize,
-        mut keep: impl FnMut(&EventRef<'_>) -> bool,
+        keep: impl FnMut(&EventRef<'_>) -> bool,
     ) -> Vec<v1::Event> {
+        self.scan_after(after, u64::MAX, limit, usize::MAX, keep)
+            .events
+    }
+
+    /// Like [`EventStore::after`] for cursors in `(after, upto]`, looking at no more than
+    /// `max_scan` records: one bounded step of a long replay. The answer says where the next
+    /// step starts.
+    pub fn scan_after(
+        &self,
+        after: u64,
+        upto: u64,
+        limit: usize,
+        max_scan: usize,
+        mut keep: impl FnMut(&EventRef<'_>) -> bool,
+    ) -> Scan {
         let mut iters: Vec<_> = self
             .lanes
             .iter()
             .enumerate()
             .map(|(k, l)| l.after(k, after).peekable())
             .collect();
-        let mut out = Vec::new();
-        while out.len() < limit {
+        let mut out = Scan {
+            events: Vec::new(),
+            resume: after,
+            done: false,
+        };
+        let mut scanned = 0;
+        while out.events.len() < limit && scanned < max_scan {
             let mut best: Option<(usize, u64)> = None;
             for (i, it) in iters.iter_mut().enumerate() {
                 if let Some(e) = it.peek()
@@ -544,12 +574,17 @@ impl EventStore {
                     best = Some((i, e.cursor()));
                 }
             }
-            let Some((i, _)) = best else { break };
+            let Some((i, cursor)) = best.filter(|(_, c)| *c <= upto) else {
+                out.done = true;
+                return out;
+            };
+            scanned += 1;
+            out.resume = cursor;
             if let Some(e) = iters[i].next()
                 && keep(&e)
                 && let Some(ev) = e.decode()
             {
-                out.push(ev);
+                out.events.push(ev);
             }
         }
         out
@@ -871,6 +906,50 @@ mod tests {
             |_| true,
         );
         assert_eq!((none.total_matched, none.blocks_scanned), (0, 0));
+    }
+
+    /// A replay step stops at its scan budget, its event limit or its upper cursor, and says
+    /// where to go on; steps chained from there see every match once.
+    #[test]
+    fn scan_after_is_bounded_and_resumable() {
+        let mut r = EventStore::new(1 << 20, 1);
+        for i in 0..100u64 {
+            let kind = if i % 10 == 0 {
+                EventKind::Xid
+            } else {
+                EventKind::DriverLog
+            };
+            push(&mut r, ev(i + 1, kind));
+        }
+        let xid = |e: &EventRef<'_>| e.kind() == EventKind::Xid as i32;
+        // Scan budget: 15 records hold two XIDs (cursors 1 and 11).
+        let s = r.scan_after(0, 100, 50, 15, xid);
+        assert_eq!(
+            s.events.iter().map(|e| e.cursor).collect::<Vec<_>>(),
+            [1, 11]
+        );
+        assert_eq!((s.resume, s.done), (15, false));
+        // Event limit.
+        let s = r.scan_after(0, 100, 3, usize::MAX, xid);
+        assert_eq!((s.events.len(), s.resume, s.done), (3, 21, false));
+        // Upper bound.
+        let s = r.scan_after(0, 30, 50, usize::MAX, xid);
+        assert_eq!(
+            s.events.iter().map(|e| e.cursor).collect::<Vec<_>>(),
+            [1, 11, 21]
+        );
+        assert!(s.done);
+        // Chained steps of 7 records: every XID once, in order.
+        let (mut after, mut seen) = (0, Vec::new());
+        loop {
+            let s = r.scan_after(after, 100, 50, 7, xid);
+            seen.extend(s.events.iter().map(|e| e.cursor));
+            if s.done || s.resume >= 100 {
+                break;
+            }
+            after = s.resume;
+        }
+        assert_eq!(seen, (0..10).map(|i| i * 10 + 1).collect::<Vec<u64>>());
     }
 
     #[test]
