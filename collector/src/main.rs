@@ -77,9 +77,9 @@ struct Args {
     keepalive_interval: std::time::Duration,
     #[arg(long, default_value = "20s", value_parser = parse_interval)]
     keepalive_timeout: std::time::Duration,
-    /// Event times further than this from when the event arrived are replaced by the arrival
-    /// time (the agent's time kept as reported_time): a node clock that jumps cannot reorder
-    /// or freeze history.
+    /// Event times more than this ahead of when the event arrived are replaced by the arrival
+    /// time (the agent's time kept as reported_time): a node clock ahead cannot freeze a GPU's
+    /// history. Old times are kept (spooled events, the kernel log's backlog).
     #[arg(long, default_value = "10m", value_parser = parse_interval)]
     max_clock_skew: std::time::Duration,
     /// Agent ids without a connection for this long leave the de-duplication table and the

@@ -103,7 +103,7 @@ impl Metrics {
             )?,
             ingest_clock_clamped: c(
                 "gpulse_ingest_clock_clamped_events_total",
-                "Events whose time was further than --max-clock-skew from their arrival; stored at the arrival time, the agent's time kept in reported_time.",
+                "Events whose time was more than --max-clock-skew after their arrival; stored at the arrival time, the agent's time kept in reported_time.",
             )?,
             store_sync_errors: c(
                 "gpulse_store_sync_errors_total",

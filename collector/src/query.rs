@@ -327,6 +327,78 @@ fn nice_step(min_s: i64) -> i64 {
 /// A group's key (node, GPU index), steps, UUID, and whether it is the merged "other".
 type Grouped = ((String, Option<u32>), Steps, String, bool);
 
+type GroupKey = (String, Option<u32>);
+
+/// Most time one Trend may spend on the state task; past it the answer is partial and says so.
+const QUERY_TIME_BUDGET: std::time::Duration = std::time::Duration::from_millis(2000);
+
+/// Groups kept while a Trend runs: the `cap` smallest keys individually, every later key merged
+/// into one "other" series as it arrives, so memory is `cap + 1` series whatever the fleet.
+/// Answers are the same as grouping everything and then cutting: with more than `cap` groups,
+/// the first `cap - 1` keys are returned and the rest merged.
+struct Groups {
+    cap: usize,
+    kept: BTreeMap<GroupKey, (Steps, String)>,
+    other: Option<Steps>,
+    /// Keys merged into `other` (to count the series the answer stands for).
+    overflow: std::collections::HashSet<GroupKey>,
+}
+
+impl Groups {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            kept: BTreeMap::new(),
+            other: None,
+            overflow: std::collections::HashSet::new(),
+        }
+    }
+
+    fn to_other(&mut self, key: GroupKey, s: &Steps) {
+        match &mut self.other {
+            Some(o) => o.merge(s),
+            None => self.other = Some(s.clone()),
+        }
+        self.overflow.insert(key);
+    }
+
+    fn add(&mut self, key: GroupKey, s: Steps, uuid: String) {
+        if let Some((acc, _)) = self.kept.get_mut(&key) {
+            acc.merge(&s);
+            return;
+        }
+        let beyond = self.kept.len() >= self.cap
+            && self.kept.last_key_value().is_some_and(|(k, _)| key > *k);
+        if beyond || self.overflow.contains(&key) {
+            self.to_other(key, &s);
+            return;
+        }
+        self.kept.insert(key, (s, uuid));
+        if self.kept.len() > self.cap
+            && let Some((k, (evicted, _))) = self.kept.pop_last()
+        {
+            self.to_other(k, &evicted);
+        }
+    }
+
+    /// The series to return, the merged rest, and how many series there were.
+    fn finish(mut self) -> (Vec<Grouped>, Option<Steps>, u32) {
+        let total = (self.kept.len() + self.overflow.len()) as u32;
+        if self.other.is_some()
+            && let Some((k, (s, _))) = self.kept.pop_last()
+        {
+            // With an "other" series the answer holds cap - 1 individual ones.
+            self.to_other(k, &s);
+        }
+        let list = self
+            .kept
+            .into_iter()
+            .map(|(k, (s, u))| (k, s, u, false))
+            .collect();
+        (list, self.other, total)
+    }
+}
+
 /// Per step figures of one group.
 #[derive(Clone)]
 struct Steps {
@@ -488,11 +560,20 @@ pub fn trend_column(
     let n = ((end - start) as usize).div_ceil(step as usize).max(1);
     let p95 = agg == Aggregation::P95;
 
-    // Per GPU steps, grouped as asked.
-    let mut groups: BTreeMap<(String, Option<u32>), (Steps, String)> = BTreeMap::new();
-    for g in series.gpus() {
+    // Per GPU steps, grouped as asked; only the series the answer returns are kept.
+    let mut groups = Groups::new(max_series as usize);
+    let started = std::time::Instant::now();
+    let selected = series.gpus().len();
+    for (done, g) in series.gpus().iter().enumerate() {
         if !gpu_selected(g, &req.nodes, &req.gpus) {
             continue;
+        }
+        if done % 64 == 0 && started.elapsed() > QUERY_TIME_BUDGET {
+            hints.push(format!(
+                "query time budget ({} ms) hit after {done} of {selected} GPUs: the answer is partial; narrow nodes/gpus or the window",
+                QUERY_TIME_BUDGET.as_millis()
+            ));
+            break;
         }
         let mut s = Steps::new(n, p95);
         s.merged = 1;
@@ -544,26 +625,9 @@ pub fn trend_column(
         } else {
             String::new()
         };
-        match groups.get_mut(&key) {
-            Some((acc, _)) => acc.merge(&s),
-            None => {
-                groups.insert(key, (s, uuid));
-            }
-        }
+        groups.add(key, s, uuid);
     }
-    let series_total = groups.len() as u32;
-    let mut list: Vec<Grouped> = Vec::new();
-    let mut other: Option<Steps> = None;
-    for (i, (key, (s, uuid))) in groups.into_iter().enumerate() {
-        if series_total > max_series && i + 1 >= max_series as usize {
-            match &mut other {
-                Some(o) => o.merge(&s),
-                None => other = Some(s),
-            }
-        } else {
-            list.push((key, s, uuid, false));
-        }
-    }
+    let (mut list, other, series_total) = groups.finish();
     if let Some(o) = other {
         hints.push(format!(
             "{series_total} series exceed max_series {max_series}; the last {} are merged into one \"other\" series",
@@ -686,6 +750,59 @@ pub fn metric_count() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Streaming grouping keeps at most `cap` series and answers exactly as grouping all and
+    /// cutting afterwards would, whatever order the GPUs come in.
+    #[test]
+    fn groups_keep_only_what_they_return_and_match_a_full_grouping() {
+        let steps = |v: f64| {
+            let mut s = Steps::new(1, false);
+            s.merged = 1;
+            s.aggs[0].add(0, v);
+            s
+        };
+        // (node, gpu) pairs in a scrambled order, some nodes with several GPUs.
+        let keys: Vec<GroupKey> = (0..40u32)
+            .map(|i| (format!("n{}", (i * 7) % 13), Some((i * 5) % 3)))
+            .collect();
+        for cap in [1usize, 2, 5, 13, 39, 40, 100] {
+            for by_node in [false, true] {
+                let key = |k: &GroupKey| {
+                    if by_node {
+                        (k.0.clone(), None)
+                    } else {
+                        k.clone()
+                    }
+                };
+                let mut g = Groups::new(cap);
+                let mut full: BTreeMap<GroupKey, f64> = BTreeMap::new();
+                for (i, k) in keys.iter().enumerate() {
+                    g.add(key(k), steps(i as f64), String::new());
+                    *full.entry(key(k)).or_default() += i as f64;
+                    assert!(g.kept.len() <= cap, "held more than the cap");
+                }
+                let (list, other, total) = g.finish();
+                assert_eq!(total as usize, full.len());
+                let individual = if full.len() > cap {
+                    cap - 1
+                } else {
+                    full.len()
+                };
+                let want: Vec<(GroupKey, f64)> =
+                    full.clone().into_iter().take(individual).collect();
+                let got: Vec<(GroupKey, f64)> = list
+                    .iter()
+                    .map(|(k, s, _, _)| (k.clone(), s.aggs[0].sum))
+                    .collect();
+                assert_eq!(got, want, "cap {cap} by_node {by_node}");
+                let rest: f64 = full.values().skip(individual).sum();
+                match other {
+                    Some(o) => assert_eq!(o.aggs[0].sum, rest),
+                    None => assert_eq!(individual, full.len()),
+                }
+            }
+        }
+    }
 
     #[test]
     fn tokens_roundtrip_and_reject_tampering() {

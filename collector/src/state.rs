@@ -58,8 +58,8 @@ pub struct StoreConfig {
     pub max_subscribers: usize,
     /// Replaces `fdatasync` (tests: a slow or failing disk).
     pub sync_hook: Option<crate::store::syncer::SyncHook>,
-    /// Event times further than this from the received time are replaced by it (and kept in
-    /// `reported_time`): one bad clock must not reorder or freeze history.
+    /// Event times more than this after the received time are replaced by it (and kept in
+    /// `reported_time`): a clock ahead must not freeze a GPU's history.
     pub max_clock_skew: Duration,
     /// Agent ids without a connection for this long are forgotten (ids are never reused).
     pub agent_retention: Duration,
@@ -1248,16 +1248,17 @@ impl State {
         })
     }
 
-    /// Replaces event times further than `--max-clock-skew` from `received` by `received`,
+    /// Replaces event times more than `--max-clock-skew` after `received` by `received`,
     /// keeping the agent's in `reported_time`. Such an event is encoded again (rare) so the log
-    /// and the store keep the corrected time.
+    /// and the store keep the corrected time. Times in the past are kept: an agent delivering
+    /// its spool after an outage, or the kernel log's backlog, legitimately sends old events.
     fn clamp_times(&self, fresh: &mut [Wire], received: prost_types::Timestamp) {
         let skew = self.cfg.max_clock_skew.as_nanos() as i128;
         let now = ptime::to_unix_nanos(&received);
         let mut clamped = 0;
         for w in fresh.iter_mut() {
             let Some(t) = w.ev.time else { continue };
-            if (ptime::to_unix_nanos(&t) - now).abs() <= skew {
+            if ptime::to_unix_nanos(&t) - now <= skew {
                 continue;
             }
             w.ev.reported_time = Some(t);
