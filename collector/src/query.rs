@@ -354,7 +354,7 @@ impl Groups {
         }
     }
 
-    fn to_other(&mut self, key: GroupKey, s: &Steps) {
+    fn merge_into_other(&mut self, key: GroupKey, s: &Steps) {
         match &mut self.other {
             Some(o) => o.merge(s),
             None => self.other = Some(s.clone()),
@@ -370,14 +370,14 @@ impl Groups {
         let beyond = self.kept.len() >= self.cap
             && self.kept.last_key_value().is_some_and(|(k, _)| key > *k);
         if beyond || self.overflow.contains(&key) {
-            self.to_other(key, &s);
+            self.merge_into_other(key, &s);
             return;
         }
         self.kept.insert(key, (s, uuid));
         if self.kept.len() > self.cap
             && let Some((k, (evicted, _))) = self.kept.pop_last()
         {
-            self.to_other(k, &evicted);
+            self.merge_into_other(k, &evicted);
         }
     }
 
@@ -388,7 +388,7 @@ impl Groups {
             && let Some((k, (s, _))) = self.kept.pop_last()
         {
             // With an "other" series the answer holds cap - 1 individual ones.
-            self.to_other(k, &s);
+            self.merge_into_other(k, &s);
         }
         let list = self
             .kept
