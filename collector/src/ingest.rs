@@ -87,7 +87,17 @@ fn check_header(
 
 /// Checks event `i` of a batch starting at `first`; fills in a seq or kind the agent left at
 /// zero. Returns whether it changed the event (its received bytes then no longer match it).
-fn check_event(i: usize, first: u64, ev: &mut v1::Event) -> Result<bool, Status> {
+///
+/// An event without a payload this collector knows, but with fields it does not know (a newer
+/// agent's payload), is accepted as `EVENT_KIND_UNKNOWN`: its bytes are kept as received so a
+/// collector that knows the payload reads it after an upgrade. One with no payload at all is
+/// refused. `encoded` is the event as received (None: it was decoded in-process).
+fn check_event(
+    i: usize,
+    first: u64,
+    ev: &mut v1::Event,
+    encoded: Option<&[u8]>,
+) -> Result<bool, Status> {
     let want = first + i as u64;
     let mut changed = false;
     if ev.seq == 0 {
@@ -101,9 +111,19 @@ fn check_event(i: usize, first: u64, ev: &mut v1::Event) -> Result<bool, Status>
     }
     let payload_kind = ev.payload_kind();
     if payload_kind == EventKind::Unspecified {
-        return Err(Status::invalid_argument(format!(
-            "events[{i}] (seq {want}) has no payload"
-        )));
+        let unknown = encoded
+            .and_then(gpulse_proto::convert::unknown_event_fields)
+            .unwrap_or_default();
+        if unknown.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "events[{i}] (seq {want}) has no payload"
+            )));
+        }
+        check_severity(i, want, ev)?;
+        crate::store::events::mark_unknown(ev, encoded.unwrap_or_default());
+        // The received bytes stay authoritative (they hold the payload); a seq the agent left
+        // at zero is appended to them (protobuf: the last value of a field wins).
+        return Ok(false);
     }
     if ev.kind == EventKind::Unspecified as i32 {
         ev.kind = payload_kind as i32;
@@ -115,13 +135,18 @@ fn check_event(i: usize, first: u64, ev: &mut v1::Event) -> Result<bool, Status>
             payload_kind.short_name()
         )));
     }
+    check_severity(i, want, ev)?;
+    Ok(changed)
+}
+
+fn check_severity(i: usize, want: u64, ev: &v1::Event) -> Result<(), Status> {
     if v1::Severity::try_from(ev.severity).is_err() {
         return Err(Status::invalid_argument(format!(
             "events[{i}] (seq {want}) has unknown severity {}",
             ev.severity
         )));
     }
-    Ok(changed)
+    Ok(())
 }
 
 impl IngestBatch {
@@ -149,8 +174,14 @@ impl IngestBatch {
                     raw.first_seq + i as u64
                 ))
             })?;
-            if check_event(i, raw.first_seq, slot)? {
+            let seq_was_zero = slot.seq == 0;
+            if check_event(i, raw.first_seq, slot, Some(bytes.as_ref()))? {
                 bytes = Bytes::from(slot.encode_to_vec());
+            } else if seq_was_zero {
+                // An unknown event whose seq was filled in: re-encoding would lose its payload.
+                let mut b = bytes.to_vec();
+                prost::encoding::uint64::encode(1, &slot.seq, &mut b);
+                bytes = Bytes::from(b);
             }
             events.push(Wire { ev, bytes });
         }
@@ -174,7 +205,7 @@ impl IngestBatch {
         )?;
         let mut events = Vec::with_capacity(batch.events.len());
         for (i, mut ev) in batch.events.into_iter().enumerate() {
-            check_event(i, batch.first_seq, &mut ev)?;
+            check_event(i, batch.first_seq, &mut ev, None)?;
             events.push(Wire::encode(ev));
         }
         Ok(Self {

@@ -134,7 +134,8 @@ pub fn event(ev: &v1::Event) -> Value {
             }),
         ),
         Some(Payload::GpuSample(g)) => ("gpu_sample", gpu_sample(g)),
-        None => return obj,
+        // A payload this collector does not know (a newer agent's): its field numbers.
+        None => ("unknown", json!({ "fields": ev.unknown_fields })),
     };
     if let Some(map) = obj.as_object_mut() {
         map.insert(key.to_string(), body);
@@ -328,7 +329,10 @@ pub fn line(ev: &v1::Event) -> String {
                 }
             )
         }
-        None => String::new(),
+        None => format!(
+            "payload this collector does not know (fields {:?}; kept as received)",
+            ev.unknown_fields
+        ),
     };
     format!(
         "{time} {:<7} {:<12} {:<10} {body}",

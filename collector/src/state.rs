@@ -790,7 +790,7 @@ fn is_spool_gap(ev: &v1::Event) -> bool {
     matches!(&ev.payload, Some(Payload::Gap(g)) if g.stage == GapStage::AgentSpool as i32)
 }
 
-const KIND_LIST: [EventKind; 7] = EventKind::ALL;
+const KIND_LIST: [EventKind; 8] = EventKind::ALL;
 
 /// At most how long between looks for agents and nodes past their retention.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);

@@ -457,3 +457,121 @@ async fn a_long_replay_comes_in_bounded_steps_then_goes_live() {
     }
     assert_eq!(message_of(&next(&mut xids).await.unwrap()), "live");
 }
+
+/// What a newer agent sends: an event whose payload this collector does not know, between two
+/// XIDs. Stored (as received) as `unknown` with the field number, the XIDs behind it too, and
+/// still there after a restart; an event with no payload at all is still refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_payload_is_stored_as_unknown_and_the_events_after_it_too() {
+    use gpulse_proto::{
+        raw::RawBatch,
+        v1::{Ack, EventKind, subscribe_response::Msg},
+    };
+    use prost::Message as _;
+    let dir = tempfile::tempdir().unwrap();
+    let newer = {
+        let mut b = gpulse_proto::v1::Event {
+            kind: 9,
+            severity: gpulse_proto::v1::Severity::Warning as i32,
+            time: Some(gpulse_proto::time::now()),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        // Field 19, a message: the newer agent's payload.
+        b.extend_from_slice(&[0x9a, 0x01, 3, 0x0a, 1, b'x']);
+        b
+    };
+    let push = |h: &Harness, events: Vec<Vec<u8>>| {
+        let channel = h.channel.clone();
+        async move {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.unwrap();
+            let batches = vec![
+                RawBatch {
+                    agent_id: "newer-agent".into(),
+                    node: "n".into(),
+                    boot_id: "b".into(),
+                    ..Default::default()
+                },
+                RawBatch {
+                    agent_id: "newer-agent".into(),
+                    node: "n".into(),
+                    boot_id: "b".into(),
+                    first_seq: 1,
+                    events: events.into_iter().map(Into::into).collect(),
+                },
+            ];
+            let path =
+                tonic::codegen::http::uri::PathAndQuery::from_static("/gpulse.v1.Ingest/Push");
+            let codec = tonic_prost::ProstCodec::<RawBatch, Ack>::default();
+            let mut acks = grpc
+                .streaming(
+                    tonic::Request::new(tokio_stream::iter(batches)),
+                    path,
+                    codec,
+                )
+                .await
+                .unwrap()
+                .into_inner();
+            acks.message().await.unwrap();
+            acks.message().await
+        }
+    };
+    {
+        let h = start(store_config(dir.path())).await;
+        let x = |m: &str| {
+            let mut e = xid(79, m);
+            e.node = "n".into();
+            e.encode_to_vec()
+        };
+        let ack = push(&h, vec![x("before"), newer.clone(), x("after")])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ack.through_seq, 3);
+        // No payload at all is still an error, named.
+        let bare = gpulse_proto::v1::Event {
+            severity: 1,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let err = push(&h, vec![bare]).await.unwrap_err();
+        assert!(err.message().contains("has no payload"), "{err}");
+    }
+    let h = start(store_config(dir.path())).await;
+    let mut s = subscribe(
+        &h,
+        SubscribeRequest {
+            after_cursor: Some(0),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        match next(&mut s).await.and_then(|m| m.msg) {
+            Some(Msg::Event(e)) => got.push(e),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(message_of_event(&got[0]), "before");
+    assert_eq!(got[1].kind, EventKind::Unknown as i32);
+    assert_eq!(got[1].unknown_fields, [19]);
+    assert_eq!(got[1].seq, 2);
+    assert_eq!(message_of_event(&got[2]), "after");
+    // Listed by kind like any other, and counted in the status.
+    let st = h.store.status().await.unwrap();
+    let unknown = st
+        .kinds
+        .iter()
+        .find(|k| k.kind == EventKind::Unknown as i32)
+        .expect("an unknown kind in the status");
+    assert_eq!(unknown.events, 1);
+}
+
+fn message_of_event(e: &gpulse_proto::v1::Event) -> String {
+    match &e.payload {
+        Some(gpulse_proto::v1::event::Payload::Xid(x)) => x.message.clone(),
+        other => format!("{other:?}"),
+    }
+}

@@ -32,7 +32,7 @@ impl v1::Severity {
 
 impl v1::EventKind {
     /// Every kind, in wire order.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Xid,
         Self::Sxid,
         Self::DriverLog,
@@ -40,16 +40,18 @@ impl v1::EventKind {
         Self::Gap,
         Self::GpuProcess,
         Self::GpuSample,
+        Self::Unknown,
     ];
 
     /// Every kind but GPU samples (one per GPU per second): what listings show by default.
-    pub const EVENTS: [Self; 6] = [
+    pub const EVENTS: [Self; 7] = [
         Self::Xid,
         Self::Sxid,
         Self::DriverLog,
         Self::AgentStatus,
         Self::Gap,
         Self::GpuProcess,
+        Self::Unknown,
     ];
 
     pub fn short_name(self) -> &'static str {
@@ -62,6 +64,7 @@ impl v1::EventKind {
             Self::Gap => "gap",
             Self::GpuProcess => "gpu_process",
             Self::GpuSample => "gpu_sample",
+            Self::Unknown => "unknown",
         }
     }
 
@@ -74,9 +77,39 @@ impl v1::EventKind {
             "gap" => Self::Gap,
             "gpu_process" | "process" => Self::GpuProcess,
             "gpu_sample" | "sample" => Self::GpuSample,
+            "unknown" => Self::Unknown,
             _ => return None,
         })
     }
+}
+
+/// Top-level `Event` field numbers this build knows (see the test against the descriptor).
+const KNOWN_EVENT_FIELDS: [u32; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17];
+
+/// The top-level field numbers of an encoded `Event` that this build does not know (what a
+/// newer agent's payload looks like to an older collector), in order, without repeats. None
+/// when the bytes are not a valid encoding.
+pub fn unknown_event_fields(mut b: &[u8]) -> Option<Vec<u32>> {
+    use prost::encoding::{WireType, decode_key, decode_varint};
+    let mut out: Vec<u32> = Vec::new();
+    while !b.is_empty() {
+        let (field, wire) = decode_key(&mut b).ok()?;
+        let skip = match wire {
+            WireType::Varint => {
+                decode_varint(&mut b).ok()?;
+                0
+            }
+            WireType::SixtyFourBit => 8,
+            WireType::ThirtyTwoBit => 4,
+            WireType::LengthDelimited => usize::try_from(decode_varint(&mut b).ok()?).ok()?,
+            WireType::StartGroup | WireType::EndGroup => return None,
+        };
+        b = b.get(skip..)?;
+        if field != 18 && !KNOWN_EVENT_FIELDS.contains(&field) && !out.contains(&field) {
+            out.push(field);
+        }
+    }
+    Some(out)
 }
 
 impl v1::Event {
@@ -241,6 +274,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(ev.payload_kind(), v1::EventKind::Xid);
+        assert_eq!(
+            unknown_event_fields(&prost::Message::encode_to_vec(&ev)),
+            Some(vec![])
+        );
         assert_eq!(ev.gpu_keys()[1], "0000:9b:00.0");
     }
 
@@ -269,5 +306,39 @@ mod tests {
             assert_eq!(v1::EventKind::from_short_name(k.short_name()), Some(k));
         }
         assert_eq!(v1::EventKind::from_short_name("nope"), None);
+    }
+
+    #[test]
+    fn known_event_fields_match_the_descriptor() {
+        use prost::Message as _;
+        let set = prost_types::FileDescriptorSet::decode(crate::v1::FILE_DESCRIPTOR_SET).unwrap();
+        let event = set
+            .file
+            .iter()
+            .flat_map(|f| &f.message_type)
+            .find(|m| m.name() == "Event")
+            .unwrap();
+        let mut numbers: Vec<u32> = event.field.iter().map(|f| f.number() as u32).collect();
+        numbers.sort_unstable();
+        let mut known = KNOWN_EVENT_FIELDS.to_vec();
+        known.push(18);
+        assert_eq!(numbers, known, "update KNOWN_EVENT_FIELDS with the proto");
+    }
+
+    #[test]
+    fn a_newer_agents_payload_is_named_by_its_field_number() {
+        use prost::Message as _;
+        let mut b = v1::Event {
+            seq: 3,
+            kind: 9,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        // Field 19, length-delimited: a payload message this build does not know.
+        b.extend_from_slice(&[0x9a, 0x01, 3, 0x0a, 1, b'x']);
+        assert_eq!(unknown_event_fields(&b), Some(vec![19]));
+        let ev = v1::Event::decode(b.as_slice()).unwrap();
+        assert!(ev.payload.is_none() && ev.seq == 3);
+        assert_eq!(unknown_event_fields(&b[..b.len() - 1]), None, "truncated");
     }
 }

@@ -72,6 +72,7 @@ pub fn kind_of(k: Kind) -> EventKind {
         Kind::Gap => EventKind::Gap,
         Kind::GpuProcess => EventKind::GpuProcess,
         Kind::GpuSample => EventKind::GpuSample,
+        Kind::Unknown => EventKind::Unknown,
     }
 }
 

@@ -14,6 +14,8 @@ pub enum Kind {
     Gap,
     GpuProcess,
     GpuSample,
+    /// A payload this collector does not know (sent by a newer agent), kept as received.
+    Unknown,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]

@@ -28,8 +28,15 @@ use gpulse_proto::{
 use prost::Message;
 use tracing::error;
 
-/// Number of EventKind values (index = kind as usize).
+/// Number of lanes: one per EventKind value 1-7 (index = kind as usize), and lane 0 for
+/// `EVENT_KIND_UNKNOWN` (payloads this collector does not know).
 pub const KINDS: usize = 8;
+
+/// The lane of a kind.
+pub fn lane_of(kind: EventKind) -> usize {
+    let k = kind as usize;
+    if k < KINDS { k } else { 0 }
+}
 
 /// Most events in one block: small enough that a window edge or a resume scans little.
 const BLOCK_EVENTS: usize = 256;
@@ -44,7 +51,7 @@ pub const RECORD_BYTES: usize = std::mem::size_of::<Rec>();
 
 /// Default guaranteed shares (percent of the global budget) per kind index.
 pub const DEFAULT_SHARES: [u32; KINDS] = [
-    0,  // unspecified
+    0,  // unknown payloads (a newer agent's): no guaranteed share
     25, // xid
     5,  // sxid
     15, // driver log
@@ -60,6 +67,12 @@ pub fn event_ms(ev: &v1::Event) -> i64 {
         .as_ref()
         .or(ev.received.as_ref())
         .map_or(0, ptime::to_unix_millis)
+}
+
+/// Marks an event whose payload this collector does not know (see `EVENT_KIND_UNKNOWN`).
+pub fn mark_unknown(ev: &mut v1::Event, encoded: &[u8]) {
+    ev.kind = EventKind::Unknown as i32;
+    ev.unknown_fields = gpulse_proto::convert::unknown_event_fields(encoded).unwrap_or_default();
 }
 
 /// One bounded step of a replay ([`EventStore::scan_after`]).
@@ -193,7 +206,11 @@ impl<'a> EventRef<'a> {
         self.rec.ms
     }
     pub fn kind(&self) -> i32 {
-        self.kind as i32
+        if self.kind == 0 {
+            EventKind::Unknown as i32
+        } else {
+            self.kind as i32
+        }
     }
     pub fn severity(&self) -> i32 {
         self.rec.severity
@@ -229,6 +246,9 @@ impl<'a> EventRef<'a> {
     pub fn decode(&self) -> Option<v1::Event> {
         match v1::Event::decode(self.bytes) {
             Ok(mut ev) => {
+                if ev.payload.is_none() {
+                    mark_unknown(&mut ev, self.bytes);
+                }
                 ev.node.clone_from(&self.rec.origin.node);
                 ev.agent_id.clone_from(&self.rec.origin.agent_id);
                 ev.cursor = self.rec.cursor;
@@ -379,6 +399,9 @@ pub struct EventStore {
 }
 
 fn kind_index(ev: &v1::Event) -> usize {
+    if ev.payload.is_none() {
+        return 0;
+    }
     let k = ev.kind as usize;
     if k < KINDS { k } else { 0 }
 }
@@ -525,7 +548,7 @@ impl EventStore {
         self.lanes
             .iter()
             .enumerate()
-            .filter(|(k, _)| kind.is_none_or(|want| want as usize == *k))
+            .filter(|(k, _)| kind.is_none_or(|want| lane_of(want) == *k))
             .flat_map(|(_, l)| l.blocks.iter().take(2).map(|b| b.min_ms))
             .min()
     }
@@ -608,7 +631,7 @@ impl EventStore {
         let mut page = WindowPage::default();
         let mut matches: Vec<EventRef<'_>> = Vec::new();
         for (k, lane) in self.lanes.iter().enumerate() {
-            if !kinds.is_empty() && !kinds.iter().any(|want| *want as usize == k) {
+            if !kinds.is_empty() && !kinds.iter().any(|want| lane_of(*want) == k) {
                 continue;
             }
             for b in lane.blocks.iter().filter(|b| b.meets(start_ms, end_ms)) {
@@ -652,7 +675,7 @@ impl EventStore {
         mut f: impl FnMut(&EventRef<'_>),
     ) {
         for (k, lane) in self.lanes.iter().enumerate() {
-            if !kinds.is_empty() && !kinds.iter().any(|want| *want as usize == k) {
+            if !kinds.is_empty() && !kinds.iter().any(|want| lane_of(*want) == k) {
                 continue;
             }
             for b in lane.blocks.iter().filter(|b| b.meets(start_ms, end_ms)) {
@@ -678,16 +701,16 @@ impl EventStore {
         self.budget
     }
     pub fn share(&self, kind: EventKind) -> usize {
-        self.lanes[kind as usize].share
+        self.lanes[lane_of(kind)].share
     }
     pub fn bytes_by_kind(&self, kind: EventKind) -> usize {
-        self.lanes[kind as usize].bytes
+        self.lanes[lane_of(kind)].bytes
     }
     pub fn events_by_kind(&self, kind: EventKind) -> u64 {
-        self.lanes[kind as usize].events
+        self.lanes[lane_of(kind)].events
     }
     pub fn expired_by_kind(&self, kind: EventKind) -> u64 {
-        self.lanes[kind as usize].expired
+        self.lanes[lane_of(kind)].expired
     }
     pub fn expired_total(&self) -> u64 {
         self.lanes.iter().map(|l| l.expired).sum()
