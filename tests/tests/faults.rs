@@ -378,3 +378,110 @@ fn a_log_that_cannot_be_written_does_not_stop_the_collector() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A TCP relay that can go silent without closing either side: what a node that lost power (or
+/// a dropped NAT entry) looks like to the collector.
+struct Relay {
+    port: u16,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    async fn start(to: u16) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = std::sync::Arc::new(AtomicBool::new(false));
+        let f = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                    continue;
+                };
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                for (mut r, mut w, f) in [
+                    (
+                        Box::new(ri) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box::new(wo) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                        f.clone(),
+                    ),
+                    (Box::new(ro), Box::new(wi), f.clone()),
+                ] {
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 << 10];
+                        loop {
+                            let n = match r.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            // Silent, not closed: hold the bytes and both sockets forever.
+                            while f.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self { port, frozen }
+    }
+}
+
+#[test]
+fn a_half_open_agent_connection_is_dropped_by_keepalive() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Collector::start(
+        &dir.path().join("data"),
+        free_port(),
+        free_port(),
+        &["--keepalive-interval", "1s", "--keepalive-timeout", "1s"],
+    )
+    .unwrap();
+    let connected = || {
+        value_of_metric(
+            &c.metrics().unwrap(),
+            "gpulse_node_agent_connected{node=\"node-full\"}",
+        )
+    };
+    let rt = runtime();
+    rt.block_on(async {
+        let relay = Relay::start(c.grpc_port).await;
+        let mut agent = MiniAgent::new(format!("http://127.0.0.1:{}", relay.port), "half-open");
+        agent.add(xid("then the power went"));
+        // An open stream, as a real agent keeps: hello and one batch acknowledged.
+        let mut client = IngestClient::connect(agent.url.clone()).await.unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(agent.batch(0, Vec::new())).await.unwrap();
+        let mut acks = client
+            .push(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        acks.message().await.unwrap().unwrap();
+        tx.send(agent.batch(1, vec![xid("one")])).await.unwrap();
+        acks.message().await.unwrap().unwrap();
+        assert_eq!(connected(), Some(1.0));
+        relay
+            .frozen
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let t = Instant::now();
+        while connected() != Some(0.0) {
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "a silent peer still counts as connected after {:?}",
+                t.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!(
+            "half-open agent marked disconnected after {:?}",
+            t.elapsed()
+        );
+        drop((tx, acks));
+    });
+}
