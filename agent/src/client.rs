@@ -176,7 +176,7 @@ pub async fn run(
                     // after what is acknowledged.
                     let single = limit.probing() && last_batch == 1;
                     if let Some(seq) = limit.refused(single, acked) {
-                        let kind = spool.lock().set_aside(seq, status.message());
+                        let kind = spool.set_aside(seq, status.message());
                         AgentStats::add(&stats.events_refused, 1);
                         warn!(seq, kind = ?kind, reason = %status.message(), "collector refused one event; set aside as a gap, delivering the rest");
                     } else {
@@ -231,15 +231,21 @@ async fn session(
     tx.send(hello).await.map_err(|_| ClientError::Closed)?;
     let mut acks = client.push(ReceiverStream::new(rx)).await?.into_inner();
     let first = acks.message().await?.ok_or(ClientError::Closed)?;
+    let last = spool.lock().last_seq();
+    if first.through_seq > last {
+        // The collector holds more of this (persistent) agent id than the spool knows: a power
+        // loss took the log's newest frames after they were acknowledged. Continue after it.
+        warn!(
+            collector_through = first.through_seq,
+            spool_last = last,
+            "collector is ahead of the spool log; continuing after its seq"
+        );
+        spool.skip_to(first.through_seq);
+    } else {
+        spool.ack(first.through_seq);
+    }
     let mut sent_through = {
         let mut s = spool.lock();
-        if first.through_seq > s.last_seq() {
-            return Err(ClientError::BadAck {
-                acked: first.through_seq,
-                sent: s.last_seq(),
-            });
-        }
-        s.ack(first.through_seq);
         let resume = s.acked_through().max(first.through_seq);
         s.rewind_sent(resume);
         resume
@@ -290,7 +296,7 @@ async fn session(
                 if ack.through_seq > sent_through {
                     return Err(ClientError::BadAck { acked: ack.through_seq, sent: sent_through });
                 }
-                let n = spool.lock().ack(ack.through_seq);
+                let n = spool.ack(ack.through_seq);
                 AgentStats::add(&stats.events_acked, n);
                 if n > 0 {
                     limit.acked();

@@ -213,6 +213,96 @@ pub async fn run(
     }
 }
 
+/// Where the kernel log's backlog is read from at start-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BacklogFrom {
+    /// Everything the kernel still holds of this boot (a first start, or a new boot).
+    Boot,
+    /// Records from this UTC time on (ns): the newest kernel record an earlier run of this
+    /// agent delivered, less a margin; what it delivered is recognised and skipped.
+    Since(i128),
+}
+
+/// What a backlog pass read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BacklogSummary {
+    /// Kernel records read (all of them, NVIDIA or not).
+    pub records: u64,
+    /// NVIDIA records handed to the pipeline.
+    pub sent: u64,
+    /// Records the kernel overwrote while the pass ran.
+    pub missed: u64,
+    pub last_seq: Option<u64>,
+}
+
+/// Reads the kernel log's backlog once, oldest record first, up to the newest one (it does not
+/// wait for more: the live source started before covers what comes next; records seen by both
+/// in the hand-over are dropped by the pipeline's de-duplication). NVIDIA records go to `tx` as
+/// `KMSG_BACKLOG` records with their own kernel time.
+pub async fn read_backlog(
+    path: &str,
+    from: BacklogFrom,
+    tx: &mpsc::Sender<Captured>,
+) -> io::Result<BacklogSummary> {
+    let c = CString::new(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: valid path; we own the returned fd.
+    let raw = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd we own. A new open of /dev/kmsg starts at the oldest record.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut out = BacklogSummary::default();
+    let mut buf = [0u8; 8192];
+    loop {
+        // SAFETY: reading into our own stack buffer.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EAGAIN) => return Ok(out),
+                Some(libc::EPIPE) | Some(libc::EINTR) => continue,
+                _ => return Err(err),
+            }
+        }
+        let Some(rec) = parse_record(&buf[..n as usize]) else {
+            continue;
+        };
+        if let Some(last) = out.last_seq
+            && rec.seq > last + 1
+        {
+            out.missed += rec.seq - last - 1;
+        }
+        out.last_seq = Some(rec.seq);
+        out.records += 1;
+        if !keep_line(rec.text.as_bytes()) {
+            continue;
+        }
+        let unix_ns = clock::to_unix_ns(KernelClock::Monotonic, rec.ts_us * 1000);
+        if let BacklogFrom::Since(t) = from
+            && unix_ns < t
+        {
+            continue;
+        }
+        out.sent += 1;
+        let raw = RawRecord {
+            unix_ns,
+            source: RecordSource::KmsgBacklog,
+            text: rec.text,
+            truncated: false,
+            dev_xid: None,
+        };
+        if tx.send(Captured::Record(raw)).await.is_err() {
+            return Ok(out);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,5 +16,7 @@ pub mod procs;
 pub mod record;
 pub mod source;
 pub mod spool;
+pub mod spool_log;
+pub mod state_dir;
 pub mod stats;
 pub mod tracefs;

@@ -47,6 +47,20 @@ struct Args {
     /// Spool bound in bytes while the collector is unreachable.
     #[arg(long, default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
     spool_bytes: u64,
+    /// State directory (a hostPath in the DaemonSet): the agent's id and its spool log, so a
+    /// restart loses nothing spooled and knows where the kernel log's backlog resumes.
+    /// `none`: nothing persists (a new id per start).
+    #[arg(
+        long,
+        env = "GPULSE_STATE_DIR",
+        default_value = "/var/lib/gpulse-agent"
+    )]
+    state_dir: String,
+    /// At start, read the kernel log's backlog for NVIDIA records printed while no agent ran:
+    /// `boot` (the whole current boot on a first start or after a reboot, else from where the
+    /// previous run stopped) or `none`.
+    #[arg(long, default_value = "boot", value_parser = ["boot", "none"])]
+    backlog: String,
     /// Spool bound in events.
     #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(16..))]
     spool_events: u64,
@@ -130,13 +144,13 @@ async fn main() -> anyhow::Result<()> {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
-    // A fresh id per process incarnation: sequence numbers restart with it.
-    let instance = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
-        .map(|s| s.trim().to_string())
-        .context("reading /proc/sys/kernel/random/uuid")?;
-    let agent_id = format!("{node}/{instance}");
-
     let stats = Arc::new(AgentStats::default());
+    let limits = SpoolLimits {
+        max_bytes: args.spool_bytes as usize,
+        max_events: args.spool_events as usize,
+    };
+    let state = open_state(&args, &node, &boot_id, limits, &stats)?;
+    let (agent_id, spool) = (state.agent_id.clone(), state.spool.clone());
     let (tx, mut rx) = mpsc::channel::<Captured>(8192);
     let opts = EbpfOptions {
         ring_bytes: args.ring_bytes,
@@ -179,13 +193,6 @@ async fn main() -> anyhow::Result<()> {
             format!("GPU samples off: NVML unavailable ({e})")
         }
     };
-    let spool = SharedSpool::new(
-        SpoolLimits {
-            max_bytes: args.spool_bytes as usize,
-            max_events: args.spool_events as usize,
-        },
-        stats.clone(),
-    );
     // Pod attribution: optional; without Kubernetes it is off, said once.
     let (attributor, kube_state) = if args.kube == "off" {
         (None, "pod attribution off (--kube off)".to_string())
@@ -218,6 +225,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut tracker = gpulse_agent::procs::ProcessTracker::new(args.max_tracked_processes as usize);
     let mut pipeline = Pipeline::new(node.clone(), agent_id.clone(), policy, stats.clone());
+    pipeline.remember_delivered(&state.delivered);
     if let Some(a) = &attributor {
         tracker = tracker.with_attributor(a.clone());
         pipeline = pipeline.with_attributor(a.clone());
@@ -238,6 +246,33 @@ async fn main() -> anyhow::Result<()> {
     ))
     .await
     .ok();
+
+    if let Some(from) = state.backlog {
+        // After the live source started: records printed meanwhile are seen twice at most,
+        // and the pipeline keeps one.
+        let (tx, path, stats) = (tx.clone(), args.kmsg_path.clone(), stats.clone());
+        tokio::spawn(async move {
+            match gpulse_agent::kmsg::read_backlog(&path, from, &tx).await {
+                Ok(b) => {
+                    AgentStats::add(&stats.backlog_records, b.sent);
+                    info!(from = ?from, records = b.records, nvidia = b.sent, missed = b.missed, "kernel log backlog read");
+                }
+                Err(e) => {
+                    warn!(error = %e, path, "cannot read the kernel log's backlog; records printed while no agent ran are not reported")
+                }
+            }
+        });
+    }
+    // The spool log is written at once and made durable every second (and at the stop).
+    let sync_spool = spool.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let s = sync_spool.clone();
+            let _ = tokio::task::spawn_blocking(move || s.sync()).await;
+        }
+    });
 
     let pipe_spool = spool.clone();
     let pipe = tokio::spawn(async move {
@@ -329,6 +364,7 @@ async fn main() -> anyhow::Result<()> {
             "collector did not acknowledge everything before the stop deadline"
         ),
     }
+    spool.sync();
     info!(
         xids = AgentStats::get(&stats.xids),
         sent = AgentStats::get(&stats.events_sent),
@@ -338,6 +374,88 @@ async fn main() -> anyhow::Result<()> {
         "gpulse-agent stopped"
     );
     Ok(())
+}
+
+/// The agent's identity, its spool (recovered from the log when there is a state directory),
+/// and where the kernel log's backlog starts.
+struct State {
+    agent_id: String,
+    spool: Arc<SharedSpool>,
+    backlog: Option<gpulse_agent::kmsg::BacklogFrom>,
+    /// Kernel-record events the previous run delivered on this boot (not reported twice).
+    delivered: Vec<gpulse_proto::v1::Event>,
+    /// Held for the life of the process.
+    _lock: Option<gpulse_agent::state_dir::DirLock>,
+}
+
+/// The backlog resumes this long before the newest record the previous run delivered: the
+/// kernel log's time for a record and the time a run stamped on it differ by a little.
+const BACKLOG_MARGIN_NS: i128 = 5_000_000_000;
+
+fn open_state(
+    args: &Args,
+    node: &str,
+    boot_id: &str,
+    limits: SpoolLimits,
+    stats: &Arc<AgentStats>,
+) -> anyhow::Result<State> {
+    use gpulse_agent::{kmsg::BacklogFrom, spool_log::SpoolLog, state_dir};
+    let fresh =
+        || std::fs::read_to_string("/proc/sys/kernel/random/uuid").map(|s| s.trim().to_string());
+    let want_backlog = args.backlog == "boot";
+    if args.state_dir == "none" {
+        // Nothing persists: a new id, and every start is a first start.
+        let agent_id = format!("{node}/{}", fresh().context("reading a random uuid")?);
+        return Ok(State {
+            agent_id,
+            spool: SharedSpool::new(limits, stats.clone()),
+            backlog: want_backlog.then_some(BacklogFrom::Boot),
+            delivered: Vec::new(),
+            _lock: None,
+        });
+    }
+    let dir = std::path::Path::new(&args.state_dir);
+    let lock = state_dir::lock(dir).with_context(|| {
+        format!(
+            "--state-dir {} (needs a writable directory; --state-dir none runs without one)",
+            dir.display()
+        )
+    })?;
+    let id = state_dir::identity(dir, node, boot_id, fresh)
+        .with_context(|| format!("--state-dir {}", dir.display()))?;
+    // The log may hold twice the spool's bound before it is rewritten.
+    let (log, recovered) = SpoolLog::open(dir, 2 * limits.max_bytes as u64)
+        .with_context(|| format!("spool log in --state-dir {}", dir.display()))?;
+    let same_boot = id.previous_boot.as_deref() == Some(boot_id);
+    let delivered = if same_boot {
+        recovered.history.clone()
+    } else {
+        Vec::new()
+    };
+    let newest = delivered
+        .iter()
+        .filter_map(|e| e.time.as_ref().map(gpulse_proto::time::to_unix_nanos))
+        .max();
+    let backlog = want_backlog.then(|| match newest {
+        Some(t) => BacklogFrom::Since(t - BACKLOG_MARGIN_NS),
+        None => BacklogFrom::Boot,
+    });
+    info!(
+        agent_id = %id.agent_id,
+        state_dir = %dir.display(),
+        spooled = recovered.events.len(),
+        acked_through = recovered.acked,
+        same_boot,
+        backlog = ?backlog,
+        "agent state loaded"
+    );
+    Ok(State {
+        agent_id: id.agent_id,
+        spool: SharedSpool::persistent(limits, stats.clone(), log, recovered),
+        backlog,
+        delivered,
+        _lock: Some(lock),
+    })
 }
 
 async fn wait_for_signal() {

@@ -18,6 +18,15 @@ use crate::{
 /// Records seen on both `printk:console` and `nvidia:nvidia_dev_xid` within this window are one.
 const DUAL_PATH_WINDOW_NS: i128 = 2_000_000_000;
 const DUAL_PATH_MAX: usize = 1024;
+/// How far apart two runs' times of one kernel record may be and still be the same record.
+const BACKLOG_MATCH_NS: i128 = 5_000_000_000;
+
+/// A delivered kernel record, as the backlog recognises it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Delivered {
+    Xid(XidKey),
+    Text(String),
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct XidKey {
@@ -32,6 +41,9 @@ pub struct Pipeline {
     node: String,
     agent_id: String,
     recent: VecDeque<(XidKey, i128, RecordSource)>,
+    /// Kernel records an earlier run of this agent delivered (from the spool log), so the
+    /// kernel log's backlog does not report them twice.
+    delivered: Vec<(Delivered, i128)>,
     procs: ProcessTracker,
     pods: Option<crate::pods::Attributor>,
     stats: Arc<AgentStats>,
@@ -49,6 +61,7 @@ impl Pipeline {
             node,
             agent_id,
             recent: VecDeque::new(),
+            delivered: Vec::new(),
             procs: ProcessTracker::new(16384),
             pods: None,
             stats,
@@ -169,7 +182,60 @@ impl Pipeline {
         }
     }
 
+    /// Remembers what an earlier run delivered (kernel-record events from the spool log).
+    pub fn remember_delivered(&mut self, history: &[v1::Event]) {
+        self.delivered = history
+            .iter()
+            .filter_map(|e| {
+                let t = e.time.as_ref().map(gpulse_proto::time::to_unix_nanos)?;
+                let key = match &e.payload {
+                    Some(Payload::Xid(x)) => Delivered::Xid(XidKey {
+                        pci: if x.pci.is_empty() {
+                            x.pci_raw.clone()
+                        } else {
+                            x.pci.clone()
+                        },
+                        code: x.code,
+                        message: x.message.clone(),
+                    }),
+                    Some(Payload::Sxid(x)) => Delivered::Text(x.raw.clone()),
+                    Some(Payload::DriverLog(d)) => Delivered::Text(d.text.clone()),
+                    _ => return None,
+                };
+                Some((key, t))
+            })
+            .collect();
+    }
+
+    /// A backlog record an earlier run already delivered: same XID (or the same text) within
+    /// [`BACKLOG_MATCH_NS`] (the clocks of two runs may disagree by that much).
+    fn was_delivered(&mut self, key: &Delivered, t: i128) -> bool {
+        match self
+            .delivered
+            .iter()
+            .position(|(k, ts)| k == key && (t - ts).abs() <= BACKLOG_MATCH_NS)
+        {
+            Some(i) => {
+                // Once: a repeat of the same line is a new record.
+                self.delivered.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn record(&mut self, r: RawRecord) -> Option<v1::Event> {
+        if r.source == RecordSource::KmsgBacklog
+            && !self.delivered.is_empty()
+            && !matches!(
+                gpulse_xid::parse::parse_record(&r.text),
+                Some(ParsedRecord::Xid(_))
+            )
+            && self.was_delivered(&Delivered::Text(r.text.clone()), r.unix_ns)
+        {
+            AgentStats::add(&self.stats.backlog_duplicates, 1);
+            return None;
+        }
         let decoded = self.decoder.feed(r.unix_ns.max(0) as u64, &r.text)?;
         if let ParsedRecord::Xid(x) = &decoded.record {
             let key = XidKey {
@@ -180,6 +246,12 @@ impl Pipeline {
                 code: x.code,
                 message: x.message.clone(),
             };
+            if r.source == RecordSource::KmsgBacklog
+                && self.was_delivered(&Delivered::Xid(key.clone()), r.unix_ns)
+            {
+                AgentStats::add(&self.stats.backlog_duplicates, 1);
+                return None;
+            }
             if self.is_dual_path_duplicate(&key, r.unix_ns, r.source) {
                 AgentStats::add(&self.stats.dual_path_duplicates, 1);
                 return None;
@@ -193,7 +265,9 @@ impl Pipeline {
             // At the time of the event: the process may be gone by the time anyone asks.
             x.pod = a.pod_of(pid);
         }
-        Some(self.envelope(r.unix_ns, kind, decoded.severity.into(), payload))
+        let mut ev = self.envelope(r.unix_ns, kind, decoded.severity.into(), payload);
+        ev.backlog = r.source == RecordSource::KmsgBacklog;
+        Some(ev)
     }
 
     /// The driver reports one XID on both its tracepoint and printk; keep whichever came first.

@@ -11,7 +11,10 @@ use gpulse_proto::v1::{self, EventKind, GapStage, event::Payload};
 use prost::Message;
 use tokio::sync::Notify;
 
-use crate::stats::AgentStats;
+use crate::{
+    spool_log::{Recovered, SpoolLog},
+    stats::AgentStats,
+};
 
 #[derive(Clone, Copy, Debug)]
 pub struct SpoolLimits {
@@ -64,7 +67,51 @@ impl Spool {
     /// start a new one.
     pub fn push(&mut self, mut ev: v1::Event) -> u64 {
         ev.seq = self.next_seq;
-        self.next_seq += 1;
+        self.insert(ev)
+    }
+
+    /// The seq the next pushed event gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Puts back an event recovered from the spool log, keeping its seq (within the bounds, as
+    /// a push would).
+    pub fn restore(&mut self, ev: v1::Event) -> u64 {
+        if ev.seq < self.next_seq {
+            return 0;
+        }
+        self.insert(ev)
+    }
+
+    /// After a restart: what the log says was acknowledged and the highest seq ever used.
+    pub fn resume_after(&mut self, acked: u64, last_seq: u64) {
+        self.ack(acked);
+        self.sent_through = self.acked_through;
+        self.next_seq = self.next_seq.max(last_seq + 1).max(acked + 1);
+    }
+
+    /// The collector holds more of this agent than the spool knows (acknowledged events whose
+    /// log frames a power loss took): everything through `through` is delivered, and new
+    /// events continue after it so none is taken for a duplicate.
+    pub fn skip_to(&mut self, through: u64) {
+        self.ack(through);
+        self.sent_through = self.sent_through.max(through);
+        self.next_seq = self.next_seq.max(through + 1);
+    }
+
+    /// The spooled event with this seq.
+    pub fn get(&self, seq: u64) -> Option<&v1::Event> {
+        self.events.iter().map(|(e, _)| e).find(|e| e.seq == seq)
+    }
+
+    /// Every spooled event, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &v1::Event> {
+        self.events.iter().map(|(e, _)| e)
+    }
+
+    fn insert(&mut self, ev: v1::Event) -> u64 {
+        self.next_seq = ev.seq + 1;
         let size = ev.encoded_len();
         self.events.push_back((ev, size));
         self.bytes += size;
@@ -251,21 +298,100 @@ fn spool_detail(n: u64) -> String {
     )
 }
 
-/// The spool shared between the pipeline (producer) and the client (consumer).
-#[derive(Debug)]
+/// The spool shared between the pipeline (producer) and the client (consumer), mirrored to
+/// the spool log when the agent has a state directory.
 pub struct SharedSpool {
     inner: Mutex<Spool>,
+    log: Option<Mutex<SpoolLog>>,
     pub notify: Notify,
     stats: Arc<AgentStats>,
+}
+
+impl std::fmt::Debug for SharedSpool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedSpool")
+            .field("persistent", &self.log.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SharedSpool {
     pub fn new(limits: SpoolLimits, stats: Arc<AgentStats>) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Spool::new(limits)),
+            log: None,
             notify: Notify::new(),
             stats,
         })
+    }
+
+    /// A spool mirrored to `log`, holding what it recovered (seqs kept, within the bounds).
+    pub fn persistent(
+        limits: SpoolLimits,
+        stats: Arc<AgentStats>,
+        log: SpoolLog,
+        recovered: Recovered,
+    ) -> Arc<Self> {
+        let mut sp = Spool::new(limits);
+        for ev in recovered.events {
+            sp.restore(ev);
+        }
+        sp.resume_after(recovered.acked, recovered.last_seq);
+        Arc::new(Self {
+            inner: Mutex::new(sp),
+            log: Some(Mutex::new(log)),
+            notify: Notify::new(),
+            stats,
+        })
+    }
+
+    fn log_write(&self, what: &str, f: impl FnOnce(&mut SpoolLog) -> std::io::Result<()>) {
+        let Some(log) = &self.log else { return };
+        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = f(&mut log) {
+            AgentStats::add(&self.stats.spool_log_errors, 1);
+            tracing::warn!(error = %e, what, "spool log write failed; the event stays in memory only");
+        }
+    }
+
+    /// Acknowledged through `through`: forgets those events (and records it in the log).
+    pub fn ack(&self, through: u64) -> u64 {
+        let mut sp = self.lock();
+        let before = sp.acked_through();
+        let n = sp.ack(through);
+        if through > before {
+            self.log_write("ack", |l| l.append_ack(through));
+        }
+        n
+    }
+
+    /// The collector refused the event `seq` alone: replaced by a notice (also in the log).
+    pub fn set_aside(&self, seq: u64, reason: &str) -> Option<EventKind> {
+        let mut sp = self.lock();
+        let kind = sp.set_aside(seq, reason)?;
+        if let Some(ev) = sp.get(seq) {
+            self.log_write("set aside", |l| l.append_event(ev));
+        }
+        Some(kind)
+    }
+
+    /// See [`Spool::skip_to`]; recorded in the log as an ack.
+    pub fn skip_to(&self, through: u64) {
+        let mut sp = self.lock();
+        sp.skip_to(through);
+        self.log_write("ack", |l| l.append_ack(through));
+    }
+
+    /// Makes the log durable (called every second, and at shutdown).
+    pub fn sync(&self) {
+        self.log_write("fsync", SpoolLog::sync);
+    }
+
+    /// Bytes of the spool log (0 without one).
+    pub fn log_bytes(&self) -> u64 {
+        self.log
+            .as_ref()
+            .map_or(0, |l| l.lock().unwrap_or_else(|e| e.into_inner()).bytes())
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Spool> {
@@ -274,11 +400,25 @@ impl SharedSpool {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn push(&self, ev: v1::Event) {
+    pub fn push(&self, mut ev: v1::Event) {
         let (dropped, shed) = {
             let mut sp = self.lock();
+            if self.log.is_some() {
+                // Logged before it is spooled, under the spool's lock: the log's order is the
+                // seq order.
+                ev.seq = sp.next_seq();
+                self.log_write("event", |l| l.append_event(&ev));
+            }
             let before = sp.samples_shed();
             let dropped = sp.push(ev);
+            let acked = sp.acked_through();
+            self.log_write("compaction", |l| {
+                if l.needs_compaction() {
+                    l.compact(acked, sp.iter())
+                } else {
+                    Ok(())
+                }
+            });
             (dropped, sp.samples_shed() - before)
         };
         if dropped > 0 {
@@ -468,6 +608,47 @@ mod tests {
         s.ack(1);
         assert_eq!(s.set_aside(1, "acked already"), None);
         assert_eq!(s.set_aside(9, "never spooled"), None);
+    }
+
+    /// What a persistent spool wrote comes back after a restart with its seqs, acknowledged
+    /// events do not, and new events continue after the highest seq ever used.
+    #[test]
+    fn a_persistent_spool_comes_back_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let (log, rec) = SpoolLog::open(dir.path(), 1 << 20).unwrap();
+            SharedSpool::persistent(
+                SpoolLimits::default(),
+                Arc::new(AgentStats::default()),
+                log,
+                rec,
+            )
+        };
+        {
+            let s = open();
+            for t in ["a", "b", "c", "d"] {
+                s.push(ev(t));
+            }
+            assert_eq!(s.ack(2), 2);
+            s.set_aside(4, "refused");
+        }
+        let s = open();
+        let sp = s.lock();
+        let got: Vec<(u64, bool)> = sp
+            .iter()
+            .map(|e| (e.seq, matches!(e.payload, Some(Payload::Gap(_)))))
+            .collect();
+        assert_eq!(got, [(3, false), (4, true)]);
+        assert_eq!(sp.acked_through(), 2);
+        assert_eq!(sp.next_seq(), 5);
+        drop(sp);
+        s.push(ev("e"));
+        assert_eq!(s.lock().last_seq(), 5);
+        // The collector knows more than the log (a power loss): continue after it.
+        s.skip_to(9);
+        assert!(s.lock().is_empty());
+        s.push(ev("f"));
+        assert_eq!(s.lock().last_seq(), 10);
     }
 
     #[test]

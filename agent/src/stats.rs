@@ -23,6 +23,12 @@ pub struct AgentStats {
     pub reconnects: AtomicU64,
     /// Events the collector refused on their own, set aside as `Gap{COLLECTOR_REFUSED}`.
     pub events_refused: AtomicU64,
+    /// Spool log writes or fsyncs that failed (those events are kept in memory only).
+    pub spool_log_errors: AtomicU64,
+    /// Kernel log backlog records an earlier run had already delivered (skipped).
+    pub backlog_duplicates: AtomicU64,
+    /// NVIDIA records read from the kernel log's backlog at start-up.
+    pub backlog_records: AtomicU64,
 }
 
 impl AgentStats {

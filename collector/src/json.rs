@@ -31,6 +31,7 @@ fn source_name(s: i32) -> &'static str {
         RecordSource::EbpfPrintk => "ebpf_printk",
         RecordSource::EbpfNvidiaTracepoint => "ebpf_nvidia_tracepoint",
         RecordSource::Kmsg => "kmsg",
+        RecordSource::KmsgBacklog => "kmsg_backlog",
     }
 }
 
@@ -58,6 +59,7 @@ pub fn event(ev: &v1::Event) -> Value {
         "seq": ev.seq,
         "time": ev.time.as_ref().map(rfc3339),
         "received": ev.received.as_ref().map(rfc3339),
+        "backlog": ev.backlog,
         "node": ev.node,
         "agent_id": ev.agent_id,
         "kind": kind_name(ev.kind),

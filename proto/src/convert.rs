@@ -84,7 +84,7 @@ impl v1::EventKind {
 }
 
 /// Top-level `Event` field numbers this build knows (see the test against the descriptor).
-const KNOWN_EVENT_FIELDS: [u32; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17];
+const KNOWN_EVENT_FIELDS: [u32; 17] = [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 19];
 
 /// The top-level field numbers of an encoded `Event` that this build does not know (what a
 /// newer agent's payload looks like to an older collector), in order, without repeats. None
@@ -322,6 +322,7 @@ mod tests {
         numbers.sort_unstable();
         let mut known = KNOWN_EVENT_FIELDS.to_vec();
         known.push(18);
+        known.sort_unstable();
         assert_eq!(numbers, known, "update KNOWN_EVENT_FIELDS with the proto");
     }
 

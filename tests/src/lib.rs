@@ -90,8 +90,20 @@ impl Proc {
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let err = std::fs::File::create(log)?;
+        // Every agent of a test gets a state directory of its own beside its log, and reads no
+        // kernel log backlog (earlier tests' records), unless the test says otherwise.
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if name == "gpulse-agent" {
+            if !args.iter().any(|a| a == "--state-dir") {
+                args.push("--state-dir".into());
+                args.push(log.with_extension("state").display().to_string());
+            }
+            if !args.iter().any(|a| a == "--backlog") {
+                args.extend(["--backlog".into(), "none".into()]);
+            }
+        }
         let child = Command::new(bin(name))
-            .args(args)
+            .args(&args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -366,7 +366,16 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
     let agent_log = dir.join("agent.log");
     let _agent = Kill(
         Command::new(bins.join("gpulse-agent"))
-            .args(["--collector", &url, "--node", "demo-node"])
+            .args([
+                "--collector",
+                &url,
+                "--node",
+                "demo-node",
+                "--backlog",
+                "none",
+            ])
+            .arg("--state-dir")
+            .arg(dir.join("agent-state"))
             .stderr(fs::File::create(&agent_log)?)
             .spawn()?,
     );
