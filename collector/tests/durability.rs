@@ -477,8 +477,8 @@ async fn an_unknown_payload_is_stored_as_unknown_and_the_events_after_it_too() {
             ..Default::default()
         }
         .encode_to_vec();
-        // Field 19, a message: the newer agent's payload.
-        b.extend_from_slice(&[0x9a, 0x01, 3, 0x0a, 1, b'x']);
+        // Field 99, a message: the newer agent's payload.
+        b.extend_from_slice(&[0x9a, 0x06, 3, 0x0a, 1, b'x']);
         b
     };
     let push = |h: &Harness, events: Vec<Vec<u8>>| {
@@ -556,7 +556,7 @@ async fn an_unknown_payload_is_stored_as_unknown_and_the_events_after_it_too() {
     }
     assert_eq!(message_of_event(&got[0]), "before");
     assert_eq!(got[1].kind, EventKind::Unknown as i32);
-    assert_eq!(got[1].unknown_fields, [19]);
+    assert_eq!(got[1].unknown_fields, [99]);
     assert_eq!(got[1].seq, 2);
     assert_eq!(message_of_event(&got[2]), "after");
     // Listed by kind like any other, and counted in the status.

@@ -335,9 +335,9 @@ mod tests {
             ..Default::default()
         }
         .encode_to_vec();
-        // Field 19, length-delimited: a payload message this build does not know.
-        b.extend_from_slice(&[0x9a, 0x01, 3, 0x0a, 1, b'x']);
-        assert_eq!(unknown_event_fields(&b), Some(vec![19]));
+        // Field 99, length-delimited: a payload message this build does not know.
+        b.extend_from_slice(&[0x9a, 0x06, 3, 0x0a, 1, b'x']);
+        assert_eq!(unknown_event_fields(&b), Some(vec![99]));
         let ev = v1::Event::decode(b.as_slice()).unwrap();
         assert!(ev.payload.is_none() && ev.seq == 3);
         assert_eq!(unknown_event_fields(&b[..b.len() - 1]), None, "truncated");

@@ -4,6 +4,9 @@
 //! Binaries are taken from `$GPULSE_BIN_DIR` (set by `cargo xtask test`) or `target/debug`.
 //! Tests that need root (eBPF, /dev/kmsg writes) call [`require_root`] and skip with a message
 //! otherwise; CI runs as root, so they run there.
+pub mod mini_agent;
+pub mod soak;
+
 use std::{
     fs::OpenOptions,
     io::Write,
@@ -423,4 +426,46 @@ pub async fn ingest_batches(
             .context("stream closed before the ack")?;
     }
     Ok(seq - 1)
+}
+
+/// Peak RSS (VmHWM, KiB) of a process.
+pub fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Pushes events as raw bytes (as a newer agent would: fields this collector may not know
+/// survive) for agent `<node>/raw` with seqs from 1; returns the acknowledged seq.
+pub async fn push_raw(url: &str, node: &str, events: Vec<Vec<u8>>) -> anyhow::Result<u64> {
+    use gpulse_proto::{raw::RawBatch, v1::Ack};
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect()
+        .await?;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await?;
+    let batch = |first_seq, events: Vec<Vec<u8>>| RawBatch {
+        agent_id: format!("{node}/raw"),
+        node: node.to_string(),
+        boot_id: "b".into(),
+        first_seq,
+        events: events.into_iter().map(Into::into).collect(),
+    };
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/gpulse.v1.Ingest/Push");
+    let codec = tonic_prost::ProstCodec::<RawBatch, Ack>::default();
+    let mut acks = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::iter(vec![batch(0, vec![]), batch(1, events)])),
+            path,
+            codec,
+        )
+        .await?
+        .into_inner();
+    acks.message().await?.context("no hello ack")?;
+    Ok(acks.message().await?.context("no ack")?.through_seq)
 }

@@ -3,16 +3,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)] // tests
 
 use std::{
-    collections::BTreeMap,
     io::Write as _,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
 
-use gpulse_e2e::*;
+use gpulse_e2e::{mini_agent::MiniAgent, *};
 use gpulse_proto::v1::{
-    self, Batch, EventFilter, SubscribeRequest, event::Payload, ingest_client::IngestClient,
+    self, EventFilter, SubscribeRequest, event::Payload, ingest_client::IngestClient,
     telemetry_client::TelemetryClient,
 };
 use tokio::sync::mpsc;
@@ -30,84 +29,6 @@ fn xid(msg: &str) -> v1::Event {
             ..Default::default()
         })),
         ..Default::default()
-    }
-}
-
-/// An agent reduced to its delivery rule: every attempt opens a stream, resumes after what the
-/// collector says it has, and sends the rest; only an ack removes events from `spool`.
-struct MiniAgent {
-    url: String,
-    id: String,
-    /// seq -> event, unacknowledged.
-    spool: BTreeMap<u64, v1::Event>,
-    next_seq: u64,
-    acked: Vec<String>,
-}
-
-impl MiniAgent {
-    fn new(url: String, id: &str) -> Self {
-        Self {
-            url,
-            id: id.into(),
-            spool: BTreeMap::new(),
-            next_seq: 1,
-            acked: Vec::new(),
-        }
-    }
-
-    fn add(&mut self, ev: v1::Event) {
-        self.spool.insert(self.next_seq, ev);
-        self.next_seq += 1;
-    }
-
-    fn batch(&self, first_seq: u64, events: Vec<v1::Event>) -> Batch {
-        Batch {
-            agent_id: self.id.clone(),
-            node: "node-full".into(),
-            boot_id: "b".into(),
-            first_seq,
-            events,
-        }
-    }
-
-    /// One delivery attempt; Err carries the collector's status.
-    async fn attempt(&mut self) -> Result<(), tonic::Status> {
-        let mut client = IngestClient::connect(self.url.clone())
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(self.batch(0, Vec::new())).await.ok();
-        let mut acks = client.push(ReceiverStream::new(rx)).await?.into_inner();
-        let hello = acks
-            .message()
-            .await?
-            .ok_or_else(|| tonic::Status::unavailable("no hello"))?;
-        self.ack(hello.through_seq);
-        let Some((&first, _)) = self.spool.first_key_value() else {
-            return Ok(());
-        };
-        let events: Vec<v1::Event> = self.spool.values().cloned().collect();
-        let last = first + events.len() as u64 - 1;
-        tx.send(self.batch(first, events)).await.ok();
-        let ack = acks
-            .message()
-            .await?
-            .ok_or_else(|| tonic::Status::unavailable("stream ended"))?;
-        assert!(ack.through_seq <= last, "ack beyond what was sent");
-        self.ack(ack.through_seq);
-        Ok(())
-    }
-
-    fn ack(&mut self, through: u64) {
-        while let Some(e) = self.spool.first_entry() {
-            if *e.key() > through {
-                break;
-            }
-            let ev = e.remove();
-            if let Some(Payload::Xid(x)) = ev.payload {
-                self.acked.push(x.message);
-            }
-        }
     }
 }
 
