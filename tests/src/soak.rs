@@ -592,3 +592,473 @@ pub fn restart_memory(ring_mib: u64, wal_mib: u64) -> Row {
         Err(e) => row.error(e),
     }
 }
+
+/// A tmpfs mounted for one row, unmounted on drop.
+pub struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &std::path::Path, size: &str) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let st = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()?;
+        anyhow::ensure!(st.success(), "mount tmpfs: {st}");
+        Ok(Self(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the file system holding `path` to the last byte.
+fn fill(path: &std::path::Path) -> anyhow::Result<u64> {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(path)?;
+    let mut n = 0;
+    for chunk in [64 << 10, 4 << 10, 512, 1] {
+        let buf = vec![0x5a_u8; chunk];
+        while f.write_all(&buf).is_ok() {
+            n += chunk as u64;
+        }
+    }
+    let _ = f.sync_all();
+    Ok(n)
+}
+
+fn xid_event(msg: &str) -> v1::Event {
+    v1::Event {
+        kind: EventKind::Xid as i32,
+        severity: v1::Severity::Fatal as i32,
+        time: Some(gpulse_proto::time::now()),
+        payload: Some(Payload::Xid(v1::Xid {
+            code: 79,
+            pci: "0000:3b:00.0".into(),
+            message: msg.into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// Collects problems instead of panicking, so a row reports all of them.
+#[derive(Default)]
+struct Checks(Vec<String>);
+
+impl Checks {
+    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) {
+        if !ok {
+            self.0.push(what());
+        }
+    }
+
+    fn row(self, row: Row, measured: String) -> Row {
+        if self.0.is_empty() {
+            row.done(true, measured)
+        } else {
+            row.done(false, format!("{measured}; FAILED: {}", self.0.join("; ")))
+        }
+    }
+}
+
+/// The data dir fills up (a small tmpfs), then space returns (root).
+pub fn data_dir_full() -> Row {
+    let row = Row::new(
+        "data dir fills up (a tmpfs), then space returns",
+        "ingest continues",
+        "acked lost 0; `/readyz` false meanwhile; recovers by itself",
+    );
+    if !crate::is_root() {
+        return row;
+    }
+    match data_dir_full_inner() {
+        Ok((checks, m)) => checks.row(row, m),
+        Err(e) => row.error(e),
+    }
+}
+
+fn data_dir_full_inner() -> anyhow::Result<(Checks, String)> {
+    let mut c = Checks::default();
+    let dir = tempfile::tempdir()?;
+    // The data dir is the mount itself, so the collector's log (beside it) stays writable.
+    let data = dir.path().join("full");
+    let _mnt = Tmpfs::mount(&data, "8m")?;
+    let args = ["--ring-bytes", "1MiB", "--wal-segment-bytes", "256KiB"];
+    let (grpc, http) = (free_port(), free_port());
+    let mut col = Collector::start(&data, grpc, http, &args)?;
+    let rt = runtime();
+    let mut agent = MiniAgent::new(col.url(), "full-agent");
+    rt.block_on(async {
+        for i in 0..10 {
+            agent.add(xid_event(&format!("before-{i}")));
+            agent.attempt().await?;
+        }
+        anyhow::Ok(())
+    })?;
+    let filler = data.join("filler");
+    let filled = fill(&filler)?;
+    // While full: writes fail (a few small frames may still fit in the slack of the log's last
+    // page), nothing that failed is acknowledged. The resend only grows, so once a write fails
+    // it keeps failing until space returns.
+    let mut refused = 0;
+    let mut codes = Vec::new();
+    rt.block_on(async {
+        for i in 0..200 {
+            agent.add(xid_event(&format!("while-full-{i}")));
+            if let Err(st) = agent.attempt().await {
+                codes.push(st.code());
+                refused += 1;
+                if refused == 3 {
+                    break;
+                }
+            }
+        }
+    });
+    c.check(refused == 3, || "a full disk kept taking writes".into());
+    c.check(codes.iter().all(|k| *k == tonic::Code::Unavailable), || {
+        format!("refusals were {codes:?}, not UNAVAILABLE")
+    });
+    let (code, body) = crate::http_get(http, "/readyz")?;
+    c.check(code == 503 && body.contains("cannot be written"), || {
+        format!("/readyz answered {code} {body:?} while full")
+    });
+    let m = col.metrics()?;
+    c.check(
+        crate::value_of_metric(&m, "gpulse_store_writable") == Some(0.0),
+        || "gpulse_store_writable is not 0".into(),
+    );
+    c.check(crate::http_get(http, "/healthz")?.0 == 200, || {
+        "/healthz failed: alive, just not ready".into()
+    });
+    // Space returns: the resend goes through by itself and readiness comes back.
+    std::fs::remove_file(&filler)?;
+    let t = Instant::now();
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !agent.spool.is_empty() && Instant::now() < deadline {
+            if agent.attempt().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        for i in 0..10 {
+            agent.add(xid_event(&format!("after-{i}")));
+            let _ = agent.attempt().await;
+        }
+    });
+    let recovered_in = t.elapsed();
+    c.check(crate::http_get(http, "/readyz")?.0 == 200, || {
+        "/readyz still failing after space returned".into()
+    });
+    let total = agent.acked.len();
+    c.check(total as u64 == agent.next_seq - 1, || {
+        format!(
+            "{} of {} acknowledged in the end",
+            total,
+            agent.next_seq - 1
+        )
+    });
+    // Every acknowledged event survives kill -9 and a restart, exactly once.
+    col.proc.kill9();
+    let c2 = Collector::start(&data, free_port(), free_port(), &args)?;
+    let events = rt.block_on(replay_all(&c2.url(), &["node-full".to_string()]))?;
+    let mut got: Vec<String> = events
+        .iter()
+        .filter_map(|e| match &e.payload {
+            Some(Payload::Xid(x)) => Some(x.message.clone()),
+            _ => None,
+        })
+        .collect();
+    got.sort();
+    let mut want = agent.acked.clone();
+    want.sort();
+    let lost = want.iter().filter(|w| !got.contains(w)).count();
+    let dup = got.len().saturating_sub(want.len() - lost);
+    c.check(lost == 0 && dup == 0, || {
+        format!("lost {lost}, duplicated {dup}")
+    });
+    let log = std::fs::read_to_string(&c2.log).unwrap_or_default();
+    c.check(!log.contains("WAL damage"), || {
+        "the full disk left a torn frame".into()
+    });
+    Ok((
+        c,
+        format!(
+            "filled {:.1} MiB; {refused} writes refused (UNAVAILABLE), /readyz 503, /healthz 200; recovered {} ms after space returned; {total} acked, after kill -9: lost {lost}, duplicated {dup}",
+            filled as f64 / 1048576.0,
+            recovered_in.as_millis()
+        ),
+    ))
+}
+
+fn agent_xid_line(m: &str, i: usize) -> String {
+    format!(
+        "NVRM: Xid (PCI:0000:3b:00): 13, pid={}, name=trainer, Graphics Exception {m} #{i}",
+        2000 + i
+    )
+}
+
+/// XIDs of `node` carrying marker `m` that the collector holds, counted by their `#i` suffix
+/// (`want` of them expected), and those events. Waits until each is there or 30 s passed.
+pub fn collect_marked(
+    url: &str,
+    node: &str,
+    m: &str,
+    want: usize,
+) -> anyhow::Result<(Vec<u32>, Vec<v1::Event>)> {
+    let f = EventFilter {
+        nodes: vec![node.to_string()],
+        kinds: vec![EventKind::Xid as i32],
+        ..Default::default()
+    };
+    let rt = runtime();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ours = |e: &v1::Event| crate::xid_of(e).is_some_and(|x| x.message.contains(m));
+    let count = |events: &[v1::Event]| {
+        let mut seen = vec![0u32; want];
+        for e in events.iter().filter(|e| ours(e)) {
+            let i: Option<usize> = crate::xid_of(e)
+                .and_then(|x| x.message.rsplit('#').next()?.parse().ok())
+                .filter(|i| *i < want);
+            if let Some(i) = i {
+                seen[i] += 1;
+            }
+        }
+        seen
+    };
+    loop {
+        let events = rt.block_on(crate::collect_events(
+            url,
+            f.clone(),
+            Some(0),
+            Duration::from_secs(2),
+            |e| count(e).iter().all(|n| *n > 0),
+        ))?;
+        if count(&events).iter().all(|n| *n > 0) || Instant::now() > deadline {
+            // A moment more, so a duplicate arriving late is seen too.
+            std::thread::sleep(Duration::from_millis(300));
+            let events: Vec<v1::Event> = rt
+                .block_on(crate::collect_events(
+                    url,
+                    f.clone(),
+                    Some(0),
+                    Duration::from_secs(1),
+                    |_| false,
+                ))?
+                .into_iter()
+                .filter(|e| ours(e))
+                .collect();
+            return Ok((count(&events), events));
+        }
+    }
+}
+
+fn real_agent(
+    url: &str,
+    node: &str,
+    state: &std::path::Path,
+    log: &std::path::Path,
+    backlog: &str,
+    extra: &[&str],
+) -> anyhow::Result<crate::Proc> {
+    let s = state.display().to_string();
+    let mut args = vec!["--state-dir", &s, "--backlog", backlog];
+    args.extend_from_slice(extra);
+    if !extra.contains(&"--nvml") {
+        args.extend(["--nvml", "off"]);
+    }
+    let a = crate::start_agent(url, node, "auto", log, &args)?;
+    crate::wait_agent_live(log, Duration::from_secs(20))?;
+    Ok(a)
+}
+
+/// Agent `kill -9` and restart, XIDs written to the kernel log meanwhile (root).
+pub fn agent_kill_restart() -> Row {
+    let row = Row::new(
+        "agent `kill -9` + restart, XIDs written meanwhile",
+        "XIDs before, during and after",
+        "0 lost, 0 duplicated",
+    );
+    if !crate::is_root() {
+        return row;
+    }
+    let _k = crate::kernel_lock();
+    let run = || -> anyhow::Result<(Checks, String)> {
+        let mut c = Checks::default();
+        let dir = tempfile::tempdir()?;
+        let col = Collector::start(&dir.path().join("data"), free_port(), free_port(), &[])?;
+        let node = crate::marker("soak-backlog");
+        let state = dir.path().join("agent-state");
+        let m = crate::marker("b");
+        let mut a = real_agent(
+            &col.url(),
+            &node,
+            &state,
+            &dir.path().join("a1.log"),
+            "boot",
+            &[],
+        )?;
+        std::thread::sleep(Duration::from_millis(300));
+        for i in 0..3 {
+            crate::inject(&agent_xid_line(&m, i))?;
+        }
+        let (seen, _) = collect_marked(&col.url(), &node, &m, 3)?;
+        c.check(seen == [1, 1, 1], || format!("before the kill: {seen:?}"));
+        a.kill9();
+        // Printed while no agent runs: only the kernel log has these.
+        for i in 3..6 {
+            crate::inject(&agent_xid_line(&m, i))?;
+        }
+        let log2 = dir.path().join("a2.log");
+        let _a = real_agent(&col.url(), &node, &state, &log2, "boot", &[])?;
+        std::thread::sleep(Duration::from_millis(300));
+        for i in 6..8 {
+            crate::inject(&agent_xid_line(&m, i))?;
+        }
+        let (seen, ours) = collect_marked(&col.url(), &node, &m, 8)?;
+        let lost = seen.iter().filter(|n| **n == 0).count();
+        let dup: u32 = seen.iter().map(|n| n.saturating_sub(1)).sum();
+        c.check(lost == 0 && dup == 0, || format!("per XID: {seen:?}"));
+        let flags_ok = ours.iter().all(|e| {
+            let i: usize = crate::xid_of(e)
+                .and_then(|x| x.message.rsplit('#').next()?.parse().ok())
+                .unwrap_or(usize::MAX);
+            e.backlog == (3..6).contains(&i)
+        });
+        c.check(flags_ok, || "backlog flags wrong".into());
+        let ids: std::collections::BTreeSet<&str> =
+            ours.iter().map(|e| e.agent_id.as_str()).collect();
+        c.check(ids.len() == 1, || format!("agent ids {ids:?}"));
+        Ok((
+            c,
+            format!(
+                "8 XIDs (3 while down, from the backlog, marked backlog): lost {lost}, duplicated {dup}; one agent id"
+            ),
+        ))
+    };
+    match run() {
+        Ok((c, m)) => c.row(row, m),
+        Err(e) => row.error(e),
+    }
+}
+
+/// The collector down for `outage` while the agent keeps capturing (XIDs every 250 ms, GPU
+/// samples from the fake NVML every 100 ms); optionally the agent is killed and restarted
+/// during the outage. XIDs lost 0; the agent's peak RSS under the DaemonSet's 128 MiB limit.
+pub fn collector_outage(outage: Duration, restart_agent: bool) -> Row {
+    let row = if restart_agent {
+        Row::new(
+            "agent restart during a collector outage",
+            "XIDs during the outage",
+            "spooled events delivered after both return",
+        )
+    } else {
+        Row::new(
+            &format!("collector down {} s", outage.as_secs()),
+            "agent keeps running (XIDs every 250 ms, samples every 100 ms)",
+            "XIDs lost 0 within the spool bound; agent RSS under its limit",
+        )
+    };
+    if !crate::is_root() {
+        return row;
+    }
+    let _k = crate::kernel_lock();
+    let run = || -> anyhow::Result<(Checks, String)> {
+        let mut c = Checks::default();
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("data");
+        let (gp, hp) = (free_port(), free_port());
+        let mut col = Collector::start(&data, gp, hp, &[])?;
+        let url = col.url();
+        let node = crate::marker("soak-outage");
+        let state = dir.path().join("agent-state");
+        let m = crate::marker("o");
+        let (lib, scenarios) = crate::fake_nvml();
+        let lib_s = lib.display().to_string();
+        let scenario = scenarios.join("three-gpus.json").display().to_string();
+        let nvml = ["--nvml", lib_s.as_str(), "--sample-interval-ms", "100"];
+        let spawn = |log: &str| -> anyhow::Result<crate::Proc> {
+            let s = state.display().to_string();
+            let log = dir.path().join(log);
+            let mut args = vec![
+                "--collector",
+                url.as_str(),
+                "--node",
+                node.as_str(),
+                "--state-dir",
+                &s,
+                "--backlog",
+                "none",
+            ];
+            args.extend_from_slice(&nvml);
+            let p = crate::Proc::spawn_env(
+                "gpulse-agent",
+                &args,
+                &log,
+                &[("GPULSE_FAKE_NVML_SCENARIO", scenario.as_str())],
+            )?;
+            crate::wait_agent_live(&log, Duration::from_secs(20))?;
+            Ok(p)
+        };
+        let mut a = spawn("a1.log")?;
+        std::thread::sleep(Duration::from_millis(300));
+        crate::inject(&agent_xid_line(&m, 0))?;
+        let (seen, _) = collect_marked(&url, &node, &m, 1)?;
+        c.check(seen == [1], || format!("before the outage: {seen:?}"));
+        col.proc.kill9();
+        let t = Instant::now();
+        let mut n = 1;
+        let mut peak_kib = 0;
+        while t.elapsed() < outage {
+            crate::inject(&agent_xid_line(&m, n))?;
+            n += 1;
+            peak_kib = peak_kib.max(crate::vm_hwm_kib(a.child.id()));
+            if restart_agent && n == 4 {
+                std::thread::sleep(Duration::from_millis(300));
+                a.kill9();
+                a = spawn("a2.log")?;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        peak_kib = peak_kib.max(crate::vm_hwm_kib(a.child.id()));
+        col = Collector::start(&data, gp, hp, &[])?;
+        let (seen, _) = collect_marked(&col.url(), &node, &m, n)?;
+        let lost = seen.iter().filter(|k| **k == 0).count();
+        let dup: u32 = seen.iter().map(|k| k.saturating_sub(1)).sum();
+        c.check(lost == 0 && dup == 0, || {
+            format!("lost {lost}, duplicated {dup}")
+        });
+        c.check(peak_kib < 128 * 1024, || {
+            format!("agent peak RSS {} MiB", peak_kib / 1024)
+        });
+        drop(a);
+        Ok((
+            c,
+            format!(
+                "{n} XIDs over {:.0} s{}: lost {lost}, duplicated {dup}; agent peak RSS {:.1} MiB",
+                outage.as_secs_f64(),
+                if restart_agent {
+                    ", agent killed and restarted midway"
+                } else {
+                    ""
+                },
+                peak_kib as f64 / 1024.0
+            ),
+        ))
+    };
+    match run() {
+        Ok((c, m)) => c.row(row, m),
+        Err(e) => row.error(e),
+    }
+}

@@ -3,15 +3,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)] // tests
 
 use std::{
-    io::Write as _,
-    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
 
 use gpulse_e2e::{mini_agent::MiniAgent, *};
 use gpulse_proto::v1::{
-    self, EventFilter, SubscribeRequest, event::Payload, ingest_client::IngestClient,
+    self, SubscribeRequest, event::Payload, ingest_client::IngestClient,
     telemetry_client::TelemetryClient,
 };
 use tokio::sync::mpsc;
@@ -30,23 +28,6 @@ fn xid(msg: &str) -> v1::Event {
         })),
         ..Default::default()
     }
-}
-
-/// Every XID message the collector holds, replayed from its first cursor.
-async fn stored_messages(url: &str, want: usize) -> Vec<String> {
-    let events = collect_events(
-        url,
-        EventFilter::default(),
-        Some(0),
-        Duration::from_secs(10),
-        |seen| seen.iter().filter(|e| xid_of(e).is_some()).count() >= want,
-    )
-    .await
-    .unwrap();
-    events
-        .iter()
-        .filter_map(|e| xid_of(e).map(|x| x.message.clone()))
-        .collect()
 }
 
 #[test]
@@ -123,144 +104,16 @@ fn sigterm_with_100_open_streams_exits_within_the_shutdown_timeout() {
     });
 }
 
-/// A tmpfs mounted for one test, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let st = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs: {st}");
-        Self(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// Fills the file system holding `path` to the last byte.
-fn fill(path: &Path) -> u64 {
-    let mut f = std::fs::File::create(path).unwrap();
-    let mut n = 0;
-    for chunk in [64 << 10, 4 << 10, 512, 1] {
-        let buf = vec![0x5a_u8; chunk];
-        while f.write_all(&buf).is_ok() {
-            n += chunk as u64;
-        }
-    }
-    let _ = f.sync_all();
-    n
-}
-
+/// A full data dir: refusals, `/readyz` 503, recovery by itself, every acked event once after
+/// `kill -9` (the row of the fault matrix, as root).
 #[test]
 fn a_full_data_dir_loses_no_acked_event_fails_readiness_and_recovers_by_itself() {
     if !require_root("a_full_data_dir_loses_no_acked_event") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    // The data dir is the mount itself, so the collector's log (beside it) stays writable.
-    let data = dir.path().join("full");
-    let _mnt = Tmpfs::mount(&data, "8m");
-    let args = ["--ring-bytes", "1MiB", "--wal-segment-bytes", "256KiB"];
-    let (grpc, http) = (free_port(), free_port());
-    let mut c = Collector::start(&data, grpc, http, &args).unwrap();
-    let url = c.url();
-    let rt = runtime();
-    let mut agent = MiniAgent::new(url.clone(), "full-agent");
-    rt.block_on(async {
-        for i in 0..10 {
-            agent.add(xid(&format!("before-{i}")));
-            agent.attempt().await.unwrap();
-        }
-    });
-    let filler = data.join("filler");
-    let filled = fill(&filler);
-    eprintln!("filled the data dir's tmpfs with {filled} bytes");
-
-    // While full: writes fail (a few small frames may still fit in the slack of the log's last
-    // page), nothing that failed is acknowledged, and /readyz says why. The resend only grows,
-    // so once a write fails it keeps failing until space returns.
-    let mut refused = 0;
-    rt.block_on(async {
-        for i in 0..200 {
-            agent.add(xid(&format!("while-full-{i}")));
-            if let Err(st) = agent.attempt().await {
-                eprintln!("refused while full: {st}");
-                assert_eq!(st.code(), tonic::Code::Unavailable, "{st}");
-                refused += 1;
-                if refused == 3 {
-                    break;
-                }
-            }
-        }
-    });
-    assert_eq!(refused, 3, "a full disk kept taking writes");
-    assert!(!agent.spool.is_empty());
-    let (code, body) = http_get(http, "/readyz").unwrap();
-    assert_eq!(code, 503, "{body}");
-    assert!(body.contains("cannot be written"), "{body}");
-    let m = c.metrics().unwrap();
-    assert_eq!(value_of_metric(&m, "gpulse_store_writable"), Some(0.0));
-    assert!(value_of_metric(&m, "gpulse_store_write_errors_total").unwrap_or(0.0) > 0.0);
-    assert_eq!(
-        http_get(http, "/healthz").unwrap().0,
-        200,
-        "alive, just not ready"
-    );
-
-    // Space returns: the resend goes through by itself and readiness comes back.
-    std::fs::remove_file(&filler).unwrap();
-    rt.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !agent.spool.is_empty() {
-            if agent.attempt().await.is_err() {
-                assert!(Instant::now() < deadline, "never recovered");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        for i in 0..10 {
-            agent.add(xid(&format!("after-{i}")));
-            agent.attempt().await.unwrap();
-        }
-    });
-    assert_eq!(http_get(http, "/readyz").unwrap().0, 200);
-    let total = agent.acked.len();
-    assert_eq!(
-        total as u64,
-        agent.next_seq - 1,
-        "everything acknowledged in the end"
-    );
-
-    // Every acknowledged event survives kill -9 and a restart, exactly once.
-    c.proc.kill9();
-    let c2 = Collector::start(&data, free_port(), free_port(), &args).unwrap();
-    let stored = rt.block_on(stored_messages(&c2.url(), total));
-    let mut want = agent.acked.clone();
-    want.sort();
-    let mut got = stored.clone();
-    got.sort();
-    assert_eq!(
-        got, want,
-        "acknowledged events lost or duplicated after restart"
-    );
-    let log = std::fs::read_to_string(&c2.log).unwrap();
-    assert!(
-        !log.contains("WAL damage"),
-        "the full disk left a torn frame:\n{log}"
-    );
+    let row = gpulse_e2e::soak::data_dir_full();
+    eprintln!("{}", row.measured);
+    assert_eq!(row.ok, Some(true), "{}", row.measured);
 }
 
 #[test]

@@ -9,6 +9,8 @@
 //!   end-to-end tests through the real kernel.
 //! * `bench`  the XID latency benchmark, with `--overhead` the agent overhead one (root), with
 //!   `--mcp` MCP tool latency and /metrics size.
+//! * `soak`   the fault matrix (kill -9 loops, outages, a full disk, stalled subscribers,
+//!   restarts) against release binaries; one table; `--short` for the quick form.
 //! * `fuzz`   runs the XID parser fuzz target (`--seconds N`).
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a developer tool talking to its user
 
@@ -448,6 +450,15 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     run(&mut c)
 }
 
+/// The fault matrix (docs/benchmarks.md): release binaries, the full form unless `--short`.
+/// Rows that need the kernel (eBPF, /dev/kmsg, tmpfs) say "skipped" unless run as root.
+fn soak(args: &[String]) -> anyhow::Result<()> {
+    let bins = build(true)?;
+    let mut c = Command::new(bins.join("gpulse-soak"));
+    c.args(args).env("GPULSE_BIN_DIR", &bins);
+    run(&mut c)
+}
+
 fn fuzz(args: &[String]) -> anyhow::Result<()> {
     let seconds: u64 = match args.iter().position(|a| a == "--seconds") {
         Some(i) => args
@@ -487,7 +498,7 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
     let Some((task, rest)) = args.split_first() else {
         bail!(
-            "usage: cargo xtask <setup|build [--release]|demo [--seconds N]|test [--no-lint]|bench [ARGS]|fuzz [--seconds N]>"
+            "usage: cargo xtask <setup|build [--release]|demo [--seconds N]|test [--no-lint]|bench [ARGS]|soak [--short]|fuzz [--seconds N]>"
         );
     };
     match task.as_str() {
@@ -509,6 +520,10 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             fuzz(rest)
         }
-        other => bail!("unknown task {other:?}: try setup, build, demo, test, bench or fuzz"),
+        "soak" => {
+            setup()?;
+            soak(rest)
+        }
+        other => bail!("unknown task {other:?}: try setup, build, demo, test, bench, soak or fuzz"),
     }
 }

@@ -18,6 +18,10 @@ fn main() -> anyhow::Result<()> {
             soak::restart_memory(24, 48),
             soak::sigterm_streams(100),
             soak::unknown_payload(),
+            soak::collector_outage(s(10), false),
+            soak::agent_kill_restart(),
+            soak::collector_outage(s(3), true),
+            soak::data_dir_full(),
         ]
     } else {
         vec![
@@ -26,6 +30,10 @@ fn main() -> anyhow::Result<()> {
             soak::restart_memory(256, 512),
             soak::sigterm_streams(100),
             soak::unknown_payload(),
+            soak::collector_outage(s(300), false),
+            soak::agent_kill_restart(),
+            soak::collector_outage(s(10), true),
+            soak::data_dir_full(),
         ]
     };
     println!("{}", soak::table(&rows));
