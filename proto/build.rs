@@ -13,7 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The same `gpulse.v1.Ingest/Push` route, taking `RawBatch` (each event left as the bytes
     // the agent encoded) instead of `Batch`: the collector writes those bytes to its log as
-    // they came. Server side only; agents use the client generated from the .proto above.
+    // they came. Server side only; agents send `RawBatch` through a plain tonic client too, with
+    // each event as the bytes their spool keeps.
     let ingest = tonic_build::manual::Service::builder()
         .name("Ingest")
         .package("gpulse.v1")

@@ -13,7 +13,7 @@
 //! agent resend the same batch forever.
 use std::{sync::Arc, time::Duration};
 
-use gpulse_proto::v1::{Ack, Batch, ingest_client::IngestClient};
+use gpulse_proto::{raw::RawBatch, v1::Ack};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
@@ -223,13 +223,26 @@ async fn session(
     last_batch: &mut usize,
 ) -> Result<(), ClientError> {
     let channel = ep.connect().await?;
-    let mut client = IngestClient::new(channel)
+    // `gpulse.v1.Ingest/Push` with each event as the bytes the spool keeps (`RawBatch` is
+    // wire-identical to `Batch`): nothing is decoded or encoded again to send it.
+    let mut client = tonic::client::Grpc::new(channel)
         .max_decoding_message_size(4 << 20)
         .max_encoding_message_size(4 << 20);
-    let (tx, rx) = mpsc::channel::<Batch>(16);
+    let (tx, rx) = mpsc::channel::<RawBatch>(16);
     let hello = batch(cfg, 0, Vec::new());
     tx.send(hello).await.map_err(|_| ClientError::Closed)?;
-    let mut acks = client.push(ReceiverStream::new(rx)).await?.into_inner();
+    client
+        .ready()
+        .await
+        .map_err(|e| ClientError::Status(tonic::Status::unavailable(format!("not ready: {e}"))))?;
+    let mut acks = client
+        .streaming(
+            tonic::Request::new(ReceiverStream::new(rx)),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/gpulse.v1.Ingest/Push"),
+            tonic_prost::ProstCodec::<RawBatch, Ack>::default(),
+        )
+        .await?
+        .into_inner();
     let first = acks.message().await?.ok_or(ClientError::Closed)?;
     let last = spool.lock().last_seq();
     if first.through_seq > last {
@@ -308,13 +321,13 @@ async fn session(
     }
 }
 
-fn batch(cfg: &ClientConfig, first_seq: u64, events: Vec<gpulse_proto::v1::Event>) -> Batch {
-    Batch {
+fn batch(cfg: &ClientConfig, first_seq: u64, events: Vec<crate::spool::Unsent>) -> RawBatch {
+    RawBatch {
         agent_id: cfg.agent_id.clone(),
         boot_id: cfg.boot_id.clone(),
         node: cfg.node.clone(),
         first_seq,
-        events,
+        events: events.into_iter().map(|e| e.bytes).collect(),
     }
 }
 

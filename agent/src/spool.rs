@@ -8,7 +8,7 @@ use std::{
 };
 
 use gpulse_proto::v1::{self, EventKind, GapStage, event::Payload};
-use prost::Message;
+use prost::{Message, bytes::Bytes};
 use tokio::sync::Notify;
 
 use crate::{
@@ -31,9 +31,64 @@ impl Default for SpoolLimits {
     }
 }
 
+/// One spooled event, kept as the bytes it is sent as (a decoded event is 3-4x larger), with
+/// what the bounds and the client look at.
+#[derive(Clone, Debug)]
+struct Entry {
+    seq: u64,
+    kind: i32,
+    /// Set for the spool's own loss notices (`AGENT_SPOOL`, `SAMPLES_SHED`).
+    notice: Option<GapStage>,
+    bytes: Bytes,
+}
+
+/// Memory of one entry besides its bytes (the entry in the queue and the buffer's header).
+const ENTRY_OVERHEAD: usize = 64;
+
+impl Entry {
+    fn encode(ev: &v1::Event) -> Self {
+        Self::with_bytes(ev, Bytes::from(ev.encode_to_vec()))
+    }
+
+    /// The entry of `ev`, whose encoding (with its seq) is `bytes`.
+    fn with_bytes(ev: &v1::Event, bytes: Bytes) -> Self {
+        let notice = match &ev.payload {
+            Some(Payload::Gap(g))
+                if g.stage == GapStage::AgentSpool as i32
+                    || g.stage == GapStage::SamplesShed as i32 =>
+            {
+                GapStage::try_from(g.stage).ok()
+            }
+            _ => None,
+        };
+        Self {
+            seq: ev.seq,
+            kind: ev.kind,
+            notice,
+            bytes,
+        }
+    }
+
+    fn mem(&self) -> usize {
+        self.bytes.len() + ENTRY_OVERHEAD
+    }
+
+    fn decode(&self) -> Option<v1::Event> {
+        v1::Event::decode(self.bytes.as_ref()).ok()
+    }
+}
+
+/// An event handed to the client: its seq and its encoding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unsent {
+    pub seq: u64,
+    pub bytes: Bytes,
+}
+
 #[derive(Debug)]
 pub struct Spool {
-    events: VecDeque<(v1::Event, usize)>,
+    events: VecDeque<Entry>,
+    /// Memory the entries hold (what `--spool-bytes` bounds).
     bytes: usize,
     limits: SpoolLimits,
     next_seq: u64,
@@ -67,7 +122,12 @@ impl Spool {
     /// start a new one.
     pub fn push(&mut self, mut ev: v1::Event) -> u64 {
         ev.seq = self.next_seq;
-        self.insert(ev)
+        self.insert(Entry::encode(&ev))
+    }
+
+    /// [`Spool::push`] of an event already encoded with its seq (`next_seq`).
+    pub fn push_encoded(&mut self, ev: &v1::Event, bytes: Bytes) -> u64 {
+        self.insert(Entry::with_bytes(ev, bytes))
     }
 
     /// The seq the next pushed event gets.
@@ -81,7 +141,7 @@ impl Spool {
         if ev.seq < self.next_seq {
             return 0;
         }
-        self.insert(ev)
+        self.insert(Entry::encode(&ev))
     }
 
     /// After a restart: what the log says was acknowledged and the highest seq ever used.
@@ -100,33 +160,32 @@ impl Spool {
         self.next_seq = self.next_seq.max(through + 1);
     }
 
-    /// The spooled event with this seq.
-    pub fn get(&self, seq: u64) -> Option<&v1::Event> {
-        self.events.iter().map(|(e, _)| e).find(|e| e.seq == seq)
+    /// The spooled event with this seq, decoded.
+    pub fn get(&self, seq: u64) -> Option<v1::Event> {
+        self.events.iter().find(|e| e.seq == seq)?.decode()
     }
 
-    /// Every spooled event, oldest first.
-    pub fn iter(&self) -> impl Iterator<Item = &v1::Event> {
-        self.events.iter().map(|(e, _)| e)
+    /// Every spooled event's encoding, oldest first.
+    pub fn iter_encoded(&self) -> impl Iterator<Item = &[u8]> {
+        self.events.iter().map(|e| e.bytes.as_ref())
     }
 
-    fn insert(&mut self, ev: v1::Event) -> u64 {
-        self.next_seq = ev.seq + 1;
-        let size = ev.encoded_len();
-        self.events.push_back((ev, size));
-        self.bytes += size;
+    fn insert(&mut self, entry: Entry) -> u64 {
+        self.next_seq = entry.seq + 1;
+        self.bytes += entry.mem();
+        self.events.push_back(entry);
         let mut dropped = 0;
         while self.bytes > self.limits.max_bytes || self.events.len() > self.limits.max_events {
             // Only events not yet handed to the transport may go: an in-flight event is either
             // acknowledged soon or, if the connection drops, unsent again (see rewind_sent).
             let sent = self.sent_through;
-            let unsent = |e: &v1::Event| !is_spool_gap(e) && e.seq > sent;
+            let unsent = |e: &Entry| e.notice.is_none() && e.seq > sent;
             // Samples are shed before events.
             let k = self
                 .events
                 .iter()
-                .position(|(e, _)| unsent(e) && e.kind == EventKind::GpuSample as i32)
-                .or_else(|| self.events.iter().position(|(e, _)| unsent(e)));
+                .position(|e| unsent(e) && e.kind == EventKind::GpuSample as i32)
+                .or_else(|| self.events.iter().position(unsent));
             let Some(k) = k else {
                 break;
             };
@@ -134,10 +193,10 @@ impl Spool {
             if k + 1 == self.events.len() {
                 break;
             }
-            let Some((old, sz)) = self.events.remove(k) else {
+            let Some(old) = self.events.remove(k) else {
                 break;
             };
-            self.bytes -= sz;
+            self.bytes -= old.mem();
             dropped += 1;
             self.record_loss(k, &old);
         }
@@ -147,7 +206,7 @@ impl Spool {
 
     /// Accounts for `old` (removed from index `k`) in the notice just before `k`, or a new one.
     /// Shed samples and dropped events are counted in separate notices.
-    fn record_loss(&mut self, k: usize, old: &v1::Event) {
+    fn record_loss(&mut self, k: usize, old: &Entry) {
         let sent_through = self.sent_through;
         let stage = if old.kind == EventKind::GpuSample as i32 {
             self.samples_shed += 1;
@@ -156,25 +215,31 @@ impl Spool {
             GapStage::AgentSpool
         };
         if k > 0
-            && let Some((prev, sz)) = self.events.get_mut(k - 1)
-            && matches!(&prev.payload, Some(Payload::Gap(g)) if g.stage == stage as i32)
+            && let Some(prev) = self.events.get_mut(k - 1)
+            && prev.notice == Some(stage)
             && prev.seq > sent_through
+            && let Some(mut notice) = prev.decode()
         {
-            if let Some(Payload::Gap(g)) = &mut prev.payload {
+            if let Some(Payload::Gap(g)) = &mut notice.payload {
                 g.missed += 1;
                 g.detail = spool_detail(g.missed);
             }
-            prev.seq = old.seq;
-            self.bytes -= *sz;
-            *sz = prev.encoded_len();
-            self.bytes += *sz;
+            notice.seq = old.seq;
+            self.bytes -= prev.mem();
+            *prev = Entry::encode(&notice);
+            self.bytes += prev.mem();
             return;
         }
+        // Who the notice is from: the event it replaces says (its node and agent id).
+        let (node, agent_id) = old
+            .decode()
+            .map(|e| (e.node, e.agent_id))
+            .unwrap_or_default();
         let gap = v1::Event {
             seq: old.seq,
             time: gpulse_proto::time::now().into(),
-            node: old.node.clone(),
-            agent_id: old.agent_id.clone(),
+            node,
+            agent_id,
             kind: EventKind::Gap as i32,
             severity: v1::Severity::Warning as i32,
             payload: Some(Payload::Gap(v1::Gap {
@@ -184,27 +249,29 @@ impl Spool {
             })),
             ..Default::default()
         };
-        let size = gap.encoded_len();
-        self.bytes += size;
-        self.events.insert(k, (gap, size));
+        let entry = Entry::encode(&gap);
+        self.bytes += entry.mem();
+        self.events.insert(k, entry);
     }
 
     /// The collector refused the unacknowledged event `seq` on its own: replace it (same seq) by
     /// a `Gap{COLLECTOR_REFUSED}` notice carrying `reason`, so the events behind it can go.
-    /// Returns the kind of the event set aside, or None if `seq` is not spooled.
-    pub fn set_aside(&mut self, seq: u64, reason: &str) -> Option<EventKind> {
-        let (ev, sz) = self
+    /// Returns the kind of the event set aside and the notice, or None if `seq` is not spooled.
+    pub fn set_aside(&mut self, seq: u64, reason: &str) -> Option<(EventKind, v1::Event)> {
+        let acked = self.acked_through;
+        let entry = self
             .events
             .iter_mut()
-            .find(|(e, _)| e.seq == seq && seq > self.acked_through)?;
-        let kind = EventKind::try_from(ev.kind).unwrap_or(EventKind::Unspecified);
+            .find(|e| e.seq == seq && seq > acked)?;
+        let kind = EventKind::try_from(entry.kind).unwrap_or(EventKind::Unspecified);
+        let ev = entry.decode().unwrap_or_default();
         let mut reason = reason.to_string();
         reason.truncate(reason.floor_char_boundary(512));
         let gap = v1::Event {
             seq,
             time: ev.time.or_else(|| Some(gpulse_proto::time::now())),
-            node: std::mem::take(&mut ev.node),
-            agent_id: std::mem::take(&mut ev.agent_id),
+            node: ev.node,
+            agent_id: ev.agent_id,
             kind: EventKind::Gap as i32,
             severity: v1::Severity::Warning as i32,
             payload: Some(Payload::Gap(v1::Gap {
@@ -217,11 +284,10 @@ impl Spool {
             })),
             ..Default::default()
         };
-        self.bytes -= *sz;
-        *sz = gap.encoded_len();
-        self.bytes += *sz;
-        *ev = gap;
-        Some(kind)
+        self.bytes -= entry.mem();
+        *entry = Entry::encode(&gap);
+        self.bytes += entry.mem();
+        Some((kind, gap))
     }
 
     /// The client handed everything up to `seq` to the transport.
@@ -237,9 +303,9 @@ impl Spool {
     /// Forgets everything with seq <= `through` (the collector stored it).
     pub fn ack(&mut self, through: u64) -> u64 {
         let mut n = 0;
-        while self.events.front().is_some_and(|(e, _)| e.seq <= through) {
-            if let Some((_, sz)) = self.events.pop_front() {
-                self.bytes -= sz;
+        while self.events.front().is_some_and(|e| e.seq <= through) {
+            if let Some(e) = self.events.pop_front() {
+                self.bytes -= e.mem();
                 n += 1;
             }
         }
@@ -247,16 +313,20 @@ impl Spool {
         n
     }
 
-    /// Up to `max_events` / `max_bytes` of events with seq > `after`, in order.
-    pub fn unsent(&self, after: u64, max_events: usize, max_bytes: usize) -> Vec<v1::Event> {
+    /// Up to `max_events` / `max_bytes` of events with seq > `after`, in order, as sent.
+    pub fn unsent(&self, after: u64, max_events: usize, max_bytes: usize) -> Vec<Unsent> {
         let mut out = Vec::new();
         let mut bytes = 0;
-        for (e, sz) in self.events.iter().filter(|(e, _)| e.seq > after) {
+        for e in self.events.iter().filter(|e| e.seq > after) {
+            let sz = e.bytes.len();
             if !out.is_empty() && (out.len() >= max_events || bytes + sz > max_bytes) {
                 break;
             }
             bytes += sz;
-            out.push(e.clone());
+            out.push(Unsent {
+                seq: e.seq,
+                bytes: e.bytes.clone(),
+            });
         }
         out
     }
@@ -267,6 +337,7 @@ impl Spool {
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
     }
+    /// Memory the spooled events hold.
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -285,11 +356,6 @@ impl Spool {
     pub fn samples_shed(&self) -> u64 {
         self.samples_shed
     }
-}
-
-fn is_spool_gap(e: &v1::Event) -> bool {
-    matches!(&e.payload, Some(Payload::Gap(g))
-        if g.stage == GapStage::AgentSpool as i32 || g.stage == GapStage::SamplesShed as i32)
 }
 
 fn spool_detail(n: u64) -> String {
@@ -368,10 +434,8 @@ impl SharedSpool {
     /// The collector refused the event `seq` alone: replaced by a notice (also in the log).
     pub fn set_aside(&self, seq: u64, reason: &str) -> Option<EventKind> {
         let mut sp = self.lock();
-        let kind = sp.set_aside(seq, reason)?;
-        if let Some(ev) = sp.get(seq) {
-            self.log_write("set aside", |l| l.append_event(ev));
-        }
+        let (kind, notice) = sp.set_aside(seq, reason)?;
+        self.log_write("set aside", |l| l.append_event(&notice));
         Some(kind)
     }
 
@@ -403,18 +467,18 @@ impl SharedSpool {
     pub fn push(&self, mut ev: v1::Event) {
         let (dropped, shed) = {
             let mut sp = self.lock();
-            if self.log.is_some() {
-                // Logged before it is spooled, under the spool's lock: the log's order is the
-                // seq order.
-                ev.seq = sp.next_seq();
-                self.log_write("event", |l| l.append_event(&ev));
-            }
+            // Encoded once, with its seq: the spool keeps these bytes, the log writes them, the
+            // client sends them. Logged before it is spooled, under the spool's lock, so the
+            // log's order is the seq order.
+            ev.seq = sp.next_seq();
+            let bytes = Bytes::from(ev.encode_to_vec());
+            self.log_write("event", |l| l.append_encoded(&bytes, &ev));
             let before = sp.samples_shed();
-            let dropped = sp.push(ev);
+            let dropped = sp.push_encoded(&ev, bytes);
             let acked = sp.acked_through();
             self.log_write("compaction", |l| {
                 if l.needs_compaction() {
-                    l.compact(acked, sp.iter())
+                    l.compact(acked, sp.iter_encoded())
                 } else {
                     Ok(())
                 }
@@ -432,6 +496,16 @@ impl SharedSpool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn decoded(u: Vec<Unsent>) -> Vec<v1::Event> {
+        u.iter()
+            .map(|u| {
+                let e = v1::Event::decode(u.bytes.as_ref()).unwrap();
+                assert_eq!(e.seq, u.seq);
+                e
+            })
+            .collect()
+    }
 
     fn ev(text: &str) -> v1::Event {
         v1::Event {
@@ -453,14 +527,14 @@ mod tests {
         }
         assert_eq!(s.last_seq(), 10);
         assert_eq!(
-            s.unsent(0, 100, 1 << 20)
+            decoded(s.unsent(0, 100, 1 << 20))
                 .iter()
                 .map(|e| e.seq)
                 .collect::<Vec<_>>(),
             (1..=10).collect::<Vec<_>>()
         );
-        assert_eq!(s.unsent(7, 100, 1 << 20).len(), 3);
-        assert_eq!(s.unsent(0, 4, 1 << 20).len(), 4);
+        assert_eq!(decoded(s.unsent(7, 100, 1 << 20)).len(), 3);
+        assert_eq!(decoded(s.unsent(0, 4, 1 << 20)).len(), 4);
         assert_eq!(s.ack(6), 6);
         assert_eq!(s.len(), 4);
         assert_eq!(s.ack(3), 0, "old acks are harmless");
@@ -485,7 +559,7 @@ mod tests {
         for i in 0..20 {
             s.push(ev(&format!("e{i}")));
         }
-        let all = s.unsent(0, 100, 1 << 20);
+        let all = decoded(s.unsent(0, 100, 1 << 20));
         assert_eq!(gaps(&all), vec![16], "{all:?}");
         // The notice stands first, in place of the last dropped event's seq; the newest survive.
         assert_eq!(
@@ -504,13 +578,13 @@ mod tests {
         for i in 0..6 {
             s.push(ev(&format!("a{i}")));
         }
-        let first = s.unsent(0, 100, 1 << 20);
+        let first = decoded(s.unsent(0, 100, 1 << 20));
         assert_eq!(gaps(&first), vec![3]);
         s.mark_sent(first.last().unwrap().seq);
         for i in 0..3 {
             s.push(ev(&format!("b{i}")));
         }
-        let all = s.unsent(0, 100, 1 << 20);
+        let all = decoded(s.unsent(0, 100, 1 << 20));
         // The in-flight events and the delivered notice are as they were; new losses have
         // their own notice.
         assert_eq!(&all[..4], &first[..]);
@@ -521,7 +595,7 @@ mod tests {
         // every loss is accounted for.
         s.rewind_sent(0);
         s.push(ev("c0"));
-        let all = s.unsent(0, 100, 1 << 20);
+        let all = decoded(s.unsent(0, 100, 1 << 20));
         let kept = all
             .iter()
             .filter(|e| e.kind == EventKind::DriverLog as i32)
@@ -553,7 +627,7 @@ mod tests {
         for i in 4..8 {
             s.push(sample(i));
         }
-        let all = s.unsent(0, 100, 1 << 20);
+        let all = decoded(s.unsent(0, 100, 1 << 20));
         let logs: Vec<_> = all
             .iter()
             .filter(|e| e.kind == EventKind::DriverLog as i32)
@@ -583,10 +657,11 @@ mod tests {
         }
         let before = s.bytes();
         assert_eq!(
-            s.set_aside(2, "events[0] (seq 2) has no payload"),
+            s.set_aside(2, "events[0] (seq 2) has no payload")
+                .map(|(k, _)| k),
             Some(EventKind::DriverLog)
         );
-        let all = s.unsent(0, 10, 1 << 20);
+        let all = decoded(s.unsent(0, 10, 1 << 20));
         assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
         match &all[1].payload {
             Some(Payload::Gap(g)) => {
@@ -602,7 +677,9 @@ mod tests {
         }
         assert_eq!(
             s.bytes(),
-            all.iter().map(|e| e.encoded_len()).sum::<usize>()
+            all.iter()
+                .map(|e| e.encoded_len() + ENTRY_OVERHEAD)
+                .sum::<usize>()
         );
         assert_ne!(s.bytes(), before);
         s.ack(1);
@@ -634,7 +711,7 @@ mod tests {
         }
         let s = open();
         let sp = s.lock();
-        let got: Vec<(u64, bool)> = sp
+        let got: Vec<(u64, bool)> = decoded(sp.unsent(0, 100, 1 << 20))
             .iter()
             .map(|e| (e.seq, matches!(e.payload, Some(Payload::Gap(_)))))
             .collect();

@@ -220,8 +220,13 @@ impl SpoolLog {
 
     /// Records an event entering the spool (or replacing the one with its seq).
     pub fn append_event(&mut self, ev: &v1::Event) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(ev.encoded_len() + FRAME_HEADER);
-        frame(&mut buf, TYPE_EVENT, &ev.encode_to_vec());
+        self.append_encoded(&ev.encode_to_vec(), ev)
+    }
+
+    /// [`SpoolLog::append_event`] of `ev` already encoded as `bytes`.
+    pub fn append_encoded(&mut self, bytes: &[u8], ev: &v1::Event) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(bytes.len() + FRAME_HEADER);
+        frame(&mut buf, TYPE_EVENT, bytes);
         if is_kernel_record(ev) {
             remember(&mut self.history, ev);
         }
@@ -256,7 +261,7 @@ impl SpoolLog {
     pub fn compact<'a>(
         &mut self,
         acked: u64,
-        live: impl Iterator<Item = &'a v1::Event>,
+        live: impl Iterator<Item = &'a [u8]>,
     ) -> io::Result<()> {
         let tmp = self.path.with_extension("log.tmp");
         let mut buf = Vec::new();
@@ -265,7 +270,7 @@ impl SpoolLog {
         }
         frame(&mut buf, TYPE_ACK, &acked.to_le_bytes());
         for ev in live {
-            frame(&mut buf, TYPE_EVENT, &ev.encode_to_vec());
+            frame(&mut buf, TYPE_EVENT, ev);
         }
         {
             let mut f = OpenOptions::new()
@@ -374,7 +379,8 @@ mod tests {
         }
         log.append_ack(390).unwrap();
         let before = log.bytes();
-        log.compact(390, evs[390..].iter()).unwrap();
+        let live: Vec<Vec<u8>> = evs[390..].iter().map(|e| e.encode_to_vec()).collect();
+        log.compact(390, live.iter().map(Vec::as_slice)).unwrap();
         assert!(log.bytes() < before);
         log.append_event(&xid(401, "after")).unwrap();
         drop(log);

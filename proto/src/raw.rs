@@ -1,5 +1,6 @@
-//! The collector's view of `Ingest.Push`: a [`RawBatch`] is a `Batch` whose events are left as
-//! the bytes the agent encoded them into.
+//! `Ingest.Push` with encoded events: a [`RawBatch`] is a `Batch` whose events are left as the
+//! bytes the agent encoded them into. Agents send it (their spool keeps events encoded), and
+//! the collector receives it.
 //!
 //! The collector decodes every event anyway (to validate, store and fan it out), but writes the
 //! received bytes to its write-ahead log as they came instead of encoding each event again, and
@@ -9,7 +10,7 @@
 //! definitions together.
 //!
 //! [`ingest_server`] is the generated server for route `/gpulse.v1.Ingest/Push` taking
-//! `RawBatch`; agents keep using the `Batch` client generated from the `.proto`.
+//! `RawBatch`; agents call the same route with a plain tonic client and `RawBatch`.
 
 /// `gpulse.v1.Batch` with `repeated bytes events = 5` in place of `repeated Event events = 5`.
 #[derive(Clone, PartialEq, prost::Message)]
