@@ -552,9 +552,18 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     let n_metrics = query::metric_count();
     let events_snap = open_events_snapshot(&cfg, &metrics);
     let names = crate::metric::names();
-    let series_snap = load_snapshot(&cfg, &metrics, SERIES_FILE, SnapKind::Series, |d| {
-        snapshot::decode_series(d, &names)
-    });
+    // Streamed from its file: a restart never holds the file and the history it decodes to.
+    let series_snap = match snapshot::read_series(&cfg.data_dir, SERIES_FILE, &names) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "series snapshot damaged or unreadable; skipped (the write-ahead log still replays)");
+            metrics
+                .snapshot_failures
+                .with_label_values(&[SnapKind::Series.name(), "load"])
+                .inc();
+            None
+        }
+    };
     let counters_snap = load_snapshot(&cfg, &metrics, COUNTERS_FILE, SnapKind::Series, |d| {
         snapshot::decode_counters(d)
     });

@@ -74,26 +74,43 @@ impl Out {
     }
 }
 
+/// Reads a snapshot body front to back, from memory or straight from its file (so loading a
+/// large sample history never holds the file and what it decodes to at once). `left` is what
+/// remains of the body: counts are checked against it so a damaged one cannot make us
+/// allocate wildly.
 struct In<'a> {
-    buf: &'a [u8],
+    src: Box<dyn io::Read + 'a>,
+    left: usize,
     pos: usize,
 }
 
 impl<'a> In<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|e| *e <= self.buf.len())
-            .ok_or_else(|| format!("ends early at byte {}", self.pos))?;
-        let s = &self.buf[self.pos..end];
-        self.pos = end;
-        Ok(s)
+    fn slice(buf: &'a [u8]) -> Self {
+        Self {
+            left: buf.len(),
+            src: Box::new(buf),
+            pos: 0,
+        }
+    }
+
+    fn fill(&mut self, out: &mut [u8]) -> Result<(), String> {
+        if out.len() > self.left {
+            return Err(format!("ends early at byte {}", self.pos));
+        }
+        self.src
+            .read_exact(out)
+            .map_err(|e| format!("reading at byte {}: {e}", self.pos))?;
+        self.left -= out.len();
+        self.pos += out.len();
+        Ok(())
     }
     fn arr<const N: usize>(&mut self) -> Result<[u8; N], String> {
         let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
+        self.fill(&mut a)?;
         Ok(a)
+    }
+    fn byte(&mut self) -> Result<u8, String> {
+        Ok(self.arr::<1>()?[0])
     }
     fn u32(&mut self) -> Result<u32, String> {
         Ok(u32::from_le_bytes(self.arr()?))
@@ -107,21 +124,28 @@ impl<'a> In<'a> {
     fn f64(&mut self) -> Result<f64, String> {
         Ok(f64::from_le_bytes(self.arr()?))
     }
-    fn bytes(&mut self) -> Result<&'a [u8], String> {
+    fn bytes(&mut self) -> Result<Vec<u8>, String> {
         let n = self.u32()? as usize;
-        self.take(n)
+        if n > self.left {
+            return Err(format!("ends early at byte {}", self.pos));
+        }
+        let mut b = vec![0u8; n];
+        self.fill(&mut b)?;
+        Ok(b)
     }
     fn str(&mut self) -> Result<String, String> {
-        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| "a name is not UTF-8".to_string())
+        String::from_utf8(self.bytes()?).map_err(|_| "a name is not UTF-8".to_string())
     }
-    /// A count of items each at least `min_bytes` long, checked against what is left so a
-    /// damaged count cannot make us allocate wildly.
+    /// A count of items each at least `min_bytes` long, checked against what is left.
     fn count(&mut self, min_bytes: usize) -> Result<usize, String> {
         let n = self.u32()? as usize;
-        if n.saturating_mul(min_bytes.max(1)) > self.buf.len() - self.pos {
+        if n.saturating_mul(min_bytes.max(1)) > self.left {
             return Err(format!("count {n} exceeds the file"));
         }
         Ok(n)
+    }
+    fn at_end(&self) -> bool {
+        self.left == 0
     }
 }
 
@@ -168,7 +192,7 @@ fn read_counter_rows(r: &mut In<'_>) -> Result<Vec<CounterRow>, String> {
     let nc = r.count(13)?;
     let mut counters = Vec::with_capacity(nc);
     for _ in 0..nc {
-        let family = r.take(1)?[0];
+        let family = r.byte()?;
         let nl = r.count(4)?;
         let labels = (0..nl).map(|_| r.str()).collect::<Result<Vec<_>, _>>()?;
         counters.push((family, labels, r.u64()?));
@@ -178,13 +202,10 @@ fn read_counter_rows(r: &mut In<'_>) -> Result<Vec<CounterRow>, String> {
 
 /// Counter totals and the last cursor they include.
 pub fn decode_counters(data: &[u8]) -> Result<(u64, Vec<CounterRow>), String> {
-    let mut r = In {
-        buf: open_body(data, COUNTERS_MAGIC)?,
-        pos: 0,
-    };
+    let mut r = In::slice(open_body(data, COUNTERS_MAGIC)?);
     let through = r.u64()?;
     let rows = read_counter_rows(&mut r)?;
-    if r.pos != r.buf.len() {
+    if !r.at_end() {
         return Err("trailing bytes".into());
     }
     Ok((through, rows))
@@ -262,10 +283,63 @@ pub struct SeriesSnapshot {
 /// count is the catalog's; otherwise its samples are dropped and its counters kept.
 pub fn decode_series(data: &[u8], names: &[&str]) -> Result<SeriesSnapshot, String> {
     let v2 = data.get(..8) == Some(SERIES_MAGIC_V2.as_slice());
-    let mut r = In {
-        buf: open_body(data, if v2 { SERIES_MAGIC_V2 } else { SERIES_MAGIC })?,
+    let r = In::slice(open_body(
+        data,
+        if v2 { SERIES_MAGIC_V2 } else { SERIES_MAGIC },
+    )?);
+    series_body(r, v2, names)
+}
+
+/// [`decode_series`] straight from `dir/name` (its checksum verified by a first streaming
+/// pass): the file is never held in memory. `Ok(None)` when there is none.
+pub fn read_series(
+    dir: &Path,
+    name: &str,
+    names: &[&str],
+) -> Result<Option<SeriesSnapshot>, SnapshotError> {
+    use io::{Read, Seek};
+    let path = dir.join(name);
+    let io_err = |err| SnapshotError::Io {
+        path: path.display().to_string(),
+        err,
+    };
+    let mut f = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(e)),
+    };
+    let len = f.metadata().map_err(io_err)?.len();
+    let mut magic = [0u8; 8];
+    if len < 12 || f.read_exact(&mut magic).is_err() {
+        return Err(corrupt(
+            dir,
+            name,
+            "not a gpulse snapshot of this kind".into(),
+        ));
+    }
+    let v2 = &magic == SERIES_MAGIC_V2;
+    if !v2 && &magic != SERIES_MAGIC {
+        return Err(corrupt(
+            dir,
+            name,
+            "not a gpulse snapshot of this kind".into(),
+        ));
+    }
+    if !verify_crc(&mut f, len).map_err(io_err)? {
+        return Err(corrupt(dir, name, "checksum mismatch".into()));
+    }
+    f.seek(io::SeekFrom::Start(8)).map_err(io_err)?;
+    let r = In {
+        src: Box::new(io::BufReader::with_capacity(1 << 20, f)),
+        left: (len - 12) as usize,
         pos: 0,
     };
+    series_body(r, v2, names)
+        .map(Some)
+        .map_err(|reason| corrupt(dir, name, reason))
+}
+
+fn series_body(mut r: In<'_>, v2: bool, names: &[&str]) -> Result<SeriesSnapshot, String> {
     let through = r.u64()?;
     let metrics = r.u32()? as usize;
     if metrics > 4096 {
@@ -348,7 +422,7 @@ pub fn decode_series(data: &[u8], names: &[&str]) -> Result<SeriesSnapshot, Stri
     } else {
         None
     };
-    if r.pos != r.buf.len() {
+    if !r.at_end() {
         return Err("trailing bytes".into());
     }
     // Snapshot column of each catalog metric, if it has one.
@@ -827,6 +901,43 @@ mod tests {
         );
     }
 
+    #[test]
+    fn series_stream_from_the_file_as_from_memory() {
+        let mut s = SeriesStore::new(2, SeriesBudgets::default());
+        for i in 0..2000i64 {
+            s.push(
+                "n",
+                0,
+                "GPU-x",
+                1_764_000_000_000 + i * 1000,
+                &[i as f64, 0.5],
+            )
+            .unwrap();
+        }
+        let data = encode_series(11, &["a", "b"], s.gpus());
+        let dir = tempfile::tempdir().unwrap();
+        write_atomic(dir.path(), SERIES_FILE, &data).unwrap();
+        let from_file = read_series(dir.path(), SERIES_FILE, &["a", "b"])
+            .unwrap()
+            .unwrap();
+        let in_memory = decode_series(&data, &["a", "b"]).unwrap();
+        assert_eq!(from_file.through, 11);
+        let (f, m) = (
+            SeriesStore::restore(2, SeriesBudgets::default(), from_file.gpus),
+            SeriesStore::restore(2, SeriesBudgets::default(), in_memory.gpus),
+        );
+        assert_eq!(points(&f, 0), points(&m, 0));
+        assert_eq!(points(&f, 0).len(), 2000);
+        assert!(read_series(dir.path(), "absent", &["a"]).unwrap().is_none());
+        let mut bad = data.clone();
+        bad[data.len() / 2] ^= 1;
+        fs::write(dir.path().join("bad.snap"), &bad).unwrap();
+        assert!(matches!(
+            read_series(dir.path(), "bad.snap", &["a", "b"]),
+            Err(SnapshotError::Corrupt { .. })
+        ));
+    }
+
     fn points(s: &SeriesStore, metric: usize) -> Vec<(i64, f64)> {
         let mut out = Vec::new();
         s.raw_points(&s.gpus()[0], metric, 0, i64::MAX, |t, v| out.push((t, v)))
@@ -871,7 +982,7 @@ mod tests {
     /// A v2 snapshot (positional columns, counters inside) from a v3 one.
     fn as_v2(v3: &[u8], counters: &[CounterRow]) -> Vec<u8> {
         let body = &v3[8..v3.len() - 4];
-        let mut r = In { buf: body, pos: 0 };
+        let mut r = In::slice(body);
         let through = r.u64().unwrap();
         let n = r.u32().unwrap();
         for _ in 0..n {
@@ -881,7 +992,8 @@ mod tests {
         o.0.extend_from_slice(SERIES_MAGIC_V2);
         o.u64(through);
         o.u32(n);
-        o.0.extend_from_slice(&body[r.pos..]);
+        let pos = r.pos;
+        o.0.extend_from_slice(&body[pos..]);
         write_counter_rows(&mut o, counters);
         o.finish()
     }
