@@ -1775,6 +1775,13 @@ impl State {
             &self.metrics.series_gpus_retired,
             self.series.retired_gpus(),
         );
+        raise(
+            &self
+                .metrics
+                .series_rejected
+                .with_label_values(&["clock_stepped_back"]),
+            self.series.restarted(),
+        );
         for kind in KIND_LIST {
             let k = kind.short_name();
             self.metrics

@@ -281,6 +281,10 @@ pub type GpuId = u32;
 /// A GPU silent this long may give its slot to a new one when `max_gpus` are tracked.
 pub const RETIRE_AFTER_MS: i64 = 3_600_000;
 
+/// A sample this far before its GPU's latest means the node's clock stepped back: the series
+/// starts again (smaller steps back are refused as out of order).
+pub const BACKWARD_RESTART_MS: i64 = 60_000;
+
 pub struct SeriesStore {
     metrics: usize,
     budgets: SeriesBudgets,
@@ -296,6 +300,7 @@ pub struct SeriesStore {
     rejected_out_of_order: u64,
     rejected_gpus: u64,
     retired_gpus: u64,
+    restarted: u64,
     /// Decoded timestamp columns of recently read chunks, keyed by (GPU, chunk start): every
     /// metric of a chunk shares them, so a query over many metrics decodes them once. Bounded
     /// (cleared when full); chunks never change, and a GPU's chunk starts are unique.
@@ -327,6 +332,7 @@ impl SeriesStore {
             rejected_out_of_order: 0,
             rejected_gpus: 0,
             retired_gpus: 0,
+            restarted: 0,
             ts_cache: RefCell::new(FastMap::default()),
         }
     }
@@ -352,8 +358,25 @@ impl SeriesStore {
         ts_ms: i64,
         values: &[f64],
     ) -> Result<(), Rejected> {
-        let id = match self.by_node.get(node).and_then(|m| m.get(&index)) {
-            Some(id) => *id,
+        let known = self
+            .by_node
+            .get(node)
+            .and_then(|m| m.get(&index))
+            .copied()
+            .filter(|id| {
+                // The node's clock stepped back further than a reordering explains: the GPU's
+                // series starts again here (the old one keeps its history, queried with it, and
+                // expires by the budgets) instead of refusing every sample until the clock has
+                // caught up with the last one.
+                let last = self.gpus[*id as usize].last_ms;
+                let stepped_back = ts_ms < last.saturating_sub(BACKWARD_RESTART_MS);
+                if stepped_back {
+                    self.restarted += 1;
+                }
+                !stepped_back
+            });
+        let id = match known {
+            Some(id) => id,
             None => {
                 let node: Arc<str> = Arc::from(node);
                 let fresh = GpuSeries::new(node.clone(), index, uuid.to_string(), self.metrics);
@@ -464,6 +487,11 @@ impl SeriesStore {
     /// GPUs whose history was dropped to make room for new ones.
     pub fn retired_gpus(&self) -> u64 {
         self.retired_gpus
+    }
+
+    /// Series started again because a GPU's sample times stepped back.
+    pub fn restarted(&self) -> u64 {
+        self.restarted
     }
 
     fn expire(&mut self) {
@@ -709,8 +737,9 @@ mod tests {
         s.raw_points(g, 2, t0, t0 + 1_000_000, |_, _| absent += 1)
             .unwrap();
         assert_eq!(absent, 500, "absent values are skipped");
+        // Seconds back: a reordering, refused (a step back of over a minute restarts the series).
         assert_eq!(
-            s.push("n1", 0, "GPU-a", t0, &row(0)),
+            s.push("n1", 0, "GPU-a", t0 + 990_000, &row(0)),
             Err(Rejected::OutOfOrder)
         );
     }
@@ -819,5 +848,38 @@ mod tests {
             s.push("newer", 0, "GPU-newer", later + 700_001, &row(1)),
             Err(Rejected::TooManyGpus)
         );
+    }
+
+    /// A node clock that steps back an hour: the GPU's series starts again instead of refusing
+    /// every sample for an hour; both parts stay queryable.
+    #[test]
+    fn a_clock_stepping_back_restarts_the_series() {
+        let mut s = SeriesStore::new(3, SeriesBudgets::default());
+        let t0 = 1_764_000_000_000;
+        for i in 0..300 {
+            s.push("n", 0, "GPU-a", t0 + i * 1000, &row(i)).unwrap();
+        }
+        // A few seconds back: a reordering, refused.
+        assert_eq!(
+            s.push("n", 0, "GPU-a", t0 + 295_000, &row(1)),
+            Err(Rejected::OutOfOrder)
+        );
+        let back = t0 - 3_600_000;
+        for i in 0..10 {
+            s.push("n", 0, "GPU-a", back + i * 1000, &row(i)).unwrap();
+        }
+        assert_eq!(s.restarted(), 1);
+        assert_eq!(s.gpus().len(), 2, "the old series keeps its history");
+        let total: usize = s
+            .gpus()
+            .iter()
+            .map(|g| {
+                let mut n = 0;
+                s.raw_points(g, 0, i64::MIN, i64::MAX, |_, _| n += 1)
+                    .unwrap();
+                n
+            })
+            .sum();
+        assert_eq!(total, 310);
     }
 }
