@@ -451,7 +451,8 @@ pub fn sigterm_streams(streams: usize) -> Row {
         let took = t.elapsed();
         drop(open);
         let ok = st.is_some_and(|s| s.success()) && took < Duration::from_secs(5);
-        Ok((ok, format!("exit {st:?} after {} ms", took.as_millis())))
+        let status = st.map_or("still running (killed)".to_string(), |s| s.to_string());
+        Ok((ok, format!("{status} after {} ms", took.as_millis())))
     };
     match run() {
         Ok((ok, m)) => row.done(ok, m),
