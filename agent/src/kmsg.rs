@@ -76,6 +76,23 @@ fn hex(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
 
+/// Opens `path` (/dev/kmsg) read-only and non-blocking; we own the descriptor.
+fn open_nonblocking(path: &str) -> io::Result<OwnedFd> {
+    let c = CString::new(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: valid path; we own the returned fd.
+    let raw = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
 /// Upper bound on how long a record can sit unread when the kernel's wakeup is late.
 const KMSG_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
@@ -96,19 +113,7 @@ pub struct KmsgReader {
 
 impl KmsgReader {
     pub fn open(path: &str) -> io::Result<Self> {
-        let c = CString::new(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        // SAFETY: valid path; we own the returned fd.
-        let raw = unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = open_nonblocking(path)?;
         // SAFETY: lseek on our own fd; SEEK_END on /dev/kmsg skips to the newest record.
         if unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_END) } < 0 {
             return Err(io::Error::last_os_error());
@@ -244,19 +249,8 @@ pub async fn read_backlog(
     from: BacklogFrom,
     tx: &mpsc::Sender<Captured>,
 ) -> io::Result<BacklogSummary> {
-    let c = CString::new(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: valid path; we own the returned fd.
-    let raw = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh fd we own. A new open of /dev/kmsg starts at the oldest record.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // A new open of /dev/kmsg starts at the oldest record.
+    let fd = open_nonblocking(path)?;
     let mut out = BacklogSummary::default();
     let mut buf = [0u8; 8192];
     loop {

@@ -263,7 +263,6 @@ impl SpoolLog {
         acked: u64,
         live: impl Iterator<Item = &'a [u8]>,
     ) -> io::Result<()> {
-        let tmp = self.path.with_extension("log.tmp");
         let mut buf = Vec::new();
         for h in &self.history {
             frame(&mut buf, TYPE_HISTORY, &h.encode_to_vec());
@@ -272,20 +271,7 @@ impl SpoolLog {
         for ev in live {
             frame(&mut buf, TYPE_EVENT, ev);
         }
-        {
-            let mut f = OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&buf)?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
+        crate::state_dir::write_atomic(&self.path, &buf)?;
         self.file = open_append(&self.path)?;
         self.bytes = buf.len() as u64;
         self.dirty = false;
@@ -390,6 +376,6 @@ mod tests {
         assert_eq!(r.history.len(), HISTORY);
         assert_eq!(r.history.last().unwrap().seq, 401);
         assert_eq!(r.last_seq, 401);
-        assert!(!dir.path().join("spool.log.tmp").exists());
+        assert!(!dir.path().join(".spool.log.tmp").exists());
     }
 }

@@ -70,8 +70,19 @@ fn read(dir: &Path) -> Option<(String, String)> {
 }
 
 fn write(dir: &Path, agent_id: &str, boot_id: &str) -> io::Result<()> {
-    let tmp = dir.join(format!(".{FILE}.tmp"));
     let body = serde_json::json!({ "agent_id": agent_id, "boot_id": boot_id }).to_string();
+    write_atomic(&dir.join(FILE), body.as_bytes())
+}
+
+/// Replaces `path` with `data` so a crash leaves the old file or the new one: a temporary file
+/// (0600) written and fsynced, renamed over it, the directory fsynced.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{name}.tmp"));
     {
         let mut f = OpenOptions::new()
             .create(true)
@@ -79,10 +90,10 @@ fn write(dir: &Path, agent_id: &str, boot_id: &str) -> io::Result<()> {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(body.as_bytes())?;
+        f.write_all(data)?;
         f.sync_all()?;
     }
-    fs::rename(&tmp, dir.join(FILE))?;
+    fs::rename(&tmp, path)?;
     File::open(dir)?.sync_all()
 }
 

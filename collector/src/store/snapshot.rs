@@ -290,13 +290,15 @@ pub fn decode_series(data: &[u8], names: &[&str]) -> Result<SeriesSnapshot, Stri
     series_body(r, v2, names)
 }
 
-/// [`decode_series`] straight from `dir/name` (its checksum verified by a first streaming
-/// pass): the file is never held in memory. `Ok(None)` when there is none.
-pub fn read_series(
+/// A snapshot file whose magic is one of `magics` and whose checksum holds (verified by a
+/// streaming pass), positioned after the magic: the file, its body length (between magic and
+/// checksum) and which magic it has. `Ok(None)` when there is no such file.
+fn open_verified(
     dir: &Path,
     name: &str,
-    names: &[&str],
-) -> Result<Option<SeriesSnapshot>, SnapshotError> {
+    magics: &[&[u8; 8]],
+    min_body: u64,
+) -> Result<Option<(File, u64, usize)>, SnapshotError> {
     use io::{Read, Seek};
     let path = dir.join(name);
     let io_err = |err| SnapshotError::Io {
@@ -309,29 +311,37 @@ pub fn read_series(
         Err(e) => return Err(io_err(e)),
     };
     let len = f.metadata().map_err(io_err)?.len();
+    let not_ours = || corrupt(dir, name, "not a gpulse snapshot of this kind".into());
     let mut magic = [0u8; 8];
-    if len < 12 || f.read_exact(&mut magic).is_err() {
-        return Err(corrupt(
-            dir,
-            name,
-            "not a gpulse snapshot of this kind".into(),
-        ));
+    if len < 12 + min_body || f.read_exact(&mut magic).is_err() {
+        return Err(not_ours());
     }
-    let v2 = &magic == SERIES_MAGIC_V2;
-    if !v2 && &magic != SERIES_MAGIC {
-        return Err(corrupt(
-            dir,
-            name,
-            "not a gpulse snapshot of this kind".into(),
-        ));
-    }
+    let which = magics
+        .iter()
+        .position(|m| **m == magic)
+        .ok_or_else(not_ours)?;
     if !verify_crc(&mut f, len).map_err(io_err)? {
         return Err(corrupt(dir, name, "checksum mismatch".into()));
     }
     f.seek(io::SeekFrom::Start(8)).map_err(io_err)?;
+    Ok(Some((f, len - 12, which)))
+}
+
+/// [`decode_series`] straight from `dir/name` (its checksum verified by a first streaming
+/// pass): the file is never held in memory. `Ok(None)` when there is none.
+pub fn read_series(
+    dir: &Path,
+    name: &str,
+    names: &[&str],
+) -> Result<Option<SeriesSnapshot>, SnapshotError> {
+    let Some((f, body, which)) = open_verified(dir, name, &[SERIES_MAGIC, SERIES_MAGIC_V2], 0)?
+    else {
+        return Ok(None);
+    };
+    let v2 = which == 1;
     let r = In {
         src: Box::new(io::BufReader::with_capacity(1 << 20, f)),
-        left: (len - 12) as usize,
+        left: body as usize,
         pos: 0,
     };
     series_body(r, v2, names)
@@ -642,38 +652,13 @@ impl EventsReader {
     /// Opens `dir/name`: `Ok(None)` when it does not exist; `Err(Corrupt)` when its magic or
     /// checksum is wrong.
     pub fn open(dir: &Path, name: &str) -> Result<Option<Self>, SnapshotError> {
-        use io::{Read, Seek};
-        let path = dir.join(name);
-        let io_err = |err| SnapshotError::Io {
-            path: path.display().to_string(),
-            err,
+        // Smallest body: through, an empty checkpoint's length, a count.
+        let Some((f, body, which)) =
+            open_verified(dir, name, &[EVENTS_MAGIC, EVENTS_MAGIC_V1], 8 + 4 + 8)?
+        else {
+            return Ok(None);
         };
-        let mut f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(e)),
-        };
-        let len = f.metadata().map_err(io_err)?.len();
-        let mut magic = [0u8; 8];
-        if len < 12 + 8 + 4 + 8 || f.read_exact(&mut magic).is_err() {
-            return Err(corrupt(
-                dir,
-                name,
-                "not a gpulse snapshot of this kind".into(),
-            ));
-        }
-        let v1 = &magic == EVENTS_MAGIC_V1;
-        if !v1 && &magic != EVENTS_MAGIC {
-            return Err(corrupt(
-                dir,
-                name,
-                "not a gpulse snapshot of this kind".into(),
-            ));
-        }
-        if !verify_crc(&mut f, len).map_err(io_err)? {
-            return Err(corrupt(dir, name, "checksum mismatch".into()));
-        }
-        f.seek(io::SeekFrom::Start(8)).map_err(io_err)?;
+        let v1 = which == 1;
         let mut me = Self {
             r: io::BufReader::with_capacity(1 << 20, f),
             through: 0,
@@ -681,7 +666,7 @@ impl EventsReader {
             v1,
             total: 0,
             read: 0,
-            left: len - 8 - 4,
+            left: body,
             senders: Vec::new(),
             failed: false,
         };
