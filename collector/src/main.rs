@@ -244,6 +244,7 @@ async fn run() -> anyhow::Result<Exit> {
         token: args.mcp_token.clone(),
         allowed_hosts: args.mcp_allowed_hosts.clone(),
         allowed_origins: args.mcp_allowed_origins.clone(),
+        loopback,
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = server::start(cfg, async move {

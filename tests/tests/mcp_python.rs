@@ -222,6 +222,30 @@ fn python_mcp_client_over_http_and_stdio_in_both_eras() {
         403
     );
     assert_eq!(post_status(h, &[("Authorization", &auth)]), 200);
+    // On a loopback listener, pages of this machine may call it (MCP security guidance; the
+    // conformance suite's dns-rebinding scenario): localhost origins on any port.
+    for origin in [
+        format!("http://127.0.0.1:{h}"),
+        "http://localhost:5173".to_string(),
+        "http://[::1]:8080".to_string(),
+    ] {
+        assert_eq!(
+            post_status(h, &[("Authorization", &auth), ("Origin", &origin)]),
+            200,
+            "{origin}"
+        );
+    }
+    // A foreign page that merely resolves to 127.0.0.1 (DNS rebinding) is still refused.
+    assert_eq!(
+        post_status(
+            h,
+            &[
+                ("Authorization", &auth),
+                ("Origin", "http://127.0.0.1.evil.example:80")
+            ]
+        ),
+        403
+    );
     // Refuses to serve /mcp without a token off loopback unless told to.
     let out = Command::new(bin("gpulse-collector"))
         .args(["--http-listen", "0.0.0.0:0", "--data-dir"])

@@ -165,9 +165,23 @@ pub struct HttpOptions {
     /// Host header values accepted besides loopback names (DNS-rebinding guard).
     pub allowed_hosts: Vec<String>,
     /// Origins accepted; requests with any other Origin get 403. Empty: any Origin is refused
-    /// (non-browser clients send none).
+    /// (non-browser clients send none), except local ones on a loopback listener.
     pub allowed_origins: Vec<String>,
+    /// The HTTP listener is on loopback: pages served from this machine (`localhost`,
+    /// `127.0.0.1`, `[::1]`, any port) may call `/mcp`, as the MCP security guidance asks;
+    /// foreign origins are still refused (DNS rebinding).
+    pub loopback: bool,
 }
+
+/// Origins of pages on this machine (rmcp matches scheme, host and, with `:*`, any port).
+const LOOPBACK_ORIGINS: [&str; 6] = [
+    "http://localhost:*",
+    "http://127.0.0.1:*",
+    "http://[::1]:*",
+    "https://localhost:*",
+    "https://127.0.0.1:*",
+    "https://[::1]:*",
+];
 
 /// The `/mcp` Tower service (stateless JSON responses for 2026-07-28 clients, sessions for older
 /// ones), wrapped so a missing or wrong bearer token gets 401 before rmcp sees the request.
@@ -181,10 +195,14 @@ pub fn http_router(backend: Backend, opts: HttpOptions) -> axum::Router {
         .with_allowed_hosts(hosts)
         .with_json_response(true)
         .with_max_request_body_bytes(1 << 20);
-    cfg = if opts.allowed_origins.is_empty() {
+    let mut origins = opts.allowed_origins.clone();
+    if opts.loopback {
+        origins.extend(LOOPBACK_ORIGINS.iter().map(|o| o.to_string()));
+    }
+    cfg = if origins.is_empty() {
         cfg.enforce_origin_validation()
     } else {
-        cfg.with_allowed_origins(opts.allowed_origins.clone())
+        cfg.with_allowed_origins(origins)
     };
     let svc = StreamableHttpService::new(
         move || Ok(GpulseMcp::new(backend.clone())),
