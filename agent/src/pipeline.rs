@@ -225,18 +225,16 @@ impl Pipeline {
     }
 
     fn record(&mut self, r: RawRecord) -> Option<v1::Event> {
+        let decoded = self.decoder.feed(r.unix_ns.max(0) as u64, &r.text)?;
+        // XIDs are recognised by their key below; other lines by their text.
         if r.source == RecordSource::KmsgBacklog
             && !self.delivered.is_empty()
-            && !matches!(
-                gpulse_xid::parse::parse_record(&r.text),
-                Some(ParsedRecord::Xid(_))
-            )
+            && !matches!(decoded.record, ParsedRecord::Xid(_))
             && self.was_delivered(&Delivered::Text(r.text.clone()), r.unix_ns)
         {
             AgentStats::add(&self.stats.backlog_duplicates, 1);
             return None;
         }
-        let decoded = self.decoder.feed(r.unix_ns.max(0) as u64, &r.text)?;
         if let ParsedRecord::Xid(x) = &decoded.record {
             let key = XidKey {
                 pci: x

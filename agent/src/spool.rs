@@ -160,11 +160,6 @@ impl Spool {
         self.next_seq = self.next_seq.max(through + 1);
     }
 
-    /// The spooled event with this seq, decoded.
-    pub fn get(&self, seq: u64) -> Option<v1::Event> {
-        self.events.iter().find(|e| e.seq == seq)?.decode()
-    }
-
     /// Every spooled event's encoding, oldest first.
     pub fn iter_encoded(&self) -> impl Iterator<Item = &[u8]> {
         self.events.iter().map(|e| e.bytes.as_ref())
@@ -449,13 +444,6 @@ impl SharedSpool {
     /// Makes the log durable (called every second, and at shutdown).
     pub fn sync(&self) {
         self.log_write("fsync", SpoolLog::sync);
-    }
-
-    /// Bytes of the spool log (0 without one).
-    pub fn log_bytes(&self) -> u64 {
-        self.log
-            .as_ref()
-            .map_or(0, |l| l.lock().unwrap_or_else(|e| e.into_inner()).bytes())
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Spool> {

@@ -639,7 +639,8 @@ fn fill(path: &std::path::Path) -> anyhow::Result<u64> {
     Ok(n)
 }
 
-fn xid_event(msg: &str) -> v1::Event {
+/// A fatal XID 79 on 0000:3b:00.0 with `msg`, timed now.
+pub fn xid_event(msg: &str) -> v1::Event {
     v1::Event {
         kind: EventKind::Xid as i32,
         severity: v1::Severity::Fatal as i32,
@@ -865,6 +866,9 @@ pub fn collect_marked(
     }
 }
 
+/// A real agent of `node` with its state in `state`, live (source attached) when returned.
+/// Without `--nvml` in `extra` it samples no GPU; `env` goes to its environment.
+#[allow(clippy::too_many_arguments)]
 fn real_agent(
     url: &str,
     node: &str,
@@ -872,14 +876,26 @@ fn real_agent(
     log: &std::path::Path,
     backlog: &str,
     extra: &[&str],
+    env: &[(&str, &str)],
 ) -> anyhow::Result<crate::Proc> {
     let s = state.display().to_string();
-    let mut args = vec!["--state-dir", &s, "--backlog", backlog];
+    let mut args = vec![
+        "--collector",
+        url,
+        "--node",
+        node,
+        "--xid-source",
+        "auto",
+        "--state-dir",
+        &s,
+        "--backlog",
+        backlog,
+    ];
     args.extend_from_slice(extra);
     if !extra.contains(&"--nvml") {
         args.extend(["--nvml", "off"]);
     }
-    let a = crate::start_agent(url, node, "auto", log, &args)?;
+    let a = crate::Proc::spawn_env("gpulse-agent", &args, log, env)?;
     crate::wait_agent_live(log, Duration::from_secs(20))?;
     Ok(a)
 }
@@ -909,6 +925,7 @@ pub fn agent_kill_restart() -> Row {
             &dir.path().join("a1.log"),
             "boot",
             &[],
+            &[],
         )?;
         std::thread::sleep(Duration::from_millis(300));
         for i in 0..3 {
@@ -922,7 +939,7 @@ pub fn agent_kill_restart() -> Row {
             crate::inject(&agent_xid_line(&m, i))?;
         }
         let log2 = dir.path().join("a2.log");
-        let _a = real_agent(&col.url(), &node, &state, &log2, "boot", &[])?;
+        let _a = real_agent(&col.url(), &node, &state, &log2, "boot", &[], &[])?;
         std::thread::sleep(Duration::from_millis(300));
         for i in 6..8 {
             crate::inject(&agent_xid_line(&m, i))?;
@@ -989,28 +1006,17 @@ pub fn collector_outage(outage: Duration, restart_agent: bool) -> Row {
         let lib_s = lib.display().to_string();
         let scenario = scenarios.join("three-gpus.json").display().to_string();
         let nvml = ["--nvml", lib_s.as_str(), "--sample-interval-ms", "100"];
-        let spawn = |log: &str| -> anyhow::Result<crate::Proc> {
-            let s = state.display().to_string();
-            let log = dir.path().join(log);
-            let mut args = vec![
-                "--collector",
-                url.as_str(),
-                "--node",
-                node.as_str(),
-                "--state-dir",
-                &s,
-                "--backlog",
+        let env = [("GPULSE_FAKE_NVML_SCENARIO", scenario.as_str())];
+        let spawn = |log: &str| {
+            real_agent(
+                &url,
+                &node,
+                &state,
+                &dir.path().join(log),
                 "none",
-            ];
-            args.extend_from_slice(&nvml);
-            let p = crate::Proc::spawn_env(
-                "gpulse-agent",
-                &args,
-                &log,
-                &[("GPULSE_FAKE_NVML_SCENARIO", scenario.as_str())],
-            )?;
-            crate::wait_agent_live(&log, Duration::from_secs(20))?;
-            Ok(p)
+                &nvml,
+                &env,
+            )
         };
         let mut a = spawn("a1.log")?;
         std::thread::sleep(Duration::from_millis(300));

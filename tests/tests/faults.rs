@@ -9,26 +9,12 @@ use std::{
 
 use gpulse_e2e::{mini_agent::MiniAgent, *};
 use gpulse_proto::v1::{
-    self, SubscribeRequest, event::Payload, ingest_client::IngestClient,
-    telemetry_client::TelemetryClient,
+    SubscribeRequest, ingest_client::IngestClient, telemetry_client::TelemetryClient,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-fn xid(msg: &str) -> v1::Event {
-    v1::Event {
-        kind: v1::EventKind::Xid as i32,
-        severity: v1::Severity::Fatal as i32,
-        time: Some(gpulse_proto::time::now()),
-        payload: Some(Payload::Xid(v1::Xid {
-            code: 79,
-            pci: "0000:3b:00.0".into(),
-            message: msg.into(),
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
-}
+use gpulse_e2e::soak::xid_event as xid;
 
 #[test]
 fn sigterm_with_100_open_streams_exits_within_the_shutdown_timeout() {
