@@ -7,7 +7,10 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use gpulse_proto::v1::{self, EventKind, GapStage, event::Payload};
+use gpulse_proto::{
+    names::ShortName,
+    v1::{self, EventKind, GapStage, event::Payload},
+};
 use prost::{Message, bytes::Bytes};
 use tokio::sync::Notify;
 

@@ -4,7 +4,10 @@
 //! `increase()` never sees a false reset.
 use std::collections::HashMap;
 
-use gpulse_proto::v1::{self, event::Payload};
+use gpulse_proto::{
+    names::ShortName,
+    v1::{self, event::Payload},
+};
 
 use crate::metrics::Metrics;
 

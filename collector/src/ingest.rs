@@ -4,6 +4,7 @@
 //! A batch is all or nothing: one bad event rejects the batch with a message that names it, and
 //! the agent keeps (and can inspect) what it sent.
 use gpulse_proto::{
+    names::ShortName,
     raw::RawBatch,
     v1::{self, Batch, EventKind},
 };

@@ -16,9 +16,10 @@ use gpulse_proto::{
 use prost::Message;
 use thiserror::Error;
 
+use gpulse_proto::metric::{self, METRICS};
+
 use crate::{
     filter::{Filter, FilterError},
-    metric::{self, METRICS},
     store::{
         codec::CodecError,
         events::{self, EventStore},

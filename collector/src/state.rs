@@ -9,6 +9,7 @@ use std::{
 };
 
 use gpulse_proto::{
+    names::ShortName,
     time as ptime,
     v1::{
         self, EventKind, GapStage, Lagged, ListEventsRequest, ListEventsResponse, StatusResponse,
@@ -551,7 +552,7 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     let mut wal_replay = Wal::replay(&cfg.data_dir, cfg.wal_segment_bytes)?;
     let n_metrics = query::metric_count();
     let events_snap = open_events_snapshot(&cfg, &metrics);
-    let names = crate::metric::names();
+    let names = gpulse_proto::metric::names();
     // Streamed from its file: a restart never holds the file and the history it decodes to.
     let series_snap = match snapshot::read_series(&cfg.data_dir, SERIES_FILE, &names) {
         Ok(s) => s,
@@ -1214,13 +1215,9 @@ impl State {
             if let Some(Payload::Gap(g)) = &ev.payload
                 && g.stage != GapStage::CollectorSeq as i32
             {
-                let stage = GapStage::try_from(g.stage)
-                    .map(|s| s.as_str_name())
-                    .unwrap_or("GAP_STAGE_UNSPECIFIED");
-                let stage = stage.trim_start_matches("GAP_STAGE_").to_ascii_lowercase();
                 self.metrics
                     .agent_reported_drops
-                    .with_label_values(&[ev.node.as_str(), stage.as_str()])
+                    .with_label_values(&[ev.node.as_str(), GapStage::name_of(g.stage)])
                     .inc_by(g.missed);
             }
             add_sample(&mut self.series, &ev);
@@ -1375,7 +1372,8 @@ impl State {
         through: u64,
     ) -> impl FnOnce(&std::path::Path) -> Result<(), snapshot::SnapshotError> + Send + 'static {
         let counters = snapshot::encode_counters(through, &self.counters.rows());
-        let series = snapshot::encode_series(through, &crate::metric::names(), self.series.gpus());
+        let series =
+            snapshot::encode_series(through, &gpulse_proto::metric::names(), self.series.gpus());
         move |dir| {
             snapshot::write_atomic(dir, COUNTERS_FILE, &counters)?;
             snapshot::write_atomic(dir, SERIES_FILE, &series)
@@ -1604,7 +1602,7 @@ impl State {
         let mut last_seen = Vec::new();
 
         // One gauge family per stored metric, from the same readers the sample history uses.
-        let families = crate::metric::METRICS;
+        let families = gpulse_proto::metric::METRICS;
         let mut gpu_samples: Vec<Vec<crate::counters::GaugeSample<'_>>> =
             vec![Vec::new(); families.len()];
         let mut sample_time = Vec::new();

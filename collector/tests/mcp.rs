@@ -110,10 +110,9 @@ async fn call(
     )
 }
 
-#[tokio::test]
-async fn tools_answer_from_the_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = store_config(dir.path());
+/// The test data set: two nodes, XIDs on two GPUs (one burst with a cause), a GPU process, samples.
+async fn fed_store(dir: &std::path::Path) -> Harness {
+    let mut cfg = store_config(dir);
     cfg.fsync = false;
     let h = start(cfg).await;
     let (mut a, _) = AgentStream::open(&h, "gpu-node-1/a", "gpu-node-1").await;
@@ -130,14 +129,26 @@ async fn tools_answer_from_the_store() {
     a.send(1, events).await.unwrap();
     let (mut b, _) = AgentStream::open(&h, "gpu-node-2/a", "gpu-node-2").await;
     b.send(1, vec![sample(0, 30, 50)]).await.unwrap();
+    // The streams stay open (agents connected) for as long as the store runs.
+    std::mem::forget((a, b));
+    h
+}
 
+async fn mcp_client(h: &Harness) -> rmcp::service::RunningService<rmcp::RoleClient, ()> {
     let (server_io, client_io) = tokio::io::duplex(1 << 20);
     let server = GpulseMcp::new(Backend::Local(h.store.clone()));
     tokio::spawn(async move {
         let s = server.serve(server_io).await.unwrap();
         let _ = s.waiting().await;
     });
-    let client = ().serve(client_io).await.unwrap();
+    ().serve(client_io).await.unwrap()
+}
+
+#[tokio::test]
+async fn tools_answer_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = fed_store(dir.path()).await;
+    let client = mcp_client(&h).await;
 
     let tools = client.list_all_tools().await.unwrap();
     let mut names: Vec<String> = tools.iter().map(|t| t.name.to_string()).collect();
@@ -166,7 +177,7 @@ async fn tools_answer_from_the_store() {
     let trend = tools.iter().find(|t| t.name == "gpu_metric_trend").unwrap();
     let schema = serde_json::to_value(&trend.input_schema).unwrap();
     let metric_enum = find_enum(&schema, "metric").expect("metric enum in schema");
-    assert_eq!(metric_enum, gpulse_collector::metric::names());
+    assert_eq!(metric_enum, gpulse_proto::metric::names());
 
     let (err, s, _) = call(&client, "collector_status", json!({})).await;
     assert!(!err);
@@ -327,5 +338,104 @@ fn find_enum(schema: &Value, name: &str) -> Option<Vec<String>> {
                 .filter_map(|v| v.get("const").and_then(Value::as_str).map(str::to_string))
                 .collect()
         }),
+    }
+}
+
+/// Every tool's structured answer for the test data set, with times and tokens (which depend on
+/// when the test runs) replaced by placeholders, compared with `tests/mcp_answers.json`. A change
+/// to any answer fails here; `UPDATE_ANSWERS=1` rewrites the file for a deliberate one.
+#[tokio::test]
+async fn tool_answers_are_pinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = fed_store(dir.path()).await;
+    let client = mcp_client(&h).await;
+    let calls = [
+        ("events_summary", json!({"since": "1h"})),
+        (
+            "events_summary",
+            json!({"nodes": ["gpu-node-2"], "kinds": ["gpu_sample"]}),
+        ),
+        ("list_events", json!({"limit": 3})),
+        (
+            "list_events",
+            json!({"kinds": ["xid"], "order": "oldest_first", "min_severity": "error"}),
+        ),
+        ("xid_summary", json!({})),
+        ("xid_summary", json!({"group_by": "gpu"})),
+        (
+            "xid_summary",
+            json!({"group_by": "node", "node": "gpu-node-1"}),
+        ),
+        ("describe_xid", json!({"xid": 119})),
+        (
+            "gpu_metric_trend",
+            json!({"metric": "gpu_util_pct", "group_by": "gpu", "include_points": false}),
+        ),
+        (
+            "gpu_metric_trend",
+            json!({"metric": "power_w", "group_by": "fleet", "aggregate": "max", "include_points": false}),
+        ),
+        ("describe_node", json!({"node": "gpu-node-1"})),
+        (
+            "describe_node",
+            json!({"node": "gpu-node-2", "max_events": 0}),
+        ),
+        ("list_gpu_processes", json!({})),
+        ("list_gpu_processes", json!({"state": "exited"})),
+        ("list_nodes", json!({})),
+        (
+            "list_nodes",
+            json!({"only_unhealthy": true, "node_match": "gpu-*"}),
+        ),
+    ];
+    let mut answers = Vec::new();
+    for (tool, args) in calls {
+        let (err, mut s, text) = call(&client, tool, args.clone()).await;
+        assert!(!err, "{tool} {args}: {text}");
+        placeholders(&mut s);
+        answers.push(json!({"tool": tool, "arguments": args, "answer": s}));
+    }
+    let got = serde_json::to_string_pretty(&answers).unwrap() + "\n";
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp_answers.json");
+    if std::env::var_os("UPDATE_ANSWERS").is_some() {
+        std::fs::write(&path, &got).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap();
+    if got != want {
+        let at = got.lines().zip(want.lines()).position(|(a, b)| a != b);
+        panic!(
+            "MCP answers differ from {} (first at line {:?}):\n{}",
+            path.display(),
+            at.map(|i| i + 1),
+            got.lines()
+                .skip(at.unwrap_or(0).saturating_sub(3))
+                .take(8)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    client.cancel().await.unwrap();
+}
+
+/// Replaces what depends on the clock: RFC 3339 times, page tokens.
+fn placeholders(v: &mut Value) {
+    match v {
+        Value::String(s) => {
+            let b = s.as_bytes();
+            let is_time = b.len() >= 20 && b[4] == b'-' && b[7] == b'-' && b[10] == b'T';
+            if is_time {
+                *s = "<time>".into();
+            } else if s.starts_with("e1.") {
+                *s = "<page token>".into();
+            } else if s.contains("(20") {
+                // Hints that quote a time: "... oldest retained event of these kinds (2026-...)".
+                if let Some(i) = s.find("(20") {
+                    s.replace_range(i.., "(<time>)");
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(placeholders),
+        Value::Object(o) => o.values_mut().for_each(placeholders),
+        _ => {}
     }
 }

@@ -17,72 +17,6 @@ impl From<gpulse_xid::Severity> for v1::Severity {
     }
 }
 
-impl v1::Severity {
-    /// Short lowercase name (`fatal`), as used in JSON output and metrics labels.
-    pub fn short_name(self) -> &'static str {
-        match self {
-            Self::Unspecified => "unspecified",
-            Self::Info => "info",
-            Self::Warning => "warning",
-            Self::Error => "error",
-            Self::Fatal => "fatal",
-        }
-    }
-}
-
-impl v1::EventKind {
-    /// Every kind, in wire order.
-    pub const ALL: [Self; 8] = [
-        Self::Xid,
-        Self::Sxid,
-        Self::DriverLog,
-        Self::AgentStatus,
-        Self::Gap,
-        Self::GpuProcess,
-        Self::GpuSample,
-        Self::Unknown,
-    ];
-
-    /// Every kind but GPU samples (one per GPU per second): what listings show by default.
-    pub const EVENTS: [Self; 7] = [
-        Self::Xid,
-        Self::Sxid,
-        Self::DriverLog,
-        Self::AgentStatus,
-        Self::Gap,
-        Self::GpuProcess,
-        Self::Unknown,
-    ];
-
-    pub fn short_name(self) -> &'static str {
-        match self {
-            Self::Unspecified => "unspecified",
-            Self::Xid => "xid",
-            Self::Sxid => "sxid",
-            Self::DriverLog => "driver_log",
-            Self::AgentStatus => "agent_status",
-            Self::Gap => "gap",
-            Self::GpuProcess => "gpu_process",
-            Self::GpuSample => "gpu_sample",
-            Self::Unknown => "unknown",
-        }
-    }
-
-    pub fn from_short_name(s: &str) -> Option<Self> {
-        Some(match s.to_ascii_lowercase().replace('-', "_").as_str() {
-            "xid" => Self::Xid,
-            "sxid" => Self::Sxid,
-            "driver_log" | "log" => Self::DriverLog,
-            "agent_status" | "status" => Self::AgentStatus,
-            "gap" => Self::Gap,
-            "gpu_process" | "process" => Self::GpuProcess,
-            "gpu_sample" | "sample" => Self::GpuSample,
-            "unknown" => Self::Unknown,
-            _ => return None,
-        })
-    }
-}
-
 /// Top-level `Event` field numbers this build knows (see the test against the descriptor).
 const KNOWN_EVENT_FIELDS: [u32; 17] = [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 19];
 
@@ -292,20 +226,6 @@ mod tests {
         };
         assert!(x.description.contains("Unknown XID 4000"));
         assert!(x.mnemonic.is_empty());
-    }
-
-    #[test]
-    fn kind_names_round_trip() {
-        for k in [
-            v1::EventKind::Xid,
-            v1::EventKind::Sxid,
-            v1::EventKind::DriverLog,
-            v1::EventKind::AgentStatus,
-            v1::EventKind::Gap,
-        ] {
-            assert_eq!(v1::EventKind::from_short_name(k.short_name()), Some(k));
-        }
-        assert_eq!(v1::EventKind::from_short_name("nope"), None);
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub struct RawBatch {
     pub events: Vec<prost::bytes::Bytes>,
 }
 
-include!(concat!(env!("OUT_DIR"), "/raw/gpulse.v1.Ingest.rs"));
+include!("generated/gpulse.v1.Ingest.raw.rs");
 
 #[cfg(test)]
 mod tests {

@@ -510,7 +510,9 @@ pub fn unknown_payload() -> Row {
                 "acked through {ack}; stored kinds {:?}",
                 events
                     .iter()
-                    .map(|e| EventKind::try_from(e.kind).map_or("?", |k| k.short_name()))
+                    .map(|e| gpulse_proto::names::ShortName::short_name(
+                        EventKind::try_from(e.kind).unwrap_or_default()
+                    ))
                     .collect::<Vec<_>>()
             ),
         ))

@@ -498,7 +498,7 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
     let Some((task, rest)) = args.split_first() else {
         bail!(
-            "usage: cargo xtask <setup|build [--release]|demo [--seconds N]|test [--no-lint]|bench [ARGS]|soak [--short]|fuzz [--seconds N]>"
+            "usage: cargo xtask <setup|build [--release]|demo [--seconds N]|test [--no-lint]|bench [ARGS]|soak [--short]|fuzz [--seconds N]|codegen>"
         );
     };
     match task.as_str() {
@@ -524,6 +524,10 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             soak(rest)
         }
-        other => bail!("unknown task {other:?}: try setup, build, demo, test, bench, soak or fuzz"),
+        // Regenerates proto/src/generated from the .proto files (committed; a test checks it).
+        "codegen" => run(cmd("cargo").args(["run", "-q", "-p", "gpulse-proto-codegen"])),
+        other => bail!(
+            "unknown task {other:?}: try setup, build, demo, test, bench, soak, fuzz or codegen"
+        ),
     }
 }

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use gpulse_collector::json;
+use gpulse_proto::{metric, names::ShortName, render as json};
 use gpulse_proto::{
     time::rfc3339,
     v1::{
@@ -573,7 +573,7 @@ fn spark(v: f64, lo: f64, hi: f64) -> char {
 
 async fn trend(a: TrendArgs) -> anyhow::Result<()> {
     if a.list_metrics {
-        for m in gpulse_collector::metric::METRICS {
+        for m in metric::METRICS {
             println!("{:<18} {:<10} {}", m.name, m.unit, m.help);
         }
         return Ok(());
@@ -678,7 +678,7 @@ async fn status(collector: &CollectorArg, as_json: bool) -> anyhow::Result<()> {
                 "wal_bytes": s.wal_bytes, "gpus_tracked": s.gpus_tracked,
                 "samples_out_of_order": s.samples_out_of_order, "samples_gpus_refused": s.samples_gpus_refused,
                 "kinds": s.kinds.iter().map(|k| json!({
-                    "kind": json::kind_name(k.kind), "bytes": k.bytes, "share_bytes": k.share_bytes,
+                    "kind": EventKind::name_of(k.kind), "bytes": k.bytes, "share_bytes": k.share_bytes,
                     "events": k.events, "expired": k.expired, "oldest": k.oldest.as_ref().map(rfc3339),
                 })).collect::<Vec<_>>(),
                 "tiers": s.tiers.iter().map(|t| json!({
@@ -708,7 +708,7 @@ async fn status(collector: &CollectorArg, as_json: bool) -> anyhow::Result<()> {
         for k in &s.kinds {
             println!(
                 "    {:<13} {:>12} bytes (share {:>12}) {:>9} events, {} expired, oldest {}",
-                json::kind_name(k.kind),
+                EventKind::name_of(k.kind),
                 k.bytes,
                 k.share_bytes,
                 k.events,

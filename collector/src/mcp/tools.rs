@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use gpulse_proto::{
+    names::ShortName,
     time as ptime,
     v1::{
         self, Aggregation, EventFilter, EventKind, GroupBy, ListEventsRequest, Order,

@@ -2,7 +2,7 @@
 //!
 //! Values are stored exactly as the agent reports them (integers: mW, bytes, MHz), which is what
 //! makes the integer codec apply; `scale` converts to the unit shown to users.
-use gpulse_proto::v1::GpuSample;
+use crate::v1::GpuSample;
 
 #[derive(Clone, Copy, Debug)]
 pub struct MetricDef {
@@ -170,7 +170,7 @@ pub fn row(s: &GpuSample) -> [f64; COUNT] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpulse_proto::v1::FieldError;
+    use crate::v1::FieldError;
 
     #[test]
     fn rows_follow_the_catalog() {

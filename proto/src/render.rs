@@ -1,11 +1,16 @@
-//! One JSON object per event, for `gpulse tail --json` and other machine readers.
+//! The renderings of an event that every client shares: one JSON object (`gpulse tail --json`
+//! and other machine readers) and one line of text (`gpulse tail`, MCP rows).
 //!
-//! Shape: envelope fields at the top (`cursor`, `seq`, `time`, `received`, `node`, `agent_id`,
+//! JSON shape: envelope fields at the top (`cursor`, `seq`, `time`, `received`, `node`, `agent_id`,
 //! `kind`, `severity`) and the payload under its kind's name (`xid`, `sxid`, `driver_log`,
 //! `agent_status`, `gap`). Absent optional values are `null`, never zero.
-use gpulse_proto::{
+use crate::{
+    names::ShortName,
     time::{self as ptime, rfc3339},
-    v1::{self, GapStage, ProcessEventType, RecordSource, event::Payload},
+    v1::{
+        self, AgentState, Aggregation, EventKind, GapStage, GroupBy, ProcessEventType,
+        RecordSource, Severity, Tier, event::Payload,
+    },
 };
 use serde_json::{Value, json};
 
@@ -26,31 +31,11 @@ fn opt_str(s: &str) -> Value {
 }
 
 fn source_name(s: i32) -> &'static str {
-    match RecordSource::try_from(s).unwrap_or_default() {
-        RecordSource::Unspecified => "unspecified",
-        RecordSource::EbpfPrintk => "ebpf_printk",
-        RecordSource::EbpfNvidiaTracepoint => "ebpf_nvidia_tracepoint",
-        RecordSource::Kmsg => "kmsg",
-        RecordSource::KmsgBacklog => "kmsg_backlog",
-    }
+    RecordSource::name_of(s)
 }
 
-pub fn process_type(t: i32) -> &'static str {
-    match ProcessEventType::try_from(t).unwrap_or_default() {
-        ProcessEventType::Unspecified => "unspecified",
-        ProcessEventType::Open => "open",
-        ProcessEventType::DeviceOpen => "device_open",
-        ProcessEventType::Exec => "exec",
-        ProcessEventType::Exit => "exit",
-    }
-}
-
-pub fn severity_name(s: i32) -> &'static str {
-    v1::Severity::try_from(s).unwrap_or_default().short_name()
-}
-
-pub fn kind_name(k: i32) -> &'static str {
-    v1::EventKind::try_from(k).unwrap_or_default().short_name()
+fn severity_name(s: i32) -> &'static str {
+    Severity::name_of(s)
 }
 
 pub fn event(ev: &v1::Event) -> Value {
@@ -62,7 +47,7 @@ pub fn event(ev: &v1::Event) -> Value {
         "backlog": ev.backlog,
         "node": ev.node,
         "agent_id": ev.agent_id,
-        "kind": kind_name(ev.kind),
+        "kind": EventKind::name_of(ev.kind),
         "severity": severity_name(ev.severity),
     });
     let (key, body) = match &ev.payload {
@@ -112,21 +97,21 @@ pub fn event(ev: &v1::Event) -> Value {
         Some(Payload::AgentStatus(a)) => (
             "agent_status",
             json!({
-                "state": v1::AgentState::try_from(a.state).unwrap_or_default().as_str_name().trim_start_matches("AGENT_STATE_").to_ascii_lowercase(),
+                "state": AgentState::name_of(a.state),
                 "xid_source": a.xid_source, "detail": a.detail, "version": a.version, "boot_id": opt_str(&a.boot_id),
             }),
         ),
         Some(Payload::Gap(g)) => (
             "gap",
             json!({
-                "stage": GapStage::try_from(g.stage).unwrap_or_default().as_str_name().trim_start_matches("GAP_STAGE_").to_ascii_lowercase(),
+                "stage": GapStage::name_of(g.stage),
                 "missed": g.missed, "detail": g.detail,
             }),
         ),
         Some(Payload::GpuProcess(p)) => (
             "gpu_process",
             json!({
-                "type": process_type(p.r#type),
+                "type": ProcessEventType::name_of(p.r#type),
                 "pid": p.pid, "tgid": p.tgid, "ppid": if p.ppid == 0 { Value::Null } else { json!(p.ppid) },
                 "comm": p.comm, "exe": opt_str(&p.exe), "cgroup_id": p.cgroup_id,
                 "device": opt_str(&p.device), "devices": p.devices,
@@ -162,7 +147,6 @@ pub fn gpu_sample(g: &v1::GpuSample) -> Value {
     })
 }
 
-/// A one-line human rendering.
 /// A resolved query window with its coverage.
 pub fn window(w: &v1::ResolvedWindow) -> Value {
     let t = |x: &Option<prost_types::Timestamp>| x.as_ref().map(ptime::rfc3339);
@@ -198,28 +182,9 @@ pub fn trend(r: &v1::TrendResponse) -> Value {
             })
         })
         .collect();
-    let tier = v1::Tier::try_from(r.source)
-        .map(|t| match t {
-            v1::Tier::Raw => "raw",
-            v1::Tier::Tier1m => "1m",
-            v1::Tier::Tier1h => "1h",
-            v1::Tier::Unspecified => "unspecified",
-        })
-        .unwrap_or("unspecified");
-    let agg = v1::Aggregation::try_from(r.aggregation)
-        .map(|a| {
-            a.as_str_name()
-                .trim_start_matches("AGGREGATION_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_default();
-    let group = v1::GroupBy::try_from(r.group_by)
-        .map(|a| {
-            a.as_str_name()
-                .trim_start_matches("GROUP_BY_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_default();
+    let tier = Tier::name_of(r.source);
+    let agg = Aggregation::name_of(r.aggregation);
+    let group = GroupBy::name_of(r.group_by);
     json!({
         "metric": r.metric,
         "unit": r.unit,
@@ -235,10 +200,21 @@ pub fn trend(r: &v1::TrendResponse) -> Value {
     })
 }
 
+/// One line of text: time, severity, node, kind and the [`summary`].
 pub fn line(ev: &v1::Event) -> String {
     let time = ev.time.as_ref().map(rfc3339).unwrap_or_default();
-    let sev = severity_name(ev.severity);
-    let body = match &ev.payload {
+    format!(
+        "{time} {:<7} {:<12} {:<10} {}",
+        severity_name(ev.severity),
+        ev.node,
+        EventKind::name_of(ev.kind),
+        summary(ev)
+    )
+}
+
+/// What the event says, in a few words (the payload part of [`line`]).
+pub fn summary(ev: &v1::Event) -> String {
+    match &ev.payload {
         Some(Payload::Xid(x)) => {
             let who = match (x.pid, x.process_name.as_str()) {
                 (Some(p), "") => format!(" pid={p}"),
@@ -280,11 +256,7 @@ pub fn line(ev: &v1::Event) -> String {
         Some(Payload::DriverLog(d)) => d.text.clone(),
         Some(Payload::AgentStatus(a)) => format!(
             "agent {} ({}): {}",
-            v1::AgentState::try_from(a.state)
-                .unwrap_or_default()
-                .as_str_name()
-                .trim_start_matches("AGENT_STATE_")
-                .to_ascii_lowercase(),
+            AgentState::name_of(a.state),
             a.xid_source,
             a.detail
         ),
@@ -335,13 +307,7 @@ pub fn line(ev: &v1::Event) -> String {
             "payload this collector does not know (fields {:?}; kept as received)",
             ev.unknown_fields
         ),
-    };
-    format!(
-        "{time} {:<7} {:<12} {:<10} {body}",
-        sev,
-        ev.node,
-        kind_name(ev.kind)
-    )
+    }
 }
 
 #[cfg(test)]
@@ -356,9 +322,7 @@ mod tests {
             node: "gpu-1".into(),
             kind: v1::EventKind::Xid as i32,
             severity: v1::Severity::Fatal as i32,
-            time: Some(gpulse_proto::time::from_unix_nanos(
-                1_764_000_000_000_000_000,
-            )),
+            time: Some(crate::time::from_unix_nanos(1_764_000_000_000_000_000)),
             payload: Some(Payload::Xid(v1::Xid {
                 code: 79,
                 pci: "0000:91:00.0".into(),
