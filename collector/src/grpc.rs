@@ -19,7 +19,7 @@ use crate::{
     filter::Filter,
     ingest::IngestBatch,
     metrics::Metrics,
-    query::QueryError,
+    query::{QueryError, aggregate},
     shutdown::{STOPPING, Shutdown},
     state::{StoreError, StoreHandle, SubMsg},
 };
@@ -201,7 +201,7 @@ pub struct TelemetryService {
     pub stop: Shutdown,
 }
 
-type SubStream = Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Status>> + Send>>;
+type SubStream = gpulse_proto::api::SubscribeStream;
 
 fn to_response(m: SubMsg) -> Result<SubscribeResponse, Status> {
     Ok(SubscribeResponse {
@@ -281,6 +281,44 @@ impl Telemetry for TelemetryService {
         req: Request<v1::TrendRequest>,
     ) -> Result<Response<v1::TrendResponse>, Status> {
         let r = self.store.trend(req.into_inner()).await?;
+        Ok(Response::new(r?))
+    }
+
+    async fn summarize(
+        &self,
+        req: Request<v1::SummarizeRequest>,
+    ) -> Result<Response<v1::SummarizeResponse>, Status> {
+        let req = req.into_inner();
+        let r = self
+            .store
+            .read_events("Summarize", move |s, now| aggregate::summarize(s, req, now))
+            .await?;
+        Ok(Response::new(r?))
+    }
+
+    async fn xid_groups(
+        &self,
+        req: Request<v1::XidGroupsRequest>,
+    ) -> Result<Response<v1::XidGroupsResponse>, Status> {
+        let req = req.into_inner();
+        let r = self
+            .store
+            .read_events("XidGroups", move |s, now| {
+                aggregate::xid_groups(s, req, now)
+            })
+            .await?;
+        Ok(Response::new(r?))
+    }
+
+    async fn processes(
+        &self,
+        req: Request<v1::ProcessesRequest>,
+    ) -> Result<Response<v1::ProcessesResponse>, Status> {
+        let req = req.into_inner();
+        let r = self
+            .store
+            .read_events("Processes", move |s, now| aggregate::processes(s, req, now))
+            .await?;
         Ok(Response::new(r?))
     }
 }

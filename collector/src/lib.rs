@@ -6,7 +6,6 @@ pub mod grpc;
 pub mod health;
 pub mod http;
 pub mod ingest;
-pub mod mcp;
 pub mod metrics;
 pub mod query;
 pub mod recycle;

@@ -193,8 +193,7 @@ async fn run() -> anyhow::Result<Exit> {
         let client = gpulse_proto::v1::telemetry_client::TelemetryClient::new(channel)
             .max_decoding_message_size(64 << 20);
         info!(collector = %collector, "serving MCP on stdio");
-        gpulse_collector::mcp::serve_stdio(gpulse_collector::mcp::backend::Backend::Remote(client))
-            .await?;
+        gpulse_mcp::serve_stdio(gpulse_proto::api::RemoteTelemetry::shared(client)).await?;
         return Ok(Exit::Clean);
     }
     let loopback = args.http_listen.ip().is_loopback();
@@ -240,7 +239,7 @@ async fn run() -> anyhow::Result<Exit> {
     cfg.max_message_bytes = args.max_message_bytes as usize;
     cfg.keepalive_interval = args.keepalive_interval;
     cfg.keepalive_timeout = args.keepalive_timeout;
-    cfg.mcp = (args.mcp == "on").then(|| gpulse_collector::mcp::HttpOptions {
+    cfg.mcp = (args.mcp == "on").then(|| gpulse_mcp::http::HttpOptions {
         token: args.mcp_token.clone(),
         allowed_hosts: args.mcp_allowed_hosts.clone(),
         allowed_origins: args.mcp_allowed_origins.clone(),

@@ -26,7 +26,7 @@ pub struct ServerConfig {
     /// Largest accepted gRPC message (a batch); larger ones are refused with OUT_OF_RANGE.
     pub max_message_bytes: usize,
     /// MCP at `/mcp` on the HTTP address (None: off).
-    pub mcp: Option<crate::mcp::HttpOptions>,
+    pub mcp: Option<gpulse_mcp::http::HttpOptions>,
     /// HTTP/2 PING interval on every gRPC connection (and TCP keepalive): a peer that stops
     /// answering (a node that lost power, a dropped NAT entry) is disconnected after
     /// `keepalive_interval + keepalive_timeout` instead of staying "connected" forever.
@@ -145,10 +145,12 @@ pub async fn start(
         metrics: metrics.clone(),
     });
     if let Some(opts) = cfg.mcp.clone() {
-        app = app.merge(crate::mcp::http_router(
-            crate::mcp::backend::Backend::Local(store.clone()),
-            opts,
-        ));
+        // MCP calls the collector's own Telemetry service in-process.
+        let api = std::sync::Arc::new(TelemetryService {
+            store: store.clone(),
+            stop: stop_rx.clone(),
+        });
+        app = app.merge(gpulse_mcp::http::router(api, opts));
     }
     let http = tokio::spawn(async move {
         axum::serve(http_listener, app)

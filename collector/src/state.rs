@@ -193,6 +193,11 @@ pub enum Command {
         req: TrendRequest,
         reply: oneshot::Sender<Result<TrendResponse, QueryError>>,
     },
+    /// A read-only query of the event store (an aggregation); it sends its own answer.
+    ReadEvents {
+        rpc: &'static str,
+        run: Box<dyn FnOnce(&EventStore) + Send>,
+    },
 }
 
 /// A snapshot written in the background finished.
@@ -333,6 +338,21 @@ impl StoreHandle {
         req: TrendRequest,
     ) -> Result<Result<TrendResponse, QueryError>, StoreError> {
         self.call(|reply| Command::Trend { req, reply }).await
+    }
+
+    /// Runs `query` on the state task against the event store (timed as `rpc`).
+    pub async fn read_events<T: Send + 'static>(
+        &self,
+        rpc: &'static str,
+        query: impl FnOnce(&EventStore, i128) -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.call(|reply| Command::ReadEvents {
+            rpc,
+            run: Box::new(move |store| {
+                let _ = reply.send(query(store, now_ns()));
+            }),
+        })
+        .await
     }
 }
 
@@ -1022,6 +1042,11 @@ impl State {
                 let t = Instant::now();
                 let _ = reply.send(query::trend(&self.series, req, now_ns()));
                 self.observe("Trend", t);
+            }
+            Command::ReadEvents { rpc, run } => {
+                let t = Instant::now();
+                run(&self.ring);
+                self.observe(rpc, t);
             }
             Command::Shutdown { reply } => {
                 let _ = reply.send(self.shut_down());

@@ -5,7 +5,8 @@
 mod common;
 
 use common::*;
-use gpulse_collector::mcp::{GpulseMcp, backend::Backend};
+use gpulse_collector::{grpc::TelemetryService, shutdown::Shutdown};
+use gpulse_mcp::GpulseMcp;
 use gpulse_proto::{
     time as ptime,
     v1::{self, EventKind, event::Payload},
@@ -136,7 +137,10 @@ async fn fed_store(dir: &std::path::Path) -> Harness {
 
 async fn mcp_client(h: &Harness) -> rmcp::service::RunningService<rmcp::RoleClient, ()> {
     let (server_io, client_io) = tokio::io::duplex(1 << 20);
-    let server = GpulseMcp::new(Backend::Local(h.store.clone()));
+    let server = GpulseMcp::new(std::sync::Arc::new(TelemetryService {
+        store: h.store.clone(),
+        stop: Shutdown::never(),
+    }));
     tokio::spawn(async move {
         let s = server.serve(server_io).await.unwrap();
         let _ = s.waiting().await;
@@ -297,9 +301,7 @@ async fn tools_answer_from_the_store() {
         .unwrap();
     assert!(format!("{:?}", p.messages).contains("describe_node(node=\\\"gpu-node-1\\\""));
     let r = client
-        .read_resource(ReadResourceRequestParams::new(
-            gpulse_collector::mcp::CATALOG_URI,
-        ))
+        .read_resource(ReadResourceRequestParams::new(gpulse_mcp::CATALOG_URI))
         .await
         .unwrap();
     let body = format!("{:?}", r.contents);

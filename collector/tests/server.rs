@@ -36,7 +36,7 @@ async fn reflection_health_and_http_endpoints() {
         "127.0.0.1:0".parse().unwrap(),
         StoreConfig::new(dir.path().to_path_buf()),
     );
-    cfg.mcp = Some(gpulse_collector::mcp::HttpOptions::default());
+    cfg.mcp = Some(gpulse_mcp::http::HttpOptions::default());
     let running = server::start(cfg, async move {
         let _ = stop_rx.await;
     })

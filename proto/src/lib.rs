@@ -12,6 +12,7 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("generated/gpulse_descriptor.bin");
 }
 
+pub mod api;
 pub mod convert;
 pub mod metric;
 pub mod names;

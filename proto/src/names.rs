@@ -3,8 +3,8 @@
 //! use these, and parse them back with [`ShortName::from_short_name`]. Each table is an
 //! exhaustive match, so a new enum value fails to compile until it has a name here.
 use crate::v1::{
-    AgentState, Aggregation, EventKind, GapStage, GroupBy, Order, ProcessEventType, RecordSource,
-    Severity, Tier,
+    AgentState, Aggregation, EventKind, GapStage, GroupBy, Order, ProcessEventType, ProcessState,
+    RecordSource, Severity, Tier, XidGrouping,
 };
 
 /// A wire enum's short, lowercase name.
@@ -83,6 +83,8 @@ short_names!(Tier { Raw => "raw", Tier1m => "1m", Tier1h => "1h" });
 short_names!(Order { NewestFirst => "newest_first" | "newest", OldestFirst => "oldest_first" | "oldest" });
 short_names!(Aggregation { Avg => "avg", Min => "min", Max => "max", P95 => "p95", Last => "last" });
 short_names!(GroupBy { Fleet => "fleet", Node => "node", Gpu => "gpu" });
+short_names!(XidGrouping { Code => "code" | "xid", Gpu => "gpu", Node => "node" });
+short_names!(ProcessState { Running => "running", Exited => "exited" });
 
 impl EventKind {
     /// Every kind, in wire order.
@@ -152,6 +154,8 @@ mod tests {
         check::<Order>(Order::as_str_name, "ORDER_");
         check::<Aggregation>(Aggregation::as_str_name, "AGGREGATION_");
         check::<GroupBy>(GroupBy::as_str_name, "GROUP_BY_");
+        check::<XidGrouping>(XidGrouping::as_str_name, "XID_GROUPING_");
+        check::<ProcessState>(ProcessState::as_str_name, "PROCESS_STATE_");
     }
 
     #[test]

@@ -626,21 +626,49 @@ impl EventStore {
         order: Order,
         key: Option<u64>,
         limit: usize,
-        mut keep: impl FnMut(&EventRef<'_>) -> bool,
+        keep: impl FnMut(&EventRef<'_>) -> bool,
     ) -> WindowPage {
-        let mut page = WindowPage::default();
+        let mut events = Vec::new();
+        let (total_matched, more, blocks_scanned) =
+            self.window_each(start_ms, end_ms, kinds, order, key, limit, keep, |e| {
+                events.push(e)
+            });
+        WindowPage {
+            events,
+            total_matched,
+            more,
+            blocks_scanned,
+        }
+    }
+
+    /// [`EventStore::window`] handing each decoded event to `visit` instead of collecting them,
+    /// so an aggregation over many events holds one at a time. Returns (total matched, more
+    /// beyond `limit`, blocks visited).
+    #[allow(clippy::too_many_arguments)]
+    pub fn window_each(
+        &self,
+        start_ms: i64,
+        end_ms: i64,
+        kinds: &[EventKind],
+        order: Order,
+        key: Option<u64>,
+        limit: usize,
+        mut keep: impl FnMut(&EventRef<'_>) -> bool,
+        mut visit: impl FnMut(v1::Event),
+    ) -> (u64, bool, usize) {
+        let (mut total, mut blocks) = (0, 0);
         let mut matches: Vec<EventRef<'_>> = Vec::new();
         for (k, lane) in self.lanes.iter().enumerate() {
             if !kinds.is_empty() && !kinds.iter().any(|want| lane_of(*want) == k) {
                 continue;
             }
             for b in lane.blocks.iter().filter(|b| b.meets(start_ms, end_ms)) {
-                page.blocks_scanned += 1;
+                blocks += 1;
                 for e in b.body.events(k) {
                     if e.ms() < start_ms || e.ms() >= end_ms || !keep(&e) {
                         continue;
                     }
-                    page.total_matched += 1;
+                    total += 1;
                     let beyond = match (order, key) {
                         (_, None) => true,
                         (Order::OldestFirst, Some(c)) => e.cursor() > c,
@@ -656,13 +684,12 @@ impl EventStore {
             Order::OldestFirst => matches.sort_unstable_by_key(|e| e.cursor()),
             Order::NewestFirst => matches.sort_unstable_by_key(|e| std::cmp::Reverse(e.cursor())),
         }
-        page.more = matches.len() > limit;
-        page.events = matches
+        matches
             .iter()
             .take(limit)
             .filter_map(EventRef::decode)
-            .collect();
-        page
+            .for_each(&mut visit);
+        (total, matches.len() > limit, blocks)
     }
 
     /// Visits every stored event whose time lies in `[start_ms, end_ms)` of the given kinds (all

@@ -1276,6 +1276,226 @@ pub struct NodesResponse {
     pub window: ::core::option::Option<ResolvedWindow>,
 }
 #[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SummarizeRequest {
+    #[prost(message, optional, tag = "1")]
+    pub window: ::core::option::Option<TimeWindow>,
+    /// Empty `kinds`: every kind but GPU samples.
+    #[prost(message, optional, tag = "2")]
+    pub filter: ::core::option::Option<EventFilter>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct KindCount {
+    #[prost(enumeration = "EventKind", tag = "1")]
+    pub kind: i32,
+    #[prost(uint64, tag = "2")]
+    pub count: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NodeCount {
+    #[prost(string, tag = "1")]
+    pub node: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub count: u64,
+    /// Of which severity error or fatal.
+    #[prost(uint64, tag = "3")]
+    pub severe: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct XidCount {
+    #[prost(uint32, tag = "1")]
+    pub code: u32,
+    #[prost(uint64, tag = "2")]
+    pub count: u64,
+}
+/// A burst of XIDs on one GPU, separated from the GPU's next burst by 5 minutes without one.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Incident {
+    #[prost(string, tag = "1")]
+    pub node: ::prost::alloc::string::String,
+    /// The GPU's UUID, else its PCI address, else "unknown GPU".
+    #[prost(string, tag = "2")]
+    pub gpu: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "3")]
+    pub start: ::core::option::Option<::prost_types::Timestamp>,
+    #[prost(message, optional, tag = "4")]
+    pub end: ::core::option::Option<::prost_types::Timestamp>,
+    #[prost(uint64, tag = "5")]
+    pub xid_count: u64,
+    /// Distinct codes in order of first appearance.
+    #[prost(uint32, repeated, tag = "6")]
+    pub codes: ::prost::alloc::vec::Vec<u32>,
+    /// The code an XID of the burst names as its cause, else the burst's first code.
+    #[prost(uint32, tag = "7")]
+    pub root_cause: u32,
+    /// The worst severity in the burst.
+    #[prost(enumeration = "Severity", tag = "8")]
+    pub severity: i32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SummarizeResponse {
+    #[prost(message, optional, tag = "1")]
+    pub window: ::core::option::Option<ResolvedWindow>,
+    /// Events in the window matching the filter.
+    #[prost(uint64, tag = "2")]
+    pub total_matched: u64,
+    /// Events read (the oldest of them); less than total_matched when truncated.
+    #[prost(uint64, tag = "3")]
+    pub summarized: u64,
+    #[prost(bool, tag = "4")]
+    pub truncated: bool,
+    /// Per kind with at least one event, in wire order.
+    #[prost(message, repeated, tag = "5")]
+    pub kinds: ::prost::alloc::vec::Vec<KindCount>,
+    #[prost(uint64, tag = "6")]
+    pub process_starts: u64,
+    #[prost(uint64, tag = "7")]
+    pub process_exits: u64,
+    /// The 10 nodes with the most severe, then the most events.
+    #[prost(message, repeated, tag = "8")]
+    pub top_nodes: ::prost::alloc::vec::Vec<NodeCount>,
+    /// Every XID code seen (at most 256), most frequent first.
+    #[prost(message, repeated, tag = "9")]
+    pub xids: ::prost::alloc::vec::Vec<XidCount>,
+    /// Events of severity error or worse, gaps and SXids: the 10 most severe, newest first.
+    #[prost(message, repeated, tag = "10")]
+    pub notable: ::prost::alloc::vec::Vec<Event>,
+    /// The 20 newest incidents, newest first.
+    #[prost(message, repeated, tag = "11")]
+    pub incidents: ::prost::alloc::vec::Vec<Incident>,
+    #[prost(uint32, tag = "12")]
+    pub incidents_total: u32,
+    #[prost(string, repeated, tag = "13")]
+    pub hints: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct XidGroupsRequest {
+    #[prost(message, optional, tag = "1")]
+    pub window: ::core::option::Option<TimeWindow>,
+    /// Empty: every node.
+    #[prost(string, repeated, tag = "2")]
+    pub nodes: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Unspecified: by code.
+    #[prost(enumeration = "XidGrouping", tag = "3")]
+    pub group_by: i32,
+    /// Groups returned: 0 = 20, at most 100; the rest are counted in other_count.
+    #[prost(uint32, tag = "4")]
+    pub top: u32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct XidGroup {
+    /// The code, "<node>:<gpu>" or the node.
+    #[prost(string, tag = "1")]
+    pub key: ::prost::alloc::string::String,
+    /// The worst severity in the group.
+    #[prost(enumeration = "Severity", tag = "2")]
+    pub severity: i32,
+    #[prost(uint64, tag = "3")]
+    pub count: u64,
+    #[prost(message, optional, tag = "4")]
+    pub first_seen: ::core::option::Option<::prost_types::Timestamp>,
+    #[prost(message, optional, tag = "5")]
+    pub last_seen: ::core::option::Option<::prost_types::Timestamp>,
+    /// "<node>:<gpu>" (the GPU as in Incident.gpu), at most 10.
+    #[prost(string, repeated, tag = "6")]
+    pub gpus: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// At most 10.
+    #[prost(string, repeated, tag = "7")]
+    pub nodes: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Count per code, ascending code.
+    #[prost(message, repeated, tag = "8")]
+    pub codes: ::prost::alloc::vec::Vec<XidCount>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct XidGroupsResponse {
+    #[prost(message, optional, tag = "1")]
+    pub window: ::core::option::Option<ResolvedWindow>,
+    #[prost(uint64, tag = "2")]
+    pub total_matched: u64,
+    /// XIDs read (the oldest of them); less than total_matched when truncated.
+    #[prost(uint64, tag = "3")]
+    pub grouped: u64,
+    #[prost(bool, tag = "4")]
+    pub truncated: bool,
+    /// Most XIDs first, then by key.
+    #[prost(message, repeated, tag = "5")]
+    pub groups: ::prost::alloc::vec::Vec<XidGroup>,
+    /// XIDs in the groups past `top`.
+    #[prost(uint64, tag = "6")]
+    pub other_count: u64,
+    #[prost(string, repeated, tag = "7")]
+    pub hints: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ProcessesRequest {
+    #[prost(message, optional, tag = "1")]
+    pub window: ::core::option::Option<TimeWindow>,
+    /// Empty: every node.
+    #[prost(string, repeated, tag = "2")]
+    pub nodes: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Unspecified: running and exited.
+    #[prost(enumeration = "ProcessState", tag = "3")]
+    pub state: i32,
+    /// Only processes that opened this device node (/dev/nvidiaN), compared case-insensitively.
+    #[prost(string, tag = "4")]
+    pub device: ::prost::alloc::string::String,
+    /// Rows skipped, then at most `limit` returned (0 = 100, at most 1000).
+    #[prost(uint32, tag = "5")]
+    pub offset: u32,
+    #[prost(uint32, tag = "6")]
+    pub limit: u32,
+}
+/// One process lifetime on a node, from its GPU device opens to its exit.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ProcessInfo {
+    #[prost(string, tag = "1")]
+    pub node: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "2")]
+    pub pid: u32,
+    #[prost(string, tag = "3")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub exe: ::prost::alloc::string::String,
+    /// Device nodes it opened, in order of first open.
+    #[prost(string, repeated, tag = "5")]
+    pub devices: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(message, optional, tag = "6")]
+    pub started: ::core::option::Option<::prost_types::Timestamp>,
+    #[prost(message, optional, tag = "7")]
+    pub ended: ::core::option::Option<::prost_types::Timestamp>,
+    #[prost(bool, tag = "8")]
+    pub running: bool,
+    #[prost(message, optional, tag = "9")]
+    pub pod: ::core::option::Option<PodRef>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ProcessesResponse {
+    #[prost(message, optional, tag = "1")]
+    pub window: ::core::option::Option<ResolvedWindow>,
+    /// Latest started first.
+    #[prost(message, repeated, tag = "2")]
+    pub processes: ::prost::alloc::vec::Vec<ProcessInfo>,
+    /// Processes matching the request before offset and limit.
+    #[prost(uint64, tag = "3")]
+    pub total_matched: u64,
+    /// Set when the window held more process events than one request reads.
+    #[prost(bool, tag = "4")]
+    pub truncated: bool,
+    #[prost(string, repeated, tag = "5")]
+    pub hints: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum Tier {
@@ -1409,6 +1629,69 @@ impl GroupBy {
             "GROUP_BY_FLEET" => Some(Self::Fleet),
             "GROUP_BY_NODE" => Some(Self::Node),
             "GROUP_BY_GPU" => Some(Self::Gpu),
+            _ => None,
+        }
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum XidGrouping {
+    Unspecified = 0,
+    Code = 1,
+    Gpu = 2,
+    Node = 3,
+}
+impl XidGrouping {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "XID_GROUPING_UNSPECIFIED",
+            Self::Code => "XID_GROUPING_CODE",
+            Self::Gpu => "XID_GROUPING_GPU",
+            Self::Node => "XID_GROUPING_NODE",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "XID_GROUPING_UNSPECIFIED" => Some(Self::Unspecified),
+            "XID_GROUPING_CODE" => Some(Self::Code),
+            "XID_GROUPING_GPU" => Some(Self::Gpu),
+            "XID_GROUPING_NODE" => Some(Self::Node),
+            _ => None,
+        }
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum ProcessState {
+    Unspecified = 0,
+    Running = 1,
+    Exited = 2,
+}
+impl ProcessState {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "PROCESS_STATE_UNSPECIFIED",
+            Self::Running => "PROCESS_STATE_RUNNING",
+            Self::Exited => "PROCESS_STATE_EXITED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "PROCESS_STATE_UNSPECIFIED" => Some(Self::Unspecified),
+            "PROCESS_STATE_RUNNING" => Some(Self::Running),
+            "PROCESS_STATE_EXITED" => Some(Self::Exited),
             _ => None,
         }
     }
@@ -1616,6 +1899,81 @@ pub mod telemetry_client {
             req.extensions_mut().insert(GrpcMethod::new("gpulse.v1.Telemetry", "Trend"));
             self.inner.unary(req, path, codec).await
         }
+        /// What happened in a window: counts per kind, node and XID code, notable events, XID incidents.
+        pub async fn summarize(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SummarizeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SummarizeResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/gpulse.v1.Telemetry/Summarize",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("gpulse.v1.Telemetry", "Summarize"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// XIDs in a window grouped by code, GPU or node.
+        pub async fn xid_groups(
+            &mut self,
+            request: impl tonic::IntoRequest<super::XidGroupsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::XidGroupsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/gpulse.v1.Telemetry/XidGroups",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("gpulse.v1.Telemetry", "XidGroups"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// GPU processes seen in a window (device opens, exec, exit), one row per process lifetime.
+        pub async fn processes(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ProcessesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ProcessesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/gpulse.v1.Telemetry/Processes",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("gpulse.v1.Telemetry", "Processes"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1663,6 +2021,30 @@ pub mod telemetry_server {
             &self,
             request: tonic::Request<super::TrendRequest>,
         ) -> std::result::Result<tonic::Response<super::TrendResponse>, tonic::Status>;
+        /// What happened in a window: counts per kind, node and XID code, notable events, XID incidents.
+        async fn summarize(
+            &self,
+            request: tonic::Request<super::SummarizeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SummarizeResponse>,
+            tonic::Status,
+        >;
+        /// XIDs in a window grouped by code, GPU or node.
+        async fn xid_groups(
+            &self,
+            request: tonic::Request<super::XidGroupsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::XidGroupsResponse>,
+            tonic::Status,
+        >;
+        /// GPU processes seen in a window (device opens, exec, exit), one row per process lifetime.
+        async fn processes(
+            &self,
+            request: tonic::Request<super::ProcessesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ProcessesResponse>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct TelemetryServer<T> {
@@ -1945,6 +2327,141 @@ pub mod telemetry_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = TrendSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/gpulse.v1.Telemetry/Summarize" => {
+                    #[allow(non_camel_case_types)]
+                    struct SummarizeSvc<T: Telemetry>(pub Arc<T>);
+                    impl<
+                        T: Telemetry,
+                    > tonic::server::UnaryService<super::SummarizeRequest>
+                    for SummarizeSvc<T> {
+                        type Response = super::SummarizeResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SummarizeRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Telemetry>::summarize(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SummarizeSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/gpulse.v1.Telemetry/XidGroups" => {
+                    #[allow(non_camel_case_types)]
+                    struct XidGroupsSvc<T: Telemetry>(pub Arc<T>);
+                    impl<
+                        T: Telemetry,
+                    > tonic::server::UnaryService<super::XidGroupsRequest>
+                    for XidGroupsSvc<T> {
+                        type Response = super::XidGroupsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::XidGroupsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Telemetry>::xid_groups(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = XidGroupsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/gpulse.v1.Telemetry/Processes" => {
+                    #[allow(non_camel_case_types)]
+                    struct ProcessesSvc<T: Telemetry>(pub Arc<T>);
+                    impl<
+                        T: Telemetry,
+                    > tonic::server::UnaryService<super::ProcessesRequest>
+                    for ProcessesSvc<T> {
+                        type Response = super::ProcessesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ProcessesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Telemetry>::processes(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ProcessesSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

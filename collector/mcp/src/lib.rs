@@ -1,19 +1,16 @@
-//! MCP server (rmcp): read-only tools over the collector's windowed queries, two prompts, and the
-//! XID catalog as a resource. Served as Streamable HTTP at `/mcp` on the collector's HTTP address
-//! (both protocol eras: 2025-11-25 with its handshake, and 2026-07-28 stateless) and over stdio
-//! by `gpulse-collector mcp --stdio`, which reads a running collector over gRPC.
-pub mod backend;
+//! The gpulse MCP server (rmcp): read-only tools, two prompts and the XID catalog as a resource,
+//! written against the Telemetry API ([`SharedTelemetry`]) and nothing else. The collector serves
+//! it in-process as Streamable HTTP at `/mcp` (feature `http`; both protocol eras: 2025-11-25 with
+//! its handshake, and 2026-07-28 stateless); `gpulse mcp --stdio` serves it over stdio with a
+//! collector (or gateway) reached over gRPC. The tools only shape answers: counting and grouping
+//! happen in the collector's aggregation RPCs.
+#[cfg(feature = "http")]
+pub mod http;
+pub mod source;
 pub mod tools;
 pub mod types;
 
-use std::sync::Arc;
-
-use axum::{
-    extract::Request,
-    http::{HeaderValue, StatusCode, header},
-    middleware::Next,
-    response::{IntoResponse, Response},
-};
+pub use gpulse_proto::api::SharedTelemetry;
 use rmcp::{
     ErrorData, RoleServer, ServerHandler,
     handler::server::{router::prompt::PromptRouter, wrapper::Parameters},
@@ -25,28 +22,26 @@ use rmcp::{
     prompt, prompt_handler, prompt_router,
     service::RequestContext,
     tool_handler,
-    transport::streamable_http_server::{
-        StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
-    },
 };
 
-use backend::Backend;
+use source::Source;
 use types::{FleetArgs, TriageArgs};
 
 pub const CATALOG_URI: &str = "telemetry://xid-catalog";
 
 #[derive(Clone)]
 pub struct GpulseMcp {
-    backend: Backend,
+    source: Source,
     tool_router: tools::Router,
     prompt_router: PromptRouter<GpulseMcp>,
 }
 
 impl GpulseMcp {
-    pub fn new(backend: Backend) -> Self {
+    /// The MCP server over `api` (a collector's Telemetry service, or a remote one).
+    pub fn new(api: SharedTelemetry) -> Self {
         Self {
-            backend,
-            tool_router: Self::tool_router(),
+            source: Source::new(api),
+            tool_router: tools::router(),
             prompt_router: Self::prompt_router(),
         }
     }
@@ -157,107 +152,10 @@ impl ServerHandler for GpulseMcp {
     }
 }
 
-/// How `/mcp` is exposed.
-#[derive(Clone, Debug, Default)]
-pub struct HttpOptions {
-    /// Required as `Authorization: Bearer <token>` when set.
-    pub token: Option<String>,
-    /// Host header values accepted besides loopback names (DNS-rebinding guard).
-    pub allowed_hosts: Vec<String>,
-    /// Origins accepted; requests with any other Origin get 403. Empty: any Origin is refused
-    /// (non-browser clients send none), except local ones on a loopback listener.
-    pub allowed_origins: Vec<String>,
-    /// The HTTP listener is on loopback: pages served from this machine (`localhost`,
-    /// `127.0.0.1`, `[::1]`, any port) may call `/mcp`, as the MCP security guidance asks;
-    /// foreign origins are still refused (DNS rebinding).
-    pub loopback: bool,
-}
-
-/// Origins of pages on this machine (rmcp matches scheme, host and, with `:*`, any port).
-const LOOPBACK_ORIGINS: [&str; 6] = [
-    "http://localhost:*",
-    "http://127.0.0.1:*",
-    "http://[::1]:*",
-    "https://localhost:*",
-    "https://127.0.0.1:*",
-    "https://[::1]:*",
-];
-
-/// The `/mcp` Tower service (stateless JSON responses for 2026-07-28 clients, sessions for older
-/// ones), wrapped so a missing or wrong bearer token gets 401 before rmcp sees the request.
-pub fn http_router(backend: Backend, opts: HttpOptions) -> axum::Router {
-    let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "::1", "[::1]"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    hosts.extend(opts.allowed_hosts.iter().cloned());
-    let mut cfg = StreamableHttpServerConfig::default()
-        .with_allowed_hosts(hosts)
-        .with_json_response(true)
-        .with_max_request_body_bytes(1 << 20);
-    let mut origins = opts.allowed_origins.clone();
-    if opts.loopback {
-        origins.extend(LOOPBACK_ORIGINS.iter().map(|o| o.to_string()));
-    }
-    cfg = if origins.is_empty() {
-        cfg.enforce_origin_validation()
-    } else {
-        cfg.with_allowed_origins(origins)
-    };
-    let svc = StreamableHttpService::new(
-        move || Ok(GpulseMcp::new(backend.clone())),
-        Arc::new(LocalSessionManager::default()),
-        cfg,
-    );
-    let token = opts.token.map(Arc::new);
-    axum::Router::new()
-        .nest_service("/mcp", svc)
-        .layer(axum::middleware::from_fn(
-            move |req: Request, next: Next| {
-                let token = token.clone();
-                async move { check_bearer(token.as_deref().map(String::as_str), req, next).await }
-            },
-        ))
-}
-
-async fn check_bearer(token: Option<&str>, req: Request, next: Next) -> Response {
-    let Some(want) = token else {
-        return next.run(req).await;
-    };
-    let got = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if constant_time_eq(got.as_bytes(), want.as_bytes()) {
-        return next.run(req).await;
-    }
-    let mut r = (
-        StatusCode::UNAUTHORIZED,
-        "missing or wrong bearer token for /mcp\n",
-    )
-        .into_response();
-    r.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer realm=\"gpulse\""),
-    );
-    r
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Serves MCP on stdin/stdout until the client closes it. Logs must go to stderr.
-pub async fn serve_stdio(backend: Backend) -> anyhow::Result<()> {
+pub async fn serve_stdio(api: SharedTelemetry) -> anyhow::Result<()> {
     use rmcp::ServiceExt;
-    let running = GpulseMcp::new(backend)
-        .serve(rmcp::transport::stdio())
-        .await?;
+    let running = GpulseMcp::new(api).serve(rmcp::transport::stdio()).await?;
     running.waiting().await?;
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! resolved window) and `Trend` (a metric per GPU, node or fleet, from raw samples or the rollup
 //! tier that fits the requested resolution). Pure functions of the store, so the state task runs
 //! them without I/O and tests and benchmarks call them directly.
+pub mod aggregate;
+
 use std::collections::BTreeMap;
 
 use gpulse_proto::{
@@ -213,25 +215,7 @@ pub fn list_events(
         limit as usize,
         |e| e.cursor() <= ceiling && filter.matches(e),
     );
-    let oldest = if lanes.is_empty() {
-        store.oldest_ms(None)
-    } else {
-        lanes.iter().filter_map(|k| store.oldest_ms(Some(*k))).min()
-    };
-    let window = resolved(&w, oldest);
-    let mut hints = Vec::new();
-    if window.partial {
-        hints.push(match oldest {
-            Some(o) => format!(
-                "the window starts before the oldest retained event of these kinds ({})",
-                rfc(o)
-            ),
-            None => "the collector holds no events of these kinds".to_string(),
-        });
-    }
-    if page.total_matched == 0 && oldest.is_some() {
-        hints.push("no stored event in the window matches the filter".to_string());
-    }
+    let (window, mut hints) = window_notes(store, &w, &lanes, page.total_matched);
     let expired_while_paging = expired_now.saturating_sub(expired_at_start);
     if expired_while_paging > 0 {
         hints.push(format!(
@@ -259,6 +243,36 @@ pub fn list_events(
         expired_while_paging,
         hints,
     })
+}
+
+/// The resolved window of an event query over `lanes` (all when empty) and what to tell the
+/// caller about it: the window reaching past the oldest retained event, nothing matching.
+pub(crate) fn window_notes(
+    store: &EventStore,
+    w: &Window,
+    lanes: &[EventKind],
+    total_matched: u64,
+) -> (ResolvedWindow, Vec<String>) {
+    let oldest = if lanes.is_empty() {
+        store.oldest_ms(None)
+    } else {
+        lanes.iter().filter_map(|k| store.oldest_ms(Some(*k))).min()
+    };
+    let window = resolved(w, oldest);
+    let mut hints = Vec::new();
+    if window.partial {
+        hints.push(match oldest {
+            Some(o) => format!(
+                "the window starts before the oldest retained event of these kinds ({})",
+                rfc(o)
+            ),
+            None => "the collector holds no events of these kinds".to_string(),
+        });
+    }
+    if total_matched == 0 && oldest.is_some() {
+        hints.push("no stored event in the window matches the filter".to_string());
+    }
+    (window, hints)
 }
 
 /// XIDs per node in a window: (all, error or fatal).

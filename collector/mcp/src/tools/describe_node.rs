@@ -1,0 +1,188 @@
+//! `describe_node`: one node now and recently, from Nodes, XidGroups (per GPU), Processes and
+//! ListEvents; nothing is paged or counted here.
+use std::collections::HashMap;
+
+use gpulse_proto::v1::{
+    self, EventFilter, ListEventsRequest, Order, ProcessState, ProcessesRequest, XidGrouping,
+    XidGroupsRequest,
+};
+use rmcp::{Json, handler::server::wrapper::Parameters, tool, tool_router};
+
+use super::{fit, kinds, list_gpu_processes::process_row, opt, row, ts, tw, window_of};
+use crate::{
+    GpulseMcp,
+    source::explain,
+    types::{AgentInfo, DescribeNode, DescribeNodeArgs, GpuLatest, NodeGpu},
+};
+
+/// Running processes listed at most.
+const PROCESSES: u32 = 50;
+
+/// XIDs per GPU key (lowercase UUID or PCI address) from per-GPU groups keyed `<node>:<gpu>`.
+fn xids_by_gpu(r: &v1::XidGroupsResponse, node: &str) -> HashMap<String, u64> {
+    r.groups
+        .iter()
+        .filter_map(|g| {
+            let gpu = g.key.strip_prefix(node)?.strip_prefix(':')?;
+            Some((gpu.to_ascii_lowercase(), g.count))
+        })
+        .collect()
+}
+
+fn node_gpu(g: &v1::GpuSample, xids: &HashMap<String, u64>) -> NodeGpu {
+    let count = [&g.uuid, &g.pci]
+        .iter()
+        .filter(|k| !k.is_empty())
+        .map(|k| xids.get(&k.to_ascii_lowercase()).copied().unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    NodeGpu {
+        index: g.index,
+        uuid: g.uuid.clone(),
+        pci: g.pci.clone(),
+        model: g.name.clone(),
+        latest: GpuLatest {
+            util_pct: g.gpu_util_pct,
+            mem_used_bytes: g.mem_used_bytes,
+            mem_total_bytes: g.mem_total_bytes,
+            temp_c: g.temperature_c,
+            power_w: g.power_mw.map(|p| f64::from(p) / 1000.0),
+            sampled: None,
+        },
+        health: if count > 0 { "warning" } else { "ok" }.to_string(),
+        xid_count_window: count,
+        field_errors: g
+            .errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.error))
+            .collect(),
+    }
+}
+
+#[tool_router(router = describe_node_router, vis = "pub(crate)")]
+impl GpulseMcp {
+    /// One node now and recently: connection, agent and driver, each GPU's latest sample and
+    /// health, GPU processes, recent events and the XID count in the window.
+    #[tool(name = "describe_node", title = "Describe a node")]
+    async fn describe_node(
+        &self,
+        Parameters(a): Parameters<DescribeNodeArgs>,
+    ) -> Result<Json<DescribeNode>, String> {
+        let max_events = match a.max_events {
+            None => 10,
+            Some(n) if n <= 50 => n,
+            Some(n) => {
+                return Err(format!(
+                    "max_events {n} is out of range: use 0-50 (default 10)"
+                ));
+            }
+        };
+        self.source
+            .known_nodes(std::slice::from_ref(&a.node))
+            .await?;
+        let all = self.source.nodes(None).await?;
+        let Some(n) = all.nodes.iter().find(|n| n.node == a.node) else {
+            return Err(format!("node {:?} is no longer known", a.node));
+        };
+        let (w, defaulted) = tw(&a.since, "", "1h");
+        let nodes = vec![a.node.clone()];
+        let recent = self
+            .source
+            .list_events(ListEventsRequest {
+                window: Some(w.clone()),
+                filter: Some(EventFilter {
+                    nodes: nodes.clone(),
+                    kinds: kinds(&[]),
+                    ..Default::default()
+                }),
+                limit: max_events.max(1),
+                order: Order::NewestFirst as i32,
+                ..Default::default()
+            })
+            .await
+            .map_err(explain)?;
+        let xids = self
+            .source
+            .xid_groups(XidGroupsRequest {
+                window: Some(w.clone()),
+                nodes: nodes.clone(),
+                group_by: XidGrouping::Gpu as i32,
+                top: 100,
+            })
+            .await?;
+        let by_gpu = xids_by_gpu(&xids, &a.node);
+        let mut mem_by_pid: HashMap<u32, u64> = HashMap::new();
+        for p in n.gpus.iter().flat_map(|g| &g.processes) {
+            if let Some(m) = p.used_memory_bytes {
+                *mem_by_pid.entry(p.pid).or_default() += m;
+            }
+        }
+        let mut procs = Vec::new();
+        if a.include_processes.unwrap_or(true) {
+            let r = self
+                .source
+                .processes(ProcessesRequest {
+                    window: Some(w),
+                    nodes,
+                    state: ProcessState::Running as i32,
+                    limit: PROCESSES,
+                    ..Default::default()
+                })
+                .await?;
+            procs = r.processes.iter().map(process_row).collect();
+        }
+        for p in &mut procs {
+            p.gpu_mem_bytes = mem_by_pid.get(&p.pid).copied();
+        }
+        let mut hints = recent.hints.clone();
+        if n.connected_agents.is_empty() {
+            hints.push(format!(
+                "no agent of {} is connected; last heard from {}",
+                a.node,
+                ts(&n.last_seen).unwrap_or_else(|| "never".into())
+            ));
+        }
+        if n.gpus.is_empty() {
+            hints.push(
+                "no GPU samples from this node (NVML unavailable or off on its agent)".to_string(),
+            );
+        }
+        let mut out = DescribeNode {
+            node: n.node.clone(),
+            window: window_of(&recent.window, defaulted),
+            connected: !n.connected_agents.is_empty(),
+            last_seen: ts(&n.last_seen),
+            agent: AgentInfo {
+                connected_agents: n.connected_agents.clone(),
+                xid_source: n.xid_source.clone(),
+                detail: n.agent_detail.clone(),
+                driver: n.gpus.first().and_then(|g| opt(&g.driver_version)),
+                cuda: n.gpus.first().and_then(|g| opt(&g.cuda_driver_version)),
+            },
+            gpus: n.gpus.iter().map(|g| node_gpu(g, &by_gpu)).collect(),
+            processes: procs,
+            recent_events: recent
+                .events
+                .iter()
+                .take(max_events as usize)
+                .map(row)
+                .collect(),
+            xid_count_window: xids.total_matched,
+            hints,
+        };
+        if fit(
+            &mut out,
+            |o| o.recent_events.len(),
+            |o, k| o.recent_events.truncate(k),
+        )
+        .is_some()
+        {
+            fit(
+                &mut out,
+                |o| o.processes.len(),
+                |o, k| o.processes.truncate(k),
+            );
+        }
+        Ok(Json(out))
+    }
+}

@@ -1,0 +1,89 @@
+//! `list_gpu_processes`: GPU processes of a window, from the collector's Processes.
+use gpulse_proto::v1::{self, ProcessState, ProcessesRequest};
+use rmcp::{Json, handler::server::wrapper::Parameters, tool, tool_router};
+
+use super::{fit, limit, offset_cursor, one, opt, pod_name, ts, tw, window_of, wire};
+use crate::{
+    GpulseMcp,
+    types::{ListProcesses, ListProcessesArgs, ProcessRow},
+};
+
+pub(crate) fn process_row(p: &v1::ProcessInfo) -> ProcessRow {
+    ProcessRow {
+        node: p.node.clone(),
+        pid: p.pid,
+        name: p.name.clone(),
+        exe: opt(&p.exe),
+        devices: p.devices.clone(),
+        started: ts(&p.started),
+        ended: ts(&p.ended),
+        running: p.running,
+        pod: pod_name(&p.pod),
+        gpu_mem_bytes: None,
+    }
+}
+
+/// The device node a `gpu` argument names: an index is `/dev/nvidia<index>`.
+fn device_of(gpu: &str) -> String {
+    let gpu = gpu.to_ascii_lowercase();
+    if !gpu.is_empty() && gpu.chars().all(|c| c.is_ascii_digit()) {
+        format!("/dev/nvidia{gpu}")
+    } else {
+        gpu
+    }
+}
+
+#[tool_router(router = processes_router, vis = "pub(crate)")]
+impl GpulseMcp {
+    /// GPU processes seen in a window (from the kernel: opens of GPU devices, exec, exit), with
+    /// their pod, devices, start and end. `state` picks running, exited or all.
+    #[tool(name = "list_gpu_processes", title = "List GPU processes")]
+    async fn list_gpu_processes(
+        &self,
+        Parameters(a): Parameters<ListProcessesArgs>,
+    ) -> Result<Json<ListProcesses>, String> {
+        let limit = limit(a.limit, 50, 500)?;
+        let offset = offset_cursor(&a.cursor)?;
+        let (w, defaulted) = tw(&a.since, "", "1h");
+        let r = self
+            .source
+            .processes(ProcessesRequest {
+                window: Some(w),
+                nodes: one(&a.node),
+                state: wire::<ProcessState>(a.state) as i32,
+                device: device_of(&a.gpu),
+                offset: u32::try_from(offset).unwrap_or(u32::MAX),
+                limit,
+            })
+            .await?;
+        let total = r.total_matched as usize;
+        let mut hints = r.hints.clone();
+        if total == 0 {
+            hints.push("no GPU process in this window matched; process events need the agent's eBPF source".to_string());
+        }
+        if a.gpu.to_ascii_lowercase().starts_with("gpu-") {
+            hints.push("processes are tracked by the device node they open (/dev/nvidiaN); pass the GPU index".to_string());
+        }
+        let page: Vec<ProcessRow> = r.processes.iter().map(process_row).collect();
+        let next = super::next_offset(offset, page.len(), total);
+        let mut out = ListProcesses {
+            window: window_of(&r.window, defaulted),
+            truncated: next.is_some() || r.truncated,
+            processes: page,
+            total_matched: total as u32,
+            next_cursor: next,
+            hints,
+        };
+        if fit(
+            &mut out,
+            |o| o.processes.len(),
+            |o, n| o.processes.truncate(n),
+        )
+        .is_some()
+        {
+            out.truncated = true;
+            out.next_cursor = Some(format!("o1.{}", offset + out.processes.len()));
+        }
+        Ok(Json(out))
+    }
+}

@@ -1,0 +1,252 @@
+//! The MCP tools, one module each. All are read-only: each turns its arguments into one or two
+//! Telemetry calls and shapes the answer into typed structured content, or an `isError` result
+//! whose text says how to fix the call. Counting and grouping happen in the collector.
+mod describe_node;
+mod events_summary;
+mod gpu_metric_trend;
+mod list_events;
+mod list_gpu_processes;
+mod list_nodes;
+mod status;
+mod xid;
+
+use gpulse_proto::{
+    names::ShortName,
+    render, time as ptime,
+    v1::{self, EventKind, TimeWindow, event::Payload},
+};
+use gpulse_xid::catalog;
+use rmcp::{handler::server::router::tool::ToolRouter, model::ToolAnnotations};
+use serde::Serialize;
+
+use crate::{
+    GpulseMcp,
+    types::{EventRow, Kind, Window},
+};
+
+pub use xid::xid_info;
+
+pub(crate) type Router = ToolRouter<GpulseMcp>;
+
+/// Largest structured result; past it the longest list is cut and `truncated` set.
+pub const MAX_RESULT_BYTES: usize = 64 << 10;
+
+/// Every tool, each annotated the same way: read-only, idempotent, closed world.
+pub(crate) fn router() -> Router {
+    let mut r = GpulseMcp::status_router()
+        + GpulseMcp::list_nodes_router()
+        + GpulseMcp::events_summary_router()
+        + GpulseMcp::list_events_router()
+        + GpulseMcp::xid_router()
+        + GpulseMcp::trend_router()
+        + GpulseMcp::describe_node_router()
+        + GpulseMcp::processes_router();
+    for route in r.map.values_mut() {
+        route.attr.annotations = Some(ToolAnnotations::from_raw(
+            route.attr.title.clone(),
+            Some(true),
+            Some(false),
+            Some(true),
+            Some(false),
+        ));
+    }
+    r
+}
+
+fn ts(t: &Option<prost_types::Timestamp>) -> Option<String> {
+    t.as_ref().map(ptime::rfc3339)
+}
+
+fn window_of(w: &Option<v1::ResolvedWindow>, defaulted: bool) -> Window {
+    let w = (*w).unwrap_or_default();
+    Window {
+        start: ts(&w.start).unwrap_or_default(),
+        end: ts(&w.end).unwrap_or_default(),
+        window_defaulted: defaulted || w.defaulted,
+        oldest_data: ts(&w.oldest_data),
+        partial: w.partial,
+    }
+}
+
+/// The window to ask for: `since` or the tool's default, and whether it was defaulted.
+fn tw(since: &str, until: &str, default: &str) -> (TimeWindow, bool) {
+    let defaulted = since.trim().is_empty();
+    let since = if defaulted { default } else { since };
+    (
+        TimeWindow {
+            since: since.into(),
+            until: until.into(),
+        },
+        defaulted,
+    )
+}
+
+/// The wire enum value an MCP argument names: arguments use the contract's short names, so
+/// the mapping is the names table (a test holds every argument enum to it).
+fn wire<T: ShortName>(arg: impl Serialize) -> T {
+    serde_json::to_value(arg)
+        .ok()
+        .and_then(|v| v.as_str().and_then(T::from_short_name))
+        .unwrap_or_default()
+}
+
+/// The argument's own name (its serde spelling).
+fn arg_name(arg: impl Serialize) -> String {
+    serde_json::to_value(arg)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Requested kinds, or every kind but samples.
+fn kinds(k: &[Kind]) -> Vec<i32> {
+    if k.is_empty() {
+        EventKind::EVENTS.iter().map(|k| *k as i32).collect()
+    } else {
+        k.iter().map(|k| wire::<EventKind>(k) as i32).collect()
+    }
+}
+
+/// `v` in `1..=max`, or `default`.
+fn limit(v: Option<u32>, default: u32, max: u32) -> Result<u32, String> {
+    match v {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(format!(
+            "limit {n} is out of range: use 1-{max} (default {default})"
+        )),
+    }
+}
+
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut c: String = s.chars().take(n - 1).collect();
+        c.push('…');
+        c
+    }
+}
+
+fn pod_name(p: &Option<v1::PodRef>) -> Option<String> {
+    p.as_ref().map(|p| format!("{}/{}", p.namespace, p.name))
+}
+
+fn opt(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+fn one(node: &str) -> Vec<String> {
+    if node.is_empty() {
+        vec![]
+    } else {
+        vec![node.to_string()]
+    }
+}
+
+/// An event as a row: envelope, the GPU, XID and process it is about, and its one-line summary.
+pub fn row(ev: &v1::Event) -> EventRow {
+    let mut r = EventRow {
+        ts: ts(&ev.time.or(ev.received)).unwrap_or_default(),
+        node: ev.node.clone(),
+        kind: EventKind::name_of(ev.kind).to_string(),
+        severity: v1::Severity::name_of(ev.severity).to_string(),
+        gpu_uuid: None,
+        gpu_pci: None,
+        xid: None,
+        xid_name: None,
+        pid: None,
+        process: None,
+        pod: None,
+        message: clip(&render::summary(ev), 200),
+        cursor: ev.cursor,
+    };
+    match &ev.payload {
+        Some(Payload::Xid(x)) => {
+            r.gpu_uuid = opt(&x.gpu_uuid);
+            r.gpu_pci = opt(&x.pci);
+            r.xid = Some(x.code);
+            r.xid_name = opt(&x.mnemonic);
+            r.pid = x.pid;
+            r.process = opt(&x.process_name);
+            r.pod = pod_name(&x.pod);
+        }
+        Some(Payload::Sxid(x)) => r.gpu_pci = opt(&x.pci),
+        Some(Payload::DriverLog(d)) => {
+            r.gpu_uuid = opt(&d.gpu_uuid);
+            r.gpu_pci = opt(&d.pci);
+        }
+        Some(Payload::GpuProcess(p)) => {
+            r.pid = Some(p.tgid.max(p.pid));
+            r.process = opt(&p.comm);
+            r.pod = pod_name(&p.pod);
+        }
+        Some(Payload::GpuSample(g)) => {
+            r.gpu_uuid = opt(&g.uuid);
+            r.gpu_pci = opt(&g.pci);
+        }
+        Some(Payload::AgentStatus(_)) | Some(Payload::Gap(_)) | None => {}
+    }
+    r
+}
+
+/// Cuts `list` until the serialised result fits in [`MAX_RESULT_BYTES`]; says so when it did.
+fn fit<T: serde::Serialize>(
+    out: &mut T,
+    list: impl Fn(&mut T) -> usize,
+    cut: impl Fn(&mut T, usize),
+) -> Option<String> {
+    let size = |o: &T| serde_json::to_vec(o).map_or(0, |v| v.len());
+    let mut n = list(out);
+    let mut cutted = false;
+    while size(out) > MAX_RESULT_BYTES && n > 0 {
+        n -= (n / 8).max(1);
+        cut(out, n);
+        cutted = true;
+    }
+    cutted.then(|| {
+        format!(
+            "result cut to {n} items to stay under {} KiB",
+            MAX_RESULT_BYTES >> 10
+        )
+    })
+}
+
+/// Offset cursors for lists paged here: `o1.<offset>`.
+fn offset_cursor(c: &str) -> Result<usize, String> {
+    if c.is_empty() {
+        return Ok(0);
+    }
+    c.strip_prefix("o1.")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| "cursor is not one this tool returned; call again without it".to_string())
+}
+
+/// The cursor after `offset + shown` of `total`, if any remain.
+fn next_offset(offset: usize, shown: usize, total: usize) -> Option<String> {
+    (offset + shown < total).then(|| format!("o1.{}", offset + shown))
+}
+
+fn xid_name(code: u32) -> String {
+    catalog::lookup(code).map_or_else(
+        || format!("XID {code} (not in the catalog)"),
+        |i| i.mnemonic.to_string(),
+    )
+}
+
+/// NVIDIA's recommended action for a code, in one line.
+fn recommended(code: u32) -> String {
+    match catalog::lookup(code) {
+        Some(i) if !i.immediate_action.is_empty() => format!(
+            "{}{}",
+            i.immediate_action,
+            if i.investigatory_action.is_empty() {
+                String::new()
+            } else {
+                format!("; investigate: {}", i.investigatory_action)
+            }
+        ),
+        Some(_) => "no action in NVIDIA's catalog; watch for repeats".to_string(),
+        None => "not in the catalog: check NVIDIA's Xid documentation for this driver".to_string(),
+    }
+}

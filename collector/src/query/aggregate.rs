@@ -1,0 +1,460 @@
+//! `Summarize`, `XidGroups` and `Processes`: aggregations over a window, computed on the store
+//! in one pass (each event decoded once and dropped), so no client pages events to count them.
+//! Each reads at most [`MAX_READ`] matching events, oldest first, and caps every list it returns.
+use std::collections::{BTreeMap, HashMap};
+
+use gpulse_proto::{
+    v1::{
+        self, EventKind, Incident, KindCount, NodeCount, ProcessInfo, ProcessState,
+        ProcessesRequest, ProcessesResponse, SummarizeRequest, SummarizeResponse, XidCount,
+        XidGroup, XidGrouping, XidGroupsRequest, XidGroupsResponse, event::Payload,
+    },
+    window,
+};
+
+use super::{HOUR_NS, QueryError, window_notes};
+use crate::{
+    filter::Filter,
+    store::events::{EventStore, Order, event_ms},
+};
+
+/// Matching events one aggregation reads at most (its work bound per request).
+pub const MAX_READ: usize = 20_000;
+/// Quiet time that separates two XID incidents on one GPU.
+const INCIDENT_QUIET_MS: i64 = 5 * 60_000;
+const TOP_NODES: usize = 10;
+const MAX_XID_CODES: usize = 256;
+const NOTABLE: usize = 10;
+const INCIDENTS: usize = 20;
+/// GPUs and nodes listed per XID group.
+const GROUP_MEMBERS: usize = 10;
+const DEFAULT_PROCESSES: u32 = 100;
+const MAX_PROCESSES: u32 = 1000;
+const DAY_NS: i128 = 24 * HOUR_NS;
+
+/// The GPU an event is about, for grouping: UUID, else PCI address, else "unknown GPU".
+pub fn gpu_key(ev: &v1::Event) -> String {
+    let [uuid, pci] = ev.gpu_keys();
+    if !uuid.is_empty() {
+        uuid.to_string()
+    } else if !pci.is_empty() {
+        pci.to_string()
+    } else {
+        "unknown GPU".to_string()
+    }
+}
+
+/// Matching events of a window, oldest first, visited one at a time: (resolved window, hints,
+/// total matched, truncated).
+fn each(
+    store: &EventStore,
+    tw: Option<v1::TimeWindow>,
+    filter: Filter,
+    default_span_ns: i128,
+    now_ns: i128,
+    visit: impl FnMut(v1::Event),
+) -> Result<(v1::ResolvedWindow, Vec<String>, u64, bool), QueryError> {
+    let tw = tw.unwrap_or_default();
+    let w = window::resolve(&tw.since, &tw.until, now_ns, default_span_ns)?;
+    let lanes = filter.lanes();
+    let (total, more, _) = store.window_each(
+        w.start_ms(),
+        w.end_ms(),
+        &lanes,
+        Order::OldestFirst,
+        None,
+        MAX_READ,
+        |e| filter.matches(e),
+        visit,
+    );
+    let (resolved, hints) = window_notes(store, &w, &lanes, total);
+    Ok((resolved, hints, total, more))
+}
+
+/// Every kind but GPU samples when the filter names none.
+fn events_by_default(mut f: v1::EventFilter) -> v1::EventFilter {
+    if f.kinds.is_empty() {
+        f.kinds = EventKind::EVENTS.iter().map(|k| *k as i32).collect();
+    }
+    f
+}
+
+pub fn summarize(
+    store: &EventStore,
+    req: SummarizeRequest,
+    now_ns: i128,
+) -> Result<SummarizeResponse, QueryError> {
+    let filter = Filter::from_wire(Some(events_by_default(req.filter.unwrap_or_default())))?;
+    let mut s = Summary::default();
+    let (window, hints, total, truncated) =
+        each(store, req.window, filter, HOUR_NS, now_ns, |e| s.add(e))?;
+    Ok(s.finish(SummarizeResponse {
+        window: Some(window),
+        total_matched: total,
+        truncated,
+        hints,
+        ..Default::default()
+    }))
+}
+
+#[derive(Default)]
+struct Summary {
+    read: u64,
+    kinds: BTreeMap<i32, u64>,
+    starts: u64,
+    exits: u64,
+    nodes: HashMap<String, (u64, u64)>,
+    xids: HashMap<u32, u64>,
+    /// (severity, cursor, event): the most severe, newest kept.
+    notable: Vec<(i32, u64, v1::Event)>,
+    incidents: Incidents,
+}
+
+impl Summary {
+    fn add(&mut self, e: v1::Event) {
+        self.read += 1;
+        *self.kinds.entry(e.kind).or_default() += 1;
+        let severe = e.severity >= v1::Severity::Error as i32;
+        let n = match self.nodes.get_mut(&e.node) {
+            Some(n) => n,
+            None => self.nodes.entry(e.node.clone()).or_default(),
+        };
+        n.0 += 1;
+        n.1 += u64::from(severe);
+        match &e.payload {
+            Some(Payload::Xid(x)) => *self.xids.entry(x.code).or_default() += 1,
+            Some(Payload::GpuProcess(p)) if p.r#type == v1::ProcessEventType::Exit as i32 => {
+                self.exits += 1
+            }
+            Some(Payload::GpuProcess(_)) => self.starts += 1,
+            _ => {}
+        }
+        self.incidents.add(&e);
+        if severe || matches!(e.payload, Some(Payload::Gap(_) | Payload::Sxid(_))) {
+            self.notable.push((e.severity, e.cursor, e));
+            if self.notable.len() >= 4 * NOTABLE {
+                self.trim_notable();
+            }
+        }
+    }
+
+    fn trim_notable(&mut self) {
+        self.notable
+            .sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
+        self.notable.truncate(NOTABLE);
+    }
+
+    fn finish(mut self, mut out: SummarizeResponse) -> SummarizeResponse {
+        self.trim_notable();
+        out.summarized = self.read;
+        out.kinds = self
+            .kinds
+            .into_iter()
+            .map(|(kind, count)| KindCount { kind, count })
+            .collect();
+        out.process_starts = self.starts;
+        out.process_exits = self.exits;
+        let mut nodes: Vec<NodeCount> = self
+            .nodes
+            .into_iter()
+            .map(|(node, (count, severe))| NodeCount {
+                node,
+                count,
+                severe,
+            })
+            .collect();
+        nodes.sort_by(|a, b| {
+            (b.severe, b.count)
+                .cmp(&(a.severe, a.count))
+                .then(a.node.cmp(&b.node))
+        });
+        nodes.truncate(TOP_NODES);
+        out.top_nodes = nodes;
+        out.xids = ranked_codes(self.xids, MAX_XID_CODES);
+        out.notable = self.notable.into_iter().map(|n| n.2).collect();
+        let incidents = self.incidents.finish();
+        out.incidents_total = incidents.len() as u32;
+        out.incidents = incidents.into_iter().take(INCIDENTS).collect();
+        out
+    }
+}
+
+/// Codes by count (most first, then ascending code), at most `cap`.
+fn ranked_codes(counts: HashMap<u32, u64>, cap: usize) -> Vec<XidCount> {
+    let mut v: Vec<XidCount> = counts
+        .into_iter()
+        .map(|(code, count)| XidCount { code, count })
+        .collect();
+    v.sort_by(|a, b| b.count.cmp(&a.count).then(a.code.cmp(&b.code)));
+    v.truncate(cap);
+    v
+}
+
+/// XID bursts per GPU. Events arrive oldest first by cursor; each GPU's are ordered by time at
+/// the end (an agent's clock and the store's order can disagree by a little).
+#[derive(Default)]
+struct Incidents {
+    by_gpu: BTreeMap<(String, String), Vec<XidMark>>,
+}
+
+struct XidMark {
+    ms: i64,
+    cursor: u64,
+    code: u32,
+    caused_by: Option<u32>,
+    severity: i32,
+    time: Option<prost_types::Timestamp>,
+}
+
+impl Incidents {
+    fn add(&mut self, e: &v1::Event) {
+        let Some(Payload::Xid(x)) = &e.payload else {
+            return;
+        };
+        self.by_gpu
+            .entry((e.node.clone(), gpu_key(e)))
+            .or_default()
+            .push(XidMark {
+                ms: event_ms(e),
+                cursor: e.cursor,
+                code: x.code,
+                caused_by: x.caused_by,
+                severity: e.severity,
+                time: e.time.or(e.received),
+            });
+    }
+
+    /// Every incident, newest first.
+    fn finish(self) -> Vec<Incident> {
+        let mut out = Vec::new();
+        for ((node, gpu), mut marks) in self.by_gpu {
+            marks.sort_by_key(|m| (m.ms, m.cursor));
+            let mut start = 0;
+            for i in 1..=marks.len() {
+                if i == marks.len() || marks[i].ms - marks[i - 1].ms > INCIDENT_QUIET_MS {
+                    out.push(incident(&node, &gpu, &marks[start..i]));
+                    start = i;
+                }
+            }
+        }
+        // Stable: equal starts keep (node, GPU) order.
+        out.sort_by(|a, b| {
+            let t = |i: &Incident| i.start.map(|t| (t.seconds, t.nanos));
+            t(b).cmp(&t(a))
+        });
+        out
+    }
+}
+
+fn incident(node: &str, gpu: &str, burst: &[XidMark]) -> Incident {
+    let mut codes: Vec<u32> = Vec::new();
+    for m in burst {
+        if !codes.contains(&m.code) {
+            codes.push(m.code);
+        }
+    }
+    Incident {
+        node: node.to_string(),
+        gpu: gpu.to_string(),
+        start: burst[0].time,
+        end: burst[burst.len() - 1].time,
+        xid_count: burst.len() as u64,
+        // A code another XID names as its cause started it; else the first one.
+        root_cause: burst
+            .iter()
+            .find_map(|m| m.caused_by)
+            .unwrap_or(burst[0].code),
+        severity: burst.iter().map(|m| m.severity).max().unwrap_or(0),
+        codes,
+    }
+}
+
+pub fn xid_groups(
+    store: &EventStore,
+    req: XidGroupsRequest,
+    now_ns: i128,
+) -> Result<XidGroupsResponse, QueryError> {
+    let top = match req.top {
+        0 => 20,
+        n @ 1..=100 => n as usize,
+        n => {
+            return Err(QueryError::Range {
+                field: "top",
+                value: u64::from(n),
+                allowed: "1..=100 (0 = 20)",
+            });
+        }
+    };
+    let by = XidGrouping::try_from(req.group_by).map_err(|_| QueryError::Range {
+        field: "group_by",
+        value: req.group_by as u64,
+        allowed: "0-3 (unspecified, code, gpu, node)",
+    })?;
+    let filter = Filter::from_wire(Some(v1::EventFilter {
+        nodes: req.nodes,
+        kinds: vec![EventKind::Xid as i32],
+        ..Default::default()
+    }))?;
+    let mut groups: HashMap<String, XidGroup> = HashMap::new();
+    let mut read = 0u64;
+    let (window, hints, total, truncated) = each(store, req.window, filter, DAY_NS, now_ns, |e| {
+        read += 1;
+        add_to_group(&mut groups, by, &e);
+    })?;
+    let mut list: Vec<XidGroup> = groups.into_values().collect();
+    list.sort_by(|a, b| b.count.cmp(&a.count).then(a.key.cmp(&b.key)));
+    let other_count = list.iter().skip(top).map(|g| g.count).sum();
+    list.truncate(top);
+    Ok(XidGroupsResponse {
+        window: Some(window),
+        total_matched: total,
+        grouped: read,
+        truncated,
+        groups: list,
+        other_count,
+        hints,
+    })
+}
+
+fn add_to_group(groups: &mut HashMap<String, XidGroup>, by: XidGrouping, e: &v1::Event) {
+    let Some(Payload::Xid(x)) = &e.payload else {
+        return;
+    };
+    let gpu = format!("{}:{}", e.node, gpu_key(e));
+    let key = match by {
+        XidGrouping::Gpu => gpu.clone(),
+        XidGrouping::Node => e.node.clone(),
+        XidGrouping::Code | XidGrouping::Unspecified => x.code.to_string(),
+    };
+    let time = e.time.or(e.received);
+    let g = groups.entry(key.clone()).or_insert_with(|| XidGroup {
+        key,
+        first_seen: time,
+        ..Default::default()
+    });
+    g.count += 1;
+    g.severity = g.severity.max(e.severity);
+    g.last_seen = time;
+    match g.codes.binary_search_by_key(&x.code, |c| c.code) {
+        Ok(i) => g.codes[i].count += 1,
+        Err(i) => g.codes.insert(
+            i,
+            XidCount {
+                code: x.code,
+                count: 1,
+            },
+        ),
+    }
+    if g.gpus.len() < GROUP_MEMBERS && !g.gpus.contains(&gpu) {
+        g.gpus.push(gpu);
+    }
+    if g.nodes.len() < GROUP_MEMBERS && !g.nodes.contains(&e.node) {
+        g.nodes.push(e.node.clone());
+    }
+}
+
+pub fn processes(
+    store: &EventStore,
+    req: ProcessesRequest,
+    now_ns: i128,
+) -> Result<ProcessesResponse, QueryError> {
+    let limit = match req.limit {
+        0 => DEFAULT_PROCESSES,
+        n if n <= MAX_PROCESSES => n,
+        n => {
+            return Err(QueryError::Range {
+                field: "limit",
+                value: u64::from(n),
+                allowed: "1..=1000 (0 = 100)",
+            });
+        }
+    } as usize;
+    let state = ProcessState::try_from(req.state).map_err(|_| QueryError::Range {
+        field: "state",
+        value: req.state as u64,
+        allowed: "0-2 (all, running, exited)",
+    })?;
+    let filter = Filter::from_wire(Some(v1::EventFilter {
+        nodes: req.nodes,
+        kinds: vec![EventKind::GpuProcess as i32],
+        ..Default::default()
+    }))?;
+    let mut table = ProcessTable::default();
+    let (window, hints, _, truncated) = each(store, req.window, filter, HOUR_NS, now_ns, |e| {
+        table.add(&e)
+    })?;
+    let device = req.device.to_ascii_lowercase();
+    let rows: Vec<ProcessInfo> = table
+        .rows
+        .into_iter()
+        .rev()
+        .filter(|p| match state {
+            ProcessState::Running => p.running,
+            ProcessState::Exited => !p.running,
+            ProcessState::Unspecified => true,
+        })
+        .filter(|p| device.is_empty() || p.devices.iter().any(|d| d.to_ascii_lowercase() == device))
+        .collect();
+    Ok(ProcessesResponse {
+        window: Some(window),
+        total_matched: rows.len() as u64,
+        processes: rows
+            .into_iter()
+            .skip(req.offset as usize)
+            .take(limit)
+            .collect(),
+        truncated,
+        hints,
+    })
+}
+
+/// Process lifetimes from GPU process events, oldest first: a new row per (node, pid) unless
+/// that pid's latest row is still running.
+#[derive(Default)]
+struct ProcessTable {
+    rows: Vec<ProcessInfo>,
+    latest: HashMap<(String, u32), usize>,
+}
+
+impl ProcessTable {
+    fn add(&mut self, e: &v1::Event) {
+        let Some(Payload::GpuProcess(p)) = &e.payload else {
+            return;
+        };
+        let pid = if p.tgid > 0 { p.tgid } else { p.pid };
+        let key = (e.node.clone(), pid);
+        let idx = match self.latest.get(&key) {
+            Some(i) if self.rows[*i].running => *i,
+            _ => {
+                self.rows.push(ProcessInfo {
+                    node: e.node.clone(),
+                    pid,
+                    name: p.comm.clone(),
+                    exe: p.exe.clone(),
+                    started: p.start_time.or(e.time),
+                    running: true,
+                    pod: p.pod.clone(),
+                    ..Default::default()
+                });
+                self.latest.insert(key, self.rows.len() - 1);
+                self.rows.len() - 1
+            }
+        };
+        let r = &mut self.rows[idx];
+        for d in p.devices.iter().chain(std::iter::once(&p.device)) {
+            if !d.is_empty() && !r.devices.contains(d) {
+                r.devices.push(d.clone());
+            }
+        }
+        if !p.comm.is_empty() {
+            r.name.clone_from(&p.comm);
+        }
+        if r.pod.is_none() {
+            r.pod.clone_from(&p.pod);
+        }
+        if p.r#type == v1::ProcessEventType::Exit as i32 {
+            r.running = false;
+            r.ended = p.end_time.or(e.time);
+        }
+    }
+}
