@@ -46,7 +46,12 @@ macro_rules! short_names {
     };
 }
 
-short_names!(Severity { Info => "info", Warning => "warning", Error => "error", Fatal => "fatal" });
+short_names!(Severity {
+    Info => "info" | "informational",
+    Warning => "warning" | "warn",
+    Error => "error" | "err" | "critical",
+    Fatal => "fatal",
+});
 short_names!(EventKind {
     Xid => "xid",
     Sxid => "sxid",

@@ -281,33 +281,37 @@ pub fn summary(ev: &v1::Event) -> String {
                 p.tgid, p.comm, p.ppid
             )
         }
-        Some(Payload::GpuSample(g)) => {
-            let opt = |v: Option<u64>, unit: &str| {
-                v.map(|v| format!("{v}{unit}"))
-                    .unwrap_or_else(|| "-".into())
-            };
-            format!(
-                "GPU {} {} util={} mem={}/{} MiB temp={} power={} procs={}{}",
-                g.index,
-                if g.uuid.is_empty() { &g.pci } else { &g.uuid },
-                opt(g.gpu_util_pct.map(u64::from), "%"),
-                opt(g.mem_used_bytes.map(|b| b >> 20), ""),
-                opt(g.mem_total_bytes.map(|b| b >> 20), ""),
-                opt(g.temperature_c.map(u64::from), "C"),
-                opt(g.power_mw.map(|p| u64::from(p) / 1000), "W"),
-                g.processes.len(),
-                if g.errors.is_empty() {
-                    String::new()
-                } else {
-                    format!(" errors={}", g.errors.len())
-                }
-            )
-        }
+        Some(Payload::GpuSample(g)) => gpu_sample_line(g),
         None => format!(
             "payload this collector does not know (fields {:?}; kept as received)",
             ev.unknown_fields
         ),
     }
+}
+
+/// One GPU sample in a few words: index, UUID (or PCI address), utilisation, memory,
+/// temperature, power, processes, and how many fields NVML could not read.
+pub fn gpu_sample_line(g: &v1::GpuSample) -> String {
+    let opt = |v: Option<u64>, unit: &str| {
+        v.map(|v| format!("{v}{unit}"))
+            .unwrap_or_else(|| "-".into())
+    };
+    format!(
+        "GPU {} {} util={} mem={}/{} MiB temp={} power={} procs={}{}",
+        g.index,
+        if g.uuid.is_empty() { &g.pci } else { &g.uuid },
+        opt(g.gpu_util_pct.map(u64::from), "%"),
+        opt(g.mem_used_bytes.map(|b| b >> 20), ""),
+        opt(g.mem_total_bytes.map(|b| b >> 20), ""),
+        opt(g.temperature_c.map(u64::from), "C"),
+        opt(g.power_mw.map(|p| u64::from(p) / 1000), "W"),
+        g.processes.len(),
+        if g.errors.is_empty() {
+            String::new()
+        } else {
+            format!(" errors={}", g.errors.len())
+        }
+    )
 }
 
 #[cfg(test)]

@@ -1,0 +1,73 @@
+//! Arguments shared by several commands: where the collector is, and event filters.
+use anyhow::Context as _;
+use clap::Args;
+use gpulse_proto::{
+    names::ShortName,
+    v1::{EventFilter, EventKind, Severity, telemetry_client::TelemetryClient},
+};
+use tonic::transport::Channel;
+
+/// `--collector`: where the collector's (or a gateway's) gRPC port is.
+#[derive(Args, Debug, Clone)]
+pub struct CollectorArg {
+    /// Collector gRPC URL.
+    #[arg(
+        long = "collector",
+        env = "GPULSE_COLLECTOR",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    pub url: String,
+}
+
+impl CollectorArg {
+    pub async fn connect(&self) -> anyhow::Result<TelemetryClient<Channel>> {
+        TelemetryClient::connect(self.url.clone())
+            .await
+            .with_context(|| format!("connecting to {}", self.url))
+    }
+}
+
+/// A clap value parser for a wire enum by its short name (`fatal`, `gpu_sample`, `p95`).
+pub fn short<T: ShortName>(s: &str) -> Result<T, String> {
+    T::from_short_name(s).ok_or_else(|| format!("expected one of: {}", T::names().join(", ")))
+}
+
+#[derive(Args, Debug)]
+pub struct FilterArgs {
+    /// Only these nodes (repeatable).
+    #[arg(long = "node")]
+    pub nodes: Vec<String>,
+    /// Only these kinds: xid, sxid, driver_log, agent_status, gap, gpu_process, gpu_sample,
+    /// unknown (repeatable).
+    #[arg(long = "kind", value_parser = short::<EventKind>)]
+    pub kinds: Vec<EventKind>,
+    /// Only events at least this severe: info, warning, error, fatal.
+    #[arg(long, value_parser = short::<Severity>)]
+    pub min_severity: Option<Severity>,
+    /// Only these XID codes (repeatable).
+    #[arg(long = "xid")]
+    pub xids: Vec<u32>,
+    /// Only these GPUs, by UUID or PCI address (repeatable).
+    #[arg(long = "gpu")]
+    pub gpus: Vec<String>,
+    /// Include GPU samples (many: one per GPU per second); `--kind gpu_sample` alone shows only them.
+    #[arg(long)]
+    pub samples: bool,
+}
+
+impl FilterArgs {
+    pub fn to_wire(&self) -> EventFilter {
+        let mut kinds: Vec<i32> = self.kinds.iter().map(|k| *k as i32).collect();
+        if kinds.is_empty() && !self.samples {
+            // Samples are opt-in: everything else by default.
+            kinds = EventKind::EVENTS.iter().map(|k| *k as i32).collect();
+        }
+        EventFilter {
+            nodes: self.nodes.clone(),
+            kinds,
+            min_severity: self.min_severity.unwrap_or_default() as i32,
+            xid_codes: self.xids.clone(),
+            gpus: self.gpus.clone(),
+        }
+    }
+}
