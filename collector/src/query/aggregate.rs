@@ -458,3 +458,277 @@ impl ProcessTable {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Arc;
+
+    use gpulse_proto::{time as ptime, v1::TimeWindow};
+    use prost::Message;
+
+    use super::*;
+    use crate::store::events::Origin;
+
+    const NOW_MS: i64 = 1_764_000_000_000;
+    const NOW_NS: i128 = NOW_MS as i128 * 1_000_000;
+
+    struct Data(EventStore);
+
+    impl Data {
+        fn new() -> Self {
+            Self(EventStore::new(16 << 20, 1))
+        }
+
+        /// An event `secs_ago` seconds before now on `node`.
+        fn push(&mut self, node: &str, secs_ago: i64, sev: v1::Severity, payload: Payload) {
+            let kind = match &payload {
+                Payload::Xid(_) => EventKind::Xid,
+                Payload::Gap(_) => EventKind::Gap,
+                Payload::GpuProcess(_) => EventKind::GpuProcess,
+                Payload::GpuSample(_) => EventKind::GpuSample,
+                _ => EventKind::DriverLog,
+            };
+            let ev = v1::Event {
+                node: node.into(),
+                kind: kind as i32,
+                severity: sev as i32,
+                time: Some(ptime::from_unix_nanos(
+                    i128::from(NOW_MS - secs_ago * 1000) * 1_000_000,
+                )),
+                payload: Some(payload),
+                ..Default::default()
+            };
+            let origin = Arc::new(Origin {
+                node: node.into(),
+                agent_id: format!("{node}/a"),
+            });
+            self.0.push(&ev, &ev.encode_to_vec(), &origin);
+        }
+
+        fn xid(&mut self, node: &str, gpu: &str, code: u32, secs_ago: i64, caused_by: Option<u32>) {
+            let sev = gpulse_xid::catalog::lookup(code)
+                .map_or(v1::Severity::Error, |i| i.severity.into());
+            self.push(
+                node,
+                secs_ago,
+                sev,
+                Payload::Xid(v1::Xid {
+                    code,
+                    gpu_uuid: gpu.into(),
+                    caused_by,
+                    ..Default::default()
+                }),
+            );
+        }
+
+        fn process(&mut self, node: &str, pid: u32, exit: bool, device: &str, secs_ago: i64) {
+            self.push(
+                node,
+                secs_ago,
+                v1::Severity::Info,
+                Payload::GpuProcess(v1::GpuProcess {
+                    r#type: if exit {
+                        v1::ProcessEventType::Exit
+                    } else {
+                        v1::ProcessEventType::DeviceOpen
+                    } as i32,
+                    tgid: pid,
+                    pid,
+                    comm: format!("p{pid}"),
+                    device: device.into(),
+                    ..Default::default()
+                }),
+            );
+        }
+    }
+
+    fn last_hour() -> Option<TimeWindow> {
+        Some(TimeWindow {
+            since: "1h".into(),
+            until: String::new(),
+        })
+    }
+
+    fn fleet() -> Data {
+        let mut d = Data::new();
+        // GPU-0 of n1: a burst (119 caused 154), then a second burst 10 minutes later.
+        d.xid("n1", "GPU-0", 154, 1200, Some(119));
+        d.xid("n1", "GPU-0", 119, 1190, None);
+        d.xid("n1", "GPU-0", 79, 500, None);
+        d.xid("n2", "GPU-9", 79, 400, None);
+        d.xid("n2", "GPU-9", 79, 7200, None); // outside the hour
+        d.push(
+            "n2",
+            300,
+            v1::Severity::Warning,
+            Payload::Gap(v1::Gap::default()),
+        );
+        d.push(
+            "n3",
+            200,
+            v1::Severity::Info,
+            Payload::GpuSample(v1::GpuSample::default()),
+        );
+        d.process("n1", 42, false, "/dev/nvidia0", 900);
+        d.process("n1", 42, true, "/dev/nvidia0", 800);
+        d.process("n1", 42, false, "/dev/nvidia1", 700); // pid reused: a new lifetime
+        d.process("n2", 7, false, "/dev/nvidia3", 600);
+        d
+    }
+
+    #[test]
+    fn summary_counts_ranks_and_finds_incidents() {
+        let d = fleet();
+        let s = summarize(
+            &d.0,
+            SummarizeRequest {
+                window: last_hour(),
+                filter: None,
+            },
+            NOW_NS,
+        )
+        .unwrap();
+        assert_eq!(s.total_matched, 9, "every kind but samples, in the hour");
+        assert_eq!(s.summarized, 9);
+        assert!(!s.truncated);
+        let count = |k: EventKind| {
+            s.kinds
+                .iter()
+                .find(|c| c.kind == k as i32)
+                .map_or(0, |c| c.count)
+        };
+        assert_eq!(count(EventKind::Xid), 4);
+        assert_eq!(count(EventKind::GpuSample), 0);
+        assert_eq!((s.process_starts, s.process_exits), (3, 1));
+        assert_eq!(s.top_nodes[0].node, "n1");
+        assert_eq!(s.top_nodes[0].severe, 2, "XID 154 is informational");
+        assert_eq!(s.xids[0], XidCount { code: 79, count: 2 });
+        assert_eq!(s.incidents_total, 3);
+        let gpu0: Vec<&Incident> = s.incidents.iter().filter(|i| i.gpu == "GPU-0").collect();
+        assert_eq!(gpu0.len(), 2, "10 quiet minutes split the GPU's XIDs");
+        let first = gpu0.iter().find(|i| i.xid_count == 2).unwrap();
+        assert_eq!(first.root_cause, 119, "154 names 119 as its cause");
+        assert_eq!(first.codes, vec![154, 119]);
+        let secs = |i: &Incident| i.start.unwrap().seconds;
+        assert!(
+            secs(&s.incidents[0]) >= secs(&s.incidents[1]),
+            "newest first"
+        );
+        assert_eq!(s.notable.len(), 4, "3 XIDs (error or worse) and the gap");
+        assert_eq!(s.notable[0].severity, v1::Severity::Fatal as i32);
+    }
+
+    #[test]
+    fn summary_reads_at_most_its_bound_and_says_so() {
+        let mut d = Data::new();
+        for i in 0..(MAX_READ as i64 + 5) {
+            d.push(
+                "n1",
+                1000 - i / 100,
+                v1::Severity::Info,
+                Payload::DriverLog(v1::DriverLog::default()),
+            );
+        }
+        let s = summarize(
+            &d.0,
+            SummarizeRequest {
+                window: last_hour(),
+                filter: None,
+            },
+            NOW_NS,
+        )
+        .unwrap();
+        assert_eq!(s.total_matched, MAX_READ as u64 + 5);
+        assert_eq!(s.summarized, MAX_READ as u64);
+        assert!(s.truncated);
+        let bad = summarize(
+            &d.0,
+            SummarizeRequest {
+                window: Some(TimeWindow {
+                    since: "yesterday".into(),
+                    until: String::new(),
+                }),
+                filter: None,
+            },
+            NOW_NS,
+        );
+        assert!(matches!(bad, Err(QueryError::Window(_))));
+    }
+
+    #[test]
+    fn xid_groups_by_code_gpu_and_node() {
+        let d = fleet();
+        let req = |by: XidGrouping, top: u32| XidGroupsRequest {
+            window: last_hour(),
+            nodes: vec![],
+            group_by: by as i32,
+            top,
+        };
+        let by_code = xid_groups(&d.0, req(XidGrouping::Unspecified, 0), NOW_NS).unwrap();
+        assert_eq!(by_code.total_matched, 4);
+        assert_eq!(by_code.groups[0].key, "79");
+        assert_eq!(by_code.groups[0].count, 2);
+        assert_eq!(by_code.groups[0].nodes, vec!["n1", "n2"]);
+        let by_gpu = xid_groups(&d.0, req(XidGrouping::Gpu, 1), NOW_NS).unwrap();
+        assert_eq!(by_gpu.groups.len(), 1);
+        assert_eq!(by_gpu.groups[0].key, "n1:GPU-0");
+        assert_eq!(
+            by_gpu.groups[0].codes,
+            vec![
+                XidCount { code: 79, count: 1 },
+                XidCount {
+                    code: 119,
+                    count: 1
+                },
+                XidCount {
+                    code: 154,
+                    count: 1
+                }
+            ]
+        );
+        assert_eq!(by_gpu.other_count, 1, "n2's XID past top");
+        let mut only_n2 = req(XidGrouping::Node, 0);
+        only_n2.nodes = vec!["n2".into()];
+        let r = xid_groups(&d.0, only_n2, NOW_NS).unwrap();
+        assert_eq!(r.groups.len(), 1);
+        assert_eq!(r.groups[0].key, "n2");
+        assert!(xid_groups(&d.0, req(XidGrouping::Code, 101), NOW_NS).is_err());
+        let mut bad = req(XidGrouping::Code, 0);
+        bad.group_by = 9;
+        assert!(xid_groups(&d.0, bad, NOW_NS).is_err());
+    }
+
+    #[test]
+    fn processes_pair_opens_with_exits() {
+        let d = fleet();
+        let req = |state: ProcessState, device: &str| ProcessesRequest {
+            window: last_hour(),
+            nodes: vec![],
+            state: state as i32,
+            device: device.into(),
+            offset: 0,
+            limit: 0,
+        };
+        let all = processes(&d.0, req(ProcessState::Unspecified, ""), NOW_NS).unwrap();
+        assert_eq!(
+            all.total_matched, 3,
+            "pid 42 twice (reused after exit), pid 7"
+        );
+        assert_eq!(all.processes[0].pid, 7, "latest started first");
+        let running = processes(&d.0, req(ProcessState::Running, ""), NOW_NS).unwrap();
+        assert_eq!(running.total_matched, 2);
+        let exited = processes(&d.0, req(ProcessState::Exited, "/DEV/NVIDIA0"), NOW_NS).unwrap();
+        assert_eq!(exited.total_matched, 1);
+        assert_eq!(exited.processes[0].devices, vec!["/dev/nvidia0"]);
+        assert!(exited.processes[0].ended.is_some());
+        let mut paged = req(ProcessState::Unspecified, "");
+        paged.offset = 2;
+        paged.limit = 5;
+        let r = processes(&d.0, paged, NOW_NS).unwrap();
+        assert_eq!((r.processes.len(), r.total_matched), (1, 3));
+        let mut big = req(ProcessState::Unspecified, "");
+        big.limit = 1001;
+        assert!(processes(&d.0, big, NOW_NS).is_err());
+    }
+}

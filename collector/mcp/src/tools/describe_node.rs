@@ -186,3 +186,135 @@ impl GpulseMcp {
         Ok(Json(out))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use gpulse_proto::v1::{
+        GpuProcessMemory, GpuSample, NodeInfo, NodesResponse, ProcessInfo, ProcessesResponse,
+        XidGroup,
+    };
+    use serde_json::json;
+
+    use super::*;
+    use crate::tools::testing::{Answers, Session, at, window};
+
+    fn answers() -> Answers {
+        let gpu = |index: u32, uuid: &str, pci: &str, pid: Option<u32>| GpuSample {
+            index,
+            uuid: uuid.into(),
+            pci: pci.into(),
+            driver_version: "570.1".into(),
+            processes: pid
+                .map(|pid| GpuProcessMemory {
+                    pid,
+                    used_memory_bytes: Some(1 << 30),
+                    ..Default::default()
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+        Answers {
+            nodes: NodesResponse {
+                nodes: vec![NodeInfo {
+                    node: "gpu-1".into(),
+                    last_seen: at(3000),
+                    gpus: vec![
+                        gpu(0, "GPU-0", "0000:3b:00.0", Some(42)),
+                        gpu(1, "GPU-1", "0000:3c:00.0", None),
+                    ],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            groups: v1::XidGroupsResponse {
+                total_matched: 3,
+                groups: vec![
+                    XidGroup {
+                        key: "gpu-1:gpu-0".into(),
+                        count: 2,
+                        ..Default::default()
+                    },
+                    XidGroup {
+                        key: "gpu-1:0000:3C:00.0".into(),
+                        count: 1,
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            },
+            processes: ProcessesResponse {
+                processes: vec![ProcessInfo {
+                    node: "gpu-1".into(),
+                    pid: 42,
+                    name: "python3".into(),
+                    running: true,
+                    ..Default::default()
+                }],
+                total_matched: 1,
+                ..Default::default()
+            },
+            list: v1::ListEventsResponse {
+                window: window(),
+                events: (0..3)
+                    .map(|i| v1::Event {
+                        cursor: 10 - i,
+                        node: "gpu-1".into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn per_gpu_xids_processes_and_recent_events() {
+        let s = Session::new(answers()).await;
+        let v = s
+            .ok("describe_node", json!({"node": "gpu-1", "max_events": 2}))
+            .await;
+        assert_eq!(v["gpus"][0]["xid_count_window"], 2, "by UUID, any case");
+        assert_eq!(v["gpus"][1]["xid_count_window"], 1, "by PCI address");
+        assert_eq!(v["gpus"][0]["health"], "warning");
+        assert_eq!(v["xid_count_window"], 3);
+        assert_eq!(v["processes"][0]["gpu_mem_bytes"], 1u64 << 30);
+        assert_eq!(v["recent_events"].as_array().unwrap().len(), 2);
+        assert_eq!(v["recent_events"][0]["cursor"], 10, "newest first");
+        assert_eq!(v["agent"]["driver"], "570.1");
+        assert!(
+            v["hints"]
+                .to_string()
+                .contains("no agent of gpu-1 is connected")
+        );
+        assert!(s.fake.asked("Processes")[0].contains("state: Running"));
+        assert!(s.fake.asked("XidGroups")[0].contains("group_by: Gpu"));
+    }
+
+    #[tokio::test]
+    async fn unknown_node_out_of_range_and_no_processes() {
+        let s = Session::new(answers()).await;
+        let text = s.refused("describe_node", json!({"node": "gpu-7"})).await;
+        assert!(text.contains("nearest known: [\"gpu-1\"]"), "{text}");
+        assert!(
+            s.refused("describe_node", json!({"node": "gpu-1", "max_events": 51}))
+                .await
+                .contains("0-50")
+        );
+        let v = s
+            .ok(
+                "describe_node",
+                json!({"node": "gpu-1", "max_events": 0, "include_processes": false}),
+            )
+            .await;
+        assert_eq!(v["recent_events"], json!([]));
+        assert_eq!(v["processes"], json!([]));
+        assert!(s.fake.asked("Processes").is_empty());
+        let empty = Session::new(Answers::default()).await;
+        let text = empty
+            .refused("describe_node", json!({"node": "gpu-1"}))
+            .await;
+        assert!(text.contains("has not heard from any node"), "{text}");
+    }
+}

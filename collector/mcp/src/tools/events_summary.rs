@@ -132,3 +132,104 @@ impl GpulseMcp {
         Ok(Json(out))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use gpulse_proto::v1::{
+        Incident as WireIncident, KindCount, NodeCount, SummarizeResponse, XidCount,
+    };
+    use serde_json::json;
+
+    use super::*;
+    use crate::tools::testing::{Answers, Session, at, window};
+
+    fn summary() -> SummarizeResponse {
+        SummarizeResponse {
+            window: window(),
+            total_matched: 30_000,
+            summarized: 20_000,
+            truncated: true,
+            kinds: vec![
+                KindCount {
+                    kind: EventKind::Xid as i32,
+                    count: 12,
+                },
+                KindCount {
+                    kind: EventKind::GpuProcess as i32,
+                    count: 3,
+                },
+            ],
+            process_starts: 2,
+            process_exits: 1,
+            top_nodes: vec![NodeCount {
+                node: "gpu-1".into(),
+                count: 15,
+                severe: 12,
+            }],
+            xids: (1..=12).map(|code| XidCount { code, count: 1 }).collect(),
+            incidents: vec![WireIncident {
+                node: "gpu-1".into(),
+                gpu: "GPU-0".into(),
+                start: at(100),
+                end: at(160),
+                xid_count: 2,
+                codes: vec![119, 154],
+                root_cause: 119,
+                severity: v1::Severity::Error as i32,
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn shapes_the_collectors_summary() {
+        let s = Session::new(Answers {
+            summary: summary(),
+            ..Default::default()
+        })
+        .await;
+        let v = s
+            .ok(
+                "events_summary",
+                json!({"nodes": ["gpu-1"], "kinds": ["xid"]}),
+            )
+            .await;
+        assert_eq!(v["counts_by_kind"]["xid"], 12);
+        assert_eq!(v["counts_by_kind"]["process_start"], 2);
+        assert_eq!(v["counts_by_kind"]["gap"], 0);
+        assert_eq!(v["top_nodes"][0]["critical"], 12);
+        assert_eq!(v["top_xids"].as_array().unwrap().len(), 10, "ten at most");
+        assert_eq!(v["incidents"][0]["root_cause_name"], "GSP_RPC_TIMEOUT");
+        assert_eq!(v["incidents"][0]["severity"], "error");
+        assert!(v["window"]["window_defaulted"].as_bool().unwrap());
+        assert!(v["truncated"].as_bool().unwrap());
+        let hints = v["hints"].to_string();
+        assert!(
+            hints.contains("30000 events matched; the first 20000"),
+            "{hints}"
+        );
+        let asked = &s.fake.asked("Summarize")[0];
+        assert!(
+            asked.contains("nodes: [\"gpu-1\"]") && asked.contains("kinds: [Xid]"),
+            "{asked}"
+        );
+    }
+
+    #[tokio::test]
+    async fn default_kinds_exclude_samples_and_an_empty_window_says_so() {
+        let s = Session::new(Answers::default()).await;
+        let v = s.ok("events_summary", json!({"since": "15m"})).await;
+        assert!(v["hints"].to_string().contains("nothing happened"));
+        let asked = &s.fake.asked("Summarize")[0];
+        assert!(asked.contains("since: \"15m\""), "{asked}");
+        assert!(
+            asked.contains("Xid") && !asked.contains("GpuSample"),
+            "{asked}"
+        );
+        assert!(
+            s.refused("events_summary", json!({"kinds": ["bogus"]}))
+                .await
+                .contains("bogus")
+        );
+    }
+}

@@ -102,3 +102,109 @@ impl GpulseMcp {
         Ok(Json(out))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use gpulse_proto::v1::{SeriesStats, TrendPoint, TrendResponse, TrendSeries};
+    use serde_json::json;
+
+    use super::*;
+    use crate::tools::testing::{Answers, Session, at, window};
+
+    fn answer() -> TrendResponse {
+        TrendResponse {
+            metric: "power_w".into(),
+            unit: "watts".into(),
+            window: window(),
+            step_seconds: 60,
+            source: Tier::Tier1m as i32,
+            series: vec![TrendSeries {
+                node: "gpu-1".into(),
+                gpu_index: Some(0),
+                points: vec![
+                    TrendPoint {
+                        time: at(60),
+                        value: 300.0,
+                        samples: 60,
+                    },
+                    TrendPoint {
+                        time: at(120),
+                        value: f64::NAN,
+                        samples: 0,
+                    },
+                ],
+                stats: Some(SeriesStats {
+                    min: 300.0,
+                    max: 300.0,
+                    avg: 300.0,
+                    p95: f64::NAN,
+                    last: 300.0,
+                    samples: 60,
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn maps_arguments_and_drops_empty_points() {
+        let s = Session::new(Answers {
+            trend: answer(),
+            ..Default::default()
+        })
+        .await;
+        let v = s
+            .ok(
+                "gpu_metric_trend",
+                json!({"metric": "power_w", "aggregate": "p95", "group_by": "gpu", "max_points": 10}),
+            )
+            .await;
+        let asked = &s.fake.asked("Trend")[0];
+        for want in [
+            "metric: \"power_w\"",
+            "aggregation: P95",
+            "group_by: Gpu",
+            "max_points: 10",
+        ] {
+            assert!(asked.contains(want), "{want} in {asked}");
+        }
+        assert_eq!(v["source"], "1m");
+        assert_eq!(v["aggregate"], "p95");
+        assert_eq!(v["series"][0]["points"], json!([[1_764_000_060, 300.0]]));
+        assert!(
+            v["series"][0]["stats"]["p95"].is_null(),
+            "NaN is absent, not a number"
+        );
+        let v = s
+            .ok(
+                "gpu_metric_trend",
+                json!({"metric": "power_w", "include_points": false}),
+            )
+            .await;
+        assert_eq!(v["series"][0]["points"], json!([]));
+    }
+
+    #[tokio::test]
+    async fn refuses_unknown_metrics_and_ranges() {
+        let s = Session::new(Answers::default()).await;
+        assert!(
+            s.refused("gpu_metric_trend", json!({"metric": "fan_speed"}))
+                .await
+                .contains("unknown variant")
+        );
+        let text = s
+            .refused(
+                "gpu_metric_trend",
+                json!({"metric": "power_w", "max_series": 0}),
+            )
+            .await;
+        assert!(
+            text.contains("max_series") && text.contains("1-200"),
+            "{text}"
+        );
+        let v = s.ok("gpu_metric_trend", json!({"metric": "power_w"})).await;
+        assert!(v["hints"].to_string().contains("no samples"));
+        assert_eq!(v["source"], "raw", "an unspecified tier is raw");
+    }
+}

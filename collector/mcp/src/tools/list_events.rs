@@ -70,3 +70,120 @@ impl GpulseMcp {
         Ok(Json(out))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use gpulse_proto::v1::{Event, EventKind, NodeInfo, NodesResponse, Severity, event::Payload};
+    use serde_json::json;
+
+    use super::*;
+    use crate::tools::testing::{Answers, Session, at, window};
+
+    fn xid() -> Event {
+        Event {
+            cursor: 9,
+            node: "gpu-1".into(),
+            time: at(5),
+            kind: EventKind::Xid as i32,
+            severity: Severity::Fatal as i32,
+            payload: Some(Payload::Xid(v1::Xid {
+                code: 79,
+                gpu_uuid: "GPU-0".into(),
+                mnemonic: "ROBUST_CHANNEL_GPU_HAS_FALLEN_OFF_THE_BUS".into(),
+                message: "GPU has fallen off the bus.".into(),
+                pid: Some(7),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn maps_every_filter_and_shapes_rows() {
+        let s = Session::new(Answers {
+            list: v1::ListEventsResponse {
+                window: window(),
+                events: vec![xid()],
+                total_matched: 2,
+                next_page_token: "e1.ab".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await;
+        let v = s
+            .ok(
+                "list_events",
+                json!({"nodes": ["gpu-1"], "gpu": "GPU-0", "kinds": ["xid"], "xid": [79],
+                       "min_severity": "error", "order": "oldest_first", "limit": 1}),
+            )
+            .await;
+        let asked = &s.fake.asked("ListEvents")[0];
+        for want in [
+            "min_severity: Error",
+            "xid_codes: [79]",
+            "gpus: [\"GPU-0\"]",
+            "order: OldestFirst",
+            "limit: 1",
+        ] {
+            assert!(asked.contains(want), "{want} in {asked}");
+        }
+        let row = &v["events"][0];
+        assert_eq!(row["xid"], 79);
+        assert_eq!(row["kind"], "xid");
+        assert_eq!(row["severity"], "fatal");
+        assert_eq!(row["pid"], 7);
+        assert!(
+            row["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("XID 79 ROBUST_CHANNEL")
+        );
+        assert_eq!(v["next_cursor"], "e1.ab");
+        assert!(v["truncated"].as_bool().unwrap());
+    }
+
+    #[tokio::test]
+    async fn refusals_name_the_fix() {
+        let s = Session::new(Answers {
+            nodes: NodesResponse {
+                nodes: vec![NodeInfo {
+                    node: "gpu-node-1".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await;
+        let text = s
+            .refused("list_events", json!({"nodes": ["gpu-node-7"]}))
+            .await;
+        assert!(
+            text.contains("unknown node \"gpu-node-7\"") && text.contains("gpu-node-1"),
+            "{text}"
+        );
+        assert!(
+            s.refused("list_events", json!({"limit": 501}))
+                .await
+                .contains("1-500")
+        );
+        assert!(
+            s.refused("list_events", json!({"order": "random"}))
+                .await
+                .contains("random")
+        );
+        let bad = Session::new(Answers {
+            fail: Some(tonic::Status::invalid_argument(
+                "page_token is not one this collector issued",
+            )),
+            ..Default::default()
+        })
+        .await;
+        assert!(
+            bad.refused("list_events", json!({"cursor": "x"}))
+                .await
+                .starts_with("invalid cursor")
+        );
+    }
+}

@@ -87,3 +87,72 @@ impl GpulseMcp {
         Ok(Json(out))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use gpulse_proto::v1::{PodRef, ProcessInfo, ProcessesResponse};
+    use serde_json::json;
+
+    use super::*;
+    use crate::tools::testing::{Answers, Session, at, window};
+
+    #[test]
+    fn an_index_names_its_device_node() {
+        assert_eq!(device_of("3"), "/dev/nvidia3");
+        assert_eq!(device_of("/dev/NVIDIA1"), "/dev/nvidia1");
+        assert_eq!(device_of(""), "");
+    }
+
+    #[tokio::test]
+    async fn maps_filters_pages_and_rows() {
+        let s = Session::new(Answers {
+            processes: ProcessesResponse {
+                window: window(),
+                processes: vec![ProcessInfo {
+                    node: "gpu-1".into(),
+                    pid: 42,
+                    name: "python3".into(),
+                    devices: vec!["/dev/nvidia0".into()],
+                    started: at(10),
+                    ended: at(20),
+                    pod: Some(PodRef {
+                        namespace: "ml".into(),
+                        name: "trainer-0".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                total_matched: 3,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await;
+        let v = s
+            .ok(
+                "list_gpu_processes",
+                json!({"node": "gpu-1", "gpu": "0", "state": "exited", "limit": 1, "cursor": "o1.1"}),
+            )
+            .await;
+        let asked = &s.fake.asked("Processes")[0];
+        for want in [
+            "device: \"/dev/nvidia0\"",
+            "state: Exited",
+            "offset: 1",
+            "limit: 1",
+            "nodes: [\"gpu-1\"]",
+        ] {
+            assert!(asked.contains(want), "{want} in {asked}");
+        }
+        assert_eq!(v["processes"][0]["pod"], "ml/trainer-0");
+        assert!(!v["processes"][0]["ended"].is_null());
+        assert_eq!(v["next_cursor"], "o1.2");
+        assert_eq!(v["total_matched"], 3);
+        let v = s.ok("list_gpu_processes", json!({"gpu": "GPU-abc"})).await;
+        assert!(v["hints"].to_string().contains("pass the GPU index"));
+        assert!(
+            s.fake.asked("Processes")[1].contains("state: Unspecified"),
+            "all by default"
+        );
+    }
+}

@@ -119,3 +119,120 @@ impl GpulseMcp {
         Ok(Json(out))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use gpulse_proto::v1::{GpuSample, NodeInfo, NodesResponse};
+    use serde_json::json;
+
+    use super::*;
+    use crate::tools::testing::{Answers, Session, window};
+
+    fn node(name: &str, xids: u64, critical: u64, connected: bool) -> NodeInfo {
+        NodeInfo {
+            node: name.into(),
+            xid_count: xids,
+            critical_xid_count: critical,
+            connected_agents: if connected {
+                vec![format!("{name}/a")]
+            } else {
+                vec![]
+            },
+            gpus: vec![
+                GpuSample {
+                    name: "H100".into(),
+                    gpu_util_pct: Some(40),
+                    ..Default::default()
+                },
+                GpuSample {
+                    name: "H100".into(),
+                    gpu_util_pct: Some(60),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn fleet() -> Answers {
+        Answers {
+            nodes: NodesResponse {
+                nodes: vec![
+                    node("gpu-a-1", 0, 0, true),
+                    node("gpu-a-2", 2, 1, true),
+                    node("gpu-b-1", 1, 0, true),
+                    node("cpu-1", 0, 0, false),
+                ],
+                window: window(),
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn health_and_globs() {
+        assert_eq!(node_health(&node("n", 2, 1, true)), "critical");
+        assert_eq!(node_health(&node("n", 1, 0, true)), "warning");
+        assert_eq!(node_health(&node("n", 0, 0, false)), "warning");
+        assert_eq!(node_health(&node("n", 0, 0, true)), "ok");
+        assert!(glob_match("gpu-*-1", "GPU-a-1"));
+        assert!(!glob_match("gpu-*-1", "gpu-a-2"));
+        assert!(glob_match("a-2", "gpu-a-2"), "no star: substring");
+        assert!(glob_match("*-1", "cpu-1"));
+    }
+
+    #[tokio::test]
+    async fn filters_pages_and_summarises_gpus() {
+        let s = Session::new(fleet()).await;
+        let v = s
+            .ok(
+                "list_nodes",
+                json!({"only_unhealthy": true, "node_match": "gpu-*"}),
+            )
+            .await;
+        let names: Vec<&str> = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["node"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["gpu-a-2", "gpu-b-1"]);
+        assert_eq!(v["nodes"][0]["util_avg_pct"], 50.0);
+        assert_eq!(v["nodes"][0]["gpu_models"], json!(["H100"]));
+        assert!(
+            s.fake.asked("Nodes")[0].contains("since: \"1h\""),
+            "default window"
+        );
+
+        let p1 = s.ok("list_nodes", json!({"limit": 3})).await;
+        assert_eq!(p1["nodes"].as_array().unwrap().len(), 3);
+        assert_eq!(p1["next_cursor"], "o1.3");
+        let p2 = s
+            .ok("list_nodes", json!({"limit": 3, "cursor": "o1.3"}))
+            .await;
+        assert_eq!(p2["nodes"][0]["node"], "cpu-1");
+        assert!(p2["next_cursor"].is_null());
+    }
+
+    #[tokio::test]
+    async fn bad_cursor_and_limit_and_no_match() {
+        let s = Session::new(fleet()).await;
+        assert!(
+            s.refused("list_nodes", json!({"cursor": "x"}))
+                .await
+                .contains("cursor")
+        );
+        assert!(
+            s.refused("list_nodes", json!({"limit": 0}))
+                .await
+                .contains("1-500")
+        );
+        let v = s.ok("list_nodes", json!({"node_match": "tpu"})).await;
+        assert!(
+            v["hints"][0]
+                .as_str()
+                .unwrap()
+                .contains("4 node(s) reported")
+        );
+    }
+}

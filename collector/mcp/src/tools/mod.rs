@@ -250,3 +250,97 @@ fn recommended(code: u32) -> String {
         None => "not in the catalog: check NVIDIA's Xid documentation for this driver".to_string(),
     }
 }
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+#[cfg(test)]
+mod tests {
+    use gpulse_proto::v1::{
+        Aggregation, GroupBy, Order, ProcessState, Severity as WireSeverity, XidGrouping,
+    };
+
+    use super::*;
+    use crate::types::{Aggregate, EventOrder, ProcState, Severity, TrendGroup, XidGroup};
+
+    /// Every MCP argument enum maps to a wire value through the names table (a new variant
+    /// without a short name would silently become "unspecified").
+    #[test]
+    fn argument_enums_map_through_the_names_table() {
+        use Kind::*;
+        for k in [
+            Xid,
+            Sxid,
+            DriverLog,
+            AgentStatus,
+            Gap,
+            GpuProcess,
+            GpuSample,
+            Unknown,
+        ] {
+            assert_ne!(wire::<EventKind>(k), EventKind::Unspecified, "{k:?}");
+        }
+        for s in [
+            Severity::Info,
+            Severity::Warning,
+            Severity::Error,
+            Severity::Fatal,
+        ] {
+            assert_ne!(wire::<WireSeverity>(s), WireSeverity::Unspecified, "{s:?}");
+        }
+        for o in [EventOrder::NewestFirst, EventOrder::OldestFirst] {
+            assert_ne!(wire::<Order>(o), Order::Unspecified, "{o:?}");
+        }
+        for a in [
+            Aggregate::Avg,
+            Aggregate::Min,
+            Aggregate::Max,
+            Aggregate::P95,
+            Aggregate::Last,
+        ] {
+            assert_ne!(wire::<Aggregation>(a), Aggregation::Unspecified, "{a:?}");
+        }
+        for g in [TrendGroup::Fleet, TrendGroup::Node, TrendGroup::Gpu] {
+            assert_ne!(wire::<GroupBy>(g), GroupBy::Unspecified, "{g:?}");
+        }
+        for g in [XidGroup::Xid, XidGroup::Gpu, XidGroup::Node] {
+            assert_ne!(wire::<XidGrouping>(g), XidGrouping::Unspecified, "{g:?}");
+        }
+        assert_eq!(
+            wire::<ProcessState>(ProcState::Running),
+            ProcessState::Running
+        );
+        assert_eq!(
+            wire::<ProcessState>(ProcState::Exited),
+            ProcessState::Exited
+        );
+        assert_eq!(
+            wire::<ProcessState>(ProcState::All),
+            ProcessState::Unspecified,
+            "all"
+        );
+        // The metric enum is the contract's metric catalog, in order.
+        let schema = serde_json::to_value(schemars::schema_for!(crate::types::Metric)).unwrap();
+        let names: Vec<&str> = schema["enum"]
+            .as_array()
+            .or_else(|| schema["oneOf"].as_array())
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().or_else(|| v["const"].as_str()).unwrap())
+            .collect();
+        assert_eq!(names, gpulse_proto::metric::names());
+    }
+
+    #[test]
+    fn rows_clip_and_fit_cuts() {
+        assert_eq!(clip("abcdef", 4), "abc…");
+        assert_eq!(clip("abc", 4), "abc");
+        let mut v: Vec<String> = (0..10_000).map(|i| format!("item {i}")).collect();
+        let note = fit(&mut v, |v| v.len(), |v, n| v.truncate(n)).unwrap();
+        assert!(serde_json::to_vec(&v).unwrap().len() <= MAX_RESULT_BYTES);
+        assert!(note.contains("result cut to"), "{note}");
+        assert_eq!(next_offset(0, 3, 3), None);
+        assert_eq!(next_offset(3, 3, 7).as_deref(), Some("o1.6"));
+        assert!(offset_cursor("o1.x").is_err());
+    }
+}

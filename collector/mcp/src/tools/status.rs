@@ -78,3 +78,70 @@ impl GpulseMcp {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use gpulse_proto::v1::{KindStatus, NodeInfo, NodesResponse, StatusResponse, TierStatus};
+    use serde_json::json;
+
+    use super::*;
+    use crate::tools::testing::{Answers, Session, at};
+
+    #[tokio::test]
+    async fn names_kinds_and_tiers_and_says_when_no_agent_is_connected() {
+        let s = Session::new(Answers {
+            status: StatusResponse {
+                version: "9.9.9".into(),
+                kinds: vec![
+                    KindStatus {
+                        kind: EventKind::Gap as i32,
+                        oldest: at(50),
+                        ..Default::default()
+                    },
+                    KindStatus {
+                        kind: EventKind::Xid as i32,
+                        oldest: at(10),
+                        ..Default::default()
+                    },
+                ],
+                tiers: vec![TierStatus {
+                    tier: Tier::Tier1m as i32,
+                    resolution_seconds: 60,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            nodes: NodesResponse {
+                nodes: vec![NodeInfo::default(), NodeInfo::default()],
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await;
+        let v = s.ok("collector_status", json!({})).await;
+        assert_eq!(v["version"], "9.9.9");
+        assert_eq!(v["nodes_known"], 2);
+        assert_eq!(v["kinds"][0]["kind"], "gap");
+        assert_eq!(v["history_tiers"][0]["tier"], "1m");
+        assert_eq!(
+            v["ring"]["oldest"],
+            gpulse_proto::time::rfc3339(&at(10).unwrap()),
+            "the oldest of any kind"
+        );
+        assert!(v["hints"][0].as_str().unwrap().contains("no agent"));
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_collector_is_an_error_to_retry() {
+        let s = Session::new(Answers {
+            fail: Some(tonic::Status::unavailable("connection refused")),
+            ..Default::default()
+        })
+        .await;
+        let text = s.refused("collector_status", json!({})).await;
+        assert!(
+            text.contains("connection refused") && text.contains("retry"),
+            "{text}"
+        );
+    }
+}

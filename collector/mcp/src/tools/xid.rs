@@ -124,3 +124,123 @@ pub fn xid_info(code: u32) -> Result<XidInfo, String> {
         docs_hint: "https://docs.nvidia.com/deploy/xid-errors/ (NVIDIA Xid catalog)".to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use gpulse_proto::v1::{NodeInfo, NodesResponse, XidCount};
+    use serde_json::json;
+
+    use super::*;
+    use crate::tools::testing::{Answers, Session, at, window};
+
+    fn group(key: &str, codes: &[(u32, u64)]) -> v1::XidGroup {
+        v1::XidGroup {
+            key: key.into(),
+            severity: v1::Severity::Fatal as i32,
+            count: codes.iter().map(|c| c.1).sum(),
+            first_seen: at(1),
+            last_seen: at(2),
+            gpus: vec!["gpu-1:GPU-0".into()],
+            nodes: vec!["gpu-1".into()],
+            codes: codes
+                .iter()
+                .map(|&(code, count)| XidCount { code, count })
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn groups_by_gpu_name_their_codes_and_advise_on_the_commonest() {
+        let s = Session::new(Answers {
+            groups: v1::XidGroupsResponse {
+                window: window(),
+                total_matched: 5,
+                grouped: 5,
+                groups: vec![group("gpu-1:GPU-0", &[(79, 1), (119, 4)])],
+                other_count: 0,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await;
+        let v = s
+            .ok(
+                "xid_summary",
+                json!({"group_by": "gpu", "node": "gpu-1", "top": 5}),
+            )
+            .await;
+        let g = &v["groups"][0];
+        assert_eq!(g["name"], "79x1, 119x4");
+        assert!(g["xid"].is_null());
+        assert_eq!(
+            g["recommended_action"],
+            "RESET_GPU; investigate: INVESTIGATE_SW"
+        );
+        assert_eq!(g["severity"], "fatal");
+        assert_eq!(v["window"]["window_defaulted"], true, "24h default");
+        let asked = &s.fake.asked("XidGroups")[0];
+        assert!(
+            asked.contains("group_by: Gpu") && asked.contains("top: 5"),
+            "{asked}"
+        );
+        assert!(asked.contains("since: \"24h\""), "{asked}");
+    }
+
+    #[tokio::test]
+    async fn code_groups_are_named_by_the_catalog() {
+        let s = Session::new(Answers {
+            groups: v1::XidGroupsResponse {
+                total_matched: 1,
+                groups: vec![group("48", &[(48, 1)])],
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await;
+        let v = s.ok("xid_summary", json!({})).await;
+        assert_eq!(v["groups"][0]["xid"], 48);
+        assert_eq!(v["groups"][0]["name"], "ROBUST_CHANNEL_GPU_ECC_DBE");
+        assert!(s.fake.asked("XidGroups")[0].contains("group_by: Code"));
+    }
+
+    #[tokio::test]
+    async fn unknown_node_and_out_of_range_top() {
+        let s = Session::new(Answers {
+            nodes: NodesResponse {
+                nodes: vec![NodeInfo {
+                    node: "gpu-1".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await;
+        assert!(
+            s.refused("xid_summary", json!({"node": "nope"}))
+                .await
+                .contains("unknown node")
+        );
+        assert!(
+            s.refused("xid_summary", json!({"top": 101}))
+                .await
+                .contains("1-100")
+        );
+        let v = s.ok("xid_summary", json!({"node": "gpu-1"})).await;
+        assert!(v["hints"].to_string().contains("no XID"));
+    }
+
+    #[tokio::test]
+    async fn describe_xid_reads_the_catalog() {
+        let s = Session::new(Answers::default()).await;
+        let v = s.ok("describe_xid", json!({"xid": 79})).await;
+        assert_eq!(v["name"], "ROBUST_CHANNEL_GPU_HAS_FALLEN_OFF_THE_BUS");
+        assert_eq!(v["severity"], "fatal");
+        assert!(
+            s.refused("describe_xid", json!({"xid": 999}))
+                .await
+                .contains("not in the catalog")
+        );
+        assert!(s.fake.asked.lock().unwrap().is_empty(), "no collector call");
+    }
+}
