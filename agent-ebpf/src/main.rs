@@ -40,7 +40,7 @@ use gpulse_ebpf_common::{
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
-/// Records for userspace. Size is overridden by the agent (`--ring-bytes`) before load.
+/// Records for userspace. Size is overridden by the agent (`--bpf-ring-bytes`) before load.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 

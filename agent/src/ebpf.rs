@@ -303,7 +303,7 @@ impl EbpfSource {
                         let note = Captured::Note(SourceNote::Lost {
                             stage: GapStage::KernelRing,
                             missed,
-                            detail: format!("{missed} NVIDIA kernel records lost: BPF ring buffer full (raise --ring-bytes)"),
+                            detail: format!("{missed} NVIDIA kernel records lost: BPF ring buffer full (raise --bpf-ring-bytes)"),
                         });
                         if tx.send(note).await.is_err() {
                             return Ok(());

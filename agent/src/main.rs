@@ -42,8 +42,9 @@ struct Args {
     nvidia_tracepoint: String,
     /// BPF ring buffer size in bytes (rounded up to a power of two). Its pages are mapped twice
     /// into the agent, so this costs twice its size in RSS; 512 KiB holds ~960 XID records.
-    #[arg(long, default_value_t = 512 << 10, value_parser = clap::value_parser!(u32).range(4096..=(1 << 30)))]
-    ring_bytes: u32,
+    /// `--ring-bytes` is its former name, accepted for one release.
+    #[arg(long, alias = "ring-bytes", default_value_t = 512 << 10, value_parser = clap::value_parser!(u32).range(4096..=(1 << 30)))]
+    bpf_ring_bytes: u32,
     /// Spool bound in bytes while the collector is unreachable.
     #[arg(long, default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
     spool_bytes: u64,
@@ -153,7 +154,7 @@ async fn main() -> anyhow::Result<()> {
     let (agent_id, spool) = (state.agent_id.clone(), state.spool.clone());
     let (tx, mut rx) = mpsc::channel::<Captured>(8192);
     let opts = EbpfOptions {
-        ring_bytes: args.ring_bytes,
+        ring_bytes: args.bpf_ring_bytes,
         nvidia_tracepoint: args.nvidia_tracepoint == "auto",
         debug_log: args.ebpf_log,
         device_prefix: (args.process_events == "on").then(|| args.gpu_device_prefix.clone()),

@@ -155,7 +155,7 @@ fn setup(fsync: bool) -> Run {
     cfg.wal_segment_bytes = 64 << 20;
     // Small enough that the first round fills it: later rounds measure the steady state, where
     // every stored event expires an old one.
-    cfg.ring_bytes = 48 << 20;
+    cfg.events_bytes = 48 << 20;
     cfg.snapshot_interval = Duration::from_secs(3600);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let _ = std::thread::Builder::new()
@@ -238,7 +238,7 @@ type CpuTx = tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Duration>>;
 async fn serve(cfg: gpulse_collector::state::StoreConfig) -> (tokio::io::DuplexStream, CpuTx) {
     use gpulse_collector::grpc::{IngestService, TelemetryService};
     use gpulse_proto::{raw::ingest_server::IngestServer, v1::telemetry_server::TelemetryServer};
-    let metrics = gpulse_collector::metrics::Metrics::new().unwrap();
+    let metrics = gpulse_collector::telemetry::Metrics::new().unwrap();
     let store = gpulse_collector::state::start(cfg, metrics.clone()).unwrap();
     let (client_io, server_io) = tokio::io::duplex(1 << 20);
     tokio::spawn(

@@ -18,10 +18,10 @@ use tracing::{debug, info, warn};
 use crate::{
     filter::Filter,
     ingest::IngestBatch,
-    metrics::Metrics,
     query::{QueryError, aggregate},
     shutdown::{STOPPING, Shutdown},
     state::{StoreError, StoreHandle, SubMsg},
+    telemetry::Metrics,
 };
 
 impl From<StoreError> for Status {

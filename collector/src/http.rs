@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 
-use crate::{metrics::Metrics, state::StoreHandle};
+use crate::{state::StoreHandle, telemetry::Metrics};
 
 #[derive(Clone)]
 pub struct HttpState {

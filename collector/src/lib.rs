@@ -1,12 +1,10 @@
 //! gpulse collector: gRPC ingest from agents, a bounded and durable event store, live
 //! subscribers, and HTTP health/metrics. See docs/architecture.md.
-pub mod counters;
 pub mod filter;
 pub mod grpc;
 pub mod health;
 pub mod http;
 pub mod ingest;
-pub mod metrics;
 pub mod query;
 pub mod recycle;
 pub mod server;
@@ -14,6 +12,7 @@ pub mod shutdown;
 pub mod size;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 
 /// Hash maps on the ingest path (keyed by node names, GPU indexes): foldhash, randomly seeded
 /// per process, instead of SipHash, which cost more than the lookups it guards.

@@ -34,9 +34,10 @@ struct Args {
     /// Directory for the write-ahead log (created 0700; files 0600).
     #[arg(long, env = "GPULSE_DATA_DIR", default_value = "/var/lib/gpulse")]
     data_dir: PathBuf,
-    /// Event ring budget (memory), e.g. 256MiB.
-    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
-    ring_bytes: u64,
+    /// Memory budget of the event store (every kind together, each with a guaranteed share),
+    /// e.g. 256MiB. `--ring-bytes` is its former name, accepted for one release.
+    #[arg(long, alias = "ring-bytes", default_value = "256MiB", value_parser = parse_bytes)]
+    events_bytes: u64,
     /// Raw GPU sample history budget (recent rows plain, older rows in compressed chunks).
     #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
     samples_raw_bytes: u64,
@@ -53,7 +54,7 @@ struct Args {
     #[arg(long, default_value = "60s", value_parser = parse_interval)]
     snapshot_interval: std::time::Duration,
     /// Log size that triggers an event-store snapshot so old segments can be deleted
-    /// (default: twice --ring-bytes).
+    /// (default: twice --events-bytes).
     #[arg(long, value_parser = parse_bytes)]
     wal_max_bytes: Option<u64>,
     /// WAL segment size before rotation.
@@ -207,8 +208,8 @@ async fn run() -> anyhow::Result<Exit> {
         anyhow::ensure!(t.len() >= 16, "--mcp-token must be at least 16 characters");
     }
     anyhow::ensure!(
-        args.ring_bytes >= 64 << 10,
-        "--ring-bytes must be at least 64KiB"
+        args.events_bytes >= 64 << 10,
+        "--events-bytes must be at least 64KiB"
     );
     anyhow::ensure!(
         args.wal_segment_bytes >= 64 << 10,
@@ -219,7 +220,7 @@ async fn run() -> anyhow::Result<Exit> {
         "--max-message-bytes must be between 64KiB and 256MiB"
     );
     let mut store = StoreConfig::new(args.data_dir);
-    store.ring_bytes = args.ring_bytes as usize;
+    store.events_bytes = args.events_bytes as usize;
     store.wal_segment_bytes = args.wal_segment_bytes;
     store.fsync = args.fsync == "always";
     store.subscriber_queue = args.subscriber_queue as usize;

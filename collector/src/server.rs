@@ -13,9 +13,9 @@ use tracing::info;
 use crate::{
     grpc::{IngestService, TelemetryService},
     http::{self, HttpState},
-    metrics::Metrics,
     shutdown::{self, Shutdown},
     state::{self, StoreConfig, StoreHandle},
+    telemetry::Metrics,
 };
 
 #[derive(Clone, Debug)]

@@ -77,7 +77,7 @@ async fn pages_never_skip_or_duplicate_while_events_expire() {
     for order in [Order::OldestFirst, Order::NewestFirst] {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = store_config(dir.path());
-        cfg.ring_bytes = 96 << 10; // ~750 log lines
+        cfg.events_bytes = 96 << 10; // ~750 log lines
         cfg.fsync = false;
         let h = start(cfg).await;
         let (mut a, _) = AgentStream::open(&h, "n1/a", "n1").await;
@@ -544,7 +544,7 @@ async fn history_survives_restart_from_snapshot_after_the_log_is_gone() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = store_config(dir.path());
     cfg.fsync = false;
-    cfg.ring_bytes = 256 << 10;
+    cfg.events_bytes = 256 << 10;
     cfg.snapshot_interval = std::time::Duration::from_secs(1);
     cfg.wal_max_bytes = 128 << 10;
     let before;
@@ -672,7 +672,7 @@ async fn xid_counters_survive_restart_after_the_events_expired() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = store_config(dir.path());
     cfg.fsync = false;
-    cfg.ring_bytes = 64 << 10;
+    cfg.events_bytes = 64 << 10;
     cfg.wal_max_bytes = 64 << 10;
     cfg.snapshot_interval = std::time::Duration::from_secs(1);
     let labels = ["n1", "", "0000:3b:00.0", "79", "fatal"];

@@ -160,7 +160,7 @@ fn kill9_loop_inner(
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     let (gp, hp) = (free_port(), free_port());
-    let args = ["--ring-bytes", "192MiB"];
+    let args = ["--events-bytes", "192MiB"];
     let collector = Arc::new(Mutex::new(Collector::start(&data, gp, hp, &args)?));
     let url = format!("http://127.0.0.1:{gp}");
     let stop = Arc::new(AtomicBool::new(false));
@@ -536,7 +536,7 @@ pub fn restart_memory(ring_mib: u64, wal_mib: u64) -> Row {
         let data = dir.path().join("data");
         let (ring, wal) = (format!("{ring_mib}MiB"), format!("{wal_mib}MiB"));
         let args = [
-            "--ring-bytes",
+            "--events-bytes",
             ring.as_str(),
             "--wal-max-bytes",
             wal.as_str(),
@@ -699,7 +699,7 @@ fn data_dir_full_inner() -> anyhow::Result<(Checks, String)> {
     // The data dir is the mount itself, so the collector's log (beside it) stays writable.
     let data = dir.path().join("full");
     let _mnt = Tmpfs::mount(&data, "8m")?;
-    let args = ["--ring-bytes", "1MiB", "--wal-segment-bytes", "256KiB"];
+    let args = ["--events-bytes", "1MiB", "--wal-segment-bytes", "256KiB"];
     let (grpc, http) = (free_port(), free_port());
     let mut col = Collector::start(&data, grpc, http, &args)?;
     let rt = runtime();

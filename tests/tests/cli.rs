@@ -73,12 +73,18 @@ fn xid_parse_decodes_rendered_dmesg() {
 
 #[test]
 fn bad_flags_are_clear_errors() {
-    let out = Command::new(bin("gpulse-collector"))
-        .args(["--ring-bytes", "lots"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a byte size"));
+    // The current spelling and the former one (a hidden alias for one release).
+    for flag in ["--events-bytes", "--ring-bytes"] {
+        let out = Command::new(bin("gpulse-collector"))
+            .args([flag, "lots"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("not a byte size"),
+            "{flag}"
+        );
+    }
     let out = Command::new(bin("gpulse-agent"))
         .args(["--xid-source", "magic"])
         .output()

@@ -40,7 +40,7 @@ fn restart_with_a_full_store_and_log_stays_within_budgets_plus_64_mib() {
     let ring_mib = 24;
     let ring = format!("{ring_mib}MiB");
     let args = [
-        "--ring-bytes",
+        "--events-bytes",
         ring.as_str(),
         "--samples-raw-bytes",
         "1MiB",

@@ -137,7 +137,7 @@ fn memory_stays_within_budget_under_flood() {
         g,
         h,
         &[
-            "--ring-bytes",
+            "--events-bytes",
             &ring,
             "--samples-raw-bytes",
             &raw,

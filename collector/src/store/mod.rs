@@ -3,6 +3,7 @@
 //! snapshots, and group-commit syncing.
 pub mod codec;
 pub mod events;
+pub mod recovery;
 pub mod series;
 pub mod snapshot;
 pub mod syncer;

@@ -165,6 +165,24 @@ fn open_body<'a>(data: &'a [u8], magic: &[u8; 8]) -> Result<&'a [u8], String> {
 /// A counter total: family, label values, value.
 pub type CounterRow = (u8, Vec<String>, u64);
 
+/// The two snapshots the collector writes: the sample history (with the counters) and the
+/// event store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapKind {
+    Series,
+    Events,
+}
+
+impl SnapKind {
+    /// The `kind` label of the snapshot metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            SnapKind::Series => "series",
+            SnapKind::Events => "events",
+        }
+    }
+}
+
 /// Serialises the XID/SXid counter totals (`through` = last cursor they include). Kept apart
 /// from the sample history so no change of the metric catalog can take them away (a counter
 /// that comes back lower is a reset to Prometheus, and `increase()` alerts fire again).

@@ -6,8 +6,8 @@ use std::{path::Path, time::Duration};
 
 use gpulse_collector::{
     grpc::{IngestService, TelemetryService},
-    metrics::Metrics,
     state::{self, StoreConfig, StoreHandle},
+    telemetry::Metrics,
 };
 use gpulse_proto::{
     raw::ingest_server::IngestServer,

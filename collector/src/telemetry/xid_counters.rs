@@ -9,7 +9,7 @@ use gpulse_proto::{
     v1::{self, event::Payload},
 };
 
-use crate::metrics::Metrics;
+use super::Metrics;
 
 /// Most label sets kept per family; beyond it new ones are counted as dropped (cardinality
 /// bound: nodes x GPUs x codes x severities).
@@ -98,56 +98,9 @@ impl Counters {
     }
 }
 
-/// Escapes a label value for the text exposition format.
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// One gauge sample: label pairs and value.
-pub type GaugeSample<'a> = (Vec<(&'a str, &'a str)>, f64);
-
-/// Writes one family of gauges (`HELP`, `TYPE`, then samples) in the text format.
-pub fn gauge_family(out: &mut String, name: &str, help: &str, samples: &[GaugeSample<'_>]) {
-    if samples.is_empty() {
-        return;
-    }
-    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
-    for (labels, v) in samples {
-        out.push_str(name);
-        if !labels.is_empty() {
-            out.push('{');
-            for (i, (k, val)) in labels.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&format!("{k}=\"{}\"", esc(val)));
-            }
-            out.push('}');
-        }
-        out.push_str(&format!(" {v}\n"));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exposition_escapes_and_skips_empty_families() {
-        let mut s = String::new();
-        gauge_family(&mut s, "x", "h", &[]);
-        assert!(s.is_empty());
-        gauge_family(
-            &mut s,
-            "gpulse_gpu_temperature_celsius",
-            "t",
-            &[(vec![("node", "a\"b"), ("gpu", "0")], 61.0)],
-        );
-        assert!(s.contains("gpulse_gpu_temperature_celsius{node=\"a\\\"b\",gpu=\"0\"} 61\n"));
-        assert!(s.starts_with("# HELP gpulse_gpu_temperature_celsius t\n# TYPE"));
-    }
 
     #[test]
     fn counters_restore_to_the_same_totals() {

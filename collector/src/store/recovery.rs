@@ -1,0 +1,323 @@
+//! Store recovery at start-up: the snapshots, then the write-ahead log after them, streamed into
+//! a fresh event store and sample history.
+//!
+//! Restart memory stays within the running budget: the events snapshot and the log are streamed
+//! (one snapshot entry, one log segment at a time) straight into the store, which copies what it
+//! keeps into its own blocks and expires as it would at ingest. What the collector builds on top
+//! of the events (counters, node state) is handed each restored event through a visitor.
+use std::path::Path;
+
+use gpulse_proto::{metric, time as ptime, v1};
+use tracing::{info, warn};
+
+use super::{
+    events::{EventStore, Senders, event_ms},
+    series::{SeriesBudgets, SeriesStore},
+    snapshot::{
+        self, COUNTERS_FILE, CounterRow, EVENTS_FILE, EventsReader, SERIES_FILE, SeriesSnapshot,
+        SnapKind,
+    },
+    wal::{Replayed, Wal, WalError, WalReplay},
+};
+use crate::FastMap;
+
+/// The snapshots and the log, opened; counters are known before any event is replayed.
+pub struct Opened {
+    wal: WalReplay,
+    events: Option<EventsReader>,
+    series: Option<SeriesSnapshot>,
+    /// XID and SXid counter totals, and the cursor they count through.
+    pub counters: Option<(u64, Vec<CounterRow>)>,
+    /// Snapshots that were damaged or unreadable (skipped; the log still replays).
+    pub damaged: Vec<SnapKind>,
+}
+
+/// Whether a restored event went back into the event store, or only into the history built
+/// from it (an event the events snapshot covers, or one that expired before it was written).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Restored {
+    Stored,
+    HistoryOnly,
+}
+
+/// The recovered store.
+pub struct Recovered {
+    pub events: EventStore,
+    pub series: SeriesStore,
+    pub wal: Wal,
+    /// Last cursor the snapshot on disk covers (0 = none).
+    pub events_through: u64,
+    pub series_through: u64,
+    /// Every agent's highest stored seq (with its node, boot and when it was last heard of).
+    pub agents: FastMap<String, v1::AgentProgress>,
+    /// Log frames skipped as damaged.
+    pub corruptions: usize,
+    pub damaged: Vec<SnapKind>,
+}
+
+/// Opens the snapshots and the log in `dir`.
+pub fn open(dir: &Path, wal_segment_bytes: u64) -> Result<Opened, WalError> {
+    let wal = Wal::replay(dir, wal_segment_bytes)?;
+    let mut damaged = Vec::new();
+    let events = EventsReader::open(dir, EVENTS_FILE).unwrap_or_else(|e| {
+        warn!(error = %e, "events snapshot damaged or unreadable; skipped (the write-ahead log still replays)");
+        damaged.push(SnapKind::Events);
+        None
+    });
+    // Streamed from its file: a restart never holds the file and the history it decodes to.
+    let mut series = snapshot::read_series(dir, SERIES_FILE, &metric::names()).unwrap_or_else(|e| {
+        warn!(error = %e, "series snapshot damaged or unreadable; skipped (the write-ahead log still replays)");
+        damaged.push(SnapKind::Series);
+        None
+    });
+    // Counter totals: their own file, else inside a series snapshot of an earlier collector.
+    let mut counters = series
+        .as_mut()
+        .and_then(|s| Some((s.through, s.counters.take()?)));
+    if let Some(c) = read_counters(dir, &mut damaged) {
+        counters = Some(c);
+    }
+    Ok(Opened {
+        wal,
+        events,
+        series,
+        counters,
+        damaged,
+    })
+}
+
+fn read_counters(dir: &Path, damaged: &mut Vec<SnapKind>) -> Option<(u64, Vec<CounterRow>)> {
+    let data = match snapshot::read(dir, COUNTERS_FILE) {
+        Ok(d) => d?,
+        Err(e) => {
+            warn!(error = %e, "counters snapshot unreadable; starting without it");
+            damaged.push(SnapKind::Series);
+            return None;
+        }
+    };
+    snapshot::decode_counters(&data)
+        .map_err(|reason| {
+            let e = snapshot::corrupt(dir, COUNTERS_FILE, reason);
+            warn!(error = %e, "counters snapshot damaged; skipped (the write-ahead log still replays)");
+            damaged.push(SnapKind::Series);
+        })
+        .ok()
+}
+
+/// Raises `agents`' progress to `p` (keeping the highest seq per agent).
+fn merge_progress(agents: &mut FastMap<String, v1::AgentProgress>, p: v1::AgentProgress) {
+    match agents.get_mut(&p.agent_id) {
+        Some(e) if p.through_seq > e.through_seq => *e = p,
+        Some(_) => {}
+        None => {
+            agents.insert(p.agent_id.clone(), p);
+        }
+    }
+}
+
+/// Raises an agent's progress to a replayed event's seq (allocating only for a new agent).
+fn merge_event(agents: &mut FastMap<String, v1::AgentProgress>, ev: &v1::Event) {
+    match agents.get_mut(&ev.agent_id) {
+        Some(e) if ev.seq > e.through_seq => {
+            e.through_seq = ev.seq;
+            e.last_seen = ev.received;
+            if e.node != ev.node {
+                e.node.clone_from(&ev.node);
+            }
+        }
+        Some(_) => {}
+        None => merge_progress(
+            agents,
+            v1::AgentProgress {
+                agent_id: ev.agent_id.clone(),
+                through_seq: ev.seq,
+                node: ev.node.clone(),
+                boot_id: String::new(),
+                last_seen: ev.received,
+            },
+        ),
+    }
+}
+
+/// Adds a GPU sample event to the sample history.
+pub fn add_sample(series: &mut SeriesStore, ev: &v1::Event) -> bool {
+    let Some(v1::event::Payload::GpuSample(g)) = &ev.payload else {
+        return false;
+    };
+    series
+        .push(&ev.node, g.index, &g.uuid, event_ms(ev), &metric::row(g))
+        .is_ok()
+}
+
+/// One restored event: the snapshot's or the log's.
+type Entry = (Box<v1::Event>, prost::bytes::Bytes);
+
+impl Opened {
+    /// Streams the events snapshot and the log, merged in cursor order, into a new event store
+    /// of `events_bytes` and the sample history; `visit` sees every event after it was placed.
+    pub fn replay(
+        self,
+        events_bytes: usize,
+        budgets: SeriesBudgets,
+        mut visit: impl FnMut(Box<v1::Event>, Restored),
+    ) -> Result<Recovered, WalError> {
+        let Opened {
+            wal: mut wal_replay,
+            events: events_snap,
+            series: series_snap,
+            counters: _,
+            mut damaged,
+        } = self;
+        let mut store = EventStore::new(events_bytes, 1);
+        let mut agents: FastMap<String, v1::AgentProgress> = FastMap::default();
+        let mut next_cursor = 1;
+        let events_through = match &events_snap {
+            Some(es) => {
+                for a in &es.checkpoint.agents {
+                    merge_progress(&mut agents, a.clone());
+                }
+                next_cursor = es.checkpoint.next_cursor.max(1);
+                es.through
+            }
+            None => 0,
+        };
+        let n_metrics = metric::COUNT;
+        let (series_through, mut series) = match series_snap {
+            Some(ss) => {
+                if !ss.added.is_empty() || !ss.dropped.is_empty() {
+                    info!(added = ?ss.added, dropped = ?ss.dropped, "sample history mapped to this collector's metrics by name");
+                }
+                (
+                    ss.through,
+                    SeriesStore::restore(n_metrics, budgets, ss.gpus),
+                )
+            }
+            None => (0, SeriesStore::new(n_metrics, budgets)),
+        };
+        // Checkpoints met in the log: agents' progress and the next cursor, merged after.
+        let mut cp_agents: FastMap<String, v1::AgentProgress> = FastMap::default();
+        let mut cp_next_cursor = 1;
+        let (mut restored, mut from_snapshot) = (0u64, 0u64);
+        {
+            let mut snap_iter = events_snap
+                .into_iter()
+                .flatten()
+                .map_while(|r| match r {
+                    Ok((e, b)) => Some((Box::new(e), b)),
+                    Err(reason) => {
+                        warn!(%reason, "events snapshot ends early; the rest is skipped");
+                        damaged.push(SnapKind::Events);
+                        None
+                    }
+                })
+                .peekable();
+            let mut wal_iter = wal_replay
+                .by_ref()
+                .filter_map(|item| match item {
+                    Replayed::Event(ev, encoded) => Some((ev, encoded)),
+                    Replayed::Checkpoint(cp) => {
+                        cp_next_cursor = cp_next_cursor.max(cp.next_cursor);
+                        // Bounded by the agents the collector tracks: the highest per agent.
+                        for a in cp.agents {
+                            merge_progress(&mut cp_agents, a);
+                        }
+                        None
+                    }
+                })
+                .peekable();
+            // One shared envelope per sender, as at ingest.
+            let mut senders = Senders::default();
+            while let Some((from_snap, (ev, encoded))) =
+                next_in_order(&mut snap_iter, &mut wal_iter)
+            {
+                if from_snap {
+                    from_snapshot += 1;
+                } else {
+                    restored += 1;
+                    merge_event(&mut agents, &ev);
+                }
+                if !from_snap && ev.cursor <= events_through {
+                    // Covered by the events snapshot (or expired before it): history only.
+                    if ev.cursor > series_through {
+                        add_sample(&mut series, &ev);
+                    }
+                    visit(ev, Restored::HistoryOnly);
+                    continue;
+                }
+                if from_snap && wal_iter.peek().is_some_and(|(w, _)| w.cursor == ev.cursor) {
+                    // The same event is in the log too: keep one.
+                    if let Some((w, _)) = wal_iter.next() {
+                        restored += 1;
+                        merge_event(&mut agents, &w);
+                    }
+                }
+                next_cursor = next_cursor.max(ev.cursor + 1);
+                let origin = senders.get(&ev.node, &ev.agent_id);
+                if store.restore(&ev, &encoded, &origin).is_none() {
+                    continue; // a cursor already restored
+                }
+                drop(encoded);
+                if ev.cursor > series_through {
+                    add_sample(&mut series, &ev);
+                }
+                visit(ev, Restored::Stored);
+            }
+        }
+        for p in cp_agents.into_values() {
+            merge_progress(&mut agents, p);
+        }
+        // Retention counts from the last time an agent was heard of; one restored without that
+        // counts from now.
+        let restart = ptime::now();
+        for a in agents.values_mut() {
+            a.last_seen.get_or_insert(restart);
+        }
+        next_cursor = next_cursor.max(cp_next_cursor);
+        let (wal, replay) = wal_replay.finish()?;
+        // Frames lost to damage may have carried cursors already handed to subscribers: skip
+        // past every cursor they could have held (a frame is at least 9 bytes) so none is reused.
+        for c in &replay.corruptions {
+            next_cursor += c.skipped_bytes / 9 + 1;
+            warn!(segment = %c.segment, offset = c.offset, skipped_bytes = c.skipped_bytes, reason = %c.reason, "WAL damage skipped at start-up");
+        }
+        store.skip_to(next_cursor);
+        info!(
+            restored_events = restored,
+            from_snapshot,
+            retained = store.len(),
+            agents = agents.len(),
+            segments = replay.segments,
+            corruptions = replay.corruptions.len(),
+            next_cursor = store.next_cursor(),
+            sample_gpus = series.gpus().len(),
+            "store restored from snapshots and write-ahead log"
+        );
+        Ok(Recovered {
+            events: store,
+            series,
+            wal,
+            events_through,
+            series_through,
+            agents,
+            corruptions: replay.corruptions.len(),
+            damaged,
+        })
+    }
+}
+
+/// The next entry by cursor from the snapshot or the log, and whether it is the snapshot's.
+fn next_in_order(
+    snap: &mut std::iter::Peekable<impl Iterator<Item = Entry>>,
+    wal: &mut std::iter::Peekable<impl Iterator<Item = Entry>>,
+) -> Option<(bool, Entry)> {
+    let take_snap = match (snap.peek(), wal.peek()) {
+        (Some((a, _)), Some((b, _))) => a.cursor <= b.cursor,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if take_snap {
+        snap.next().map(|e| (true, e))
+    } else {
+        wal.next().map(|e| (false, e))
+    }
+}
