@@ -38,16 +38,23 @@ fn main() -> anyhow::Result<()> {
             bin.join("bpf-linker").display()
         );
     }
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let root = manifest.join("../agent-ebpf");
-    let root = root
-        .canonicalize()
-        .with_context(|| format!("{}", root.display()))?;
-    let root_str = root.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
+    // The eBPF crate found the aya-build way: by name in the workspace's metadata.
+    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("cargo metadata")?;
+    let ebpf = packages
+        .into_iter()
+        .find(|p| p.name.as_str() == "gpulse-agent-ebpf")
+        .ok_or_else(|| anyhow!("gpulse-agent-ebpf is not in the workspace"))?;
+    let root = ebpf
+        .manifest_path
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent", ebpf.manifest_path))?;
     aya_build::build_ebpf(
         [aya_build::Package {
-            name: "gpulse-agent-ebpf",
-            root_dir: root_str,
+            name: ebpf.name.as_str(),
+            root_dir: root.as_str(),
             ..Default::default()
         }],
         aya_build::Toolchain::default(),

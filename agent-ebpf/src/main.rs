@@ -66,30 +66,18 @@ static PENDING: LruHashMap<u64, PathBuf> = LruHashMap::with_max_entries(4096, 0)
 #[map]
 static TRACKED: HashMap<u32, Tracked> = HashMap::with_max_entries(16384, 0);
 
-// Load-time globals (set by the agent from tracefs; defaults match Linux 6.x).
-#[unsafe(no_mangle)]
-static PRINTK_MSG_LOC: u32 = 8;
-#[unsafe(no_mangle)]
-static XID_DEV_LOC: u32 = 8;
-#[unsafe(no_mangle)]
-static XID_CODE_OFF: u32 = 12;
-#[unsafe(no_mangle)]
-static XID_MSG_LOC: u32 = 16;
-#[unsafe(no_mangle)]
-static DEBUG_LOG: u8 = 0;
-#[unsafe(no_mangle)]
-static OPENAT_FILENAME_OFF: u32 = 24;
-#[unsafe(no_mangle)]
-static OPENAT_RET_OFF: u32 = 16;
-#[unsafe(no_mangle)]
-static EXEC_FILENAME_LOC: u32 = 8;
-#[unsafe(no_mangle)]
-static EXIT_GROUP_DEAD_OFF: u32 = 32;
-#[unsafe(no_mangle)]
-static DEVICE_PREFIX: [u8; DEVICE_PREFIX_MAX] = [0; DEVICE_PREFIX_MAX];
-/// 0 disables process tracking.
-#[unsafe(no_mangle)]
-static DEVICE_PREFIX_LEN: u32 = 0;
+// Load-time globals, set by the agent from tracefs and its flags: one `#[no_mangle]` static per
+// entry of the shared table (`gpulse_ebpf_common::with_globals!`), named and valued as there.
+macro_rules! load_time_statics {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty = $default:expr;)+) => {
+        $(
+            $(#[$doc])*
+            #[unsafe(no_mangle)]
+            static $name: $ty = $default;
+        )+
+    };
+}
+gpulse_ebpf_common::with_globals!(load_time_statics);
 
 #[inline(always)]
 fn global_u32(v: &'static u32) -> u32 {
@@ -387,7 +375,7 @@ fn try_openat_exit(ctx: &TracePointContext) -> Result<(), i64> {
             }
         }
     }
-    let r = emit_proc(RecordKind::ProcOpen, key, 0, |dst| {
+    let r = emit_proc(RecordKind::ProcOpen, key, |dst| {
         // SAFETY: `pending` points into a map value that is still present.
         unsafe { bpf_probe_read_kernel_str_bytes((*pending).buf.as_ptr(), dst) }.map(|s| s.len())
     });
@@ -403,7 +391,6 @@ fn try_openat_exit(ctx: &TracePointContext) -> Result<(), i64> {
 fn emit_proc(
     kind: RecordKind,
     pid_tgid: u64,
-    group_dead: u32,
     fill: impl FnOnce(&mut [u8]) -> Result<usize, i32>,
 ) -> bool {
     let Some(mut entry) = EVENTS.reserve::<ProcRecord>(0) else {
@@ -417,7 +404,7 @@ fn emit_proc(
         (*rec).header = header(kind, len, false);
         (*rec).header.tgid = (pid_tgid >> 32) as u32;
         (*rec).pid = pid_tgid as u32;
-        (*rec).group_dead = group_dead;
+        (*rec).reserved = 0;
         (*rec).cgroup_id = bpf_get_current_cgroup_id();
         (*rec).comm = bpf_get_current_comm().unwrap_or([0; 16]);
     }
@@ -442,7 +429,7 @@ fn try_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let filename = data_loc(ctx, global_u32(&EXEC_FILENAME_LOC))?;
     // SAFETY: kernel string from the tracepoint record.
-    if emit_proc(RecordKind::ProcExec, key, 0, |dst| {
+    if emit_proc(RecordKind::ProcExec, key, |dst| {
         unsafe { bpf_probe_read_kernel_str_bytes(filename, dst) }.map(|s| s.len())
     }) {
         bump(stats::PROC_EXEC_SUBMITTED);
@@ -475,7 +462,7 @@ fn try_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
     if !group_dead {
         return Ok(());
     }
-    if emit_proc(RecordKind::ProcExit, key, 1, |_| Ok(0)) {
+    if emit_proc(RecordKind::ProcExit, key, |_| Ok(0)) {
         bump(stats::PROC_EXIT_SUBMITTED);
         let _ = TRACKED.remove(&tgid);
     } else {

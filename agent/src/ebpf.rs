@@ -11,8 +11,8 @@ use aya::{
     programs::TracePoint,
 };
 use gpulse_ebpf_common::{
-    COMM_LEN, DEV_MAX, DEVICE_PREFIX_MAX, MSG_MAX, PATH_MAX_BPF, RecordHeader, RecordKind, Tracked,
-    XID_MSG_MAX, flags, globals, stats as kstats,
+    DEVICE_PREFIX_MAX, NvDevXidRecord, PATH_MAX_BPF, PrintkRecord, ProcRecord, RecordHeader,
+    RecordKind, Tracked, flags, globals, read_record, stats as kstats,
 };
 use gpulse_proto::v1::{GapStage, RecordSource};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -147,22 +147,30 @@ impl EbpfSource {
             prefix[..p.len()].copy_from_slice(p.as_bytes());
             prefix_len = p.len() as u32;
         }
-        let (fname_off, ret_off, exec_loc, group_dead_off) =
-            proc_offsets.clone().unwrap_or((24, 16, 8, u32::MAX));
+        let (fname_off, ret_off, exec_loc, group_dead_off) = proc_offsets.clone().unwrap_or((
+            globals::OPENAT_FILENAME_OFF::DEFAULT,
+            globals::OPENAT_RET_OFF::DEFAULT,
+            globals::EXEC_FILENAME_LOC::DEFAULT,
+            globals::EXIT_GROUP_DEAD_OFF::DEFAULT,
+        ));
         let debug_flag: u8 = u8::from(opts.debug_log);
-        let (dev_off, code_off, nvmsg_off) = nv.unwrap_or((8, 12, 16));
+        let (dev_off, code_off, nvmsg_off) = nv.unwrap_or((
+            globals::XID_DEV_LOC::DEFAULT,
+            globals::XID_CODE_OFF::DEFAULT,
+            globals::XID_MSG_LOC::DEFAULT,
+        ));
         let mut ebpf = EbpfLoader::new()
-            .override_global(globals::PRINTK_MSG_LOC, &msg.offset, true)
-            .override_global(globals::XID_DEV_LOC, &dev_off, true)
-            .override_global(globals::XID_CODE_OFF, &code_off, true)
-            .override_global(globals::XID_MSG_LOC, &nvmsg_off, true)
-            .override_global(globals::DEBUG_LOG, &debug_flag, true)
-            .override_global(globals::OPENAT_FILENAME_OFF, &fname_off, true)
-            .override_global(globals::OPENAT_RET_OFF, &ret_off, true)
-            .override_global(globals::EXEC_FILENAME_LOC, &exec_loc, true)
-            .override_global(globals::EXIT_GROUP_DEAD_OFF, &group_dead_off, true)
-            .override_global(globals::DEVICE_PREFIX, &prefix, true)
-            .override_global(globals::DEVICE_PREFIX_LEN, &prefix_len, true)
+            .override_global(globals::PRINTK_MSG_LOC::NAME, &msg.offset, true)
+            .override_global(globals::XID_DEV_LOC::NAME, &dev_off, true)
+            .override_global(globals::XID_CODE_OFF::NAME, &code_off, true)
+            .override_global(globals::XID_MSG_LOC::NAME, &nvmsg_off, true)
+            .override_global(globals::DEBUG_LOG::NAME, &debug_flag, true)
+            .override_global(globals::OPENAT_FILENAME_OFF::NAME, &fname_off, true)
+            .override_global(globals::OPENAT_RET_OFF::NAME, &ret_off, true)
+            .override_global(globals::EXEC_FILENAME_LOC::NAME, &exec_loc, true)
+            .override_global(globals::EXIT_GROUP_DEAD_OFF::NAME, &group_dead_off, true)
+            .override_global(globals::DEVICE_PREFIX::NAME, &prefix, true)
+            .override_global(globals::DEVICE_PREFIX_LEN::NAME, &prefix_len, true)
             .map_max_entries("EVENTS", round_ring(opts.ring_bytes))
             .map_max_entries("TRACKED", opts.max_tracked.max(1))
             .load(OBJECT)?;
@@ -410,51 +418,47 @@ fn c_str(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
-/// Turns one ring-buffer record into a [`Captured`] item; `None` for malformed records.
+/// The bytes of `b` up to `len` (and its end), as text.
+fn text(b: &[u8], len: u32) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(&b[..(len as usize).min(b.len())])
+}
+
+/// Turns one ring-buffer record into a [`Captured`] item; `None` for malformed records. Each
+/// record is read as the shared `repr(C)` type the kernel program wrote.
 pub fn decode_item(buf: &[u8]) -> Option<Captured> {
-    const H: usize = std::mem::size_of::<RecordHeader>();
-    if buf.len() < H {
-        return None;
-    }
-    // SAFETY: length checked; read_unaligned copes with any alignment.
-    let header: RecordHeader = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) };
+    let header: RecordHeader = read_record(buf)?;
     let truncated = header.flags & flags::TRUNCATED != 0;
     let unix_ns = clock::to_unix_ns(KernelClock::Boottime, header.ts_boot_ns);
     match RecordKind::from_u16(header.kind)? {
         RecordKind::PrintkLine => {
-            let len = (header.len as usize).min(MSG_MAX);
-            let text = buf.get(H..H + len)?;
+            let r: PrintkRecord = read_record(buf)?;
             Some(Captured::Record(RawRecord {
                 unix_ns,
                 source: RecordSource::EbpfPrintk,
-                text: String::from_utf8_lossy(text).into_owned(),
+                text: text(&r.msg, header.len).into_owned(),
                 truncated,
                 dev_xid: None,
             }))
         }
         RecordKind::NvDevXid => {
-            let code = u32::from_ne_bytes(buf.get(H..H + 4)?.try_into().ok()?);
-            let dev_len = u32::from_ne_bytes(buf.get(H + 4..H + 8)?.try_into().ok()?) as usize;
-            let dev = buf.get(H + 8..H + 8 + dev_len.min(DEV_MAX))?;
-            let msg_at = H + 8 + DEV_MAX;
-            let msg = buf.get(msg_at..msg_at + (header.len as usize).min(XID_MSG_MAX))?;
-            let dev = String::from_utf8_lossy(dev).into_owned();
-            let msg = String::from_utf8_lossy(msg);
+            let r: NvDevXidRecord = read_record(buf)?;
+            let dev = text(&r.dev, r.dev_len).into_owned();
+            let code = r.error_code;
             Some(Captured::Record(RawRecord {
                 unix_ns,
                 source: RecordSource::EbpfNvidiaTracepoint,
                 // Rebuilt in the printk shape so one parser serves both paths.
-                text: format!("NVRM: Xid (PCI:{dev}): {code}, {msg}"),
+                text: format!(
+                    "NVRM: Xid (PCI:{dev}): {code}, {}",
+                    text(&r.msg, header.len)
+                ),
                 truncated,
                 dev_xid: Some(DevXid { code, dev }),
             }))
         }
         kind @ (RecordKind::ProcOpen | RecordKind::ProcExec | RecordKind::ProcExit) => {
-            let pid = u32::from_ne_bytes(buf.get(H..H + 4)?.try_into().ok()?);
-            let cgroup_id = u64::from_ne_bytes(buf.get(H + 8..H + 16)?.try_into().ok()?);
-            let comm = c_str(buf.get(H + 16..H + 16 + COMM_LEN)?);
-            let path_at = H + 16 + COMM_LEN;
-            let path = buf.get(path_at..path_at + (header.len as usize).min(PATH_MAX_BPF))?;
+            let r: ProcRecord = read_record(buf)?;
+            let path = &r.path[..(header.len as usize).min(PATH_MAX_BPF)];
             Some(Captured::Proc(ProcCapture {
                 kind: match kind {
                     RecordKind::ProcOpen => ProcKind::Open,
@@ -462,10 +466,10 @@ pub fn decode_item(buf: &[u8]) -> Option<Captured> {
                     _ => ProcKind::Exit,
                 },
                 unix_ns,
-                pid,
+                pid: r.pid,
                 tgid: header.tgid,
-                cgroup_id,
-                comm,
+                cgroup_id: r.cgroup_id,
+                comm: c_str(&r.comm),
                 path: c_str(path),
             }))
         }
@@ -494,7 +498,7 @@ fn has_cap_bpf() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpulse_ebpf_common::{NvDevXidRecord, PrintkRecord};
+    use gpulse_ebpf_common::{COMM_LEN, DEV_MAX, MSG_MAX, XID_MSG_MAX};
 
     fn as_bytes<T>(v: &T) -> &[u8] {
         // SAFETY: test-only view of a repr(C) POD value.
@@ -559,7 +563,6 @@ mod tests {
 
     #[test]
     fn decodes_process_records() {
-        use gpulse_ebpf_common::ProcRecord;
         let mut r = ProcRecord {
             header: RecordHeader {
                 kind: RecordKind::ProcOpen as u16,
@@ -570,7 +573,7 @@ mod tests {
                 cpu: 0,
             },
             pid: 4243,
-            group_dead: 0,
+            reserved: 0,
             cgroup_id: 99,
             comm: [0; COMM_LEN],
             path: [0; PATH_MAX_BPF],

@@ -151,15 +151,16 @@ def write_prometheusrule():
 
 
 def known_metrics():
-    """Every gpulse_* metric name the collector's source declares."""
+    """Every gpulse_* metric name the collector's source declares (its own families, and the
+    GPU gauges named in the contract's metric catalog)."""
     import re
     names = set()
-    src = os.path.join(ROOT, "collector", "src")
-    for dirpath, _, files in os.walk(src):
-        for fn in files:
-            if fn.endswith(".rs"):
-                with open(os.path.join(dirpath, fn)) as f:
-                    names |= set(re.findall(r'"(gpulse_[a-z0-9_]+)"', f.read()))
+    for src in (os.path.join(ROOT, "collector", "src"), os.path.join(ROOT, "proto", "src")):
+        for dirpath, _, files in os.walk(src):
+            for fn in files:
+                if fn.endswith(".rs"):
+                    with open(os.path.join(dirpath, fn)) as f:
+                        names |= set(re.findall(r'"(gpulse_[a-z0-9_]+)"', f.read()))
     return names
 
 

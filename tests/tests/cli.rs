@@ -107,6 +107,15 @@ fn bad_flags_are_clear_errors() {
         ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown --kind"));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "clap refuses it before connecting"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid value 'nope' for '--kind"), "{err}");
+    assert!(
+        err.contains("gpu_sample"),
+        "the valid kinds are listed: {err}"
+    );
 }

@@ -104,8 +104,9 @@ pub struct ProcRecord {
     pub header: RecordHeader,
     /// Thread that did it.
     pub pid: u32,
-    /// Exit: 1 when the whole thread group is gone (`group_dead`), 0 for a lone thread.
-    pub group_dead: u32,
+    /// Padding before `cgroup_id` (8-aligned); zero. (Exits are only recorded when the whole
+    /// thread group is gone, so there is no per-thread flag to carry.)
+    pub reserved: u32,
     /// `bpf_get_current_cgroup_id()` (cgroup v2 id of the task).
     pub cgroup_id: u64,
     pub comm: [u8; COMM_LEN],
@@ -174,26 +175,54 @@ pub mod stats {
     pub const COUNT: u32 = 11;
 }
 
-/// Names of the load-time globals the agent sets from tracefs format files.
-pub mod globals {
-    /// Offset of the `__data_loc char[] msg` field in `printk:console`.
-    pub const PRINTK_MSG_LOC: &str = "PRINTK_MSG_LOC";
-    /// Offsets of the `nvidia:nvidia_dev_xid` fields.
-    pub const XID_DEV_LOC: &str = "XID_DEV_LOC";
-    pub const XID_CODE_OFF: &str = "XID_CODE_OFF";
-    pub const XID_MSG_LOC: &str = "XID_MSG_LOC";
-    /// Non-zero enables aya-log diagnostics on the kernel side.
-    pub const DEBUG_LOG: &str = "DEBUG_LOG";
-    /// Process tracepoint offsets.
-    pub const OPENAT_FILENAME_OFF: &str = "OPENAT_FILENAME_OFF";
-    pub const OPENAT_RET_OFF: &str = "OPENAT_RET_OFF";
-    pub const EXEC_FILENAME_LOC: &str = "EXEC_FILENAME_LOC";
-    /// Offset of `group_dead` in sched_process_exit, or u32::MAX when the kernel lacks it.
-    pub const EXIT_GROUP_DEAD_OFF: &str = "EXIT_GROUP_DEAD_OFF";
-    /// The GPU device path prefix and its length.
-    pub const DEVICE_PREFIX: &str = "DEVICE_PREFIX";
-    pub const DEVICE_PREFIX_LEN: &str = "DEVICE_PREFIX_LEN";
+/// The load-time globals, written once: each with its type and the value the object carries
+/// until the agent overrides it (from tracefs format files and its flags). Expands `$m` with the
+/// list; [`globals`] (names and defaults for the agent) and the kernel program's statics are
+/// both generated from it, so a name or default cannot differ between the two sides.
+#[macro_export]
+macro_rules! with_globals {
+    ($m:ident) => {
+        $m! {
+            /// Offset of the `__data_loc char[] msg` field in `printk:console`.
+            PRINTK_MSG_LOC: u32 = 8;
+            /// Offsets of the `nvidia:nvidia_dev_xid` fields.
+            XID_DEV_LOC: u32 = 8;
+            XID_CODE_OFF: u32 = 12;
+            XID_MSG_LOC: u32 = 16;
+            /// Non-zero enables aya-log diagnostics on the kernel side.
+            DEBUG_LOG: u8 = 0;
+            /// Process tracepoint offsets.
+            OPENAT_FILENAME_OFF: u32 = 24;
+            OPENAT_RET_OFF: u32 = 16;
+            EXEC_FILENAME_LOC: u32 = 8;
+            /// Offset of `group_dead` in sched_process_exit; `u32::MAX` when the kernel lacks
+            /// it (the thread group leader's exit then stands for the process).
+            EXIT_GROUP_DEAD_OFF: u32 = u32::MAX;
+            /// The GPU device path prefix and its length; a length of 0 disables process
+            /// tracking.
+            DEVICE_PREFIX: [u8; $crate::DEVICE_PREFIX_MAX] = [0; $crate::DEVICE_PREFIX_MAX];
+            DEVICE_PREFIX_LEN: u32 = 0;
+        }
+    };
 }
+
+macro_rules! names_and_defaults {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty = $default:expr;)+) => {
+        /// Each load-time global's symbol name (`NAME`) and the object's value (`DEFAULT`).
+        #[allow(non_snake_case)]
+        pub mod globals {
+            $(
+                $(#[$doc])*
+                pub mod $name {
+                    pub const NAME: &str = stringify!($name);
+                    pub const DEFAULT: $ty = $default;
+                }
+            )+
+        }
+    };
+}
+
+with_globals!(names_and_defaults);
 
 /// The prefixes the in-kernel filter keeps: NVIDIA's resource manager and NVSwitch drivers.
 pub const KEEP_PREFIXES: [&[u8]; 2] = [b"NVRM: ", b"nvidia-nvswitch"];
@@ -237,12 +266,36 @@ const _: () = assert!(core::mem::offset_of!(ProcRecord, cgroup_id) == 32);
 const _: () = assert!(core::mem::offset_of!(ProcRecord, path) == 40 + COMM_LEN);
 const _: () = assert!(core::mem::size_of::<Tracked>() == 16 + 4 * TRACKED_DEVICES);
 
+const _: () = assert!(core::mem::offset_of!(ProcRecord, pid) == 24);
+const _: () = assert!(core::mem::offset_of!(NvDevXidRecord, error_code) == 24);
+const _: () = assert!(core::mem::offset_of!(NvDevXidRecord, dev_len) == 28);
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: plain repr(C) integers and byte arrays; every bit pattern is valid.
-    unsafe impl aya::Pod for super::RecordHeader {}
+    use super::*;
+    // SAFETY: each is repr(C) of integers and byte arrays with explicit padding (checked by the
+    // layout assertions above): every bit pattern is a valid value.
+    unsafe impl aya::Pod for RecordHeader {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::Tracked {}
+    unsafe impl aya::Pod for PrintkRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NvDevXidRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ProcRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Tracked {}
+}
+
+/// Reads a record of type `T` from the start of a ring-buffer item; `None` when the item is
+/// shorter than `T` (a malformed record).
+#[cfg(feature = "user")]
+pub fn read_record<T: aya::Pod>(item: &[u8]) -> Option<T> {
+    if item.len() < core::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: `T: Pod` makes any bytes a valid `T`; the length is checked above and
+    // `read_unaligned` copes with any alignment of the ring buffer's memory.
+    Some(unsafe { core::ptr::read_unaligned(item.as_ptr().cast::<T>()) })
 }
 
 #[cfg(test)]
