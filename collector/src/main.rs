@@ -10,9 +10,11 @@ use gpulse_collector::{
 };
 use tracing::{info, warn};
 
-/// The event store is a FIFO of many small heap objects (each event and its strings, expired
-/// oldest first). Under glibc's malloc, ingest spent over a third of its time consolidating free
-/// lists for that pattern; mimalloc's per-size-class pages do not (docs/benchmarks.md).
+/// Ingest decodes every event into short-lived heap objects (its strings, the copy fanned out to
+/// subscribers, a node's latest GPU sample) freed out of order across tasks, while the store keeps
+/// events as bytes in 8 KiB blocks. mimalloc's per-thread, per-size-class pages suit that churn
+/// (glibc's malloc spent a third of ingest consolidating free lists when the store still held
+/// decoded events); it has not been measured against glibc since the store changed layout.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
