@@ -6,7 +6,10 @@ use clap::Parser;
 use gpulse_agent::{
     client::{self, ClientConfig},
     ebpf::EbpfOptions,
+    kmsg::BacklogFrom,
     pipeline::Pipeline,
+    pods::{Attributor, PodCache},
+    procs::ProcessTracker,
     record::Captured,
     source::{self, SourceChoice},
     spool::{SharedSpool, SpoolLimits},
@@ -129,6 +132,241 @@ fn init_tracing(format: &str) {
     }
 }
 
+/// GPU samples: optional. No NVML (no driver, no GPU) is said once; everything else goes on.
+/// Returns the line the agent's start status carries.
+fn start_nvml(args: &Args, tx: &mpsc::Sender<Captured>, stats: &Arc<AgentStats>) -> String {
+    let sampler = match gpulse_agent::nvml::open(&args.nvml) {
+        Ok(None) => return "GPU samples off (--nvml off)".to_string(),
+        Ok(Some(s)) => s,
+        Err(e) => {
+            warn!(error = %e, "NVML unavailable: no GPU samples; XIDs and process events are unaffected");
+            return format!("GPU samples off: NVML unavailable ({e})");
+        }
+    };
+    let driver = sampler.driver_version().to_string();
+    let interval = Duration::from_millis(args.sample_interval_ms);
+    match gpulse_agent::nvml::spawn(sampler, interval, tx.clone(), stats.clone()) {
+        Ok(()) => {
+            info!(driver = %driver, interval_ms = args.sample_interval_ms, "NVML sampling on");
+            format!(
+                "GPU samples every {} ms (driver {driver})",
+                args.sample_interval_ms
+            )
+        }
+        Err(e) => format!("GPU samples off: cannot start the sampler thread: {e}"),
+    }
+}
+
+/// Pod attribution: optional; without Kubernetes it is off, said once. Returns the attributor
+/// and the line the agent's start status carries.
+async fn start_pods(args: &Args, node: &str) -> (Option<Attributor>, String) {
+    if args.kube == "off" {
+        return (None, "pod attribution off (--kube off)".to_string());
+    }
+    let client = kube::Config::infer()
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|c| kube::Client::try_from(c).map_err(|e| e.to_string()));
+    match client {
+        Ok(client) => {
+            let cache = Arc::new(std::sync::RwLock::new(PodCache::new(
+                args.max_pod_containers as usize,
+            )));
+            tokio::spawn(gpulse_agent::pods::watch(
+                client,
+                node.to_string(),
+                cache.clone(),
+            ));
+            info!(node = %node, "pod attribution on: watching this node's pods");
+            (
+                Some(Attributor::new(cache)),
+                "pod attribution on".to_string(),
+            )
+        }
+        Err(e) => {
+            info!(reason = %e, "no Kubernetes configuration (not in a cluster, no KUBECONFIG): pod attribution off");
+            (None, format!("pod attribution off: {e}"))
+        }
+    }
+}
+
+/// Reads the kernel log's backlog (records printed while no agent ran) into the pipeline. Runs
+/// after the live source started: records printed meanwhile are seen twice at most, and the
+/// pipeline keeps one.
+fn spawn_backlog(
+    from: BacklogFrom,
+    path: String,
+    tx: mpsc::Sender<Captured>,
+    stats: Arc<AgentStats>,
+) {
+    tokio::spawn(async move {
+        match gpulse_agent::kmsg::read_backlog(&path, from, &tx).await {
+            Ok(b) => {
+                AgentStats::add(&stats.backlog_records, b.sent);
+                info!(from = ?from, records = b.records, nvidia = b.sent, missed = b.missed, "kernel log backlog read");
+            }
+            Err(e) => {
+                warn!(error = %e, path, "cannot read the kernel log's backlog; records printed while no agent ran are not reported")
+            }
+        }
+    });
+}
+
+/// The spool log is written at once and made durable every second (and at the stop).
+fn spawn_spool_sync(spool: Arc<SharedSpool>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let s = spool.clone();
+            let _ = tokio::task::spawn_blocking(move || s.sync()).await;
+        }
+    });
+}
+
+/// Captured items through the pipeline into the spool; every 5 s, exits of GPU processes that
+/// vanished without a reported exit. Ends when every sender is gone.
+fn spawn_pipeline(
+    mut rx: mpsc::Receiver<Captured>,
+    mut pipeline: Pipeline,
+    spool: Arc<SharedSpool>,
+) -> tokio::task::JoinHandle<()> {
+    let now = || gpulse_proto::time::to_unix_nanos(&gpulse_proto::time::now());
+    tokio::spawn(async move {
+        let mut gc = tokio::time::interval(Duration::from_secs(5));
+        gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                item = rx.recv() => {
+                    let Some(item) = item else { break };
+                    if let Some(ev) = pipeline.process(item, now()) {
+                        spool.push(ev);
+                    }
+                }
+                _ = gc.tick() => {
+                    for ev in pipeline.collect(now()) {
+                        spool.push(ev);
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Every counter, once a minute, so drops are visible on the node even without a collector.
+fn spawn_counter_log(stats: Arc<AgentStats>, spool: Arc<SharedSpool>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let (spooled, spool_bytes) = {
+                let s = spool.lock();
+                (s.len(), s.bytes())
+            };
+            let get = |c: &std::sync::atomic::AtomicU64| AgentStats::get(c);
+            info!(
+                captured = get(&stats.records_captured),
+                xids = get(&stats.xids),
+                dual_path_duplicates = get(&stats.dual_path_duplicates),
+                kernel_ring_dropped = get(&stats.kernel_ring_dropped),
+                kmsg_missed = get(&stats.kmsg_missed),
+                malformed = get(&stats.malformed_records),
+                spool_dropped = get(&stats.spool_dropped),
+                samples_shed = get(&stats.samples_shed),
+                spooled,
+                spool_bytes,
+                sent = get(&stats.events_sent),
+                acked = get(&stats.events_acked),
+                reconnects = get(&stats.reconnects),
+                refused = get(&stats.events_refused),
+                "agent counters"
+            );
+        }
+    });
+}
+
+/// What the agent needs to stop: the capture task, the channel into the pipeline (with the
+/// stopping status to send), the pipeline task and the client.
+struct Stop {
+    capture: tokio::task::JoinHandle<()>,
+    tx: mpsc::Sender<Captured>,
+    stopping: Captured,
+    pipe: tokio::task::JoinHandle<()>,
+    shutdown_tx: watch::Sender<bool>,
+    client: tokio::task::JoinHandle<Result<(), client::ClientError>>,
+    spool: Arc<SharedSpool>,
+    stats: Arc<AgentStats>,
+}
+
+impl Stop {
+    /// Stops capturing, lets the pipeline drain what was captured, gives the client 5 s to have
+    /// everything acknowledged, and makes the spool durable.
+    async fn run(self) {
+        info!("stopping: flushing the spool to the collector");
+        self.tx.send(self.stopping).await.ok();
+        self.capture.abort();
+        drop(self.tx);
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.pipe).await;
+        self.shutdown_tx.send(true).ok();
+        if tokio::time::timeout(Duration::from_secs(5), self.client)
+            .await
+            .is_err()
+        {
+            warn!(
+                unacked = self.spool.lock().len(),
+                "collector did not acknowledge everything before the stop deadline"
+            );
+        }
+        self.spool.sync();
+        let s = &self.stats;
+        info!(
+            xids = AgentStats::get(&s.xids),
+            sent = AgentStats::get(&s.events_sent),
+            acked = AgentStats::get(&s.events_acked),
+            spool_dropped = AgentStats::get(&s.spool_dropped),
+            kernel_ring_dropped = AgentStats::get(&s.kernel_ring_dropped),
+            "gpulse-agent stopped"
+        );
+    }
+}
+
+/// The event pipeline: decode, policy, process tracking and pod attribution, and what was
+/// delivered before a restart (so the kernel log's backlog does not repeat it).
+fn pipeline(
+    args: &Args,
+    state: &State,
+    node: &str,
+    policy: SeverityPolicy,
+    attributor: Option<Attributor>,
+    stats: &Arc<AgentStats>,
+) -> Pipeline {
+    let mut tracker = ProcessTracker::new(args.max_tracked_processes as usize);
+    let mut pipeline = Pipeline::new(
+        node.to_string(),
+        state.agent_id.clone(),
+        policy,
+        stats.clone(),
+    );
+    pipeline.remember_delivered(&state.delivered);
+    if let Some(a) = attributor {
+        tracker = tracker.with_attributor(a.clone());
+        pipeline = pipeline.with_attributor(a);
+    }
+    pipeline.with_process_tracker(tracker)
+}
+
+fn check_args(args: &Args) -> anyhow::Result<()> {
+    client::endpoint(&args.collector).context("--collector")?;
+    anyhow::ensure!(
+        !args.gpu_device_prefix.is_empty()
+            && args.gpu_device_prefix.len() <= gpulse_ebpf_common::DEVICE_PREFIX_MAX,
+        "--gpu-device-prefix must be 1..={} bytes",
+        gpulse_ebpf_common::DEVICE_PREFIX_MAX
+    );
+    Ok(())
+}
+
 // Two workers: the agent's work is a few event-driven tasks; more threads only cost memory.
 #[tokio::main(worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
@@ -138,7 +376,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format);
     let policy = SeverityPolicy::parse(&args.xid_severity).context("--xid-severity")?;
-    client::endpoint(&args.collector).context("--collector")?;
+    check_args(&args)?;
     let choice: SourceChoice = args.xid_source.parse().map_err(anyhow::Error::msg)?;
     let node = args.node.clone().unwrap_or_else(hostname);
     anyhow::ensure!(!node.trim().is_empty(), "--node must not be empty");
@@ -152,7 +390,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let state = open_state(&args, &node, &boot_id, limits, &stats)?;
     let (agent_id, spool) = (state.agent_id.clone(), state.spool.clone());
-    let (tx, mut rx) = mpsc::channel::<Captured>(8192);
+    let (tx, rx) = mpsc::channel::<Captured>(8192);
     let opts = EbpfOptions {
         ring_bytes: args.bpf_ring_bytes,
         nvidia_tracepoint: args.nvidia_tracepoint == "auto",
@@ -160,78 +398,9 @@ async fn main() -> anyhow::Result<()> {
         device_prefix: (args.process_events == "on").then(|| args.gpu_device_prefix.clone()),
         max_tracked: args.max_tracked_processes,
     };
-    anyhow::ensure!(
-        !args.gpu_device_prefix.is_empty()
-            && args.gpu_device_prefix.len() <= gpulse_ebpf_common::DEVICE_PREFIX_MAX,
-        "--gpu-device-prefix must be 1..={} bytes",
-        gpulse_ebpf_common::DEVICE_PREFIX_MAX
-    );
     let running = source::start(choice, &opts, &args.kmsg_path, tx.clone(), stats.clone())?;
-
-    // GPU samples: optional. No NVML (no driver, no GPU) is said once; everything else goes on.
-    let nvml_state = match gpulse_agent::nvml::open(&args.nvml) {
-        Ok(None) => "GPU samples off (--nvml off)".to_string(),
-        Ok(Some(sampler)) => {
-            let driver = sampler.driver_version().to_string();
-            match gpulse_agent::nvml::spawn(
-                sampler,
-                Duration::from_millis(args.sample_interval_ms),
-                tx.clone(),
-                stats.clone(),
-            ) {
-                Ok(()) => {
-                    info!(driver = %driver, interval_ms = args.sample_interval_ms, "NVML sampling on");
-                    format!(
-                        "GPU samples every {} ms (driver {driver})",
-                        args.sample_interval_ms
-                    )
-                }
-                Err(e) => format!("GPU samples off: cannot start the sampler thread: {e}"),
-            }
-        }
-        Err(e) => {
-            warn!(error = %e, "NVML unavailable: no GPU samples; XIDs and process events are unaffected");
-            format!("GPU samples off: NVML unavailable ({e})")
-        }
-    };
-    // Pod attribution: optional; without Kubernetes it is off, said once.
-    let (attributor, kube_state) = if args.kube == "off" {
-        (None, "pod attribution off (--kube off)".to_string())
-    } else {
-        match kube::Config::infer()
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|c| kube::Client::try_from(c).map_err(|e| e.to_string()))
-        {
-            Ok(client) => {
-                let cache = std::sync::Arc::new(std::sync::RwLock::new(
-                    gpulse_agent::pods::PodCache::new(args.max_pod_containers as usize),
-                ));
-                tokio::spawn(gpulse_agent::pods::watch(
-                    client,
-                    node.clone(),
-                    cache.clone(),
-                ));
-                info!(node = %node, "pod attribution on: watching this node's pods");
-                (
-                    Some(gpulse_agent::pods::Attributor::new(cache)),
-                    "pod attribution on".to_string(),
-                )
-            }
-            Err(e) => {
-                info!(reason = %e, "no Kubernetes configuration (not in a cluster, no KUBECONFIG): pod attribution off");
-                (None, format!("pod attribution off: {e}"))
-            }
-        }
-    };
-    let mut tracker = gpulse_agent::procs::ProcessTracker::new(args.max_tracked_processes as usize);
-    let mut pipeline = Pipeline::new(node.clone(), agent_id.clone(), policy, stats.clone());
-    pipeline.remember_delivered(&state.delivered);
-    if let Some(a) = &attributor {
-        tracker = tracker.with_attributor(a.clone());
-        pipeline = pipeline.with_attributor(a.clone());
-    }
-    let mut pipeline = pipeline.with_process_tracker(tracker);
+    let nvml_state = start_nvml(&args, &tx, &stats);
+    let (attributor, kube_state) = start_pods(&args, &node).await;
     let status = |state: AgentState, detail: String| {
         Captured::Status(AgentStatus {
             state: state as i32,
@@ -241,64 +410,14 @@ async fn main() -> anyhow::Result<()> {
             boot_id: boot_id.clone(),
         })
     };
-    tx.send(status(
-        AgentState::Started,
-        format!("{}; {nvml_state}; {kube_state}", running.why),
-    ))
-    .await
-    .ok();
-
+    let started = format!("{}; {nvml_state}; {kube_state}", running.why);
+    tx.send(status(AgentState::Started, started)).await.ok();
     if let Some(from) = state.backlog {
-        // After the live source started: records printed meanwhile are seen twice at most,
-        // and the pipeline keeps one.
-        let (tx, path, stats) = (tx.clone(), args.kmsg_path.clone(), stats.clone());
-        tokio::spawn(async move {
-            match gpulse_agent::kmsg::read_backlog(&path, from, &tx).await {
-                Ok(b) => {
-                    AgentStats::add(&stats.backlog_records, b.sent);
-                    info!(from = ?from, records = b.records, nvidia = b.sent, missed = b.missed, "kernel log backlog read");
-                }
-                Err(e) => {
-                    warn!(error = %e, path, "cannot read the kernel log's backlog; records printed while no agent ran are not reported")
-                }
-            }
-        });
+        spawn_backlog(from, args.kmsg_path.clone(), tx.clone(), stats.clone());
     }
-    // The spool log is written at once and made durable every second (and at the stop).
-    let sync_spool = spool.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            let s = sync_spool.clone();
-            let _ = tokio::task::spawn_blocking(move || s.sync()).await;
-        }
-    });
-
-    let pipe_spool = spool.clone();
-    let pipe = tokio::spawn(async move {
-        // Every 5 s: report exits of GPU processes that vanished without a reported exit.
-        let mut gc = tokio::time::interval(Duration::from_secs(5));
-        gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                item = rx.recv() => {
-                    let Some(item) = item else { break };
-                    let now = gpulse_proto::time::to_unix_nanos(&gpulse_proto::time::now());
-                    if let Some(ev) = pipeline.process(item, now) {
-                        pipe_spool.push(ev);
-                    }
-                }
-                _ = gc.tick() => {
-                    let now = gpulse_proto::time::to_unix_nanos(&gpulse_proto::time::now());
-                    for ev in pipeline.collect(now) {
-                        pipe_spool.push(ev);
-                    }
-                }
-            }
-        }
-    });
-
+    spawn_spool_sync(spool.clone());
+    let pipeline = pipeline(&args, &state, &node, policy, attributor, &stats);
+    let pipe = spawn_pipeline(rx, pipeline, spool.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let cfg = ClientConfig::new(
         args.collector.clone(),
@@ -306,7 +425,7 @@ async fn main() -> anyhow::Result<()> {
         boot_id.clone(),
         node.clone(),
     );
-    let client_task = tokio::spawn(client::run(cfg, spool.clone(), stats.clone(), shutdown_rx));
+    let client = tokio::spawn(client::run(cfg, spool.clone(), stats.clone(), shutdown_rx));
     // Start-up (BTF parsing, object relocation, TLS set-up) leaves freed heap behind; hand it back
     // so the steady-state footprint is what the agent actually uses.
     // SAFETY: glibc call with no preconditions.
@@ -317,63 +436,20 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("binding --health-listen {addr}"))?;
     }
     info!(node = %node, agent_id = %agent_id, collector = %args.collector, source = running.name, "gpulse-agent running");
-    let (stats_log, spool_log) = (stats.clone(), spool.clone());
-    tokio::spawn(async move {
-        // Every counter, once a minute, so drops are visible on the node even without a collector.
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            let (spooled, spool_bytes) = {
-                let s = spool_log.lock();
-                (s.len(), s.bytes())
-            };
-            info!(
-                captured = AgentStats::get(&stats_log.records_captured),
-                xids = AgentStats::get(&stats_log.xids),
-                dual_path_duplicates = AgentStats::get(&stats_log.dual_path_duplicates),
-                kernel_ring_dropped = AgentStats::get(&stats_log.kernel_ring_dropped),
-                kmsg_missed = AgentStats::get(&stats_log.kmsg_missed),
-                malformed = AgentStats::get(&stats_log.malformed_records),
-                spool_dropped = AgentStats::get(&stats_log.spool_dropped),
-                samples_shed = AgentStats::get(&stats_log.samples_shed),
-                spooled,
-                spool_bytes,
-                sent = AgentStats::get(&stats_log.events_sent),
-                acked = AgentStats::get(&stats_log.events_acked),
-                reconnects = AgentStats::get(&stats_log.reconnects),
-                refused = AgentStats::get(&stats_log.events_refused),
-                "agent counters"
-            );
-        }
-    });
-
+    spawn_counter_log(stats.clone(), spool.clone());
     wait_for_signal().await;
-    info!("stopping: flushing the spool to the collector");
-    tx.send(status(AgentState::Stopping, "agent stopping".into()))
-        .await
-        .ok();
-    running.task.abort();
-    drop(tx);
-    // Let the pipeline drain what was captured, then tell the client to finish.
-    let _ = tokio::time::timeout(Duration::from_secs(1), pipe).await;
-    shutdown_tx.send(true).ok();
-    match tokio::time::timeout(Duration::from_secs(5), client_task).await {
-        Ok(_) => {}
-        Err(_) => warn!(
-            unacked = spool.lock().len(),
-            "collector did not acknowledge everything before the stop deadline"
-        ),
+    Stop {
+        capture: running.task,
+        stopping: status(AgentState::Stopping, "agent stopping".into()),
+        tx,
+        pipe,
+        shutdown_tx,
+        client,
+        spool,
+        stats,
     }
-    spool.sync();
-    info!(
-        xids = AgentStats::get(&stats.xids),
-        sent = AgentStats::get(&stats.events_sent),
-        acked = AgentStats::get(&stats.events_acked),
-        spool_dropped = AgentStats::get(&stats.spool_dropped),
-        kernel_ring_dropped = AgentStats::get(&stats.kernel_ring_dropped),
-        "gpulse-agent stopped"
-    );
+    .run()
+    .await;
     Ok(())
 }
 

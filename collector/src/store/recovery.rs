@@ -152,6 +152,156 @@ pub fn add_sample(series: &mut SeriesStore, ev: &v1::Event) -> bool {
 /// One restored event: the snapshot's or the log's.
 type Entry = (Box<v1::Event>, prost::bytes::Bytes);
 
+/// The store being rebuilt, and what the replay learns on the way.
+struct Restorer {
+    store: EventStore,
+    series: SeriesStore,
+    agents: FastMap<String, v1::AgentProgress>,
+    /// One shared envelope per sender, as at ingest.
+    senders: Senders,
+    next_cursor: u64,
+    events_through: u64,
+    series_through: u64,
+    restored: u64,
+    from_snapshot: u64,
+}
+
+/// Log checkpoints met during the replay: agents' progress and the next cursor.
+struct Checkpoints {
+    agents: FastMap<String, v1::AgentProgress>,
+    next_cursor: u64,
+}
+
+impl Restorer {
+    /// Starts from the snapshots: the events snapshot's checkpoint and the sample history.
+    fn new(
+        events_bytes: usize,
+        budgets: SeriesBudgets,
+        events: Option<&EventsReader>,
+        series: Option<SeriesSnapshot>,
+    ) -> Self {
+        let mut agents = FastMap::default();
+        let (mut next_cursor, mut events_through) = (1, 0);
+        if let Some(es) = events {
+            for a in &es.checkpoint.agents {
+                merge_progress(&mut agents, a.clone());
+            }
+            next_cursor = es.checkpoint.next_cursor.max(1);
+            events_through = es.through;
+        }
+        let (series_through, series) = match series {
+            Some(ss) => {
+                if !ss.added.is_empty() || !ss.dropped.is_empty() {
+                    info!(added = ?ss.added, dropped = ?ss.dropped, "sample history mapped to this collector's metrics by name");
+                }
+                (
+                    ss.through,
+                    SeriesStore::restore(metric::COUNT, budgets, ss.gpus),
+                )
+            }
+            None => (0, SeriesStore::new(metric::COUNT, budgets)),
+        };
+        Self {
+            store: EventStore::new(events_bytes, 1),
+            series,
+            agents,
+            senders: Senders::default(),
+            next_cursor,
+            events_through,
+            series_through,
+            restored: 0,
+            from_snapshot: 0,
+        }
+    }
+
+    /// A log event's seq raises its agent's progress.
+    fn count_log(&mut self, ev: &v1::Event) {
+        self.restored += 1;
+        merge_event(&mut self.agents, ev);
+    }
+
+    /// Puts one event back: into the store (unless the events snapshot covers it) and the
+    /// sample history (unless its snapshot does); `visit` sees it after.
+    fn place(
+        &mut self,
+        from_snap: bool,
+        (ev, encoded): Entry,
+        visit: &mut impl FnMut(Box<v1::Event>, Restored),
+    ) {
+        if from_snap {
+            self.from_snapshot += 1;
+        } else {
+            self.count_log(&ev);
+        }
+        let history = ev.cursor > self.series_through;
+        if !from_snap && ev.cursor <= self.events_through {
+            // Covered by the events snapshot (or expired before it): history only.
+            if history {
+                add_sample(&mut self.series, &ev);
+            }
+            visit(ev, Restored::HistoryOnly);
+            return;
+        }
+        self.next_cursor = self.next_cursor.max(ev.cursor + 1);
+        let origin = self.senders.get(&ev.node, &ev.agent_id);
+        if self.store.restore(&ev, &encoded, &origin).is_none() {
+            return; // a cursor already restored
+        }
+        drop(encoded);
+        if history {
+            add_sample(&mut self.series, &ev);
+        }
+        visit(ev, Restored::Stored);
+    }
+
+    fn finish(
+        mut self,
+        wal_replay: WalReplay,
+        cp: Checkpoints,
+        damaged: Vec<SnapKind>,
+    ) -> Result<Recovered, WalError> {
+        for p in cp.agents.into_values() {
+            merge_progress(&mut self.agents, p);
+        }
+        // Retention counts from the last time an agent was heard of; one restored without that
+        // counts from now.
+        let restart = ptime::now();
+        for a in self.agents.values_mut() {
+            a.last_seen.get_or_insert(restart);
+        }
+        let mut next_cursor = self.next_cursor.max(cp.next_cursor);
+        let (wal, replay) = wal_replay.finish()?;
+        // Frames lost to damage may have carried cursors already handed to subscribers: skip
+        // past every cursor they could have held (a frame is at least 9 bytes) so none is reused.
+        for c in &replay.corruptions {
+            next_cursor += c.skipped_bytes / 9 + 1;
+            warn!(segment = %c.segment, offset = c.offset, skipped_bytes = c.skipped_bytes, reason = %c.reason, "WAL damage skipped at start-up");
+        }
+        self.store.skip_to(next_cursor);
+        info!(
+            restored_events = self.restored,
+            from_snapshot = self.from_snapshot,
+            retained = self.store.len(),
+            agents = self.agents.len(),
+            segments = replay.segments,
+            corruptions = replay.corruptions.len(),
+            next_cursor = self.store.next_cursor(),
+            sample_gpus = self.series.gpus().len(),
+            "store restored from snapshots and write-ahead log"
+        );
+        Ok(Recovered {
+            events: self.store,
+            series: self.series,
+            wal,
+            events_through: self.events_through,
+            series_through: self.series_through,
+            agents: self.agents,
+            corruptions: replay.corruptions.len(),
+            damaged,
+        })
+    }
+}
+
 impl Opened {
     /// Streams the events snapshot and the log, merged in cursor order, into a new event store
     /// of `events_bytes` and the sample history; `visit` sees every event after it was placed.
@@ -168,37 +318,13 @@ impl Opened {
             counters: _,
             mut damaged,
         } = self;
-        let mut store = EventStore::new(events_bytes, 1);
-        let mut agents: FastMap<String, v1::AgentProgress> = FastMap::default();
-        let mut next_cursor = 1;
-        let events_through = match &events_snap {
-            Some(es) => {
-                for a in &es.checkpoint.agents {
-                    merge_progress(&mut agents, a.clone());
-                }
-                next_cursor = es.checkpoint.next_cursor.max(1);
-                es.through
-            }
-            None => 0,
+        let mut r = Restorer::new(events_bytes, budgets, events_snap.as_ref(), series_snap);
+        let mut cp = Checkpoints {
+            agents: FastMap::default(),
+            next_cursor: 1,
         };
-        let n_metrics = metric::COUNT;
-        let (series_through, mut series) = match series_snap {
-            Some(ss) => {
-                if !ss.added.is_empty() || !ss.dropped.is_empty() {
-                    info!(added = ?ss.added, dropped = ?ss.dropped, "sample history mapped to this collector's metrics by name");
-                }
-                (
-                    ss.through,
-                    SeriesStore::restore(n_metrics, budgets, ss.gpus),
-                )
-            }
-            None => (0, SeriesStore::new(n_metrics, budgets)),
-        };
-        // Checkpoints met in the log: agents' progress and the next cursor, merged after.
-        let mut cp_agents: FastMap<String, v1::AgentProgress> = FastMap::default();
-        let mut cp_next_cursor = 1;
-        let (mut restored, mut from_snapshot) = (0u64, 0u64);
         {
+            let damaged = &mut damaged;
             let mut snap_iter = events_snap
                 .into_iter()
                 .flatten()
@@ -215,93 +341,31 @@ impl Opened {
                 .by_ref()
                 .filter_map(|item| match item {
                     Replayed::Event(ev, encoded) => Some((ev, encoded)),
-                    Replayed::Checkpoint(cp) => {
-                        cp_next_cursor = cp_next_cursor.max(cp.next_cursor);
+                    Replayed::Checkpoint(c) => {
+                        cp.next_cursor = cp.next_cursor.max(c.next_cursor);
                         // Bounded by the agents the collector tracks: the highest per agent.
-                        for a in cp.agents {
-                            merge_progress(&mut cp_agents, a);
+                        for a in c.agents {
+                            merge_progress(&mut cp.agents, a);
                         }
                         None
                     }
                 })
                 .peekable();
-            // One shared envelope per sender, as at ingest.
-            let mut senders = Senders::default();
-            while let Some((from_snap, (ev, encoded))) =
-                next_in_order(&mut snap_iter, &mut wal_iter)
-            {
-                if from_snap {
-                    from_snapshot += 1;
-                } else {
-                    restored += 1;
-                    merge_event(&mut agents, &ev);
-                }
-                if !from_snap && ev.cursor <= events_through {
-                    // Covered by the events snapshot (or expired before it): history only.
-                    if ev.cursor > series_through {
-                        add_sample(&mut series, &ev);
-                    }
-                    visit(ev, Restored::HistoryOnly);
-                    continue;
-                }
-                if from_snap && wal_iter.peek().is_some_and(|(w, _)| w.cursor == ev.cursor) {
+            while let Some((from_snap, entry)) = next_in_order(&mut snap_iter, &mut wal_iter) {
+                if from_snap
+                    && wal_iter
+                        .peek()
+                        .is_some_and(|(w, _)| w.cursor == entry.0.cursor)
+                {
                     // The same event is in the log too: keep one.
                     if let Some((w, _)) = wal_iter.next() {
-                        restored += 1;
-                        merge_event(&mut agents, &w);
+                        r.count_log(&w);
                     }
                 }
-                next_cursor = next_cursor.max(ev.cursor + 1);
-                let origin = senders.get(&ev.node, &ev.agent_id);
-                if store.restore(&ev, &encoded, &origin).is_none() {
-                    continue; // a cursor already restored
-                }
-                drop(encoded);
-                if ev.cursor > series_through {
-                    add_sample(&mut series, &ev);
-                }
-                visit(ev, Restored::Stored);
+                r.place(from_snap, entry, &mut visit);
             }
         }
-        for p in cp_agents.into_values() {
-            merge_progress(&mut agents, p);
-        }
-        // Retention counts from the last time an agent was heard of; one restored without that
-        // counts from now.
-        let restart = ptime::now();
-        for a in agents.values_mut() {
-            a.last_seen.get_or_insert(restart);
-        }
-        next_cursor = next_cursor.max(cp_next_cursor);
-        let (wal, replay) = wal_replay.finish()?;
-        // Frames lost to damage may have carried cursors already handed to subscribers: skip
-        // past every cursor they could have held (a frame is at least 9 bytes) so none is reused.
-        for c in &replay.corruptions {
-            next_cursor += c.skipped_bytes / 9 + 1;
-            warn!(segment = %c.segment, offset = c.offset, skipped_bytes = c.skipped_bytes, reason = %c.reason, "WAL damage skipped at start-up");
-        }
-        store.skip_to(next_cursor);
-        info!(
-            restored_events = restored,
-            from_snapshot,
-            retained = store.len(),
-            agents = agents.len(),
-            segments = replay.segments,
-            corruptions = replay.corruptions.len(),
-            next_cursor = store.next_cursor(),
-            sample_gpus = series.gpus().len(),
-            "store restored from snapshots and write-ahead log"
-        );
-        Ok(Recovered {
-            events: store,
-            series,
-            wal,
-            events_through,
-            series_through,
-            agents,
-            corruptions: replay.corruptions.len(),
-            damaged,
-        })
+        r.finish(wal_replay, cp, damaged)
     }
 }
 
