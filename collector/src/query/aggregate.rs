@@ -12,7 +12,7 @@ use gpulse_proto::{
     window,
 };
 
-use super::{HOUR_NS, QueryError, window_notes};
+use super::{HOUR_NS, QueryError, bounded, window_notes, wire_enum, wire_value};
 use crate::{
     filter::Filter,
     store::events::{EventStore, Order, event_ms},
@@ -274,22 +274,13 @@ pub fn xid_groups(
     req: XidGroupsRequest,
     now_ns: i128,
 ) -> Result<XidGroupsResponse, QueryError> {
-    let top = match req.top {
-        0 => 20,
-        n @ 1..=100 => n as usize,
-        n => {
-            return Err(QueryError::Range {
-                field: "top",
-                value: u64::from(n),
-                allowed: "1..=100 (0 = 20)",
-            });
-        }
-    };
-    let by = XidGrouping::try_from(req.group_by).map_err(|_| QueryError::Range {
-        field: "group_by",
-        value: req.group_by as u64,
-        allowed: "0-3 (unspecified, code, gpu, node)",
-    })?;
+    let top = bounded("top", req.top, 20, 100, "1..=100 (0 = 20)")? as usize;
+    let by = wire_enum(
+        "group_by",
+        req.group_by,
+        XidGrouping::Code,
+        "0-3 (unspecified, code, gpu, node)",
+    )?;
     let filter = Filter::from_wire(Some(v1::EventFilter {
         nodes: req.nodes,
         kinds: vec![EventKind::Xid as i32],
@@ -358,22 +349,14 @@ pub fn processes(
     req: ProcessesRequest,
     now_ns: i128,
 ) -> Result<ProcessesResponse, QueryError> {
-    let limit = match req.limit {
-        0 => DEFAULT_PROCESSES,
-        n if n <= MAX_PROCESSES => n,
-        n => {
-            return Err(QueryError::Range {
-                field: "limit",
-                value: u64::from(n),
-                allowed: "1..=1000 (0 = 100)",
-            });
-        }
-    } as usize;
-    let state = ProcessState::try_from(req.state).map_err(|_| QueryError::Range {
-        field: "state",
-        value: req.state as u64,
-        allowed: "0-2 (all, running, exited)",
-    })?;
+    let limit = bounded(
+        "limit",
+        req.limit,
+        DEFAULT_PROCESSES,
+        MAX_PROCESSES,
+        "1..=1000 (0 = 100)",
+    )? as usize;
+    let state: ProcessState = wire_value("state", req.state, "0-2 (all, running, exited)")?;
     let filter = Filter::from_wire(Some(v1::EventFilter {
         nodes: req.nodes,
         kinds: vec![EventKind::GpuProcess as i32],

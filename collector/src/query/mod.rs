@@ -149,23 +149,62 @@ impl PageToken {
     }
 }
 
+/// `n` in `1..=max`, or `default` for 0.
+pub(crate) fn bounded(
+    field: &'static str,
+    n: u32,
+    default: u32,
+    max: u32,
+    allowed: &'static str,
+) -> Result<u32, QueryError> {
+    match n {
+        0 => Ok(default),
+        n if n <= max => Ok(n),
+        n => Err(QueryError::Range {
+            field,
+            value: u64::from(n),
+            allowed,
+        }),
+    }
+}
+
+/// A wire enum value this build knows.
+pub(crate) fn wire_value<T: TryFrom<i32>>(
+    field: &'static str,
+    v: i32,
+    allowed: &'static str,
+) -> Result<T, QueryError> {
+    T::try_from(v).map_err(|_| QueryError::Range {
+        field,
+        value: v as u64,
+        allowed,
+    })
+}
+
+/// A wire enum value, `default` when unspecified.
+pub(crate) fn wire_enum<T: TryFrom<i32> + PartialEq + Default>(
+    field: &'static str,
+    v: i32,
+    default: T,
+    allowed: &'static str,
+) -> Result<T, QueryError> {
+    let t: T = wire_value(field, v, allowed)?;
+    Ok(if t == T::default() { default } else { t })
+}
+
 /// `ListEvents`: events whose time lies in the window, newest first unless asked otherwise.
 pub fn list_events(
     store: &EventStore,
     req: ListEventsRequest,
     now_ns: i128,
 ) -> Result<ListEventsResponse, QueryError> {
-    let limit = match req.limit {
-        0 => DEFAULT_LIMIT,
-        n if n <= MAX_LIMIT => n,
-        n => {
-            return Err(QueryError::Range {
-                field: "limit",
-                value: u64::from(n),
-                allowed: "1..=1000 (0 = 100)",
-            });
-        }
-    };
+    let limit = bounded(
+        "limit",
+        req.limit,
+        DEFAULT_LIMIT,
+        MAX_LIMIT,
+        "1..=1000 (0 = 100)",
+    )?;
     let order = match Order::try_from(req.order) {
         Ok(Order::OldestFirst) => events::Order::OldestFirst,
         Ok(_) => events::Order::NewestFirst,

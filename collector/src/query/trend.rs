@@ -13,8 +13,8 @@ use gpulse_proto::{
 };
 
 use super::{
-    DEFAULT_POINTS, DEFAULT_SERIES, HOUR_NS, MAX_POINTS, MAX_SERIES, QueryError, ms_ts, resolved,
-    rfc,
+    DEFAULT_POINTS, DEFAULT_SERIES, HOUR_NS, MAX_POINTS, MAX_SERIES, QueryError, bounded, ms_ts,
+    resolved, rfc, wire_enum,
 };
 use crate::{
     filter::FilterError,
@@ -231,40 +231,6 @@ impl Plan {
     fn p95(&self) -> bool {
         self.agg == Aggregation::P95
     }
-}
-
-/// `n` in `1..=max`, or `default` for 0.
-fn bounded(
-    field: &'static str,
-    n: u32,
-    default: u32,
-    max: u32,
-    allowed: &'static str,
-) -> Result<u32, QueryError> {
-    match n {
-        0 => Ok(default),
-        n if n <= max => Ok(n),
-        n => Err(QueryError::Range {
-            field,
-            value: u64::from(n),
-            allowed,
-        }),
-    }
-}
-
-/// A wire enum value, `default` when unspecified.
-fn wire_enum<T: TryFrom<i32> + PartialEq + Default>(
-    field: &'static str,
-    v: i32,
-    default: T,
-    allowed: &'static str,
-) -> Result<T, QueryError> {
-    let t = T::try_from(v).map_err(|_| QueryError::Range {
-        field,
-        value: v as u64,
-        allowed,
-    })?;
-    Ok(if t == T::default() { default } else { t })
 }
 
 /// Validates the request and lays out the step grid: the step from `max_points` (or asked, and
