@@ -1,7 +1,7 @@
 //! The tools' view of the Telemetry API: one typed call per RPC, failures turned into the text
 //! an MCP client is shown (bad arguments it can fix, or an unavailable collector to retry).
 use gpulse_proto::v1::{
-    ListEventsRequest, ListEventsResponse, NodesRequest, NodesResponse, ProcessesRequest,
+    ListEventsRequest, ListEventsResponse, NodeInfo, NodesRequest, NodesResponse, ProcessesRequest,
     ProcessesResponse, StatusRequest, StatusResponse, SummarizeRequest, SummarizeResponse,
     TimeWindow, TrendRequest, TrendResponse, XidGroupsRequest, XidGroupsResponse,
 };
@@ -74,18 +74,34 @@ impl Source {
         let all = self.nodes(None).await?;
         let names: Vec<String> = all.nodes.into_iter().map(|n| n.node).collect();
         let missing: Vec<&String> = nodes.iter().filter(|n| !names.contains(n)).collect();
-        let Some(first) = missing.first() else {
-            return Ok(());
-        };
-        let which = match missing.as_slice() {
-            [one] => format!("unknown node {one:?}"),
-            many => format!("unknown nodes {many:?}"),
-        };
-        Err(if names.is_empty() {
-            format!("{which}: the collector has not heard from any node yet")
-        } else {
-            format!("{which}; nearest known: {:?}", nearest(first, &names))
-        })
+        match missing.is_empty() {
+            true => Ok(()),
+            false => Err(unknown(&missing, &names)),
+        }
+    }
+
+    /// One node as `Nodes` knows it, or "unknown node, nearest known".
+    pub async fn node(&self, name: &str) -> Answer<NodeInfo> {
+        let all = self.nodes(None).await?;
+        let names: Vec<String> = all.nodes.iter().map(|n| n.node.clone()).collect();
+        all.nodes
+            .into_iter()
+            .find(|n| n.node == name)
+            .ok_or_else(|| unknown(&[&name.to_string()], &names))
+    }
+}
+
+/// "unknown node(s) ...; nearest known: ..." for names not among `names`.
+fn unknown(missing: &[&String], names: &[String]) -> String {
+    let which = match missing {
+        [one] => format!("unknown node {one:?}"),
+        many => format!("unknown nodes {many:?}"),
+    };
+    match missing.first() {
+        Some(first) if !names.is_empty() => {
+            format!("{which}; nearest known: {:?}", nearest(first, names))
+        }
+        _ => format!("{which}: the collector has not heard from any node yet"),
     }
 }
 

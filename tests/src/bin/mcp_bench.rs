@@ -4,6 +4,8 @@
 //! repeatedly for its size and render time.
 //!
 //! `cargo xtask bench --mcp` (builds release binaries and points GPULSE_BIN_DIR at them).
+//! `--xid-every-ms N` feeds an XID every N ms of the last hour instead of every 10 s (a busier
+//! hour for `events_summary`); `--no-python` skips the Python client's figures.
 #![allow(clippy::print_stdout)] // a benchmark report
 
 use std::{
@@ -75,8 +77,9 @@ fn xid(gpu: u32, ms: i64, code: u32) -> v1::Event {
     }
 }
 
-/// 24 h of samples for every GPU, in time order, with an XID every ~10 s in the last hour.
-fn feed(url: &str) -> anyhow::Result<u64> {
+/// 24 h of samples for every GPU, in time order, with an XID every `xid_every_ms` (a multiple
+/// of 1000, or a divisor of it) in the last hour.
+fn feed(url: &str, xid_every_ms: i64) -> anyhow::Result<u64> {
     let now = (gpulse_proto::time::to_unix_nanos(&gpulse_proto::time::now()) / 1_000_000) as i64;
     let mut t = now - HOURS * 3_600_000;
     let batches = std::iter::from_fn(move || {
@@ -88,9 +91,18 @@ fn feed(url: &str) -> anyhow::Result<u64> {
             for g in 0..GPUS {
                 batch.push(sample(g, t));
             }
-            if now - t < 3_600_000 && (t / 1000) % 10 == 0 {
-                let code = [13, 31, 43, 48, 79, 94, 119][((t / 10_000) % 7) as usize];
-                batch.push(xid(((t / 10_000) % i64::from(GPUS)) as u32, t, code));
+            if now - t < 3_600_000 {
+                // Every XID time within this second of samples.
+                let mut x = t.div_euclid(xid_every_ms) * xid_every_ms;
+                if x < t {
+                    x += xid_every_ms;
+                }
+                while x < t + 1000 {
+                    let k = x / xid_every_ms;
+                    let code = [13, 31, 43, 48, 79, 94, 119][(k % 7) as usize];
+                    batch.push(xid((k % i64::from(GPUS)) as u32, x, code));
+                    x += xid_every_ms;
+                }
             }
             t += 1000;
         }
@@ -122,11 +134,20 @@ fn raw_call(port: u16, tool: &str, args: &str) -> anyhow::Result<usize> {
 }
 
 fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let xid_every_ms: i64 = match args.iter().position(|a| a == "--xid-every-ms") {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .filter(|v| *v > 0)
+            .ok_or_else(|| anyhow::anyhow!("--xid-every-ms takes a positive number"))?,
+        None => 10_000,
+    };
     let dir = tempfile::tempdir()?;
     let (g, h) = (free_port(), free_port());
     let c = Collector::start(&dir.path().join("data"), g, h, &["--fsync", "never"])?;
     let t = Instant::now();
-    let n = feed(&c.url())?;
+    let n = feed(&c.url(), xid_every_ms)?;
     println!(
         "fed {n} events ({GPUS} GPUs x {HOURS} h of 1 s samples, XIDs in the last hour) in {:.1} s",
         t.elapsed().as_secs_f64()
@@ -186,6 +207,9 @@ fn main() -> anyhow::Result<()> {
             times[100].as_secs_f64() * 1000.0,
             times[198].as_secs_f64() * 1000.0
         );
+    }
+    if args.iter().any(|a| a == "--no-python") {
+        return Ok(());
     }
     let python = python_venv("mcp", &["mcp==2.3.0"])?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/mcp_client.py");

@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use gpulse_proto::v1::{
-    self, EventFilter, ListEventsRequest, Order, ProcessState, ProcessesRequest, XidGrouping,
-    XidGroupsRequest,
+    self, EventFilter, ListEventsRequest, Order, ProcessState, ProcessesRequest, TimeWindow,
+    XidGrouping, XidGroupsRequest,
 };
 use rmcp::{Json, handler::server::wrapper::Parameters, tool, tool_router};
 
@@ -12,7 +12,7 @@ use super::{fit, kinds, list_gpu_processes::process_row, opt, row, ts, tw, windo
 use crate::{
     GpulseMcp,
     source::explain,
-    types::{AgentInfo, DescribeNode, DescribeNodeArgs, GpuLatest, NodeGpu},
+    types::{AgentInfo, DescribeNode, DescribeNodeArgs, GpuLatest, NodeGpu, ProcessRow},
 };
 
 /// Running processes listed at most.
@@ -59,6 +59,91 @@ fn node_gpu(g: &v1::GpuSample, xids: &HashMap<String, u64>) -> NodeGpu {
     }
 }
 
+/// The node's newest events of the window (the request asks for at least one; `max` may be 0).
+fn recent_request(w: &TimeWindow, node: &str, max: u32) -> ListEventsRequest {
+    ListEventsRequest {
+        window: Some(w.clone()),
+        filter: Some(EventFilter {
+            nodes: vec![node.to_string()],
+            kinds: kinds(&[]),
+            ..Default::default()
+        }),
+        limit: max.max(1),
+        order: Order::NewestFirst as i32,
+        ..Default::default()
+    }
+}
+
+/// `max_events`: 0-50, default 10.
+fn max_events(v: Option<u32>) -> Result<u32, String> {
+    match v {
+        None => Ok(10),
+        Some(n) if n <= 50 => Ok(n),
+        Some(n) => Err(format!(
+            "max_events {n} is out of range: use 0-50 (default 10)"
+        )),
+    }
+}
+
+impl GpulseMcp {
+    /// The node's running GPU processes, with the GPU memory NVML last saw them hold.
+    async fn running_processes(
+        &self,
+        w: &TimeWindow,
+        n: &v1::NodeInfo,
+    ) -> Result<Vec<ProcessRow>, String> {
+        let r = self
+            .source
+            .processes(ProcessesRequest {
+                window: Some(w.clone()),
+                nodes: vec![n.node.clone()],
+                state: ProcessState::Running as i32,
+                limit: PROCESSES,
+                ..Default::default()
+            })
+            .await?;
+        let mut mem_by_pid: HashMap<u32, u64> = HashMap::new();
+        for p in n.gpus.iter().flat_map(|g| &g.processes) {
+            if let Some(m) = p.used_memory_bytes {
+                *mem_by_pid.entry(p.pid).or_default() += m;
+            }
+        }
+        Ok(r.processes
+            .iter()
+            .map(|p| ProcessRow {
+                gpu_mem_bytes: mem_by_pid.get(&p.pid).copied(),
+                ..process_row(p)
+            })
+            .collect())
+    }
+}
+
+fn hints(n: &v1::NodeInfo, mut hints: Vec<String>) -> Vec<String> {
+    if n.connected_agents.is_empty() {
+        hints.push(format!(
+            "no agent of {} is connected; last heard from {}",
+            n.node,
+            ts(&n.last_seen).unwrap_or_else(|| "never".into())
+        ));
+    }
+    if n.gpus.is_empty() {
+        hints.push(
+            "no GPU samples from this node (NVML unavailable or off on its agent)".to_string(),
+        );
+    }
+    hints
+}
+
+fn agent(n: &v1::NodeInfo) -> AgentInfo {
+    AgentInfo {
+        connected_agents: n.connected_agents.clone(),
+        xid_source: n.xid_source.clone(),
+        detail: n.agent_detail.clone(),
+        driver: n.gpus.first().and_then(|g| opt(&g.driver_version)),
+        cuda: n.gpus.first().and_then(|g| opt(&g.cuda_driver_version)),
+    }
+}
+
 #[tool_router(router = describe_node_router, vis = "pub(crate)")]
 impl GpulseMcp {
     /// One node now and recently: connection, agent and driver, each GPU's latest sample and
@@ -68,107 +153,45 @@ impl GpulseMcp {
         &self,
         Parameters(a): Parameters<DescribeNodeArgs>,
     ) -> Result<Json<DescribeNode>, String> {
-        let max_events = match a.max_events {
-            None => 10,
-            Some(n) if n <= 50 => n,
-            Some(n) => {
-                return Err(format!(
-                    "max_events {n} is out of range: use 0-50 (default 10)"
-                ));
-            }
-        };
-        self.source
-            .known_nodes(std::slice::from_ref(&a.node))
-            .await?;
-        let all = self.source.nodes(None).await?;
-        let Some(n) = all.nodes.iter().find(|n| n.node == a.node) else {
-            return Err(format!("node {:?} is no longer known", a.node));
-        };
+        let max_events = max_events(a.max_events)?;
+        let n = self.source.node(&a.node).await?;
         let (w, defaulted) = tw(&a.since, "", "1h");
-        let nodes = vec![a.node.clone()];
         let recent = self
             .source
-            .list_events(ListEventsRequest {
-                window: Some(w.clone()),
-                filter: Some(EventFilter {
-                    nodes: nodes.clone(),
-                    kinds: kinds(&[]),
-                    ..Default::default()
-                }),
-                limit: max_events.max(1),
-                order: Order::NewestFirst as i32,
-                ..Default::default()
-            })
+            .list_events(recent_request(&w, &a.node, max_events))
             .await
             .map_err(explain)?;
         let xids = self
             .source
             .xid_groups(XidGroupsRequest {
                 window: Some(w.clone()),
-                nodes: nodes.clone(),
+                nodes: vec![a.node.clone()],
                 group_by: XidGrouping::Gpu as i32,
                 top: 100,
             })
             .await?;
         let by_gpu = xids_by_gpu(&xids, &a.node);
-        let mut mem_by_pid: HashMap<u32, u64> = HashMap::new();
-        for p in n.gpus.iter().flat_map(|g| &g.processes) {
-            if let Some(m) = p.used_memory_bytes {
-                *mem_by_pid.entry(p.pid).or_default() += m;
-            }
-        }
-        let mut procs = Vec::new();
-        if a.include_processes.unwrap_or(true) {
-            let r = self
-                .source
-                .processes(ProcessesRequest {
-                    window: Some(w),
-                    nodes,
-                    state: ProcessState::Running as i32,
-                    limit: PROCESSES,
-                    ..Default::default()
-                })
-                .await?;
-            procs = r.processes.iter().map(process_row).collect();
-        }
-        for p in &mut procs {
-            p.gpu_mem_bytes = mem_by_pid.get(&p.pid).copied();
-        }
-        let mut hints = recent.hints.clone();
-        if n.connected_agents.is_empty() {
-            hints.push(format!(
-                "no agent of {} is connected; last heard from {}",
-                a.node,
-                ts(&n.last_seen).unwrap_or_else(|| "never".into())
-            ));
-        }
-        if n.gpus.is_empty() {
-            hints.push(
-                "no GPU samples from this node (NVML unavailable or off on its agent)".to_string(),
-            );
-        }
+        let processes = match a.include_processes.unwrap_or(true) {
+            true => self.running_processes(&w, &n).await?,
+            false => Vec::new(),
+        };
+        let recent_events = recent
+            .events
+            .iter()
+            .take(max_events as usize)
+            .map(row)
+            .collect();
         let mut out = DescribeNode {
             node: n.node.clone(),
             window: window_of(&recent.window, defaulted),
             connected: !n.connected_agents.is_empty(),
             last_seen: ts(&n.last_seen),
-            agent: AgentInfo {
-                connected_agents: n.connected_agents.clone(),
-                xid_source: n.xid_source.clone(),
-                detail: n.agent_detail.clone(),
-                driver: n.gpus.first().and_then(|g| opt(&g.driver_version)),
-                cuda: n.gpus.first().and_then(|g| opt(&g.cuda_driver_version)),
-            },
+            agent: agent(&n),
             gpus: n.gpus.iter().map(|g| node_gpu(g, &by_gpu)).collect(),
-            processes: procs,
-            recent_events: recent
-                .events
-                .iter()
-                .take(max_events as usize)
-                .map(row)
-                .collect(),
+            processes,
+            recent_events,
             xid_count_window: xids.total_matched,
-            hints,
+            hints: hints(&n, recent.hints),
         };
         if fit(
             &mut out,
