@@ -349,6 +349,48 @@ pub fn marker(tag: &str) -> String {
     format!("{tag}-{}-{nanos}", std::process::id())
 }
 
+/// npm `packages` installed once into `target/npm/<name>` (kept while the list is the same):
+/// returns that prefix (executables are in `node_modules/.bin`).
+pub fn npm_packages(name: &str, packages: &[&str]) -> anyhow::Result<PathBuf> {
+    let root = bin_dir()
+        .parent()
+        .map(|p| p.join("npm"))
+        .unwrap_or_else(|| PathBuf::from("target/npm"));
+    std::fs::create_dir_all(&root)?;
+    let dir = root.join(name);
+    let stamp = dir.join(".installed");
+    let want = packages.join("\n");
+    let lock = std::fs::File::create(root.join(format!("{name}.lock")))?;
+    // SAFETY: flock on a file descriptor we own; released when `lock` is dropped.
+    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let out = Command::new("npm")
+        .args([
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel",
+            "error",
+            "--prefix",
+        ])
+        .arg(&dir)
+        .args(packages)
+        .output()
+        .context("running npm (Debian package npm)")?;
+    if !out.status.success() {
+        bail!(
+            "npm install {packages:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::write(&stamp, want)?;
+    Ok(dir)
+}
+
 /// A Python virtual environment under `target/py/<name>` with `packages` installed (pinned
 /// specs), created on first use (needs PyPI). Concurrent callers wait on a lock file.
 pub fn python_venv(name: &str, packages: &[&str]) -> anyhow::Result<PathBuf> {

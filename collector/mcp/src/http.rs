@@ -108,3 +108,104 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Arc;
+
+    use axum::{body::Body, http::Request as HttpRequest};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::tools::testing::Fake;
+
+    const INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+
+    /// The status `/mcp` answers an initialize with these headers.
+    async fn status(opts: HttpOptions, headers: &[(&str, &str)]) -> u16 {
+        let app = router(Arc::new(Fake::default()), opts);
+        let mut req = HttpRequest::post("/mcp")
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = app
+            .oneshot(req.body(Body::from(INIT)).unwrap())
+            .await
+            .unwrap();
+        resp.status().as_u16()
+    }
+
+    fn loopback() -> HttpOptions {
+        HttpOptions {
+            loopback: true,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn origins_and_hosts_on_loopback() {
+        let host = ("host", "127.0.0.1:7701");
+        assert_eq!(
+            status(loopback(), &[host]).await,
+            200,
+            "no Origin (not a browser)"
+        );
+        for origin in [
+            "http://localhost:5173",
+            "http://127.0.0.1:7701",
+            "https://[::1]:8443",
+        ] {
+            assert_eq!(
+                status(loopback(), &[host, ("origin", origin)]).await,
+                200,
+                "{origin}"
+            );
+        }
+        for origin in [
+            "http://evil.example",
+            "http://127.0.0.1.evil.example",
+            "null",
+        ] {
+            assert_eq!(
+                status(loopback(), &[host, ("origin", origin)]).await,
+                403,
+                "{origin}"
+            );
+        }
+        // DNS rebinding: a foreign name that resolves to this machine.
+        assert_eq!(
+            status(loopback(), &[("host", "evil.example:7701")]).await,
+            403
+        );
+    }
+
+    #[tokio::test]
+    async fn off_loopback_only_the_allow_lists_and_the_token_count() {
+        let opts = HttpOptions {
+            token: Some("a-token-of-at-least-16".into()),
+            allowed_hosts: vec!["collector.example".into()],
+            allowed_origins: vec!["https://dash.example".into()],
+            loopback: false,
+        };
+        let auth = ("authorization", "Bearer a-token-of-at-least-16");
+        let host = ("host", "collector.example");
+        assert_eq!(status(opts.clone(), &[host]).await, 401, "no token");
+        assert_eq!(status(opts.clone(), &[host, auth]).await, 200);
+        let dash = ("origin", "https://dash.example");
+        assert_eq!(
+            status(opts.clone(), &[host, auth, dash]).await,
+            200,
+            "allow-listed"
+        );
+        let local = ("origin", "http://localhost:5173");
+        assert_eq!(
+            status(opts.clone(), &[host, auth, local]).await,
+            403,
+            "not loopback"
+        );
+        assert_eq!(status(opts, &[("host", "other.example"), auth]).await, 403);
+    }
+}

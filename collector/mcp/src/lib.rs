@@ -4,8 +4,11 @@
 //! its handshake, and 2026-07-28 stateless); `gpulse mcp --stdio` serves it over stdio with a
 //! collector (or gateway) reached over gRPC. The tools only shape answers: counting and grouping
 //! happen in the collector's aggregation RPCs.
+pub mod complete;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod logging;
+pub mod resources;
 pub mod source;
 pub mod tools;
 pub mod types;
@@ -15,25 +18,26 @@ use rmcp::{
     ErrorData, RoleServer, ServerHandler,
     handler::server::{router::prompt::PromptRouter, wrapper::Parameters},
     model::{
-        ListResourcesResult, PaginatedRequestParams, PromptMessage, ReadResourceRequestParams,
-        ReadResourceResponse, ReadResourceResult, Resource, ResourceContents, Role,
-        ServerCapabilities, ServerConfig,
+        CallToolRequestParams, CallToolResponse, CompleteRequestParams, CompleteResult,
+        ListResourceTemplatesResult, ListResourcesResult, PaginatedRequestParams, PromptMessage,
+        ReadResourceRequestParams, ReadResourceResponse, Role, ServerCapabilities, ServerConfig,
     },
     prompt, prompt_handler, prompt_router,
     service::RequestContext,
     tool_handler,
 };
 
+use logging::LogLevel;
+pub use resources::CATALOG_URI;
 use source::Source;
 use types::{FleetArgs, TriageArgs};
-
-pub const CATALOG_URI: &str = "telemetry://xid-catalog";
 
 #[derive(Clone)]
 pub struct GpulseMcp {
     source: Source,
     tool_router: tools::Router,
     prompt_router: PromptRouter<GpulseMcp>,
+    log_level: LogLevel,
 }
 
 impl GpulseMcp {
@@ -43,6 +47,7 @@ impl GpulseMcp {
             source: Source::new(api),
             tool_router: tools::router(),
             prompt_router: Self::prompt_router(),
+            log_level: LogLevel::default(),
         }
     }
 }
@@ -102,12 +107,16 @@ impl GpulseMcp {
 #[tool_handler(router = self.tool_router)]
 #[prompt_handler(router = self.prompt_router)]
 impl ServerHandler for GpulseMcp {
+    // Logging is deprecated by the 2026-07-28 protocol (SEP-2577); kept for 2025-11-25 clients.
+    #[allow(deprecated)]
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(
             ServerCapabilities::builder()
                 .enable_tools()
                 .enable_prompts()
                 .enable_resources()
+                .enable_completions()
+                .enable_logging()
                 .build(),
         )
         .with_server_info(rmcp::model::Implementation::new(
@@ -117,19 +126,58 @@ impl ServerHandler for GpulseMcp {
         .with_instructions(INSTRUCTIONS)
     }
 
+    /// Every tool call, timed; a cut answer or a slow call is also logged to the client.
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let started = std::time::Instant::now();
+        let tool = request.name.to_string();
+        let peer = context.peer.clone();
+        let tcc = rmcp::handler::server::tool::ToolCallContext::new(self, request, context);
+        let result = self.tool_router.call(tcc).await?;
+        let notes = logging::about(&tool, started.elapsed(), &result);
+        logging::send(&peer, &self.log_level, notes).await;
+        Ok(result)
+    }
+
+    async fn complete(
+        &self,
+        request: CompleteRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CompleteResult, ErrorData> {
+        let info = complete::complete(&self.source, &request.r#ref, &request.argument).await?;
+        Ok(CompleteResult::new(info))
+    }
+
+    // Deprecated by the 2026-07-28 protocol (SEP-2577); kept for 2025-11-25 clients.
+    #[allow(deprecated)]
+    async fn set_level(
+        &self,
+        request: rmcp::model::SetLevelRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.log_level.set(request.level);
+        Ok(())
+    }
+
     async fn list_resources(
         &self,
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, ErrorData> {
-        Ok(ListResourcesResult::with_all_items(vec![
-            Resource::new(CATALOG_URI, "xid-catalog")
-                .with_title("NVIDIA XID catalog")
-                .with_description(
-                    "Every XID code gpulse knows (1-173): mnemonic, meaning, default severity, NVIDIA's actions",
-                )
-                .with_mime_type("application/json"),
-        ]))
+        Ok(ListResourcesResult::with_all_items(resources::list()))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        Ok(ListResourceTemplatesResult::with_all_items(
+            resources::templates(),
+        ))
     }
 
     async fn read_resource(
@@ -137,18 +185,7 @@ impl ServerHandler for GpulseMcp {
         request: ReadResourceRequestParams,
         _context: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, ErrorData> {
-        if request.uri != CATALOG_URI {
-            return Err(ErrorData::resource_not_found(
-                format!("no resource {}; the server has {CATALOG_URI}", request.uri),
-                None,
-            ));
-        }
-        let body = serde_json::to_string(gpulse_xid::catalog::all())
-            .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
-        Ok(ReadResourceResult::new(vec![
-            ResourceContents::text(body, CATALOG_URI).with_mime_type("application/json"),
-        ])
-        .into())
+        Ok(resources::read(&request.uri)?.into())
     }
 }
 
@@ -158,4 +195,74 @@ pub async fn serve_stdio(api: SharedTelemetry) -> anyhow::Result<()> {
     let running = GpulseMcp::new(api).serve(rmcp::transport::stdio()).await?;
     running.waiting().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, deprecated)]
+    use gpulse_proto::v1::{NodeInfo, NodesResponse};
+    use rmcp::model::{LoggingLevel, SetLevelRequestParams};
+
+    use crate::tools::testing::{Answers, Session};
+
+    /// completion/complete, logging/setLevel and the resource templates over the protocol.
+    #[tokio::test]
+    async fn completions_logging_and_templates() {
+        let node = |n: &str| NodeInfo {
+            node: n.into(),
+            ..Default::default()
+        };
+        let s = Session::new(Answers {
+            nodes: NodesResponse {
+                nodes: vec![node("gpu-b-1"), node("gpu-a-1"), node("cpu-gpu-1")],
+                window: None,
+            },
+            ..Default::default()
+        })
+        .await;
+        let info = s.client.peer_info().unwrap();
+        assert!(info.capabilities.completions.is_some());
+        assert!(info.capabilities.logging.is_some());
+        let c = s
+            .client
+            .complete_prompt_argument("triage_node", "node", "gpu", None)
+            .await
+            .unwrap();
+        assert_eq!(c.values, vec!["gpu-a-1", "gpu-b-1", "cpu-gpu-1"]);
+        let c = s
+            .client
+            .complete_prompt_argument("fleet_health_report", "since", "now", None)
+            .await
+            .unwrap();
+        assert_eq!(c.values, vec!["now-1h", "now-24h"]);
+        let c = s
+            .client
+            .complete_resource_argument(crate::complete::METRIC_TEMPLATE, "name", "power", None)
+            .await
+            .unwrap();
+        assert_eq!(c.values, vec!["power_w", "power_limit_w"]);
+        let c = s
+            .client
+            .complete_resource_argument(crate::complete::XID_TEMPLATE, "code", "79", None)
+            .await
+            .unwrap();
+        assert_eq!(c.values, vec!["79"]);
+        for (prompt, arg) in [("triage_node", "color"), ("no_such_prompt", "node")] {
+            let c = s
+                .client
+                .complete_prompt_argument(prompt, arg, "", None)
+                .await
+                .unwrap();
+            assert!(
+                c.values.is_empty(),
+                "{prompt}/{arg}: nothing to suggest, no error"
+            );
+        }
+        s.client
+            .set_level(SetLevelRequestParams::new(LoggingLevel::Debug))
+            .await
+            .unwrap();
+        let t = s.client.list_all_resource_templates().await.unwrap();
+        assert_eq!(t.len(), 2);
+    }
 }

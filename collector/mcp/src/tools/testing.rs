@@ -130,7 +130,7 @@ pub fn window() -> Option<ResolvedWindow> {
 /// A server over `answers` and a client connected to it.
 pub struct Session {
     pub fake: Arc<Fake>,
-    client: RunningService<rmcp::RoleClient, ()>,
+    pub client: RunningService<rmcp::RoleClient, ()>,
 }
 
 impl Session {
