@@ -265,4 +265,76 @@ mod tests {
         let t = s.client.list_all_resource_templates().await.unwrap();
         assert_eq!(t.len(), 2);
     }
+
+    /// A client that keeps the log notifications it receives.
+    struct Listener(
+        tokio::sync::mpsc::UnboundedSender<rmcp::model::LoggingMessageNotificationParam>,
+    );
+
+    impl rmcp::ClientHandler for Listener {
+        async fn on_logging_message(
+            &self,
+            params: rmcp::model::LoggingMessageNotificationParam,
+            _context: rmcp::service::NotificationContext<rmcp::RoleClient>,
+        ) {
+            let _ = self.0.send(params);
+        }
+    }
+
+    /// A cut answer is logged to a client that asked for warnings; a client that asked for
+    /// errors only hears nothing.
+    #[tokio::test]
+    async fn a_cut_answer_is_logged_to_the_client() {
+        use rmcp::ServiceExt;
+        let node = |n: &str| NodeInfo {
+            node: n.into(),
+            ..Default::default()
+        };
+        let fake = std::sync::Arc::new(crate::tools::testing::Fake {
+            answers: Answers {
+                nodes: NodesResponse {
+                    nodes: vec![node("a"), node("b")],
+                    window: None,
+                },
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let (server_io, client_io) = tokio::io::duplex(1 << 16);
+        let server = crate::GpulseMcp::new(fake);
+        tokio::spawn(async move {
+            let s = server.serve(server_io).await.unwrap();
+            let _ = s.waiting().await;
+        });
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = Listener(tx).serve(client_io).await.unwrap();
+        let call = || {
+            rmcp::model::CallToolRequestParams::new("list_nodes").with_arguments(
+                serde_json::json!({"limit": 1})
+                    .as_object()
+                    .cloned()
+                    .unwrap(),
+            )
+        };
+        client
+            .set_level(SetLevelRequestParams::new(LoggingLevel::Error))
+            .await
+            .unwrap();
+        client.call_tool(call()).await.unwrap();
+        client
+            .set_level(SetLevelRequestParams::new(LoggingLevel::Warning))
+            .await
+            .unwrap();
+        client.call_tool(call()).await.unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.level, LoggingLevel::Warning);
+        assert_eq!(got.data["tool"], "list_nodes");
+        assert!(
+            rx.try_recv().is_err(),
+            "only one: the first call was below the level"
+        );
+    }
 }
