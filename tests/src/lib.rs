@@ -349,91 +349,103 @@ pub fn marker(tag: &str) -> String {
     format!("{tag}-{}-{nanos}", std::process::id())
 }
 
-/// npm `packages` installed once into `target/npm/<name>` (kept while the list is the same):
-/// returns that prefix (executables are in `node_modules/.bin`).
-pub fn npm_packages(name: &str, packages: &[&str]) -> anyhow::Result<PathBuf> {
-    let root = bin_dir()
-        .parent()
-        .map(|p| p.join("npm"))
-        .unwrap_or_else(|| PathBuf::from("target/npm"));
-    std::fs::create_dir_all(&root)?;
-    let dir = root.join(name);
-    let stamp = dir.join(".installed");
-    let want = packages.join("\n");
-    let lock = std::fs::File::create(root.join(format!("{name}.lock")))?;
-    // SAFETY: flock on a file descriptor we own; released when `lock` is dropped.
-    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
-    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
-        return Ok(dir);
-    }
-    std::fs::create_dir_all(&dir)?;
-    let out = Command::new("npm")
-        .args([
-            "install",
-            "--no-audit",
-            "--no-fund",
-            "--loglevel",
-            "error",
-            "--prefix",
-        ])
-        .arg(&dir)
-        .args(packages)
-        .output()
-        .context("running npm (Debian package npm)")?;
+/// Runs a command; its output becomes the error when it fails.
+fn run_quiet(c: &mut Command) -> anyhow::Result<()> {
+    let out = c.output().with_context(|| format!("running {c:?}"))?;
     if !out.status.success() {
         bail!(
-            "npm install {packages:?} failed: {}{}",
+            "{c:?} failed: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    std::fs::write(&stamp, want)?;
-    Ok(dir)
+    Ok(())
 }
 
-/// A Python virtual environment under `target/py/<name>` with `packages` installed (pinned
-/// specs), created on first use (needs PyPI). Concurrent callers wait on a lock file.
-pub fn python_venv(name: &str, packages: &[&str]) -> anyhow::Result<PathBuf> {
+/// `target/<kind>/<name>` with `packages` installed by `install`, done once per package list
+/// (a stamp remembers it) while `ready` holds; concurrent callers wait on a lock file.
+fn installed_once(
+    kind: &str,
+    name: &str,
+    packages: &[&str],
+    ready: impl Fn(&Path) -> bool,
+    install: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<PathBuf> {
     let root = bin_dir()
         .parent()
-        .map(|p| p.join("py"))
-        .unwrap_or_else(|| PathBuf::from("target/py"));
+        .map(|p| p.join(kind))
+        .unwrap_or_else(|| PathBuf::from("target").join(kind));
     std::fs::create_dir_all(&root)?;
     let dir = root.join(name);
-    let python = dir.join("bin/python");
     let stamp = dir.join(".installed");
     let want = packages.join("\n");
     let lock = std::fs::File::create(root.join(format!("{name}.lock")))?;
     // SAFETY: flock on a file descriptor we own; released when `lock` is dropped.
     unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
-    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) && python.exists() {
-        return Ok(python);
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) && ready(&dir) {
+        return Ok(dir);
     }
-    let run = |c: &mut Command| -> anyhow::Result<()> {
-        let out = c.output().with_context(|| format!("running {c:?}"))?;
-        if !out.status.success() {
-            bail!(
-                "{c:?} failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
-    };
-    run(Command::new("python3")
-        .args(["-m", "venv", "--clear"])
-        .arg(&dir))?;
-    run(Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args(packages))?;
+    install(&dir)?;
     std::fs::write(&stamp, want)?;
-    Ok(python)
+    Ok(dir)
+}
+
+/// npm `packages` installed once into `target/npm/<name>` (needs the npm registry): returns that
+/// prefix (executables are in `node_modules/.bin`).
+pub fn npm_packages(name: &str, packages: &[&str]) -> anyhow::Result<PathBuf> {
+    installed_once(
+        "npm",
+        name,
+        packages,
+        |_| true,
+        |dir| {
+            std::fs::create_dir_all(dir)?;
+            run_quiet(
+                Command::new("npm")
+                    .args([
+                        "install",
+                        "--no-audit",
+                        "--no-fund",
+                        "--loglevel",
+                        "error",
+                        "--prefix",
+                    ])
+                    .arg(dir)
+                    .args(packages),
+            )
+        },
+    )
+}
+
+/// A Python virtual environment under `target/py/<name>` with `packages` installed (pinned
+/// specs), created on first use (needs PyPI): returns its python.
+pub fn python_venv(name: &str, packages: &[&str]) -> anyhow::Result<PathBuf> {
+    let python = |dir: &Path| dir.join("bin/python");
+    let dir = installed_once(
+        "py",
+        name,
+        packages,
+        |d| python(d).exists(),
+        |dir| {
+            run_quiet(
+                Command::new("python3")
+                    .args(["-m", "venv", "--clear"])
+                    .arg(dir),
+            )?;
+            run_quiet(
+                Command::new(python(dir))
+                    .args([
+                        "-m",
+                        "pip",
+                        "install",
+                        "--quiet",
+                        "--disable-pip-version-check",
+                    ])
+                    .args(packages),
+            )
+        },
+    )?;
+    Ok(python(&dir))
 }
 
 /// Sends `batches` for `node` over one Ingest stream (as an agent would), waiting for each ack.
