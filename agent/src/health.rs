@@ -27,12 +27,8 @@ pub async fn serve(
             let stats = stats.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 512];
-                let n = match tokio::time::timeout(
-                    std::time::Duration::from_secs(2),
-                    sock.read(&mut buf),
-                )
-                .await
-                {
+                let read = read_request_line(&mut sock, &mut buf);
+                let n = match tokio::time::timeout(std::time::Duration::from_secs(2), read).await {
                     Ok(Ok(n)) => n,
                     _ => return,
                 };
@@ -64,4 +60,50 @@ pub async fn serve(
         }
     });
     Ok(())
+}
+
+/// Reads until the request line is complete (a client may send it in pieces: answering the
+/// first piece alone would misread the path and close a socket the client is still writing
+/// to), the buffer is full, or the peer stops sending. Returns the bytes read.
+async fn read_request_line(
+    sock: &mut tokio::net::TcpStream,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() && !buf[..n].windows(2).any(|w| w == b"\r\n") {
+        match sock.read(&mut buf[n..]).await? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A request line sent in pieces is answered for the whole path.
+    #[tokio::test]
+    async fn a_request_in_pieces_is_read_whole() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        serve(addr, "test", Arc::new(AgentStats::default()))
+            .await
+            .unwrap();
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        for piece in ["GET ", "/heal", "thz HTTP/1.0\r\n", "Host: x\r\n\r\n"] {
+            c.write_all(piece.as_bytes()).await.unwrap();
+            c.flush().await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let mut resp = String::new();
+        c.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
+        assert!(resp.contains("ok source=test"), "{resp}");
+    }
 }
