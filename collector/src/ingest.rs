@@ -68,10 +68,8 @@ fn check_header(
             "batch.agent_id changed within one stream ({a:?} -> {agent_id:?}); open a new stream per agent"
         )));
     }
-    if node.is_empty() || node.len() > MAX_ID_LEN {
-        return Err(Status::invalid_argument(format!(
-            "batch.node must be 1..={MAX_ID_LEN} bytes"
-        )));
+    if let Err(e) = crate::labels::node(node) {
+        return Err(Status::invalid_argument(format!("batch.node: {e}")));
     }
     if events > MAX_BATCH_EVENTS {
         return Err(Status::invalid_argument(format!(
@@ -137,6 +135,13 @@ fn check_event(
         )));
     }
     check_severity(i, want, ev)?;
+    if let Some(p) = &ev.payload
+        && let Err(e) = crate::labels::check_payload(p)
+    {
+        return Err(Status::invalid_argument(format!(
+            "events[{i}] (seq {want}) {e}"
+        )));
+    }
     Ok(changed)
 }
 
@@ -291,6 +296,36 @@ mod tests {
                     ..batch(vec![])
                 },
                 "node",
+            ),
+            (
+                Batch {
+                    node: "victim node\"} 1".into(),
+                    ..batch(vec![])
+                },
+                "is not a node name",
+            ),
+            (
+                batch(vec![v1::Event {
+                    seq: 1,
+                    payload: Some(v1::event::Payload::Xid(v1::Xid {
+                        code: 79,
+                        pci: "0000:3b:00.0\"} 1\ngpulse_evil 1".into(),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }]),
+                "events[0] (seq 1) xid.pci:",
+            ),
+            (
+                batch(vec![v1::Event {
+                    seq: 1,
+                    payload: Some(v1::event::Payload::GpuSample(v1::GpuSample {
+                        uuid: "GPU 0 with spaces".into(),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }]),
+                "gpu_sample.uuid:",
             ),
             (batch(vec![log_ev(1), log_ev(3)]), "contiguous"),
             (

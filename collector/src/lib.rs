@@ -5,6 +5,7 @@ pub mod grpc;
 pub mod health;
 pub mod http;
 pub mod ingest;
+pub mod labels;
 pub mod query;
 pub mod recycle;
 pub mod server;
