@@ -13,7 +13,7 @@
 //! agent resend the same batch forever.
 use std::{sync::Arc, time::Duration};
 
-use gpulse_proto::{raw::RawBatch, v1::Ack};
+use gpulse_proto::{client::ClientOptions, raw::RawBatch, v1::Ack};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
@@ -33,6 +33,8 @@ pub struct ClientConfig {
     pub max_in_flight: u64,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// TLS, client certificate and token (`--ca-file`, `--tls-client-*`, `--token-file`).
+    pub tls: ClientOptions,
 }
 
 impl ClientConfig {
@@ -47,14 +49,15 @@ impl ClientConfig {
             max_in_flight: 8192,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            tls: ClientOptions::default(),
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("invalid collector URL {0:?}: {1}")]
-    BadUrl(String, String),
+    #[error(transparent)]
+    Options(#[from] gpulse_proto::client::ClientError),
     #[error("connect: {0}")]
     Connect(#[from] tonic::transport::Error),
     #[error("stream: {0}")]
@@ -113,10 +116,10 @@ impl BatchLimit {
     }
 }
 
-/// Validates the URL early so a typo is a clear start-up error, not an endless reconnect loop.
-pub fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
-    let ep = Endpoint::from_shared(url.to_string())
-        .map_err(|e| ClientError::BadUrl(url.into(), e.to_string()))?;
+/// Validates the URL and the TLS files early, so a typo is a clear start-up error, not an
+/// endless reconnect loop.
+pub fn endpoint(url: &str, opts: &ClientOptions) -> Result<Endpoint, ClientError> {
+    let ep = opts.endpoint(url)?;
     // HTTP/2 PINGs even while no batch is in flight, and TCP keepalive under them: a collector
     // that vanished without a FIN (a node or a network path gone) is noticed within ~30 s and
     // the agent reconnects, instead of spooling behind a dead stream.
@@ -136,7 +139,7 @@ pub async fn run(
     stats: Arc<AgentStats>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ClientError> {
-    let ep = endpoint(&cfg.collector)?;
+    let ep = endpoint(&cfg.collector, &cfg.tls)?;
     let mut backoff = cfg.backoff_min;
     let mut limit = BatchLimit {
         max: cfg.max_batch_events.max(1),
@@ -222,7 +225,9 @@ async fn session(
     limit: &mut BatchLimit,
     last_batch: &mut usize,
 ) -> Result<(), ClientError> {
-    let channel = ep.connect().await?;
+    // The token file is re-read per session: the kubelet rotates projected tokens.
+    let creds = cfg.tls.credentials()?;
+    let channel = creds.wrap(ep.connect().await?);
     // `gpulse.v1.Ingest/Push` with each event as the bytes the spool keeps (`RawBatch` is
     // wire-identical to `Batch`): nothing is decoded or encoded again to send it.
     let mut client = tonic::client::Grpc::new(channel)
@@ -338,10 +343,12 @@ mod tests {
     #[test]
     fn bad_urls_fail_fast() {
         assert!(matches!(
-            endpoint("not a url"),
-            Err(ClientError::BadUrl(..))
+            endpoint("not a url", &ClientOptions::default()),
+            Err(ClientError::Options(
+                gpulse_proto::client::ClientError::BadUrl(..)
+            ))
         ));
-        assert!(endpoint("http://127.0.0.1:7700").is_ok());
+        assert!(endpoint("http://127.0.0.1:7700", &ClientOptions::default()).is_ok());
         let j = jitter(Duration::from_millis(1000));
         assert!(j >= Duration::from_millis(750) && j <= Duration::from_millis(1250));
     }

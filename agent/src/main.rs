@@ -34,6 +34,8 @@ struct Args {
         default_value = "http://127.0.0.1:7700"
     )]
     collector: String,
+    #[command(flatten)]
+    client: gpulse_proto::client::ClientOptions,
     /// Node name reported with every event (default: the hostname).
     #[arg(long, env = "GPULSE_NODE")]
     node: Option<String>,
@@ -357,7 +359,7 @@ fn pipeline(
 }
 
 fn check_args(args: &Args) -> anyhow::Result<()> {
-    client::endpoint(&args.collector).context("--collector")?;
+    client::endpoint(&args.collector, &args.client).context("--collector")?;
     anyhow::ensure!(
         !args.gpu_device_prefix.is_empty()
             && args.gpu_device_prefix.len() <= gpulse_ebpf_common::DEVICE_PREFIX_MAX,
@@ -419,12 +421,13 @@ async fn main() -> anyhow::Result<()> {
     let pipeline = pipeline(&args, &state, &node, policy, attributor, &stats);
     let pipe = spawn_pipeline(rx, pipeline, spool.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let cfg = ClientConfig::new(
+    let mut cfg = ClientConfig::new(
         args.collector.clone(),
         agent_id.clone(),
         boot_id.clone(),
         node.clone(),
     );
+    cfg.tls = args.client.clone();
     let client = tokio::spawn(client::run(cfg, spool.clone(), stats.clone(), shutdown_rx));
     // Start-up (BTF parsing, object relocation, TLS set-up) leaves freed heap behind; hand it back
     // so the steady-state footprint is what the agent actually uses.

@@ -245,6 +245,7 @@ async fn serve(cfg: gpulse_collector::state::StoreConfig) -> (tokio::io::DuplexS
         tonic::transport::Server::builder()
             .add_service(IngestServer::new(IngestService {
                 store: store.clone(),
+                auth: gpulse_collector::auth::Auth::off(metrics.auth_refused.clone()),
                 metrics,
                 stop: gpulse_collector::shutdown::Shutdown::never(),
             }))

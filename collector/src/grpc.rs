@@ -1,6 +1,6 @@
 //! gRPC services: `Ingest.Push` (agents) and `Telemetry` (clients: Subscribe, Status, Nodes,
 //! ListEvents, Trend).
-use std::pin::Pin;
+use std::{pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt, stream};
 use gpulse_proto::{
@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::{
+    auth::{self, Auth, Identity},
     filter::Filter,
     ingest::IngestBatch,
     query::{QueryError, aggregate},
@@ -31,12 +32,15 @@ impl From<StoreError> for Status {
                 Status::unavailable(e.to_string())
             }
             StoreError::TooManySubscribers(_) => Status::resource_exhausted(e.to_string()),
+            StoreError::Takeover(_) => Status::failed_precondition(e.to_string()),
         }
     }
 }
 
 pub struct IngestService {
     pub store: StoreHandle,
+    /// Counts and logs pushes for another node.
+    pub auth: Arc<Auth>,
     pub metrics: Metrics,
     /// Ends every Push stream (after its pending acks) when the collector stops.
     pub stop: Shutdown,
@@ -64,6 +68,9 @@ impl Ingest for IngestService {
         req: Request<Streaming<RawBatch>>,
     ) -> Result<Response<Self::PushStream>, Status> {
         let peer = req.remote_addr();
+        // Set by the interceptor when auth is on: the node this caller may push for.
+        let identity = req.extensions().get::<Identity>().cloned();
+        let auth = self.auth.clone();
         let mut inbound = req.into_inner();
         let store = self.store.clone();
         let metrics = self.metrics.clone();
@@ -110,6 +117,9 @@ impl Ingest for IngestService {
         let mut stop = self.stop.clone();
         tokio::spawn(async move {
             let mut agent: Option<String> = None;
+            // Sent after the agent is marked disconnected, so that its reconnect (prompted by
+            // the refusal) never finds its own old stream still connected.
+            let mut refusal: Option<Status> = None;
             loop {
                 let next = tokio::select! {
                     biased;
@@ -125,7 +135,7 @@ impl Ingest for IngestService {
                     Err(status) => {
                         // e.g. a message over --max-message-bytes: tell the agent why.
                         debug!(?peer, %status, "ingest stream ended with an error");
-                        let _ = pending_tx.send(Pending::Refused(status)).await;
+                        refusal = Some(status);
                         break;
                     }
                 };
@@ -135,10 +145,17 @@ impl Ingest for IngestService {
                     Err(status) => {
                         metrics.ingest_rejected_batches.inc();
                         warn!(?peer, agent = %raw_agent, error = %status.message(), "rejected malformed batch");
-                        let _ = pending_tx.send(Pending::Refused(status)).await;
+                        refusal = Some(status);
                         break;
                     }
                 };
+                if let Some(id) = &identity
+                    && let Err(status) = own_node(id, &batch.node, &batch.agent_id)
+                {
+                    auth.refuse(auth::reason::OTHER_NODE, &id.name);
+                    refusal = Some(status);
+                    break;
+                }
                 if agent.is_none() {
                     match store
                         .hello(
@@ -165,7 +182,10 @@ impl Ingest for IngestService {
                             }
                         }
                         Err(e) => {
-                            let _ = pending_tx.send(Pending::Refused(e.into())).await;
+                            if matches!(e, StoreError::Takeover(_)) {
+                                warn!(?peer, agent = %batch.agent_id, error = %e, "refused a second stream for a connected agent");
+                            }
+                            refusal = Some(e.into());
                             break;
                         }
                     }
@@ -181,7 +201,10 @@ impl Ingest for IngestService {
                         }
                     }
                     Err(e) => {
-                        let _ = pending_tx.send(Pending::Refused(e.into())).await;
+                        if matches!(e, StoreError::Takeover(_)) {
+                            warn!(?peer, error = %e, "refused a batch");
+                        }
+                        refusal = Some(e.into());
                         break;
                     }
                 }
@@ -190,9 +213,30 @@ impl Ingest for IngestService {
                 info!(?peer, agent = %a, "agent disconnected");
                 store.disconnected(a).await;
             }
+            if let Some(status) = refusal {
+                let _ = pending_tx.send(Pending::Refused(status)).await;
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
+}
+
+/// An agent identity may push only its own node's batches, under an agent id of that node
+/// (`NODE/...`, as agents make them).
+fn own_node(id: &Identity, node: &str, agent_id: &str) -> Result<(), Status> {
+    let Some(own) = id.node.as_deref() else {
+        return Err(Status::permission_denied(
+            "this identity is bound to no node; it may not push",
+        ));
+    };
+    let id_node = agent_id.split_once('/').map(|(n, _)| n);
+    if node != own || id_node != Some(own) {
+        return Err(Status::permission_denied(format!(
+            "{} may push only for node {own:?} (batch.node {node:?}, agent id {agent_id:?})",
+            id.name
+        )));
+    }
+    Ok(())
 }
 
 pub struct TelemetryService {

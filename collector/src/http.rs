@@ -2,14 +2,29 @@
 //! writes durable), /metrics (Prometheus). See `health` for what each one checks.
 use std::time::Duration;
 
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use std::sync::Arc;
 
-use crate::{state::StoreHandle, telemetry::Metrics};
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+
+use crate::{
+    auth::{Auth, Role, bearer},
+    state::StoreHandle,
+    telemetry::Metrics,
+};
 
 #[derive(Clone)]
 pub struct HttpState {
     pub store: StoreHandle,
     pub metrics: Metrics,
+    /// With auth on, /metrics needs a reader token (Prometheus: `authorization.credentials_file`);
+    /// the probes stay open for the kubelet.
+    pub auth: Arc<Auth>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -18,6 +33,35 @@ pub fn router(state: HttpState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// The refusal (401 with a `WWW-Authenticate` challenge, or 403) unless the request carries a
+/// reader's token.
+fn reader(s: &HttpState, headers: &HeaderMap) -> Option<Response> {
+    if !s.auth.enabled() {
+        return None;
+    }
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match s.auth.authorize(bearer(value), None, Role::Reader) {
+        Ok(_) => None,
+        Err(status) => {
+            let code = if status.code() == tonic::Code::PermissionDenied {
+                StatusCode::FORBIDDEN
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            Some(
+                (
+                    code,
+                    [(header::WWW_AUTHENTICATE, "Bearer realm=\"gpulse\"")],
+                    format!("{}\n", status.message()),
+                )
+                    .into_response(),
+            )
+        }
+    }
 }
 
 async fn healthz(State(s): State<HttpState>) -> impl IntoResponse {
@@ -50,7 +94,10 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+async fn metrics(State(s): State<HttpState>, headers: HeaderMap) -> Response {
+    if let Some(r) = reader(&s, &headers) {
+        return r;
+    }
     let started = std::time::Instant::now();
     // Node and GPU gauges come from the store; if it does not answer in time the registry's
     // metrics are still served (and the failure is visible as a missing family, not an error).

@@ -1,5 +1,6 @@
 //! gpulse collector: gRPC ingest from agents, a bounded and durable event store, live
 //! subscribers, and HTTP health/metrics. See docs/architecture.md.
+pub mod auth;
 pub mod filter;
 pub mod grpc;
 pub mod health;
@@ -8,12 +9,14 @@ pub mod ingest;
 pub mod labels;
 pub mod query;
 pub mod recycle;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod size;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 /// Hash maps on the ingest path (keyed by node names, GPU indexes): foldhash, randomly seeded
 /// per process, instead of SipHash, which cost more than the lookups it guards.

@@ -2,11 +2,14 @@
 //! serves live subscribers, health and metrics.
 use std::{net::SocketAddr, path::PathBuf};
 
+use anyhow::Context as _;
 use clap::Parser;
 use gpulse_collector::{
+    auth::AuthConfig,
     server::{self, ServerConfig},
     size::parse_bytes,
     state::StoreConfig,
+    tls::TlsFiles,
 };
 use tracing::{info, warn};
 
@@ -115,6 +118,29 @@ struct Args {
     /// Browser origins /mcp accepts; by default a request carrying any Origin is refused.
     #[arg(long = "mcp-allowed-origin")]
     mcp_allowed_origins: Vec<String>,
+    /// Server certificate chain (PEM) for TLS on the gRPC and HTTP listeners; re-read when it
+    /// changes (cert-manager rotation). Clients then use https:// URLs.
+    #[arg(long, env = "GPULSE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The server certificate's private key (PEM).
+    #[arg(long, env = "GPULSE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA bundle (PEM) for client certificates (mutual TLS): a verified client certificate
+    /// authenticates an agent for the node named in its DNS subject alternative name.
+    #[arg(long, env = "GPULSE_CLIENT_CA", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Static token file: one `ROLE TOKEN [node=NAME]` per line (ROLE agent or reader; TOKEN
+    /// the token or sha256:<hex> of it; # comments); re-read when it changes.
+    #[arg(long, env = "GPULSE_AUTH_TOKENS")]
+    auth_tokens: Option<PathBuf>,
+    /// Serve gRPC on a non-loopback address without any authentication (trusted networks only):
+    /// anyone who reaches the port can then push events for any node and read everything.
+    #[arg(long)]
+    grpc_allow_unauthenticated: bool,
+    /// Largest forward jump of a known agent's seqs in one batch; a larger one is refused as a
+    /// takeover attempt.
+    #[arg(long, default_value_t = gpulse_collector::state::DEFAULT_MAX_SEQ_JUMP, value_parser = clap::value_parser!(u64).range(1000..))]
+    max_seq_jump: u64,
     /// Log format on stderr.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -134,6 +160,8 @@ enum Cmd {
             default_value = "http://127.0.0.1:7700"
         )]
         collector: String,
+        #[command(flatten)]
+        client: gpulse_proto::client::ClientOptions,
     },
 }
 
@@ -188,21 +216,43 @@ async fn run() -> anyhow::Result<Exit> {
     } else {
         b.init();
     }
-    if let Some(Cmd::Mcp { collector, .. }) = &args.cmd {
+    if let Some(Cmd::Mcp {
+        collector, client, ..
+    }) = &args.cmd
+    {
         // Connect lazily: the client may list tools before the collector is up.
-        let channel = tonic::transport::Endpoint::from_shared(collector.clone())
-            .map_err(|e| anyhow::anyhow!("--collector {collector:?}: {e}"))?
-            .connect_lazy();
+        let channel = client
+            .connect_lazy(collector)
+            .with_context(|| format!("--collector {collector:?}"))?;
         let client = gpulse_proto::v1::telemetry_client::TelemetryClient::new(channel)
             .max_decoding_message_size(64 << 20);
         info!(collector = %collector, "serving MCP on stdio");
         gpulse_mcp::serve_stdio(gpulse_proto::api::RemoteTelemetry::shared(client)).await?;
         return Ok(Exit::Clean);
     }
+    let auth = AuthConfig {
+        tokens: args.auth_tokens.clone(),
+        client_certs: args.client_ca.is_some(),
+    };
+    anyhow::ensure!(
+        args.grpc_listen.ip().is_loopback() || auth.enabled() || args.grpc_allow_unauthenticated,
+        "--grpc-listen {} is not loopback and no authentication is configured: set --auth-tokens \
+         and/or --client-ca (with --tls-cert), or --grpc-allow-unauthenticated for a trusted network",
+        args.grpc_listen
+    );
+    if auth.enabled() && args.tls_cert.is_none() && !args.grpc_listen.ip().is_loopback() {
+        warn!(
+            "authentication without TLS off loopback: tokens travel in clear; set --tls-cert and --tls-key"
+        );
+    }
     let loopback = args.http_listen.ip().is_loopback();
     anyhow::ensure!(
-        args.mcp == "off" || loopback || args.mcp_token.is_some() || args.mcp_allow_unauthenticated,
-        "--http-listen {} is not loopback: set --mcp-token (or GPULSE_MCP_TOKEN), --mcp off, or \
+        args.mcp == "off"
+            || loopback
+            || args.mcp_token.is_some()
+            || auth.tokens.is_some()
+            || args.mcp_allow_unauthenticated,
+        "--http-listen {} is not loopback: set --mcp-token (or GPULSE_MCP_TOKEN) or --auth-tokens, --mcp off, or \
          --mcp-allow-unauthenticated for a trusted network",
         args.http_listen
     );
@@ -238,12 +288,23 @@ async fn run() -> anyhow::Result<Exit> {
     store.max_clock_skew = args.max_clock_skew;
     store.agent_retention = args.agent_retention;
     store.node_retention = args.node_retention;
+    store.max_seq_jump = args.max_seq_jump;
     let mut cfg = ServerConfig::new(args.grpc_listen, args.http_listen, store);
     cfg.max_message_bytes = args.max_message_bytes as usize;
     cfg.keepalive_interval = args.keepalive_interval;
     cfg.keepalive_timeout = args.keepalive_timeout;
+    cfg.auth = auth;
+    cfg.tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.client_ca.clone(),
+        }),
+        _ => None,
+    };
     cfg.mcp = (args.mcp == "on").then(|| gpulse_mcp::http::HttpOptions {
         token: args.mcp_token.clone(),
+        bearer: None,
         allowed_hosts: args.mcp_allowed_hosts.clone(),
         allowed_origins: args.mcp_allowed_origins.clone(),
         loopback,

@@ -8,14 +8,17 @@ use gpulse_proto::{
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tracing::info;
 
 use crate::{
+    auth::{Auth, AuthConfig, Role},
     grpc::{IngestService, TelemetryService},
     http::{self, HttpState},
     shutdown::{self, Shutdown},
     state::{self, StoreConfig, StoreHandle},
     telemetry::Metrics,
+    tls::{self, TlsFiles},
 };
 
 #[derive(Clone, Debug)]
@@ -32,6 +35,10 @@ pub struct ServerConfig {
     /// `keepalive_interval + keepalive_timeout` instead of staying "connected" forever.
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// TLS on both listeners (None: plaintext, for loopback).
+    pub tls: Option<TlsFiles>,
+    /// How callers authenticate (nothing configured: every call allowed).
+    pub auth: AuthConfig,
 }
 
 impl ServerConfig {
@@ -45,6 +52,8 @@ impl ServerConfig {
             mcp: None,
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(20),
+            tls: None,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -68,6 +77,23 @@ pub async fn start(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Running> {
     let metrics = Metrics::new()?;
+    let auth = Auth::new(
+        &cfg.auth,
+        metrics.auth_refused.clone(),
+        metrics.reloads.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("--auth-tokens: {e}"))?;
+    for reason in ["connected", "seq_jump"] {
+        metrics.ingest_takeover_refused.with_label_values(&[reason]);
+    }
+    let tls = match &cfg.tls {
+        Some(files) => Some(
+            files
+                .watch(metrics.reloads.clone())
+                .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
     let store = state::start(cfg.store.clone(), metrics.clone()).context("opening the store")?;
 
     let grpc_listener = TcpListener::bind(cfg.grpc_listen)
@@ -100,16 +126,22 @@ pub async fn start(
     let (stop_tx, stop_rx) = shutdown::channel();
     let ingest = IngestServer::new(IngestService {
         store: store.clone(),
+        auth: auth.clone(),
         metrics: metrics.clone(),
         stop: stop_rx.clone(),
     })
     .max_decoding_message_size(cfg.max_message_bytes);
+    let ingest = InterceptedService::new(ingest, auth.interceptor(Role::Agent));
+    let reader = auth.interceptor(Role::Reader);
     let telemetry = TelemetryServer::new(TelemetryService {
         store: store.clone(),
         stop: stop_rx.clone(),
     })
     .max_decoding_message_size(cfg.max_message_bytes)
     .max_encoding_message_size(cfg.max_message_bytes.max(4 << 20));
+    let telemetry = InterceptedService::new(telemetry, reader.clone());
+    let reflection_v1 = InterceptedService::new(reflection_v1, reader.clone());
+    let reflection_v1alpha = InterceptedService::new(reflection_v1alpha, reader);
 
     let stop_health = health_reporter.clone();
     tokio::spawn(async move {
@@ -124,41 +156,80 @@ pub async fn start(
             .await;
     });
     let mut grpc_stop = stop_rx.clone();
-    let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .tcp_keepalive(Some(cfg.keepalive_interval))
-            .http2_keepalive_interval(Some(cfg.keepalive_interval))
-            .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
-            .add_service(ingest)
-            .add_service(telemetry)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(health)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
-                grpc_stop.wait().await;
-            }),
-    );
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .tcp_keepalive(Some(cfg.keepalive_interval))
+        .http2_keepalive_interval(Some(cfg.keepalive_interval))
+        .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
+        .add_service(ingest)
+        .add_service(telemetry)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(health);
+    let grpc_stopped = async move { grpc_stop.wait().await };
+    let grpc = match &tls {
+        Some(t) => {
+            let rx = tls::accept(
+                grpc_listener,
+                t.clone(),
+                tls::Listener::Grpc,
+                metrics.tls_handshake_failures.clone(),
+                stop_rx.clone(),
+            );
+            tokio::spawn(router.serve_with_incoming_shutdown(tls::grpc_incoming(rx), grpc_stopped))
+        }
+        None => tokio::spawn(
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), grpc_stopped),
+        ),
+    };
     let mut http_stop = stop_rx.clone();
     let mut app = http::router(HttpState {
         store: store.clone(),
         metrics: metrics.clone(),
+        auth: auth.clone(),
     });
-    if let Some(opts) = cfg.mcp.clone() {
+    if let Some(mut opts) = cfg.mcp.clone() {
         // MCP calls the collector's own Telemetry service in-process.
         let api = std::sync::Arc::new(TelemetryService {
             store: store.clone(),
             stop: stop_rx.clone(),
         });
+        if auth.enabled() {
+            // Reader tokens open /mcp too (the static --mcp-token keeps working).
+            let a = auth.clone();
+            opts.bearer = Some(gpulse_mcp::http::BearerCheck::new(move |token| {
+                a.authorize(Some(token), None, Role::Reader).is_ok()
+            }));
+        }
         app = app.merge(gpulse_mcp::http::router(api, opts));
     }
-    let http = tokio::spawn(async move {
-        axum::serve(http_listener, app)
-            .with_graceful_shutdown(async move {
-                http_stop.wait().await;
+    let http_stopped = async move { http_stop.wait().await };
+    let http = match &tls {
+        Some(t) => {
+            let rx = tls::accept(
+                http_listener,
+                t.clone(),
+                tls::Listener::Http,
+                metrics.tls_handshake_failures.clone(),
+                stop_rx.clone(),
+            );
+            let listener = tls::HttpListener {
+                rx,
+                local: http_addr,
+            };
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(http_stopped)
+                    .await
             })
-            .await
-    });
+        }
+        None => tokio::spawn(async move {
+            axum::serve(http_listener, app)
+                .with_graceful_shutdown(http_stopped)
+                .await
+        }),
+    };
     info!(grpc = %grpc_addr, http = %http_addr, data_dir = %cfg.store.data_dir.display(), "gpulse-collector serving");
     Ok(Running {
         grpc_addr,

@@ -3,7 +3,9 @@
 //! gateway are written once against the service trait.
 use std::sync::Arc;
 
-use tonic::{Request, Response, Status, transport::Channel};
+use tonic::{Request, Response, Status};
+
+use crate::client::AuthChannel;
 
 use crate::v1::{
     ListEventsRequest, ListEventsResponse, NodesRequest, NodesResponse, ProcessesRequest,
@@ -21,15 +23,15 @@ pub type SharedTelemetry = Arc<dyn Telemetry<SubscribeStream = SubscribeStream>>
 /// The Telemetry API of a remote collector (or gateway), reached over a gRPC channel.
 #[derive(Clone)]
 pub struct RemoteTelemetry {
-    client: TelemetryClient<Channel>,
+    client: TelemetryClient<AuthChannel>,
 }
 
 impl RemoteTelemetry {
-    pub fn new(client: TelemetryClient<Channel>) -> Self {
+    pub fn new(client: TelemetryClient<AuthChannel>) -> Self {
         Self { client }
     }
 
-    pub fn shared(client: TelemetryClient<Channel>) -> SharedTelemetry {
+    pub fn shared(client: TelemetryClient<AuthChannel>) -> SharedTelemetry {
         Arc::new(Self::new(client))
     }
 }

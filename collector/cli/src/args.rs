@@ -2,28 +2,42 @@
 use anyhow::Context as _;
 use clap::Args;
 use gpulse_proto::{
+    client::{AuthChannel, ClientOptions},
     names::ShortName,
     v1::{EventFilter, EventKind, Severity, telemetry_client::TelemetryClient},
 };
-use tonic::transport::Channel;
 
-/// `--collector`: where the collector's (or a gateway's) gRPC port is.
+/// `--collector`: where the collector's (or a gateway's) gRPC port is, and how to reach it
+/// (TLS, client certificate, token).
 #[derive(Args, Debug, Clone)]
 pub struct CollectorArg {
-    /// Collector gRPC URL.
+    /// Collector gRPC URL (https:// for TLS).
     #[arg(
         long = "collector",
         env = "GPULSE_COLLECTOR",
         default_value = "http://127.0.0.1:7700"
     )]
     pub url: String,
+    #[command(flatten)]
+    pub client: ClientOptions,
 }
 
 impl CollectorArg {
-    pub async fn connect(&self) -> anyhow::Result<TelemetryClient<Channel>> {
-        TelemetryClient::connect(self.url.clone())
+    pub async fn connect(&self) -> anyhow::Result<TelemetryClient<AuthChannel>> {
+        let creds = self.client.credentials()?;
+        let channel = self
+            .client
+            .endpoint(&self.url)?
+            .connect()
             .await
-            .with_context(|| format!("connecting to {}", self.url))
+            .with_context(|| format!("connecting to {}", self.url))?;
+        Ok(TelemetryClient::new(creds.wrap(channel)))
+    }
+
+    /// A channel that connects on first use (MCP clients may list tools before the collector
+    /// is up).
+    pub fn connect_lazy(&self) -> anyhow::Result<TelemetryClient<AuthChannel>> {
+        Ok(TelemetryClient::new(self.client.connect_lazy(&self.url)?))
     }
 }
 

@@ -1,7 +1,7 @@
 //! `gpulse mcp --stdio`: the MCP server on stdin/stdout over a collector's (or gateway's)
 //! Telemetry API. Logs go to stderr: stdout is the protocol.
 use clap::Args;
-use gpulse_proto::{api::RemoteTelemetry, v1::telemetry_client::TelemetryClient};
+use gpulse_proto::api::RemoteTelemetry;
 
 use crate::args::CollectorArg;
 
@@ -23,9 +23,9 @@ pub async fn run(a: McpArgs) -> anyhow::Result<()> {
         )
         .init();
     // Connect lazily: the client may list tools before the collector is up.
-    let channel = tonic::transport::Endpoint::from_shared(a.collector.url.clone())
-        .map_err(|e| anyhow::anyhow!("--collector {:?}: {e}", a.collector.url))?
-        .connect_lazy();
-    let client = TelemetryClient::new(channel).max_decoding_message_size(64 << 20);
+    let client = a
+        .collector
+        .connect_lazy()?
+        .max_decoding_message_size(64 << 20);
     gpulse_mcp::serve_stdio(RemoteTelemetry::shared(client)).await
 }

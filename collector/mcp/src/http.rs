@@ -14,11 +14,29 @@ use rmcp::transport::streamable_http_server::{
 
 use crate::{GpulseMcp, SharedTelemetry};
 
+/// Another way a bearer token may open `/mcp` (the collector's reader tokens).
+#[derive(Clone)]
+pub struct BearerCheck(Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl BearerCheck {
+    pub fn new(f: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for BearerCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerCheck")
+    }
+}
+
 /// How `/mcp` is exposed.
 #[derive(Clone, Debug, Default)]
 pub struct HttpOptions {
-    /// Required as `Authorization: Bearer <token>` when set.
+    /// Accepted as `Authorization: Bearer <token>` when set.
     pub token: Option<String>,
+    /// Tokens accepted besides `token`. With either set, a request needs one of them.
+    pub bearer: Option<BearerCheck>,
     /// Host header values accepted besides loopback names (DNS-rebinding guard).
     pub allowed_hosts: Vec<String>,
     /// Origins accepted; requests with any other Origin get 403. Empty: any Origin is refused
@@ -66,40 +84,56 @@ pub fn router(api: SharedTelemetry, opts: HttpOptions) -> axum::Router {
         Arc::new(LocalSessionManager::default()),
         cfg,
     );
-    let token = opts.token.map(Arc::new);
+    let auth = Arc::new(Bearer {
+        token: opts.token,
+        check: opts.bearer,
+    });
     axum::Router::new()
         .nest_service("/mcp", svc)
         .layer(axum::middleware::from_fn(
             move |req: Request, next: Next| {
-                let token = token.clone();
-                async move { check_bearer(token.as_deref().map(String::as_str), req, next).await }
+                let auth = auth.clone();
+                async move { auth.check(req, next).await }
             },
         ))
 }
 
-async fn check_bearer(token: Option<&str>, req: Request, next: Next) -> Response {
-    let Some(want) = token else {
-        return next.run(req).await;
-    };
-    let got = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if constant_time_eq(got.as_bytes(), want.as_bytes()) {
-        return next.run(req).await;
+/// Who may call `/mcp`: the static token, or whoever `check` admits; anyone when neither is set.
+struct Bearer {
+    token: Option<String>,
+    check: Option<BearerCheck>,
+}
+
+impl Bearer {
+    async fn check(&self, req: Request, next: Next) -> Response {
+        if self.token.is_none() && self.check.is_none() {
+            return next.run(req).await;
+        }
+        let got = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let by_token = self
+            .token
+            .as_deref()
+            .is_some_and(|want| constant_time_eq(got.as_bytes(), want.as_bytes()));
+        let by_check = !got.is_empty() && self.check.as_ref().is_some_and(|c| (c.0)(got));
+        if by_token || by_check {
+            return next.run(req).await;
+        }
+        let mut r = (
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token for /mcp\n",
+        )
+            .into_response();
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"gpulse\""),
+        );
+        r
     }
-    let mut r = (
-        StatusCode::UNAUTHORIZED,
-        "missing or wrong bearer token for /mcp\n",
-    )
-        .into_response();
-    r.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer realm=\"gpulse\""),
-    );
-    r
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -189,6 +223,7 @@ mod tests {
             allowed_hosts: vec!["collector.example".into()],
             allowed_origins: vec!["https://dash.example".into()],
             loopback: false,
+            bearer: None,
         };
         let auth = ("authorization", "Bearer a-token-of-at-least-16");
         let host = ("host", "collector.example");
@@ -207,5 +242,47 @@ mod tests {
             "not loopback"
         );
         assert_eq!(status(opts, &[("host", "other.example"), auth]).await, 403);
+    }
+
+    #[tokio::test]
+    async fn reader_tokens_open_mcp_beside_the_static_token() {
+        let opts = HttpOptions {
+            token: Some("a-token-of-at-least-16".into()),
+            bearer: Some(BearerCheck::new(|t| t == "reader-token-from-the-file")),
+            ..loopback()
+        };
+        let host = ("host", "127.0.0.1:7701");
+        let with = |t: &'static str| ("authorization", t);
+        assert_eq!(status(opts.clone(), &[host]).await, 401, "no token");
+        assert_eq!(
+            status(opts.clone(), &[host, with("Bearer a-token-of-at-least-16")]).await,
+            200
+        );
+        assert_eq!(
+            status(
+                opts.clone(),
+                &[host, with("Bearer reader-token-from-the-file")]
+            )
+            .await,
+            200
+        );
+        assert_eq!(
+            status(opts.clone(), &[host, with("Bearer someone-else")]).await,
+            401
+        );
+        assert_eq!(status(opts, &[host, with("Bearer ")]).await, 401, "empty");
+        let only_check = HttpOptions {
+            bearer: Some(BearerCheck::new(|t| t == "reader-token-from-the-file")),
+            ..loopback()
+        };
+        assert_eq!(status(only_check.clone(), &[host]).await, 401);
+        assert_eq!(
+            status(
+                only_check,
+                &[host, with("Bearer reader-token-from-the-file")]
+            )
+            .await,
+            200
+        );
     }
 }

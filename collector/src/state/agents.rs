@@ -71,14 +71,26 @@ impl Agents {
         })
     }
 
-    /// An agent opened a stream: what of its events is durable (it resends the rest).
-    pub(super) fn hello(&mut self, agent_id: &str, node: String, boot_id: String) -> u64 {
+    /// An agent opened a stream: what of its events is durable (it resends the rest). Refused
+    /// while the id is connected on another stream: one agent runs one stream, so a second is
+    /// someone else speaking for it (the real agent reconnects once its old stream is gone).
+    pub(super) fn hello(
+        &mut self,
+        agent_id: &str,
+        node: String,
+        boot_id: String,
+    ) -> Result<u64, String> {
         let e = self.entry(agent_id, &node);
+        if e.connections > 0 {
+            return Err(format!(
+                "agent id {agent_id:?} is connected on another stream; one agent, one stream"
+            ));
+        }
         e.connections += 1;
         e.progress.node = node;
         e.progress.boot_id = boot_id;
         e.progress.last_seen = Some(ptime::now());
-        e.durable_through
+        Ok(e.durable_through)
     }
 
     pub(super) fn disconnected(&mut self, agent_id: &str) {

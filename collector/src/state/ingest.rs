@@ -118,6 +118,17 @@ impl State {
         let entry = self.agents.entry(&batch.agent_id, &batch.node);
         let origin = entry.origin(&batch.node);
         let known = entry.progress.through_seq;
+        let first = batch.events.first().map_or(0, |w| w.ev.seq);
+        if known > 0 && first > known.saturating_add(self.cfg.max_seq_jump) {
+            self.metrics
+                .ingest_takeover_refused
+                .with_label_values(&["seq_jump"])
+                .inc();
+            return Err(StoreError::Takeover(format!(
+                "agent {} jumps from seq {known} to {first}, further than any spool explains (--max-seq-jump {})",
+                batch.agent_id, self.cfg.max_seq_jump
+            )));
+        }
         let Accepted {
             mut fresh,
             duplicates,

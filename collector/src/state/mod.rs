@@ -72,6 +72,10 @@ pub struct StoreConfig {
     /// Event times more than this after the received time are replaced by it (and kept in
     /// `reported_time`): a clock ahead must not freeze a GPU's history.
     pub max_clock_skew: Duration,
+    /// Largest forward jump of a known agent's seqs accepted in one batch: more than any spool
+    /// outage explains, so a jump past it is a takeover attempt (the real agent's next events
+    /// would be dropped as resends).
+    pub max_seq_jump: u64,
     /// Agent ids without a connection for this long are forgotten (ids are never reused).
     pub agent_retention: Duration,
     /// Nodes not heard from for this long leave the node and GPU gauges and `Nodes`.
@@ -93,6 +97,7 @@ impl StoreConfig {
             max_subscribers: 1024,
             sync_hook: None,
             max_clock_skew: Duration::from_secs(600),
+            max_seq_jump: DEFAULT_MAX_SEQ_JUMP,
             agent_retention: Duration::from_secs(86_400),
             node_retention: Duration::from_secs(86_400),
         }
@@ -138,6 +143,9 @@ pub struct IngestOutcome {
     pub durable: Option<oneshot::Receiver<Result<(), String>>>,
 }
 
+/// A billion events: an agent spooling a thousand events a second through a ten-day outage.
+pub const DEFAULT_MAX_SEQ_JUMP: u64 = 1_000_000_000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the store is shutting down")]
@@ -150,6 +158,9 @@ pub enum StoreError {
     Failed(String),
     #[error("{0} subscribers are open (--max-subscribers); retry later or use another collector")]
     TooManySubscribers(usize),
+    /// A push that would take over an agent id: refused, nothing stored.
+    #[error("{0}")]
+    Takeover(String),
 }
 
 pub enum Command {
@@ -157,7 +168,7 @@ pub enum Command {
         agent_id: String,
         node: String,
         boot_id: String,
-        reply: oneshot::Sender<u64>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
     },
     Ingest {
         batch: IngestBatch,
@@ -238,7 +249,7 @@ impl StoreHandle {
             boot_id,
             reply,
         })
-        .await
+        .await?
     }
 
     pub async fn ingest(&self, batch: IngestBatch) -> Result<IngestOutcome, StoreError> {
@@ -521,7 +532,14 @@ impl State {
                 reply,
             } => {
                 // Only what is on disk: the agent resends the rest (duplicates are dropped).
-                let _ = reply.send(self.agents.hello(&agent_id, node, boot_id));
+                let r = self.agents.hello(&agent_id, node, boot_id).map_err(|e| {
+                    self.metrics
+                        .ingest_takeover_refused
+                        .with_label_values(&["connected"])
+                        .inc();
+                    StoreError::Takeover(e)
+                });
+                let _ = reply.send(r);
             }
             Command::Disconnected { agent_id } => self.agents.disconnected(&agent_id),
             Command::Ingest { batch, reply } => {

@@ -17,6 +17,13 @@ pub struct Metrics {
     /// 1 while the store takes writes and makes them durable (what /readyz reports).
     pub store_writable: IntGauge,
     pub subscribers_refused: IntCounter,
+    /// Calls refused by authentication or authorization, by reason (`auth::reason`).
+    pub auth_refused: IntCounterVec,
+    /// Pushes refused as an attempt to take over an agent id, by reason.
+    pub ingest_takeover_refused: IntCounterVec,
+    /// Reloads of watched files (TLS, token file), by file and result.
+    pub reloads: IntCounterVec,
+    pub tls_handshake_failures: IntCounter,
     pub ring_bytes: IntGaugeVec,
     pub ring_events: IntGaugeVec,
     pub ring_budget_bytes: IntGauge,
@@ -112,6 +119,25 @@ impl Metrics {
             store_writable: g(
                 "gpulse_store_writable",
                 "1 while the write-ahead log takes writes and fsyncs (what /readyz reports); 0 while writes fail.",
+            )?,
+            auth_refused: cv(
+                "gpulse_auth_refused_total",
+                "Calls refused by authentication (missing_credentials, bad_token, bad_certificate) or authorization (wrong_role, other_node).",
+                &["reason"],
+            )?,
+            ingest_takeover_refused: cv(
+                "gpulse_ingest_takeover_refused_total",
+                "Pushes refused because their agent id was connected on another stream (connected) or their seqs jumped further than a spool explains (seq_jump).",
+                &["reason"],
+            )?,
+            reloads: cv(
+                "gpulse_reloads_total",
+                "Reloads of watched files (tls, auth_tokens) after they changed, by result (ok, error: the previous version stays).",
+                &["file", "result"],
+            )?,
+            tls_handshake_failures: c(
+                "gpulse_tls_handshake_failures_total",
+                "Connections closed because their TLS handshake failed, timed out, or found too many in progress.",
             )?,
             subscribers_refused: c(
                 "gpulse_subscribers_refused_total",

@@ -44,6 +44,7 @@ pub async fn start_with_limit(cfg: StoreConfig, max_message: usize) -> Harness {
     let (client_io, server_io) = tokio::io::duplex(1 << 20);
     let ingest = IngestServer::new(IngestService {
         store: store.clone(),
+        auth: gpulse_collector::auth::Auth::off(metrics.auth_refused.clone()),
         metrics: metrics.clone(),
         stop: gpulse_collector::shutdown::Shutdown::never(),
     })

@@ -1,0 +1,275 @@
+//! Who is calling, and what they may do.
+//!
+//! Authentication: a bearer token from the static token file (`tokens`), or a client
+//! certificate verified against `--client-ca` (mutual TLS; the node is the certificate's DNS
+//! subject alternative name). Authorization: role `agent` may only `Ingest.Push`, and only for
+//! its own node (checked per batch in `grpc`); role `reader` gets `Telemetry` and reflection.
+//! Missing or bad credentials are UNAUTHENTICATED, a wrong role or node PERMISSION_DENIED; each
+//! refusal is counted by reason and logged once per identity.
+//!
+//! With no method configured every call is allowed (loopback demos; `main` refuses that off
+//! loopback unless told the network is trusted). gRPC health stays open: kubelet probes send no
+//! credentials.
+pub mod tokens;
+
+use std::{
+    collections::HashSet,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use prometheus::IntCounterVec;
+use tonic::{Request, Status, service::Interceptor};
+use tracing::warn;
+
+use crate::reload::{self, Reloading};
+use tokens::TokenTable;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Pushes its own node's events.
+    Agent,
+    /// Reads: Telemetry, reflection, /metrics, /mcp.
+    Reader,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Reader => "reader",
+        }
+    }
+}
+
+/// An authenticated caller (in the request's extensions once the interceptor let it through).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub role: Role,
+    /// The node an agent speaks for.
+    pub node: Option<String>,
+    /// For logs: which credential (never the secret).
+    pub name: String,
+}
+
+/// How callers authenticate (`--auth-tokens`, `--client-ca`).
+#[derive(Clone, Debug, Default)]
+pub struct AuthConfig {
+    pub tokens: Option<PathBuf>,
+    /// Client certificates are verified by the TLS layer (`--client-ca`); this says to accept
+    /// them as agent identities.
+    pub client_certs: bool,
+}
+
+impl AuthConfig {
+    pub fn enabled(&self) -> bool {
+        self.tokens.is_some() || self.client_certs
+    }
+}
+
+/// Refusal reasons, the `reason` label of `gpulse_auth_refused_total`.
+pub mod reason {
+    pub const MISSING: &str = "missing_credentials";
+    pub const BAD_TOKEN: &str = "bad_token";
+    pub const BAD_CERT: &str = "bad_certificate";
+    pub const WRONG_ROLE: &str = "wrong_role";
+    pub const OTHER_NODE: &str = "other_node";
+    pub const ALL: [&str; 5] = [MISSING, BAD_TOKEN, BAD_CERT, WRONG_ROLE, OTHER_NODE];
+}
+
+/// Most identities remembered for "logged once".
+const MAX_LOGGED: usize = 4096;
+
+pub struct Auth {
+    tokens: Option<Arc<Reloading<TokenTable>>>,
+    client_certs: bool,
+    refused: IntCounterVec,
+    logged: Mutex<HashSet<String>>,
+}
+
+impl Auth {
+    /// Loads the token file (a bad one is a start-up error) and watches it for changes.
+    pub fn new(
+        cfg: &AuthConfig,
+        refused: IntCounterVec,
+        reloads: IntCounterVec,
+    ) -> Result<Arc<Self>, String> {
+        let tokens = match &cfg.tokens {
+            Some(path) => {
+                let p = path.clone();
+                Some(reload::watch(
+                    "auth_tokens",
+                    vec![path.clone()],
+                    reload::DEFAULT_INTERVAL,
+                    reloads,
+                    move || TokenTable::load(&p),
+                )?)
+            }
+            None => None,
+        };
+        for r in reason::ALL {
+            refused.with_label_values(&[r]);
+        }
+        Ok(Arc::new(Self {
+            tokens,
+            client_certs: cfg.client_certs,
+            refused,
+            logged: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    /// Authentication off: every call allowed (in-process harnesses, benchmarks).
+    pub fn off(refused: IntCounterVec) -> Arc<Self> {
+        Arc::new(Self {
+            tokens: None,
+            client_certs: false,
+            refused,
+            logged: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Authentication is on: calls without credentials are refused.
+    pub fn enabled(&self) -> bool {
+        self.tokens.is_some() || self.client_certs
+    }
+
+    /// Who presents `bearer` (the token after `Bearer `) or the verified client certificate
+    /// chain `certs`. A token, when sent, decides: a bad token is not rescued by a certificate.
+    pub fn authenticate(
+        &self,
+        bearer: Option<&str>,
+        certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    ) -> Result<Identity, Status> {
+        if let Some(token) = bearer {
+            let found = self
+                .tokens
+                .as_ref()
+                .and_then(|t| t.current().lookup(token).cloned());
+            return found.ok_or_else(|| {
+                self.refuse(reason::BAD_TOKEN, "unknown token");
+                Status::unauthenticated("unknown or revoked bearer token")
+            });
+        }
+        if self.client_certs
+            && let Some(leaf) = certs.and_then(|c| c.first())
+        {
+            return cert_identity(leaf).map_err(|e| {
+                self.refuse(reason::BAD_CERT, &e);
+                Status::unauthenticated(format!("client certificate: {e}"))
+            });
+        }
+        self.refused.with_label_values(&[reason::MISSING]).inc();
+        Err(Status::unauthenticated(
+            "credentials required: a bearer token (authorization: Bearer ...) or a client certificate",
+        ))
+    }
+
+    /// The caller with `role`, or the refusal.
+    pub fn authorize(
+        &self,
+        bearer: Option<&str>,
+        certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+        role: Role,
+    ) -> Result<Identity, Status> {
+        let id = self.authenticate(bearer, certs)?;
+        if id.role != role {
+            self.refuse(reason::WRONG_ROLE, &id.name);
+            return Err(Status::permission_denied(format!(
+                "role {} may not call this ({} role required)",
+                id.role.name(),
+                role.name()
+            )));
+        }
+        Ok(id)
+    }
+
+    /// Counts a refusal and logs it the first time for this identity (an agent retrying with a
+    /// revoked token would otherwise fill the log).
+    pub fn refuse(&self, reason: &'static str, who: &str) {
+        self.refused.with_label_values(&[reason]).inc();
+        let key = format!("{reason}/{who}");
+        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        if logged.len() < MAX_LOGGED && logged.insert(key) {
+            warn!(
+                reason,
+                who, "call refused (logged once per identity and reason)"
+            );
+        }
+    }
+
+    /// A gRPC interceptor admitting `role` only (everyone while auth is off); puts the
+    /// caller's `Identity` into the request's extensions.
+    pub fn interceptor(self: &Arc<Self>, role: Role) -> RoleInterceptor {
+        RoleInterceptor {
+            auth: self.clone(),
+            role,
+        }
+    }
+}
+
+/// The agent identity a verified client certificate carries: its first DNS name that is a
+/// valid node name.
+fn cert_identity(leaf: &rustls::pki_types::CertificateDer<'_>) -> Result<Identity, String> {
+    let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("unreadable: {e}"))?;
+    let node = cert
+        .valid_dns_names()
+        .find(|n| crate::labels::node(n).is_ok())
+        .ok_or("no DNS subject alternative name that is a node name")?;
+    Ok(Identity {
+        role: Role::Agent,
+        node: Some(node.to_string()),
+        name: format!("certificate for {node}"),
+    })
+}
+
+/// The token of an `authorization: Bearer <token>` value.
+pub fn bearer(value: Option<&str>) -> Option<&str> {
+    let v = value?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+#[derive(Clone)]
+pub struct RoleInterceptor {
+    auth: Arc<Auth>,
+    role: Role,
+}
+
+impl Interceptor for RoleInterceptor {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if !self.auth.enabled() {
+            return Ok(req);
+        }
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let certs = req.peer_certs();
+        let id = self.auth.authorize(
+            bearer(header),
+            certs.as_deref().map(Vec::as_slice),
+            self.role,
+        )?;
+        req.extensions_mut().insert(id);
+        Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn bearer_values() {
+        assert_eq!(bearer(Some("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(Some("bearer abc")), Some("abc"));
+        assert_eq!(bearer(Some("Basic abc")), None);
+        assert_eq!(bearer(Some("Bearer ")), None);
+        assert_eq!(bearer(Some("Bearer")), None);
+        assert_eq!(bearer(None), None);
+    }
+}
