@@ -162,6 +162,7 @@ impl Ingest for IngestService {
                             batch.agent_id.clone(),
                             batch.node.clone(),
                             batch.boot_id.clone(),
+                            peer.map(|p| p.ip()),
                         )
                         .await
                     {

@@ -1,6 +1,6 @@
 //! What the collector knows of each agent: its progress (the highest seq stored), what of it is
 //! durable, its open streams, and the shared envelope of its events.
-use std::{sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use gpulse_proto::{time as ptime, v1};
 
@@ -12,6 +12,8 @@ pub(super) struct AgentEntry {
     /// sync runs. Every answer to the agent uses this one.
     pub(super) durable_through: u64,
     pub(super) connections: u32,
+    /// Where its open stream comes from (None: in-process, or not known).
+    peer: Option<IpAddr>,
     /// The envelope the store records for this agent's events (node as of its latest batch).
     origin: Option<Arc<Origin>>,
 }
@@ -23,6 +25,7 @@ impl AgentEntry {
             durable_through: progress.through_seq,
             progress,
             connections: 0,
+            peer: None,
             origin: None,
         }
     }
@@ -71,21 +74,29 @@ impl Agents {
         })
     }
 
-    /// An agent opened a stream: what of its events is durable (it resends the rest). Refused
-    /// while the id is connected on another stream: one agent runs one stream, so a second is
-    /// someone else speaking for it (the real agent reconnects once its old stream is gone).
+    /// An agent opened a stream: what of its events is durable (it resends the rest).
+    ///
+    /// Refused while the id is connected on another stream from another address: one agent
+    /// runs one stream, so that is someone else speaking for it. From the same address it is
+    /// the agent itself reconnecting before the collector noticed its old connection die (a
+    /// half-open TCP connection lasts until keepalive gives up), and it goes ahead.
     pub(super) fn hello(
         &mut self,
         agent_id: &str,
         node: String,
         boot_id: String,
+        peer: Option<IpAddr>,
     ) -> Result<u64, String> {
         let e = self.entry(agent_id, &node);
-        if e.connections > 0 {
+        if e.connections > 0
+            && let (Some(old), Some(new)) = (e.peer, peer)
+            && old != new
+        {
             return Err(format!(
-                "agent id {agent_id:?} is connected on another stream; one agent, one stream"
+                "agent id {agent_id:?} is connected on another stream from another address; one agent, one stream"
             ));
         }
+        e.peer = peer;
         e.connections += 1;
         e.progress.node = node;
         e.progress.boot_id = boot_id;

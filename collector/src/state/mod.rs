@@ -168,6 +168,7 @@ pub enum Command {
         agent_id: String,
         node: String,
         boot_id: String,
+        peer: Option<std::net::IpAddr>,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
     Ingest {
@@ -242,11 +243,13 @@ impl StoreHandle {
         agent_id: String,
         node: String,
         boot_id: String,
+        peer: Option<std::net::IpAddr>,
     ) -> Result<u64, StoreError> {
         self.call(|reply| Command::Hello {
             agent_id,
             node,
             boot_id,
+            peer,
             reply,
         })
         .await?
@@ -529,16 +532,20 @@ impl State {
                 agent_id,
                 node,
                 boot_id,
+                peer,
                 reply,
             } => {
                 // Only what is on disk: the agent resends the rest (duplicates are dropped).
-                let r = self.agents.hello(&agent_id, node, boot_id).map_err(|e| {
-                    self.metrics
-                        .ingest_takeover_refused
-                        .with_label_values(&["connected"])
-                        .inc();
-                    StoreError::Takeover(e)
-                });
+                let r = self
+                    .agents
+                    .hello(&agent_id, node, boot_id, peer)
+                    .map_err(|e| {
+                        self.metrics
+                            .ingest_takeover_refused
+                            .with_label_values(&["connected"])
+                            .inc();
+                        StoreError::Takeover(e)
+                    });
                 let _ = reply.send(r);
             }
             Command::Disconnected { agent_id } => self.agents.disconnected(&agent_id),

@@ -1,0 +1,670 @@
+//! Trust, through the assembled server on loopback with TLS: static tokens (plain and sha256,
+//! reloaded), roles, node-bound pushes, client certificates from a test CA (rcgen), certificate
+//! reload, takeover attempts, and the refusal to serve gRPC off loopback without auth. Every
+//! refusal asserts its status code, that nothing was stored, and the counter that counts it.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use gpulse_collector::{
+    auth::AuthConfig,
+    server::{self, Running, ServerConfig},
+    state::StoreConfig,
+    tls::TlsFiles,
+};
+use gpulse_proto::{
+    client::ClientOptions,
+    v1::{Batch, StatusRequest, ingest_client::IngestClient, telemetry_client::TelemetryClient},
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+const AGENT_A: &str = "agent-token-for-node-a-0001";
+const READER: &str = "reader-token-for-dashboards-0002";
+const HASHED_READER: &str = "reader-token-kept-hashed-0003";
+
+/// A test CA that signs server and client certificates.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        Self {
+            issuer: CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap(),
+        }
+    }
+
+    /// (certificate PEM, key PEM) for these subject alternative names.
+    fn issue(&self, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn write(&self, dir: &Path, name: &str) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, self.issuer.pem()).unwrap();
+        p
+    }
+}
+
+fn write_pair(
+    dir: &Path,
+    name: &str,
+    pair: &(String, String),
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (c, k) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&c, &pair.0).unwrap();
+    std::fs::write(&k, &pair.1).unwrap();
+    (c, k)
+}
+
+fn sha256_hex(token: &str) -> String {
+    gpulse_collector::auth::tokens::digest(token)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    ca: Ca,
+    ca_file: std::path::PathBuf,
+    tokens: std::path::PathBuf,
+    running: Running,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Setup {
+    async fn start() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let ca = Ca::new("gpulse test CA");
+        let ca_file = ca.write(&dir, "ca.crt");
+        let (cert, key) = write_pair(&dir, "server", &ca.issue(&["localhost", "127.0.0.1"]));
+        let tokens = dir.join("tokens");
+        std::fs::write(
+            &tokens,
+            format!(
+                "# test tokens\nagent {AGENT_A} node=node-a\nreader {READER}\nreader sha256:{}\n",
+                sha256_hex(HASHED_READER)
+            ),
+        )
+        .unwrap();
+        let mut cfg = ServerConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+            StoreConfig::new(dir.join("data")),
+        );
+        cfg.tls = Some(TlsFiles {
+            cert,
+            key,
+            client_ca: Some(ca_file.clone()),
+        });
+        cfg.auth = AuthConfig {
+            tokens: Some(tokens.clone()),
+            client_certs: true,
+        };
+        cfg.mcp = Some(gpulse_mcp::http::HttpOptions {
+            loopback: true,
+            ..Default::default()
+        });
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let running = server::start(cfg, async move {
+            let _ = stop_rx.await;
+        })
+        .await
+        .unwrap();
+        Self {
+            _dir: tmp,
+            dir,
+            ca,
+            ca_file,
+            tokens,
+            running,
+            _stop: stop,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.running.grpc_addr.port())
+    }
+
+    fn token_file(&self, token: &str) -> std::path::PathBuf {
+        let p = self.dir.join(format!("tok-{}", &sha256_hex(token)[..8]));
+        std::fs::write(&p, format!("{token}\n")).unwrap();
+        p
+    }
+
+    /// Client options trusting the test CA, with this token (if any).
+    fn opts(&self, token: Option<&str>) -> ClientOptions {
+        ClientOptions {
+            ca_file: Some(self.ca_file.clone()),
+            token_file: token.map(|t| self.token_file(t)),
+            ..Default::default()
+        }
+    }
+
+    async fn channel(&self, opts: &ClientOptions) -> gpulse_proto::client::AuthChannel {
+        let ch = opts.endpoint(&self.url()).unwrap().connect().await.unwrap();
+        opts.credentials().unwrap().wrap(ch)
+    }
+
+    async fn stored(&self) -> u64 {
+        let ch = self.channel(&self.opts(Some(READER))).await;
+        TelemetryClient::new(ch)
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .events_stored
+    }
+
+    fn refused(&self, reason: &str) -> u64 {
+        self.running
+            .metrics
+            .auth_refused
+            .with_label_values(&[reason])
+            .get()
+    }
+}
+
+/// Opens a Push stream, says hello and sends one XID for `node` under `agent_id`; the first
+/// error status, or Ok once the XID is acknowledged.
+async fn push_one(
+    ch: gpulse_proto::client::AuthChannel,
+    agent_id: &str,
+    node: &str,
+) -> Result<(), tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let batch = |first_seq, events| Batch {
+        agent_id: agent_id.into(),
+        node: node.into(),
+        boot_id: "b".into(),
+        first_seq,
+        events,
+    };
+    tx.send(batch(0, vec![])).await.unwrap();
+    tx.send(batch(1, vec![common::xid(79, "fell off the bus")]))
+        .await
+        .unwrap();
+    let mut acks = IngestClient::new(ch)
+        .push(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), acks.message())
+            .await
+            .expect("no answer within 5 s")?
+        {
+            Some(a) if a.through_seq >= 1 => return Ok(()),
+            Some(_) => continue,
+            None => return Err(tonic::Status::unavailable("stream ended")),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_roles_and_node_binding() {
+    let s = Setup::start().await;
+    let url = s.url();
+
+    // No credentials at all.
+    let e = push_one(s.channel(&s.opts(None)).await, "node-a/1", "node-a")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert_eq!(s.refused("missing_credentials"), 1);
+    // A token nobody issued.
+    let e = push_one(
+        s.channel(&s.opts(Some("forged-token-forged-token"))).await,
+        "node-a/1",
+        "node-a",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert_eq!(s.refused("bad_token"), 1);
+    // A reader may not push.
+    let e = push_one(s.channel(&s.opts(Some(READER))).await, "node-a/1", "node-a")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(s.refused("wrong_role"), 1);
+    // node-a's agent may not speak for node-b, nor under node-b's agent id.
+    let agent = s.opts(Some(AGENT_A));
+    for (id, node) in [
+        ("node-b/1", "node-b"),
+        ("node-a/1", "node-b"),
+        ("node-b/1", "node-a"),
+    ] {
+        let e = push_one(s.channel(&agent).await, id, node)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{id} {node}: {e:?}");
+        assert!(e.message().contains("node-a"), "{e:?}");
+    }
+    assert_eq!(s.refused("other_node"), 3);
+    assert_eq!(s.stored().await, 0, "nothing refused was stored");
+    let exposition = s.running.metrics.render().unwrap();
+    assert!(!exposition.contains("node=\"node-b\""), "nor counted");
+    assert!(!exposition.contains("gpulse_xid_events_total{"), "nor counted");
+
+    // Its own node: stored.
+    push_one(s.channel(&agent).await, "node-a/1", "node-a")
+        .await
+        .unwrap();
+    assert_eq!(s.stored().await, 1);
+    // An agent token reads nothing.
+    let e = TelemetryClient::new(s.channel(&agent).await)
+        .status(StatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Readers read, with the plain or the hashed token.
+    for t in [READER, HASHED_READER] {
+        let st = TelemetryClient::new(s.channel(&s.opts(Some(t))).await)
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(st.events_stored, 1, "{t}");
+    }
+    // Health answers probes without credentials.
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(s.channel(&s.opts(None)).await);
+    let st = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.status, 1, "SERVING");
+
+    // The token file is re-read: a new reader is admitted, a removed one revoked.
+    let late = "reader-token-added-later-0004";
+    std::fs::write(
+        &s.tokens,
+        format!("agent {AGENT_A} node=node-a\nreader {late}\n"),
+    )
+    .unwrap();
+    let mut admitted = false;
+    for _ in 0..100 {
+        let r = TelemetryClient::new(s.channel(&s.opts(Some(late))).await)
+            .status(StatusRequest {})
+            .await;
+        if r.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admitted, "the reloaded token file admits the new reader");
+    let e = TelemetryClient::new(s.channel(&s.opts(Some(READER))).await)
+        .status(StatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "revoked: {e:?}");
+    // A broken file keeps the last good one in force (and is counted).
+    std::fs::write(&s.tokens, "superuser whatever\n").unwrap();
+    let mut counted = false;
+    for _ in 0..100 {
+        if s.running
+            .metrics
+            .reloads
+            .with_label_values(&["auth_tokens", "error"])
+            .get()
+            >= 1
+        {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(counted);
+    TelemetryClient::new(s.channel(&s.opts(Some(late))).await)
+        .status(StatusRequest {})
+        .await
+        .unwrap();
+    drop(url);
+}
+
+/// GET `path` over TLS (HTTP/1.1), with an optional bearer token: (status, body).
+async fn https_get(s: &Setup, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(s.ca.issuer.der().clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(s.running.http_addr)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_metrics_need_a_reader_and_probes_stay_open() {
+    let s = Setup::start().await;
+    assert_eq!(https_get(&s, "/healthz", None).await.0, 200);
+    let (code, body) = https_get(&s, "/metrics", None).await;
+    assert_eq!(code, 401, "{body}");
+    assert!(
+        body.to_lowercase().contains("www-authenticate: bearer"),
+        "{body}"
+    );
+    assert_eq!(https_get(&s, "/metrics", Some(AGENT_A)).await.0, 403);
+    let (code, body) = https_get(&s, "/metrics", Some(READER)).await;
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("gpulse_auth_refused_total{reason=\"missing_credentials\"} 1"),
+        "{body}"
+    );
+    assert!(body.contains("gpulse_auth_refused_total{reason=\"wrong_role\"} 1"));
+    // Plain HTTP to the TLS port is not answered as HTTP.
+    let mut tcp = tokio::net::TcpStream::connect(s.running.http_addr)
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
+    assert!(
+        !String::from_utf8_lossy(&out).contains("gpulse_"),
+        "no metrics in clear"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_certificates_bind_an_agent_to_its_node() {
+    let s = Setup::start().await;
+    let (cert, key) = write_pair(&s.dir, "node-a", &s.ca.issue(&["node-a"]));
+    let mtls = ClientOptions {
+        ca_file: Some(s.ca_file.clone()),
+        cert_file: Some(cert),
+        key_file: Some(key),
+        token_file: None,
+    };
+    push_one(s.channel(&mtls).await, "node-a/7", "node-a")
+        .await
+        .unwrap();
+    let e = push_one(s.channel(&mtls).await, "node-c/7", "node-c")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // A certificate from another CA does not get through the handshake.
+    let other = Ca::new("someone else's CA");
+    let (c2, k2) = write_pair(&s.dir, "forged", &other.issue(&["node-a"]));
+    let forged = ClientOptions {
+        cert_file: Some(c2),
+        key_file: Some(k2),
+        ..mtls.clone()
+    };
+    let r = match forged.endpoint(&s.url()).unwrap().connect().await {
+        Err(_) => None,
+        Ok(ch) => Some(push_one(Credentials::wrap_none(ch), "node-a/8", "node-a").await),
+    };
+    assert!(
+        !matches!(r, Some(Ok(()))),
+        "a certificate from an unknown CA must not push: {r:?}"
+    );
+    // A client that does not trust the server's CA refuses the server.
+    let stranger = ClientOptions {
+        ca_file: Some(other.write(&s.dir, "other-ca.crt")),
+        ..Default::default()
+    };
+    assert!(
+        stranger
+            .endpoint(&s.url())
+            .unwrap()
+            .connect()
+            .await
+            .is_err()
+    );
+    assert_eq!(s.stored().await, 1, "only node-a's own push");
+    assert!(
+        s.running.metrics.tls_handshake_failures.get() >= 1,
+        "failed handshakes are counted"
+    );
+}
+
+/// `Credentials::none().wrap`, named for what the test means.
+struct Credentials;
+impl Credentials {
+    fn wrap_none(ch: tonic::transport::Channel) -> gpulse_proto::client::AuthChannel {
+        gpulse_proto::client::Credentials::none().wrap(ch)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_certificate_is_reloaded_when_its_files_change() {
+    let s = Setup::start().await;
+    let next_ca = Ca::new("next CA");
+    let next_ca_file = next_ca.write(&s.dir, "next-ca.crt");
+    let trusts_next = ClientOptions {
+        ca_file: Some(next_ca_file),
+        token_file: Some(s.token_file(READER)),
+        ..Default::default()
+    };
+    assert!(
+        trusts_next
+            .endpoint(&s.url())
+            .unwrap()
+            .connect()
+            .await
+            .is_err()
+    );
+    // cert-manager writes the renewed pair in place.
+    let pair = next_ca.issue(&["localhost", "127.0.0.1"]);
+    std::fs::write(s.dir.join("server.key"), &pair.1).unwrap();
+    std::fs::write(s.dir.join("server.crt"), &pair.0).unwrap();
+    let mut ok = false;
+    for _ in 0..100 {
+        if let Ok(ch) = trusts_next.endpoint(&s.url()).unwrap().connect().await {
+            let creds = trusts_next.credentials().unwrap();
+            TelemetryClient::new(creds.wrap(ch))
+                .status(StatusRequest {})
+                .await
+                .unwrap();
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "new connections get the renewed certificate");
+    assert!(
+        s.running
+            .metrics
+            .reloads
+            .with_label_values(&["tls", "ok"])
+            .get()
+            >= 1
+    );
+}
+
+/// One agent's Push stream: its sender and the acks.
+struct Stream {
+    tx: tokio::sync::mpsc::Sender<Batch>,
+    acks: tonic::Streaming<gpulse_proto::v1::Ack>,
+}
+
+impl Stream {
+    /// Opens a stream from `from` (a loopback address) and says hello: the stream, or the
+    /// refusal of the hello.
+    async fn open(grpc: std::net::SocketAddr, from: &str) -> Result<(Self, u64), tonic::Status> {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .local_address(Some(from.parse().unwrap()))
+            .connect()
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(batch(0, vec![])).await.unwrap();
+        let mut acks = IngestClient::new(ch)
+            .push(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let hello = acks.message().await?.expect("a hello answer");
+        Ok((Self { tx, acks }, hello.through_seq))
+    }
+
+    async fn send(&mut self, first_seq: u64, code: u32) -> Result<u64, tonic::Status> {
+        self.tx
+            .send(batch(first_seq, vec![common::xid(code, "x")]))
+            .await
+            .unwrap();
+        let a = tokio::time::timeout(Duration::from_secs(5), self.acks.message())
+            .await
+            .expect("no answer within 5 s")?
+            .expect("an ack");
+        Ok(a.through_seq)
+    }
+}
+
+fn batch(first_seq: u64, events: Vec<gpulse_proto::v1::Event>) -> Batch {
+    Batch {
+        agent_id: "node-a/1".into(),
+        node: "node-a".into(),
+        boot_id: "b".into(),
+        first_seq,
+        events,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connected_agent_id_cannot_be_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = server::start(
+        ServerConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+            StoreConfig::new(dir.path().to_path_buf()),
+        ),
+        async move {
+            let _ = stop_rx.await;
+        },
+    )
+    .await
+    .unwrap();
+    let grpc = running.grpc_addr;
+    let takeovers = |reason: &str| {
+        running
+            .metrics
+            .ingest_takeover_refused
+            .with_label_values(&[reason])
+            .get()
+    };
+    let (mut real, _) = Stream::open(grpc, "127.0.0.1").await.unwrap();
+    assert_eq!(real.send(1, 13).await.unwrap(), 1);
+
+    // A second stream for the connected id from another address, as a forger would open it.
+    let e = Stream::open(grpc, "127.0.0.2")
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("connected on another stream"), "{e:?}");
+    assert_eq!(takeovers("connected"), 1);
+    // The real agent goes on undisturbed.
+    assert_eq!(real.send(2, 13).await.unwrap(), 2);
+    // From its own address it is the agent reconnecting (its old connection may be half-open).
+    let (mut again, through) = Stream::open(grpc, "127.0.0.1").await.unwrap();
+    assert_eq!(through, 2);
+
+    // A jump no spool explains (the real agent's next events would be dropped as resends).
+    let e = again.send(3 + 5_000_000_000, 79).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(takeovers("seq_jump"), 1);
+    assert_eq!(
+        running.store.status().await.unwrap().events_stored,
+        2,
+        "nothing refused stored"
+    );
+    assert_eq!(real.send(3, 13).await.unwrap(), 3);
+    assert_eq!(takeovers("connected"), 1);
+}
+
+#[test]
+fn grpc_off_loopback_without_auth_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_gpulse-collector");
+    let base = |extra: &[&str]| {
+        let mut c = std::process::Command::new(bin);
+        c.args([
+            "--grpc-listen",
+            "0.0.0.0:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+        c
+    };
+    let out = base(&[]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not loopback and no authentication is configured"),
+        "{err}"
+    );
+    // A token file counts as authentication (a broken one is a start-up error naming it).
+    let bad = dir.path().join("tokens");
+    std::fs::write(&bad, "agent short node=a\n").unwrap();
+    let out = base(&["--auth-tokens", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 1: a token must be at least 16"), "{err}");
+    // Told the network is trusted, it serves.
+    let mut child = base(&["--grpc-allow-unauthenticated"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let still = child.try_wait().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(still.is_none(), "exited: {still:?}");
+}
