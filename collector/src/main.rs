@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::Context as _;
 use clap::Parser;
 use gpulse_collector::{
-    auth::AuthConfig,
+    auth::{AuthConfig, ServiceAccounts, oauth::OAuthConfig},
     server::{self, ServerConfig},
     size::parse_bytes,
     state::StoreConfig,
@@ -133,6 +133,40 @@ struct Args {
     /// the token or sha256:<hex> of it; # comments); re-read when it changes.
     #[arg(long, env = "GPULSE_AUTH_TOKENS")]
     auth_tokens: Option<PathBuf>,
+    /// Kubernetes service account tokens: the cluster's JSON Web Key Set (the API server's
+    /// /openid/v1/jwks, e.g. from a ConfigMap), re-read when it changes. Needs --auth-issuer.
+    #[arg(long, env = "GPULSE_AUTH_JWKS", requires = "auth_issuer")]
+    auth_jwks: Option<PathBuf>,
+    /// The issuer service account tokens must carry (the API server's --service-account-issuer).
+    #[arg(long, env = "GPULSE_AUTH_ISSUER", requires = "auth_jwks")]
+    auth_issuer: Option<String>,
+    /// The audience service account tokens must carry (the agent's projected token's).
+    #[arg(long, default_value = "gpulse")]
+    auth_audience: String,
+    /// Service accounts (NAMESPACE:NAME) whose pod-bound tokens authenticate agents, each for
+    /// the node its pod runs on.
+    #[arg(
+        long = "auth-agent-service-account",
+        default_value = "gpulse:gpulse-agent"
+    )]
+    auth_agent_accounts: Vec<String>,
+    /// Service accounts (NAMESPACE:NAME) whose tokens authenticate readers.
+    #[arg(long = "auth-reader-service-account")]
+    auth_reader_accounts: Vec<String>,
+    /// /mcp as an OAuth 2.1 resource server: the authorization server (issuer) whose JWT access
+    /// tokens are accepted. Needs --mcp-oauth-jwks and --mcp-resource-url.
+    #[arg(long, requires_all = ["mcp_oauth_jwks", "mcp_resource_url"])]
+    mcp_oauth_issuer: Option<String>,
+    /// The issuer's JSON Web Key Set (file, re-read when it changes).
+    #[arg(long, requires = "mcp_oauth_issuer")]
+    mcp_oauth_jwks: Option<PathBuf>,
+    /// The canonical URL clients reach /mcp at (e.g. https://gpulse.example.com/mcp): the
+    /// audience access tokens must carry, and the resource the metadata names.
+    #[arg(long, requires = "mcp_oauth_issuer")]
+    mcp_resource_url: Option<String>,
+    /// The scope access tokens need for /mcp.
+    #[arg(long, default_value = "gpulse:read")]
+    mcp_oauth_scope: String,
     /// Serve gRPC on a non-loopback address without any authentication (trusted networks only):
     /// anyone who reaches the port can then push events for any node and read everything.
     #[arg(long)]
@@ -230,9 +264,51 @@ async fn run() -> anyhow::Result<Exit> {
         gpulse_mcp::serve_stdio(gpulse_proto::api::RemoteTelemetry::shared(client)).await?;
         return Ok(Exit::Clean);
     }
+    for a in args
+        .auth_agent_accounts
+        .iter()
+        .chain(&args.auth_reader_accounts)
+    {
+        anyhow::ensure!(
+            a.split_once(':')
+                .is_some_and(|(ns, n)| !ns.is_empty() && !n.is_empty() && !n.contains(':')),
+            "service account {a:?} must be NAMESPACE:NAME"
+        );
+    }
     let auth = AuthConfig {
         tokens: args.auth_tokens.clone(),
+        service_accounts: match (&args.auth_jwks, &args.auth_issuer) {
+            (Some(jwks), Some(issuer)) => Some(ServiceAccounts {
+                jwks: jwks.clone(),
+                issuer: issuer.clone(),
+                audience: args.auth_audience.clone(),
+                agents: args.auth_agent_accounts.clone(),
+                readers: args.auth_reader_accounts.clone(),
+            }),
+            _ => None,
+        },
         client_certs: args.client_ca.is_some(),
+    };
+    let mcp_oauth = match (
+        &args.mcp_oauth_issuer,
+        &args.mcp_oauth_jwks,
+        &args.mcp_resource_url,
+    ) {
+        (Some(issuer), Some(jwks), Some(resource)) => {
+            anyhow::ensure!(
+                resource.starts_with("https://")
+                    || resource.starts_with("http://localhost")
+                    || resource.starts_with("http://127.0.0.1"),
+                "--mcp-resource-url must be https:// (or loopback http://)"
+            );
+            Some(OAuthConfig {
+                issuer: issuer.clone(),
+                jwks: jwks.clone(),
+                resource: resource.clone(),
+                scope: args.mcp_oauth_scope.clone(),
+            })
+        }
+        _ => None,
     };
     anyhow::ensure!(
         args.grpc_listen.ip().is_loopback() || auth.enabled() || args.grpc_allow_unauthenticated,
@@ -251,6 +327,8 @@ async fn run() -> anyhow::Result<Exit> {
             || loopback
             || args.mcp_token.is_some()
             || auth.tokens.is_some()
+            || auth.service_accounts.is_some()
+            || mcp_oauth.is_some()
             || args.mcp_allow_unauthenticated,
         "--http-listen {} is not loopback: set --mcp-token (or GPULSE_MCP_TOKEN) or --auth-tokens, --mcp off, or \
          --mcp-allow-unauthenticated for a trusted network",
@@ -294,6 +372,7 @@ async fn run() -> anyhow::Result<Exit> {
     cfg.keepalive_interval = args.keepalive_interval;
     cfg.keepalive_timeout = args.keepalive_timeout;
     cfg.auth = auth;
+    cfg.mcp_oauth = mcp_oauth;
     cfg.tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles {
             cert: cert.clone(),
@@ -305,6 +384,7 @@ async fn run() -> anyhow::Result<Exit> {
     cfg.mcp = (args.mcp == "on").then(|| gpulse_mcp::http::HttpOptions {
         token: args.mcp_token.clone(),
         bearer: None,
+        oauth: None,
         allowed_hosts: args.mcp_allowed_hosts.clone(),
         allowed_origins: args.mcp_allowed_origins.clone(),
         loopback,

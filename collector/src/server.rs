@@ -1,5 +1,5 @@
 //! Wiring: store task, gRPC server (ingest, telemetry, reflection, health) and HTTP server.
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use gpulse_proto::{
@@ -12,7 +12,10 @@ use tonic::service::interceptor::InterceptedService;
 use tracing::info;
 
 use crate::{
-    auth::{Auth, AuthConfig, Role},
+    auth::{
+        Auth, AuthConfig, Role,
+        oauth::{self, OAuthConfig, OAuthVerifier},
+    },
     grpc::{IngestService, TelemetryService},
     http::{self, HttpState},
     shutdown::{self, Shutdown},
@@ -39,6 +42,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// How callers authenticate (nothing configured: every call allowed).
     pub auth: AuthConfig,
+    /// `/mcp` as an OAuth protected resource (JWT access tokens from this issuer).
+    pub mcp_oauth: Option<OAuthConfig>,
 }
 
 impl ServerConfig {
@@ -54,6 +59,7 @@ impl ServerConfig {
             keepalive_timeout: Duration::from_secs(20),
             tls: None,
             auth: AuthConfig::default(),
+            mcp_oauth: None,
         }
     }
 }
@@ -195,13 +201,21 @@ pub async fn start(
             store: store.clone(),
             stop: stop_rx.clone(),
         });
-        if auth.enabled() {
-            // Reader tokens open /mcp too (the static --mcp-token keeps working).
-            let a = auth.clone();
-            opts.bearer = Some(gpulse_mcp::http::BearerCheck::new(move |token| {
-                a.authorize(Some(token), None, Role::Reader).is_ok()
-            }));
+        let oauth = match &cfg.mcp_oauth {
+            Some(o) => Some(Arc::new(
+                OAuthVerifier::new(o, metrics.reloads.clone())
+                    .map_err(|e| anyhow::anyhow!("--mcp-oauth-jwks: {e}"))?,
+            )),
+            None => None,
+        };
+        if auth.enabled() || oauth.is_some() {
+            // Reader tokens and OAuth access tokens open /mcp (the static --mcp-token too).
+            opts.bearer = Some(oauth::mcp_check(
+                auth.enabled().then(|| auth.clone()),
+                oauth,
+            ));
         }
+        opts.oauth = cfg.mcp_oauth.as_ref().map(OAuthConfig::resource);
         app = app.merge(gpulse_mcp::http::router(api, opts));
     }
     let http_stopped = async move { http_stop.wait().await };

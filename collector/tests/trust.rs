@@ -9,7 +9,7 @@ mod common;
 use std::{path::Path, sync::Arc, time::Duration};
 
 use gpulse_collector::{
-    auth::AuthConfig,
+    auth::{AuthConfig, ServiceAccounts},
     server::{self, Running, ServerConfig},
     state::StoreConfig,
     tls::TlsFiles,
@@ -82,9 +82,93 @@ fn sha256_hex(token: &str) -> String {
         .collect()
 }
 
+const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// A test signing key (ES256, as a cluster may use) that mints service account tokens.
+struct TestIssuer {
+    kid: String,
+    pkcs8: Vec<u8>,
+    public: Vec<u8>,
+}
+
+impl TestIssuer {
+    fn new(kid: &str) -> Self {
+        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .unwrap()
+            .as_ref()
+            .to_vec();
+        let pair =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng).unwrap();
+        Self {
+            kid: kid.into(),
+            public: pair.public_key().as_ref().to_vec(),
+            pkcs8,
+        }
+    }
+
+    /// A JWKS document publishing these keys.
+    fn jwks(keys: &[&TestIssuer]) -> String {
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let keys: Vec<serde_json::Value> = keys
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": k.kid,
+                    "x": b64(&k.public[1..33]), "y": b64(&k.public[33..65]),
+                })
+            })
+            .collect();
+        serde_json::json!({ "keys": keys }).to_string()
+    }
+
+    fn sign(&self, claims: &serde_json::Value) -> String {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(
+            &h,
+            claims,
+            &jsonwebtoken::EncodingKey::from_ec_der(&self.pkcs8),
+        )
+        .unwrap()
+    }
+
+    /// A projected service account token as the kubelet makes it for a pod on `node`.
+    fn service_account(
+        &self,
+        account: &str,
+        node: Option<&str>,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let (ns, name) = account.split_once(':').unwrap();
+        let mut c = serde_json::json!({
+            "aud": ["gpulse"], "iss": ISSUER, "iat": now, "nbf": now, "exp": now + 3600,
+            "sub": format!("system:serviceaccount:{ns}:{name}"),
+            "kubernetes.io": {
+                "namespace": ns,
+                "pod": {"name": format!("{name}-x7k2p"), "uid": "b1f0"},
+                "serviceaccount": {"name": name, "uid": "9c1e"},
+            },
+        });
+        if let Some(n) = node {
+            c["kubernetes.io"]["node"] = serde_json::json!({"name": n, "uid": "77aa"});
+        }
+        edit(&mut c);
+        self.sign(&c)
+    }
+}
+
 struct Setup {
     _dir: tempfile::TempDir,
     dir: std::path::PathBuf,
+    issuer: TestIssuer,
+    jwks: std::path::PathBuf,
     ca: Ca,
     ca_file: std::path::PathBuf,
     tokens: std::path::PathBuf,
@@ -118,8 +202,18 @@ impl Setup {
             key,
             client_ca: Some(ca_file.clone()),
         });
+        let issuer = TestIssuer::new("k1");
+        let jwks = dir.join("jwks.json");
+        std::fs::write(&jwks, TestIssuer::jwks(&[&issuer])).unwrap();
         cfg.auth = AuthConfig {
             tokens: Some(tokens.clone()),
+            service_accounts: Some(ServiceAccounts {
+                jwks: jwks.clone(),
+                issuer: ISSUER.into(),
+                audience: "gpulse".into(),
+                agents: vec!["gpulse:gpulse-agent".into()],
+                readers: vec!["monitoring:grafana".into()],
+            }),
             client_certs: true,
         };
         cfg.mcp = Some(gpulse_mcp::http::HttpOptions {
@@ -135,6 +229,8 @@ impl Setup {
         Self {
             _dir: tmp,
             dir,
+            issuer,
+            jwks,
             ca,
             ca_file,
             tokens,
@@ -265,7 +361,10 @@ async fn tokens_roles_and_node_binding() {
     assert_eq!(s.stored().await, 0, "nothing refused was stored");
     let exposition = s.running.metrics.render().unwrap();
     assert!(!exposition.contains("node=\"node-b\""), "nor counted");
-    assert!(!exposition.contains("gpulse_xid_events_total{"), "nor counted");
+    assert!(
+        !exposition.contains("gpulse_xid_events_total{"),
+        "nor counted"
+    );
 
     // Its own node: stored.
     push_one(s.channel(&agent).await, "node-a/1", "node-a")
@@ -667,4 +766,123 @@ fn grpc_off_loopback_without_auth_refuses_to_start() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(still.is_none(), "exited: {still:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn service_account_tokens_verified_against_the_cluster_keys() {
+    let setup = Setup::start().await;
+    let s = &setup;
+    let agent = |node: Option<&str>, edit: fn(&mut serde_json::Value)| {
+        s.issuer.service_account("gpulse:gpulse-agent", node, edit)
+    };
+    let push = |token: String, node: &'static str| {
+        let opts = s.opts(Some(&token));
+        async move { push_one(s.channel(&opts).await, &format!("{node}/1"), node).await }
+    };
+    // The node's own agent.
+    push(agent(Some("node-a"), |_| {}), "node-a").await.unwrap();
+    assert_eq!(s.stored().await, 1);
+
+    let refused_before = s.refused("bad_token");
+    let mut tampered = agent(Some("node-a"), |_| {});
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    let other_key =
+        TestIssuer::new("k1").service_account("gpulse:gpulse-agent", Some("node-a"), |_| {});
+    let unknown_kid =
+        TestIssuer::new("k9").service_account("gpulse:gpulse-agent", Some("node-a"), |_| {});
+    for (what, token, want) in [
+        (
+            "expired",
+            agent(Some("node-a"), |c| {
+                c["exp"] = serde_json::json!(1_000_000);
+                c["nbf"] = serde_json::json!(999_000);
+                c["iat"] = serde_json::json!(999_000);
+            }),
+            "expired",
+        ),
+        (
+            "wrong audience",
+            agent(Some("node-a"), |c| {
+                c["aud"] = serde_json::json!(["kubernetes"])
+            }),
+            "audience",
+        ),
+        (
+            "wrong issuer",
+            agent(Some("node-a"), |c| {
+                c["iss"] = serde_json::json!("https://evil.example")
+            }),
+            "issuer",
+        ),
+        ("tampered signature", tampered, "signature"),
+        (
+            "signed by another key under a known kid",
+            other_key,
+            "signature",
+        ),
+        ("unknown key id", unknown_kid, "unknown key id"),
+        (
+            "not bound to a node",
+            agent(None, |_| {}),
+            "not bound to a node",
+        ),
+        (
+            "another service account",
+            s.issuer
+                .service_account("default:default", Some("node-a"), |_| {}),
+            "neither an agent nor a reader",
+        ),
+    ] {
+        let e = push(token, "node-a").await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+        assert!(e.message().contains(want), "{what}: {e:?}");
+    }
+    assert_eq!(s.refused("bad_token"), refused_before + 8);
+    // Bound to node-b, pushing for node-a.
+    let e = push_one(
+        s.channel(&s.opts(Some(&agent(Some("node-b"), |_| {}))))
+            .await,
+        "node-a/1",
+        "node-a",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(s.stored().await, 1, "nothing refused was stored");
+
+    // A reader service account reads; an agent's token does not.
+    let grafana = s.issuer.service_account("monitoring:grafana", None, |_| {});
+    TelemetryClient::new(s.channel(&s.opts(Some(&grafana))).await)
+        .status(StatusRequest {})
+        .await
+        .unwrap();
+
+    // Key rotation: the new key is published beside the old, then the old one withdrawn.
+    let next = TestIssuer::new("k2");
+    std::fs::write(&s.jwks, TestIssuer::jwks(&[&s.issuer, &next])).unwrap();
+    let signed_by_next = next.service_account("gpulse:gpulse-agent", Some("node-a"), |_| {});
+    let mut admitted = false;
+    for _ in 0..100 {
+        if push(signed_by_next.clone(), "node-a").await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        admitted,
+        "a token from the new key is accepted once the JWKS has it"
+    );
+    std::fs::write(&s.jwks, TestIssuer::jwks(&[&next])).unwrap();
+    let old = agent(Some("node-a"), |_| {});
+    let mut withdrawn = false;
+    for _ in 0..100 {
+        if push(old.clone(), "node-a").await.is_err() {
+            withdrawn = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(withdrawn, "tokens from a withdrawn key are refused");
 }

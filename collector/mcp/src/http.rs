@@ -14,12 +14,23 @@ use rmcp::transport::streamable_http_server::{
 
 use crate::{GpulseMcp, SharedTelemetry};
 
-/// Another way a bearer token may open `/mcp` (the collector's reader tokens).
+/// What a bearer check says of a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    Allowed,
+    /// Unknown, expired, for another audience...: 401.
+    Invalid,
+    /// Valid, without the scope `/mcp` needs: 403 `insufficient_scope`.
+    InsufficientScope,
+}
+
+/// Other ways a bearer token may open `/mcp` (the collector's reader tokens, OAuth access
+/// tokens).
 #[derive(Clone)]
-pub struct BearerCheck(Arc<dyn Fn(&str) -> bool + Send + Sync>);
+pub struct BearerCheck(Arc<dyn Fn(&str) -> Check + Send + Sync>);
 
 impl BearerCheck {
-    pub fn new(f: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+    pub fn new(f: impl Fn(&str) -> Check + Send + Sync + 'static) -> Self {
         Self(Arc::new(f))
     }
 }
@@ -30,6 +41,46 @@ impl std::fmt::Debug for BearerCheck {
     }
 }
 
+/// `/mcp` as an OAuth 2.1 protected resource (MCP authorization, RFC 9728): what its Protected
+/// Resource Metadata says, and what 401 answers point at.
+#[derive(Clone, Debug)]
+pub struct OAuthResource {
+    /// The canonical URL of `/mcp`, the audience its tokens carry.
+    pub resource: String,
+    pub authorization_servers: Vec<String>,
+    pub scopes: Vec<String>,
+}
+
+impl OAuthResource {
+    /// RFC 9728 section 3: the well-known path inserted between the host and the resource's path.
+    pub fn metadata_url(&self) -> String {
+        let (origin, path) = split_origin(&self.resource);
+        format!("{origin}/.well-known/oauth-protected-resource{path}")
+    }
+
+    fn document(&self) -> serde_json::Value {
+        serde_json::json!({
+            "resource": self.resource,
+            "authorization_servers": self.authorization_servers,
+            "scopes_supported": self.scopes,
+            "bearer_methods_supported": ["header"],
+            "resource_name": "gpulse",
+        })
+    }
+}
+
+/// (`https://host:port`, `/path`) of an absolute URL.
+fn split_origin(url: &str) -> (&str, &str) {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    match url[after_scheme..].find('/') {
+        Some(i) => {
+            let (o, p) = url.split_at(after_scheme + i);
+            (o, p.trim_end_matches('/'))
+        }
+        None => (url, ""),
+    }
+}
+
 /// How `/mcp` is exposed.
 #[derive(Clone, Debug, Default)]
 pub struct HttpOptions {
@@ -37,6 +88,8 @@ pub struct HttpOptions {
     pub token: Option<String>,
     /// Tokens accepted besides `token`. With either set, a request needs one of them.
     pub bearer: Option<BearerCheck>,
+    /// OAuth protected resource metadata to serve and point 401 answers at.
+    pub oauth: Option<OAuthResource>,
     /// Host header values accepted besides loopback names (DNS-rebinding guard).
     pub allowed_hosts: Vec<String>,
     /// Origins accepted; requests with any other Origin get 403. Empty: any Origin is refused
@@ -84,24 +137,40 @@ pub fn router(api: SharedTelemetry, opts: HttpOptions) -> axum::Router {
         Arc::new(LocalSessionManager::default()),
         cfg,
     );
+    let oauth = opts.oauth.clone();
     let auth = Arc::new(Bearer {
         token: opts.token,
         check: opts.bearer,
+        oauth: opts.oauth,
     });
-    axum::Router::new()
-        .nest_service("/mcp", svc)
-        .layer(axum::middleware::from_fn(
-            move |req: Request, next: Next| {
-                let auth = auth.clone();
-                async move { auth.check(req, next).await }
-            },
-        ))
+    let mut router =
+        axum::Router::new()
+            .nest_service("/mcp", svc)
+            .layer(axum::middleware::from_fn(
+                move |req: Request, next: Next| {
+                    let auth = auth.clone();
+                    async move { auth.check(req, next).await }
+                },
+            ));
+    if let Some(o) = oauth {
+        // Served without a token: clients read it to find where to get one.
+        let doc = o.document();
+        let get = axum::routing::get(move || {
+            let doc = doc.clone();
+            async move { axum::Json(doc) }
+        });
+        router = router
+            .route("/.well-known/oauth-protected-resource", get.clone())
+            .route("/.well-known/oauth-protected-resource/mcp", get);
+    }
+    router
 }
 
 /// Who may call `/mcp`: the static token, or whoever `check` admits; anyone when neither is set.
 struct Bearer {
     token: Option<String>,
     check: Option<BearerCheck>,
+    oauth: Option<OAuthResource>,
 }
 
 impl Bearer {
@@ -114,24 +183,49 @@ impl Bearer {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .unwrap_or("")
+            .trim();
         let by_token = self
             .token
             .as_deref()
             .is_some_and(|want| constant_time_eq(got.as_bytes(), want.as_bytes()));
-        let by_check = !got.is_empty() && self.check.as_ref().is_some_and(|c| (c.0)(got));
-        if by_token || by_check {
-            return next.run(req).await;
+        let verdict = if by_token {
+            Check::Allowed
+        } else if got.is_empty() {
+            Check::Invalid
+        } else {
+            self.check.as_ref().map_or(Check::Invalid, |c| (c.0)(got))
+        };
+        match verdict {
+            Check::Allowed => next.run(req).await,
+            Check::Invalid => self.refusal(StatusCode::UNAUTHORIZED, None),
+            Check::InsufficientScope => {
+                self.refusal(StatusCode::FORBIDDEN, Some("insufficient_scope"))
+            }
         }
-        let mut r = (
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token for /mcp\n",
-        )
-            .into_response();
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"gpulse\""),
-        );
+    }
+
+    /// 401/403 with the challenge: `resource_metadata` (and the scope) when OAuth is on.
+    fn refusal(&self, code: StatusCode, error: Option<&str>) -> Response {
+        let mut challenge = String::from("Bearer realm=\"gpulse\"");
+        if let Some(e) = error {
+            challenge.push_str(&format!(", error=\"{e}\""));
+        }
+        if let Some(o) = &self.oauth {
+            challenge.push_str(&format!(
+                ", resource_metadata=\"{}\", scope=\"{}\"",
+                o.metadata_url(),
+                o.scopes.join(" ")
+            ));
+        }
+        let body = match error {
+            Some(_) => "the token lacks the scope /mcp needs\n",
+            None => "missing or wrong bearer token for /mcp\n",
+        };
+        let mut r = (code, body).into_response();
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
         r
     }
 }
@@ -224,6 +318,7 @@ mod tests {
             allowed_origins: vec!["https://dash.example".into()],
             loopback: false,
             bearer: None,
+            oauth: None,
         };
         let auth = ("authorization", "Bearer a-token-of-at-least-16");
         let host = ("host", "collector.example");
@@ -248,7 +343,13 @@ mod tests {
     async fn reader_tokens_open_mcp_beside_the_static_token() {
         let opts = HttpOptions {
             token: Some("a-token-of-at-least-16".into()),
-            bearer: Some(BearerCheck::new(|t| t == "reader-token-from-the-file")),
+            bearer: Some(BearerCheck::new(|t| {
+                if t == "reader-token-from-the-file" {
+                    Check::Allowed
+                } else {
+                    Check::Invalid
+                }
+            })),
             ..loopback()
         };
         let host = ("host", "127.0.0.1:7701");
@@ -272,7 +373,13 @@ mod tests {
         );
         assert_eq!(status(opts, &[host, with("Bearer ")]).await, 401, "empty");
         let only_check = HttpOptions {
-            bearer: Some(BearerCheck::new(|t| t == "reader-token-from-the-file")),
+            bearer: Some(BearerCheck::new(|t| {
+                if t == "reader-token-from-the-file" {
+                    Check::Allowed
+                } else {
+                    Check::Invalid
+                }
+            })),
             ..loopback()
         };
         assert_eq!(status(only_check.clone(), &[host]).await, 401);
@@ -284,5 +391,81 @@ mod tests {
             .await,
             200
         );
+    }
+
+    #[tokio::test]
+    async fn oauth_resource_metadata_and_challenges() {
+        let oauth = OAuthResource {
+            resource: "https://gpulse.example/mcp".into(),
+            authorization_servers: vec!["https://issuer.example".into()],
+            scopes: vec!["gpulse:read".into()],
+        };
+        assert_eq!(
+            oauth.metadata_url(),
+            "https://gpulse.example/.well-known/oauth-protected-resource/mcp"
+        );
+        let opts = HttpOptions {
+            bearer: Some(BearerCheck::new(|t| match t {
+                "good.jwt.token" => Check::Allowed,
+                "noscope.jwt.token" => Check::InsufficientScope,
+                _ => Check::Invalid,
+            })),
+            oauth: Some(oauth),
+            allowed_hosts: vec!["gpulse.example".into()],
+            ..Default::default()
+        };
+        let app = router(Arc::new(Fake::default()), opts.clone());
+        for path in [
+            "/.well-known/oauth-protected-resource",
+            "/.well-known/oauth-protected-resource/mcp",
+        ] {
+            let resp = app
+                .clone()
+                .oneshot(HttpRequest::get(path).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "{path}");
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(doc["resource"], "https://gpulse.example/mcp");
+            assert_eq!(doc["authorization_servers"][0], "https://issuer.example");
+            assert_eq!(doc["scopes_supported"][0], "gpulse:read");
+        }
+        let challenge = |token: Option<&'static str>| {
+            let app = app.clone();
+            async move {
+                let mut req = HttpRequest::post("/mcp")
+                    .header("host", "gpulse.example")
+                    .header("content-type", "application/json")
+                    .header("accept", "application/json, text/event-stream");
+                if let Some(t) = token {
+                    req = req.header("authorization", format!("Bearer {t}"));
+                }
+                let resp = app
+                    .oneshot(req.body(Body::from(INIT)).unwrap())
+                    .await
+                    .unwrap();
+                let h = resp
+                    .headers()
+                    .get("www-authenticate")
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default();
+                (resp.status().as_u16(), h)
+            }
+        };
+        let (code, h) = challenge(None).await;
+        assert_eq!(code, 401);
+        assert!(
+            h.contains("resource_metadata=\"https://gpulse.example/.well-known/oauth-protected-resource/mcp\""),
+            "{h}"
+        );
+        assert!(h.contains("scope=\"gpulse:read\""), "{h}");
+        assert_eq!(challenge(Some("forged.jwt.token")).await.0, 401);
+        let (code, h) = challenge(Some("noscope.jwt.token")).await;
+        assert_eq!(code, 403);
+        assert!(h.contains("error=\"insufficient_scope\""), "{h}");
+        assert_eq!(challenge(Some("good.jwt.token")).await.0, 200);
     }
 }

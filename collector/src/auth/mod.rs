@@ -1,8 +1,9 @@
 //! Who is calling, and what they may do.
 //!
-//! Authentication: a bearer token from the static token file (`tokens`), or a client
-//! certificate verified against `--client-ca` (mutual TLS; the node is the certificate's DNS
-//! subject alternative name). Authorization: role `agent` may only `Ingest.Push`, and only for
+//! Authentication: a bearer token from the static token file (`tokens`), a Kubernetes service
+//! account token verified against the cluster's keys (`jwt`; the node from its pod-bound
+//! claims), or a client certificate verified against `--client-ca` (mutual TLS; the node is the
+//! certificate's DNS subject alternative name). Authorization: role `agent` may only `Ingest.Push`, and only for
 //! its own node (checked per batch in `grpc`); role `reader` gets `Telemetry` and reflection.
 //! Missing or bad credentials are UNAUTHENTICATED, a wrong role or node PERMISSION_DENIED; each
 //! refusal is counted by reason and logged once per identity.
@@ -10,6 +11,8 @@
 //! With no method configured every call is allowed (loopback demos; `main` refuses that off
 //! loopback unless told the network is trusted). gRPC health stays open: kubelet probes send no
 //! credentials.
+pub mod jwt;
+pub mod oauth;
 pub mod tokens;
 
 use std::{
@@ -52,10 +55,11 @@ pub struct Identity {
     pub name: String,
 }
 
-/// How callers authenticate (`--auth-tokens`, `--client-ca`).
+/// How callers authenticate (`--auth-tokens`, `--auth-jwks`..., `--client-ca`).
 #[derive(Clone, Debug, Default)]
 pub struct AuthConfig {
     pub tokens: Option<PathBuf>,
+    pub service_accounts: Option<ServiceAccounts>,
     /// Client certificates are verified by the TLS layer (`--client-ca`); this says to accept
     /// them as agent identities.
     pub client_certs: bool,
@@ -63,7 +67,62 @@ pub struct AuthConfig {
 
 impl AuthConfig {
     pub fn enabled(&self) -> bool {
-        self.tokens.is_some() || self.client_certs
+        self.tokens.is_some() || self.service_accounts.is_some() || self.client_certs
+    }
+}
+
+/// Kubernetes service account tokens: where the cluster's keys are, what the tokens must say,
+/// and which service accounts get which role (`NAMESPACE:NAME`).
+#[derive(Clone, Debug)]
+pub struct ServiceAccounts {
+    /// JWKS file (the API server's `/openid/v1/jwks`), re-read when it changes.
+    pub jwks: PathBuf,
+    pub issuer: String,
+    pub audience: String,
+    pub agents: Vec<String>,
+    pub readers: Vec<String>,
+}
+
+/// A service account token, checked and mapped to an identity.
+struct ServiceAccountAuth {
+    keys: Arc<Reloading<jwt::KeySet>>,
+    expect: jwt::Expect,
+    agents: Vec<String>,
+    readers: Vec<String>,
+}
+
+impl ServiceAccountAuth {
+    fn identify(&self, token: &str) -> Result<Identity, String> {
+        let c: jwt::ServiceAccountClaims = jwt::verify(token, &self.keys.current(), &self.expect)
+            .map_err(|e| format!("service account token: {e}"))?;
+        let account = c
+            .sub
+            .strip_prefix("system:serviceaccount:")
+            .ok_or("service account token: its subject is not a service account")?;
+        let name = format!("service account {account}");
+        if self.readers.iter().any(|r| r == account) {
+            return Ok(Identity {
+                role: Role::Reader,
+                node: None,
+                name,
+            });
+        }
+        if !self.agents.iter().any(|a| a == account) {
+            return Err(format!("{name} is neither an agent nor a reader account"));
+        }
+        // The kubelet binds projected tokens to their pod, and (Kubernetes 1.30+) names the
+        // pod's node: the one node this agent may speak for.
+        let node = c
+            .kubernetes
+            .and_then(|k| k.node)
+            .map(|n| n.name)
+            .ok_or("service account token: not bound to a node (a projected token from Kubernetes 1.30+ is needed)")?;
+        crate::labels::node(&node)?;
+        Ok(Identity {
+            role: Role::Agent,
+            name: format!("{name} on {node}"),
+            node: Some(node),
+        })
     }
 }
 
@@ -82,6 +141,7 @@ const MAX_LOGGED: usize = 4096;
 
 pub struct Auth {
     tokens: Option<Arc<Reloading<TokenTable>>>,
+    service_accounts: Option<ServiceAccountAuth>,
     client_certs: bool,
     refused: IntCounterVec,
     logged: Mutex<HashSet<String>>,
@@ -101,9 +161,30 @@ impl Auth {
                     "auth_tokens",
                     vec![path.clone()],
                     reload::DEFAULT_INTERVAL,
-                    reloads,
+                    reloads.clone(),
                     move || TokenTable::load(&p),
                 )?)
+            }
+            None => None,
+        };
+        let service_accounts = match &cfg.service_accounts {
+            Some(sa) => {
+                let p = sa.jwks.clone();
+                Some(ServiceAccountAuth {
+                    keys: reload::watch(
+                        "auth_jwks",
+                        vec![sa.jwks.clone()],
+                        reload::DEFAULT_INTERVAL,
+                        reloads,
+                        move || jwt::KeySet::load(&p),
+                    )?,
+                    expect: jwt::Expect {
+                        issuer: sa.issuer.clone(),
+                        audience: sa.audience.clone(),
+                    },
+                    agents: sa.agents.clone(),
+                    readers: sa.readers.clone(),
+                })
             }
             None => None,
         };
@@ -112,6 +193,7 @@ impl Auth {
         }
         Ok(Arc::new(Self {
             tokens,
+            service_accounts,
             client_certs: cfg.client_certs,
             refused,
             logged: Mutex::new(HashSet::new()),
@@ -122,6 +204,7 @@ impl Auth {
     pub fn off(refused: IntCounterVec) -> Arc<Self> {
         Arc::new(Self {
             tokens: None,
+            service_accounts: None,
             client_certs: false,
             refused,
             logged: Mutex::new(HashSet::new()),
@@ -130,7 +213,7 @@ impl Auth {
 
     /// Authentication is on: calls without credentials are refused.
     pub fn enabled(&self) -> bool {
-        self.tokens.is_some() || self.client_certs
+        self.tokens.is_some() || self.service_accounts.is_some() || self.client_certs
     }
 
     /// Who presents `bearer` (the token after `Bearer `) or the verified client certificate
@@ -141,14 +224,22 @@ impl Auth {
         certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
     ) -> Result<Identity, Status> {
         if let Some(token) = bearer {
-            let found = self
+            if let Some(id) = self
                 .tokens
                 .as_ref()
-                .and_then(|t| t.current().lookup(token).cloned());
-            return found.ok_or_else(|| {
-                self.refuse(reason::BAD_TOKEN, "unknown token");
-                Status::unauthenticated("unknown or revoked bearer token")
-            });
+                .and_then(|t| t.current().lookup(token).cloned())
+            {
+                return Ok(id);
+            }
+            let why = match &self.service_accounts {
+                Some(sa) if jwt::looks_like_jwt(token) => match sa.identify(token) {
+                    Ok(id) => return Ok(id),
+                    Err(e) => e,
+                },
+                _ => "unknown or revoked bearer token".to_string(),
+            };
+            self.refuse(reason::BAD_TOKEN, &why);
+            return Err(Status::unauthenticated(why));
         }
         if self.client_certs
             && let Some(leaf) = certs.and_then(|c| c.first())
@@ -162,6 +253,21 @@ impl Auth {
         Err(Status::unauthenticated(
             "credentials required: a bearer token (authorization: Bearer ...) or a client certificate",
         ))
+    }
+
+    /// `token` belongs to a reader (nothing counted: the caller tries other schemes next).
+    pub fn is_reader_token(&self, token: &str) -> bool {
+        let id = self
+            .tokens
+            .as_ref()
+            .and_then(|t| t.current().lookup(token).cloned())
+            .or_else(|| {
+                let sa = self.service_accounts.as_ref()?;
+                jwt::looks_like_jwt(token)
+                    .then(|| sa.identify(token).ok())
+                    .flatten()
+            });
+        id.is_some_and(|i| i.role == Role::Reader)
     }
 
     /// The caller with `role`, or the refusal.
