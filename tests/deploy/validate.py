@@ -63,6 +63,14 @@ def check_crd(d):
         source = docs_of(os.path.join(DEPLOY, "prometheus", "gpulse-rules.yaml"))[0]
         if spec != source:
             fail("PrometheusRule spec differs from deploy/prometheus/gpulse-rules.yaml (regenerate it)")
+    elif kind == "Issuer":
+        if len([k for k in ("selfSigned", "ca") if k in spec]) != 1:
+            fail(f"Issuer {d['metadata']['name']} needs exactly one of selfSigned, ca")
+    elif kind == "Certificate":
+        if not spec.get("secretName") or not spec.get("issuerRef", {}).get("name"):
+            fail(f"Certificate {d['metadata']['name']} needs secretName and issuerRef")
+        if not spec.get("isCA") and not spec.get("dnsNames"):
+            fail(f"Certificate {d['metadata']['name']} needs dnsNames")
     else:
         fail(f"unknown custom kind {kind}")
 
@@ -106,12 +114,46 @@ def check_posture(docs):
     args = " ".join(pod["containers"][0]["args"])
     if "--data-dir=/var/lib/gpulse" not in args:
         fail("collector --data-dir")
+    check_trust(by, ds, sts)
     role = by.get(("ClusterRole", "gpulse-agent-read-pods"))
     if not role or role["rules"] != [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]:
         fail(f"agent RBAC must be read-only on pods: {role and role['rules']}")
     for kind in ("NetworkPolicy", "Service", "ServiceMonitor", "PrometheusRule", "Namespace"):
         if not any(k == kind for k, _ in by):
             fail(f"no {kind}")
+
+
+def check_trust(by, ds, sts):
+    """What docs/security.md promises of the manifests: TLS, authenticated agents bound to their
+    node, no unauthenticated listener, and a narrowed NetworkPolicy."""
+    agent = ds["spec"]["template"]["spec"]
+    args = agent["containers"][0]["args"]
+    if not any(a.startswith("--collector=https://") for a in args):
+        fail("agent must reach the collector over https://")
+    if not any(a.startswith("--token-file=") for a in args) or not any(a.startswith("--ca-file=") for a in args):
+        fail("agent needs --token-file and --ca-file")
+    tokens = [
+        src["serviceAccountToken"]
+        for v in agent.get("volumes", [])
+        for src in v.get("projected", {}).get("sources", [])
+        if "serviceAccountToken" in src
+    ]
+    if not tokens or tokens[0].get("audience") != "gpulse" or tokens[0].get("expirationSeconds", 0) > 3600:
+        fail(f"agent needs a projected token with audience gpulse expiring within 1h: {tokens}")
+    cargs = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+    for flag in ("--tls-cert=", "--tls-key=", "--auth-jwks="):
+        if not any(a.startswith(flag) for a in cargs):
+            fail(f"collector lacks {flag}")
+    if any("allow-unauthenticated" in a for a in cargs):
+        fail("collector must not allow unauthenticated calls")
+    np = by.get(("NetworkPolicy", "gpulse-collector"))
+    for rule in (np or {}).get("spec", {}).get("ingress", []):
+        for peer in rule.get("from", [{}]):
+            if peer.get("namespaceSelector") == {} and not peer.get("podSelector"):
+                fail("collector NetworkPolicy admits every namespace")
+    cert = by.get(("Certificate", "gpulse-collector"))
+    if cert and cert["spec"]["secretName"] != "gpulse-collector-tls":
+        fail("the collector's Certificate must write the Secret the StatefulSet mounts")
 
 
 def check_dashboard():
@@ -185,7 +227,7 @@ def main():
         docs = render(os.path.join(DEPLOY, kdir))
         for d in docs:
             total += 1
-            if d["apiVersion"].startswith("monitoring.coreos.com/"):
+            if d["apiVersion"].startswith(("monitoring.coreos.com/", "cert-manager.io/")):
                 check_crd(d)
                 continue
             for v in K8S_VERSIONS:
