@@ -1,0 +1,278 @@
+//! Trust end to end, through the real kernel and real processes: a collector with TLS and a token
+//! file, an agent with its token file and the CA, an XID written to /dev/kmsg reaching a reader
+//! subscriber over TLS; and forged pushes from an outside client (Python grpcio over TLS)
+//! refused: without a token, with a reader's token, and with node A's agent token for a victim
+//! node. Nothing forged is stored. Root only (CI runs as root); the grpcio part needs PyPI.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use gpulse_e2e::*;
+use gpulse_proto::{
+    client::ClientOptions,
+    v1::{
+        self, EventFilter, EventKind, ListEventsRequest, SubscribeRequest, subscribe_response::Msg,
+        telemetry_client::TelemetryClient,
+    },
+};
+use prost::Message as _;
+
+const GRPCIO: &str = "grpcio==1.76.0";
+const AGENT_TOKEN: &str = "agent-token-e2e-trust-0001";
+const READER_TOKEN: &str = "reader-token-e2e-trust-0002";
+
+/// A CA, the collector's certificate for localhost/127.0.0.1, and token files, in `dir`.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn pki(dir: &Path) -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Subject names of their own: a leaf whose issuer equals its subject looks self-signed to
+    // BoringSSL (grpcio).
+    p.distinguished_name
+        .push(DnType::CommonName, "gpulse e2e CA");
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    leaf.distinguished_name
+        .push(DnType::CommonName, "gpulse-collector");
+    let cert = leaf.signed_by(&key, &ca).unwrap();
+    let out = Pki {
+        ca: dir.join("ca.crt"),
+        cert: dir.join("tls.crt"),
+        key: dir.join("tls.key"),
+    };
+    std::fs::write(&out.ca, ca.pem()).unwrap();
+    std::fs::write(&out.cert, cert.pem()).unwrap();
+    std::fs::write(&out.key, key.serialize_pem()).unwrap();
+    out
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Starts the collector with TLS and tokens; waits until it serves (readiness is over HTTPS,
+/// so its log says when).
+fn start_collector(dir: &Path, pki: &Pki, tokens: &Path) -> (Proc, u16, PathBuf) {
+    let (grpc, http) = (free_port(), free_port());
+    let log = dir.join("collector.log");
+    let data = dir.join("data");
+    let proc = Proc::spawn(
+        "gpulse-collector",
+        &[
+            "--grpc-listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--http-listen",
+            &format!("127.0.0.1:{http}"),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--tls-cert",
+            pki.cert.to_str().unwrap(),
+            "--tls-key",
+            pki.key.to_str().unwrap(),
+            "--auth-tokens",
+            tokens.to_str().unwrap(),
+        ],
+        &log,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("gpulse-collector serving")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "collector did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (proc, grpc, log)
+}
+
+async fn reader(
+    url: &str,
+    opts: &ClientOptions,
+) -> TelemetryClient<gpulse_proto::client::AuthChannel> {
+    let ch = opts.endpoint(url).unwrap().connect().await.unwrap();
+    TelemetryClient::new(opts.credentials().unwrap().wrap(ch))
+}
+
+#[test]
+fn tls_and_tokens_from_kernel_to_reader_and_forged_pushes_refused() {
+    if !require_root("e2e_trust") {
+        return;
+    }
+    let _k = kernel_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let node = marker("e2e-trust");
+    let tokens = write(
+        dir.path(),
+        "tokens",
+        &format!("agent {AGENT_TOKEN} node={node}\nreader {READER_TOKEN}\n"),
+    );
+    let (_collector, grpc, collector_log) = start_collector(dir.path(), &pki, &tokens);
+    let url = format!("https://127.0.0.1:{grpc}");
+    let agent_token = write(dir.path(), "agent-token", AGENT_TOKEN);
+    let agent_log = dir.path().join("agent.log");
+    let _agent = start_agent(
+        &url,
+        &node,
+        "auto",
+        &agent_log,
+        &[
+            "--ca-file",
+            pki.ca.to_str().unwrap(),
+            "--token-file",
+            agent_token.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    wait_agent_live(&agent_log, Duration::from_secs(20)).unwrap();
+
+    let opts = ClientOptions {
+        ca_file: Some(pki.ca.clone()),
+        token_file: Some(write(dir.path(), "reader-token", READER_TOKEN)),
+        ..Default::default()
+    };
+    let rt = runtime();
+    let (u, o, n) = (url.clone(), opts.clone(), node.clone());
+    let sub = rt.spawn(async move {
+        let mut stream = reader(&u, &o)
+            .await
+            .subscribe(SubscribeRequest {
+                filter: Some(EventFilter {
+                    nodes: vec![n],
+                    kinds: vec![EventKind::Xid as i32],
+                    ..Default::default()
+                }),
+                after_cursor: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), stream.message()).await {
+                Ok(Ok(Some(v1::SubscribeResponse {
+                    msg: Some(Msg::Event(e)),
+                }))) => return Some(e),
+                Ok(Ok(Some(_))) => continue,
+                _ => return None,
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let m = marker("m");
+    inject(&format!(
+        "NVRM: Xid (PCI:0000:5e:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus. {m}"
+    ))
+    .unwrap();
+    let ev = rt.block_on(sub).unwrap().unwrap_or_else(|| {
+        panic!(
+            "no XID reached the reader over TLS; agent log:\n{}\ncollector log:\n{}",
+            std::fs::read_to_string(&agent_log).unwrap_or_default(),
+            std::fs::read_to_string(&collector_log).unwrap_or_default()
+        )
+    });
+    assert_eq!(xid_of(&ev).map(|x| x.code), Some(79), "{ev:?}");
+    assert_eq!(ev.node, node);
+
+    // Forged pushes from an outside client.
+    let python = python_venv("grpc", &[GRPCIO]).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("grpc/forged_push.py");
+    let forged = |token: &str, victim: &str| -> String {
+        let batch = |first_seq: u64, events: Vec<v1::Event>| {
+            v1::Batch {
+                agent_id: format!("{victim}/forged"),
+                node: victim.into(),
+                boot_id: "b".into(),
+                first_seq,
+                events,
+            }
+            .encode_to_vec()
+        };
+        let xid = v1::Event {
+            kind: EventKind::Xid as i32,
+            severity: v1::Severity::Fatal as i32,
+            time: Some(gpulse_proto::time::now()),
+            payload: Some(v1::event::Payload::Xid(v1::Xid {
+                code: 79,
+                pci: "0000:3b:00.0".into(),
+                message: "forged".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let hex = |b: Vec<u8>| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let out = Command::new(&python)
+            .arg(&script)
+            .arg(format!("127.0.0.1:{grpc}"))
+            .arg(&pki.ca)
+            .arg(token)
+            .arg(hex(batch(0, vec![])))
+            .arg(hex(batch(1, vec![xid])))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let victim = "victim-node";
+    let none = forged("-", victim);
+    assert!(none.starts_with("CODE UNAUTHENTICATED"), "{none}");
+    let as_reader = forged(READER_TOKEN, victim);
+    assert!(
+        as_reader.starts_with("CODE PERMISSION_DENIED"),
+        "{as_reader}"
+    );
+    let other_node = forged(AGENT_TOKEN, victim);
+    assert!(
+        other_node.starts_with("CODE PERMISSION_DENIED"),
+        "{other_node}"
+    );
+    assert!(
+        other_node.contains(&node),
+        "names the node it may push for: {other_node}"
+    );
+
+    // Nothing of the victim was stored.
+    let (u, o) = (url.clone(), opts.clone());
+    let victim_events = rt.block_on(async move {
+        reader(&u, &o)
+            .await
+            .list_events(ListEventsRequest {
+                filter: Some(EventFilter {
+                    nodes: vec![victim.into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+            .len()
+    });
+    assert_eq!(victim_events, 0);
+}
