@@ -7,8 +7,7 @@ use gpulse_proto::{
     v1::{FILE_DESCRIPTOR_SET, telemetry_server::TelemetryServer},
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::service::interceptor::InterceptedService;
+use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
 use tracing::info;
 
 use crate::{
@@ -180,13 +179,21 @@ pub async fn start(
                 t.clone(),
                 tls::Listener::Grpc,
                 metrics.tls_handshake_failures.clone(),
+                cfg.keepalive_interval,
                 stop_rx.clone(),
             );
             tokio::spawn(router.serve_with_incoming_shutdown(tls::grpc_incoming(rx), grpc_stopped))
         }
+        // The builder's nodelay and keepalive settings apply only to listeners tonic binds
+        // itself: set them on the accepted sockets (without nodelay an ack waited on Nagle and
+        // the peer's delayed ACK, up to 40 ms, and one stream's throughput fell 5x).
         None => tokio::spawn(
-            router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), grpc_stopped),
+            router.serve_with_incoming_shutdown(
+                TcpIncoming::from(grpc_listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(cfg.keepalive_interval)),
+                grpc_stopped,
+            ),
         ),
     };
     let mut http_stop = stop_rx.clone();
@@ -226,6 +233,7 @@ pub async fn start(
                 t.clone(),
                 tls::Listener::Http,
                 metrics.tls_handshake_failures.clone(),
+                cfg.keepalive_interval,
                 stop_rx.clone(),
             );
             let listener = tls::HttpListener {
@@ -239,7 +247,10 @@ pub async fn start(
             })
         }
         None => tokio::spawn(async move {
-            axum::serve(http_listener, app)
+            let listener = axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(listener, app)
                 .with_graceful_shutdown(http_stopped)
                 .await
         }),

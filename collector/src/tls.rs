@@ -130,6 +130,7 @@ pub fn accept(
     configs: Arc<Reloading<Configs>>,
     which: Listener,
     failures: IntCounter,
+    keepalive: Duration,
     mut stop: Shutdown,
 ) -> mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)> {
     let (tx, rx) = mpsc::channel(64);
@@ -154,6 +155,8 @@ pub fn accept(
                 continue;
             };
             let _ = tcp.set_nodelay(true);
+            let _ = socket2::SockRef::from(&tcp)
+                .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(keepalive));
             let config = match which {
                 Listener::Grpc => configs.current().grpc.clone(),
                 Listener::Http => configs.current().http.clone(),

@@ -8,7 +8,7 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use gpulse_e2e::*;
@@ -24,42 +24,6 @@ use prost::Message as _;
 const GRPCIO: &str = "grpcio==1.76.0";
 const AGENT_TOKEN: &str = "agent-token-e2e-trust-0001";
 const READER_TOKEN: &str = "reader-token-e2e-trust-0002";
-
-/// A CA, the collector's certificate for localhost/127.0.0.1, and token files, in `dir`.
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-fn pki(dir: &Path) -> Pki {
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    // Subject names of their own: a leaf whose issuer equals its subject looks self-signed to
-    // BoringSSL (grpcio).
-    p.distinguished_name
-        .push(DnType::CommonName, "gpulse e2e CA");
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    leaf.distinguished_name
-        .push(DnType::CommonName, "gpulse-collector");
-    let cert = leaf.signed_by(&key, &ca).unwrap();
-    let out = Pki {
-        ca: dir.join("ca.crt"),
-        cert: dir.join("tls.crt"),
-        key: dir.join("tls.key"),
-    };
-    std::fs::write(&out.ca, ca.pem()).unwrap();
-    std::fs::write(&out.cert, cert.pem()).unwrap();
-    std::fs::write(&out.key, key.serialize_pem()).unwrap();
-    out
-}
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
@@ -92,18 +56,7 @@ fn start_collector(dir: &Path, pki: &Pki, tokens: &Path) -> (Proc, u16, PathBuf)
         &log,
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("gpulse-collector serving")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "collector did not start: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_serving(&log, Duration::from_secs(20)).unwrap();
     (proc, grpc, log)
 }
 
@@ -122,7 +75,7 @@ fn tls_and_tokens_from_kernel_to_reader_and_forged_pushes_refused() {
     }
     let _k = kernel_lock();
     let dir = tempfile::tempdir().unwrap();
-    let pki = pki(dir.path());
+    let pki = pki(dir.path()).unwrap();
     let node = marker("e2e-trust");
     let tokens = write(
         dir.path(),
