@@ -157,7 +157,13 @@ fn agent_without_nvml_says_so_once_and_keeps_streaming() {
             f,
             Some(0),
             Duration::from_secs(10),
-            |e| e.iter().any(|e| xid_of(e).is_some()),
+            // Both: the agent queues its Started status after its source is live, so an XID
+            // injected at once may be stored before it.
+            |e| {
+                e.iter().any(|e| xid_of(e).is_some())
+                    && e.iter()
+                        .any(|e| matches!(e.payload, Some(Payload::AgentStatus(_))))
+            },
         ))
         .unwrap();
     assert!(

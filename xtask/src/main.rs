@@ -8,7 +8,7 @@
 //! * `test`   the whole suite: fmt, clippy, unit, in-process gRPC, CLI and, as root, the
 //!   end-to-end tests through the real kernel.
 //! * `bench`  the XID latency benchmark, with `--overhead` the agent overhead one (root), with
-//!   `--mcp` MCP tool latency and /metrics size.
+//!   `--mcp` MCP tool latency and /metrics size, with `--trust` TLS+auth against plaintext.
 //! * `soak`   the fault matrix (kill -9 loops, outages, a full disk, stalled subscribers,
 //!   restarts) against release binaries; one table; `--short` for the quick form.
 //! * `fuzz`   runs the XID parser fuzz target (`--seconds N`).
@@ -428,6 +428,14 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         let bins = build(true)?;
         let mut c = Command::new(bins.join("gpulse-mcp-bench"));
         c.env("GPULSE_BIN_DIR", &bins);
+        return run(&mut c);
+    }
+    if args.iter().any(|a| a == "--trust") {
+        // What TLS and authentication cost (plaintext vs TLS+auth collectors): no root needed.
+        let bins = build(true)?;
+        let mut c = Command::new(bins.join("gpulse-trust-bench"));
+        c.args(args.iter().filter(|a| *a != "--trust"))
+            .env("GPULSE_BIN_DIR", &bins);
         return run(&mut c);
     }
     if !is_root() {
