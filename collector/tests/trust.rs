@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use gpulse_collector::{
     auth::{AuthConfig, ServiceAccounts},
@@ -14,12 +14,10 @@ use gpulse_collector::{
     state::StoreConfig,
     tls::TlsFiles,
 };
+use gpulse_e2e::pki::{CLUSTER_ISSUER, TestCa, TestIssuer};
 use gpulse_proto::{
     client::ClientOptions,
     v1::{Batch, StatusRequest, ingest_client::IngestClient, telemetry_client::TelemetryClient},
-};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,52 +27,6 @@ const AGENT_A: &str = "agent-token-for-node-a-0001";
 const READER: &str = "reader-token-for-dashboards-0002";
 const HASHED_READER: &str = "reader-token-kept-hashed-0003";
 
-/// A test CA that signs server and client certificates.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        Self {
-            issuer: CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap(),
-        }
-    }
-
-    /// (certificate PEM, key PEM) for these subject alternative names.
-    fn issue(&self, names: &[&str]) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap();
-        let cert = p.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn write(&self, dir: &Path, name: &str) -> std::path::PathBuf {
-        let p = dir.join(name);
-        std::fs::write(&p, self.issuer.pem()).unwrap();
-        p
-    }
-}
-
-fn write_pair(
-    dir: &Path,
-    name: &str,
-    pair: &(String, String),
-) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (c, k) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    std::fs::write(&c, &pair.0).unwrap();
-    std::fs::write(&k, &pair.1).unwrap();
-    (c, k)
-}
-
 fn sha256_hex(token: &str) -> String {
     gpulse_collector::auth::tokens::digest(token)
         .iter()
@@ -82,94 +34,12 @@ fn sha256_hex(token: &str) -> String {
         .collect()
 }
 
-const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
-
-/// A test signing key (ES256, as a cluster may use) that mints service account tokens.
-struct TestIssuer {
-    kid: String,
-    pkcs8: Vec<u8>,
-    public: Vec<u8>,
-}
-
-impl TestIssuer {
-    fn new(kid: &str) -> Self {
-        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
-        let rng = ring::rand::SystemRandom::new();
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-            .unwrap()
-            .as_ref()
-            .to_vec();
-        let pair =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng).unwrap();
-        Self {
-            kid: kid.into(),
-            public: pair.public_key().as_ref().to_vec(),
-            pkcs8,
-        }
-    }
-
-    /// A JWKS document publishing these keys.
-    fn jwks(keys: &[&TestIssuer]) -> String {
-        use base64::Engine as _;
-        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-        let keys: Vec<serde_json::Value> = keys
-            .iter()
-            .map(|k| {
-                serde_json::json!({
-                    "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": k.kid,
-                    "x": b64(&k.public[1..33]), "y": b64(&k.public[33..65]),
-                })
-            })
-            .collect();
-        serde_json::json!({ "keys": keys }).to_string()
-    }
-
-    fn sign(&self, claims: &serde_json::Value) -> String {
-        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        h.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(
-            &h,
-            claims,
-            &jsonwebtoken::EncodingKey::from_ec_der(&self.pkcs8),
-        )
-        .unwrap()
-    }
-
-    /// A projected service account token as the kubelet makes it for a pod on `node`.
-    fn service_account(
-        &self,
-        account: &str,
-        node: Option<&str>,
-        edit: impl FnOnce(&mut serde_json::Value),
-    ) -> String {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let (ns, name) = account.split_once(':').unwrap();
-        let mut c = serde_json::json!({
-            "aud": ["gpulse"], "iss": ISSUER, "iat": now, "nbf": now, "exp": now + 3600,
-            "sub": format!("system:serviceaccount:{ns}:{name}"),
-            "kubernetes.io": {
-                "namespace": ns,
-                "pod": {"name": format!("{name}-x7k2p"), "uid": "b1f0"},
-                "serviceaccount": {"name": name, "uid": "9c1e"},
-            },
-        });
-        if let Some(n) = node {
-            c["kubernetes.io"]["node"] = serde_json::json!({"name": n, "uid": "77aa"});
-        }
-        edit(&mut c);
-        self.sign(&c)
-    }
-}
-
 struct Setup {
     _dir: tempfile::TempDir,
     dir: std::path::PathBuf,
     issuer: TestIssuer,
     jwks: std::path::PathBuf,
-    ca: Ca,
+    ca: TestCa,
     ca_file: std::path::PathBuf,
     tokens: std::path::PathBuf,
     running: Running,
@@ -180,9 +50,11 @@ impl Setup {
     async fn start() -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        let ca = Ca::new("gpulse test CA");
-        let ca_file = ca.write(&dir, "ca.crt");
-        let (cert, key) = write_pair(&dir, "server", &ca.issue(&["localhost", "127.0.0.1"]));
+        let ca = TestCa::new("gpulse test CA").unwrap();
+        let ca_file = ca.write(&dir, "ca.crt").unwrap();
+        let (cert, key) = ca
+            .write_pair(&dir, "server", &["localhost", "127.0.0.1"])
+            .unwrap();
         let tokens = dir.join("tokens");
         std::fs::write(
             &tokens,
@@ -202,14 +74,14 @@ impl Setup {
             key,
             client_ca: Some(ca_file.clone()),
         });
-        let issuer = TestIssuer::new("k1");
+        let issuer = TestIssuer::new("k1").unwrap();
         let jwks = dir.join("jwks.json");
         std::fs::write(&jwks, TestIssuer::jwks(&[&issuer])).unwrap();
         cfg.auth = AuthConfig {
             tokens: Some(tokens.clone()),
             service_accounts: Some(ServiceAccounts {
                 jwks: jwks.clone(),
-                issuer: ISSUER.into(),
+                issuer: CLUSTER_ISSUER.into(),
                 audience: "gpulse".into(),
                 agents: vec!["gpulse:gpulse-agent".into()],
                 readers: vec!["monitoring:grafana".into()],
@@ -517,7 +389,7 @@ async fn https_metrics_need_a_reader_and_probes_stay_open() {
 #[tokio::test(flavor = "multi_thread")]
 async fn client_certificates_bind_an_agent_to_its_node() {
     let s = Setup::start().await;
-    let (cert, key) = write_pair(&s.dir, "node-a", &s.ca.issue(&["node-a"]));
+    let (cert, key) = s.ca.write_pair(&s.dir, "node-a", &["node-a"]).unwrap();
     let mtls = ClientOptions {
         ca_file: Some(s.ca_file.clone()),
         cert_file: Some(cert),
@@ -532,8 +404,8 @@ async fn client_certificates_bind_an_agent_to_its_node() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     // A certificate from another CA does not get through the handshake.
-    let other = Ca::new("someone else's CA");
-    let (c2, k2) = write_pair(&s.dir, "forged", &other.issue(&["node-a"]));
+    let other = TestCa::new("someone else's CA").unwrap();
+    let (c2, k2) = other.write_pair(&s.dir, "forged", &["node-a"]).unwrap();
     let forged = ClientOptions {
         cert_file: Some(c2),
         key_file: Some(k2),
@@ -549,7 +421,7 @@ async fn client_certificates_bind_an_agent_to_its_node() {
     );
     // A client that does not trust the server's CA refuses the server.
     let stranger = ClientOptions {
-        ca_file: Some(other.write(&s.dir, "other-ca.crt")),
+        ca_file: Some(other.write(&s.dir, "other-ca.crt").unwrap()),
         ..Default::default()
     };
     assert!(
@@ -578,8 +450,8 @@ impl Credentials {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_server_certificate_is_reloaded_when_its_files_change() {
     let s = Setup::start().await;
-    let next_ca = Ca::new("next CA");
-    let next_ca_file = next_ca.write(&s.dir, "next-ca.crt");
+    let next_ca = TestCa::new("next CA").unwrap();
+    let next_ca_file = next_ca.write(&s.dir, "next-ca.crt").unwrap();
     let trusts_next = ClientOptions {
         ca_file: Some(next_ca_file),
         token_file: Some(s.token_file(READER)),
@@ -594,7 +466,7 @@ async fn the_server_certificate_is_reloaded_when_its_files_change() {
             .is_err()
     );
     // cert-manager writes the renewed pair in place.
-    let pair = next_ca.issue(&["localhost", "127.0.0.1"]);
+    let pair = next_ca.issue(&["localhost", "127.0.0.1"]).unwrap();
     std::fs::write(s.dir.join("server.key"), &pair.1).unwrap();
     std::fs::write(s.dir.join("server.crt"), &pair.0).unwrap();
     let mut ok = false;
@@ -773,7 +645,9 @@ async fn service_account_tokens_verified_against_the_cluster_keys() {
     let setup = Setup::start().await;
     let s = &setup;
     let agent = |node: Option<&str>, edit: fn(&mut serde_json::Value)| {
-        s.issuer.service_account("gpulse:gpulse-agent", node, edit)
+        s.issuer
+            .service_account("gpulse:gpulse-agent", node, edit)
+            .unwrap()
     };
     let push = |token: String, node: &'static str| {
         let opts = s.opts(Some(&token));
@@ -787,10 +661,14 @@ async fn service_account_tokens_verified_against_the_cluster_keys() {
     let mut tampered = agent(Some("node-a"), |_| {});
     let last = tampered.pop().unwrap();
     tampered.push(if last == 'A' { 'B' } else { 'A' });
-    let other_key =
-        TestIssuer::new("k1").service_account("gpulse:gpulse-agent", Some("node-a"), |_| {});
-    let unknown_kid =
-        TestIssuer::new("k9").service_account("gpulse:gpulse-agent", Some("node-a"), |_| {});
+    let other_key = TestIssuer::new("k1")
+        .unwrap()
+        .service_account("gpulse:gpulse-agent", Some("node-a"), |_| {})
+        .unwrap();
+    let unknown_kid = TestIssuer::new("k9")
+        .unwrap()
+        .service_account("gpulse:gpulse-agent", Some("node-a"), |_| {})
+        .unwrap();
     for (what, token, want) in [
         (
             "expired",
@@ -830,7 +708,8 @@ async fn service_account_tokens_verified_against_the_cluster_keys() {
         (
             "another service account",
             s.issuer
-                .service_account("default:default", Some("node-a"), |_| {}),
+                .service_account("default:default", Some("node-a"), |_| {})
+                .unwrap(),
             "neither an agent nor a reader",
         ),
     ] {
@@ -852,16 +731,21 @@ async fn service_account_tokens_verified_against_the_cluster_keys() {
     assert_eq!(s.stored().await, 1, "nothing refused was stored");
 
     // A reader service account reads; an agent's token does not.
-    let grafana = s.issuer.service_account("monitoring:grafana", None, |_| {});
+    let grafana = s
+        .issuer
+        .service_account("monitoring:grafana", None, |_| {})
+        .unwrap();
     TelemetryClient::new(s.channel(&s.opts(Some(&grafana))).await)
         .status(StatusRequest {})
         .await
         .unwrap();
 
     // Key rotation: the new key is published beside the old, then the old one withdrawn.
-    let next = TestIssuer::new("k2");
+    let next = TestIssuer::new("k2").unwrap();
     std::fs::write(&s.jwks, TestIssuer::jwks(&[&s.issuer, &next])).unwrap();
-    let signed_by_next = next.service_account("gpulse:gpulse-agent", Some("node-a"), |_| {});
+    let signed_by_next = next
+        .service_account("gpulse:gpulse-agent", Some("node-a"), |_| {})
+        .unwrap();
     let mut admitted = false;
     for _ in 0..100 {
         if push(signed_by_next.clone(), "node-a").await.is_ok() {

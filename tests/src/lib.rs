@@ -5,6 +5,7 @@
 //! Tests that need root (eBPF, /dev/kmsg writes) call [`require_root`] and skip with a message
 //! otherwise; CI runs as root, so they run there.
 pub mod mini_agent;
+pub mod pki;
 pub mod soak;
 
 use std::{
@@ -523,43 +524,6 @@ pub async fn push_raw(url: &str, node: &str, events: Vec<Vec<u8>>) -> anyhow::Re
         .into_inner();
     acks.message().await?.context("no hello ack")?;
     Ok(acks.message().await?.context("no ack")?.through_seq)
-}
-
-/// A test CA and a collector certificate for `localhost` and `127.0.0.1` signed by it, written
-/// to `dir` as `ca.crt`, `tls.crt`, `tls.key`.
-pub struct Pki {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-pub fn pki(dir: &Path) -> anyhow::Result<Pki> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
-    let mut p = CertificateParams::new(Vec::<String>::new())?;
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    // Subject names of their own: a leaf whose issuer equals its subject looks self-signed to
-    // BoringSSL (grpcio).
-    p.distinguished_name
-        .push(DnType::CommonName, "gpulse test CA");
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = CertifiedIssuer::self_signed(p, KeyPair::generate()?)?;
-    let key = KeyPair::generate()?;
-    let mut leaf = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?;
-    leaf.distinguished_name
-        .push(DnType::CommonName, "gpulse-collector");
-    let cert = leaf.signed_by(&key, &ca)?;
-    let out = Pki {
-        ca: dir.join("ca.crt"),
-        cert: dir.join("tls.crt"),
-        key: dir.join("tls.key"),
-    };
-    std::fs::write(&out.ca, ca.pem())?;
-    std::fs::write(&out.cert, cert.pem())?;
-    std::fs::write(&out.key, key.serialize_pem())?;
-    Ok(out)
 }
 
 /// Waits until a collector's log says it serves (its readiness endpoint may be HTTPS).

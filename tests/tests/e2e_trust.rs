@@ -33,7 +33,7 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 /// Starts the collector with TLS and tokens; waits until it serves (readiness is over HTTPS,
 /// so its log says when).
-fn start_collector(dir: &Path, pki: &Pki, tokens: &Path) -> (Proc, u16, PathBuf) {
+fn start_collector(dir: &Path, pki: &pki::Pki, tokens: &Path) -> (Proc, u16, PathBuf) {
     let (grpc, http) = (free_port(), free_port());
     let log = dir.join("collector.log");
     let data = dir.join("data");
@@ -75,7 +75,7 @@ fn tls_and_tokens_from_kernel_to_reader_and_forged_pushes_refused() {
     }
     let _k = kernel_lock();
     let dir = tempfile::tempdir().unwrap();
-    let pki = pki(dir.path()).unwrap();
+    let pki = pki::pki(dir.path()).unwrap();
     let node = marker("e2e-trust");
     let tokens = write(
         dir.path(),

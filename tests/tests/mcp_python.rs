@@ -141,6 +141,15 @@ fn run_client(python: &Path, args: &[&str]) -> serde_json::Value {
 
 /// Raw HTTP POST to /mcp; returns the status code.
 fn post_status(port: u16, headers: &[(&str, &str)]) -> u16 {
+    post(port, headers)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Raw HTTP POST of an initialize request to /mcp; returns the whole response.
+fn post(port: u16, headers: &[(&str, &str)]) -> String {
     let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut req = format!(
@@ -155,10 +164,7 @@ fn post_status(port: u16, headers: &[(&str, &str)]) -> u16 {
     s.write_all(req.as_bytes()).unwrap();
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
-    resp.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+    resp
 }
 
 #[test]
@@ -254,4 +260,86 @@ fn python_mcp_client_over_http_and_stdio_in_both_eras() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--mcp-token"));
+}
+
+/// `/mcp` as an OAuth 2.1 resource server: Protected Resource Metadata served, a 401 pointing at
+/// it, and the Python `mcp` client running the whole suite with a JWT access token from a test
+/// authorization server (its JWKS a file here); tokens for another audience or without the scope
+/// refused.
+#[test]
+fn python_mcp_client_with_an_oauth_access_token() {
+    let python = python_venv("mcp", &[MCP_PACKAGE]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (g, h) = (free_port(), free_port());
+    let issuer = pki::TestIssuer::new("as-key-1").unwrap();
+    let jwks = dir.path().join("as-jwks.json");
+    std::fs::write(&jwks, pki::TestIssuer::jwks(&[&issuer])).unwrap();
+    let auth_server = "https://auth.example.test";
+    let resource = format!("http://127.0.0.1:{h}/mcp");
+    let c = Collector::start(
+        &dir.path().join("data"),
+        g,
+        h,
+        &[
+            "--mcp-oauth-issuer",
+            auth_server,
+            "--mcp-oauth-jwks",
+            jwks.to_str().unwrap(),
+            "--mcp-resource-url",
+            &resource,
+        ],
+    )
+    .unwrap();
+    let node = marker("mcp-oauth");
+    feed_over_grpc(&c.url(), &node);
+
+    let (code, body) = http_get(h, "/.well-known/oauth-protected-resource/mcp").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let prm: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(prm["resource"], resource.as_str());
+    assert_eq!(prm["authorization_servers"][0], auth_server);
+    assert_eq!(prm["scopes_supported"][0], "gpulse:read");
+
+    let refused = post(h, &[]);
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    let want = format!(
+        "resource_metadata=\"http://127.0.0.1:{h}/.well-known/oauth-protected-resource/mcp\""
+    );
+    assert!(
+        refused.to_lowercase().contains("www-authenticate"),
+        "{refused}"
+    );
+    assert!(refused.contains(&want), "{refused}");
+
+    let token = issuer
+        .access_token(auth_server, &resource, "gpulse:read")
+        .unwrap();
+    let v = run_client(
+        &python,
+        &[
+            "--http", &resource, "--token", &token, "--mode", "auto", "--node", &node,
+        ],
+    );
+    assert_eq!(v["protocol"], "2026-07-28");
+
+    let other_audience = issuer
+        .access_token(auth_server, "https://other.example/mcp", "gpulse:read")
+        .unwrap();
+    let other_issuer = issuer
+        .access_token("https://evil.example", &resource, "gpulse:read")
+        .unwrap();
+    let forged_key = pki::TestIssuer::new("as-key-1")
+        .unwrap()
+        .access_token(auth_server, &resource, "gpulse:read")
+        .unwrap();
+    for t in [other_audience, other_issuer, forged_key] {
+        let bearer = format!("Bearer {t}");
+        assert_eq!(post_status(h, &[("Authorization", &bearer)]), 401);
+    }
+    let no_scope = issuer
+        .access_token(auth_server, &resource, "profile")
+        .unwrap();
+    let r = post(h, &[("Authorization", &format!("Bearer {no_scope}"))]);
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    assert!(r.contains("error=\"insufficient_scope\""), "{r}");
 }

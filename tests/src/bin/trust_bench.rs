@@ -98,7 +98,7 @@ fn start(dir: &Path, name: &'static str, tls: bool, fsync: &str) -> anyhow::Resu
     .collect();
     let (mut agent, mut reader) = (ClientOptions::default(), ClientOptions::default());
     if tls {
-        let Pki { ca, cert, key } = pki(&sub)?;
+        let pki::Pki { ca, cert, key } = pki::pki(&sub)?;
         let tokens = sub.join("tokens");
         std::fs::write(
             &tokens,
