@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::Context as _;
 use clap::Parser;
 use gpulse_collector::{
-    auth::{AuthConfig, ServiceAccounts, oauth::OAuthConfig},
+    auth::{AuthConfig, ServiceAccounts, keys::KeySource, oauth::OAuthConfig},
     server::{self, ServerConfig},
     size::parse_bytes,
     state::StoreConfig,
@@ -133,10 +133,20 @@ struct Args {
     /// the token or sha256:<hex> of it; # comments); re-read when it changes.
     #[arg(long, env = "GPULSE_AUTH_TOKENS")]
     auth_tokens: Option<PathBuf>,
-    /// Kubernetes service account tokens: the cluster's JSON Web Key Set (the API server's
-    /// /openid/v1/jwks, e.g. from a ConfigMap), re-read when it changes. Needs --auth-issuer.
+    /// Kubernetes service account tokens: the cluster's JSON Web Key Set, either a file (e.g.
+    /// from a ConfigMap; re-read when it changes) or the API server's URL
+    /// (https://kubernetes.default.svc/openid/v1/jwks; fetched every 5 min and when a token
+    /// names an unknown key). Needs --auth-issuer.
     #[arg(long, env = "GPULSE_AUTH_JWKS", requires = "auth_issuer")]
-    auth_jwks: Option<PathBuf>,
+    auth_jwks: Option<String>,
+    /// CA bundle (PEM) for an https --auth-jwks (in a pod:
+    /// /var/run/secrets/kubernetes.io/serviceaccount/ca.crt); the system roots otherwise.
+    #[arg(long)]
+    auth_jwks_ca: Option<PathBuf>,
+    /// Bearer token file for fetching an https --auth-jwks (the API server asks for one: the
+    /// collector's own service account token).
+    #[arg(long)]
+    auth_jwks_token_file: Option<PathBuf>,
     /// The issuer service account tokens must carry (the API server's --service-account-issuer).
     #[arg(long, env = "GPULSE_AUTH_ISSUER", requires = "auth_jwks")]
     auth_issuer: Option<String>,
@@ -157,9 +167,10 @@ struct Args {
     /// tokens are accepted. Needs --mcp-oauth-jwks and --mcp-resource-url.
     #[arg(long, requires_all = ["mcp_oauth_jwks", "mcp_resource_url"])]
     mcp_oauth_issuer: Option<String>,
-    /// The issuer's JSON Web Key Set (file, re-read when it changes).
+    /// The issuer's JSON Web Key Set: its jwks_uri (https://..., fetched every 5 min and when a
+    /// token names an unknown key) or a file (re-read when it changes).
     #[arg(long, requires = "mcp_oauth_issuer")]
-    mcp_oauth_jwks: Option<PathBuf>,
+    mcp_oauth_jwks: Option<String>,
     /// The canonical URL clients reach /mcp at (e.g. https://gpulse.example.com/mcp): the
     /// audience access tokens must carry, and the resource the metadata names.
     #[arg(long, requires = "mcp_oauth_issuer")]
@@ -279,7 +290,11 @@ async fn run() -> anyhow::Result<Exit> {
         tokens: args.auth_tokens.clone(),
         service_accounts: match (&args.auth_jwks, &args.auth_issuer) {
             (Some(jwks), Some(issuer)) => Some(ServiceAccounts {
-                jwks: jwks.clone(),
+                jwks: KeySource {
+                    location: jwks.clone(),
+                    ca: args.auth_jwks_ca.clone(),
+                    token_file: args.auth_jwks_token_file.clone(),
+                },
                 issuer: issuer.clone(),
                 audience: args.auth_audience.clone(),
                 agents: args.auth_agent_accounts.clone(),
@@ -303,7 +318,11 @@ async fn run() -> anyhow::Result<Exit> {
             );
             Some(OAuthConfig {
                 issuer: issuer.clone(),
-                jwks: jwks.clone(),
+                jwks: KeySource {
+                    location: jwks.clone(),
+                    ca: None,
+                    token_file: None,
+                },
                 resource: resource.clone(),
                 scope: args.mcp_oauth_scope.clone(),
             })

@@ -19,6 +19,17 @@ pub struct Reloading<T> {
 }
 
 impl<T> Reloading<T> {
+    pub fn new(v: T) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(v)),
+        }
+    }
+
+    /// Puts `v` in force (a source other than a watched file: a fetched JWKS).
+    pub fn replace(&self, v: T) {
+        self.set(v);
+    }
+
     /// The value now in force.
     pub fn current(&self) -> Arc<T> {
         self.current

@@ -87,7 +87,8 @@ pub async fn start(
         metrics.auth_refused.clone(),
         metrics.reloads.clone(),
     )
-    .map_err(|e| anyhow::anyhow!("--auth-tokens: {e}"))?;
+    .await
+    .map_err(|e| anyhow::anyhow!("authentication: {e}"))?;
     for reason in ["connected", "seq_jump"] {
         metrics.ingest_takeover_refused.with_label_values(&[reason]);
     }
@@ -211,6 +212,7 @@ pub async fn start(
         let oauth = match &cfg.mcp_oauth {
             Some(o) => Some(Arc::new(
                 OAuthVerifier::new(o, metrics.reloads.clone())
+                    .await
                     .map_err(|e| anyhow::anyhow!("--mcp-oauth-jwks: {e}"))?,
             )),
             None => None,

@@ -9,7 +9,7 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use gpulse_collector::{
-    auth::{AuthConfig, ServiceAccounts},
+    auth::{AuthConfig, ServiceAccounts, keys::KeySource},
     server::{self, Running, ServerConfig},
     state::StoreConfig,
     tls::TlsFiles,
@@ -80,7 +80,7 @@ impl Setup {
         cfg.auth = AuthConfig {
             tokens: Some(tokens.clone()),
             service_accounts: Some(ServiceAccounts {
-                jwks: jwks.clone(),
+                jwks: KeySource::file(jwks.clone()),
                 issuer: CLUSTER_ISSUER.into(),
                 audience: "gpulse".into(),
                 agents: vec!["gpulse:gpulse-agent".into()],
@@ -769,4 +769,157 @@ async fn service_account_tokens_verified_against_the_cluster_keys() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(withdrawn, "tokens from a withdrawn key are refused");
+}
+
+/// The API server's JWKS endpoint, over TLS from a test CA, wanting the collector's token: what
+/// it serves can change (a key rotation), and what it was asked with is recorded.
+struct JwksServer {
+    url: String,
+    ca: std::path::PathBuf,
+    served: Arc<std::sync::Mutex<String>>,
+    asked_with: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+async fn jwks_server(dir: &std::path::Path, jwks: String) -> JwksServer {
+    use gpulse_collector::tls;
+    let ca = TestCa::new("API server CA").unwrap();
+    let ca_file = ca.write(dir, "api-ca.crt").unwrap();
+    let (cert, key) = ca.write_pair(dir, "api", &["127.0.0.1"]).unwrap();
+    let served = Arc::new(std::sync::Mutex::new(jwks));
+    let asked_with = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (s2, a2) = (served.clone(), asked_with.clone());
+    let app = axum::Router::new().route(
+        "/openid/v1/jwks",
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let auth = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            a2.lock().unwrap().push(auth.clone());
+            let body = s2.lock().unwrap().clone();
+            async move {
+                if auth == "Bearer collector-sa-token" {
+                    (axum::http::StatusCode::OK, body)
+                } else {
+                    (axum::http::StatusCode::UNAUTHORIZED, String::new())
+                }
+            }
+        }),
+    );
+    let reloads = prometheus::IntCounterVec::new(
+        prometheus::Opts::new("reloads", "test"),
+        &["file", "result"],
+    )
+    .unwrap();
+    let configs = tls::TlsFiles {
+        cert,
+        key,
+        client_ca: None,
+    }
+    .watch(reloads)
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap();
+    let rx = tls::accept(
+        listener,
+        configs,
+        tls::Listener::Http,
+        prometheus::IntCounter::new("failures", "test").unwrap(),
+        Duration::from_secs(20),
+        gpulse_collector::shutdown::Shutdown::never(),
+    );
+    tokio::spawn(async move { axum::serve(tls::HttpListener { rx, local }, app).await });
+    JwksServer {
+        url: format!("https://127.0.0.1:{}/openid/v1/jwks", local.port()),
+        ca: ca_file,
+        served,
+        asked_with,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cluster_keys_are_fetched_from_the_api_server_and_again_on_rotation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let k1 = TestIssuer::new("k1").unwrap();
+    let api = jwks_server(dir, TestIssuer::jwks(&[&k1])).await;
+    let sa_token = dir.join("collector-sa-token");
+    std::fs::write(&sa_token, "collector-sa-token\n").unwrap();
+    let mut cfg = ServerConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+        StoreConfig::new(dir.join("data")),
+    );
+    cfg.auth = AuthConfig {
+        service_accounts: Some(ServiceAccounts {
+            jwks: KeySource {
+                location: api.url.clone(),
+                ca: Some(api.ca.clone()),
+                token_file: Some(sa_token),
+            },
+            issuer: CLUSTER_ISSUER.into(),
+            audience: "gpulse".into(),
+            agents: vec!["gpulse:gpulse-agent".into()],
+            readers: vec![],
+        }),
+        ..Default::default()
+    };
+    let (_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = server::start(cfg, async move {
+        let _ = stop_rx.await;
+    })
+    .await
+    .unwrap();
+    let url = format!("http://127.0.0.1:{}", running.grpc_addr.port());
+    let push = |token: String| {
+        let url = url.clone();
+        let file = dir.join(format!("t-{}", &sha256_hex(&token)[..8]));
+        async move {
+            std::fs::write(&file, token).unwrap();
+            let opts = ClientOptions {
+                token_file: Some(file),
+                ..Default::default()
+            };
+            let ch = opts.endpoint(&url).unwrap().connect().await.unwrap();
+            push_one(opts.credentials().unwrap().wrap(ch), "node-a/1", "node-a").await
+        }
+    };
+    let token = |k: &TestIssuer| {
+        k.service_account("gpulse:gpulse-agent", Some("node-a"), |_| {})
+            .unwrap()
+    };
+    push(token(&k1)).await.unwrap();
+
+    // The cluster rotates its signing key: the first token from the new key names an unknown
+    // key id, which makes the collector fetch the set again (at most every 10 s).
+    let k2 = TestIssuer::new("k2").unwrap();
+    *api.served.lock().unwrap() = TestIssuer::jwks(&[&k2]);
+    let e = push(token(&k2)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("unknown key id"), "{e:?}");
+    let started = std::time::Instant::now();
+    let mut accepted = false;
+    while started.elapsed() < Duration::from_secs(20) {
+        if push(token(&k2)).await.is_ok() {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(accepted, "the new key is fetched after an unknown key id");
+    let asked = api.asked_with.lock().unwrap().clone();
+    assert!(asked.len() >= 2, "{asked:?}");
+    assert!(
+        asked.iter().all(|a| a == "Bearer collector-sa-token"),
+        "every fetch carries the collector's token: {asked:?}"
+    );
+    assert!(
+        running
+            .metrics
+            .reloads
+            .with_label_values(&["auth_jwks", "ok"])
+            .get()
+            >= 1
+    );
 }

@@ -12,6 +12,7 @@
 //! loopback unless told the network is trusted). gRPC health stays open: kubelet probes send no
 //! credentials.
 pub mod jwt;
+pub mod keys;
 pub mod oauth;
 pub mod tokens;
 
@@ -75,8 +76,9 @@ impl AuthConfig {
 /// and which service accounts get which role (`NAMESPACE:NAME`).
 #[derive(Clone, Debug)]
 pub struct ServiceAccounts {
-    /// JWKS file (the API server's `/openid/v1/jwks`), re-read when it changes.
-    pub jwks: PathBuf,
+    /// The cluster's keys (the API server's `/openid/v1/jwks`): a file re-read when it changes,
+    /// or that URL fetched.
+    pub jwks: keys::KeySource,
     pub issuer: String,
     pub audience: String,
     pub agents: Vec<String>,
@@ -85,7 +87,7 @@ pub struct ServiceAccounts {
 
 /// A service account token, checked and mapped to an identity.
 struct ServiceAccountAuth {
-    keys: Arc<Reloading<jwt::KeySet>>,
+    keys: keys::Keys,
     expect: jwt::Expect,
     agents: Vec<String>,
     readers: Vec<String>,
@@ -93,8 +95,14 @@ struct ServiceAccountAuth {
 
 impl ServiceAccountAuth {
     fn identify(&self, token: &str) -> Result<Identity, String> {
-        let c: jwt::ServiceAccountClaims = jwt::verify(token, &self.keys.current(), &self.expect)
-            .map_err(|e| format!("service account token: {e}"))?;
+        let c: jwt::ServiceAccountClaims =
+            jwt::verify(token, &self.keys.set.current(), &self.expect).map_err(|e| {
+                if matches!(e, jwt::JwtError::UnknownKey(_)) {
+                    // A rotated signing key: fetch the set again (the agent retries).
+                    self.keys.unknown_key();
+                }
+                format!("service account token: {e}")
+            })?;
         let account = c
             .sub
             .strip_prefix("system:serviceaccount:")
@@ -149,7 +157,7 @@ pub struct Auth {
 
 impl Auth {
     /// Loads the token file (a bad one is a start-up error) and watches it for changes.
-    pub fn new(
+    pub async fn new(
         cfg: &AuthConfig,
         refused: IntCounterVec,
         reloads: IntCounterVec,
@@ -168,24 +176,15 @@ impl Auth {
             None => None,
         };
         let service_accounts = match &cfg.service_accounts {
-            Some(sa) => {
-                let p = sa.jwks.clone();
-                Some(ServiceAccountAuth {
-                    keys: reload::watch(
-                        "auth_jwks",
-                        vec![sa.jwks.clone()],
-                        reload::DEFAULT_INTERVAL,
-                        reloads,
-                        move || jwt::KeySet::load(&p),
-                    )?,
-                    expect: jwt::Expect {
-                        issuer: sa.issuer.clone(),
-                        audience: sa.audience.clone(),
-                    },
-                    agents: sa.agents.clone(),
-                    readers: sa.readers.clone(),
-                })
-            }
+            Some(sa) => Some(ServiceAccountAuth {
+                keys: keys::open("auth_jwks", &sa.jwks, reloads).await?,
+                expect: jwt::Expect {
+                    issuer: sa.issuer.clone(),
+                    audience: sa.audience.clone(),
+                },
+                agents: sa.agents.clone(),
+                readers: sa.readers.clone(),
+            }),
             None => None,
         };
         for r in reason::ALL {

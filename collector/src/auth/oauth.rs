@@ -2,19 +2,22 @@
 //! access tokens are JWTs from a configured issuer, verified against its JWKS, with the audience
 //! bound to this MCP server's resource URL (RFC 8707) and the read scope required. What to
 //! advertise (Protected Resource Metadata, RFC 9728) is served by `gpulse_mcp::http`.
-use std::{path::PathBuf, sync::Arc};
+use std::sync::Arc;
 
 use gpulse_mcp::http::{BearerCheck, Check, OAuthResource};
 use prometheus::IntCounterVec;
 
-use super::jwt::{self, AccessClaims, KeySet};
-use crate::reload::{self, Reloading};
+use super::{
+    jwt::{self, AccessClaims},
+    keys::{self, KeySource, Keys},
+};
 
 /// `--mcp-oauth-issuer`, `--mcp-oauth-jwks`, `--mcp-resource-url`, `--mcp-oauth-scope`.
 #[derive(Clone, Debug)]
 pub struct OAuthConfig {
     pub issuer: String,
-    pub jwks: PathBuf,
+    /// The authorization server's keys: its `jwks_uri`, or a file.
+    pub jwks: KeySource,
     /// The canonical URL of `/mcp` (e.g. `https://gpulse.example.com/mcp`): the audience tokens
     /// must carry.
     pub resource: String,
@@ -22,22 +25,15 @@ pub struct OAuthConfig {
 }
 
 pub struct OAuthVerifier {
-    keys: Arc<Reloading<KeySet>>,
+    keys: Keys,
     expect: jwt::Expect,
     scope: String,
 }
 
 impl OAuthVerifier {
-    pub fn new(cfg: &OAuthConfig, reloads: IntCounterVec) -> Result<Self, String> {
-        let p = cfg.jwks.clone();
+    pub async fn new(cfg: &OAuthConfig, reloads: IntCounterVec) -> Result<Self, String> {
         Ok(Self {
-            keys: reload::watch(
-                "mcp_oauth_jwks",
-                vec![cfg.jwks.clone()],
-                reload::DEFAULT_INTERVAL,
-                reloads,
-                move || KeySet::load(&p),
-            )?,
+            keys: keys::open("mcp_oauth_jwks", &cfg.jwks, reloads).await?,
             expect: jwt::Expect {
                 issuer: cfg.issuer.clone(),
                 audience: cfg.resource.clone(),
@@ -50,13 +46,16 @@ impl OAuthVerifier {
         if !jwt::looks_like_jwt(token) {
             return Check::Invalid;
         }
-        match jwt::verify::<AccessClaims>(token, &self.keys.current(), &self.expect) {
+        match jwt::verify::<AccessClaims>(token, &self.keys.set.current(), &self.expect) {
             Ok(c) if c.has_scope(&self.scope) => Check::Allowed,
             Ok(c) => {
                 tracing::debug!(sub = %c.sub, scope = %self.scope, "MCP access token lacks the scope");
                 Check::InsufficientScope
             }
             Err(e) => {
+                if matches!(e, jwt::JwtError::UnknownKey(_)) {
+                    self.keys.unknown_key();
+                }
                 tracing::debug!(error = %e, "MCP access token refused");
                 Check::Invalid
             }
