@@ -43,6 +43,15 @@ impl<T> Reloading<T> {
     }
 }
 
+/// A file's text, refused when larger than `max` bytes (the error names the file).
+pub fn read_bounded(path: &std::path::Path, max: u64) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.len() > max {
+        return Err(format!("{}: larger than {max} bytes", path.display()));
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// What identifies a version of a file: a change of any part means it was replaced or written
 /// (a Kubernetes Secret volume swaps a symlink, so the target's inode changes).
 type Stamp = Vec<Option<(SystemTime, u64, u64)>>;

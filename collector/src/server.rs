@@ -173,16 +173,20 @@ pub async fn start(
         .add_service(reflection_v1alpha)
         .add_service(health);
     let grpc_stopped = async move { grpc_stop.wait().await };
+    // Connections whose TLS handshake completed, for one listener.
+    let tls_accept = |listener: TcpListener, configs: &Arc<_>, which| {
+        tls::accept(
+            listener,
+            Arc::clone(configs),
+            which,
+            metrics.tls_handshake_failures.clone(),
+            cfg.keepalive_interval,
+            stop_rx.clone(),
+        )
+    };
     let grpc = match &tls {
         Some(t) => {
-            let rx = tls::accept(
-                grpc_listener,
-                t.clone(),
-                tls::Listener::Grpc,
-                metrics.tls_handshake_failures.clone(),
-                cfg.keepalive_interval,
-                stop_rx.clone(),
-            );
+            let rx = tls_accept(grpc_listener, t, tls::Listener::Grpc);
             tokio::spawn(router.serve_with_incoming_shutdown(tls::grpc_incoming(rx), grpc_stopped))
         }
         // The builder's nodelay and keepalive settings apply only to listeners tonic binds
@@ -230,14 +234,7 @@ pub async fn start(
     let http_stopped = async move { http_stop.wait().await };
     let http = match &tls {
         Some(t) => {
-            let rx = tls::accept(
-                http_listener,
-                t.clone(),
-                tls::Listener::Http,
-                metrics.tls_handshake_failures.clone(),
-                cfg.keepalive_interval,
-                stop_rx.clone(),
-            );
+            let rx = tls_accept(http_listener, t, tls::Listener::Http);
             let listener = tls::HttpListener {
                 rx,
                 local: http_addr,

@@ -339,17 +339,22 @@ mod tests {
         assert_eq!(status(opts, &[("host", "other.example"), auth]).await, 403);
     }
 
+    /// Admits the one reader token "reader-token-from-the-file".
+    fn reader_check() -> BearerCheck {
+        BearerCheck::new(|t| {
+            if t == "reader-token-from-the-file" {
+                Check::Allowed
+            } else {
+                Check::Invalid
+            }
+        })
+    }
+
     #[tokio::test]
     async fn reader_tokens_open_mcp_beside_the_static_token() {
         let opts = HttpOptions {
             token: Some("a-token-of-at-least-16".into()),
-            bearer: Some(BearerCheck::new(|t| {
-                if t == "reader-token-from-the-file" {
-                    Check::Allowed
-                } else {
-                    Check::Invalid
-                }
-            })),
+            bearer: Some(reader_check()),
             ..loopback()
         };
         let host = ("host", "127.0.0.1:7701");
@@ -373,13 +378,7 @@ mod tests {
         );
         assert_eq!(status(opts, &[host, with("Bearer ")]).await, 401, "empty");
         let only_check = HttpOptions {
-            bearer: Some(BearerCheck::new(|t| {
-                if t == "reader-token-from-the-file" {
-                    Check::Allowed
-                } else {
-                    Check::Invalid
-                }
-            })),
+            bearer: Some(reader_check()),
             ..loopback()
         };
         assert_eq!(status(only_check.clone(), &[host]).await, 401);

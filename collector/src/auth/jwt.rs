@@ -77,14 +77,7 @@ impl KeySet {
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self, String> {
-        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        if meta.len() > MAX_JWKS_BYTES {
-            return Err(format!(
-                "{}: larger than {MAX_JWKS_BYTES} bytes",
-                path.display()
-            ));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = crate::reload::read_bounded(path, MAX_JWKS_BYTES)?;
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 

@@ -60,14 +60,7 @@ impl TokenTable {
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self, String> {
-        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        if meta.len() > MAX_FILE_BYTES {
-            return Err(format!(
-                "{}: larger than {MAX_FILE_BYTES} bytes",
-                path.display()
-            ));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = crate::reload::read_bounded(path, MAX_FILE_BYTES)?;
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 }
