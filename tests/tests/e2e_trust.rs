@@ -148,6 +148,49 @@ fn tls_and_tokens_from_kernel_to_reader_and_forged_pushes_refused() {
     assert_eq!(xid_of(&ev).map(|x| x.code), Some(79), "{ev:?}");
     assert_eq!(ev.node, node);
 
+    // `gpulse` as a person runs it: https, the CA, a reader's token file.
+    let reader_file = opts.token_file.clone().unwrap();
+    let gpulse = |extra: &[&str]| {
+        Command::new(bin("gpulse"))
+            .args(["status", "--json", "--collector", &url, "--ca-file"])
+            .arg(&pki.ca)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = gpulse(&["--token-file", reader_file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(st["events_stored"].as_u64().unwrap() >= 1, "{st}");
+    let out = gpulse(&[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("credentials required"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A token is never sent in clear off loopback.
+    let out = Command::new(bin("gpulse"))
+        .args([
+            "status",
+            "--collector",
+            "http://collector.example:7700",
+            "--token-file",
+        ])
+        .arg(&reader_file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in clear"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Forged pushes from an outside client.
     let python = python_venv("grpc", &[GRPCIO]).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("grpc/forged_push.py");

@@ -235,6 +235,74 @@ mod tests {
         assert!(!looks_like_jwt("plain-static-token-0001"));
     }
 
+    /// Every corruption of a valid token is refused and none panics: truncations, each
+    /// character changed, parts swapped, `alg: none`, and the algorithm-confusion attack (an
+    /// HS256 token keyed with the public key).
+    #[test]
+    fn junk_and_tampered_tokens_are_refused_without_panicking() {
+        #![allow(clippy::unwrap_used)]
+        use base64::Engine as _;
+        let issuer = gpulse_e2e::pki::TestIssuer::new("k1").unwrap();
+        let keys = KeySet::parse(&gpulse_e2e::pki::TestIssuer::jwks(&[&issuer])).unwrap();
+        let expect = Expect {
+            issuer: "https://iss".into(),
+            audience: "aud".into(),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims =
+            serde_json::json!({"iss": "https://iss", "aud": "aud", "exp": now + 60, "sub": "s"});
+        let good = issuer.sign(&claims).unwrap();
+        let ok = |t: &str| verify::<serde_json::Value>(t, &keys, &expect).is_ok();
+        assert!(ok(&good));
+        for cut in 0..good.len() {
+            assert!(!ok(&good[..cut]), "truncated at {cut}");
+        }
+        let bytes = good.as_bytes();
+        for i in 0..bytes.len() {
+            if bytes[i] == b'.' {
+                continue;
+            }
+            let mut t = bytes.to_vec();
+            t[i] = if t[i] == b'A' { b'B' } else { b'A' };
+            assert!(!ok(std::str::from_utf8(&t).unwrap()), "byte {i} changed");
+        }
+        let parts: Vec<&str> = good.split('.').collect();
+        assert!(!ok(&format!("{}.{}.{}", parts[1], parts[0], parts[2])));
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let payload = b64(&claims.to_string());
+        let none = format!("{}.{payload}.", b64(r#"{"alg":"none","kid":"k1"}"#));
+        assert!(!ok(&none));
+        // HS256 keyed with the published key's bytes: refused before any key is used.
+        let hs = jsonwebtoken::encode(
+            &jsonwebtoken::Header {
+                kid: Some("k1".into()),
+                ..jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256)
+            },
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(
+                gpulse_e2e::pki::TestIssuer::jwks(&[&issuer]).as_bytes(),
+            ),
+        )
+        .unwrap();
+        assert!(matches!(
+            verify::<serde_json::Value>(&hs, &keys, &expect),
+            Err(JwtError::Algorithm(_))
+        ));
+        for junk in [
+            "",
+            ".",
+            "..",
+            "a.b.c",
+            "\u{0}.\u{0}.\u{0}",
+            &"x.".repeat(10_000),
+        ] {
+            assert!(!ok(junk), "{junk:.20}");
+        }
+    }
+
     #[test]
     fn a_set_without_usable_keys_is_refused() {
         assert!(KeySet::parse(r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#).is_err());
