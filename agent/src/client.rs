@@ -196,7 +196,20 @@ pub async fn run(
                 if started.elapsed() > Duration::from_secs(10) {
                     backoff = cfg.backoff_min;
                 }
-                warn!(error = %e, collector = %cfg.collector, retry_in_ms = backoff.as_millis() as u64, spooled = spool.lock().len(), "collector stream lost; reconnecting");
+                if let ClientError::Status(s) = &e
+                    && matches!(
+                        s.code(),
+                        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                    )
+                {
+                    // Not a network blip: retried (a rotated token or a fixed token file may
+                    // cure it) at the longest back-off, and said plainly.
+                    AgentStats::add(&stats.auth_refused, 1);
+                    backoff = cfg.backoff_max;
+                    warn!(code = ?s.code(), reason = %s.message(), collector = %cfg.collector, spooled = spool.lock().len(), "collector refused our credentials; check --token-file / --tls-client-cert and the collector's auth settings");
+                } else {
+                    warn!(error = %e, collector = %cfg.collector, retry_in_ms = backoff.as_millis() as u64, spooled = spool.lock().len(), "collector stream lost; reconnecting");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(jitter(backoff)) => {}
                     _ = shutdown.changed() => {}

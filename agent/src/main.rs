@@ -281,6 +281,7 @@ fn spawn_counter_log(stats: Arc<AgentStats>, spool: Arc<SharedSpool>) {
                 sent = get(&stats.events_sent),
                 acked = get(&stats.events_acked),
                 reconnects = get(&stats.reconnects),
+                auth_refused = get(&stats.auth_refused),
                 refused = get(&stats.events_refused),
                 "agent counters"
             );

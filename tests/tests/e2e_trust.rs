@@ -252,6 +252,34 @@ fn tls_and_tokens_from_kernel_to_reader_and_forged_pushes_refused() {
         "names the node it may push for: {other_node}"
     );
 
+    // An agent holding a reader's token is refused, says why, and keeps trying.
+    let bad_log = dir.path().join("bad-agent.log");
+    let _bad = start_agent(
+        &url,
+        victim,
+        "kmsg",
+        &bad_log,
+        &[
+            "--ca-file",
+            pki.ca.to_str().unwrap(),
+            "--token-file",
+            reader_file.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(&bad_log)
+        .unwrap_or_default()
+        .contains("collector refused our credentials")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&bad_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // Nothing of the victim was stored.
     let (u, o) = (url.clone(), opts.clone());
     let victim_events = rt.block_on(async move {
