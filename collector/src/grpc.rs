@@ -37,6 +37,9 @@ impl From<StoreError> for Status {
     }
 }
 
+/// Longest an ingest stream waits for room in the log.
+const LOG_FULL_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct IngestService {
     pub store: StoreHandle,
     /// Counts and logs pushes for another node.
@@ -190,6 +193,13 @@ impl Ingest for IngestService {
                             break;
                         }
                     }
+                }
+                // While a snapshot catches up with a log over its hard limit, this stream is
+                // not read (HTTP/2 flow control holds the agent back; it spools). Bounded: after
+                // LOG_FULL_MAX_WAIT the batch goes in anyway (a snapshot that keeps failing
+                // must not stop ingest for good; its failures are counted and logged).
+                if store.health().wait_log_room(LOG_FULL_MAX_WAIT).await {
+                    metrics.ingest_log_full_waits.inc();
                 }
                 match store.ingest(batch).await {
                     Ok(o) => {

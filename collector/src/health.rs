@@ -25,6 +25,9 @@ pub struct StoreHealth {
     sync_failed: AtomicBool,
     /// The latest write or sync error, for the readiness answer.
     last_error: Mutex<String>,
+    /// The log is over its hard limit while a snapshot catches up: ingest streams wait (their
+    /// agents spool) instead of growing it further.
+    log_full: tokio::sync::watch::Sender<bool>,
 }
 
 /// Why the store is not ready (or not alive).
@@ -59,6 +62,7 @@ impl Default for StoreHealth {
             write_failing: AtomicBool::new(false),
             sync_failed: AtomicBool::new(false),
             last_error: Mutex::new(String::new()),
+            log_full: tokio::sync::watch::Sender::new(false),
         }
     }
 }
@@ -99,6 +103,22 @@ impl StoreHealth {
 
     pub fn is_sync_failed(&self) -> bool {
         self.sync_failed.load(Ordering::Relaxed)
+    }
+
+    /// Sets whether the log is over its hard limit (wakes waiting ingest streams when not).
+    pub fn set_log_full(&self, full: bool) {
+        self.log_full
+            .send_if_modified(|f| std::mem::replace(f, full) != full);
+    }
+
+    /// Waits while the log is full, at most `max`; whether it waited.
+    pub async fn wait_log_room(&self, max: Duration) -> bool {
+        if !*self.log_full.borrow() {
+            return false;
+        }
+        let mut rx = self.log_full.subscribe();
+        let _ = tokio::time::timeout(max, rx.wait_for(|full| !*full)).await;
+        true
     }
 
     pub fn is_write_failing(&self) -> bool {

@@ -202,10 +202,11 @@ fn memory_stays_within_budget_under_flood() {
         m("gpulse_store_series_bytes{tier=\"raw\"}") / 1024.0,
     );
     eprintln!(
-        "snapshots: events {:.0}, series {:.0}; WAL {:.0} KiB",
+        "snapshots: events {:.0}, series {:.0}; WAL {:.0} KiB; batches that waited for log room {:.0}",
         m("gpulse_store_snapshots_total{kind=\"events\"}"),
         m("gpulse_store_snapshots_total{kind=\"series\"}"),
-        m("gpulse_store_wal_bytes") / 1024.0
+        m("gpulse_store_wal_bytes") / 1024.0,
+        m("gpulse_ingest_log_full_waits_total")
     );
     assert!(n > 100_000, "the flood must be a flood: {n} events");
     assert!(m("gpulse_store_snapshots_total{kind=\"events\"}") >= 1.0);

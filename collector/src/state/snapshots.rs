@@ -34,6 +34,23 @@ impl State {
     pub(super) fn truncate_wal(&mut self) {
         let keep_from = self.events_need_from().min(self.series_snap_through + 1);
         self.wal.truncate_before(keep_from);
+        self.check_log_room();
+    }
+
+    /// The log's hard limit: `--wal-max-bytes` plus a segment (the one being written while a
+    /// snapshot makes the older ones unneeded). Past it, ingest waits for the snapshot: at a high
+    /// enough rate the log would otherwise outgrow any limit while a snapshot is written.
+    fn wal_hard_limit(&self) -> u64 {
+        self.wal_max_bytes() + self.cfg.wal_segment_bytes
+    }
+
+    /// Tells ingest streams whether the log has room, and starts the snapshot that makes room.
+    pub(super) fn check_log_room(&mut self) {
+        let full = self.wal.bytes() > self.wal_hard_limit();
+        self.health.set_log_full(full);
+        if full {
+            self.maybe_snapshot();
+        }
     }
 
     fn wal_max_bytes(&self) -> u64 {
@@ -138,6 +155,8 @@ impl State {
             "snapshot written"
         );
         self.truncate_wal();
+        // Still over the limit (ingest went on while it was written): the next one at once.
+        self.maybe_snapshot();
     }
 
     /// What a new log segment starts with: every agent's progress and the next cursor.

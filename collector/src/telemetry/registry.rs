@@ -24,6 +24,8 @@ pub struct Metrics {
     /// Reloads of watched files (TLS, token file), by file and result.
     pub reloads: IntCounterVec,
     pub tls_handshake_failures: IntCounter,
+    /// Batches that waited for a snapshot to make room in a log over its hard limit.
+    pub ingest_log_full_waits: IntCounter,
     pub ring_bytes: IntGaugeVec,
     pub ring_events: IntGaugeVec,
     pub ring_budget_bytes: IntGauge,
@@ -134,6 +136,10 @@ impl Metrics {
                 "gpulse_reloads_total",
                 "Reloads of watched files (tls, auth_tokens) after they changed, by result (ok, error: the previous version stays).",
                 &["file", "result"],
+            )?,
+            ingest_log_full_waits: c(
+                "gpulse_ingest_log_full_waits_total",
+                "Ingest batches that waited for a snapshot to bring the write-ahead log back under --wal-max-bytes plus a segment (agents spool meanwhile).",
             )?,
             tls_handshake_failures: c(
                 "gpulse_tls_handshake_failures_total",
