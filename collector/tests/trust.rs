@@ -658,9 +658,12 @@ async fn service_account_tokens_verified_against_the_cluster_keys() {
     assert_eq!(s.stored().await, 1);
 
     let refused_before = s.refused("bad_token");
-    let mut tampered = agent(Some("node-a"), |_| {});
-    let last = tampered.pop().unwrap();
-    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    // One character inside the signature changed (not the last: its spare bits may make the
+    // base64 itself invalid, a different refusal).
+    let mut tampered = agent(Some("node-a"), |_| {}).into_bytes();
+    let at = tampered.len() - 10;
+    tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
     let other_key = TestIssuer::new("k1")
         .unwrap()
         .service_account("gpulse:gpulse-agent", Some("node-a"), |_| {})
