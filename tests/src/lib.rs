@@ -4,6 +4,7 @@
 //! Binaries are taken from `$GPULSE_BIN_DIR` (set by `cargo xtask test`) or `target/debug`.
 //! Tests that need root (eBPF, /dev/kmsg writes) call [`require_root`] and skip with a message
 //! otherwise; CI runs as root, so they run there.
+pub mod loadgen;
 pub mod mini_agent;
 pub mod pki;
 pub mod soak;
