@@ -19,7 +19,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
-use crate::{spool::SharedSpool, stats::AgentStats};
+use crate::{
+    shards::{self, Discovery, Shard},
+    spool::SharedSpool,
+    stats::AgentStats,
+};
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -35,6 +39,11 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// TLS, client certificate and token (`--ca-file`, `--tls-client-*`, `--token-file`).
     pub tls: ClientOptions,
+    /// `list` (the URLs in `collector`) or `dns` (every address of its one host name).
+    pub shard_discovery: String,
+    /// While on a shard other than its first-ranked one, how often the agent checks whether
+    /// the first is back.
+    pub return_check: Duration,
 }
 
 impl ClientConfig {
@@ -50,6 +59,8 @@ impl ClientConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             tls: ClientOptions::default(),
+            shard_discovery: "list".into(),
+            return_check: Duration::from_secs(10),
         }
     }
 }
@@ -66,6 +77,11 @@ pub enum ClientError {
     Closed,
     #[error("collector acknowledged seq {acked} beyond the last sent seq {sent}")]
     BadAck { acked: u64, sent: u64 },
+    #[error(transparent)]
+    Shards(#[from] crate::shards::ShardError),
+    /// The first-ranked shard is reachable again: leave the fallback for it.
+    #[error("the first-ranked collector is back")]
+    OwnerBack,
 }
 
 impl ClientError {
@@ -116,10 +132,24 @@ impl BatchLimit {
     }
 }
 
-/// Validates the URL and the TLS files early, so a typo is a clear start-up error, not an
-/// endless reconnect loop.
-pub fn endpoint(url: &str, opts: &ClientOptions) -> Result<Endpoint, ClientError> {
-    let ep = opts.endpoint(url)?;
+/// Validates the collector list and the TLS files early, so a typo is a clear start-up error,
+/// not an endless reconnect loop.
+pub fn check(
+    cfg_collector: &str,
+    discovery: &str,
+    opts: &ClientOptions,
+) -> Result<(), ClientError> {
+    if let Discovery::List(list) = Discovery::parse(cfg_collector, discovery)? {
+        for s in &list {
+            endpoint(s, opts)?;
+        }
+    }
+    Ok(())
+}
+
+/// The endpoint of one shard with the agent's connection settings.
+pub fn endpoint(shard: &Shard, opts: &ClientOptions) -> Result<Endpoint, ClientError> {
+    let ep = shards::endpoint(shard, opts)?;
     // HTTP/2 PINGs even while no batch is in flight, and TCP keepalive under them: a collector
     // that vanished without a FIN (a node or a network path gone) is noticed within ~30 s and
     // the agent reconnects, instead of spooling behind a dead stream.
@@ -132,6 +162,39 @@ pub fn endpoint(url: &str, opts: &ClientOptions) -> Result<Endpoint, ClientError
         .keep_alive_while_idle(true))
 }
 
+/// The shards as last found (a DNS name is resolved again every `RESOLVE_EVERY`; a failed
+/// resolution keeps the previous answer).
+struct Targets {
+    discovery: Discovery,
+    current: Vec<Shard>,
+    resolved: Option<tokio::time::Instant>,
+}
+
+impl Targets {
+    /// The shards in this node's order, the first its own.
+    async fn ranked(&mut self, node: &str) -> Result<Vec<Shard>, ClientError> {
+        let due = self
+            .resolved
+            .is_none_or(|t| t.elapsed() >= shards::RESOLVE_EVERY);
+        if due {
+            match self.discovery.shards().await {
+                Ok(s) => {
+                    if s != self.current && !self.current.is_empty() {
+                        info!(shards = s.len(), "collector shards changed");
+                    }
+                    self.current = s;
+                    self.resolved = Some(tokio::time::Instant::now());
+                }
+                Err(e) if !self.current.is_empty() => {
+                    warn!(error = %e, "resolving the collector shards failed; keeping the previous list");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(shards::rank(node, &self.current))
+    }
+}
+
 /// Runs until `shutdown` turns true and the spool has been flushed (or the flush timed out).
 pub async fn run(
     cfg: ClientConfig,
@@ -139,21 +202,54 @@ pub async fn run(
     stats: Arc<AgentStats>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ClientError> {
-    let ep = endpoint(&cfg.collector, &cfg.tls)?;
+    let mut targets = Targets {
+        discovery: Discovery::parse(&cfg.collector, &cfg.shard_discovery)?,
+        current: Vec::new(),
+        resolved: None,
+    };
     let mut backoff = cfg.backoff_min;
     let mut limit = BatchLimit {
         max: cfg.max_batch_events.max(1),
         now: cfg.max_batch_events.max(1),
     };
+    // Which of the ranked shards the next attempt goes to: the first, unless it could not be
+    // reached in this round.
+    let mut rank = 0;
     loop {
         if *shutdown.borrow() && spool.lock().is_empty() {
             return Ok(());
         }
+        let ranked = match targets.ranked(&cfg.node).await {
+            Ok(r) if !r.is_empty() => r,
+            Ok(_) => return Err(shards::ShardError::Empty.into()),
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "no collector shards known");
+                tokio::select! {
+                    _ = tokio::time::sleep(jitter(backoff)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                backoff = (backoff * 2).min(cfg.backoff_max);
+                continue;
+            }
+        };
+        let shard = &ranked[rank.min(ranked.len() - 1)];
+        let ep = endpoint(shard, &cfg.tls)?;
+        let owner = if rank > 0 {
+            Some(endpoint(&ranked[0], &cfg.tls)?)
+        } else {
+            None
+        };
         let started = tokio::time::Instant::now();
         let mut last_batch = 0;
+        let at = Position {
+            shard,
+            rank,
+            owner: owner.as_ref(),
+        };
         match session(
             &cfg,
             &ep,
+            at,
             &spool,
             &stats,
             &mut shutdown,
@@ -163,7 +259,24 @@ pub async fn run(
         .await
         {
             Ok(()) => return Ok(()),
+            Err(ClientError::OwnerBack) => {
+                let mut s = spool.lock();
+                let acked = s.acked_through();
+                s.rewind_sent(acked);
+                info!(collector = %ranked[0].url, "first-ranked collector is back; returning to it");
+                rank = 0;
+                continue;
+            }
+            Err(ClientError::Connect(e)) if rank + 1 < ranked.len() && !*shutdown.borrow() => {
+                // Unreachable: the next-ranked shard, at once.
+                warn!(collector = %shard.url, error = %e, next = %ranked[rank + 1].url, "collector unreachable; failing over to the next-ranked shard");
+                AgentStats::add(&stats.failovers, 1);
+                rank += 1;
+                continue;
+            }
             Err(e) => {
+                // The next round starts at the first-ranked shard again.
+                rank = 0;
                 // Whatever was in flight on the dead connection is unsent again.
                 let acked = {
                     let mut s = spool.lock();
@@ -229,9 +342,28 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.75 + f64::from(nanos % 500) / 1000.0)
 }
 
+/// Which shard a session talks to, and the first-ranked one it should return to.
+#[derive(Clone, Copy)]
+struct Position<'a> {
+    shard: &'a Shard,
+    rank: usize,
+    /// The first-ranked shard while this one is a fallback.
+    owner: Option<&'a Endpoint>,
+}
+
+/// The first-ranked shard answers a connection again.
+async fn owner_reachable(owner: &Endpoint) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), owner.connect()).await,
+        Ok(Ok(_))
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn session(
     cfg: &ClientConfig,
     ep: &Endpoint,
+    at: Position<'_>,
     spool: &Arc<SharedSpool>,
     stats: &Arc<AgentStats>,
     shutdown: &mut watch::Receiver<bool>,
@@ -247,7 +379,7 @@ async fn session(
         .max_decoding_message_size(4 << 20)
         .max_encoding_message_size(4 << 20);
     let (tx, rx) = mpsc::channel::<RawBatch>(16);
-    let hello = batch(cfg, 0, Vec::new());
+    let hello = batch(cfg, 0, Vec::new(), spool.lock().acked_through());
     tx.send(hello).await.map_err(|_| ClientError::Closed)?;
     client
         .ready()
@@ -281,11 +413,24 @@ async fn session(
         s.rewind_sent(resume);
         resume
     };
-    info!(collector = %cfg.collector, resume_after = sent_through, spooled = spool.lock().len(), "connected to collector");
+    info!(collector = %at.shard.url, rank = at.rank, resume_after = sent_through, spooled = spool.lock().len(), "connected to collector");
+    // On a fallback shard: is the first-ranked one back? Checked every `return_check`; when it
+    // is, nothing more is sent here and the session ends once the batches in flight are
+    // acknowledged (or after a few seconds), so little is sent twice.
+    let mut check = tokio::time::interval(cfg.return_check);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    check.tick().await;
+    let mut leaving: Option<tokio::time::Instant> = None;
 
     loop {
+        if let Some(since) = leaving
+            && (spool.lock().acked_through() >= sent_through
+                || since.elapsed() > Duration::from_secs(3))
+        {
+            return Err(ClientError::OwnerBack);
+        }
         // Send everything that is waiting, within the in-flight window.
-        loop {
+        while leaving.is_none() {
             let (events, acked) = {
                 let s = spool.lock();
                 let acked = s.acked_through();
@@ -312,7 +457,7 @@ async fn session(
             *last_batch = events.len();
             debug!(first_seq, n, acked, "sending batch");
             spool.lock().mark_sent(last);
-            tx.send(batch(cfg, first_seq, events))
+            tx.send(batch(cfg, first_seq, events, acked))
                 .await
                 .map_err(|_| ClientError::Closed)?;
             AgentStats::add(&stats.events_sent, n);
@@ -335,17 +480,34 @@ async fn session(
             }
             _ = spool.notify.notified() => {}
             _ = shutdown.changed() => {}
+            _ = check.tick(), if at.owner.is_some() && leaving.is_none() => {
+                if let Some(owner) = at.owner
+                    && owner_reachable(owner).await
+                {
+                    leaving = Some(tokio::time::Instant::now());
+                }
+            }
+            // While leaving, wake to give up waiting for acks.
+            _ = tokio::time::sleep(Duration::from_millis(200)), if leaving.is_some() => {}
         }
     }
 }
 
-fn batch(cfg: &ClientConfig, first_seq: u64, events: Vec<crate::spool::Unsent>) -> RawBatch {
+/// A batch; `delivered` is the highest seq any collector has acknowledged (a shard this agent
+/// left holds what this one lacks: no loss).
+fn batch(
+    cfg: &ClientConfig,
+    first_seq: u64,
+    events: Vec<crate::spool::Unsent>,
+    delivered: u64,
+) -> RawBatch {
     RawBatch {
         agent_id: cfg.agent_id.clone(),
         boot_id: cfg.boot_id.clone(),
         node: cfg.node.clone(),
         first_seq,
         events: events.into_iter().map(|e| e.bytes).collect(),
+        delivered_through: delivered,
     }
 }
 
@@ -355,13 +517,14 @@ mod tests {
 
     #[test]
     fn bad_urls_fail_fast() {
+        let opts = ClientOptions::default();
         assert!(matches!(
-            endpoint("not a url", &ClientOptions::default()),
-            Err(ClientError::Options(
-                gpulse_proto::client::ClientError::BadUrl(..)
-            ))
+            check("not a url", "list", &opts),
+            Err(ClientError::Shards(shards::ShardError::BadUrl(..)))
         ));
-        assert!(endpoint("http://127.0.0.1:7700", &ClientOptions::default()).is_ok());
+        assert!(check("http://127.0.0.1:7700", "list", &opts).is_ok());
+        assert!(check("http://127.0.0.1:7700,http://127.0.0.1:7710", "list", &opts).is_ok());
+        assert!(check("http://127.0.0.1:7700,http://127.0.0.1:7710", "dns", &opts).is_err());
         let j = jitter(Duration::from_millis(1000));
         assert!(j >= Duration::from_millis(750) && j <= Duration::from_millis(1250));
     }

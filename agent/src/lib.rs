@@ -14,6 +14,7 @@ pub mod pipeline;
 pub mod pods;
 pub mod procs;
 pub mod record;
+pub mod shards;
 pub mod source;
 pub mod spool;
 pub mod spool_log;

@@ -27,7 +27,7 @@ use tracing::{info, warn};
     about = "gpulse node agent: NVIDIA XID capture (eBPF or /dev/kmsg) streamed to a gpulse collector over gRPC"
 )]
 struct Args {
-    /// Collector gRPC URL.
+    /// Collector gRPC URL, or a comma-separated list of shards' URLs (see --shard-discovery).
     #[arg(
         long,
         env = "GPULSE_COLLECTOR",
@@ -36,6 +36,12 @@ struct Args {
     collector: String,
     #[command(flatten)]
     client: gpulse_proto::client::ClientOptions,
+    /// How --collector names the collector shards: `list` (its comma-separated URLs) or `dns`
+    /// (every address its one host name resolves to, e.g. a headless Service; re-resolved every
+    /// 30 s). The node's shard is chosen by rendezvous hashing of the node name; while it is
+    /// unreachable the next-ranked one is used, and the agent returns when it is back.
+    #[arg(long, env = "GPULSE_SHARD_DISCOVERY", default_value = "list", value_parser = ["list", "dns"])]
+    shard_discovery: String,
     /// Node name reported with every event (default: the hostname).
     #[arg(long, env = "GPULSE_NODE")]
     node: Option<String>,
@@ -282,6 +288,7 @@ fn spawn_counter_log(stats: Arc<AgentStats>, spool: Arc<SharedSpool>) {
                 acked = get(&stats.events_acked),
                 reconnects = get(&stats.reconnects),
                 auth_refused = get(&stats.auth_refused),
+                failovers = get(&stats.failovers),
                 refused = get(&stats.events_refused),
                 "agent counters"
             );
@@ -360,7 +367,7 @@ fn pipeline(
 }
 
 fn check_args(args: &Args) -> anyhow::Result<()> {
-    client::endpoint(&args.collector, &args.client).context("--collector")?;
+    client::check(&args.collector, &args.shard_discovery, &args.client).context("--collector")?;
     anyhow::ensure!(
         !args.gpu_device_prefix.is_empty()
             && args.gpu_device_prefix.len() <= gpulse_ebpf_common::DEVICE_PREFIX_MAX,
@@ -429,6 +436,7 @@ async fn main() -> anyhow::Result<()> {
         node.clone(),
     );
     cfg.tls = args.client.clone();
+    cfg.shard_discovery = args.shard_discovery.clone();
     let client = tokio::spawn(client::run(cfg, spool.clone(), stats.clone(), shutdown_rx));
     // Start-up (BTF parsing, object relocation, TLS set-up) leaves freed heap behind; hand it back
     // so the steady-state footprint is what the agent actually uses.

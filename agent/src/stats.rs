@@ -23,6 +23,8 @@ pub struct AgentStats {
     pub reconnects: AtomicU64,
     /// Streams the collector refused for our credentials (UNAUTHENTICATED, PERMISSION_DENIED).
     pub auth_refused: AtomicU64,
+    /// Moves to a next-ranked collector shard because the first was unreachable.
+    pub failovers: AtomicU64,
     /// Events the collector refused on their own, set aside as `Gap{COLLECTOR_REFUSED}`.
     pub events_refused: AtomicU64,
     /// Spool log writes or fsyncs that failed (those events are kept in memory only).

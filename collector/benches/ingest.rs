@@ -307,6 +307,7 @@ fn batches(run: &mut Run, count: u64, mix: Mix) -> Vec<RawBatch> {
                 events: (first..first + BATCH)
                     .map(|s| event(s, mix).encode_to_vec().into())
                     .collect(),
+                delivered_through: 0,
             }
         })
         .collect()

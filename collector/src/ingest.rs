@@ -47,6 +47,9 @@ pub struct IngestBatch {
     pub node: String,
     pub first_seq: u64,
     pub events: Vec<Wire>,
+    /// The agent's word that every seq up to this was acknowledged by a collector (maybe another
+    /// shard): a jump up to it is a handover, not a loss.
+    pub delivered_through: u64,
 }
 
 fn check_header(
@@ -197,6 +200,7 @@ impl IngestBatch {
             node: raw.node,
             first_seq: raw.first_seq,
             events,
+            delivered_through: raw.delivered_through,
         })
     }
 
@@ -220,6 +224,7 @@ impl IngestBatch {
             node: batch.node,
             first_seq: batch.first_seq,
             events,
+            delivered_through: batch.delivered_through,
         })
     }
 }

@@ -68,6 +68,7 @@ async fn answers_wait_for_the_sync_and_hello_reports_only_what_is_on_disk() {
         boot_id: "b".into(),
         first_seq: 1,
         events: vec![xid(79, "one"), xid(79, "two"), xid(79, "three")],
+        delivered_through: 0,
     })
     .await
     .unwrap();
@@ -508,6 +509,7 @@ async fn an_unknown_payload_is_stored_as_unknown_and_the_events_after_it_too() {
                     boot_id: "b".into(),
                     first_seq: 1,
                     events: events.into_iter().map(Into::into).collect(),
+                    delivered_through: 0,
                 },
             ];
             let path =

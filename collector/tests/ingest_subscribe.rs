@@ -460,6 +460,37 @@ async fn agent_sequence_jump_is_recorded_as_gap() {
 }
 
 #[tokio::test]
+async fn a_handover_between_shards_is_no_loss_but_a_jump_past_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(store_config(dir.path())).await;
+    let (mut a, _) = AgentStream::open(&h, "n/1", "n").await;
+    a.send(1, vec![log("a")]).await.unwrap();
+    // The agent spent seqs 2..=9 on another shard, which acknowledged them.
+    let send = |first_seq: u64, delivered_through: u64| {
+        let tx = a.tx.clone();
+        async move {
+            tx.send(v1::Batch {
+                agent_id: "n/1".into(),
+                node: "n".into(),
+                boot_id: "b".into(),
+                first_seq,
+                events: vec![log("x")],
+                delivered_through,
+            })
+            .await
+            .unwrap();
+        }
+    };
+    send(10, 9).await;
+    assert_eq!(a.acks.message().await.unwrap().unwrap().through_seq, 10);
+    assert_eq!(h.metrics.ingest_seq_gap_events.get(), 0, "a handover");
+    // Seqs 11..=12 acknowledged elsewhere, 13..=14 nowhere: only those are a loss.
+    send(15, 12).await;
+    assert_eq!(a.acks.message().await.unwrap().unwrap().through_seq, 15);
+    assert_eq!(h.metrics.ingest_seq_gap_events.get(), 2);
+}
+
+#[tokio::test]
 async fn agent_spool_notice_explains_its_own_sequence_jump() {
     let dir = tempfile::tempdir().unwrap();
     let h = start(store_config(dir.path())).await;

@@ -168,6 +168,7 @@ async fn push_one(
         boot_id: "b".into(),
         first_seq,
         events,
+        delivered_through: 0,
     };
     tx.send(batch(0, vec![])).await.unwrap();
     tx.send(batch(1, vec![common::xid(79, "fell off the bus")]))
@@ -539,6 +540,7 @@ fn batch(first_seq: u64, events: Vec<gpulse_proto::v1::Event>) -> Batch {
         boot_id: "b".into(),
         first_seq,
         events,
+        delivered_through: 0,
     }
 }
 

@@ -75,6 +75,16 @@ impl ClientOptions {
     /// An endpoint for `url` with TLS set up for `https://` URLs. Checks the files now, so a
     /// wrong path is a start-up error rather than an endless reconnect loop.
     pub fn endpoint(&self, url: &str) -> Result<Endpoint, ClientError> {
+        self.endpoint_named(url, None)
+    }
+
+    /// As [`Self::endpoint`] for a URL that names an address, checking the server certificate
+    /// against `tls_name` (a shard found by resolving that name).
+    pub fn endpoint_for(&self, url: &str, tls_name: &str) -> Result<Endpoint, ClientError> {
+        self.endpoint_named(url, Some(tls_name))
+    }
+
+    fn endpoint_named(&self, url: &str, tls_name: Option<&str>) -> Result<Endpoint, ClientError> {
         let ep = Endpoint::from_shared(url.to_string())
             .map_err(|e| ClientError::BadUrl(url.into(), e.to_string()))?;
         let https = ep.uri().scheme_str() == Some("https");
@@ -85,7 +95,7 @@ impl ClientOptions {
             return Ok(ep);
         }
         let mut tls = ClientTlsConfig::new();
-        if let Some(host) = ep.uri().host() {
+        if let Some(host) = tls_name.or(ep.uri().host()) {
             tls = tls.domain_name(host.trim_start_matches('[').trim_end_matches(']'));
         }
         tls = match &self.ca_file {

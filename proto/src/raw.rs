@@ -26,6 +26,8 @@ pub struct RawBatch {
     /// Each an encoded `gpulse.v1.Event`, sharing the received buffer (no copy).
     #[prost(bytes = "bytes", repeated, tag = "5")]
     pub events: Vec<prost::bytes::Bytes>,
+    #[prost(uint64, tag = "6")]
+    pub delivered_through: u64,
 }
 
 include!("generated/gpulse.v1.Ingest.raw.rs");
@@ -58,6 +60,7 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
+            delivered_through: 0,
         }
     }
 

@@ -466,6 +466,7 @@ pub async fn ingest_batches(
         boot_id: "b".into(),
         first_seq,
         events,
+        delivered_through: 0,
     };
     tx.send(batch(0, vec![])).await?;
     let mut acks = client
@@ -512,6 +513,7 @@ pub async fn push_raw(url: &str, node: &str, events: Vec<Vec<u8>>) -> anyhow::Re
         boot_id: "b".into(),
         first_seq,
         events: events.into_iter().map(Into::into).collect(),
+        delivered_through: 0,
     };
     let path = tonic::codegen::http::uri::PathAndQuery::from_static("/gpulse.v1.Ingest/Push");
     let codec = tonic_prost::ProstCodec::<RawBatch, Ack>::default();

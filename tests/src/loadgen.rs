@@ -212,6 +212,7 @@ async fn node(
         boot_id: "loadgen".into(),
         first_seq,
         events,
+        delivered_through: 0,
     };
     let (tx, rx) = mpsc::channel(4);
     tx.send(batch(0, vec![])).await?;

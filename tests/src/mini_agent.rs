@@ -49,6 +49,7 @@ impl MiniAgent {
             boot_id: "b".into(),
             first_seq,
             events,
+            delivered_through: 0,
         }
     }
 

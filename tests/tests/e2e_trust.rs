@@ -202,6 +202,7 @@ fn tls_and_tokens_from_kernel_to_reader_and_forged_pushes_refused() {
                 boot_id: "b".into(),
                 first_seq,
                 events,
+                delivered_through: 0,
             }
             .encode_to_vec()
         };

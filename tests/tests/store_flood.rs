@@ -114,6 +114,7 @@ async fn agent(url: String, id: u32, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>
             boot_id: "b".into(),
             first_seq: seq,
             events,
+            delivered_through: 0,
         })
         .await
         .unwrap();

@@ -35,14 +35,18 @@ fn is_spool_gap(ev: &v1::Event) -> bool {
 }
 
 /// The events after seq `through` (resends dropped), with a `Gap{COLLECTOR_SEQ}` notice where
-/// the agent's sequence jumps without a spool notice of its own.
+/// the agent's sequence jumps without a spool notice of its own, except up to `delivered`: seqs
+/// the agent says another collector acknowledged (it moved between shards).
 fn accept(
     mut events: Vec<Wire>,
     mut through: u64,
+    delivered: u64,
     agent_id: &str,
     received: prost_types::Timestamp,
     metrics: &Metrics,
 ) -> Accepted {
+    // Where a jump starts to be a loss.
+    let expect_after = |through: u64| through.max(delivered);
     // (position, first missing seq, last missing seq) where the agent's sequence jumped.
     let mut gaps: Vec<(usize, u64, u64)> = Vec::new();
     let first = events.first().map_or(0, |w| w.ev.seq);
@@ -58,10 +62,10 @@ fn accept(
         events.drain(..dup);
         duplicates = dup as u64;
         if let Some(w) = events.first()
-            && w.ev.seq > through + 1
+            && w.ev.seq > expect_after(through) + 1
             && !is_spool_gap(&w.ev)
         {
-            gaps.push((0, through + 1, w.ev.seq - 1));
+            gaps.push((0, expect_after(through) + 1, w.ev.seq - 1));
         }
         if let Some(last) = events.last() {
             through = last.ev.seq;
@@ -74,8 +78,8 @@ fn accept(
                 duplicates += 1;
                 continue;
             }
-            if w.ev.seq > through + 1 && !is_spool_gap(&w.ev) {
-                gaps.push((fresh.len(), through + 1, w.ev.seq - 1));
+            if w.ev.seq > expect_after(through) + 1 && !is_spool_gap(&w.ev) {
+                gaps.push((fresh.len(), expect_after(through) + 1, w.ev.seq - 1));
             }
             through = w.ev.seq;
             fresh.push(w);
@@ -136,6 +140,7 @@ impl State {
         } = accept(
             batch.events,
             known,
+            batch.delivered_through,
             &batch.agent_id,
             received,
             &self.metrics,

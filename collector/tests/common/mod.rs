@@ -126,6 +126,7 @@ impl AgentStream {
                 boot_id: "b".into(),
                 first_seq,
                 events,
+                delivered_through: 0,
             })
             .await
             .map_err(|_| tonic::Status::unavailable("closed"))?;

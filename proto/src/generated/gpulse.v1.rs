@@ -617,6 +617,11 @@ pub struct Batch {
     pub first_seq: u64,
     #[prost(message, repeated, tag = "5")]
     pub events: ::prost::alloc::vec::Vec<Event>,
+    /// Every seq \<= this was acknowledged by a collector (this one or another shard: an agent
+    /// moves between shards when its own is unreachable). A jump in seqs up to it is no loss: this
+    /// collector records no gap for it, and merged answers hold those events from the other shard.
+    #[prost(uint64, tag = "6")]
+    pub delivered_through: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

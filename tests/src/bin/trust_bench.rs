@@ -201,6 +201,7 @@ impl Pusher {
                 boot_id: "b".into(),
                 first_seq: self.seq,
                 events,
+                delivered_through: 0,
             })
             .await?;
         self.seq += n;
@@ -257,6 +258,7 @@ async fn latency(
             boot_id: "b".into(),
             first_seq: p.seq,
             events: vec![ev],
+            delivered_through: 0,
         })
         .await?;
         p.seq += 1;
