@@ -257,16 +257,35 @@ pub async fn run(
     load: &Load,
     duration: Duration,
 ) -> anyhow::Result<Arc<Counts>> {
+    run_sharded(&[url.to_string()], opts, load, duration).await
+}
+
+/// As [`run`], node `i` sending to `urls[i % urls.len()]` (shards, each with its share).
+pub async fn run_sharded(
+    urls: &[String],
+    opts: &ClientOptions,
+    load: &Load,
+    duration: Duration,
+) -> anyhow::Result<Arc<Counts>> {
+    anyhow::ensure!(!urls.is_empty(), "no collector URL");
     let counts = Arc::new(Counts::default());
     let until = Instant::now() + duration;
-    let mut channels = Vec::new();
-    for _ in 0..load.nodes.div_ceil(load.nodes_per_channel.max(1)) {
-        let ch = opts.endpoint(url)?.connect().await?;
-        channels.push(opts.credentials()?.wrap(ch));
+    let per = load.nodes_per_channel.max(1);
+    // Channels per URL, each carrying up to `per` nodes.
+    let mut channels: Vec<Vec<AuthChannel>> = Vec::new();
+    for (k, url) in urls.iter().enumerate() {
+        let nodes = (k..load.nodes).step_by(urls.len()).count();
+        let mut v = Vec::new();
+        for _ in 0..nodes.div_ceil(per).max(1) {
+            let ch = opts.endpoint(url)?.connect().await?;
+            v.push(opts.credentials()?.wrap(ch));
+        }
+        channels.push(v);
     }
     let mut tasks = Vec::new();
     for i in 0..load.nodes {
-        let ch = channels[i / load.nodes_per_channel.max(1)].clone();
+        let (k, j) = (i % urls.len(), i / urls.len());
+        let ch = channels[k][j / per].clone();
         let (l, c) = (load.clone(), counts.clone());
         tasks.push(tokio::spawn(async move {
             if node(i, l, ch, c.clone(), until).await.is_err() {

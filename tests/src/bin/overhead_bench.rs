@@ -19,22 +19,11 @@ use gpulse_e2e::*;
 
 /// Agent CPU (user + system) in nanoseconds.
 fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = &stat[stat.rfind(')').context("stat")? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    // SAFETY: trivial libc call.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Ok(ticks * 1_000_000_000 / hz.max(1))
+    proc_cpu_ns(pid)
 }
 
 fn status_kib(pid: u32, key: &str) -> anyhow::Result<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("{key} missing"))
+    proc_status_kib(pid, key)
 }
 
 /// Sum of run_time_ns / run_cnt over the BPF programs the agent holds open.
