@@ -60,7 +60,7 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
-            delivered_through: 0,
+            delivered_through: 40,
         }
     }
 
@@ -72,6 +72,7 @@ mod tests {
         assert_eq!(raw.boot_id, b.boot_id);
         assert_eq!(raw.node, b.node);
         assert_eq!(raw.first_seq, b.first_seq);
+        assert_eq!(raw.delivered_through, b.delivered_through);
         assert_eq!(raw.events.len(), b.events.len());
         for (bytes, ev) in raw.events.iter().zip(&b.events) {
             assert_eq!(bytes.as_ref(), ev.encode_to_vec().as_slice());
@@ -103,6 +104,7 @@ mod tests {
                 ("node".to_string(), 3, Type::String),
                 ("first_seq".to_string(), 4, Type::Uint64),
                 ("events".to_string(), 5, Type::Message),
+                ("delivered_through".to_string(), 6, Type::Uint64),
             ]
         );
         assert!(batch.field[4].label() == prost_types::field_descriptor_proto::Label::Repeated);
