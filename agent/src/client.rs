@@ -233,11 +233,28 @@ pub async fn run(
             }
         };
         let shard = &ranked[rank.min(ranked.len() - 1)];
-        let ep = endpoint(shard, &cfg.tls)?;
-        let owner = if rank > 0 {
-            Some(endpoint(&ranked[0], &cfg.tls)?)
-        } else {
-            None
+        // Built per attempt: the CA and certificate files are read again (a rotated Secret). One
+        // that cannot be read now is retried after a back-off, never the end of delivery.
+        let eps = endpoint(shard, &cfg.tls).and_then(|ep| {
+            let owner = (rank > 0)
+                .then(|| endpoint(&ranked[0], &cfg.tls))
+                .transpose()?;
+            Ok((ep, owner))
+        });
+        let (ep, owner) = match eps {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot set up the connection to the collector");
+                tokio::select! {
+                    _ = tokio::time::sleep(jitter(backoff)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+                backoff = (backoff * 2).min(cfg.backoff_max);
+                continue;
+            }
         };
         let started = tokio::time::Instant::now();
         let mut last_batch = 0;
