@@ -583,7 +583,9 @@ async fn a_connected_agent_id_cannot_be_taken_over() {
     assert_eq!(real.send(2, 13).await.unwrap(), 2);
     // From its own address it is the agent reconnecting (its old connection may be half-open).
     let (mut again, through) = Stream::open(grpc, "127.0.0.1").await.unwrap();
-    assert_eq!(through, 2);
+    // The ack of seq 2 may go out (its sync done) a moment before the store records it as
+    // durable, so a Hello right after may vouch for less; never for more.
+    assert!((1..=2).contains(&through), "{through}");
 
     // A jump no spool explains (the real agent's next events would be dropped as resends).
     let e = again.send(3 + 5_000_000_000, 79).await.unwrap_err();
