@@ -223,22 +223,10 @@ impl Auth {
         certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
     ) -> Result<Identity, Status> {
         if let Some(token) = bearer {
-            if let Some(id) = self
-                .tokens
-                .as_ref()
-                .and_then(|t| t.current().lookup(token).cloned())
-            {
-                return Ok(id);
-            }
-            let why = match &self.service_accounts {
-                Some(sa) if jwt::looks_like_jwt(token) => match sa.identify(token) {
-                    Ok(id) => return Ok(id),
-                    Err(e) => e,
-                },
-                _ => "unknown or revoked bearer token".to_string(),
-            };
-            self.refuse(reason::BAD_TOKEN, &why);
-            return Err(Status::unauthenticated(why));
+            return self.identify_token(token).map_err(|why| {
+                self.refuse(reason::BAD_TOKEN, &why);
+                Status::unauthenticated(why)
+            });
         }
         if self.client_certs
             && let Some(leaf) = certs.and_then(|c| c.first())
@@ -254,19 +242,26 @@ impl Auth {
         ))
     }
 
-    /// `token` belongs to a reader (nothing counted: the caller tries other schemes next).
-    pub fn is_reader_token(&self, token: &str) -> bool {
-        let id = self
+    /// Who holds bearer `token`: the static token file first, then service account tokens.
+    /// Nothing is counted here.
+    fn identify_token(&self, token: &str) -> Result<Identity, String> {
+        if let Some(id) = self
             .tokens
             .as_ref()
             .and_then(|t| t.current().lookup(token).cloned())
-            .or_else(|| {
-                let sa = self.service_accounts.as_ref()?;
-                jwt::looks_like_jwt(token)
-                    .then(|| sa.identify(token).ok())
-                    .flatten()
-            });
-        id.is_some_and(|i| i.role == Role::Reader)
+        {
+            return Ok(id);
+        }
+        match &self.service_accounts {
+            Some(sa) if jwt::looks_like_jwt(token) => sa.identify(token),
+            _ => Err("unknown or revoked bearer token".to_string()),
+        }
+    }
+
+    /// `token` belongs to a reader (nothing counted: the caller tries other schemes next).
+    pub fn is_reader_token(&self, token: &str) -> bool {
+        self.identify_token(token)
+            .is_ok_and(|i| i.role == Role::Reader)
     }
 
     /// The caller with `role`, or the refusal.
