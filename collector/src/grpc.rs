@@ -198,7 +198,13 @@ impl Ingest for IngestService {
                 // not read (HTTP/2 flow control holds the agent back; it spools). Bounded: after
                 // LOG_FULL_MAX_WAIT the batch goes in anyway (a snapshot that keeps failing
                 // must not stop ingest for good; its failures are counted and logged).
-                if store.health().wait_log_room(LOG_FULL_MAX_WAIT).await {
+                // A stop ends the wait at once (the batch is then not stored; the agent resends).
+                let waited = tokio::select! {
+                    biased;
+                    () = stop.wait() => break,
+                    w = store.health().wait_log_room(LOG_FULL_MAX_WAIT) => w,
+                };
+                if waited {
                     metrics.ingest_log_full_waits.inc();
                 }
                 match store.ingest(batch).await {
