@@ -270,6 +270,7 @@ fn to_response(m: SubMsg) -> Result<SubscribeResponse, Status> {
             SubMsg::Event(e) => Msg::Event((*e).clone()),
             SubMsg::Lagged(l) => Msg::Lagged(l),
         }),
+        resume_token: Default::default(),
     })
 }
 

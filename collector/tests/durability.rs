@@ -446,6 +446,7 @@ async fn a_long_replay_comes_in_bounded_steps_then_goes_live() {
                 kinds: vec![gpulse_proto::v1::EventKind::Xid as i32],
                 ..Default::default()
             }),
+            resume_token: Default::default(),
         },
     )
     .await;

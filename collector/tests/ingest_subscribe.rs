@@ -68,6 +68,7 @@ async fn filters_select_events() {
                 ..Default::default()
             }),
             after_cursor: None,
+            resume_token: Default::default(),
         },
     )
     .await;
@@ -79,6 +80,7 @@ async fn filters_select_events() {
                 ..Default::default()
             }),
             after_cursor: None,
+            resume_token: Default::default(),
         },
     )
     .await;
@@ -90,6 +92,7 @@ async fn filters_select_events() {
                 ..Default::default()
             }),
             after_cursor: None,
+            resume_token: Default::default(),
         },
     )
     .await;
@@ -121,6 +124,7 @@ async fn resume_after_cursor_replays_then_goes_live() {
         SubscribeRequest {
             filter: None,
             after_cursor: Some(7),
+            resume_token: Default::default(),
         },
     )
     .await;
@@ -175,6 +179,7 @@ async fn slow_subscriber_gets_lag_notice_and_never_stalls_ingest() {
         match next(&mut slow).await.unwrap().msg {
             Some(Msg::Event(_)) => events += 1,
             Some(Msg::Lagged(l)) => missed += l.missed,
+            Some(Msg::Upstream(u)) => panic!("a collector sent an upstream note: {u:?}"),
             None => {}
         }
     }
@@ -222,6 +227,7 @@ async fn malformed_batches_get_clear_errors_and_nothing_else_is_lost() {
         SubscribeRequest {
             filter: None,
             after_cursor: Some(0),
+            resume_token: Default::default(),
         },
     )
     .await;
@@ -261,6 +267,7 @@ async fn bad_subscribe_filters_are_invalid_argument() {
                 ..Default::default()
             }),
             after_cursor: None,
+            resume_token: Default::default(),
         })
         .await
         .unwrap_err();
@@ -296,6 +303,7 @@ async fn restart_restores_events_cursors_and_dedupe_state() {
         SubscribeRequest {
             filter: None,
             after_cursor: Some(0),
+            resume_token: Default::default(),
         },
     )
     .await;
@@ -325,6 +333,7 @@ async fn all_events(h: &Harness, n: usize) -> Vec<v1::Event> {
         SubscribeRequest {
             filter: None,
             after_cursor: Some(0),
+            resume_token: Default::default(),
         },
     )
     .await;
@@ -425,6 +434,7 @@ async fn restart_with_damaged_log_skips_damage_and_reports_it() {
         SubscribeRequest {
             filter: None,
             after_cursor: Some(3),
+            resume_token: Default::default(),
         },
     )
     .await;
@@ -446,6 +456,7 @@ async fn agent_sequence_jump_is_recorded_as_gap() {
                 ..Default::default()
             }),
             after_cursor: Some(0),
+            resume_token: Default::default(),
         },
     )
     .await;

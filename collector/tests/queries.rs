@@ -117,6 +117,7 @@ async fn pages_never_skip_or_duplicate_while_events_expire() {
                     limit: 37,
                     page_token: token.clone(),
                     order: order as i32,
+                    resume_after: Default::default(),
                 },
             )
             .await;

@@ -15,6 +15,7 @@ pub mod v1 {
 pub mod api;
 pub mod client;
 pub mod convert;
+pub mod listing;
 pub mod metric;
 pub mod names;
 pub mod raw;

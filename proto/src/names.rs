@@ -4,7 +4,7 @@
 //! exhaustive match, so a new enum value fails to compile until it has a name here.
 use crate::v1::{
     AgentState, Aggregation, EventKind, GapStage, GroupBy, Order, ProcessEventType, ProcessState,
-    RecordSource, Severity, Tier, XidGrouping,
+    RecordSource, Severity, Tier, UpstreamState, XidGrouping,
 };
 
 /// A wire enum's short, lowercase name.
@@ -73,6 +73,12 @@ short_names!(ProcessEventType {
     DeviceOpen => "device_open",
     Exec => "exec",
     Exit => "exit",
+});
+short_names!(UpstreamState {
+    Ok => "ok",
+    Error => "error",
+    Timeout => "timeout",
+    CircuitOpen => "circuit_open",
 });
 short_names!(AgentState { Started => "started", Degraded => "degraded", Stopping => "stopping" });
 short_names!(GapStage {
@@ -161,6 +167,7 @@ mod tests {
         check::<GroupBy>(GroupBy::as_str_name, "GROUP_BY_");
         check::<XidGrouping>(XidGrouping::as_str_name, "XID_GROUPING_");
         check::<ProcessState>(ProcessState::as_str_name, "PROCESS_STATE_");
+        check::<UpstreamState>(UpstreamState::as_str_name, "UPSTREAM_STATE_");
     }
 
     #[test]

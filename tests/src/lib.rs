@@ -315,6 +315,7 @@ pub async fn collect_events(
         .subscribe(SubscribeRequest {
             filter: Some(filter),
             after_cursor: after,
+            resume_token: Default::default(),
         })
         .await?
         .into_inner();
@@ -329,6 +330,8 @@ pub async fn collect_events(
         match msg.and_then(|m| m.msg) {
             Some(Msg::Event(e)) => out.push(e),
             Some(Msg::Lagged(l)) => bail!("subscriber lagged: {l:?}"),
+            // A gateway's note that an upstream left or came back.
+            Some(Msg::Upstream(_)) => {}
             None => break,
         }
     }

@@ -92,6 +92,7 @@ async fn replay_all(url: &str, nodes: &[String]) -> anyhow::Result<Vec<v1::Event
                 ..Default::default()
             }),
             after_cursor: Some(0),
+            resume_token: Default::default(),
         })
         .await?
         .into_inner();
@@ -100,7 +101,7 @@ async fn replay_all(url: &str, nodes: &[String]) -> anyhow::Result<Vec<v1::Event
         match m.msg {
             Some(Msg::Event(e)) => out.push(e),
             Some(Msg::Lagged(l)) => anyhow::bail!("replay lagged: {l:?}"),
-            None => {}
+            Some(Msg::Upstream(_)) | None => {}
         }
     }
     Ok(out)
@@ -214,6 +215,7 @@ fn kill9_loop_inner(
                     .subscribe(SubscribeRequest {
                         filter: None,
                         after_cursor: Some(after),
+                        resume_token: Default::default(),
                     })
                     .await
                 else {
@@ -230,7 +232,7 @@ fn kill9_loop_inner(
                             seen.fetch_add(1, Ordering::Relaxed);
                         }
                         Some(Msg::Lagged(l)) => after = after.max(l.resume_cursor),
-                        None => {}
+                        Some(Msg::Upstream(_)) | None => {}
                     }
                 }
             }
@@ -329,7 +331,7 @@ fn stalled_inner(subs: usize, rate: u64, phase: Duration) -> anyhow::Result<(boo
                     Some(Msg::Lagged(_)) => {
                         lagged.fetch_add(1, Ordering::Relaxed);
                     }
-                    None => {}
+                    Some(Msg::Upstream(_)) | None => {}
                 }
             }
             anyhow::Ok(())

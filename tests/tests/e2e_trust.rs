@@ -118,6 +118,7 @@ fn tls_and_tokens_from_kernel_to_reader_and_forged_pushes_refused() {
                     ..Default::default()
                 }),
                 after_cursor: None,
+                resume_token: Default::default(),
             })
             .await
             .unwrap()
@@ -126,6 +127,7 @@ fn tls_and_tokens_from_kernel_to_reader_and_forged_pushes_refused() {
             match tokio::time::timeout(Duration::from_secs(20), stream.message()).await {
                 Ok(Ok(Some(v1::SubscribeResponse {
                     msg: Some(Msg::Event(e)),
+                    ..
                 }))) => return Some(e),
                 Ok(Ok(Some(_))) => continue,
                 _ => return None,

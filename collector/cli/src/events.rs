@@ -119,6 +119,7 @@ async fn read_pages(a: &EventsArgs) -> anyhow::Result<Pages> {
         } else {
             Order::NewestFirst
         } as i32,
+        resume_after: Default::default(),
     };
     let mut p = Pages::first(client.list_events(req.clone()).await?.into_inner());
     while a.all && !p.next_page_token.is_empty() && (p.events.len() as u64) < a.max_events {

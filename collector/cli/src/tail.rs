@@ -8,7 +8,8 @@ use anyhow::bail;
 use clap::Args;
 use gpulse_proto::{
     render,
-    v1::{Event, Lagged, SubscribeRequest, subscribe_response::Msg},
+    names::ShortName,
+    v1::{Event, Lagged, SubscribeRequest, UpstreamState, UpstreamStatus, subscribe_response::Msg},
 };
 use serde_json::json;
 
@@ -48,9 +49,17 @@ pub fn lagged_line(l: &Lagged) -> String {
     json!({"kind": "lagged", "missed": l.missed, "resume_cursor": l.resume_cursor}).to_string()
 }
 
+/// A gateway's note that an upstream's stream ended or came back, as a JSON line.
+pub fn upstream_line(u: &UpstreamStatus) -> String {
+    json!({"kind": "upstream", "upstream": u.name, "state": UpstreamState::name_of(u.state), "reason": u.reason})
+        .to_string()
+}
+
 struct Tail {
     args: TailArgs,
     after: Option<u64>,
+    /// Through a gateway: its position after the last message (each upstream's cursor).
+    resume_token: String,
     seen: u64,
 }
 
@@ -61,12 +70,17 @@ impl Tail {
         let mut stream = client
             .subscribe(SubscribeRequest {
                 filter: Some(self.args.filter.to_wire()),
-                after_cursor: self.after,
+                // A gateway's token says where each upstream stood; a collector's cursor is one.
+                after_cursor: self.resume_token.is_empty().then_some(self.after).flatten(),
+                resume_token: self.resume_token.clone(),
             })
             .await?
             .into_inner();
         while let Some(msg) = stream.message().await? {
             let mut out = io::stdout().lock();
+            if !msg.resume_token.is_empty() {
+                self.resume_token = msg.resume_token;
+            }
             match msg.msg {
                 Some(Msg::Event(ev)) => {
                     self.after = Some(ev.cursor);
@@ -88,6 +102,18 @@ impl Tail {
                         out.flush()?;
                     }
                 }
+                Some(Msg::Upstream(u)) => {
+                    eprintln!(
+                        "gpulse: upstream {} {}{}",
+                        u.name,
+                        UpstreamState::name_of(u.state),
+                        if u.reason.is_empty() { String::new() } else { format!(": {}", u.reason) }
+                    );
+                    if self.args.json {
+                        writeln!(out, "{}", upstream_line(&u))?;
+                        out.flush()?;
+                    }
+                }
                 None => {}
             }
         }
@@ -100,6 +126,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     let mut t = Tail {
         args,
         after,
+        resume_token: String::new(),
         seen: 0,
     };
     let mut backoff = Duration::from_millis(200);

@@ -160,6 +160,8 @@ fn nodes_text_and_json() {
             },
         ],
         window: None,
+        partial: Default::default(),
+        upstreams: Default::default(),
     };
     let mut s = nodes::render_text(&r, "http://127.0.0.1:7700");
     s.push_str(&nodes::render_text(
@@ -184,6 +186,7 @@ fn trend_text() {
                 time: at(i as i64 * 60),
                 value: *v,
                 samples: 60,
+                last_time: Default::default(),
             })
             .collect(),
         stats: Some(SeriesStats {
@@ -193,6 +196,7 @@ fn trend_text() {
             p95: 95.0,
             last: 95.0,
             samples: 240,
+            last_time: Default::default(),
         }),
         ..Default::default()
     };

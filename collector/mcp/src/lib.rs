@@ -216,6 +216,8 @@ mod tests {
             nodes: NodesResponse {
                 nodes: vec![node("gpu-b-1"), node("gpu-a-1"), node("cpu-gpu-1")],
                 window: None,
+                partial: Default::default(),
+                upstreams: Default::default(),
             },
             ..Default::default()
         })
@@ -295,6 +297,8 @@ mod tests {
                 nodes: NodesResponse {
                     nodes: vec![node("a"), node("b")],
                     window: None,
+                    partial: Default::default(),
+                    upstreams: Default::default(),
                 },
                 ..Default::default()
             },

@@ -304,6 +304,8 @@ pub fn xid_groups(
         groups: list,
         other_count,
         hints,
+        partial: Default::default(),
+        upstreams: Default::default(),
     })
 }
 
@@ -388,6 +390,8 @@ pub fn processes(
             .collect(),
         truncated,
         hints,
+        partial: Default::default(),
+        upstreams: Default::default(),
     })
 }
 

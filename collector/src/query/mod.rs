@@ -22,7 +22,7 @@ use crate::{
     filter::{Filter, FilterError},
     store::{
         codec::CodecError,
-        events::{self, EventStore},
+        events::{self, EventStore, KeyAt, ListKey},
     },
 };
 
@@ -90,7 +90,10 @@ fn fnv(data: &[u8]) -> u64 {
 /// when paging began.
 #[derive(Debug, PartialEq, Eq)]
 struct PageToken {
-    key: u64,
+    /// The last event listed: (time in ms, agent id, cursor).
+    key_ms: i64,
+    key_agent: String,
+    key_cursor: u64,
     /// Newest cursor when paging began: later arrivals are not part of this listing.
     ceiling: u64,
     start_ns: i64,
@@ -99,11 +102,17 @@ struct PageToken {
     expired_at_start: u64,
 }
 
+/// Fixed fields of a token, before the agent id.
+const TOKEN_FIXED: usize = 7 * 8;
+/// Agent ids are bounded at ingest; a token never needs more.
+const TOKEN_MAX_AGENT: usize = 512;
+
 impl PageToken {
     fn encode(&self) -> String {
-        let mut b = Vec::with_capacity(48);
+        let mut b = Vec::with_capacity(TOKEN_FIXED + self.key_agent.len() + 4);
         for v in [
-            self.key,
+            self.key_ms as u64,
+            self.key_cursor,
             self.ceiling,
             self.start_ns as u64,
             self.end_ns as u64,
@@ -112,24 +121,29 @@ impl PageToken {
         ] {
             b.extend_from_slice(&v.to_be_bytes());
         }
+        b.extend_from_slice(self.key_agent.as_bytes());
         let check = fnv(&b) as u32;
         b.extend_from_slice(&check.to_be_bytes());
         let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-        format!("e1.{hex}")
+        format!("e2.{hex}")
     }
 
     fn decode(s: &str) -> Result<Self, QueryError> {
         let hex = s
-            .strip_prefix("e1.")
+            .strip_prefix("e2.")
             .ok_or(QueryError::Token("unknown format"))?;
-        if hex.len() != 104 || !hex.is_ascii() {
+        if !hex.is_ascii()
+            || hex.len() % 2 != 0
+            || hex.len() < (TOKEN_FIXED + 4) * 2
+            || hex.len() > (TOKEN_FIXED + TOKEN_MAX_AGENT + 4) * 2
+        {
             return Err(QueryError::Token("wrong length"));
         }
-        let b: Vec<u8> = (0..52)
+        let b: Vec<u8> = (0..hex.len() / 2)
             .map(|i| u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16))
             .collect::<Result<_, _>>()
             .map_err(|_| QueryError::Token("not hex"))?;
-        let (body, check) = b.split_at(48);
+        let (body, check) = b.split_at(b.len() - 4);
         if (fnv(body) as u32).to_be_bytes() != check {
             return Err(QueryError::Token("checksum"));
         }
@@ -138,14 +152,26 @@ impl PageToken {
             a.copy_from_slice(&body[i * 8..i * 8 + 8]);
             u64::from_be_bytes(a)
         };
+        let key_agent = String::from_utf8(body[TOKEN_FIXED..].to_vec())
+            .map_err(|_| QueryError::Token("agent id"))?;
         Ok(Self {
-            key: w(0),
-            ceiling: w(1),
-            start_ns: w(2) as i64,
-            end_ns: w(3) as i64,
-            query: w(4),
-            expired_at_start: w(5),
+            key_ms: w(0) as i64,
+            key_cursor: w(1),
+            ceiling: w(2),
+            start_ns: w(3) as i64,
+            end_ns: w(4) as i64,
+            query: w(5),
+            expired_at_start: w(6),
+            key_agent,
         })
+    }
+
+    fn key(&self) -> ListKey {
+        ListKey {
+            ms: self.key_ms,
+            agent_id: self.key_agent.clone(),
+            at: KeyAt::Cursor(self.key_cursor),
+        }
     }
 }
 
@@ -239,7 +265,17 @@ pub fn list_events(
             end_ns: i128::from(t.end_ns),
             defaulted: tw.since.is_empty(),
         };
-        (w, Some(t.key), t.ceiling, t.expired_at_start)
+        (w, Some(t.key()), t.ceiling, t.expired_at_start)
+    };
+    // A gateway continuing a merged listing names the last event it returned (by seq: cursors
+    // are this collector's own); it overrides where the token stopped.
+    let key = match req.resume_after {
+        Some(p) => Some(ListKey {
+            ms: p.time_ms,
+            agent_id: p.agent_id,
+            at: KeyAt::Seq(p.seq),
+        }),
+        None => key,
     };
     let lanes = filter.lanes();
     let page = store.window(
@@ -247,7 +283,7 @@ pub fn list_events(
         w.end_ms(),
         &lanes,
         order,
-        key,
+        key.as_ref(),
         limit as usize,
         |e| e.cursor() <= ceiling && filter.matches(e),
     );
@@ -261,7 +297,9 @@ pub fn list_events(
     }
     let next_page_token = match (page.more, page.events.last()) {
         (true, Some(last)) => PageToken {
-            key: last.cursor,
+            key_ms: events::event_ms(last),
+            key_agent: last.agent_id.clone(),
+            key_cursor: last.cursor,
             ceiling,
             start_ns: w.start_ns as i64,
             end_ns: w.end_ns as i64,
@@ -278,6 +316,8 @@ pub fn list_events(
         total_matched: page.total_matched,
         expired_while_paging,
         hints,
+        partial: Default::default(),
+        upstreams: Default::default(),
     })
 }
 
@@ -334,7 +374,9 @@ mod tests {
     #[test]
     fn tokens_roundtrip_and_reject_tampering() {
         let t = PageToken {
-            key: 42,
+            key_ms: 1_764_000_000_123,
+            key_agent: "node-a/1a2b".into(),
+            key_cursor: 42,
             ceiling: 99,
             start_ns: -5,
             end_ns: 1_764_000_000_000_000_000,
@@ -346,7 +388,8 @@ mod tests {
         let mut bad = s.clone().into_bytes();
         bad[10] = if bad[10] == b'0' { b'1' } else { b'0' };
         assert!(PageToken::decode(std::str::from_utf8(&bad).unwrap()).is_err());
-        assert!(PageToken::decode("e1.zz").is_err());
+        assert!(PageToken::decode("e2.zz").is_err());
+        assert!(PageToken::decode(&s.replacen("e2.", "e1.", 1)).is_err());
         assert!(PageToken::decode("").is_err());
     }
 }

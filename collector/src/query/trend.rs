@@ -428,6 +428,7 @@ fn series_out(g: Grouped, p: &Plan, scale: f64) -> TrendSeries {
             time: Some(ms_ts(p.start + i as i64 * p.step_ms())),
             value: value(&a, vals),
             samples: u64::from(a.count),
+            last_time: (a.last_ms != i64::MIN).then(|| ms_ts(a.last_ms)),
         });
     }
     let stats = SeriesStats {
@@ -441,6 +442,7 @@ fn series_out(g: Grouped, p: &Plan, scale: f64) -> TrendSeries {
         },
         last: total.last * scale,
         samples: u64::from(total.count),
+        last_time: (total.last_ms != i64::MIN).then(|| ms_ts(total.last_ms)),
     };
     TrendSeries {
         node,
@@ -524,6 +526,8 @@ pub fn trend_column(
         series_total,
         approximate: p.p95() && p.tier != Tier::Raw,
         hints: p.hints,
+        partial: Default::default(),
+        upstreams: Default::default(),
     })
 }
 

@@ -80,6 +80,10 @@ pub struct StoreConfig {
     pub agent_retention: Duration,
     /// Nodes not heard from for this long leave the node and GPU gauges and `Nodes`.
     pub node_retention: Duration,
+    /// This collector's cluster and shard names (`--cluster`, `--shard`; empty when unset):
+    /// in Status, on every node it knows, and as remote-write labels.
+    pub cluster: String,
+    pub shard: String,
 }
 
 impl StoreConfig {
@@ -100,6 +104,8 @@ impl StoreConfig {
             max_seq_jump: DEFAULT_MAX_SEQ_JUMP,
             agent_retention: Duration::from_secs(86_400),
             node_retention: Duration::from_secs(86_400),
+            cluster: String::new(),
+            shard: String::new(),
         }
     }
 }
@@ -581,10 +587,15 @@ impl State {
             }
             Command::Nodes { window, reply } => {
                 let t = Instant::now();
-                let _ = reply.send(
-                    self.nodes
-                        .query(&self.agents, &self.events, window, now_ns()),
-                );
+                let mut r = self
+                    .nodes
+                    .query(&self.agents, &self.events, window, now_ns());
+                if let Ok(r) = &mut r {
+                    for n in &mut r.nodes {
+                        n.cluster.clone_from(&self.cfg.cluster);
+                    }
+                }
+                let _ = reply.send(r);
                 self.observe("Nodes", t);
             }
             Command::ListEvents { req, reply } => {
@@ -672,6 +683,10 @@ impl State {
             samples_out_of_order: self.series.rejected().0,
             samples_gpus_refused: self.series.rejected().1,
             gpus_tracked: self.series.gpus().len() as u32,
+            cluster: self.cfg.cluster.clone(),
+            partial: false,
+            shard: self.cfg.shard.clone(),
+            upstreams: Default::default(),
         }
     }
 }

@@ -145,6 +145,7 @@ impl Nodes {
                         .collect(),
                     xid_count,
                     critical_xid_count,
+                    cluster: String::new(),
                 }
             })
             .collect();
@@ -157,6 +158,10 @@ impl Nodes {
             oldest_data: oldest.map(ptime::from_unix_millis),
             partial: oldest.is_none_or(|o| o > w.start_ms()),
         });
-        Ok(v1::NodesResponse { nodes, window })
+        Ok(v1::NodesResponse {
+            nodes,
+            window,
+            ..Default::default()
+        })
     }
 }

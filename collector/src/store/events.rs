@@ -63,10 +63,7 @@ pub const DEFAULT_SHARES: [u32; KINDS] = [
 
 /// Event time in ms (the node's time, else when the collector received it).
 pub fn event_ms(ev: &v1::Event) -> i64 {
-    ev.time
-        .as_ref()
-        .or(ev.received.as_ref())
-        .map_or(0, ptime::to_unix_millis)
+    gpulse_proto::listing::event_ms(ev)
 }
 
 /// Marks an event whose payload this collector does not know (see `EVENT_KIND_UNKNOWN`).
@@ -241,6 +238,19 @@ impl<'a> EventRef<'a> {
         &self.rec.origin
     }
 
+    /// The listing order shared by every collector and gateway: (time in ms, agent id, seq).
+    /// Within one agent id the cursor grows with the seq (an agent's events are stored in seq
+    /// order, duplicates dropped), so the cursor stands in for the seq without decoding.
+    pub fn listing_cmp(&self, o: &EventRef<'_>) -> std::cmp::Ordering {
+        (self.rec.ms, self.agent_id(), self.rec.cursor).cmp(&(o.rec.ms, o.agent_id(), o.rec.cursor))
+    }
+
+    /// The agent's seq, read from the stored bytes (0 if they do not decode, which they did
+    /// when the event was stored).
+    pub fn seq(&self) -> u64 {
+        SeqOnly::decode(self.bytes).map_or(0, |s| s.seq)
+    }
+
     /// The stored event. Its bytes were decoded once already when it was stored, so this does
     /// not fail; if it ever did, the event is reported and left out rather than invented.
     pub fn decode(&self) -> Option<v1::Event> {
@@ -323,6 +333,41 @@ impl Lane {
             .flat_map(move |b| {
                 let from = b.body.recs.partition_point(|r| r.cursor <= after);
                 (from..b.len()).filter_map(move |i| b.body.event(kind, i))
+            })
+    }
+}
+
+/// The `seq` field of an encoded event alone (prost skips the rest without allocating).
+#[derive(Clone, PartialEq, prost::Message)]
+struct SeqOnly {
+    #[prost(uint64, tag = "1")]
+    seq: u64,
+}
+
+/// Where a listing stopped: the last event listed, as (time in ms, agent id) and either this
+/// collector's cursor (its own page tokens) or the agent's seq (a position from a gateway,
+/// the same on every collector).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListKey {
+    pub ms: i64,
+    pub agent_id: String,
+    pub at: KeyAt,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyAt {
+    Cursor(u64),
+    Seq(u64),
+}
+
+impl ListKey {
+    /// How this position compares with `e` in listing order.
+    pub fn cmp_event(&self, e: &EventRef<'_>) -> std::cmp::Ordering {
+        (self.ms, self.agent_id.as_str())
+            .cmp(&(e.ms(), e.agent_id()))
+            .then_with(|| match self.at {
+                KeyAt::Cursor(c) => c.cmp(&e.cursor()),
+                KeyAt::Seq(s) => s.cmp(&e.seq()),
             })
     }
 }
@@ -614,7 +659,8 @@ impl EventStore {
     }
 
     /// Events whose time lies in `[start_ms, end_ms)`, of the given kinds (all when empty),
-    /// matching `keep`, ordered by cursor, strictly beyond `key` in the walking direction, at
+    /// matching `keep`, in listing order ([`EventRef::listing_cmp`]), strictly beyond `key` in
+    /// the walking direction, at
     /// most `limit` (decoded). Only blocks whose time range meets the window are visited, and
     /// only the returned events are decoded.
     #[allow(clippy::too_many_arguments)]
@@ -624,7 +670,7 @@ impl EventStore {
         end_ms: i64,
         kinds: &[EventKind],
         order: Order,
-        key: Option<u64>,
+        key: Option<&ListKey>,
         limit: usize,
         keep: impl FnMut(&EventRef<'_>) -> bool,
     ) -> WindowPage {
@@ -651,7 +697,7 @@ impl EventStore {
         end_ms: i64,
         kinds: &[EventKind],
         order: Order,
-        key: Option<u64>,
+        key: Option<&ListKey>,
         limit: usize,
         mut keep: impl FnMut(&EventRef<'_>) -> bool,
         mut visit: impl FnMut(v1::Event),
@@ -671,8 +717,8 @@ impl EventStore {
                     total += 1;
                     let beyond = match (order, key) {
                         (_, None) => true,
-                        (Order::OldestFirst, Some(c)) => e.cursor() > c,
-                        (Order::NewestFirst, Some(c)) => e.cursor() < c,
+                        (Order::OldestFirst, Some(k)) => k.cmp_event(&e).is_lt(),
+                        (Order::NewestFirst, Some(k)) => k.cmp_event(&e).is_gt(),
                     };
                     if beyond {
                         matches.push(e);
@@ -681,8 +727,8 @@ impl EventStore {
             }
         }
         match order {
-            Order::OldestFirst => matches.sort_unstable_by_key(|e| e.cursor()),
-            Order::NewestFirst => matches.sort_unstable_by_key(|e| std::cmp::Reverse(e.cursor())),
+            Order::OldestFirst => matches.sort_unstable_by(|a, b| a.listing_cmp(b)),
+            Order::NewestFirst => matches.sort_unstable_by(|a, b| b.listing_cmp(a)),
         }
         matches
             .iter()

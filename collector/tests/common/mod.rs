@@ -194,6 +194,7 @@ pub fn message_of(r: &SubscribeResponse) -> String {
             other => format!("{other:?}"),
         },
         Some(Msg::Lagged(l)) => format!("lagged {}", l.missed),
+        Some(Msg::Upstream(u)) => format!("upstream {} {}", u.name, u.state),
         None => String::new(),
     }
 }

@@ -957,6 +957,10 @@ pub struct SubscribeRequest {
     /// Resume: replay stored events with cursor > after_cursor, then go live. Unset: live only.
     #[prost(uint64, optional, tag = "2")]
     pub after_cursor: ::core::option::Option<u64>,
+    /// Resume through a gateway: a SubscribeResponse.resume_token it sent (each upstream's
+    /// cursor). Takes the place of after_cursor; a collector refuses it.
+    #[prost(string, tag = "3")]
+    pub resume_token: ::prost::alloc::string::String,
 }
 /// The subscriber fell behind (or asked to resume from data already expired): `missed` events
 /// matching nothing in particular were skipped; the stream continues after `resume_cursor`.
@@ -971,7 +975,11 @@ pub struct Lagged {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct SubscribeResponse {
-    #[prost(oneof = "subscribe_response::Msg", tags = "1, 2")]
+    /// From a gateway, on every message: the position after it (each upstream's cursor), for
+    /// SubscribeRequest.resume_token.
+    #[prost(string, tag = "4")]
+    pub resume_token: ::prost::alloc::string::String,
+    #[prost(oneof = "subscribe_response::Msg", tags = "1, 2, 3")]
     pub msg: ::core::option::Option<subscribe_response::Msg>,
 }
 /// Nested message and enum types in `SubscribeResponse`.
@@ -983,7 +991,26 @@ pub mod subscribe_response {
         Event(super::Event),
         #[prost(message, tag = "2")]
         Lagged(super::Lagged),
+        /// From a gateway: an upstream's stream ended (state error or circuit_open, with the
+        /// reason) or came back (ok). Its events resume after its last cursor when it is back.
+        #[prost(message, tag = "3")]
+        Upstream(super::UpstreamStatus),
     }
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UpstreamStatus {
+    /// The gateway's name for it (--upstream NAME=URL); "NAME/INNER" for an upstream of a
+    /// gateway upstream.
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(enumeration = "UpstreamState", tag = "2")]
+    pub state: i32,
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+    /// How long it took to answer (or to fail).
+    #[prost(uint32, tag = "4")]
+    pub elapsed_ms: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1028,6 +1055,17 @@ pub struct StatusResponse {
     pub samples_gpus_refused: u64,
     #[prost(uint32, tag = "17")]
     pub gpus_tracked: u32,
+    /// From a gateway: each upstream's status; partial when any did not answer (the figures
+    /// above are sums over those that did).
+    #[prost(message, repeated, tag = "18")]
+    pub upstreams: ::prost::alloc::vec::Vec<UpstreamStatus>,
+    #[prost(bool, tag = "19")]
+    pub partial: bool,
+    /// The collector's --cluster and --shard (empty when unset).
+    #[prost(string, tag = "20")]
+    pub cluster: ::prost::alloc::string::String,
+    #[prost(string, tag = "21")]
+    pub shard: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1108,6 +1146,22 @@ pub struct ListEventsRequest {
     pub page_token: ::prost::alloc::string::String,
     #[prost(enumeration = "Order", tag = "5")]
     pub order: i32,
+    /// Only events after this position in the listing's order (a gateway continuing a merged
+    /// listing from the last event it returned). Events are listed by (time in ms, agent_id,
+    /// seq), which is the same order on every collector and gateway.
+    #[prost(message, optional, tag = "6")]
+    pub resume_after: ::core::option::Option<EventPosition>,
+}
+/// An event's place in a listing: (time in ms since the epoch, agent_id, seq), unique per event.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EventPosition {
+    #[prost(int64, tag = "1")]
+    pub time_ms: i64,
+    #[prost(string, tag = "2")]
+    pub agent_id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "3")]
+    pub seq: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -1127,6 +1181,10 @@ pub struct ListEventsResponse {
     pub expired_while_paging: u64,
     #[prost(string, repeated, tag = "6")]
     pub hints: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(message, repeated, tag = "7")]
+    pub upstreams: ::prost::alloc::vec::Vec<UpstreamStatus>,
+    #[prost(bool, tag = "8")]
+    pub partial: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1170,6 +1228,9 @@ pub struct TrendPoint {
     /// Samples behind this point.
     #[prost(uint64, tag = "3")]
     pub samples: u64,
+    /// Time of the latest sample behind this point (what `last` is the value of).
+    #[prost(message, optional, tag = "4")]
+    pub last_time: ::core::option::Option<::prost_types::Timestamp>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, ::prost::Message)]
@@ -1186,6 +1247,8 @@ pub struct SeriesStats {
     pub last: f64,
     #[prost(uint64, tag = "6")]
     pub samples: u64,
+    #[prost(message, optional, tag = "7")]
+    pub last_time: ::core::option::Option<::prost_types::Timestamp>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -1237,6 +1300,10 @@ pub struct TrendResponse {
     pub approximate: bool,
     #[prost(string, repeated, tag = "11")]
     pub hints: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(message, repeated, tag = "12")]
+    pub upstreams: ::prost::alloc::vec::Vec<UpstreamStatus>,
+    #[prost(bool, tag = "13")]
+    pub partial: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1270,6 +1337,9 @@ pub struct NodeInfo {
     /// Of those, error or fatal severity.
     #[prost(uint64, tag = "8")]
     pub critical_xid_count: u64,
+    /// The cluster of the collector that knows the node (its --cluster), when set.
+    #[prost(string, tag = "9")]
+    pub cluster: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -1279,6 +1349,10 @@ pub struct NodesResponse {
     /// Set when the request had a window.
     #[prost(message, optional, tag = "2")]
     pub window: ::core::option::Option<ResolvedWindow>,
+    #[prost(message, repeated, tag = "3")]
+    pub upstreams: ::prost::alloc::vec::Vec<UpstreamStatus>,
+    #[prost(bool, tag = "4")]
+    pub partial: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1377,6 +1451,10 @@ pub struct SummarizeResponse {
     pub incidents_total: u32,
     #[prost(string, repeated, tag = "13")]
     pub hints: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(message, repeated, tag = "14")]
+    pub upstreams: ::prost::alloc::vec::Vec<UpstreamStatus>,
+    #[prost(bool, tag = "15")]
+    pub partial: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1438,6 +1516,10 @@ pub struct XidGroupsResponse {
     pub other_count: u64,
     #[prost(string, repeated, tag = "7")]
     pub hints: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(message, repeated, tag = "8")]
+    pub upstreams: ::prost::alloc::vec::Vec<UpstreamStatus>,
+    #[prost(bool, tag = "9")]
+    pub partial: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1499,6 +1581,50 @@ pub struct ProcessesResponse {
     pub truncated: bool,
     #[prost(string, repeated, tag = "5")]
     pub hints: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(message, repeated, tag = "6")]
+    pub upstreams: ::prost::alloc::vec::Vec<UpstreamStatus>,
+    #[prost(bool, tag = "7")]
+    pub partial: bool,
+}
+/// Where a gateway's answer came from. A collector answers with no upstreams.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum UpstreamState {
+    Unspecified = 0,
+    Ok = 1,
+    /// It answered with an error (`reason`), or could not be reached.
+    Error = 2,
+    /// It did not answer within the gateway's per-upstream deadline.
+    Timeout = 3,
+    /// Not asked: it failed repeatedly and its circuit breaker is open until a probe succeeds.
+    CircuitOpen = 4,
+}
+impl UpstreamState {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "UPSTREAM_STATE_UNSPECIFIED",
+            Self::Ok => "UPSTREAM_STATE_OK",
+            Self::Error => "UPSTREAM_STATE_ERROR",
+            Self::Timeout => "UPSTREAM_STATE_TIMEOUT",
+            Self::CircuitOpen => "UPSTREAM_STATE_CIRCUIT_OPEN",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "UPSTREAM_STATE_UNSPECIFIED" => Some(Self::Unspecified),
+            "UPSTREAM_STATE_OK" => Some(Self::Ok),
+            "UPSTREAM_STATE_ERROR" => Some(Self::Error),
+            "UPSTREAM_STATE_TIMEOUT" => Some(Self::Timeout),
+            "UPSTREAM_STATE_CIRCUIT_OPEN" => Some(Self::CircuitOpen),
+            _ => None,
+        }
+    }
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]

@@ -134,6 +134,7 @@ fn main() -> anyhow::Result<()> {
             .subscribe(SubscribeRequest {
                 filter: Some(f),
                 after_cursor: None,
+                resume_token: Default::default(),
             })
             .await?
             .into_inner();
@@ -152,7 +153,7 @@ fn main() -> anyhow::Result<()> {
                     }
                 }
                 Some(Msg::Lagged(l)) => lagged += l.missed,
-                None => {}
+                Some(Msg::Upstream(_)) | None => {}
             }
         }
         anyhow::Ok(lagged)

@@ -241,6 +241,7 @@ async fn latency(
                 ..Default::default()
             }),
             after_cursor: None,
+            resume_token: Default::default(),
         })
         .await?
         .into_inner();

@@ -126,11 +126,13 @@ mod tests {
                         time: at(60),
                         value: 300.0,
                         samples: 60,
+                        last_time: Default::default(),
                     },
                     TrendPoint {
                         time: at(120),
                         value: f64::NAN,
                         samples: 0,
+                        last_time: Default::default(),
                     },
                 ],
                 stats: Some(SeriesStats {
@@ -140,6 +142,7 @@ mod tests {
                     p95: f64::NAN,
                     last: 300.0,
                     samples: 60,
+                    last_time: Default::default(),
                 }),
                 ..Default::default()
             }],

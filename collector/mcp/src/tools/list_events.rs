@@ -36,6 +36,7 @@ impl GpulseMcp {
                 limit,
                 page_token: a.cursor.clone(),
                 order: wire::<Order>(a.order) as i32,
+                resume_after: Default::default(),
             })
             .await
             .map_err(|s| match s.code() {

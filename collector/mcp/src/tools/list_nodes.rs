@@ -164,6 +164,8 @@ mod tests {
                     node("cpu-1", 0, 0, false),
                 ],
                 window: window(),
+                partial: Default::default(),
+                upstreams: Default::default(),
             },
             ..Default::default()
         }
