@@ -37,14 +37,14 @@ pub fn router(state: HttpState) -> Router {
 
 /// The refusal (401 with a `WWW-Authenticate` challenge, or 403) unless the request carries a
 /// reader's token.
-fn reader(s: &HttpState, headers: &HeaderMap) -> Option<Response> {
-    if !s.auth.enabled() {
+pub fn require_reader(auth: &Auth, headers: &HeaderMap) -> Option<Response> {
+    if !auth.enabled() {
         return None;
     }
     let value = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match s.auth.authorize(bearer(value), None, Role::Reader) {
+    match auth.authorize(bearer(value), None, Role::Reader) {
         Ok(_) => None,
         Err(status) => {
             let code = if status.code() == tonic::Code::PermissionDenied {
@@ -95,7 +95,7 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<HttpState>, headers: HeaderMap) -> Response {
-    if let Some(r) = reader(&s, &headers) {
+    if let Some(r) = require_reader(&s.auth, &headers) {
         return r;
     }
     let started = std::time::Instant::now();

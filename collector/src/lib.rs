@@ -2,11 +2,13 @@
 //! subscribers, and HTTP health/metrics. See docs/architecture.md.
 pub mod auth;
 pub mod filter;
+pub mod gateway;
 pub mod grpc;
 pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod labels;
+pub mod listen;
 pub mod query;
 pub mod recycle;
 pub mod reload;

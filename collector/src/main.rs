@@ -102,6 +102,68 @@ struct Args {
     /// Largest accepted gRPC message.
     #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
     max_message_bytes: u64,
+    #[command(flatten)]
+    trust: TrustArgs,
+    /// Largest forward jump of a known agent's seqs in one batch; a larger one is refused as a
+    /// takeover attempt.
+    #[arg(long, default_value_t = gpulse_collector::state::DEFAULT_MAX_SEQ_JUMP, value_parser = clap::value_parser!(u64).range(1000..))]
+    max_seq_jump: u64,
+    /// This collector's cluster, named on its nodes and in Status (and a gateway's answers).
+    #[arg(long, env = "GPULSE_CLUSTER", default_value = "", value_parser = parse_name)]
+    cluster: String,
+    /// This collector's shard name (in a StatefulSet: the pod name), in Status.
+    #[arg(long, env = "GPULSE_SHARD", default_value = "", value_parser = parse_name)]
+    shard: String,
+    /// Log format on stderr.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct GatewayArgs {
+    /// An upstream as NAME=URL (NAME: letters, digits, . _ -; URL: its gRPC address, http:// or
+    /// https://). Repeat for each.
+    #[arg(long = "upstream", required = true, value_parser = parse_upstream)]
+    upstreams: Vec<(String, String)>,
+    #[arg(long, env = "GPULSE_GRPC_LISTEN", default_value = "127.0.0.1:7710")]
+    grpc_listen: SocketAddr,
+    #[arg(long, env = "GPULSE_HTTP_LISTEN", default_value = "127.0.0.1:7711")]
+    http_listen: SocketAddr,
+    /// Named on nodes whose collector names no cluster (a gateway over one cluster's shards).
+    #[arg(long, env = "GPULSE_CLUSTER", default_value = "", value_parser = parse_name)]
+    cluster: String,
+    /// Per upstream and call: an upstream slower than this is left out of the answer (timeout).
+    #[arg(long, default_value = "3s", value_parser = parse_deadline)]
+    upstream_timeout: std::time::Duration,
+    /// Calls in flight to one upstream; more wait (within the timeout).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    upstream_concurrency: u64,
+    /// Failures in a row that open an upstream's circuit breaker.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    breaker_failures: u32,
+    /// How long an open circuit waits before a probe (doubling on each failed probe, up to 30s).
+    #[arg(long, default_value = "2s", value_parser = parse_interval)]
+    breaker_cooldown: std::time::Duration,
+    /// Largest gRPC message, in either direction.
+    #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
+    max_message_bytes: u64,
+    #[arg(long, default_value = "20s", value_parser = parse_interval)]
+    keepalive_interval: std::time::Duration,
+    #[arg(long, default_value = "20s", value_parser = parse_interval)]
+    keepalive_timeout: std::time::Duration,
+    /// On SIGTERM/SIGINT: end every stream and exit within this long.
+    #[arg(long, default_value = "5s", value_parser = parse_interval)]
+    shutdown_timeout: std::time::Duration,
+    /// How the gateway reaches its upstreams (CA, client certificate, token file).
+    #[command(flatten)]
+    client: gpulse_proto::client::ClientOptions,
+    #[command(flatten)]
+    trust: TrustArgs,
+}
+
+/// Listener security and authentication, the same for a collector and a gateway.
+#[derive(clap::Args, Debug)]
+struct TrustArgs {
     /// Serve MCP (Streamable HTTP) at /mcp on the HTTP address.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     mcp: String,
@@ -182,17 +244,13 @@ struct Args {
     /// anyone who reaches the port can then push events for any node and read everything.
     #[arg(long)]
     grpc_allow_unauthenticated: bool,
-    /// Largest forward jump of a known agent's seqs in one batch; a larger one is refused as a
-    /// takeover attempt.
-    #[arg(long, default_value_t = gpulse_collector::state::DEFAULT_MAX_SEQ_JUMP, value_parser = clap::value_parser!(u64).range(1000..))]
-    max_seq_jump: u64,
-    /// Log format on stderr.
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
 }
 
 #[derive(clap::Subcommand, Debug)]
 enum Cmd {
+    /// Serve the Telemetry API, /mcp and its own /metrics over several upstreams (the shards of
+    /// a cluster, or other clusters' collectors and gateways), with partial answers.
+    Gateway(Box<GatewayArgs>),
     /// Serve MCP on stdio from a running collector's data (over gRPC). stdout carries only MCP.
     Mcp {
         /// Required: stdio is the only transport of this subcommand (HTTP is served at /mcp).
@@ -275,87 +333,10 @@ async fn run() -> anyhow::Result<Exit> {
         gpulse_mcp::serve_stdio(gpulse_proto::api::RemoteTelemetry::shared(client)).await?;
         return Ok(Exit::Clean);
     }
-    for a in args
-        .auth_agent_accounts
-        .iter()
-        .chain(&args.auth_reader_accounts)
-    {
-        anyhow::ensure!(
-            a.split_once(':')
-                .is_some_and(|(ns, n)| !ns.is_empty() && !n.is_empty() && !n.contains(':')),
-            "service account {a:?} must be NAMESPACE:NAME"
-        );
+    if let Some(Cmd::Gateway(g)) = args.cmd {
+        return run_gateway(*g).await;
     }
-    let auth = AuthConfig {
-        tokens: args.auth_tokens.clone(),
-        service_accounts: match (&args.auth_jwks, &args.auth_issuer) {
-            (Some(jwks), Some(issuer)) => Some(ServiceAccounts {
-                jwks: KeySource {
-                    location: jwks.clone(),
-                    ca: args.auth_jwks_ca.clone(),
-                    token_file: args.auth_jwks_token_file.clone(),
-                },
-                issuer: issuer.clone(),
-                audience: args.auth_audience.clone(),
-                agents: args.auth_agent_accounts.clone(),
-                readers: args.auth_reader_accounts.clone(),
-            }),
-            _ => None,
-        },
-        client_certs: args.client_ca.is_some(),
-    };
-    let mcp_oauth = match (
-        &args.mcp_oauth_issuer,
-        &args.mcp_oauth_jwks,
-        &args.mcp_resource_url,
-    ) {
-        (Some(issuer), Some(jwks), Some(resource)) => {
-            anyhow::ensure!(
-                resource.starts_with("https://")
-                    || resource.starts_with("http://localhost")
-                    || resource.starts_with("http://127.0.0.1"),
-                "--mcp-resource-url must be https:// (or loopback http://)"
-            );
-            Some(OAuthConfig {
-                issuer: issuer.clone(),
-                jwks: KeySource {
-                    location: jwks.clone(),
-                    ca: None,
-                    token_file: None,
-                },
-                resource: resource.clone(),
-                scope: args.mcp_oauth_scope.clone(),
-            })
-        }
-        _ => None,
-    };
-    anyhow::ensure!(
-        args.grpc_listen.ip().is_loopback() || auth.enabled() || args.grpc_allow_unauthenticated,
-        "--grpc-listen {} is not loopback and no authentication is configured: set --auth-tokens \
-         and/or --client-ca (with --tls-cert), or --grpc-allow-unauthenticated for a trusted network",
-        args.grpc_listen
-    );
-    if auth.enabled() && args.tls_cert.is_none() && !args.grpc_listen.ip().is_loopback() {
-        warn!(
-            "authentication without TLS off loopback: tokens travel in clear; set --tls-cert and --tls-key"
-        );
-    }
-    let loopback = args.http_listen.ip().is_loopback();
-    anyhow::ensure!(
-        args.mcp == "off"
-            || loopback
-            || args.mcp_token.is_some()
-            || auth.tokens.is_some()
-            || auth.service_accounts.is_some()
-            || mcp_oauth.is_some()
-            || args.mcp_allow_unauthenticated,
-        "--http-listen {} is not loopback: set --mcp-token (or GPULSE_MCP_TOKEN) or --auth-tokens, --mcp off, or \
-         --mcp-allow-unauthenticated for a trusted network",
-        args.http_listen
-    );
-    if let Some(t) = &args.mcp_token {
-        anyhow::ensure!(t.len() >= 16, "--mcp-token must be at least 16 characters");
-    }
+    let trust = args.trust.config(args.grpc_listen, args.http_listen)?;
     anyhow::ensure!(
         args.events_bytes >= 64 << 10,
         "--events-bytes must be at least 64KiB"
@@ -386,28 +367,16 @@ async fn run() -> anyhow::Result<Exit> {
     store.agent_retention = args.agent_retention;
     store.node_retention = args.node_retention;
     store.max_seq_jump = args.max_seq_jump;
+    store.cluster = args.cluster;
+    store.shard = args.shard;
     let mut cfg = ServerConfig::new(args.grpc_listen, args.http_listen, store);
     cfg.max_message_bytes = args.max_message_bytes as usize;
     cfg.keepalive_interval = args.keepalive_interval;
     cfg.keepalive_timeout = args.keepalive_timeout;
-    cfg.auth = auth;
-    cfg.mcp_oauth = mcp_oauth;
-    cfg.tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(TlsFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-            client_ca: args.client_ca.clone(),
-        }),
-        _ => None,
-    };
-    cfg.mcp = (args.mcp == "on").then(|| gpulse_mcp::http::HttpOptions {
-        token: args.mcp_token.clone(),
-        bearer: None,
-        oauth: None,
-        allowed_hosts: args.mcp_allowed_hosts.clone(),
-        allowed_origins: args.mcp_allowed_origins.clone(),
-        loopback,
-    });
+    cfg.auth = trust.auth;
+    cfg.mcp_oauth = trust.mcp_oauth;
+    cfg.tls = trust.tls;
+    cfg.mcp = trust.mcp;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = server::start(cfg, async move {
         let _ = stop_rx.await;
@@ -453,6 +422,221 @@ async fn run() -> anyhow::Result<Exit> {
     http.abort();
     info!("gpulse-collector stopped");
     Ok(exit)
+}
+
+/// What the trust flags configure.
+struct Trust {
+    auth: AuthConfig,
+    mcp_oauth: Option<OAuthConfig>,
+    tls: Option<TlsFiles>,
+    mcp: Option<gpulse_mcp::http::HttpOptions>,
+}
+
+impl TrustArgs {
+    /// Checks the flags against the listen addresses (nothing unauthenticated off loopback
+    /// unless asked for) and turns them into configuration.
+    fn config(&self, grpc_listen: SocketAddr, http_listen: SocketAddr) -> anyhow::Result<Trust> {
+        for a in self
+            .auth_agent_accounts
+            .iter()
+            .chain(&self.auth_reader_accounts)
+        {
+            anyhow::ensure!(
+                a.split_once(':')
+                    .is_some_and(|(ns, n)| !ns.is_empty() && !n.is_empty() && !n.contains(':')),
+                "service account {a:?} must be NAMESPACE:NAME"
+            );
+        }
+        let auth = AuthConfig {
+            tokens: self.auth_tokens.clone(),
+            service_accounts: match (&self.auth_jwks, &self.auth_issuer) {
+                (Some(jwks), Some(issuer)) => Some(ServiceAccounts {
+                    jwks: KeySource {
+                        location: jwks.clone(),
+                        ca: self.auth_jwks_ca.clone(),
+                        token_file: self.auth_jwks_token_file.clone(),
+                    },
+                    issuer: issuer.clone(),
+                    audience: self.auth_audience.clone(),
+                    agents: self.auth_agent_accounts.clone(),
+                    readers: self.auth_reader_accounts.clone(),
+                }),
+                _ => None,
+            },
+            client_certs: self.client_ca.is_some(),
+        };
+        let mcp_oauth = match (
+            &self.mcp_oauth_issuer,
+            &self.mcp_oauth_jwks,
+            &self.mcp_resource_url,
+        ) {
+            (Some(issuer), Some(jwks), Some(resource)) => {
+                anyhow::ensure!(
+                    resource.starts_with("https://")
+                        || resource.starts_with("http://localhost")
+                        || resource.starts_with("http://127.0.0.1"),
+                    "--mcp-resource-url must be https:// (or loopback http://)"
+                );
+                Some(OAuthConfig {
+                    issuer: issuer.clone(),
+                    jwks: KeySource {
+                        location: jwks.clone(),
+                        ca: None,
+                        token_file: None,
+                    },
+                    resource: resource.clone(),
+                    scope: self.mcp_oauth_scope.clone(),
+                })
+            }
+            _ => None,
+        };
+        anyhow::ensure!(
+            grpc_listen.ip().is_loopback() || auth.enabled() || self.grpc_allow_unauthenticated,
+            "--grpc-listen {} is not loopback and no authentication is configured: set --auth-tokens \
+         and/or --client-ca (with --tls-cert), or --grpc-allow-unauthenticated for a trusted network",
+            grpc_listen
+        );
+        if auth.enabled() && self.tls_cert.is_none() && !grpc_listen.ip().is_loopback() {
+            warn!(
+                "authentication without TLS off loopback: tokens travel in clear; set --tls-cert and --tls-key"
+            );
+        }
+        let loopback = http_listen.ip().is_loopback();
+        anyhow::ensure!(
+            self.mcp == "off"
+                || loopback
+                || self.mcp_token.is_some()
+                || auth.tokens.is_some()
+                || auth.service_accounts.is_some()
+                || mcp_oauth.is_some()
+                || self.mcp_allow_unauthenticated,
+            "--http-listen {} is not loopback: set --mcp-token (or GPULSE_MCP_TOKEN) or --auth-tokens, --mcp off, or \
+         --mcp-allow-unauthenticated for a trusted network",
+            http_listen
+        );
+        if let Some(t) = &self.mcp_token {
+            anyhow::ensure!(t.len() >= 16, "--mcp-token must be at least 16 characters");
+        }
+        Ok(Trust {
+            auth,
+            mcp_oauth,
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: self.client_ca.clone(),
+                }),
+                _ => None,
+            },
+            mcp: (self.mcp == "on").then(|| gpulse_mcp::http::HttpOptions {
+                token: self.mcp_token.clone(),
+                bearer: None,
+                oauth: None,
+                allowed_hosts: self.mcp_allowed_hosts.clone(),
+                allowed_origins: self.mcp_allowed_origins.clone(),
+                loopback,
+            }),
+        })
+    }
+}
+
+async fn run_gateway(a: GatewayArgs) -> anyhow::Result<Exit> {
+    use gpulse_collector::gateway::{CallLimits, breaker::BreakerConfig, serve};
+    let mut names = std::collections::HashSet::new();
+    for (n, _) in &a.upstreams {
+        anyhow::ensure!(
+            names.insert(n.clone()),
+            "--upstream name {n:?} is given twice"
+        );
+    }
+    anyhow::ensure!(
+        a.max_message_bytes >= 64 << 10 && a.max_message_bytes <= 256 << 20,
+        "--max-message-bytes must be between 64KiB and 256MiB"
+    );
+    let trust = a.trust.config(a.grpc_listen, a.http_listen)?;
+    let mut cfg = serve::GatewayConfig::new(a.grpc_listen, a.http_listen, a.upstreams);
+    cfg.client = a.client;
+    cfg.cluster = a.cluster;
+    cfg.limits = CallLimits {
+        deadline: a.upstream_timeout,
+        concurrency: a.upstream_concurrency as usize,
+        breaker: BreakerConfig {
+            threshold: a.breaker_failures,
+            cooldown: a.breaker_cooldown,
+            max_cooldown: std::time::Duration::from_secs(30).max(a.breaker_cooldown),
+        },
+    };
+    cfg.max_message_bytes = a.max_message_bytes as usize;
+    cfg.keepalive_interval = a.keepalive_interval;
+    cfg.keepalive_timeout = a.keepalive_timeout;
+    cfg.auth = trust.auth;
+    cfg.mcp_oauth = trust.mcp_oauth;
+    cfg.tls = trust.tls;
+    cfg.mcp = trust.mcp;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = serve::start(cfg, async move {
+        let _ = stop_rx.await;
+    })
+    .await?;
+    let (mut grpc, mut http) = (running.grpc, running.http);
+    tokio::select! {
+        () = shutdown_signal() => info!("signal received: stopping"),
+        r = &mut grpc => anyhow::bail!("gRPC server ended: {:?}", r),
+        r = &mut http => anyhow::bail!("HTTP server ended: {:?}", r),
+    }
+    let _ = stop_tx.send(());
+    let deadline = tokio::time::Instant::now() + a.shutdown_timeout;
+    if tokio::time::timeout_at(deadline, async { tokio::join!(&mut grpc, &mut http) })
+        .await
+        .is_err()
+    {
+        warn!("connections still open at the shutdown deadline; closing them");
+    }
+    grpc.abort();
+    http.abort();
+    info!("gpulse gateway stopped");
+    Ok(Exit::Clean)
+}
+
+/// A cluster, shard or upstream name: it becomes a label and part of upstream paths.
+fn parse_name(s: &str) -> Result<String, String> {
+    if s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?}: at most 63 letters, digits, '.', '_' or '-'"
+        ))
+    }
+}
+
+fn parse_upstream(s: &str) -> Result<(String, String), String> {
+    let (name, url) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=URL"))?;
+    if name.is_empty() {
+        return Err(format!("{s:?}: the name is empty"));
+    }
+    let name = parse_name(name)?;
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!(
+            "{s:?}: the URL must start with http:// or https://"
+        ));
+    }
+    Ok((name, url.to_string()))
+}
+
+/// A per-call deadline: 100ms to 60s.
+fn parse_deadline(s: &str) -> Result<std::time::Duration, String> {
+    let ns = gpulse_proto::window::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 500ms, 3s)"))?;
+    let d = std::time::Duration::from_nanos(ns as u64);
+    if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(60) {
+        return Err("must be between 100ms and 60s".into());
+    }
+    Ok(d)
 }
 
 fn parse_interval(s: &str) -> Result<std::time::Duration, String> {

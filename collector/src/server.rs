@@ -2,25 +2,19 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use gpulse_proto::{
-    raw::ingest_server::IngestServer,
-    v1::{FILE_DESCRIPTOR_SET, telemetry_server::TelemetryServer},
-};
-use tokio::net::TcpListener;
-use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
+use gpulse_proto::{raw::ingest_server::IngestServer, v1::telemetry_server::TelemetryServer};
+use tonic::service::interceptor::InterceptedService;
 use tracing::info;
 
 use crate::{
-    auth::{
-        Auth, AuthConfig, Role,
-        oauth::{self, OAuthConfig, OAuthVerifier},
-    },
+    auth::{Auth, AuthConfig, Role, oauth::OAuthConfig},
     grpc::{IngestService, TelemetryService},
     http::{self, HttpState},
+    listen::{self, Listening},
     shutdown::{self, Shutdown},
     state::{self, StoreConfig, StoreHandle},
     telemetry::Metrics,
-    tls::{self, TlsFiles},
+    tls::TlsFiles,
 };
 
 #[derive(Clone, Debug)]
@@ -102,25 +96,10 @@ pub async fn start(
     };
     let store = state::start(cfg.store.clone(), metrics.clone()).context("opening the store")?;
 
-    let grpc_listener = TcpListener::bind(cfg.grpc_listen)
-        .await
-        .with_context(|| format!("binding gRPC on {}", cfg.grpc_listen))?;
-    let http_listener = TcpListener::bind(cfg.http_listen)
-        .await
-        .with_context(|| format!("binding HTTP on {}", cfg.http_listen))?;
+    let (grpc_listener, http_listener) = listen::bind(cfg.grpc_listen, cfg.http_listen).await?;
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
-
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("reflection service")?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .context("reflection service")?;
+    let (reflection_v1, reflection_v1alpha) = listen::reflection()?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<IngestServer<IngestService>>()
@@ -161,7 +140,6 @@ pub async fn start(
             .set_not_serving::<TelemetryServer<TelemetryService>>()
             .await;
     });
-    let mut grpc_stop = stop_rx.clone();
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .tcp_keepalive(Some(cfg.keepalive_interval))
@@ -172,88 +150,36 @@ pub async fn start(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(health);
-    let grpc_stopped = async move { grpc_stop.wait().await };
-    // Connections whose TLS handshake completed, for one listener.
-    let tls_accept = |listener: TcpListener, configs: &Arc<_>, which| {
-        tls::accept(
-            listener,
-            Arc::clone(configs),
-            which,
-            metrics.tls_handshake_failures.clone(),
-            cfg.keepalive_interval,
-            stop_rx.clone(),
-        )
+    let listening = Listening {
+        tls,
+        handshake_failures: metrics.tls_handshake_failures.clone(),
+        keepalive: cfg.keepalive_interval,
+        stop: stop_rx.clone(),
     };
-    let grpc = match &tls {
-        Some(t) => {
-            let rx = tls_accept(grpc_listener, t, tls::Listener::Grpc);
-            tokio::spawn(router.serve_with_incoming_shutdown(tls::grpc_incoming(rx), grpc_stopped))
-        }
-        // The builder's nodelay and keepalive settings apply only to listeners tonic binds
-        // itself: set them on the accepted sockets (without nodelay an ack waited on Nagle and
-        // the peer's delayed ACK, up to 40 ms, and one stream's throughput fell 5x).
-        None => tokio::spawn(
-            router.serve_with_incoming_shutdown(
-                TcpIncoming::from(grpc_listener)
-                    .with_nodelay(Some(true))
-                    .with_keepalive(Some(cfg.keepalive_interval)),
-                grpc_stopped,
-            ),
-        ),
-    };
-    let mut http_stop = stop_rx.clone();
+    let grpc = listening.serve_grpc(router, grpc_listener);
     let mut app = http::router(HttpState {
         store: store.clone(),
         metrics: metrics.clone(),
         auth: auth.clone(),
     });
-    if let Some(mut opts) = cfg.mcp.clone() {
+    if let Some(opts) = cfg.mcp.clone() {
         // MCP calls the collector's own Telemetry service in-process.
-        let api = std::sync::Arc::new(TelemetryService {
+        let api = Arc::new(TelemetryService {
             store: store.clone(),
             stop: stop_rx.clone(),
         });
-        let oauth = match &cfg.mcp_oauth {
-            Some(o) => Some(Arc::new(
-                OAuthVerifier::new(o, metrics.reloads.clone())
-                    .await
-                    .map_err(|e| anyhow::anyhow!("--mcp-oauth-jwks: {e}"))?,
-            )),
-            None => None,
-        };
-        if auth.enabled() || oauth.is_some() {
-            // Reader tokens and OAuth access tokens open /mcp (the static --mcp-token too).
-            opts.bearer = Some(oauth::mcp_check(
-                auth.enabled().then(|| auth.clone()),
-                oauth,
-            ));
-        }
-        opts.oauth = cfg.mcp_oauth.as_ref().map(OAuthConfig::resource);
-        app = app.merge(gpulse_mcp::http::router(api, opts));
+        app = app.merge(
+            listen::mcp_router(
+                api,
+                opts,
+                &auth,
+                cfg.mcp_oauth.as_ref(),
+                metrics.reloads.clone(),
+            )
+            .await?,
+        );
     }
-    let http_stopped = async move { http_stop.wait().await };
-    let http = match &tls {
-        Some(t) => {
-            let rx = tls_accept(http_listener, t, tls::Listener::Http);
-            let listener = tls::HttpListener {
-                rx,
-                local: http_addr,
-            };
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(http_stopped)
-                    .await
-            })
-        }
-        None => tokio::spawn(async move {
-            let listener = axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(http_stopped)
-                .await
-        }),
-    };
+    let http = listening.serve_http(app, http_listener, http_addr);
     info!(grpc = %grpc_addr, http = %http_addr, data_dir = %cfg.store.data_dir.display(), "gpulse-collector serving");
     Ok(Running {
         grpc_addr,

@@ -53,9 +53,12 @@ mod tests {
 
     #[test]
     fn time_then_agent_then_seq() {
-        let mut v = vec![ev(2, "a", 1), ev(1, "b", 9), ev(1, "a", 5), ev(1, "a", 2)];
+        let mut v = [ev(2, "a", 1), ev(1, "b", 9), ev(1, "a", 5), ev(1, "a", 2)];
         v.sort_by(cmp);
-        let got: Vec<_> = v.iter().map(|e| (event_ms(e), e.agent_id.as_str(), e.seq)).collect();
+        let got: Vec<_> = v
+            .iter()
+            .map(|e| (event_ms(e), e.agent_id.as_str(), e.seq))
+            .collect();
         assert_eq!(got, [(1, "a", 2), (1, "a", 5), (1, "b", 9), (2, "a", 1)]);
         assert_eq!(cmp_position(&v[1], &position(&v[1])), Ordering::Equal);
         assert_eq!(cmp_position(&v[0], &position(&v[1])), Ordering::Less);

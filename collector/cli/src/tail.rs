@@ -7,8 +7,8 @@ use std::{
 use anyhow::bail;
 use clap::Args;
 use gpulse_proto::{
-    render,
     names::ShortName,
+    render,
     v1::{Event, Lagged, SubscribeRequest, UpstreamState, UpstreamStatus, subscribe_response::Msg},
 };
 use serde_json::json;
@@ -107,7 +107,11 @@ impl Tail {
                         "gpulse: upstream {} {}{}",
                         u.name,
                         UpstreamState::name_of(u.state),
-                        if u.reason.is_empty() { String::new() } else { format!(": {}", u.reason) }
+                        if u.reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", u.reason)
+                        }
                     );
                     if self.args.json {
                         writeln!(out, "{}", upstream_line(&u))?;

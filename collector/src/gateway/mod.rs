@@ -1,0 +1,301 @@
+//! The gateway: the Telemetry API answered from several upstreams (the shards of one cluster,
+//! or other clusters' collectors and gateways), so that the CLI, MCP and dashboards ask one
+//! place. Every answer names each upstream with how it did and says `partial` when any is
+//! missing; it fails as a whole only when none answered. Each upstream call is bounded by a
+//! deadline, a concurrency limit and a circuit breaker (`upstream.rs`); answers are folded as
+//! they arrive (`merge.rs`, `trend.rs`, `events.rs`); Subscribe is merged live
+//! (`subscribe.rs`). `serve.rs` puts it on the network like a collector.
+pub mod breaker;
+pub mod events;
+pub mod merge;
+pub mod metrics;
+pub mod serve;
+pub mod subscribe;
+pub mod trend;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use gpulse_proto::{
+    api::{SharedTelemetry, SubscribeStream},
+    v1::{
+        ListEventsRequest, ListEventsResponse, NodesRequest, NodesResponse, ProcessesRequest,
+        ProcessesResponse, StatusRequest, StatusResponse, SubscribeRequest, SummarizeRequest,
+        SummarizeResponse, TrendRequest, TrendResponse, XidGroupsRequest, XidGroupsResponse,
+        telemetry_server::Telemetry,
+    },
+};
+use tonic::{Request, Response, Status};
+
+pub use metrics::GatewayMetrics;
+use upstream::{CallFuture, fan_out};
+pub use upstream::{CallLimits, Upstream};
+
+use crate::shutdown::Shutdown;
+
+#[derive(Clone)]
+pub struct Gateway {
+    ups: Arc<Vec<Arc<Upstream>>>,
+    limits: CallLimits,
+    metrics: GatewayMetrics,
+    /// Named on nodes whose collector does not name its cluster (`--cluster`).
+    cluster: String,
+    stop: Shutdown,
+}
+
+/// Most process rows one request reads from each upstream (offset + limit).
+const MAX_PROCESS_ROWS: u32 = 1000;
+/// Groups each upstream is asked for, whatever `top` is, so merged counts stay whole.
+const XID_GROUPS_ASKED: u32 = 100;
+
+impl Gateway {
+    pub fn new(
+        upstreams: Vec<(String, SharedTelemetry)>,
+        limits: CallLimits,
+        metrics: GatewayMetrics,
+        cluster: String,
+        stop: Shutdown,
+    ) -> Self {
+        let ups = upstreams
+            .into_iter()
+            .map(|(name, api)| Arc::new(Upstream::new(name, api, &limits)))
+            .collect();
+        Self {
+            ups: Arc::new(ups),
+            limits,
+            metrics,
+            cluster,
+            stop,
+        }
+    }
+
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.ups
+    }
+
+    pub fn metrics(&self) -> &GatewayMetrics {
+        &self.metrics
+    }
+
+    /// Circuit breaker gauges as of now (read at scrape time).
+    pub fn refresh_gauges(&self) {
+        for u in self.ups.iter() {
+            self.metrics
+                .circuit_open
+                .with_label_values(&[&u.name])
+                .set(i64::from(u.circuit_open()));
+        }
+    }
+
+    /// One unary RPC to every upstream, each with a clone of `req`.
+    async fn all<Req, Resp, A>(
+        &self,
+        rpc: &'static str,
+        req: Req,
+        call: fn(SharedTelemetry, Req) -> CallFuture<Resp>,
+        acc: &mut A,
+        fold: impl FnMut(&mut A, &str, Resp),
+    ) -> Result<upstream::Outcome, Status>
+    where
+        Req: Clone + Send + 'static,
+        Resp: upstream::Upstreamed,
+    {
+        let mut fold = fold;
+        let ups = self.ups.clone();
+        let out = fan_out(
+            &self.ups,
+            &self.limits,
+            &self.metrics,
+            rpc,
+            |u| call(u.api.clone(), req.clone()),
+            acc,
+            |acc, i, r| fold(acc, &ups[i].name, r),
+        )
+        .await;
+        match out.all_failed() {
+            Some(s) => Err(s),
+            None => Ok(out),
+        }
+    }
+}
+
+macro_rules! call {
+    ($method:ident) => {
+        |api, req| {
+            Box::pin(async move {
+                api.$method(Request::new(req))
+                    .await
+                    .map(Response::into_inner)
+            })
+        }
+    };
+}
+
+#[tonic::async_trait]
+impl Telemetry for Gateway {
+    type SubscribeStream = SubscribeStream;
+
+    async fn subscribe(
+        &self,
+        req: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let s = subscribe::subscribe(
+            self.ups.to_vec(),
+            req.into_inner(),
+            self.metrics.clone(),
+            self.stop.clone(),
+        )
+        .await?;
+        Ok(Response::new(s))
+    }
+
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let mut acc = StatusResponse::default();
+        let out = self
+            .all(
+                "Status",
+                req.into_inner(),
+                call!(status),
+                &mut acc,
+                |a, _, r| merge::status(a, r),
+            )
+            .await?;
+        acc.version = env!("CARGO_PKG_VERSION").to_string();
+        acc.cluster.clone_from(&self.cluster);
+        out.stamp(&mut acc);
+        Ok(Response::new(acc))
+    }
+
+    async fn nodes(&self, req: Request<NodesRequest>) -> Result<Response<NodesResponse>, Status> {
+        let mut req = req.into_inner();
+        req.window = merge::pin(req.window)?;
+        let mut acc = merge::Nodes::default();
+        let cluster = self.cluster.clone();
+        let out = self
+            .all("Nodes", req, call!(nodes), &mut acc, |a, _, r| {
+                a.add(r, &cluster)
+            })
+            .await?;
+        let mut r = acc.finish();
+        out.stamp(&mut r);
+        Ok(Response::new(r))
+    }
+
+    async fn list_events(
+        &self,
+        req: Request<ListEventsRequest>,
+    ) -> Result<Response<ListEventsResponse>, Status> {
+        let names: Vec<String> = self.ups.iter().map(|u| u.name.clone()).collect();
+        let plan = events::Plan::new(req.into_inner(), &names)?;
+        let up_req = plan.upstream_req.clone();
+        let mut acc = events::Merge::new(plan);
+        let out = self
+            .all(
+                "ListEvents",
+                up_req,
+                call!(list_events),
+                &mut acc,
+                |a, n, r| a.add(n, r),
+            )
+            .await?;
+        self.metrics.duplicates_dropped.inc_by(acc.duplicates);
+        let mut r = acc.finish();
+        out.stamp(&mut r);
+        Ok(Response::new(r))
+    }
+
+    async fn trend(&self, req: Request<TrendRequest>) -> Result<Response<TrendResponse>, Status> {
+        let mut req = req.into_inner();
+        req.window = Some(merge::pin_or_now(req.window)?);
+        let mut acc = trend::Trend::new(&req);
+        let out = self
+            .all("Trend", req, call!(trend), &mut acc, |a, n, r| a.add(n, r))
+            .await?;
+        let mut r = acc.finish();
+        out.stamp(&mut r);
+        Ok(Response::new(r))
+    }
+
+    async fn summarize(
+        &self,
+        req: Request<SummarizeRequest>,
+    ) -> Result<Response<SummarizeResponse>, Status> {
+        let mut req = req.into_inner();
+        req.window = Some(merge::pin_or_now(req.window)?);
+        let mut acc = merge::Summary::default();
+        let out = self
+            .all("Summarize", req, call!(summarize), &mut acc, |a, n, r| {
+                a.add(n, r)
+            })
+            .await?;
+        let mut r = acc.finish();
+        out.stamp(&mut r);
+        Ok(Response::new(r))
+    }
+
+    async fn xid_groups(
+        &self,
+        req: Request<XidGroupsRequest>,
+    ) -> Result<Response<XidGroupsResponse>, Status> {
+        let mut req = req.into_inner();
+        let top = match req.top {
+            0 => 20,
+            n if n <= 100 => n as usize,
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "top {n} is out of range; 1..=100 (0 = 20)"
+                )));
+            }
+        };
+        req.window = Some(merge::pin_or_now(req.window)?);
+        req.top = XID_GROUPS_ASKED;
+        let mut acc = merge::XidGroups::default();
+        let out = self
+            .all("XidGroups", req, call!(xid_groups), &mut acc, |a, n, r| {
+                a.add(n, r)
+            })
+            .await?;
+        let mut r = acc.finish(top);
+        out.stamp(&mut r);
+        Ok(Response::new(r))
+    }
+
+    async fn processes(
+        &self,
+        req: Request<ProcessesRequest>,
+    ) -> Result<Response<ProcessesResponse>, Status> {
+        let mut req = req.into_inner();
+        let limit = match req.limit {
+            0 => 100,
+            n if n <= 1000 => n,
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "limit {n} is out of range; 1..=1000 (0 = 100)"
+                )));
+            }
+        };
+        let offset = req.offset;
+        let rows = offset.saturating_add(limit).min(MAX_PROCESS_ROWS);
+        req.window = Some(merge::pin_or_now(req.window)?);
+        req.offset = 0;
+        req.limit = rows;
+        let mut acc = merge::Processes::new(rows as usize);
+        let out = self
+            .all("Processes", req, call!(processes), &mut acc, |a, n, r| {
+                a.add(n, r)
+            })
+            .await?;
+        let mut r = acc.finish(offset as usize, limit as usize);
+        if offset.saturating_add(limit) > MAX_PROCESS_ROWS {
+            r.hints.push(format!(
+                "through a gateway offset + limit reaches at most {MAX_PROCESS_ROWS} rows; narrow the window or the nodes"
+            ));
+            r.truncated = true;
+        }
+        out.stamp(&mut r);
+        Ok(Response::new(r))
+    }
+}
