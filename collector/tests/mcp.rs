@@ -427,7 +427,7 @@ fn placeholders(v: &mut Value) {
             let is_time = b.len() >= 20 && b[4] == b'-' && b[7] == b'-' && b[10] == b'T';
             if is_time {
                 *s = "<time>".into();
-            } else if s.starts_with("e1.") {
+            } else if s.starts_with("e2.") || s.starts_with("g1.") {
                 *s = "<page token>".into();
             } else if s.contains("(20") {
                 // Hints that quote a time: "... oldest retained event of these kinds (2026-...)".

@@ -741,3 +741,68 @@ async fn xid_counters_survive_restart_after_the_events_expired() {
             > 100
     );
 }
+
+/// Events are listed by time (then agent id and seq), not by arrival: a backlog that arrives
+/// late sits where it happened. `resume_after` (a gateway's position, by seq) continues a
+/// listing exactly where any event of it left off.
+#[tokio::test]
+async fn listing_is_by_time_and_resumes_after_any_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(store_config(dir.path())).await;
+    let (mut a, _) = AgentStream::open(&h, "n1/a", "n1").await;
+    let (mut b, _) = AgentStream::open(&h, "n2/b", "n2").await;
+    let t0 = now_ms() - 600 * S;
+    // a: one per 10 s; b: the backlog, arriving after, interleaved in time (and one tie).
+    a.send(1, (0..20).map(|i| timed_log(&format!("a{i}"), t0 + i * 10 * S)).collect())
+        .await
+        .unwrap();
+    b.send(1, (0..20).map(|i| timed_log(&format!("b{i}"), t0 + i * 10 * S + 5 * S)).collect())
+        .await
+        .unwrap();
+    b.send(21, vec![timed_log("b-tie", t0 + 50 * S)]).await.unwrap();
+    let mut c = TelemetryClient::new(h.channel.clone());
+    let all = list(
+        &mut c,
+        ListEventsRequest {
+            window: window("1h"),
+            filter: logs_only(),
+            limit: 1000,
+            order: Order::OldestFirst as i32,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(all.events.len(), 41);
+    let keys: Vec<_> = all
+        .events
+        .iter()
+        .map(|e| gpulse_proto::listing::position(e))
+        .map(|p| (p.time_ms, p.agent_id, p.seq))
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "listed by (time, agent id, seq)");
+    for order in [Order::OldestFirst, Order::NewestFirst] {
+        let full: Vec<v1::Event> = match order {
+            Order::OldestFirst => all.events.clone(),
+            _ => all.events.iter().rev().cloned().collect(),
+        };
+        for cut in [0usize, 10, 11, 39] {
+            let r = list(
+                &mut c,
+                ListEventsRequest {
+                    window: window("1h"),
+                    filter: logs_only(),
+                    limit: 1000,
+                    order: order as i32,
+                    resume_after: Some(gpulse_proto::listing::position(&full[cut])),
+                    ..Default::default()
+                },
+            )
+            .await;
+            let got: Vec<u64> = r.events.iter().map(|e| e.cursor).collect();
+            let want: Vec<u64> = full[cut + 1..].iter().map(|e| e.cursor).collect();
+            assert_eq!(got, want, "{order:?} after #{cut}");
+        }
+    }
+}
