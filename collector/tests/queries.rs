@@ -753,13 +753,25 @@ async fn listing_is_by_time_and_resumes_after_any_position() {
     let (mut b, _) = AgentStream::open(&h, "n2/b", "n2").await;
     let t0 = now_ms() - 600 * S;
     // a: one per 10 s; b: the backlog, arriving after, interleaved in time (and one tie).
-    a.send(1, (0..20).map(|i| timed_log(&format!("a{i}"), t0 + i * 10 * S)).collect())
+    a.send(
+        1,
+        (0..20)
+            .map(|i| timed_log(&format!("a{i}"), t0 + i * 10 * S))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    b.send(
+        1,
+        (0..20)
+            .map(|i| timed_log(&format!("b{i}"), t0 + i * 10 * S + 5 * S))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    b.send(21, vec![timed_log("b-tie", t0 + 50 * S)])
         .await
         .unwrap();
-    b.send(1, (0..20).map(|i| timed_log(&format!("b{i}"), t0 + i * 10 * S + 5 * S)).collect())
-        .await
-        .unwrap();
-    b.send(21, vec![timed_log("b-tie", t0 + 50 * S)]).await.unwrap();
     let mut c = TelemetryClient::new(h.channel.clone());
     let all = list(
         &mut c,
@@ -776,7 +788,7 @@ async fn listing_is_by_time_and_resumes_after_any_position() {
     let keys: Vec<_> = all
         .events
         .iter()
-        .map(|e| gpulse_proto::listing::position(e))
+        .map(gpulse_proto::listing::position)
         .map(|p| (p.time_ms, p.agent_id, p.seq))
         .collect();
     let mut sorted = keys.clone();

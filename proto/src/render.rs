@@ -9,7 +9,7 @@ use crate::{
     time::{self as ptime, rfc3339},
     v1::{
         self, AgentState, Aggregation, EventKind, GapStage, GroupBy, ProcessEventType,
-        RecordSource, Severity, Tier, event::Payload,
+        RecordSource, Severity, Tier, UpstreamState, event::Payload,
     },
 };
 use serde_json::{Value, json};
@@ -197,7 +197,43 @@ pub fn trend(r: &v1::TrendResponse) -> Value {
         "series_total": r.series_total,
         "series": series,
         "hints": r.hints,
+        "upstreams": upstreams(&r.upstreams),
+        "partial": r.partial,
     })
+}
+
+/// Where a gateway's answer came from: each upstream with its state, the reason when it is
+/// missing, and how long it took (empty from a collector).
+pub fn upstreams(u: &[v1::UpstreamStatus]) -> Value {
+    Value::Array(
+        u.iter()
+            .map(|u| {
+                json!({
+                    "name": u.name,
+                    "state": UpstreamState::name_of(u.state),
+                    "reason": opt_str(&u.reason),
+                    "elapsed_ms": u.elapsed_ms,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// One line for a person: which upstreams a partial answer is missing, and why.
+pub fn partial_note(u: &[v1::UpstreamStatus]) -> String {
+    let missing: Vec<String> = u
+        .iter()
+        .filter(|u| u.state != UpstreamState::Ok as i32)
+        .map(|u| {
+            format!(
+                "{} {} ({})",
+                u.name,
+                UpstreamState::name_of(u.state),
+                u.reason
+            )
+        })
+        .collect();
+    format!("partial answer: missing {}", missing.join("; "))
 }
 
 /// One line of text: time, severity, node, kind and the [`summary`].

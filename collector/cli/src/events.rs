@@ -39,7 +39,8 @@ pub struct EventsArgs {
     /// Oldest first instead of newest first.
     #[arg(long)]
     pub oldest_first: bool,
-    /// One JSON document: window, coverage, total_matched, events, next_page_token, hints.
+    /// One JSON document: window, coverage, total_matched, events, next_page_token, hints,
+    /// and through a gateway upstreams and partial.
     #[arg(long)]
     pub json: bool,
 }
@@ -63,6 +64,8 @@ pub fn render_json(p: &Pages) -> String {
         "next_page_token": (!p.next_page_token.is_empty()).then_some(&p.next_page_token),
         "expired_while_paging": p.head.expired_while_paging,
         "hints": hints,
+        "upstreams": render::upstreams(&p.head.upstreams),
+        "partial": p.head.partial,
     })
     .to_string()
 }
@@ -98,6 +101,15 @@ impl Pages {
 
     fn add(&mut self, r: ListEventsResponse) {
         self.head.hints.extend(r.hints);
+        // Through a gateway: partial if any page was, each upstream as it did on its worst page.
+        self.head.partial |= r.partial;
+        for u in r.upstreams {
+            match self.head.upstreams.iter_mut().find(|h| h.name == u.name) {
+                Some(h) if h.state == gpulse_proto::v1::UpstreamState::Ok as i32 => *h = u,
+                Some(_) => {}
+                None => self.head.upstreams.push(u),
+            }
+        }
         self.head.expired_while_paging = r.expired_while_paging;
         self.events.extend(r.events);
         self.next_page_token = r.next_page_token;
@@ -137,6 +149,9 @@ pub async fn run(a: EventsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     write!(out, "{}", render_text(&p))?;
+    if p.head.partial {
+        eprintln!("gpulse: {}", render::partial_note(&p.head.upstreams));
+    }
     for h in &p.head.hints {
         eprintln!("gpulse: note: {h}");
     }

@@ -18,7 +18,7 @@ pub struct NodesArgs {
     /// Only nodes heard from in this window (e.g. 1h, now-30m, RFC 3339), with XID counts.
     #[arg(long)]
     pub since: Option<String>,
-    /// One JSON object per node.
+    /// One JSON object per node; through a gateway, then one with `upstreams` and `partial`.
     #[arg(long)]
     pub json: bool,
 }
@@ -26,6 +26,7 @@ pub struct NodesArgs {
 pub fn node_json(n: &NodeInfo) -> String {
     json!({
         "node": n.node,
+        "cluster": (!n.cluster.is_empty()).then_some(&n.cluster),
         "connected": !n.connected_agents.is_empty(),
         "connected_agents": n.connected_agents,
         "last_seen": n.last_seen.as_ref().map(rfc3339),
@@ -36,6 +37,11 @@ pub fn node_json(n: &NodeInfo) -> String {
         "gpus": n.gpus.iter().map(render::gpu_sample).collect::<Vec<_>>(),
     })
     .to_string()
+}
+
+/// Through a gateway, the last line: where the answer came from.
+pub fn answer_json(r: &NodesResponse) -> String {
+    json!({"upstreams": render::upstreams(&r.upstreams), "partial": r.partial}).to_string()
 }
 
 pub fn render_text(r: &NodesResponse, collector: &str) -> String {
@@ -88,8 +94,14 @@ pub async fn run(a: NodesArgs) -> anyhow::Result<()> {
         for n in &r.nodes {
             writeln!(out, "{}", node_json(n))?;
         }
+        if !r.upstreams.is_empty() {
+            writeln!(out, "{}", answer_json(&r))?;
+        }
         return Ok(());
     }
     write!(out, "{}", render_text(&r, &a.collector.url))?;
+    if r.partial {
+        eprintln!("gpulse: {}", render::partial_note(&r.upstreams));
+    }
     Ok(())
 }

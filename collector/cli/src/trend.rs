@@ -158,6 +158,9 @@ pub async fn run(a: TrendArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     write!(out, "{}", render_text(&r))?;
+    if r.partial {
+        eprintln!("gpulse: {}", render::partial_note(&r.upstreams));
+    }
     for h in &r.hints {
         eprintln!("gpulse: note: {h}");
     }

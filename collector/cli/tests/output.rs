@@ -120,6 +120,31 @@ fn events_text_and_json() {
     };
     expect("events.txt", &events::render_text(&pages));
     expect("events.json", &(events::render_json(&pages) + "\n"));
+    // Through a gateway with one shard down.
+    let mut partial = pages;
+    partial.head.partial = true;
+    partial.head.upstreams = upstreams();
+    expect(
+        "events-partial.json",
+        &(events::render_json(&partial) + "\n"),
+    );
+}
+
+fn upstreams() -> Vec<v1::UpstreamStatus> {
+    vec![
+        v1::UpstreamStatus {
+            name: "shard-0".into(),
+            state: v1::UpstreamState::Ok as i32,
+            reason: String::new(),
+            elapsed_ms: 4,
+        },
+        v1::UpstreamStatus {
+            name: "shard-1".into(),
+            state: v1::UpstreamState::Timeout as i32,
+            reason: "no answer within 3000 ms".into(),
+            elapsed_ms: 3000,
+        },
+    ]
 }
 
 #[test]
@@ -156,12 +181,13 @@ fn nodes_text_and_json() {
             NodeInfo {
                 node: "gpu-node-2".into(),
                 last_seen: at(100),
+                cluster: "eu-1".into(),
                 ..Default::default()
             },
         ],
         window: None,
-        partial: Default::default(),
-        upstreams: Default::default(),
+        partial: true,
+        upstreams: upstreams(),
     };
     let mut s = nodes::render_text(&r, "http://127.0.0.1:7700");
     s.push_str(&nodes::render_text(
@@ -169,7 +195,8 @@ fn nodes_text_and_json() {
         "http://127.0.0.1:7700",
     ));
     expect("nodes.txt", &s);
-    let json: String = r.nodes.iter().map(|n| nodes::node_json(n) + "\n").collect();
+    let mut json: String = r.nodes.iter().map(|n| nodes::node_json(n) + "\n").collect();
+    json.push_str(&(nodes::answer_json(&r) + "\n"));
     expect("nodes.json", &json);
 }
 
