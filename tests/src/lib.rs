@@ -219,6 +219,66 @@ impl Collector {
     }
 }
 
+/// A gateway (`gpulse-collector gateway`) on loopback over `upstreams` (name, URL).
+pub struct Gateway {
+    pub proc: Proc,
+    pub grpc_port: u16,
+    pub http_port: u16,
+    pub log: PathBuf,
+}
+
+impl Gateway {
+    pub fn start(dir: &Path, upstreams: &[(&str, String)], extra: &[&str]) -> anyhow::Result<Self> {
+        let (grpc_port, http_port) = (free_port(), free_port());
+        let grpc = format!("127.0.0.1:{grpc_port}");
+        let http = format!("127.0.0.1:{http_port}");
+        let mut args: Vec<String> = vec![
+            "gateway".into(),
+            "--grpc-listen".into(),
+            grpc,
+            "--http-listen".into(),
+            http,
+        ];
+        for (name, url) in upstreams {
+            args.push("--upstream".into());
+            args.push(format!("{name}={url}"));
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let log = dir.join(format!("gateway-{grpc_port}.log"));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = Proc::spawn("gpulse-collector", &argv, &log)?;
+        let g = Self {
+            proc,
+            grpc_port,
+            http_port,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if http_get(http_port, "/readyz").is_ok_and(|(code, _)| code == 200) {
+                return Ok(g);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "gateway not ready within 20s; log:\n{}",
+            std::fs::read_to_string(&g.log).unwrap_or_default()
+        )
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+}
+
+/// Sends SIGSTOP (true) or SIGCONT (false) to a child: a frozen process keeps its sockets open
+/// and answers nothing.
+pub fn freeze(p: &Proc, stop: bool) {
+    let sig = if stop { libc::SIGSTOP } else { libc::SIGCONT };
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(p.child.id() as i32, sig) };
+}
+
 /// Minimal HTTP/1.0 GET on loopback (no client dependency needed for two endpoints).
 pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::Read;

@@ -23,12 +23,22 @@ struct Point {
     last_ms: i64,
 }
 
-#[derive(Default)]
 struct Series {
     points: BTreeMap<i64, Point>,
     stats: Point,
     p95: f64,
     merged: u32,
+}
+
+impl Default for Series {
+    fn default() -> Self {
+        Self {
+            points: BTreeMap::new(),
+            stats: Point::default(),
+            p95: f64::NEG_INFINITY,
+            merged: 0,
+        }
+    }
 }
 
 pub struct Trend {
@@ -209,7 +219,7 @@ impl Trend {
                         min: s.stats.min,
                         max: s.stats.max,
                         avg: s.stats.sum / s.stats.samples.max(1) as f64,
-                        p95: s.p95,
+                        p95: if agg == Aggregation::P95 { s.p95 } else { f64::NAN },
                         last: s.stats.last,
                         samples: s.stats.samples,
                         last_time: (s.stats.last_ms != i64::MIN)

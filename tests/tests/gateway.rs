@@ -1,0 +1,489 @@
+//! A gateway over three collector shards, as processes on loopback. With every shard up its
+//! answers equal those of one collector holding the same data (listings event for event,
+//! counts, XID groups, fleet trends); with a shard killed or frozen (SIGSTOP) every answer comes
+//! back within the deadline, partial, naming that shard and why; a frozen shard's circuit opens
+//! and closes again once it answers. The CLI shows where the answer came from.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+use std::{
+    collections::BTreeSet,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use gpulse_e2e::*;
+use gpulse_proto::{
+    time as ptime,
+    v1::{
+        self, Aggregation, EventFilter, EventKind, GroupBy, ListEventsRequest, NodesRequest, Order,
+        StatusRequest, SummarizeRequest, TimeWindow, TrendRequest, UpstreamState, XidGrouping,
+        XidGroupsRequest, event::Payload, telemetry_client::TelemetryClient,
+    },
+};
+
+type Client = TelemetryClient<tonic::transport::Channel>;
+
+const XIDS: [u32; 4] = [79, 13, 48, 31];
+
+fn at(ms: i64) -> Option<prost_types::Timestamp> {
+    Some(ptime::from_unix_millis(ms))
+}
+
+/// One node's last two minutes: two GPUs sampled every 10 s, a few XIDs and log lines.
+fn node_events(node: &str, n: usize, end_ms: i64) -> Vec<v1::Event> {
+    let mut out = Vec::new();
+    for step in 0..12i64 {
+        let t = end_ms - (12 - step) * 10_000;
+        for gpu in 0..2u32 {
+            out.push(v1::Event {
+                kind: EventKind::GpuSample as i32,
+                severity: v1::Severity::Info as i32,
+                // Distinct times across the fleet: "last" has one answer.
+                time: at(t + i64::from(gpu) + 2 * n as i64),
+                payload: Some(Payload::GpuSample(v1::GpuSample {
+                    index: gpu,
+                    uuid: format!("GPU-{node}-{gpu}"),
+                    gpu_util_pct: Some(
+                        ((step as usize * 7 + n * 13 + gpu as usize * 29) % 101) as u32,
+                    ),
+                    temperature_c: Some(40 + (n as u32 + gpu) % 30),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            });
+        }
+    }
+    for k in 0..(2 + n % 3) {
+        let code = XIDS[(n + k) % XIDS.len()];
+        let info = gpulse_xid::catalog::lookup(code).unwrap();
+        out.push(v1::Event {
+            kind: EventKind::Xid as i32,
+            severity: info.severity as i32,
+            time: at(end_ms - 100_000 + (k as i64) * 7_000 + n as i64 * 13),
+            payload: Some(Payload::Xid(v1::Xid {
+                code,
+                pci: format!("0000:{:02x}:00.0", 0x3b + k % 2),
+                gpu_uuid: format!("GPU-{node}-{}", k % 2),
+                message: format!("xid {code} on {node}"),
+                mnemonic: info.mnemonic.into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        });
+    }
+    for k in 0..5 {
+        out.push(v1::Event {
+            kind: EventKind::DriverLog as i32,
+            severity: v1::Severity::Info as i32,
+            time: at(end_ms - 90_000 + k * 11_000 + n as i64),
+            payload: Some(Payload::DriverLog(v1::DriverLog {
+                text: format!("log {k} of {node}"),
+                ..Default::default()
+            })),
+            ..Default::default()
+        });
+    }
+    out.sort_by_key(|e| e.time.as_ref().map(ptime::to_unix_millis));
+    out
+}
+
+struct Fleet {
+    _dir: tempfile::TempDir,
+    shards: Vec<Collector>,
+    reference: Collector,
+    gateway: Gateway,
+    /// Nodes per shard.
+    nodes: Vec<Vec<String>>,
+    window: TimeWindow,
+}
+
+/// Three shards (cluster c1), one reference collector fed the same events, and a gateway.
+fn fleet(rt: &tokio::runtime::Runtime, gateway_args: &[&str]) -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let shards: Vec<Collector> = (0..3)
+        .map(|i| {
+            let shard = format!("s{i}");
+            Collector::start(
+                &dir.path().join(&shard),
+                free_port(),
+                free_port(),
+                &["--fsync", "never", "--cluster", "c1", "--shard", &shard],
+            )
+            .unwrap()
+        })
+        .collect();
+    let reference = Collector::start(
+        &dir.path().join("all"),
+        free_port(),
+        free_port(),
+        &["--fsync", "never"],
+    )
+    .unwrap();
+    let now = ptime::to_unix_millis(&ptime::now());
+    let end = now - now % 60_000;
+    let mut nodes = vec![Vec::new(); 3];
+    for n in 0..7usize {
+        let node = format!("gpu-node-{n}");
+        let evs = node_events(&node, n, end);
+        let shard = n % 3;
+        rt.block_on(ingest_batches(&shards[shard].url(), &node, [evs.clone()]))
+            .unwrap();
+        rt.block_on(ingest_batches(&reference.url(), &node, [evs]))
+            .unwrap();
+        nodes[shard].push(node);
+    }
+    let upstreams: Vec<(&str, String)> = vec![
+        ("s0", shards[0].url()),
+        ("s1", shards[1].url()),
+        ("s2", shards[2].url()),
+    ];
+    let gateway = Gateway::start(dir.path(), &upstreams, gateway_args).unwrap();
+    let window = TimeWindow {
+        since: ptime::rfc3339(&ptime::from_unix_millis(end - 600_000)),
+        until: ptime::rfc3339(&ptime::from_unix_millis(end + 60_000)),
+    };
+    Fleet {
+        _dir: dir,
+        shards,
+        reference,
+        gateway,
+        nodes,
+        window,
+    }
+}
+
+async fn client(url: &str) -> Client {
+    TelemetryClient::connect(url.to_string()).await.unwrap()
+}
+
+/// Every event in the window, paging `limit` at a time: (agent id, seq) in listing order.
+async fn listing(
+    c: &mut Client,
+    w: &TimeWindow,
+    order: Order,
+    limit: u32,
+) -> (Vec<(String, u64)>, bool) {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    let mut partial = false;
+    loop {
+        let r = c
+            .list_events(ListEventsRequest {
+                window: Some(w.clone()),
+                limit,
+                page_token: token.clone(),
+                order: order as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        partial |= r.partial;
+        out.extend(r.events.iter().map(|e| (e.agent_id.clone(), e.seq)));
+        if r.next_page_token.is_empty() {
+            return (out, partial);
+        }
+        token = r.next_page_token;
+        assert!(out.len() < 100_000, "paging does not end");
+    }
+}
+
+fn states(u: &[v1::UpstreamStatus]) -> Vec<(String, UpstreamState)> {
+    u.iter()
+        .map(|u| (u.name.clone(), UpstreamState::try_from(u.state).unwrap()))
+        .collect()
+}
+
+fn trend_req(w: &TimeWindow, agg: Aggregation, group: GroupBy) -> TrendRequest {
+    TrendRequest {
+        metric: "gpu_util_pct".into(),
+        window: Some(w.clone()),
+        aggregation: agg as i32,
+        group_by: group as i32,
+        max_series: 200,
+        ..Default::default()
+    }
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(1.0) || (a.is_nan() && b.is_nan())
+}
+
+#[test]
+fn gateway_answers_equal_one_collector_and_degrade_to_partial_within_the_deadline() {
+    let rt = runtime();
+    let mut f = fleet(
+        &rt,
+        &[
+            "--upstream-timeout",
+            "1s",
+            "--breaker-failures",
+            "2",
+            "--breaker-cooldown",
+            "1s",
+        ],
+    );
+    let w = f.window.clone();
+    rt.block_on(async {
+        let mut g = client(&f.gateway.url()).await;
+        let mut r = client(&f.reference.url()).await;
+
+        // Status: every upstream ok, figures summed.
+        let gs = g.status(StatusRequest {}).await.unwrap().into_inner();
+        let rs = r.status(StatusRequest {}).await.unwrap().into_inner();
+        assert!(!gs.partial);
+        assert_eq!(
+            states(&gs.upstreams),
+            [
+                ("s0".into(), UpstreamState::Ok),
+                ("s1".into(), UpstreamState::Ok),
+                ("s2".into(), UpstreamState::Ok)
+            ]
+        );
+        assert_eq!(gs.events_stored, rs.events_stored);
+
+        // Listings: the same events in the same order, whatever the page size and direction.
+        for order in [Order::NewestFirst, Order::OldestFirst] {
+            let (want, _) = listing(&mut r, &w, order, 1000).await;
+            assert!(want.len() > 200, "{}", want.len());
+            for limit in [1000, 13, 1] {
+                let (got, partial) = listing(&mut g, &w, order, limit).await;
+                assert!(!partial);
+                assert_eq!(got, want, "{order:?} limit {limit}");
+            }
+        }
+
+        // Nodes: every node once, named with its cluster.
+        let nodes = g.nodes(NodesRequest::default()).await.unwrap().into_inner();
+        let names: BTreeSet<String> = nodes.nodes.iter().map(|n| n.node.clone()).collect();
+        assert_eq!(names.len(), 7);
+        assert!(nodes.nodes.iter().all(|n| n.cluster == "c1"));
+
+        // Summaries and XID groups count the same.
+        let req = SummarizeRequest {
+            window: Some(w.clone()),
+            filter: None,
+        };
+        let gsum = g.summarize(req.clone()).await.unwrap().into_inner();
+        let rsum = r.summarize(req).await.unwrap().into_inner();
+        assert_eq!(gsum.total_matched, rsum.total_matched);
+        assert_eq!(gsum.kinds, rsum.kinds);
+        assert_eq!(gsum.xids, rsum.xids);
+        assert_eq!(gsum.top_nodes, rsum.top_nodes);
+        assert_eq!(gsum.incidents_total, rsum.incidents_total);
+        for by in [XidGrouping::Code, XidGrouping::Node, XidGrouping::Gpu] {
+            let req = XidGroupsRequest {
+                window: Some(w.clone()),
+                group_by: by as i32,
+                top: 5,
+                ..Default::default()
+            };
+            let a = g.xid_groups(req.clone()).await.unwrap().into_inner();
+            let b = r.xid_groups(req).await.unwrap().into_inner();
+            let key = |x: &v1::XidGroupsResponse| -> Vec<(String, u64)> {
+                x.groups.iter().map(|g| (g.key.clone(), g.count)).collect()
+            };
+            assert_eq!(key(&a), key(&b), "{by:?}");
+            assert_eq!(a.other_count, b.other_count, "{by:?}");
+        }
+
+        // Trends: per GPU and fleet-wide, avg/min/max/last exactly as one collector has them.
+        for group in [GroupBy::Gpu, GroupBy::Node, GroupBy::Fleet] {
+            for agg in [
+                Aggregation::Avg,
+                Aggregation::Min,
+                Aggregation::Max,
+                Aggregation::Last,
+            ] {
+                let a = g
+                    .trend(trend_req(&w, agg, group))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let b = r
+                    .trend(trend_req(&w, agg, group))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(a.step_seconds, b.step_seconds);
+                assert_eq!(a.series.len(), b.series.len(), "{group:?} {agg:?}");
+                for (x, y) in a.series.iter().zip(&b.series) {
+                    assert_eq!((&x.node, x.gpu_index), (&y.node, y.gpu_index));
+                    let pts = |s: &v1::TrendSeries| -> Vec<(i64, f64, u64)> {
+                        s.points
+                            .iter()
+                            .map(|p| {
+                                (
+                                    p.time.as_ref().map(ptime::to_unix_millis).unwrap(),
+                                    p.value,
+                                    p.samples,
+                                )
+                            })
+                            .collect()
+                    };
+                    let (px, py) = (pts(x), pts(y));
+                    assert_eq!(px.len(), py.len(), "{group:?} {agg:?} {}", x.node);
+                    for (p, q) in px.iter().zip(&py) {
+                        assert!(
+                            p.0 == q.0 && p.2 == q.2 && close(p.1, q.1),
+                            "{group:?} {agg:?}: {p:?} vs {q:?}"
+                        );
+                    }
+                    let (sx, sy) = (x.stats.unwrap(), y.stats.unwrap());
+                    assert!(
+                        close(sx.avg, sy.avg)
+                            && sx.min == sy.min
+                            && sx.max == sy.max
+                            && sx.last == sy.last
+                            && sx.samples == sy.samples,
+                        "{group:?} {agg:?}: {sx:?} vs {sy:?}"
+                    );
+                }
+                assert!(!a.approximate, "{group:?} {agg:?}");
+            }
+        }
+    });
+
+    // The CLI through the gateway says where the answer came from.
+    let out = Command::new(bin("gpulse"))
+        .args([
+            "events",
+            "--collector",
+            &f.gateway.url(),
+            "--json",
+            "--since",
+            "1h",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["partial"], false);
+    assert_eq!(v["upstreams"].as_array().unwrap().len(), 3);
+
+    // One shard killed: answers from the other two, partial, the dead one named as an error.
+    f.shards[2].proc.kill9();
+    let on_s2: u64 = f.nodes[2].len() as u64;
+    rt.block_on(async {
+        let mut g = client(&f.gateway.url()).await;
+        let t = Instant::now();
+        let nodes = g.nodes(NodesRequest::default()).await.unwrap().into_inner();
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(nodes.partial);
+        assert_eq!(nodes.nodes.len() as u64, 7 - on_s2);
+        let st = states(&nodes.upstreams);
+        assert_eq!(
+            st[2],
+            ("s2".into(), UpstreamState::Error),
+            "{:?}",
+            nodes.upstreams
+        );
+        assert!(!nodes.upstreams[2].reason.is_empty());
+        let (events, partial) = listing(&mut g, &w, Order::NewestFirst, 50).await;
+        assert!(partial);
+        assert!(
+            events
+                .iter()
+                .all(|(a, _)| !f.nodes[2].iter().any(|n| a.starts_with(n.as_str())))
+        );
+    });
+    let out = Command::new(bin("gpulse"))
+        .args(["nodes", "--collector", &f.gateway.url(), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["partial"], true);
+    // By now s2 failed often enough for its circuit to open.
+    let s2 = last["upstreams"][2]["state"].as_str().unwrap().to_string();
+    assert!(s2 == "error" || s2 == "circuit_open", "{last}");
+
+    // One shard frozen: its calls time out at the deadline, then its circuit opens (answers
+    // come at once), and closes again once it answers.
+    freeze(&f.shards[1].proc, true);
+    rt.block_on(async {
+        let mut g = client(&f.gateway.url()).await;
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let t = Instant::now();
+            let s = g
+                .summarize(SummarizeRequest {
+                    window: Some(w.clone()),
+                    filter: None,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let took = t.elapsed();
+            assert!(
+                took < Duration::from_millis(2500),
+                "{took:?}: a frozen shard held the answer"
+            );
+            assert!(s.partial);
+            let st = states(&s.upstreams)[1].1;
+            seen.push((st, took));
+            assert_eq!(s.total_matched > 0, true);
+        }
+        assert_eq!(seen[0].0, UpstreamState::Timeout, "{seen:?}");
+        assert!(seen[0].1 >= Duration::from_millis(900), "{seen:?}");
+        assert_eq!(seen[3].0, UpstreamState::CircuitOpen, "{seen:?}");
+        assert!(seen[3].1 < Duration::from_millis(500), "{seen:?}");
+    });
+    freeze(&f.shards[1].proc, false);
+    rt.block_on(async {
+        let mut g = client(&f.gateway.url()).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = g.status(StatusRequest {}).await.unwrap().into_inner();
+            if states(&s.upstreams)[1].1 == UpstreamState::Ok {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "s1 did not come back: {:?}",
+                s.upstreams
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let metrics = http_get(f.gateway.http_port, "/metrics").unwrap().1;
+    assert!(
+        value_of_metric(&metrics, "gpulse_gateway_upstream_calls_total{result=\"circuit_open\",rpc=\"Summarize\",upstream=\"s1\"}")
+            .unwrap_or(0.0)
+            >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        value_of_metric(
+            &metrics,
+            "gpulse_gateway_partial_answers_total{rpc=\"Nodes\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+
+    // Every upstream gone: the call fails as a whole, saying why for each.
+    f.shards[0].proc.kill9();
+    f.shards[1].proc.kill9();
+    rt.block_on(async {
+        let mut g = client(&f.gateway.url()).await;
+        let e = g.nodes(NodesRequest::default()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(
+            e.message().contains("s0") && e.message().contains("s2"),
+            "{}",
+            e.message()
+        );
+    });
+    assert_eq!(http_get(f.gateway.http_port, "/readyz").unwrap().0, 503);
+    assert!(f.gateway.proc.term().is_some_and(|s| s.success()));
+}
