@@ -630,3 +630,44 @@ pub fn proc_status_kib(pid: u32, key: &str) -> anyhow::Result<u64> {
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("{key} missing"))
 }
+
+/// Sends a GPU sample and an XID 79 for `node` over gRPC (what the MCP client checks for, without
+/// the kernel).
+pub fn feed_over_grpc(url: &str, node: &str) -> anyhow::Result<()> {
+    let now = gpulse_proto::time::now();
+    let sample = gpulse_proto::v1::Event {
+        kind: gpulse_proto::v1::EventKind::GpuSample as i32,
+        severity: gpulse_proto::v1::Severity::Info as i32,
+        time: Some(now),
+        payload: Some(gpulse_proto::v1::event::Payload::GpuSample(
+            gpulse_proto::v1::GpuSample {
+                index: 0,
+                uuid: "GPU-11111111-2222-3333-4444-555555555555".into(),
+                pci: "0000:3b:00.0".into(),
+                name: "NVIDIA H100 80GB HBM3".into(),
+                gpu_util_pct: Some(97),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    };
+    let info = gpulse_xid::catalog::lookup(79).context("XID 79 not in the catalog")?;
+    let xid = gpulse_proto::v1::Event {
+        kind: gpulse_proto::v1::EventKind::Xid as i32,
+        severity: gpulse_proto::v1::Severity::Fatal as i32,
+        time: Some(now),
+        payload: Some(gpulse_proto::v1::event::Payload::Xid(
+            gpulse_proto::v1::Xid {
+                code: 79,
+                pci: "0000:3b:00.0".into(),
+                gpu_uuid: "GPU-11111111-2222-3333-4444-555555555555".into(),
+                message: "GPU has fallen off the bus.".into(),
+                mnemonic: info.mnemonic.into(),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    };
+    runtime().block_on(ingest_batches(url, node, [vec![sample, xid]]))?;
+    Ok(())
+}

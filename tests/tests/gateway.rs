@@ -15,7 +15,7 @@ use gpulse_e2e::*;
 use gpulse_proto::{
     time as ptime,
     v1::{
-        self, Aggregation, EventFilter, EventKind, GroupBy, ListEventsRequest, NodesRequest, Order,
+        self, Aggregation, EventKind, GroupBy, ListEventsRequest, NodesRequest, Order,
         StatusRequest, SummarizeRequest, TimeWindow, TrendRequest, UpstreamState, XidGrouping,
         XidGroupsRequest, event::Payload, telemetry_client::TelemetryClient,
     },
@@ -486,4 +486,247 @@ fn gateway_answers_equal_one_collector_and_degrade_to_partial_within_the_deadlin
     });
     assert_eq!(http_get(f.gateway.http_port, "/readyz").unwrap().0, 503);
     assert!(f.gateway.proc.term().is_some_and(|s| s.success()));
+}
+
+fn logs(n: usize, tag: &str) -> Vec<v1::Event> {
+    (0..n)
+        .map(|i| v1::Event {
+            kind: EventKind::DriverLog as i32,
+            severity: v1::Severity::Info as i32,
+            time: Some(ptime::now()),
+            payload: Some(Payload::DriverLog(v1::DriverLog {
+                text: format!("{tag} {i}"),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// Reads a merged stream until `want` events arrived (or `within` passed): the events' (agent
+/// id, seq), the upstream notes, and the last resume token.
+async fn read_stream(
+    s: &mut tonic::Streaming<v1::SubscribeResponse>,
+    want: usize,
+    within: Duration,
+) -> (Vec<(String, u64)>, Vec<(String, UpstreamState)>, String) {
+    let (mut events, mut notes, mut token) = (Vec::new(), Vec::new(), String::new());
+    let deadline = tokio::time::Instant::now() + within;
+    while events.len() < want {
+        let m = match tokio::time::timeout_at(deadline, s.message()).await {
+            Ok(Ok(Some(m))) => m,
+            _ => break,
+        };
+        token = m.resume_token.clone();
+        match m.msg {
+            Some(v1::subscribe_response::Msg::Event(e)) => events.push((e.agent_id, e.seq)),
+            Some(v1::subscribe_response::Msg::Upstream(u)) => {
+                notes.push((u.name, UpstreamState::try_from(u.state).unwrap()))
+            }
+            _ => {}
+        }
+    }
+    (events, notes, token)
+}
+
+#[test]
+fn subscribe_through_the_gateway_across_a_shard_restart_and_resume() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let mut shards: Vec<Collector> = (0..3)
+        .map(|i| {
+            Collector::start(
+                &dir.path().join(format!("s{i}")),
+                free_port(),
+                free_port(),
+                &[],
+            )
+            .unwrap()
+        })
+        .collect();
+    let ups: Vec<(&str, String)> = vec![
+        ("s0", shards[0].url()),
+        ("s1", shards[1].url()),
+        ("s2", shards[2].url()),
+    ];
+    let gw = Gateway::start(dir.path(), &ups, &["--upstream-timeout", "1s"]).unwrap();
+    rt.block_on(async {
+        let mut g = client(&gw.url()).await;
+        let mut stream = g
+            .subscribe(v1::SubscribeRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        // The stream is open on every shard before anything is sent (each follower starts
+        // after its shard's newest cursor).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for (i, s) in shards.iter().enumerate() {
+            ingest_batches(&s.url(), &format!("live-{i}"), [logs(10, "first")])
+                .await
+                .unwrap();
+        }
+        let (mut seen, _, _) = read_stream(&mut stream, 30, Duration::from_secs(10)).await;
+        assert_eq!(seen.len(), 30, "{seen:?}");
+
+        // s1 restarts: the stream says it left and came back, and what s1 stores after (and
+        // while the gateway had not yet reconnected) arrives, once.
+        let s1_dir = shards[1].data_dir.clone();
+        let (gp, hp) = (shards[1].grpc_port, shards[1].http_port);
+        shards[1].proc.term();
+        let (_, notes, _) = read_stream(&mut stream, 1, Duration::from_secs(3)).await;
+        assert!(
+            notes.contains(&("s1".into(), UpstreamState::Error)),
+            "{notes:?}"
+        );
+        shards[1] = Collector::start(&s1_dir, gp, hp, &[]).unwrap();
+        ingest_batches(&shards[1].url(), "after-restart", [logs(10, "second")])
+            .await
+            .unwrap();
+        let (more, notes, token) = read_stream(&mut stream, 10, Duration::from_secs(15)).await;
+        assert_eq!(more.len(), 10, "{more:?} {notes:?}");
+        assert!(
+            more.iter().all(|(a, _)| a == "after-restart/ingest"),
+            "{more:?}"
+        );
+        seen.extend(more);
+        let unique: BTreeSet<_> = seen.iter().cloned().collect();
+        assert_eq!(unique.len(), seen.len(), "an event came twice");
+        assert!(!token.is_empty());
+
+        // Gone for a while, back with the last token: exactly what was missed.
+        drop(stream);
+        ingest_batches(&shards[0].url(), "while-away-0", [logs(5, "away")])
+            .await
+            .unwrap();
+        ingest_batches(&shards[2].url(), "while-away-2", [logs(5, "away")])
+            .await
+            .unwrap();
+        let mut stream = g
+            .subscribe(v1::SubscribeRequest {
+                resume_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let (missed, _, _) = read_stream(&mut stream, 11, Duration::from_secs(3)).await;
+        assert_eq!(missed.len(), 10, "{missed:?}");
+        assert!(
+            missed.iter().all(|(a, _)| a.starts_with("while-away-")),
+            "{missed:?}"
+        );
+        // A collector's cursor means nothing through a gateway (0 = everything retained).
+        let e = g
+            .subscribe(v1::SubscribeRequest {
+                after_cursor: Some(5),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    });
+    // SIGTERM ends the merged streams and the gateway within seconds.
+    let t = Instant::now();
+    let mut gw = gw;
+    assert!(gw.proc.term().is_some_and(|s| s.success()));
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+}
+
+#[test]
+fn a_gateway_of_gateways_names_every_level_and_serves_mcp() {
+    let python = python_venv("mcp", &["mcp==2.3.0"]).unwrap();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c1: Vec<Collector> = (0..2)
+        .map(|i| {
+            let shard = format!("s{i}");
+            Collector::start(
+                &dir.path().join(format!("c1-{shard}")),
+                free_port(),
+                free_port(),
+                &["--cluster", "c1", "--shard", &shard],
+            )
+            .unwrap()
+        })
+        .collect();
+    let c2 = Collector::start(
+        &dir.path().join("c2"),
+        free_port(),
+        free_port(),
+        &["--cluster", "c2"],
+    )
+    .unwrap();
+    for (i, c) in c1.iter().enumerate() {
+        rt.block_on(ingest_batches(&c.url(), &format!("a-{i}"), [logs(3, "c1")]))
+            .unwrap();
+    }
+    feed_over_grpc(&c2.url(), "b-0").unwrap();
+    let g1 = Gateway::start(
+        dir.path(),
+        &[("s0", c1[0].url()), ("s1", c1[1].url())],
+        &["--upstream-timeout", "1s"],
+    )
+    .unwrap();
+    let top = Gateway::start(
+        dir.path(),
+        &[("c1", g1.url()), ("c2", c2.url())],
+        &["--upstream-timeout", "3s"],
+    )
+    .unwrap();
+    rt.block_on(async {
+        let mut g = client(&top.url()).await;
+        let r = g.nodes(NodesRequest::default()).await.unwrap().into_inner();
+        let got: Vec<(String, String)> = r
+            .nodes
+            .iter()
+            .map(|n| (n.cluster.clone(), n.node.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("c1".into(), "a-0".into()),
+                ("c1".into(), "a-1".into()),
+                ("c2".into(), "b-0".into())
+            ]
+        );
+        let names: Vec<String> = r.upstreams.iter().map(|u| u.name.clone()).collect();
+        assert_eq!(names, ["c1", "c1/s0", "c1/s1", "c2"]);
+        assert!(!r.partial);
+        let (events, _) = listing(
+            &mut g,
+            &TimeWindow {
+                since: "1h".into(),
+                until: String::new(),
+            },
+            Order::OldestFirst,
+            2,
+        )
+        .await;
+        assert_eq!(events.len(), 3 + 3 + 2, "{events:?}");
+    });
+    // MCP against the top gateway, with the official Python client.
+    let http = format!("http://127.0.0.1:{}/mcp", top.http_port);
+    let out = Command::new(&python)
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/mcp_client.py"))
+        .args(["--http", &http, "--mode", "auto", "--node", "b-0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mcp_client.py against the gateway:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A shard of the inner gateway down: the outer answer is partial and names it by its path.
+    c1[1].proc.kill9();
+    rt.block_on(async {
+        let mut g = client(&top.url()).await;
+        let r = g.nodes(NodesRequest::default()).await.unwrap().into_inner();
+        assert!(r.partial);
+        let st = states(&r.upstreams);
+        assert_eq!(st[0], ("c1".into(), UpstreamState::Ok));
+        assert_eq!(st[2].0, "c1/s1");
+        assert_ne!(st[2].1, UpstreamState::Ok);
+        assert_eq!(r.nodes.len(), 2);
+    });
 }

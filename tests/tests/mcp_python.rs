@@ -14,7 +14,7 @@ use std::{
 };
 
 use gpulse_e2e::*;
-use gpulse_proto::v1::{self, EventFilter, EventKind, event::Payload};
+use gpulse_proto::v1::{EventFilter, EventKind};
 
 const MCP_PACKAGE: &str = "mcp==2.3.0";
 const TOKEN: &str = "test-token-0123456789abcdef";
@@ -24,43 +24,6 @@ fn script() -> String {
         .join("mcp/mcp_client.py")
         .display()
         .to_string()
-}
-
-/// Sends GPU samples and an XID 79 for `node` over gRPC (the non-root path).
-fn feed_over_grpc(url: &str, node: &str) {
-    let now = gpulse_proto::time::now();
-    let sample = v1::Event {
-        kind: EventKind::GpuSample as i32,
-        severity: v1::Severity::Info as i32,
-        time: Some(now),
-        payload: Some(Payload::GpuSample(v1::GpuSample {
-            index: 0,
-            uuid: "GPU-11111111-2222-3333-4444-555555555555".into(),
-            pci: "0000:3b:00.0".into(),
-            name: "NVIDIA H100 80GB HBM3".into(),
-            gpu_util_pct: Some(97),
-            ..Default::default()
-        })),
-        ..Default::default()
-    };
-    let info = gpulse_xid::catalog::lookup(79).unwrap();
-    let xid = v1::Event {
-        kind: EventKind::Xid as i32,
-        severity: v1::Severity::Fatal as i32,
-        time: Some(now),
-        payload: Some(Payload::Xid(v1::Xid {
-            code: 79,
-            pci: "0000:3b:00.0".into(),
-            gpu_uuid: "GPU-11111111-2222-3333-4444-555555555555".into(),
-            message: "GPU has fallen off the bus.".into(),
-            mnemonic: info.mnemonic.into(),
-            ..Default::default()
-        })),
-        ..Default::default()
-    };
-    runtime()
-        .block_on(ingest_batches(url, node, [vec![sample, xid]]))
-        .unwrap();
 }
 
 /// Starts an agent with the fake NVML and writes an XID 79 to /dev/kmsg (the root path).
@@ -179,7 +142,7 @@ fn python_mcp_client_over_http_and_stdio_in_both_eras() {
         Some(feed_through_pipeline(&c.url(), &node, dir.path()))
     } else {
         eprintln!("not root: feeding the collector over gRPC instead of through the kernel");
-        feed_over_grpc(&c.url(), &node);
+        feed_over_grpc(&c.url(), &node).unwrap();
         None
     };
     let http = format!("http://127.0.0.1:{h}/mcp");
@@ -291,7 +254,7 @@ fn python_mcp_client_with_an_oauth_access_token() {
     )
     .unwrap();
     let node = marker("mcp-oauth");
-    feed_over_grpc(&c.url(), &node);
+    feed_over_grpc(&c.url(), &node).unwrap();
 
     let (code, body) = http_get(h, "/.well-known/oauth-protected-resource/mcp").unwrap();
     assert_eq!(code, 200, "{body}");

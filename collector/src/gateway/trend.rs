@@ -219,7 +219,11 @@ impl Trend {
                         min: s.stats.min,
                         max: s.stats.max,
                         avg: s.stats.sum / s.stats.samples.max(1) as f64,
-                        p95: if agg == Aggregation::P95 { s.p95 } else { f64::NAN },
+                        p95: if agg == Aggregation::P95 {
+                            s.p95
+                        } else {
+                            f64::NAN
+                        },
                         last: s.stats.last,
                         samples: s.stats.samples,
                         last_time: (s.stats.last_ms != i64::MIN)
