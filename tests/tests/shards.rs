@@ -2,7 +2,8 @@
 //! against three collector processes. The node's first-ranked shard (rendezvous hashing) gets its
 //! events; killed, the agent fails over to the next-ranked one; restarted, the agent returns to it.
 //! Across the three shards every seq is stored (0 lost), merged by (agent id, seq) nothing shows
-//! twice, and no shard records a loss for seqs another shard holds.
+//! twice, no shard records a loss for seqs another shard holds, and a gateway over the three
+//! lists every seq exactly once.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
@@ -204,4 +205,26 @@ fn failover_to_the_next_shard_and_back_loses_and_duplicates_nothing() {
         0,
         "the third shard saw nothing"
     );
+
+    // Through a gateway over the three shards: the merged listing has every seq exactly once
+    // (a copy two shards hold is listed once), in order.
+    let gw = Gateway::start(
+        dir.path(),
+        &[
+            ("s0", urls[0].clone()),
+            ("s1", urls[1].clone()),
+            ("s2", urls[2].clone()),
+        ],
+        &[],
+    )
+    .unwrap();
+    let merged = rt.block_on(stored(&gw.url()));
+    let logs: Vec<(String, u64)> = merged
+        .iter()
+        .filter(|e| matches!(e.payload, Some(Payload::DriverLog(_))))
+        .map(|e| (e.agent_id.clone(), e.seq))
+        .collect();
+    assert_eq!(logs.len() as u64, seq, "merged through the gateway");
+    let unique: BTreeSet<_> = logs.iter().cloned().collect();
+    assert_eq!(unique.len(), logs.len(), "an event listed twice");
 }
