@@ -286,6 +286,24 @@ pub struct Window {
     pub partial: bool,
 }
 
+/// Where an answer came from. Through a gateway: every upstream asked (a shard, or a cluster as
+/// `cluster` and its shards as `cluster/shard`) and how it did; `partial` when any is missing,
+/// and then the figures leave it out. From a collector: not partial, no upstreams.
+#[derive(Clone, Debug, Default, Serialize, JsonSchema)]
+pub struct Sources {
+    pub partial: bool,
+    pub upstreams: Vec<UpstreamRow>,
+}
+
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+pub struct UpstreamRow {
+    pub name: String,
+    /// ok, error, timeout or circuit_open.
+    pub state: String,
+    pub reason: Option<String>,
+    pub elapsed_ms: u32,
+}
+
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct KindUse {
     pub kind: String,
@@ -328,6 +346,8 @@ pub struct CollectorStatus {
     pub history_tiers: Vec<TierUse>,
     pub dropped_events: DroppedEvents,
     pub hints: Vec<String>,
+    #[serde(flatten)]
+    pub sources: Sources,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -364,6 +384,8 @@ pub struct ListNodes {
     pub truncated: bool,
     pub next_cursor: Option<String>,
     pub hints: Vec<String>,
+    #[serde(flatten)]
+    pub sources: Sources,
 }
 
 #[derive(Debug, Default, Serialize, JsonSchema)]
@@ -423,6 +445,8 @@ pub struct EventsSummary {
     /// More events matched than were summarised (the first 20,000).
     pub truncated: bool,
     pub hints: Vec<String>,
+    #[serde(flatten)]
+    pub sources: Sources,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -452,6 +476,8 @@ pub struct ListEvents {
     pub truncated_reason: Option<String>,
     pub next_cursor: Option<String>,
     pub hints: Vec<String>,
+    #[serde(flatten)]
+    pub sources: Sources,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -479,6 +505,8 @@ pub struct XidSummary {
     pub other_count: u64,
     pub truncated: bool,
     pub hints: Vec<String>,
+    #[serde(flatten)]
+    pub sources: Sources,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -534,6 +562,8 @@ pub struct MetricTrend {
     pub series_aggregated: bool,
     pub truncated: bool,
     pub hints: Vec<String>,
+    #[serde(flatten)]
+    pub sources: Sources,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -595,6 +625,8 @@ pub struct DescribeNode {
     pub recent_events: Vec<EventRow>,
     pub xid_count_window: u64,
     pub hints: Vec<String>,
+    #[serde(flatten)]
+    pub sources: Sources,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -605,4 +637,6 @@ pub struct ListProcesses {
     pub truncated: bool,
     pub next_cursor: Option<String>,
     pub hints: Vec<String>,
+    #[serde(flatten)]
+    pub sources: Sources,
 }

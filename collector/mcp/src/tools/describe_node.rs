@@ -8,11 +8,11 @@ use gpulse_proto::v1::{
 };
 use rmcp::{Json, handler::server::wrapper::Parameters, tool, tool_router};
 
-use super::{fit, kinds, list_gpu_processes::process_row, opt, row, ts, tw, window_of};
+use super::{fit, kinds, list_gpu_processes::process_row, opt, row, stamp, ts, tw, window_of};
 use crate::{
     GpulseMcp,
     source::explain,
-    types::{AgentInfo, DescribeNode, DescribeNodeArgs, GpuLatest, NodeGpu, ProcessRow},
+    types::{AgentInfo, DescribeNode, DescribeNodeArgs, GpuLatest, NodeGpu, ProcessRow, Sources},
 };
 
 /// Running processes listed at most.
@@ -192,6 +192,7 @@ impl GpulseMcp {
             recent_events,
             xid_count_window: xids.total_matched,
             hints: hints(&n, recent.hints),
+            sources: Default::default(),
         };
         if fit(
             &mut out,
@@ -206,6 +207,9 @@ impl GpulseMcp {
                 |o, k| o.processes.truncate(k),
             );
         }
+        let mut sources = Sources::of(&recent.upstreams, recent.partial);
+        sources.add(Sources::of(&xids.upstreams, xids.partial));
+        stamp(sources, &mut out.sources, &mut out.hints);
         Ok(Json(out))
     }
 }

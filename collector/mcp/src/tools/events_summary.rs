@@ -6,10 +6,10 @@ use gpulse_proto::{
 };
 use rmcp::{Json, handler::server::wrapper::Parameters, tool, tool_router};
 
-use super::{clip, fit, kinds, ts, tw, window_of, xid_name};
+use super::{clip, fit, kinds, stamp, ts, tw, window_of, xid_name};
 use crate::{
     GpulseMcp,
-    types::{EventsSummary, EventsSummaryArgs, Incident, KindCounts, TopNode, TopXid},
+    types::{EventsSummary, EventsSummaryArgs, Incident, KindCounts, Sources, TopNode, TopXid},
 };
 
 const TOP_XIDS: usize = 10;
@@ -119,6 +119,7 @@ impl GpulseMcp {
             incidents: s.incidents.iter().map(incident).collect(),
             truncated: s.truncated,
             hints,
+            sources: Default::default(),
         };
         if fit(
             &mut out,
@@ -129,6 +130,11 @@ impl GpulseMcp {
         {
             out.truncated = true;
         }
+        stamp(
+            Sources::of(&s.upstreams, s.partial),
+            &mut out.sources,
+            &mut out.hints,
+        );
         Ok(Json(out))
     }
 }

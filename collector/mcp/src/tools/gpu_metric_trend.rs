@@ -5,10 +5,10 @@ use gpulse_proto::{
 };
 use rmcp::{Json, handler::server::wrapper::Parameters, tool, tool_router};
 
-use super::{arg_name, fit, limit, opt, tw, window_of, wire};
+use super::{arg_name, fit, limit, opt, stamp, tw, window_of, wire};
 use crate::{
     GpulseMcp,
-    types::{MetricTrend, Stats, TrendArgs, TrendSeriesOut},
+    types::{MetricTrend, Sources, Stats, TrendArgs, TrendSeriesOut},
 };
 
 fn series_out(s: &v1::TrendSeries, include_points: bool) -> TrendSeriesOut {
@@ -93,12 +93,18 @@ impl GpulseMcp {
             series,
             truncated: false,
             hints,
+            sources: Default::default(),
         };
         if let Some(reason) = fit(&mut out, |o| o.series.len(), |o, n| o.series.truncate(n)) {
             out.truncated = true;
             out.hints
                 .push(format!("{reason}; lower max_points or max_series"));
         }
+        stamp(
+            Sources::of(&r.upstreams, r.partial),
+            &mut out.sources,
+            &mut out.hints,
+        );
         Ok(Json(out))
     }
 }

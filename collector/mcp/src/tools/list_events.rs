@@ -3,11 +3,11 @@ use gpulse_proto::v1::{self, EventFilter, ListEventsRequest, Order};
 use rmcp::{Json, handler::server::wrapper::Parameters, tool, tool_router};
 use tonic::Code;
 
-use super::{fit, kinds, limit, one, opt, row, tw, window_of, wire};
+use super::{fit, kinds, limit, one, opt, row, stamp, tw, window_of, wire};
 use crate::{
     GpulseMcp,
     source::explain,
-    types::{ListEvents, ListEventsArgs},
+    types::{ListEvents, ListEventsArgs, Sources},
 };
 
 #[tool_router(router = list_events_router, vis = "pub(crate)")]
@@ -61,6 +61,7 @@ impl GpulseMcp {
             truncated_reason: None,
             next_cursor: opt(&r.next_page_token),
             hints,
+            sources: Default::default(),
         };
         if let Some(reason) = fit(&mut out, |o| o.events.len(), |o, n| o.events.truncate(n)) {
             // The page token continues after the last event the collector returned; a cut page
@@ -68,6 +69,11 @@ impl GpulseMcp {
             out.truncated = true;
             out.truncated_reason = Some(format!("{reason}; ask again with a smaller limit"));
         }
+        stamp(
+            Sources::of(&r.upstreams, r.partial),
+            &mut out.sources,
+            &mut out.hints,
+        );
         Ok(Json(out))
     }
 }
@@ -142,6 +148,46 @@ mod tests {
         );
         assert_eq!(v["next_cursor"], "e1.ab");
         assert!(v["truncated"].as_bool().unwrap());
+    }
+
+    /// Through a gateway with a shard missing: the answer says so in structured output and in
+    /// its first hint.
+    #[tokio::test]
+    async fn a_partial_answer_names_the_missing_upstream() {
+        let s = Session::new(Answers {
+            list: v1::ListEventsResponse {
+                window: window(),
+                events: vec![xid()],
+                total_matched: 1,
+                partial: true,
+                upstreams: vec![
+                    v1::UpstreamStatus {
+                        name: "s0".into(),
+                        state: v1::UpstreamState::Ok as i32,
+                        reason: String::new(),
+                        elapsed_ms: 3,
+                    },
+                    v1::UpstreamStatus {
+                        name: "s1".into(),
+                        state: v1::UpstreamState::Timeout as i32,
+                        reason: "no answer within 3000 ms".into(),
+                        elapsed_ms: 3000,
+                    },
+                ],
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await;
+        let v = s.ok("list_events", json!({})).await;
+        assert_eq!(v["partial"], true);
+        assert_eq!(v["upstreams"][1]["name"], "s1");
+        assert_eq!(v["upstreams"][1]["state"], "timeout");
+        let first = v["hints"][0].as_str().unwrap();
+        assert!(
+            first.starts_with("partial answer: s1 (timeout: no answer within 3000 ms)"),
+            "{first}"
+        );
     }
 
     #[tokio::test]

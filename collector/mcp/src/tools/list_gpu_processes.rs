@@ -2,10 +2,10 @@
 use gpulse_proto::v1::{self, ProcessState, ProcessesRequest};
 use rmcp::{Json, handler::server::wrapper::Parameters, tool, tool_router};
 
-use super::{fit, limit, offset_cursor, one, opt, pod_name, ts, tw, window_of, wire};
+use super::{fit, limit, offset_cursor, one, opt, pod_name, stamp, ts, tw, window_of, wire};
 use crate::{
     GpulseMcp,
-    types::{ListProcesses, ListProcessesArgs, ProcessRow},
+    types::{ListProcesses, ListProcessesArgs, ProcessRow, Sources},
 };
 
 pub(crate) fn process_row(p: &v1::ProcessInfo) -> ProcessRow {
@@ -73,6 +73,7 @@ impl GpulseMcp {
             total_matched: total as u32,
             next_cursor: next,
             hints,
+            sources: Default::default(),
         };
         if fit(
             &mut out,
@@ -84,6 +85,11 @@ impl GpulseMcp {
             out.truncated = true;
             out.next_cursor = Some(format!("o1.{}", offset + out.processes.len()));
         }
+        stamp(
+            Sources::of(&r.upstreams, r.partial),
+            &mut out.sources,
+            &mut out.hints,
+        );
         Ok(Json(out))
     }
 }

@@ -2,10 +2,10 @@
 use gpulse_proto::v1;
 use rmcp::{Json, handler::server::wrapper::Parameters, tool, tool_router};
 
-use super::{fit, limit, next_offset, offset_cursor, ts, tw, window_of};
+use super::{fit, limit, next_offset, offset_cursor, stamp, ts, tw, window_of};
 use crate::{
     GpulseMcp,
-    types::{ListNodes, ListNodesArgs, NodeRow},
+    types::{ListNodes, ListNodesArgs, NodeRow, Sources},
 };
 
 /// `critical` with error or fatal XIDs in the window, `warning` with any XID or no connected
@@ -111,11 +111,17 @@ impl GpulseMcp {
             total_matched: total as u32,
             next_cursor: next,
             hints,
+            sources: Default::default(),
         };
         if fit(&mut out, |o| o.nodes.len(), |o, n| o.nodes.truncate(n)).is_some() {
             out.truncated = true;
             out.next_cursor = Some(format!("o1.{}", offset + out.nodes.len()));
         }
+        stamp(
+            Sources::of(&r.upstreams, r.partial),
+            &mut out.sources,
+            &mut out.hints,
+        );
         Ok(Json(out))
     }
 }

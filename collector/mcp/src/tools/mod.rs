@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::{
     GpulseMcp,
-    types::{EventRow, Kind, Window},
+    types::{EventRow, Kind, Sources, UpstreamRow, Window},
 };
 
 pub use xid::xid_info;
@@ -51,6 +51,65 @@ pub(crate) fn router() -> Router {
         ));
     }
     r
+}
+
+impl Sources {
+    /// An answer's upstreams and partial flag.
+    pub fn of(upstreams: &[v1::UpstreamStatus], partial: bool) -> Self {
+        Self {
+            partial,
+            upstreams: upstreams
+                .iter()
+                .map(|u| UpstreamRow {
+                    name: u.name.clone(),
+                    state: v1::UpstreamState::name_of(u.state).to_string(),
+                    reason: opt(&u.reason),
+                    elapsed_ms: u.elapsed_ms,
+                })
+                .collect(),
+        }
+    }
+
+    /// Adds another call's sources (a tool that makes several): partial if any was, each
+    /// upstream as it did at worst.
+    pub fn add(&mut self, o: Sources) {
+        self.partial |= o.partial;
+        for u in o.upstreams {
+            match self.upstreams.iter_mut().find(|x| x.name == u.name) {
+                Some(x) if x.state == "ok" => *x = u,
+                Some(_) => {}
+                None => self.upstreams.push(u),
+            }
+        }
+    }
+
+    /// The hint a partial answer carries first: which upstreams are missing and why.
+    pub fn note(&self, hints: &mut Vec<String>) {
+        if self.partial {
+            let missing: Vec<String> = self
+                .upstreams
+                .iter()
+                .filter(|u| u.state != "ok")
+                .map(|u| match &u.reason {
+                    Some(r) => format!("{} ({}: {r})", u.name, u.state),
+                    None => format!("{} ({})", u.name, u.state),
+                })
+                .collect();
+            hints.insert(
+                0,
+                format!(
+                    "partial answer: {} did not answer; figures leave them out",
+                    missing.join(", ")
+                ),
+            );
+        }
+    }
+}
+
+/// Sets an answer's sources and puts the partial note first among its hints.
+fn stamp(sources: Sources, out_sources: &mut Sources, hints: &mut Vec<String>) {
+    sources.note(hints);
+    *out_sources = sources;
 }
 
 fn ts(t: &Option<prost_types::Timestamp>) -> Option<String> {

@@ -9,7 +9,7 @@ use rmcp::{Json, tool, tool_router};
 use super::ts;
 use crate::{
     GpulseMcp,
-    types::{CollectorStatus, DroppedEvents, KindUse, RingUse, TierUse},
+    types::{CollectorStatus, DroppedEvents, KindUse, RingUse, Sources, TierUse},
 };
 
 #[tool_router(router = status_router, vis = "pub(crate)")]
@@ -22,6 +22,8 @@ impl GpulseMcp {
         let s = self.source.status().await?;
         let nodes = self.source.nodes(None).await?;
         let mut hints = Vec::new();
+        let mut sources = Sources::of(&s.upstreams, s.partial);
+        sources.add(Sources::of(&nodes.upstreams, nodes.partial));
         if s.agents_connected == 0 {
             hints.push("no agent is connected: data is not being refreshed".to_string());
         }
@@ -74,7 +76,11 @@ impl GpulseMcp {
                 samples_out_of_order: s.samples_out_of_order,
                 samples_gpus_refused: s.samples_gpus_refused,
             },
-            hints,
+            hints: {
+                sources.note(&mut hints);
+                hints
+            },
+            sources,
         }))
     }
 }

@@ -7,10 +7,10 @@ use gpulse_proto::{
 use gpulse_xid::catalog;
 use rmcp::{Json, handler::server::wrapper::Parameters, tool, tool_router};
 
-use super::{fit, limit, one, recommended, ts, tw, window_of, wire, xid_name};
+use super::{fit, limit, one, recommended, stamp, ts, tw, window_of, wire, xid_name};
 use crate::{
     GpulseMcp,
-    types::{DescribeXidArgs, XidGroupRow, XidInfo, XidSummary, XidSummaryArgs},
+    types::{DescribeXidArgs, Sources, XidGroupRow, XidInfo, XidSummary, XidSummaryArgs},
 };
 
 /// A group as a row. A code group is named by its code; a GPU or node group by its codes
@@ -79,10 +79,16 @@ impl GpulseMcp {
             other_count: r.other_count,
             truncated: r.truncated,
             hints,
+            sources: Default::default(),
         };
         if fit(&mut out, |o| o.groups.len(), |o, n| o.groups.truncate(n)).is_some() {
             out.truncated = true;
         }
+        stamp(
+            Sources::of(&r.upstreams, r.partial),
+            &mut out.sources,
+            &mut out.hints,
+        );
         Ok(Json(out))
     }
 
