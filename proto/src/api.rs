@@ -14,6 +14,21 @@ use crate::v1::{
     XidGroupsResponse, telemetry_client::TelemetryClient, telemetry_server::Telemetry,
 };
 
+/// Request metadata naming the upstreams a gateway should ask: comma-separated names, a nested
+/// one as `NAME/INNER` (a cluster, or one shard of it), a gateway's own `--cluster` for all of
+/// them. Absent: every upstream. A collector answers for itself whatever it says.
+pub const SELECT_UPSTREAMS: &str = "gpulse-upstreams";
+
+/// A request for `msg` carrying the selection header of `from` (a call forwarded upstream keeps
+/// the caller's selection, and nothing else of its metadata).
+pub fn forwarded<T, U>(from: &Request<U>, msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    if let Some(v) = from.metadata().get(SELECT_UPSTREAMS) {
+        r.metadata_mut().insert(SELECT_UPSTREAMS, v.clone());
+    }
+    r
+}
+
 /// The stream every shared Telemetry implementation answers Subscribe with.
 pub type SubscribeStream = tonic::codegen::BoxStream<SubscribeResponse>;
 
@@ -36,7 +51,8 @@ impl RemoteTelemetry {
     }
 }
 
-/// Forwards one unary call: the request's message only (the caller's metadata is its own).
+/// Forwards one unary call: the request's message and upstream selection (the rest of the
+/// caller's metadata, its credentials included, is its own).
 /// Written in the form `#[tonic::async_trait]` expands to, which it cannot do inside a macro.
 macro_rules! forward {
     ($name:ident, $req:ty, $resp:ty) => {
@@ -51,7 +67,8 @@ macro_rules! forward {
             Self: 'async_trait,
         {
             let mut client = self.client.clone();
-            Box::pin(async move { client.$name(req.into_inner()).await })
+            let req = forwarded(&req, req.get_ref().clone());
+            Box::pin(async move { client.$name(req).await })
         }
     };
 }
@@ -64,12 +81,8 @@ impl Telemetry for RemoteTelemetry {
         &self,
         req: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let stream = self
-            .client
-            .clone()
-            .subscribe(req.into_inner())
-            .await?
-            .into_inner();
+        let req = forwarded(&req, req.get_ref().clone());
+        let stream = self.client.clone().subscribe(req).await?.into_inner();
         Ok(Response::new(Box::pin(stream)))
     }
 

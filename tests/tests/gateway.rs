@@ -692,6 +692,26 @@ fn a_gateway_of_gateways_names_every_level_and_serves_mcp() {
         let names: Vec<String> = r.upstreams.iter().map(|u| u.name.clone()).collect();
         assert_eq!(names, ["c1", "c1/s0", "c1/s1", "c2"]);
         assert!(!r.partial);
+        // Selecting upstreams (what MCP's cluster argument sends): a cluster, one shard of
+        // it, and an unknown name refused with the known ones.
+        for (select, want) in [
+            ("c2", vec!["b-0"]),
+            ("c1/s0", vec!["a-0"]),
+            ("c1/s1,c2", vec!["a-1", "b-0"]),
+        ] {
+            let mut req = tonic::Request::new(NodesRequest::default());
+            req.metadata_mut()
+                .insert(gpulse_proto::api::SELECT_UPSTREAMS, select.parse().unwrap());
+            let r = g.nodes(req).await.unwrap().into_inner();
+            let got: Vec<&str> = r.nodes.iter().map(|n| n.node.as_str()).collect();
+            assert_eq!(got, want, "{select}");
+        }
+        let mut req = tonic::Request::new(NodesRequest::default());
+        req.metadata_mut()
+            .insert(gpulse_proto::api::SELECT_UPSTREAMS, "c9".parse().unwrap());
+        let e = g.nodes(req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("c1, c2"), "{}", e.message());
         let (events, _) = listing(
             &mut g,
             &TimeWindow {

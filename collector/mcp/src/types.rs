@@ -96,6 +96,32 @@ pub enum ProcState {
 // ----------------------------------------------------------------------------------------------
 // Arguments
 
+/// Tools whose arguments may name clusters.
+pub trait Clusters {
+    /// `cluster` and `clusters` together.
+    fn clusters(&self) -> Vec<String>;
+}
+
+macro_rules! clusters {
+    ($($t:ty),+) => {$(
+        impl Clusters for $t {
+            fn clusters(&self) -> Vec<String> {
+                self.cluster.iter().chain(&self.clusters).cloned().collect()
+            }
+        }
+    )+};
+}
+
+clusters!(
+    ListNodesArgs,
+    EventsSummaryArgs,
+    ListEventsArgs,
+    XidSummaryArgs,
+    TrendArgs,
+    DescribeNodeArgs,
+    ListProcessesArgs
+);
+
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NoArgs {}
@@ -117,6 +143,12 @@ pub struct ListNodesArgs {
     /// next_cursor of a previous call.
     #[serde(default)]
     pub cursor: String,
+    /// Through a gateway: only this cluster (or "cluster/shard"). Default: every cluster.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Through a gateway: only these clusters.
+    #[serde(default)]
+    pub clusters: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -134,6 +166,12 @@ pub struct EventsSummaryArgs {
     /// Only these kinds; default every kind except gpu_sample.
     #[serde(default)]
     pub kinds: Vec<Kind>,
+    /// Through a gateway: only this cluster (or "cluster/shard"). Default: every cluster.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Through a gateway: only these clusters.
+    #[serde(default)]
+    pub clusters: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -166,6 +204,12 @@ pub struct ListEventsArgs {
     pub cursor: String,
     #[serde(default)]
     pub order: EventOrder,
+    /// Through a gateway: only this cluster (or "cluster/shard"). Default: every cluster.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Through a gateway: only these clusters.
+    #[serde(default)]
+    pub clusters: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -184,6 +228,12 @@ pub struct XidSummaryArgs {
     pub group_by: XidGroup,
     /// Groups returned, 1-100, default 20.
     pub top: Option<u32>,
+    /// Through a gateway: only this cluster (or "cluster/shard"). Default: every cluster.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Through a gateway: only these clusters.
+    #[serde(default)]
+    pub clusters: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -219,6 +269,12 @@ pub struct TrendArgs {
     pub max_series: Option<u32>,
     /// Default true; false returns only per-series stats.
     pub include_points: Option<bool>,
+    /// Through a gateway: only this cluster (or "cluster/shard"). Default: every cluster.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Through a gateway: only these clusters.
+    #[serde(default)]
+    pub clusters: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -233,6 +289,12 @@ pub struct DescribeNodeArgs {
     pub max_events: Option<u32>,
     /// Default true.
     pub include_processes: Option<bool>,
+    /// Through a gateway: only this cluster (or "cluster/shard"). Default: every cluster.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Through a gateway: only these clusters.
+    #[serde(default)]
+    pub clusters: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -254,6 +316,12 @@ pub struct ListProcessesArgs {
     /// next_cursor of a previous call.
     #[serde(default)]
     pub cursor: String,
+    /// Through a gateway: only this cluster (or "cluster/shard"). Default: every cluster.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Through a gateway: only these clusters.
+    #[serde(default)]
+    pub clusters: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -363,6 +431,8 @@ pub struct DroppedEvents {
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct NodeRow {
     pub node: String,
+    /// The node's cluster, when its collector names one.
+    pub cluster: Option<String>,
     pub last_seen: Option<String>,
     pub connected: bool,
     pub gpu_count: u32,
@@ -616,6 +686,7 @@ pub struct ProcessRow {
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct DescribeNode {
     pub node: String,
+    pub cluster: Option<String>,
     pub window: Window,
     pub connected: bool,
     pub last_seen: Option<String>,

@@ -17,7 +17,7 @@ pub mod upstream;
 use std::sync::Arc;
 
 use gpulse_proto::{
-    api::{SharedTelemetry, SubscribeStream},
+    api::{SELECT_UPSTREAMS, SharedTelemetry, SubscribeStream},
     v1::{
         ListEventsRequest, ListEventsResponse, NodesRequest, NodesResponse, ProcessesRequest,
         ProcessesResponse, StatusRequest, StatusResponse, SubscribeRequest, SummarizeRequest,
@@ -87,12 +87,76 @@ impl Gateway {
         }
     }
 
-    /// One unary RPC to every upstream, each with a clone of `req`.
+    /// The upstreams a request selects (`SELECT_UPSTREAMS`; all without it), each with the
+    /// selection it passes on (empty: all of its own).
+    pub fn route(&self, md: &tonic::metadata::MetadataMap) -> Result<Route, Status> {
+        let all = || self.ups.iter().map(|u| (u.clone(), Vec::new())).collect();
+        let Some(v) = md.get(SELECT_UPSTREAMS) else {
+            return Ok(all());
+        };
+        let v = v
+            .to_str()
+            .map_err(|_| Status::invalid_argument(format!("{SELECT_UPSTREAMS} is not text")))?;
+        let mut items: Vec<String> = v
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        if items.is_empty() {
+            return Ok(all());
+        }
+        let mut picks: Vec<Pick> = vec![Pick::No; self.ups.len()];
+        while let Some(item) = items.pop() {
+            let (head, rest) = item.split_once('/').unwrap_or((item.as_str(), ""));
+            if !self.cluster.is_empty() && head == self.cluster {
+                // This gateway's own cluster: all of it, or a part of it named below.
+                match rest {
+                    "" => picks.iter_mut().for_each(|p| *p = Pick::Whole),
+                    r => items.push(r.to_string()),
+                }
+                continue;
+            }
+            let Some(i) = self.ups.iter().position(|u| u.name == head) else {
+                let known: Vec<&str> = self.ups.iter().map(|u| u.name.as_str()).collect();
+                return Err(Status::invalid_argument(format!(
+                    "unknown cluster or upstream {head:?}; this gateway{} has {}",
+                    if self.cluster.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (cluster {})", self.cluster)
+                    },
+                    known.join(", ")
+                )));
+            };
+            picks[i] = match (std::mem::replace(&mut picks[i], Pick::No), rest) {
+                (_, "") | (Pick::Whole, _) => Pick::Whole,
+                (Pick::Inner(mut v), r) => {
+                    v.push(r.to_string());
+                    Pick::Inner(v)
+                }
+                (Pick::No, r) => Pick::Inner(vec![r.to_string()]),
+            };
+        }
+        Ok(self
+            .ups
+            .iter()
+            .zip(picks)
+            .filter_map(|(u, p)| match p {
+                Pick::No => None,
+                Pick::Whole => Some((u.clone(), Vec::new())),
+                Pick::Inner(v) => Some((u.clone(), v)),
+            })
+            .collect())
+    }
+
+    /// One unary RPC to every selected upstream, each with a clone of `req`.
     async fn all<Req, Resp, A>(
         &self,
         rpc: &'static str,
+        route: Route,
         req: Req,
-        call: fn(SharedTelemetry, Req) -> CallFuture<Resp>,
+        call: fn(SharedTelemetry, Request<Req>) -> CallFuture<Resp>,
         acc: &mut A,
         fold: impl FnMut(&mut A, &str, Resp),
     ) -> Result<upstream::Outcome, Status>
@@ -101,13 +165,13 @@ impl Gateway {
         Resp: upstream::Upstreamed,
     {
         let mut fold = fold;
-        let ups = self.ups.clone();
+        let ups: Vec<Arc<Upstream>> = route.iter().map(|(u, _)| u.clone()).collect();
         let out = fan_out(
-            &self.ups,
+            &ups,
             &self.limits,
             &self.metrics,
             rpc,
-            |u| call(u.api.clone(), req.clone()),
+            |i, u| call(u.api.clone(), selecting(req.clone(), &route[i].1)),
             acc,
             |acc, i, r| fold(acc, &ups[i].name, r),
         )
@@ -119,15 +183,30 @@ impl Gateway {
     }
 }
 
+/// The upstreams a request goes to, each with what it passes on.
+pub type Route = Vec<(Arc<Upstream>, Vec<String>)>;
+
+#[derive(Clone, Debug)]
+enum Pick {
+    No,
+    Whole,
+    Inner(Vec<String>),
+}
+
+/// `msg` as a request to an upstream, carrying the part of the selection meant for it.
+fn selecting<T>(msg: T, inner: &[String]) -> Request<T> {
+    let mut r = Request::new(msg);
+    if !inner.is_empty()
+        && let Ok(v) = inner.join(",").parse()
+    {
+        r.metadata_mut().insert(SELECT_UPSTREAMS, v);
+    }
+    r
+}
+
 macro_rules! call {
     ($method:ident) => {
-        |api, req| {
-            Box::pin(async move {
-                api.$method(Request::new(req))
-                    .await
-                    .map(Response::into_inner)
-            })
-        }
+        |api, req| Box::pin(async move { api.$method(req).await.map(Response::into_inner) })
     };
 }
 
@@ -139,8 +218,9 @@ impl Telemetry for Gateway {
         &self,
         req: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let route = self.route(req.metadata())?;
         let s = subscribe::subscribe(
-            self.ups.to_vec(),
+            route,
             req.into_inner(),
             self.metrics.clone(),
             self.stop.clone(),
@@ -154,9 +234,11 @@ impl Telemetry for Gateway {
         req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let mut acc = StatusResponse::default();
+        let route = self.route(req.metadata())?;
         let out = self
             .all(
                 "Status",
+                route,
                 req.into_inner(),
                 call!(status),
                 &mut acc,
@@ -170,12 +252,13 @@ impl Telemetry for Gateway {
     }
 
     async fn nodes(&self, req: Request<NodesRequest>) -> Result<Response<NodesResponse>, Status> {
+        let route = self.route(req.metadata())?;
         let mut req = req.into_inner();
         req.window = merge::pin(req.window)?;
         let mut acc = merge::Nodes::default();
         let cluster = self.cluster.clone();
         let out = self
-            .all("Nodes", req, call!(nodes), &mut acc, |a, _, r| {
+            .all("Nodes", route, req, call!(nodes), &mut acc, |a, _, r| {
                 a.add(r, &cluster)
             })
             .await?;
@@ -188,13 +271,15 @@ impl Telemetry for Gateway {
         &self,
         req: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
-        let names: Vec<String> = self.ups.iter().map(|u| u.name.clone()).collect();
+        let route = self.route(req.metadata())?;
+        let names: Vec<String> = route.iter().map(|(u, _)| u.name.clone()).collect();
         let plan = events::Plan::new(req.into_inner(), &names)?;
         let up_req = plan.upstream_req.clone();
         let mut acc = events::Merge::new(plan);
         let out = self
             .all(
                 "ListEvents",
+                route,
                 up_req,
                 call!(list_events),
                 &mut acc,
@@ -208,11 +293,14 @@ impl Telemetry for Gateway {
     }
 
     async fn trend(&self, req: Request<TrendRequest>) -> Result<Response<TrendResponse>, Status> {
+        let route = self.route(req.metadata())?;
         let mut req = req.into_inner();
         req.window = Some(merge::pin_or_now(req.window)?);
         let mut acc = trend::Trend::new(&req);
         let out = self
-            .all("Trend", req, call!(trend), &mut acc, |a, n, r| a.add(n, r))
+            .all("Trend", route, req, call!(trend), &mut acc, |a, n, r| {
+                a.add(n, r)
+            })
             .await?;
         let mut r = acc.finish();
         out.stamp(&mut r);
@@ -223,13 +311,19 @@ impl Telemetry for Gateway {
         &self,
         req: Request<SummarizeRequest>,
     ) -> Result<Response<SummarizeResponse>, Status> {
+        let route = self.route(req.metadata())?;
         let mut req = req.into_inner();
         req.window = Some(merge::pin_or_now(req.window)?);
         let mut acc = merge::Summary::default();
         let out = self
-            .all("Summarize", req, call!(summarize), &mut acc, |a, n, r| {
-                a.add(n, r)
-            })
+            .all(
+                "Summarize",
+                route,
+                req,
+                call!(summarize),
+                &mut acc,
+                |a, n, r| a.add(n, r),
+            )
             .await?;
         let mut r = acc.finish();
         out.stamp(&mut r);
@@ -240,6 +334,7 @@ impl Telemetry for Gateway {
         &self,
         req: Request<XidGroupsRequest>,
     ) -> Result<Response<XidGroupsResponse>, Status> {
+        let route = self.route(req.metadata())?;
         let mut req = req.into_inner();
         let top = match req.top {
             0 => 20,
@@ -254,9 +349,14 @@ impl Telemetry for Gateway {
         req.top = XID_GROUPS_ASKED;
         let mut acc = merge::XidGroups::default();
         let out = self
-            .all("XidGroups", req, call!(xid_groups), &mut acc, |a, n, r| {
-                a.add(n, r)
-            })
+            .all(
+                "XidGroups",
+                route,
+                req,
+                call!(xid_groups),
+                &mut acc,
+                |a, n, r| a.add(n, r),
+            )
             .await?;
         let mut r = acc.finish(top);
         out.stamp(&mut r);
@@ -267,6 +367,7 @@ impl Telemetry for Gateway {
         &self,
         req: Request<ProcessesRequest>,
     ) -> Result<Response<ProcessesResponse>, Status> {
+        let route = self.route(req.metadata())?;
         let mut req = req.into_inner();
         let limit = match req.limit {
             0 => 100,
@@ -284,9 +385,14 @@ impl Telemetry for Gateway {
         req.limit = rows;
         let mut acc = merge::Processes::new(rows as usize);
         let out = self
-            .all("Processes", req, call!(processes), &mut acc, |a, n, r| {
-                a.add(n, r)
-            })
+            .all(
+                "Processes",
+                route,
+                req,
+                call!(processes),
+                &mut acc,
+                |a, n, r| a.add(n, r),
+            )
             .await?;
         let mut r = acc.finish(offset as usize, limit as usize);
         if offset.saturating_add(limit) > MAX_PROCESS_ROWS {

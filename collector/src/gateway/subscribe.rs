@@ -161,21 +161,21 @@ enum Feed {
 }
 
 pub async fn subscribe(
-    ups: Vec<Arc<Upstream>>,
+    route: super::Route,
     req: SubscribeRequest,
     metrics: GatewayMetrics,
     stop: Shutdown,
 ) -> Result<SubscribeStream, Status> {
     crate::filter::Filter::from_wire(req.filter.clone())
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let names: Vec<String> = ups.iter().map(|u| u.name.clone()).collect();
+    let names: Vec<String> = route.iter().map(|(u, _)| u.name.clone()).collect();
     let mut positions: Vec<Option<At>> = if !req.resume_token.is_empty() {
         decode(&req.resume_token, &names)?
     } else {
         match req.after_cursor {
-            None => vec![None; ups.len()],
+            None => vec![None; route.len()],
             // "Everything retained" means the same on every upstream.
-            Some(0) => vec![Some(At::Cursor(0)); ups.len()],
+            Some(0) => vec![Some(At::Cursor(0)); route.len()],
             Some(c) => {
                 return Err(Status::invalid_argument(format!(
                     "after_cursor {c} names one collector's position; through a gateway resume with resume_token (0 replays everything retained)"
@@ -185,10 +185,11 @@ pub async fn subscribe(
     };
     let (tx, mut rx) = mpsc::channel::<(usize, Feed)>(MERGE_QUEUE);
     let mut tasks = tokio::task::JoinSet::new();
-    for (i, up) in ups.iter().enumerate() {
+    for (i, (up, inner)) in route.iter().enumerate() {
         tasks.spawn(follow(
             i,
             up.clone(),
+            inner.clone(),
             req.filter.clone(),
             positions[i].clone(),
             tx.clone(),
@@ -299,6 +300,7 @@ impl Drop for Gauge {
 async fn follow(
     i: usize,
     up: Arc<Upstream>,
+    inner: Vec<String>,
     filter: Option<gpulse_proto::v1::EventFilter>,
     mut at: Option<At>,
     tx: mpsc::Sender<(usize, Feed)>,
@@ -321,7 +323,7 @@ async fn follow(
                 _ => String::new(),
             },
         };
-        let why = match up.api.subscribe(tonic::Request::new(req)).await {
+        let why = match up.api.subscribe(super::selecting(req, &inner)).await {
             Ok(stream) => {
                 if down && tx.send((i, Feed::Up)).await.is_err() {
                     return;

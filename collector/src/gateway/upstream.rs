@@ -232,7 +232,7 @@ pub async fn fan_out<T, A>(
     limits: &CallLimits,
     metrics: &GatewayMetrics,
     rpc: &'static str,
-    call: impl Fn(&Upstream) -> CallFuture<T>,
+    call: impl Fn(usize, &Upstream) -> CallFuture<T>,
     acc: &mut A,
     mut fold: impl FnMut(&mut A, usize, T),
 ) -> Outcome
@@ -243,7 +243,7 @@ where
         .iter()
         .enumerate()
         .map(|(i, up)| {
-            let fut = call(up);
+            let fut = call(i, up);
             async move {
                 let t = Instant::now();
                 let r = up.call(limits, fut).await;

@@ -11,7 +11,8 @@ use rmcp::{Json, handler::server::wrapper::Parameters, tool, tool_router};
 use super::{fit, kinds, list_gpu_processes::process_row, opt, row, stamp, ts, tw, window_of};
 use crate::{
     GpulseMcp,
-    source::explain,
+    source::{Source, explain},
+    types::Clusters,
     types::{AgentInfo, DescribeNode, DescribeNodeArgs, GpuLatest, NodeGpu, ProcessRow, Sources},
 };
 
@@ -88,12 +89,11 @@ fn max_events(v: Option<u32>) -> Result<u32, String> {
 impl GpulseMcp {
     /// The node's running GPU processes, with the GPU memory NVML last saw them hold.
     async fn running_processes(
-        &self,
+        src: &Source,
         w: &TimeWindow,
         n: &v1::NodeInfo,
     ) -> Result<Vec<ProcessRow>, String> {
-        let r = self
-            .source
+        let r = src
             .processes(ProcessesRequest {
                 window: Some(w.clone()),
                 nodes: vec![n.node.clone()],
@@ -153,16 +153,15 @@ impl GpulseMcp {
         &self,
         Parameters(a): Parameters<DescribeNodeArgs>,
     ) -> Result<Json<DescribeNode>, String> {
+        let src = self.source.scoped(&a.clusters()).await?;
         let max_events = max_events(a.max_events)?;
-        let n = self.source.node(&a.node).await?;
+        let n = src.node(&a.node).await?;
         let (w, defaulted) = tw(&a.since, "", "1h");
-        let recent = self
-            .source
+        let recent = src
             .list_events(recent_request(&w, &a.node, max_events))
             .await
             .map_err(explain)?;
-        let xids = self
-            .source
+        let xids = src
             .xid_groups(XidGroupsRequest {
                 window: Some(w.clone()),
                 nodes: vec![a.node.clone()],
@@ -172,7 +171,7 @@ impl GpulseMcp {
             .await?;
         let by_gpu = xids_by_gpu(&xids, &a.node);
         let processes = match a.include_processes.unwrap_or(true) {
-            true => self.running_processes(&w, &n).await?,
+            true => Self::running_processes(&src, &w, &n).await?,
             false => Vec::new(),
         };
         let recent_events = recent
@@ -183,6 +182,7 @@ impl GpulseMcp {
             .collect();
         let mut out = DescribeNode {
             node: n.node.clone(),
+            cluster: opt(&n.cluster),
             window: window_of(&recent.window, defaulted),
             connected: !n.connected_agents.is_empty(),
             last_seen: ts(&n.last_seen),
@@ -343,5 +343,17 @@ mod tests {
             .refused("describe_node", json!({"node": "gpu-1"}))
             .await;
         assert!(text.contains("has not heard from any node"), "{text}");
+        // Through a gateway over two clusters that both have a gpu-1: say which, and how to pick.
+        let mut two = answers();
+        let mut other = two.nodes.nodes[0].clone();
+        two.nodes.nodes[0].cluster = "c1".into();
+        other.cluster = "c2".into();
+        two.nodes.nodes.push(other);
+        let s = Session::new(two).await;
+        let text = s.refused("describe_node", json!({"node": "gpu-1"})).await;
+        assert!(
+            text.contains("is in 2 clusters (c1, c2); pass cluster"),
+            "{text}"
+        );
     }
 }

@@ -9,6 +9,7 @@ use rmcp::{Json, handler::server::wrapper::Parameters, tool, tool_router};
 use super::{clip, fit, kinds, stamp, ts, tw, window_of, xid_name};
 use crate::{
     GpulseMcp,
+    types::Clusters,
     types::{EventsSummary, EventsSummaryArgs, Incident, KindCounts, Sources, TopNode, TopXid},
 };
 
@@ -66,9 +67,9 @@ impl GpulseMcp {
         &self,
         Parameters(a): Parameters<EventsSummaryArgs>,
     ) -> Result<Json<EventsSummary>, String> {
+        let src = self.source.scoped(&a.clusters()).await?;
         let (w, defaulted) = tw(&a.since, &a.until, "1h");
-        let s = self
-            .source
+        let s = src
             .summarize(SummarizeRequest {
                 window: Some(w),
                 filter: Some(EventFilter {

@@ -8,6 +8,7 @@ use rmcp::{Json, handler::server::wrapper::Parameters, tool, tool_router};
 use super::{arg_name, fit, limit, opt, stamp, tw, window_of, wire};
 use crate::{
     GpulseMcp,
+    types::Clusters,
     types::{MetricTrend, Sources, Stats, TrendArgs, TrendSeriesOut},
 };
 
@@ -50,13 +51,13 @@ impl GpulseMcp {
         &self,
         Parameters(a): Parameters<TrendArgs>,
     ) -> Result<Json<MetricTrend>, String> {
+        let src = self.source.scoped(&a.clusters()).await?;
         let max_points =
             limit(a.max_points, 120, 1000).map_err(|e| e.replace("limit", "max_points"))?;
         let max_series =
             limit(a.max_series, 20, 200).map_err(|e| e.replace("limit", "max_series"))?;
         let (w, defaulted) = tw(&a.since, &a.until, "1h");
-        let r = self
-            .source
+        let r = src
             .trend(TrendRequest {
                 metric: arg_name(a.metric),
                 window: Some(w),

@@ -7,6 +7,7 @@ use super::{fit, kinds, limit, one, opt, row, stamp, tw, window_of, wire};
 use crate::{
     GpulseMcp,
     source::explain,
+    types::Clusters,
     types::{ListEvents, ListEventsArgs, Sources},
 };
 
@@ -20,10 +21,10 @@ impl GpulseMcp {
         &self,
         Parameters(a): Parameters<ListEventsArgs>,
     ) -> Result<Json<ListEvents>, String> {
+        let src = self.source.scoped(&a.clusters()).await?;
         let limit = limit(a.limit, 50, 500)?;
         let (w, defaulted) = tw(&a.since, &a.until, "1h");
-        let r = self
-            .source
+        let r = src
             .list_events(ListEventsRequest {
                 window: Some(w),
                 filter: Some(EventFilter {
@@ -47,7 +48,7 @@ impl GpulseMcp {
             })?;
         let mut hints = r.hints.clone();
         if r.events.is_empty() {
-            self.source.known_nodes(&a.nodes).await?;
+            src.known_nodes(&a.nodes).await?;
             hints.push(
                 "no event matched: widen `since`, drop filters, or check events_summary"
                     .to_string(),
@@ -188,6 +189,54 @@ mod tests {
             first.starts_with("partial answer: s1 (timeout: no answer within 3000 ms)"),
             "{first}"
         );
+    }
+
+    /// `cluster`/`clusters` limit every call of a tool through a gateway; a single collector
+    /// serves only its own cluster.
+    #[tokio::test]
+    async fn clusters_scope_the_calls() {
+        let through_gateway = Answers {
+            status: v1::StatusResponse {
+                upstreams: vec![v1::UpstreamStatus {
+                    name: "c2".into(),
+                    state: v1::UpstreamState::Ok as i32,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            list: v1::ListEventsResponse {
+                window: window(),
+                events: vec![xid()],
+                total_matched: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let s = Session::new(through_gateway).await;
+        s.ok(
+            "list_events",
+            json!({"cluster": "c2", "clusters": ["c3/s1"]}),
+        )
+        .await;
+        let asked = s.fake.asked("ListEvents");
+        assert!(asked[0].ends_with("[scope=c2,c3/s1]"), "{asked:?}");
+        s.ok("list_events", json!({})).await;
+        assert!(!s.fake.asked("ListEvents")[1].contains("scope"));
+        assert!(
+            s.refused("list_events", json!({"cluster": "bad name"}))
+                .await
+                .contains("invalid cluster")
+        );
+        let one = Session::new(Answers {
+            status: v1::StatusResponse {
+                cluster: "c1".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await;
+        let text = one.refused("list_events", json!({"cluster": "c2"})).await;
+        assert!(text.contains("one collector of cluster \"c1\""), "{text}");
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@ use rmcp::{Json, handler::server::wrapper::Parameters, tool, tool_router};
 use super::{fit, limit, offset_cursor, one, opt, pod_name, stamp, ts, tw, window_of, wire};
 use crate::{
     GpulseMcp,
+    types::Clusters,
     types::{ListProcesses, ListProcessesArgs, ProcessRow, Sources},
 };
 
@@ -42,11 +43,11 @@ impl GpulseMcp {
         &self,
         Parameters(a): Parameters<ListProcessesArgs>,
     ) -> Result<Json<ListProcesses>, String> {
+        let src = self.source.scoped(&a.clusters()).await?;
         let limit = limit(a.limit, 50, 500)?;
         let offset = offset_cursor(&a.cursor)?;
         let (w, defaulted) = tw(&a.since, "", "1h");
-        let r = self
-            .source
+        let r = src
             .processes(ProcessesRequest {
                 window: Some(w),
                 nodes: one(&a.node),

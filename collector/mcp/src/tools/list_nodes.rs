@@ -2,9 +2,10 @@
 use gpulse_proto::v1;
 use rmcp::{Json, handler::server::wrapper::Parameters, tool, tool_router};
 
-use super::{fit, limit, next_offset, offset_cursor, stamp, ts, tw, window_of};
+use super::{fit, limit, next_offset, offset_cursor, opt, stamp, ts, tw, window_of};
 use crate::{
     GpulseMcp,
+    types::Clusters,
     types::{ListNodes, ListNodesArgs, NodeRow, Sources},
 };
 
@@ -57,6 +58,7 @@ fn node_row(n: &v1::NodeInfo) -> NodeRow {
         .collect();
     NodeRow {
         node: n.node.clone(),
+        cluster: opt(&n.cluster),
         last_seen: ts(&n.last_seen),
         connected: !n.connected_agents.is_empty(),
         gpu_count: n.gpus.len() as u32,
@@ -78,10 +80,11 @@ impl GpulseMcp {
         &self,
         Parameters(a): Parameters<ListNodesArgs>,
     ) -> Result<Json<ListNodes>, String> {
+        let src = self.source.scoped(&a.clusters()).await?;
         let limit = limit(a.limit, 50, 500)? as usize;
         let offset = offset_cursor(&a.cursor)?;
         let (w, defaulted) = tw(&a.since, "", "1h");
-        let r = self.source.nodes(Some(w)).await?;
+        let r = src.nodes(Some(w)).await?;
         let rows: Vec<NodeRow> = r
             .nodes
             .iter()

@@ -46,10 +46,15 @@ impl Fake {
         req: Request<Q>,
         pick: impl Fn(&Answers) -> &T,
     ) -> Result<Response<T>, Status> {
+        let scope = req
+            .metadata()
+            .get(gpulse_proto::api::SELECT_UPSTREAMS)
+            .map(|v| format!(" [scope={}]", v.to_str().unwrap()))
+            .unwrap_or_default();
         self.asked
             .lock()
             .unwrap()
-            .push(format!("{rpc} {:?}", req.get_ref()));
+            .push(format!("{rpc} {:?}{scope}", req.get_ref()));
         match &self.answers.fail {
             Some(s) => Err(s.clone()),
             None => Ok(Response::new(pick(&self.answers).clone())),

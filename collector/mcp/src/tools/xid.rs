@@ -10,6 +10,7 @@ use rmcp::{Json, handler::server::wrapper::Parameters, tool, tool_router};
 use super::{fit, limit, one, recommended, stamp, ts, tw, window_of, wire, xid_name};
 use crate::{
     GpulseMcp,
+    types::Clusters,
     types::{DescribeXidArgs, Sources, XidGroupRow, XidInfo, XidSummary, XidSummaryArgs},
 };
 
@@ -48,11 +49,11 @@ impl GpulseMcp {
         &self,
         Parameters(a): Parameters<XidSummaryArgs>,
     ) -> Result<Json<XidSummary>, String> {
+        let src = self.source.scoped(&a.clusters()).await?;
         let top = limit(a.top, 20, 100)?;
         let (w, defaulted) = tw(&a.since, &a.until, "24h");
         let by: XidGrouping = wire(a.group_by);
-        let r = self
-            .source
+        let r = src
             .xid_groups(XidGroupsRequest {
                 window: Some(w),
                 nodes: one(&a.node),
@@ -62,7 +63,7 @@ impl GpulseMcp {
             .await?;
         let mut hints = r.hints.clone();
         if r.total_matched == 0 {
-            self.source.known_nodes(&one(&a.node)).await?;
+            src.known_nodes(&one(&a.node)).await?;
             hints.push("no XID in this window".to_string());
         }
         if r.truncated {
