@@ -115,6 +115,7 @@ def check_posture(docs):
     if "--data-dir=/var/lib/gpulse" not in args:
         fail("collector --data-dir")
     check_trust(by, ds, sts)
+    check_fleet(by, ds, sts)
     role = by.get(("ClusterRole", "gpulse-agent-read-pods"))
     if not role or role["rules"] != [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]:
         fail(f"agent RBAC must be read-only on pods: {role and role['rules']}")
@@ -154,6 +155,51 @@ def check_trust(by, ds, sts):
     cert = by.get(("Certificate", "gpulse-collector"))
     if cert and cert["spec"]["secretName"] != "gpulse-collector-tls":
         fail("the collector's Certificate must write the Secret the StatefulSet mounts")
+
+
+def check_fleet(by, ds, sts):
+    """Sharded collectors behind a gateway (docs/scale.md): agents find every shard through the
+    headless Service, the gateway asks each replica by its own name, both stay available."""
+    replicas = sts["spec"].get("replicas", 1)
+    if replicas < 2:
+        fail("the collector StatefulSet should run shards (replicas >= 2)")
+    headless = by.get(("Service", sts["spec"]["serviceName"]))
+    if not headless or headless["spec"].get("clusterIP") != "None":
+        fail("the StatefulSet's serviceName must be a headless Service")
+    host = f"{sts['spec']['serviceName']}.{sts['metadata']['namespace']}.svc"
+    aargs = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+    if f"--collector=https://{host}:7700" not in aargs or "--shard-discovery=dns" not in aargs:
+        fail(f"agents must discover shards through {host} (--shard-discovery=dns): {aargs}")
+    gw = by.get(("Deployment", "gpulse-gateway"))
+    if not gw:
+        return fail("no gateway Deployment")
+    if gw["spec"].get("replicas", 1) < 2:
+        fail("the gateway should run 2 replicas")
+    pdb = by.get(("PodDisruptionBudget", "gpulse-gateway"))
+    if not pdb or pdb["spec"]["selector"]["matchLabels"] != gw["spec"]["selector"]["matchLabels"]:
+        fail("the gateway needs a PodDisruptionBudget selecting it")
+    gargs = gw["spec"]["template"]["spec"]["containers"][0]["args"]
+    if gargs[0] != "gateway":
+        fail("the gateway runs `gpulse-collector gateway`")
+    ups = [a.split("=", 1)[1] for a in gargs if a.startswith("--upstream=")]
+    want = [
+        f"{sts['metadata']['name']}-{i}=https://{sts['metadata']['name']}-{i}.{host}:7700"
+        for i in range(replicas)
+    ]
+    if ups != want:
+        fail(f"gateway upstreams {ups} must be the StatefulSet's {replicas} replicas {want}")
+    for flag in ("--tls-cert=", "--ca-file=", "--token-file=", "--auth-tokens="):
+        if not any(a.startswith(flag) for a in gargs):
+            fail(f"gateway lacks {flag}")
+    cargs = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+    if "--auth-reader-service-account=gpulse:gpulse-gateway" not in cargs:
+        fail("the collectors must accept the gateway's service account as a reader")
+    cert = by.get(("Certificate", "gpulse-collector"))
+    if cert:
+        names = cert["spec"]["dnsNames"]
+        for n in (host, f"*.{host}", "gpulse-gateway.gpulse.svc"):
+            if n not in names:
+                fail(f"the certificate lacks {n}")
 
 
 def check_dashboard():
