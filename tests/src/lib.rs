@@ -671,3 +671,25 @@ pub fn feed_over_grpc(url: &str, node: &str) -> anyhow::Result<()> {
     runtime().block_on(ingest_batches(url, node, [vec![sample, xid]]))?;
     Ok(())
 }
+
+/// One stateless (2026-07-28) `tools/call` over a raw HTTP/1.1 connection: what the server
+/// costs without any client library. Returns the response body length.
+pub fn mcp_raw_call(port: u16, tool: &str, args: &str) -> anyhow::Result<usize> {
+    use std::io::{Read, Write};
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{tool}","arguments":{args},"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{{}}}}}}}}"#
+    );
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_nodelay(true)?;
+    write!(
+        s,
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2026-07-28\r\nMcp-Method: tools/call\r\nMcp-Name: {tool}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    if !resp.starts_with("HTTP/1.1 200") || resp.contains("\"isError\":true") {
+        bail!("{tool}: {}", resp.chars().take(400).collect::<String>());
+    }
+    Ok(resp.len())
+}

@@ -430,6 +430,14 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         c.env("GPULSE_BIN_DIR", &bins);
         return run(&mut c);
     }
+    if args.iter().any(|a| a == "--gateway") {
+        // One collector vs a gateway over shards holding the same data: no root needed.
+        let bins = build(true)?;
+        let mut c = Command::new(bins.join("gpulse-gateway-bench"));
+        c.args(args.iter().filter(|a| *a != "--gateway"))
+            .env("GPULSE_BIN_DIR", &bins);
+        return run(&mut c);
+    }
     if args.iter().any(|a| a == "--trust") {
         // What TLS and authentication cost (plaintext vs TLS+auth collectors): no root needed.
         let bins = build(true)?;

@@ -15,7 +15,9 @@ use std::{
 };
 
 use anyhow::bail;
-use gpulse_e2e::{Collector, free_port, http_get, ingest_batches, python_venv, runtime};
+use gpulse_e2e::{
+    Collector, free_port, http_get, ingest_batches, mcp_raw_call, python_venv, runtime,
+};
 use gpulse_proto::v1::{self, EventKind, event::Payload};
 
 const GPUS: u32 = 8;
@@ -111,28 +113,6 @@ fn feed(url: &str, xid_every_ms: i64) -> anyhow::Result<u64> {
     runtime().block_on(ingest_batches(url, "bench-node", batches))
 }
 
-/// One stateless (2026-07-28) `tools/call` over a raw HTTP/1.1 connection: what the server
-/// costs without any client library. Returns the response body length.
-fn raw_call(port: u16, tool: &str, args: &str) -> anyhow::Result<usize> {
-    use std::io::{Read, Write};
-    let body = format!(
-        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{tool}","arguments":{args},"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{{}}}}}}}}"#
-    );
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_nodelay(true)?;
-    write!(
-        s,
-        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2026-07-28\r\nMcp-Method: tools/call\r\nMcp-Name: {tool}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    if !resp.starts_with("HTTP/1.1 200") || resp.contains("\"isError\":true") {
-        bail!("{tool}: {}", resp.chars().take(400).collect::<String>());
-    }
-    Ok(resp.len())
-}
-
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let xid_every_ms: i64 = match args.iter().position(|a| a == "--xid-every-ms") {
@@ -198,7 +178,7 @@ fn main() -> anyhow::Result<()> {
         let mut bytes = 0;
         for _ in 0..200 {
             let t = Instant::now();
-            bytes = raw_call(h, tool, args)?;
+            bytes = mcp_raw_call(h, tool, args)?;
             times.push(t.elapsed());
         }
         times.sort();
