@@ -12,6 +12,7 @@ pub mod listen;
 pub mod query;
 pub mod recycle;
 pub mod reload;
+pub mod remote_write;
 pub mod server;
 pub mod shutdown;
 pub mod size;

@@ -108,6 +108,30 @@ struct Args {
     /// takeover attempt.
     #[arg(long, default_value_t = gpulse_collector::state::DEFAULT_MAX_SEQ_JUMP, value_parser = clap::value_parser!(u64).range(1000..))]
     max_seq_jump: u64,
+    /// Push 1-minute rollups of every GPU metric and the XID/SXid counters to this Prometheus
+    /// remote-write endpoint (VictoriaMetrics /api/v1/write, Mimir, Thanos Receive, Prometheus
+    /// with --web.enable-remote-write-receiver), labelled with --cluster and --shard. Requests
+    /// wait in a queue in --data-dir while the endpoint is unreachable.
+    #[arg(long, env = "GPULSE_REMOTE_WRITE_URL")]
+    remote_write_url: Option<String>,
+    /// CA bundle (PEM) for an https --remote-write-url (the system roots otherwise).
+    #[arg(long, requires = "remote_write_url")]
+    remote_write_ca: Option<PathBuf>,
+    /// Bearer token file for --remote-write-url (re-read for every request).
+    #[arg(long, requires = "remote_write_url")]
+    remote_write_token_file: Option<PathBuf>,
+    /// How often completed minutes and the counters are queued.
+    #[arg(long, default_value = "15s", value_parser = parse_interval)]
+    remote_write_interval: std::time::Duration,
+    /// A minute is pushed once it ended this long ago (samples arriving later stay local).
+    #[arg(long, default_value = "30s", value_parser = parse_interval)]
+    remote_write_delay: std::time::Duration,
+    /// Most bytes of requests waiting on disk; past it the oldest are dropped (counted).
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    remote_write_queue_bytes: u64,
+    /// On the first start, how far back the 1-minute tier is pushed.
+    #[arg(long, default_value = "6h", value_parser = parse_retention)]
+    remote_write_backfill: std::time::Duration,
     /// This collector's cluster, named on its nodes and in Status (and a gateway's answers).
     #[arg(long, env = "GPULSE_CLUSTER", default_value = "", value_parser = parse_name)]
     cluster: String,
@@ -377,6 +401,20 @@ async fn run() -> anyhow::Result<Exit> {
     cfg.mcp_oauth = trust.mcp_oauth;
     cfg.tls = trust.tls;
     cfg.mcp = trust.mcp;
+    if let Some(url) = args.remote_write_url {
+        anyhow::ensure!(
+            args.remote_write_queue_bytes >= 1 << 20,
+            "--remote-write-queue-bytes must be at least 1MiB"
+        );
+        let mut rw = gpulse_collector::remote_write::RemoteWriteConfig::new(url);
+        rw.ca = args.remote_write_ca;
+        rw.token_file = args.remote_write_token_file;
+        rw.interval = args.remote_write_interval;
+        rw.delay = args.remote_write_delay;
+        rw.queue_bytes = args.remote_write_queue_bytes;
+        rw.backfill = args.remote_write_backfill;
+        cfg.remote_write = Some(rw);
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = server::start(cfg, async move {
         let _ = stop_rx.await;

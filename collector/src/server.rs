@@ -37,6 +37,8 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     /// `/mcp` as an OAuth protected resource (JWT access tokens from this issuer).
     pub mcp_oauth: Option<OAuthConfig>,
+    /// Push 1-minute rollups and the XID counters to a TSDB (None: off).
+    pub remote_write: Option<crate::remote_write::RemoteWriteConfig>,
 }
 
 impl ServerConfig {
@@ -53,6 +55,7 @@ impl ServerConfig {
             tls: None,
             auth: AuthConfig::default(),
             mcp_oauth: None,
+            remote_write: None,
         }
     }
 }
@@ -150,6 +153,20 @@ pub async fn start(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(health);
+    if let Some(rw) = cfg.remote_write.clone() {
+        crate::remote_write::start(
+            rw,
+            &cfg.store.data_dir,
+            crate::remote_write::Place {
+                cluster: cfg.store.cluster.clone(),
+                shard: cfg.store.shard.clone(),
+            },
+            store.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        )
+        .context("remote write")?;
+    }
     let listening = Listening {
         tls,
         handshake_failures: metrics.tls_handshake_failures.clone(),

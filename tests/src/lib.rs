@@ -126,6 +126,22 @@ impl Proc {
         })
     }
 
+    /// A program outside this workspace (a system package's), its stderr to `log`.
+    pub fn spawn_path(path: &Path, args: &[String], log: &Path) -> anyhow::Result<Self> {
+        let err = std::fs::File::create(log)?;
+        let child = Command::new(path)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("spawning {}", path.display()))?;
+        Ok(Self {
+            child,
+            name: path.display().to_string(),
+        })
+    }
+
     pub fn kill9(&mut self) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
@@ -692,4 +708,30 @@ pub fn mcp_raw_call(port: u16, tool: &str, args: &str) -> anyhow::Result<usize> 
         bail!("{tool}: {}", resp.chars().take(400).collect::<String>());
     }
     Ok(resp.len())
+}
+
+/// A program from a Debian package, with a clear error naming the package when it is missing
+/// (.ci/run installs them).
+pub fn system_tool(name: &str, package: &str) -> anyhow::Result<PathBuf> {
+    for dir in ["/usr/bin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "{name} not found: install Debian's {package} package (apt-get install {package}); .ci/run does"
+    )
+}
+
+/// Percent-encodes a query-string value (a PromQL expression).
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

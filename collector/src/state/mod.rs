@@ -222,6 +222,10 @@ pub enum Command {
         rpc: &'static str,
         run: Box<dyn FnOnce(&EventStore) + Send>,
     },
+    ReadSeries {
+        rpc: &'static str,
+        run: Box<dyn FnOnce(&SeriesStore) + Send>,
+    },
 }
 
 /// Cheap handle for RPC handlers.
@@ -342,6 +346,21 @@ impl StoreHandle {
         req: TrendRequest,
     ) -> Result<Result<TrendResponse, QueryError>, StoreError> {
         self.call(|reply| Command::Trend { req, reply }).await
+    }
+
+    /// Runs `query` on the state task against the sample history (timed as `rpc`).
+    pub async fn read_series<T: Send + 'static>(
+        &self,
+        rpc: &'static str,
+        query: impl FnOnce(&SeriesStore) -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.call(|reply| Command::ReadSeries {
+            rpc,
+            run: Box::new(move |series| {
+                let _ = reply.send(query(series));
+            }),
+        })
+        .await
     }
 
     /// Runs `query` on the state task against the event store (timed as `rpc`).
@@ -611,6 +630,11 @@ impl State {
             Command::ReadEvents { rpc, run } => {
                 let t = Instant::now();
                 run(&self.events);
+                self.observe(rpc, t);
+            }
+            Command::ReadSeries { rpc, run } => {
+                let t = Instant::now();
+                run(&self.series);
                 self.observe(rpc, t);
             }
             Command::Shutdown { reply } => {

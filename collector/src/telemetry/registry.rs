@@ -26,6 +26,13 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounter,
     /// Batches that waited for a snapshot to make room in a log over its hard limit.
     pub ingest_log_full_waits: IntCounter,
+    /// Remote write: samples by result (sent, queue_full, rejected).
+    pub remote_write_samples: IntCounterVec,
+    /// Remote write requests by answer (2xx, 4xx, 429, 5xx, error).
+    pub remote_write_requests: IntCounterVec,
+    pub remote_write_queue_bytes: IntGauge,
+    pub remote_write_last_success: IntGauge,
+    pub remote_write_exported_until: IntGauge,
     pub ring_bytes: IntGaugeVec,
     pub ring_events: IntGaugeVec,
     pub ring_budget_bytes: IntGauge,
@@ -136,6 +143,28 @@ impl Metrics {
                 "gpulse_reloads_total",
                 "Reloads of watched files (tls, auth_tokens) after they changed, by result (ok, error: the previous version stays).",
                 &["file", "result"],
+            )?,
+            remote_write_samples: cv(
+                "gpulse_remote_write_samples_total",
+                "Samples pushed to --remote-write-url, by result: sent, queue_full (the oldest queued requests dropped to stay within --remote-write-queue-bytes), rejected (the receiver refused them with a 4xx).",
+                &["result"],
+            )?,
+            remote_write_requests: cv(
+                "gpulse_remote_write_requests_total",
+                "Remote write requests by answer: 2xx, 4xx (dropped), 429 and 5xx (retried with back-off), error (unreachable, retried).",
+                &["answer"],
+            )?,
+            remote_write_queue_bytes: g(
+                "gpulse_remote_write_queue_bytes",
+                "Bytes of remote write requests waiting on disk for the receiver.",
+            )?,
+            remote_write_last_success: g(
+                "gpulse_remote_write_last_success_timestamp_seconds",
+                "When the receiver last took a remote write request.",
+            )?,
+            remote_write_exported_until: g(
+                "gpulse_remote_write_exported_until_timestamp_seconds",
+                "End of the last minute of rollups put in the remote write queue.",
             )?,
             ingest_log_full_waits: c(
                 "gpulse_ingest_log_full_waits_total",
