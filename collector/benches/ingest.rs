@@ -252,6 +252,7 @@ async fn serve(cfg: gpulse_collector::state::StoreConfig) -> (tokio::io::DuplexS
             .add_service(TelemetryServer::new(TelemetryService {
                 store,
                 stop: gpulse_collector::shutdown::Shutdown::never(),
+                history: Default::default(),
             }))
             .serve_with_incoming(tokio_stream::once(Ok::<_, std::io::Error>(server_io))),
     );

@@ -260,6 +260,8 @@ pub struct TelemetryService {
     pub store: StoreHandle,
     /// Ends every Subscribe stream when the collector stops.
     pub stop: Shutdown,
+    /// Trends reaching back past local retention are completed from this TSDB.
+    pub history: Option<std::sync::Arc<crate::history::History>>,
 }
 
 type SubStream = gpulse_proto::api::SubscribeStream;
@@ -342,8 +344,12 @@ impl Telemetry for TelemetryService {
         &self,
         req: Request<v1::TrendRequest>,
     ) -> Result<Response<v1::TrendResponse>, Status> {
-        let r = self.store.trend(req.into_inner()).await?;
-        Ok(Response::new(r?))
+        let req = req.into_inner();
+        let r = self.store.trend(req.clone()).await??;
+        Ok(Response::new(match &self.history {
+            Some(h) => h.complete(&req, r).await,
+            None => r,
+        }))
     }
 
     async fn summarize(

@@ -5,6 +5,7 @@ pub mod filter;
 pub mod gateway;
 pub mod grpc;
 pub mod health;
+pub mod history;
 pub mod http;
 pub mod ingest;
 pub mod labels;

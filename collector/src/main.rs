@@ -132,6 +132,18 @@ struct Args {
     /// On the first start, how far back the 1-minute tier is pushed.
     #[arg(long, default_value = "6h", value_parser = parse_retention)]
     remote_write_backfill: std::time::Duration,
+    /// The PromQL API of the TSDB the rollups are pushed to (e.g. http://victoria-metrics:8428,
+    /// http://prometheus:9090): trend windows reaching back past local retention are completed
+    /// from it (this collector's cluster and shard only), and answers say which store answered
+    /// which span.
+    #[arg(long, env = "GPULSE_HISTORY_URL")]
+    history_url: Option<String>,
+    /// CA bundle (PEM) for an https --history-url.
+    #[arg(long, requires = "history_url")]
+    history_ca: Option<PathBuf>,
+    /// Bearer token file for --history-url.
+    #[arg(long, requires = "history_url")]
+    history_token_file: Option<PathBuf>,
     /// This collector's cluster, named on its nodes and in Status (and a gateway's answers).
     #[arg(long, env = "GPULSE_CLUSTER", default_value = "", value_parser = parse_name)]
     cluster: String,
@@ -415,6 +427,14 @@ async fn run() -> anyhow::Result<Exit> {
         rw.backfill = args.remote_write_backfill;
         cfg.remote_write = Some(rw);
     }
+    cfg.history = args
+        .history_url
+        .map(|url| gpulse_collector::history::HistoryConfig {
+            url,
+            ca: args.history_ca,
+            token_file: args.history_token_file,
+            timeout: std::time::Duration::from_secs(10),
+        });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = server::start(cfg, async move {
         let _ = stop_rx.await;

@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub mcp_oauth: Option<OAuthConfig>,
     /// Push 1-minute rollups and the XID counters to a TSDB (None: off).
     pub remote_write: Option<crate::remote_write::RemoteWriteConfig>,
+    /// Answer trend windows older than local retention from this TSDB (None: off).
+    pub history: Option<crate::history::HistoryConfig>,
 }
 
 impl ServerConfig {
@@ -56,6 +58,7 @@ impl ServerConfig {
             auth: AuthConfig::default(),
             mcp_oauth: None,
             remote_write: None,
+            history: None,
         }
     }
 }
@@ -98,6 +101,19 @@ pub async fn start(
         None => None,
     };
     let store = state::start(cfg.store.clone(), metrics.clone()).context("opening the store")?;
+    let history = match &cfg.history {
+        Some(h) => Some(Arc::new(
+            crate::history::History::new(
+                h,
+                crate::remote_write::Place {
+                    cluster: cfg.store.cluster.clone(),
+                    shard: cfg.store.shard.clone(),
+                },
+            )
+            .context("--history-url")?,
+        )),
+        None => None,
+    };
 
     let (grpc_listener, http_listener) = listen::bind(cfg.grpc_listen, cfg.http_listen).await?;
     let grpc_addr = grpc_listener.local_addr()?;
@@ -124,6 +140,7 @@ pub async fn start(
     let telemetry = TelemetryServer::new(TelemetryService {
         store: store.clone(),
         stop: stop_rx.clone(),
+        history: history.clone(),
     })
     .max_decoding_message_size(cfg.max_message_bytes)
     .max_encoding_message_size(cfg.max_message_bytes.max(4 << 20));
@@ -184,6 +201,7 @@ pub async fn start(
         let api = Arc::new(TelemetryService {
             store: store.clone(),
             stop: stop_rx.clone(),
+            history: history.clone(),
         });
         app = app.merge(
             listen::mcp_router(

@@ -140,6 +140,7 @@ async fn mcp_client(h: &Harness) -> rmcp::service::RunningService<rmcp::RoleClie
     let server = GpulseMcp::new(std::sync::Arc::new(TelemetryService {
         store: h.store.clone(),
         stop: Shutdown::never(),
+        history: Default::default(),
     }));
     tokio::spawn(async move {
         let s = server.serve(server_io).await.unwrap();

@@ -199,6 +199,11 @@ pub fn trend(r: &v1::TrendResponse) -> Value {
         "hints": r.hints,
         "upstreams": upstreams(&r.upstreams),
         "partial": r.partial,
+        "sources": r.sources.iter().map(|s| json!({
+            "source": s.source,
+            "start": s.start.as_ref().map(ptime::rfc3339),
+            "end": s.end.as_ref().map(ptime::rfc3339),
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -178,6 +178,33 @@ impl Tsdb {
     }
 }
 
+fn history_events(node: &str, end: i64) -> Vec<v1::Event> {
+    history(node, end, 0)
+}
+
+/// The 1-minute gpu_util_pct trend per GPU of `node` over the 30 minutes before `end`.
+fn trend_1m(url: &str, node: &str, end: i64) -> v1::TrendResponse {
+    runtime().block_on(async {
+        let mut c = TelemetryClient::connect(url.to_string()).await.unwrap();
+        c.trend(TrendRequest {
+            metric: "gpu_util_pct".into(),
+            window: Some(TimeWindow {
+                since: ptime::rfc3339(&ptime::from_unix_millis(end - 30 * 60_000)),
+                until: ptime::rfc3339(&ptime::from_unix_millis(end)),
+            }),
+            step_seconds: 60,
+            tier: Tier::Tier1m as i32,
+            aggregation: Aggregation::Avg as i32,
+            group_by: GroupBy::Gpu as i32,
+            nodes: vec![node.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    })
+}
+
 /// The collector's own 1-minute rollups of gpu_util_pct for one GPU: (minute start ms, avg).
 fn local_rollups(url: &str, node: &str, gpu: u32, end: i64) -> Vec<(i64, f64)> {
     runtime().block_on(async {
@@ -229,6 +256,7 @@ fn rollups_read_back_from_victoriametrics_and_prometheus_equal_the_local_ones() 
     let vm = Tsdb::victoria(dir.path(), free_port());
     let prom = Tsdb::prometheus(dir.path());
     let end = end_ms();
+    let mut pushers: Vec<Collector> = Vec::new();
     for (name, tsdb) in [("vm", &vm), ("prom", &prom)] {
         let url = tsdb.url();
         let mut args = vec!["--fsync", "never", "--remote-write-url", url.as_str()];
@@ -275,7 +303,46 @@ fn rollups_read_back_from_victoriametrics_and_prometheus_equal_the_local_ones() 
             Some(0.0),
             "{m}"
         );
+        pushers.push(c);
     }
+
+    // The same shard after losing its disk: it holds the last 5 minutes only, and answers the
+    // 20-minute trend from VictoriaMetrics for the rest, saying which part came from where.
+    let history = format!("http://127.0.0.1:{}", vm.port);
+    let mut args = vec!["--fsync", "never", "--history-url", history.as_str()];
+    args.extend(&RW_ARGS[4..]);
+    let fresh =
+        Collector::start(&dir.path().join("fresh"), free_port(), free_port(), &args).unwrap();
+    let recent: Vec<v1::Event> = history_events("n1", end)
+        .into_iter()
+        .filter(|e| e.time.as_ref().map(ptime::to_unix_millis).unwrap() >= end - 5 * 60_000)
+        .collect();
+    runtime()
+        .block_on(ingest_batches(&fresh.url(), "n1", [recent]))
+        .unwrap();
+    let want = local_rollups(&pushers[0].url(), "n1", 0, end);
+    let r = trend_1m(&fresh.url(), "n1", end);
+    let s = r.series.iter().find(|s| s.gpu_index == Some(0)).unwrap();
+    let got: Vec<(i64, f64)> = s
+        .points
+        .iter()
+        .map(|p| (ptime::to_unix_millis(p.time.as_ref().unwrap()), p.value))
+        .collect();
+    assert_same(&got, &want, &format!("history + local: {:?}", r.hints));
+    let sources: Vec<&str> = r.sources.iter().map(|s| s.source.as_str()).collect();
+    assert_eq!(sources, ["history", "1m"], "{:?}", r.hints);
+    let split = ptime::to_unix_millis(r.sources[0].end.as_ref().unwrap());
+    assert_eq!(
+        split,
+        end - 5 * 60_000,
+        "the collector answers from its own oldest minute on"
+    );
+    assert!(
+        r.hints.iter().any(|h| h.contains("history store")),
+        "{:?}",
+        r.hints
+    );
+    assert!(!r.window.unwrap().partial);
 }
 
 #[test]

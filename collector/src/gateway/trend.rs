@@ -123,6 +123,11 @@ impl Trend {
         if !self.tiers.contains(&r.source) {
             self.tiers.push(r.source);
         }
+        for src in r.sources {
+            if !self.out.sources.contains(&src) {
+                self.out.sources.push(src);
+            }
+        }
         for s in r.series {
             self.add_series(s);
         }
@@ -258,6 +263,9 @@ impl Trend {
             );
         }
         self.out.source = self.tiers.first().copied().unwrap_or_default();
+        self.out
+            .sources
+            .sort_by_key(|s| s.start.map(|t| (t.seconds, t.nanos)));
         self.out
     }
 }

@@ -528,6 +528,7 @@ pub fn trend_column(
         hints: p.hints,
         partial: Default::default(),
         upstreams: Default::default(),
+        sources: Default::default(),
     })
 }
 

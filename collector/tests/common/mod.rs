@@ -52,6 +52,7 @@ pub async fn start_with_limit(cfg: StoreConfig, max_message: usize) -> Harness {
     let telemetry = TelemetryServer::new(TelemetryService {
         store: store.clone(),
         stop: gpulse_collector::shutdown::Shutdown::never(),
+        history: Default::default(),
     });
     tokio::spawn(
         Server::builder()

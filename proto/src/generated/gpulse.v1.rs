@@ -1304,6 +1304,21 @@ pub struct TrendResponse {
     pub upstreams: ::prost::alloc::vec::Vec<UpstreamStatus>,
     #[prost(bool, tag = "13")]
     pub partial: bool,
+    /// Which store answered which part of the window, oldest first: the collector's tier
+    /// ("raw", "1m", "1h") or "history" (the TSDB of --history-url, for what local retention no
+    /// longer holds). Empty when the collector alone answered.
+    #[prost(message, repeated, tag = "14")]
+    pub sources: ::prost::alloc::vec::Vec<TrendSource>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TrendSource {
+    #[prost(string, tag = "1")]
+    pub source: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub start: ::core::option::Option<::prost_types::Timestamp>,
+    #[prost(message, optional, tag = "3")]
+    pub end: ::core::option::Option<::prost_types::Timestamp>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
