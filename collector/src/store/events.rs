@@ -726,16 +726,24 @@ impl EventStore {
                 }
             }
         }
-        match order {
-            Order::OldestFirst => matches.sort_unstable_by(|a, b| a.listing_cmp(b)),
-            Order::NewestFirst => matches.sort_unstable_by(|a, b| b.listing_cmp(a)),
+        let cmp = |a: &EventRef<'_>, b: &EventRef<'_>| match order {
+            Order::OldestFirst => a.listing_cmp(b),
+            Order::NewestFirst => b.listing_cmp(a),
+        };
+        // Only the first `limit` are returned: select them (linear) before sorting them, rather
+        // than sorting a window of hundreds of thousands for a page of a hundred.
+        let more = matches.len() > limit;
+        if more && limit > 0 {
+            matches.select_nth_unstable_by(limit - 1, cmp);
+            matches.truncate(limit);
         }
+        matches.sort_unstable_by(cmp);
         matches
             .iter()
             .take(limit)
             .filter_map(EventRef::decode)
             .for_each(&mut visit);
-        (total, matches.len() > limit, blocks)
+        (total, more, blocks)
     }
 
     /// Visits every stored event whose time lies in `[start_ms, end_ms)` of the given kinds (all

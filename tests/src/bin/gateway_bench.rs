@@ -163,17 +163,27 @@ fn main() -> anyhow::Result<()> {
         bail!("every count must be >= 1");
     }
     let dir = tempfile::tempdir()?;
-    let start = |name: &str| {
-        Collector::start(
-            &dir.path().join(name),
-            free_port(),
-            free_port(),
-            &["--fsync", "never"],
-        )
+    // The shards push their rollups to a VictoriaMetrics that starts only after the queries:
+    // meanwhile every request waits on disk, then the drain is timed.
+    let vm_port = free_port();
+    let rw_url = format!("http://127.0.0.1:{vm_port}/api/v1/write");
+    let start = |name: &str, rw: bool| {
+        let mut args = vec!["--fsync", "never"];
+        if rw {
+            args.extend([
+                "--remote-write-url",
+                rw_url.as_str(),
+                "--remote-write-interval",
+                "1s",
+                "--remote-write-delay",
+                "1s",
+            ]);
+        }
+        Collector::start(&dir.path().join(name), free_port(), free_port(), &args)
     };
-    let one = start("one")?;
+    let one = start("one", false)?;
     let parts: Vec<Collector> = (0..shards)
-        .map(|i| start(&format!("shard-{i}")))
+        .map(|i| start(&format!("shard-{i}"), true))
         .collect::<anyhow::Result<_>>()?;
     let now = ptime::to_unix_millis(&ptime::now());
     let rt = runtime();
@@ -272,6 +282,7 @@ fn main() -> anyhow::Result<()> {
             p(b, 0.5) / p(a, 0.5).max(0.001)
         );
     }
+    remote_write_drain(&parts, vm_port, dir.path(), now - now % 60_000)?;
     for (name, pid) in [
         ("one collector", one.proc.child.id()),
         ("gateway", gw.proc.child.id()),
@@ -282,5 +293,73 @@ fn main() -> anyhow::Result<()> {
             proc_status_kib(pid, "VmHWM:")? as f64 / 1024.0
         );
     }
+    Ok(())
+}
+
+/// A metric's value summed over the shards.
+fn sum_of(parts: &[Collector], metric: &str) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for c in parts {
+        total += value_of_metric(&c.metrics()?, metric).unwrap_or(0.0);
+    }
+    Ok(total)
+}
+
+/// Waits until every shard has queued its rollups up to `end_ms`, starts VictoriaMetrics, and
+/// times the drain: samples per second from the shards' queues into it.
+fn remote_write_drain(
+    parts: &[Collector],
+    vm_port: u16,
+    dir: &std::path::Path,
+    end_ms: i64,
+) -> anyhow::Result<()> {
+    let Ok(vm) = system_tool("victoria-metrics", "victoria-metrics") else {
+        println!("remote write: victoria-metrics not installed; skipped");
+        return Ok(());
+    };
+    let deadline = Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let mut ready = true;
+        for c in parts {
+            let m = c.metrics()?;
+            let until = value_of_metric(&m, "gpulse_remote_write_exported_until_timestamp_seconds")
+                .unwrap_or(0.0);
+            ready &= until * 1000.0 >= (end_ms - 120_000) as f64;
+        }
+        if ready {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the shards did not queue their rollups within 5 minutes");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    // Let the last tick's requests land in the queues.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let queued = sum_of(parts, "gpulse_remote_write_queue_bytes")?;
+    let sent0 = sum_of(parts, "gpulse_remote_write_samples_total{result=\"sent\"}")?;
+    let args = vec![
+        format!("-storageDataPath={}", dir.join("vm").display()),
+        format!("-httpListenAddr=127.0.0.1:{vm_port}"),
+    ];
+    let _vm = Proc::spawn_path(&vm, &args, &dir.join("vm.log"))?;
+    let t = Instant::now();
+    loop {
+        if sum_of(parts, "gpulse_remote_write_queue_bytes")? == 0.0 {
+            break;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(600) {
+            bail!("the queues did not drain within 10 minutes");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let sent = sum_of(parts, "gpulse_remote_write_samples_total{result=\"sent\"}")? - sent0;
+    println!(
+        "remote write: {} shards drained {:.1} MiB of queued requests ({sent:.0} samples) into VictoriaMetrics in {secs:.1} s: {:.0} samples/s",
+        parts.len(),
+        queued / 1048576.0,
+        sent / secs
+    );
     Ok(())
 }
