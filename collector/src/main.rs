@@ -686,35 +686,55 @@ fn parse_upstream(s: &str) -> Result<(String, String), String> {
     Ok((name, url.to_string()))
 }
 
-/// A per-call deadline: 100ms to 60s.
-fn parse_deadline(s: &str) -> Result<std::time::Duration, String> {
+/// A duration flag between `min` and `max` (`range` says them; `e.g.` gives examples).
+fn duration_in(
+    s: &str,
+    min: std::time::Duration,
+    max: std::time::Duration,
+    range: &str,
+    eg: &str,
+) -> Result<std::time::Duration, String> {
     let ns = gpulse_proto::window::parse_duration(s)
-        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 500ms, 3s)"))?;
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. {eg})"))?;
     let d = std::time::Duration::from_nanos(ns as u64);
-    if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(60) {
-        return Err("must be between 100ms and 60s".into());
+    if d < min || d > max {
+        return Err(format!("must be between {range}"));
     }
     Ok(d)
+}
+
+/// A per-call deadline: 100ms to 60s.
+fn parse_deadline(s: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    duration_in(
+        s,
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+        "100ms and 60s",
+        "500ms, 3s",
+    )
 }
 
 fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
-    let ns = gpulse_proto::window::parse_duration(s)
-        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 30s, 5m)"))?;
-    let d = std::time::Duration::from_nanos(ns as u64);
-    if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(86_400) {
-        return Err("must be between 1s and 24h".into());
-    }
-    Ok(d)
+    use std::time::Duration;
+    duration_in(
+        s,
+        Duration::from_secs(1),
+        Duration::from_secs(86_400),
+        "1s and 24h",
+        "30s, 5m",
+    )
 }
 
 fn parse_retention(s: &str) -> Result<std::time::Duration, String> {
-    let ns = gpulse_proto::window::parse_duration(s)
-        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 90m, 24h, 7d)"))?;
-    let d = std::time::Duration::from_nanos(ns as u64);
-    if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(30 * 86_400) {
-        return Err("must be between 1s and 30d".into());
-    }
-    Ok(d)
+    use std::time::Duration;
+    duration_in(
+        s,
+        Duration::from_secs(1),
+        Duration::from_secs(30 * 86_400),
+        "1s and 30d",
+        "90m, 24h, 7d",
+    )
 }
 
 async fn shutdown_signal() {

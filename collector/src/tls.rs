@@ -214,3 +214,31 @@ impl axum::serve::Listener for HttpListener {
         Ok(self.local)
     }
 }
+
+/// A TLS client configuration trusting `ca` (a PEM bundle), or the system's roots without one:
+/// what the collector uses to fetch keys and to reach a TSDB.
+pub fn client_config(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(ca) => {
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+                roots
+                    .add(c.map_err(|e| e.to_string())?)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        None => {
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
+}

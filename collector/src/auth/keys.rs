@@ -11,7 +11,7 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Limited};
 use prometheus::IntCounterVec;
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls::pki_types::ServerName;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
@@ -130,26 +130,7 @@ async fn get(src: &KeySource) -> Result<String, String> {
     let uri: http::Uri = src.location.parse().map_err(|e| at(&e))?;
     let host = uri.host().ok_or_else(|| at(&"no host"))?.to_string();
     let port = uri.port_u16().unwrap_or(443);
-    let mut roots = rustls::RootCertStore::empty();
-    match &src.ca {
-        Some(ca) => {
-            for c in CertificateDer::pem_file_iter(ca).map_err(|e| at(&e))? {
-                roots.add(c.map_err(|e| at(&e))?).map_err(|e| at(&e))?;
-            }
-        }
-        None => {
-            for c in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(c);
-            }
-        }
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| at(&e))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let cfg = crate::tls::client_config(src.ca.as_deref()).map_err(|e| at(&e))?;
     let name = ServerName::try_from(
         host.trim_start_matches('[')
             .trim_end_matches(']')

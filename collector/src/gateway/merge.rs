@@ -7,15 +7,15 @@ use gpulse_proto::{
     time as ptime,
     v1::{
         KindCount, KindStatus, NodeCount, NodeInfo, NodesResponse, ProcessInfo, ProcessesResponse,
-        ResolvedWindow, StatusResponse, SummarizeResponse, TierStatus, TimeWindow, XidCount,
-        XidGroup, XidGroupsResponse,
+        ResolvedWindow, StatusResponse, SummarizeResponse, TierStatus, TimeWindow, XidGroup,
+        XidGroupsResponse,
     },
     window,
 };
 use tonic::Status;
 
-const TOP_NODES: usize = 10;
-const MAX_XID_CODES: usize = 256;
+use crate::query::aggregate::{self, MAX_XID_CODES, TOP_NODES};
+
 const NOTABLE: usize = 10;
 const INCIDENTS: usize = 20;
 const GROUP_MEMBERS: usize = 10;
@@ -234,7 +234,7 @@ impl Summary {
             .map(|(kind, count)| KindCount { kind, count })
             .collect();
         self.out.top_nodes = top_nodes(self.nodes);
-        self.out.xids = ranked_codes(self.xids, MAX_XID_CODES);
+        self.out.xids = aggregate::ranked_codes(self.xids, MAX_XID_CODES);
         self.out
     }
 }
@@ -248,22 +248,7 @@ fn top_nodes(nodes: HashMap<String, (u64, u64)>) -> Vec<NodeCount> {
             severe,
         })
         .collect();
-    v.sort_by(|a, b| {
-        (b.severe, b.count)
-            .cmp(&(a.severe, a.count))
-            .then(a.node.cmp(&b.node))
-    });
-    v.truncate(TOP_NODES);
-    v
-}
-
-fn ranked_codes(counts: HashMap<u32, u64>, cap: usize) -> Vec<XidCount> {
-    let mut v: Vec<XidCount> = counts
-        .into_iter()
-        .map(|(code, count)| XidCount { code, count })
-        .collect();
-    v.sort_by(|a, b| b.count.cmp(&a.count).then(a.code.cmp(&b.code)));
-    v.truncate(cap);
+    aggregate::rank_nodes(&mut v);
     v
 }
 
@@ -379,7 +364,7 @@ fn newest_started(a: &ProcessInfo, b: &ProcessInfo) -> std::cmp::Ordering {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpulse_proto::v1::{Event, Incident, Severity};
+    use gpulse_proto::v1::{Event, Incident, Severity, XidCount};
 
     fn ts(s: i64) -> Option<prost_types::Timestamp> {
         Some(prost_types::Timestamp {

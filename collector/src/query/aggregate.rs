@@ -22,8 +22,8 @@ use crate::{
 pub const MAX_READ: usize = 20_000;
 /// Quiet time that separates two XID incidents on one GPU.
 const INCIDENT_QUIET_MS: i64 = 5 * 60_000;
-const TOP_NODES: usize = 10;
-const MAX_XID_CODES: usize = 256;
+pub(crate) const TOP_NODES: usize = 10;
+pub(crate) const MAX_XID_CODES: usize = 256;
 const NOTABLE: usize = 10;
 const INCIDENTS: usize = 20;
 /// GPUs and nodes listed per XID group.
@@ -163,12 +163,7 @@ impl Summary {
                 severe,
             })
             .collect();
-        nodes.sort_by(|a, b| {
-            (b.severe, b.count)
-                .cmp(&(a.severe, a.count))
-                .then(a.node.cmp(&b.node))
-        });
-        nodes.truncate(TOP_NODES);
+        rank_nodes(&mut nodes);
         out.top_nodes = nodes;
         out.xids = ranked_codes(self.xids, MAX_XID_CODES);
         out.notable = self.notable.into_iter().map(|n| n.2).collect();
@@ -179,8 +174,18 @@ impl Summary {
     }
 }
 
+/// The nodes with the most severe, then the most events (then by name), at most `TOP_NODES`.
+pub(crate) fn rank_nodes(nodes: &mut Vec<NodeCount>) {
+    nodes.sort_by(|a, b| {
+        (b.severe, b.count)
+            .cmp(&(a.severe, a.count))
+            .then(a.node.cmp(&b.node))
+    });
+    nodes.truncate(TOP_NODES);
+}
+
 /// Codes by count (most first, then ascending code), at most `cap`.
-fn ranked_codes(counts: HashMap<u32, u64>, cap: usize) -> Vec<XidCount> {
+pub(crate) fn ranked_codes(counts: HashMap<u32, u64>, cap: usize) -> Vec<XidCount> {
     let mut v: Vec<XidCount> = counts
         .into_iter()
         .map(|(code, count)| XidCount { code, count })

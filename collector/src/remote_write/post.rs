@@ -5,7 +5,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls::pki_types::ServerName;
 
 /// Largest answer body read (an error text, or a PromQL result).
 const MAX_ANSWER: usize = 16 << 20;
@@ -55,26 +55,7 @@ impl Client {
         let host = uri.host().ok_or_else(|| bad(&"no host"))?.to_string();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let tls = if https {
-            let mut roots = rustls::RootCertStore::empty();
-            match ca {
-                Some(ca) => {
-                    for c in CertificateDer::pem_file_iter(ca).map_err(|e| bad(&e))? {
-                        roots.add(c.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
-                    }
-                }
-                None => {
-                    for c in rustls_native_certs::load_native_certs().certs {
-                        let _ = roots.add(c);
-                    }
-                }
-            }
-            let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| bad(&e))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            let cfg = crate::tls::client_config(ca.map(PathBuf::as_path)).map_err(|e| bad(&e))?;
             let name = ServerName::try_from(
                 host.trim_start_matches('[')
                     .trim_end_matches(']')
