@@ -4,8 +4,9 @@ use std::io::{self, Write};
 use clap::Args;
 use gpulse_proto::{
     names::ShortName,
+    render,
     time::rfc3339,
-    v1::{EventKind, StatusRequest, StatusResponse, Tier},
+    v1::{EventKind, StatusRequest, StatusResponse, Tier, UpstreamState},
 };
 use serde_json::json;
 
@@ -41,6 +42,10 @@ pub fn render_json(s: &StatusResponse) -> String {
             "bytes": t.bytes, "budget_bytes": t.budget_bytes, "expired": t.expired,
             "oldest": time(&t.oldest),
         })).collect::<Vec<_>>(),
+        "cluster": (!s.cluster.is_empty()).then_some(&s.cluster),
+        "shard": (!s.shard.is_empty()).then_some(&s.shard),
+        "upstreams": render::upstreams(&s.upstreams),
+        "partial": s.partial,
     })
     .to_string()
 }
@@ -85,6 +90,20 @@ pub fn render_text(s: &StatusResponse) -> String {
             t.budget_bytes,
             t.expired,
             or_dash(&t.oldest)
+        ));
+    }
+    // Through a gateway: the figures above are sums over these.
+    for u in &s.upstreams {
+        out.push_str(&format!(
+            "  upstream {} {} {} ms{}\n",
+            u.name,
+            UpstreamState::name_of(u.state),
+            u.elapsed_ms,
+            if u.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", u.reason)
+            }
         ));
     }
     out

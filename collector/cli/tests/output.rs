@@ -285,6 +285,14 @@ fn status_text_and_json() {
     };
     expect("status.txt", &status::render_text(&s));
     expect("status.json", &(status::render_json(&s) + "\n"));
+    // Through a gateway: sums over the upstreams, each named.
+    let g = StatusResponse {
+        cluster: "eu-1".into(),
+        partial: true,
+        upstreams: upstreams(),
+        ..s
+    };
+    expect("status-gateway.txt", &status::render_text(&g));
 }
 
 #[test]
