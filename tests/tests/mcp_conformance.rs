@@ -1,5 +1,6 @@
 //! The official MCP conformance suite (npm `@modelcontextprotocol/conformance` 0.1.16 on Node 22,
-//! both installed by the test under target/npm) against a real collector's `/mcp`. Every server
+//! both installed by the test under target/npm) against a real collector's `/mcp`, and a
+//! gateway's `/mcp` over it (the same MCP crate over the merged API). Every server
 //! scenario the suite lists runs, except those that exercise the suite's own reference server
 //! (its fixture tools, prompts and resources, which no real server has); the scenarios gpulse
 //! leaves out on purpose are in `tests/mcp/conformance-expected-failures.yaml`, each with its
@@ -7,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 use std::{path::Path, process::Command};
 
-use gpulse_e2e::{Collector, free_port, npm_packages};
+use gpulse_e2e::{Collector, Gateway, free_port, npm_packages};
 
 const PACKAGES: [&str; 2] = ["@modelcontextprotocol/conformance@0.1.16", "node@22"];
 
@@ -79,48 +80,54 @@ fn the_official_conformance_suite_passes() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (g, h) = (free_port(), free_port());
-    let _c = Collector::start(&dir.path().join("data"), g, h, &["--fsync", "never"]).unwrap();
+    let c = Collector::start(&dir.path().join("data"), g, h, &["--fsync", "never"]).unwrap();
+    let gw = Gateway::start(dir.path(), &[("c1", c.url())], &[]).unwrap();
     let expected =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/conformance-expected-failures.yaml");
-    let url = format!("http://127.0.0.1:{h}/mcp");
+    let urls = [
+        ("collector", format!("http://127.0.0.1:{h}/mcp")),
+        ("gateway", format!("http://127.0.0.1:{}/mcp", gw.http_port)),
+    ];
     let mut outcomes = Vec::new();
-    for s in scenarios
-        .iter()
-        .filter(|s| !FIXTURE_SCENARIOS.contains(&s.as_str()))
-    {
-        let out = conformance(&prefix)
-            .args([
-                "server",
-                "--url",
-                &url,
-                "--scenario",
-                s,
-                "--expected-failures",
-            ])
-            .arg(&expected)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let summary = text
-            .lines()
-            .find(|l| l.starts_with("Passed:"))
-            .unwrap_or("no summary")
-            .to_string();
-        outcomes.push(Outcome {
-            scenario: s.clone(),
-            summary,
-            ok: out.status.success(),
-            output: text,
-        });
+    for (server, url) in &urls {
+        for s in scenarios
+            .iter()
+            .filter(|s| !FIXTURE_SCENARIOS.contains(&s.as_str()))
+        {
+            let out = conformance(&prefix)
+                .args([
+                    "server",
+                    "--url",
+                    url,
+                    "--scenario",
+                    s,
+                    "--expected-failures",
+                ])
+                .arg(&expected)
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let summary = text
+                .lines()
+                .find(|l| l.starts_with("Passed:"))
+                .unwrap_or("no summary")
+                .to_string();
+            outcomes.push(Outcome {
+                scenario: format!("{server}: {s}"),
+                summary,
+                ok: out.status.success(),
+                output: text,
+            });
+        }
     }
-    println!("MCP conformance 0.1.16 against gpulse-collector /mcp:");
+    println!("MCP conformance 0.1.16 against gpulse-collector /mcp and a gateway's /mcp:");
     for o in &outcomes {
         println!(
-            "  {:<32} {}{}",
+            "  {:<44} {}{}",
             o.scenario,
             o.summary,
             if o.ok { "" } else { "  << UNEXPECTED" }
