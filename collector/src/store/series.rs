@@ -15,8 +15,17 @@ pub const CHUNK_ROWS: usize = 120;
 /// Fixed bookkeeping bytes counted per chunk / per bucket row, so budgets bound real memory.
 const CHUNK_OVERHEAD: usize = 96;
 const BUCKET_ROW_OVERHEAD: usize = 24;
-const HEAD_ROW_OVERHEAD: usize = 8;
 const GPU_OVERHEAD: usize = 256;
+/// While the raw tier is over its budget with no sealed chunk left to expire (more GPUs than
+/// the budget holds heads for), a GPU's head is sealed once it has this many rows, so that its
+/// rows are compressed (and expire oldest first) instead of held plain.
+const PRESSURE_SEAL_ROWS: usize = 8;
+
+/// Memory of a GPU's head as allocated (its columns grow with their rows and are released when
+/// sealed), which is what the raw budget counts.
+fn head_bytes(g: &GpuSeries) -> usize {
+    (g.head_ts.capacity() + g.head.iter().map(Vec::capacity).sum::<usize>()) * 8
+}
 
 /// The three retention tiers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -227,8 +236,9 @@ impl GpuSeries {
             node,
             index,
             uuid,
-            head_ts: Vec::with_capacity(CHUNK_ROWS),
-            head: vec![Vec::with_capacity(CHUNK_ROWS); metrics],
+            // Grown as rows arrive: a GPU costs its rows, not a chunk's worth up front.
+            head_ts: Vec::new(),
+            head: vec![Vec::new(); metrics],
             chunks: VecDeque::new(),
             tiers: [Buckets::default(), Buckets::default()],
             last_ms: i64::MIN,
@@ -345,10 +355,6 @@ impl SeriesStore {
         BUCKET_ROW_OVERHEAD + self.metrics * std::mem::size_of::<Agg>()
     }
 
-    fn head_row_bytes(&self) -> usize {
-        HEAD_ROW_OVERHEAD + self.metrics * 8
-    }
-
     /// Stores one row (`values[m]` is metric m; NaN = absent).
     pub fn push(
         &mut self,
@@ -395,9 +401,9 @@ impl SeriesStore {
                 id
             }
         };
-        let head_row = self.head_row_bytes();
         let bucket_row = self.bucket_row_bytes();
         let metrics = self.metrics;
+        let pressure = self.bytes[0] > self.budgets.raw && self.chunk_fifo.is_empty();
         let g = &mut self.gpus[id as usize];
         if ts_ms <= g.last_ms {
             self.rejected_out_of_order += 1;
@@ -407,11 +413,12 @@ impl SeriesStore {
             g.uuid = uuid.to_string();
         }
         g.last_ms = ts_ms;
+        let before = head_bytes(g);
         g.head_ts.push(ts_ms);
         for m in 0..metrics {
             g.head[m].push(values.get(m).copied().unwrap_or(f64::NAN));
         }
-        self.bytes[0] += head_row;
+        self.bytes[0] += head_bytes(g) - before;
         for t in 0..2 {
             let res = [60_000, 3_600_000][t];
             let start = floor_to(ts_ms, res);
@@ -432,13 +439,13 @@ impl SeriesStore {
                 }
             }
         }
-        if g.head_ts.len() >= CHUNK_ROWS {
+        if g.head_ts.len() >= CHUNK_ROWS || (pressure && g.head_ts.len() >= PRESSURE_SEAL_ROWS) {
             let chunk = Chunk::seal(&g.head_ts, &g.head);
             self.bytes[0] += chunk.bytes();
-            self.bytes[0] -= head_row * g.head_ts.len();
-            g.head_ts.clear();
+            self.bytes[0] -= head_bytes(g);
+            g.head_ts = Vec::new();
             for c in &mut g.head {
-                c.clear();
+                *c = Vec::new();
             }
             g.chunks.push_back(chunk);
             self.chunk_fifo.push_back(id);
@@ -462,8 +469,7 @@ impl SeriesStore {
         }
         let id = id as GpuId;
         let g = &self.gpus[id as usize];
-        self.bytes[0] -= g.head_ts.len() * self.head_row_bytes()
-            + g.chunks.iter().map(Chunk::bytes).sum::<usize>();
+        self.bytes[0] -= head_bytes(g) + g.chunks.iter().map(Chunk::bytes).sum::<usize>();
         for t in 0..2 {
             self.bytes[t + 1] -= g.tiers[t].starts.len() * self.bucket_row_bytes();
         }
@@ -665,7 +671,6 @@ impl SeriesStore {
     /// recomputed from what is loaded.
     pub fn restore(metrics: usize, budgets: SeriesBudgets, gpus: Vec<GpuSeries>) -> Self {
         let mut s = Self::new(metrics, budgets);
-        let head_row = s.head_row_bytes();
         let bucket_row = s.bucket_row_bytes();
         let mut chunks: Vec<(i64, GpuId)> = Vec::new();
         let mut buckets: [Vec<(i64, GpuId)>; 2] = [Vec::new(), Vec::new()];
@@ -674,7 +679,7 @@ impl SeriesStore {
                 continue;
             }
             let id = s.gpus.len() as GpuId;
-            s.bytes[0] += GPU_OVERHEAD + g.head_ts.len() * head_row;
+            s.bytes[0] += GPU_OVERHEAD + head_bytes(&g);
             for c in &g.chunks {
                 s.bytes[0] += c.bytes();
                 chunks.push((c.first_ms, id));
@@ -838,16 +843,67 @@ mod tests {
             s.tier_stats(Tier::Raw).bytes < raw_before,
             "the old GPU's chunks are freed"
         );
-        // The freed GPU's data is gone from the accounting: recomputing from scratch agrees.
+        // The freed GPU's data is gone from the accounting: recomputing from scratch agrees
+        // (the raw tier directly: a copy's heads are allocated to their length only).
         let again = SeriesStore::restore(3, budgets, s.gpus().to_vec());
-        for t in Tier::ALL {
+        for t in [Tier::Minute, Tier::Hour] {
             assert_eq!(again.tier_stats(t).bytes, s.tier_stats(t).bytes, "{t:?}");
         }
+        let direct: usize = s
+            .gpus()
+            .iter()
+            .map(|g| {
+                GPU_OVERHEAD + head_bytes(g) + g.chunks.iter().map(Chunk::bytes).sum::<usize>()
+            })
+            .sum();
+        assert_eq!(direct, s.tier_stats(Tier::Raw).bytes);
         // The live GPU was recent: it is never the one retired.
         assert_eq!(
             s.push("newer", 0, "GPU-newer", later + 700_001, &row(1)),
             Err(Rejected::TooManyGpus)
         );
+    }
+
+    /// More GPUs than the raw budget holds heads for: heads are sealed early and chunks
+    /// expire, so what the raw tier holds (its heads as allocated included) stays near its
+    /// budget, and the accounting is exact.
+    #[test]
+    fn many_gpus_keep_the_raw_tier_near_its_budget() {
+        let budgets = SeriesBudgets {
+            raw: 2 << 20,
+            minute: 64 << 20,
+            hour: 64 << 20,
+            max_gpus: 100_000,
+        };
+        let metrics = 14;
+        let mut s = SeriesStore::new(metrics, budgets);
+        let t0 = 1_764_000_000_000;
+        let vals: Vec<f64> = (0..metrics).map(|m| m as f64).collect();
+        for i in 0..100i64 {
+            for gpu in 0..4000u32 {
+                s.push("n", gpu, "", t0 + i * 1000, &vals).unwrap();
+            }
+        }
+        let raw = s.tier_stats(Tier::Raw).bytes;
+        let direct: usize = s
+            .gpus()
+            .iter()
+            .map(|g| {
+                GPU_OVERHEAD + head_bytes(g) + g.chunks.iter().map(Chunk::bytes).sum::<usize>()
+            })
+            .sum();
+        assert_eq!(direct, raw, "accounting counts the heads as allocated");
+        // Per GPU at most an early-sealed head's worth beyond the budget (fixed overhead and
+        // fewer than 2 x 8 rows of 15 columns).
+        let floor = 4000 * (GPU_OVERHEAD + 15 * 16 * 8);
+        assert!(
+            raw <= budgets.raw.max(floor),
+            "{raw} > {} and > {floor}",
+            budgets.raw
+        );
+        assert!(s.tier_stats(Tier::Raw).expired > 0);
+        // Before, every GPU kept a preallocated head of 120 rows: 4000 x 14 KiB = 55 MiB.
+        assert!(raw < 12 << 20, "{raw}");
     }
 
     /// A node clock that steps back an hour: the GPU's series starts again instead of refusing
