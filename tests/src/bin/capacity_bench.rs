@@ -142,6 +142,33 @@ fn main() -> anyhow::Result<()> {
             }
         })
         .await?;
+        let st = c2
+            .clone()
+            .status(gpulse_proto::v1::StatusRequest {})
+            .await?
+            .into_inner();
+        let mib = |b: u64| b as f64 / 1048576.0;
+        let tiers: Vec<String> = st
+            .tiers
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} {:.1} of {:.0} MiB",
+                    gpulse_proto::names::ShortName::short_name(
+                        gpulse_proto::v1::Tier::try_from(t.tier).unwrap_or_default()
+                    ),
+                    mib(t.bytes),
+                    mib(t.budget_bytes)
+                )
+            })
+            .collect();
+        println!(
+            "shard 0 store: events {:.1} of {:.0} MiB; samples {}; {} GPUs",
+            mib(st.ring_bytes),
+            mib(st.ring_budget_bytes),
+            tiers.join(", "),
+            st.gpus_tracked
+        );
         anyhow::Ok((summary, trend))
     })?;
     println!(
