@@ -153,11 +153,16 @@ fn start_nvml(args: &Args, tx: &mpsc::Sender<Captured>, stats: &Arc<AgentStats>)
     };
     let driver = sampler.driver_version().to_string();
     let interval = Duration::from_millis(args.sample_interval_ms);
+    let xid_events = match gpulse_agent::nvml::spawn_xid_events(&sampler, tx.clone(), stats.clone())
+    {
+        Ok(n) => format!("NVML XID events on {n} GPUs"),
+        Err(e) => format!("NVML XID events off: cannot start their thread: {e}"),
+    };
     match gpulse_agent::nvml::spawn(sampler, interval, tx.clone(), stats.clone()) {
         Ok(()) => {
-            info!(driver = %driver, interval_ms = args.sample_interval_ms, "NVML sampling on");
+            info!(driver = %driver, interval_ms = args.sample_interval_ms, xid_events = %xid_events, "NVML sampling on");
             format!(
-                "GPU samples every {} ms (driver {driver})",
+                "GPU samples every {} ms (driver {driver}); {xid_events}",
                 args.sample_interval_ms
             )
         }
@@ -233,7 +238,7 @@ fn spawn_spool_sync(spool: Arc<SharedSpool>) {
 }
 
 /// Captured items through the pipeline into the spool; every 5 s, exits of GPU processes that
-/// vanished without a reported exit. Ends when every sender is gone.
+/// vanished without a reported exit; every 250 ms, NVML XIDs no kernel record matched. Ends when every sender is gone.
 fn spawn_pipeline(
     mut rx: mpsc::Receiver<Captured>,
     mut pipeline: Pipeline,
@@ -243,6 +248,9 @@ fn spawn_pipeline(
     tokio::spawn(async move {
         let mut gc = tokio::time::interval(Duration::from_secs(5));
         gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // NVML XIDs wait here for the kernel record of the same XID (see Pipeline::release_held).
+        let mut held = tokio::time::interval(Duration::from_millis(250));
+        held.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 item = rx.recv() => {
@@ -253,6 +261,11 @@ fn spawn_pipeline(
                 }
                 _ = gc.tick() => {
                     for ev in pipeline.collect(now()) {
+                        spool.push(ev);
+                    }
+                }
+                _ = held.tick() => {
+                    for ev in pipeline.release_held(now()) {
                         spool.push(ev);
                     }
                 }
@@ -277,6 +290,8 @@ fn spawn_counter_log(stats: Arc<AgentStats>, spool: Arc<SharedSpool>) {
                 captured = get(&stats.records_captured),
                 xids = get(&stats.xids),
                 dual_path_duplicates = get(&stats.dual_path_duplicates),
+                nvml_xid_events = get(&stats.nvml_xid_events),
+                nvml_xid_duplicates = get(&stats.nvml_xid_duplicates),
                 kernel_ring_dropped = get(&stats.kernel_ring_dropped),
                 kmsg_missed = get(&stats.kmsg_missed),
                 malformed = get(&stats.malformed_records),

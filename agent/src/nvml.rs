@@ -1,6 +1,8 @@
 //! NVML sampling through nvml-wrapper: per-GPU identity and, each interval, utilisation, memory,
-//! temperature, power, clocks, throttle reasons, volatile ECC counts, PCIe replays and per-process
-//! GPU memory.
+//! temperatures, power, energy, clocks, throttle reasons and violation time, volatile ECC counts,
+//! row remapping or page retirement, NVLink error counters, NVSwitch fabric state, PCIe replays
+//! and per-process GPU memory. NVML's critical-XID events are watched on a thread of their own
+//! ([`spawn_xid_events`]).
 //!
 //! A field the GPU does not support (`NotSupported`) is absent, never zero and never an error.
 //! Any other failure of one field is reported in that sample's `errors` and the other fields and
@@ -8,17 +10,39 @@
 //! error. NVML calls block, so the sampler runs on its own thread.
 use std::{ffi::OsStr, path::PathBuf, sync::Arc, time::Duration};
 
-use gpulse_proto::v1::{FieldError, GpuProcessMemory, GpuSample};
+use gpulse_proto::v1::{
+    FabricInfo, FieldError, GpuProcessMemory, GpuSample, NvLinkErrors, RecordSource, RetiredPages,
+    RowRemap,
+};
 use nvml_wrapper::{
     Device, Nvml,
-    enum_wrappers::device::{Clock, EccCounter, MemoryError, TemperatureSensor},
-    enums::device::UsedGpuMemory,
-    error::NvmlError,
+    bitmasks::event::EventTypes,
+    enum_wrappers::{
+        device::{
+            Clock, EccCounter, MemoryError, PerformancePolicy, RetirementCause, TemperatureSensor,
+        },
+        nv_link::ErrorCounter,
+    },
+    enums::{
+        device::{SampleValue, UsedGpuMemory},
+        event::XidError,
+    },
+    error::{NvmlError, nvml_sym, nvml_try},
+    struct_wrappers::device::FieldValueSample,
+    structs::device::FieldId,
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::{record::Captured, stats::AgentStats};
+use crate::{
+    record::{Captured, DevXid, RawRecord},
+    stats::AgentStats,
+};
+
+/// NVML's field id for the memory (HBM) temperature.
+const FI_DEV_MEMORY_TEMP: u32 = 82;
+/// Links NVML numbers per GPU at most (NVML_NVLINK_MAX_LINKS).
+const NVLINK_MAX_LINKS: u32 = 18;
 
 /// `--nvml auto|off|PATH`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,7 +65,7 @@ impl std::str::FromStr for NvmlChoice {
 }
 
 pub struct Sampler {
-    nvml: Nvml,
+    nvml: Arc<Nvml>,
     driver_version: String,
     cuda_driver_version: String,
 }
@@ -59,7 +83,7 @@ pub fn open(choice: &NvmlChoice) -> Result<Option<Sampler>, NvmlError> {
         .map(|v| format!("{}.{}", v / 1000, (v % 1000) / 10))
         .unwrap_or_default();
     Ok(Some(Sampler {
-        nvml,
+        nvml: Arc::new(nvml),
         driver_version,
         cuda_driver_version,
     }))
@@ -69,7 +93,8 @@ pub fn open(choice: &NvmlChoice) -> Result<Option<Sampler>, NvmlError> {
 fn field<T>(errors: &mut Vec<FieldError>, name: &str, r: Result<T, NvmlError>) -> Option<T> {
     match r {
         Ok(v) => Some(v),
-        Err(NvmlError::NotSupported) => None,
+        // A driver too old to have the function does not support the field either.
+        Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => None,
         Err(e) => {
             errors.push(FieldError {
                 field: name.to_string(),
@@ -81,6 +106,52 @@ fn field<T>(errors: &mut Vec<FieldError>, name: &str, r: Result<T, NvmlError>) -
 }
 
 impl Sampler {
+    /// Row remapping counts (nvml-wrapper has no call for them: the C function directly).
+    fn row_remap(&self, errors: &mut Vec<FieldError>, d: &Device<'_>) -> Option<RowRemap> {
+        let lib = self.nvml.lib();
+        let call = nvml_sym(lib.nvmlDeviceGetRemappedRows.as_ref());
+        let r = call.and_then(|f| {
+            let (mut corr, mut unc, mut pending, mut failure) = (0, 0, 0, 0);
+            // SAFETY: a live handle of this NVML instance and four valid out-pointers.
+            nvml_try(unsafe { f(d.handle(), &mut corr, &mut unc, &mut pending, &mut failure) })?;
+            Ok(RowRemap {
+                correctable: corr,
+                uncorrectable: unc,
+                pending: pending != 0,
+                failure: failure != 0,
+            })
+        });
+        field(errors, "row_remap", r)
+    }
+
+    /// NVSwitch fabric registration; absent on systems without a fabric.
+    fn fabric(&self, errors: &mut Vec<FieldError>, d: &Device<'_>) -> Option<FabricInfo> {
+        let lib = self.nvml.lib();
+        let call = nvml_sym(lib.nvmlDeviceGetGpuFabricInfo.as_ref());
+        let r = call.and_then(|f| {
+            // SAFETY: a plain C struct; all-zero is a valid value of it.
+            let mut info: nvml_wrapper_sys::bindings::nvmlGpuFabricInfo_t =
+                unsafe { std::mem::zeroed() };
+            // SAFETY: a live handle of this NVML instance and a valid out-pointer.
+            nvml_try(unsafe { f(d.handle(), &mut info) })?;
+            Ok(info)
+        });
+        let info = field(errors, "fabric", r)?;
+        if u32::from(info.state) == 0 {
+            return None; // NVML_GPU_FABRIC_STATE_NOT_SUPPORTED
+        }
+        let status = match nvml_try(info.status) {
+            Ok(()) => "success".to_string(),
+            Err(e) => e.to_string(),
+        };
+        Some(FabricInfo {
+            state: fabric_state_name(u32::from(info.state)),
+            status,
+            cluster_uuid: uuid_text(&info.clusterUuid),
+            clique_id: info.cliqueId,
+        })
+    }
+
     pub fn driver_version(&self) -> &str {
         &self.driver_version
     }
@@ -148,6 +219,20 @@ impl Sampler {
             d.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile),
         );
         s.pcie_replay_count = field(e, "pcie_replay", d.pcie_replay_counter());
+        s.memory_temperature_c = memory_temperature(e, d);
+        s.energy_mj = field(e, "energy", d.total_energy_consumption());
+        s.power_violation_ns = field(e, "violation", d.violation_status(PerformancePolicy::Power))
+            .map(|v| v.violation_time);
+        s.thermal_violation_ns = field(
+            e,
+            "violation",
+            d.violation_status(PerformancePolicy::Thermal),
+        )
+        .map(|v| v.violation_time);
+        s.row_remap = self.row_remap(e, d);
+        s.retired_pages = retired_pages(e, d);
+        s.nvlink = nvlink_errors(e, d);
+        s.fabric = self.fabric(e, d);
         for (kind, r) in [
             ("compute", d.running_compute_processes()),
             ("graphics", d.running_graphics_processes()),
@@ -162,6 +247,227 @@ impl Sampler {
                     r#type: kind.to_string(),
                 }));
             }
+        }
+    }
+}
+
+/// The memory (HBM) temperature, read as an NVML field value.
+fn memory_temperature(errors: &mut Vec<FieldError>, d: &Device<'_>) -> Option<u32> {
+    let values = field(
+        errors,
+        "memory_temperature",
+        d.field_values_for(&[FieldId(FI_DEV_MEMORY_TEMP)]),
+    )?;
+    let sample: FieldValueSample = values.into_iter().next()?.ok()?;
+    let v = match field(errors, "memory_temperature", sample.value)? {
+        SampleValue::U32(v) => u64::from(v),
+        SampleValue::U64(v) => v,
+        SampleValue::I64(v) => u64::try_from(v).ok()?,
+        SampleValue::F64(v) => v as u64,
+    };
+    // 0 is what GPUs without an HBM sensor report through the field API.
+    u32::try_from(v).ok().filter(|t| *t > 0)
+}
+
+/// Pages retired for each cause and whether more wait for a reboot; absent on GPUs that remap
+/// rows instead.
+fn retired_pages(errors: &mut Vec<FieldError>, d: &Device<'_>) -> Option<RetiredPages> {
+    let single = field(
+        errors,
+        "retired_pages",
+        d.retired_pages(RetirementCause::MultipleSingleBitEccErrors),
+    )?;
+    let double = field(
+        errors,
+        "retired_pages",
+        d.retired_pages(RetirementCause::DoubleBitEccError),
+    )?;
+    let pending = field(errors, "retired_pages", d.are_pages_pending_retired())?;
+    Some(RetiredPages {
+        single_bit: single.len() as u32,
+        double_bit: double.len() as u32,
+        pending,
+    })
+}
+
+/// Error counters of every active NVLink. Numbering stops at the first link NVML does not know
+/// (GPUs without NVLink answer NotSupported for link 0).
+fn nvlink_errors(errors: &mut Vec<FieldError>, d: &Device<'_>) -> Vec<NvLinkErrors> {
+    let mut out = Vec::new();
+    for link in 0..NVLINK_MAX_LINKS {
+        let l = d.link_wrapper_for(link);
+        match l.is_active() {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(NvmlError::NotSupported | NvmlError::InvalidArg) => break,
+            Err(e) => {
+                errors.push(FieldError {
+                    field: "nvlink".into(),
+                    error: format!("link {link}: {e}"),
+                });
+                continue;
+            }
+        }
+        let mut count = |c| field(errors, "nvlink", l.error_counter(c));
+        out.push(NvLinkErrors {
+            link,
+            crc_flit: count(ErrorCounter::DlCrcFlit),
+            crc_data: count(ErrorCounter::DlCrcData),
+            replay: count(ErrorCounter::DlReplay),
+            recovery: count(ErrorCounter::DlRecovery),
+        });
+    }
+    out
+}
+
+/// The name of an NVSwitch fabric registration state.
+fn fabric_state_name(state: u32) -> String {
+    match state {
+        1 => "not_started".into(),
+        2 => "in_progress".into(),
+        3 => "completed".into(),
+        n => format!("unknown({n})"),
+    }
+}
+
+/// A 16-byte UUID as text (8-4-4-4-12 hex digits); empty when all zero.
+fn uuid_text(b: &[u8; 16]) -> String {
+    if b.iter().all(|x| *x == 0) {
+        return String::new();
+    }
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// How long the event thread waits for NVML per call; also how soon it notices the agent stop.
+const XID_WAIT_MS: u32 = 1000;
+
+/// Watches NVML's critical-XID events on a thread of its own and hands each to the pipeline as a
+/// record of source `NVML_EVENT` (the pipeline holds it briefly and drops it when the kernel log
+/// reported the same XID). Returns how many GPUs are watched; `Ok(0)` when no GPU supports the
+/// event.
+pub fn spawn_xid_events(
+    sampler: &Sampler,
+    tx: mpsc::Sender<Captured>,
+    stats: Arc<AgentStats>,
+) -> std::io::Result<u32> {
+    let nvml = sampler.nvml.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("gpulse-nvml-xid".into())
+        .spawn(move || {
+            let watched = match register_xid_events(&nvml) {
+                Ok((set, 0)) => {
+                    drop(set);
+                    let _ = ready_tx.send(0);
+                    return;
+                }
+                Ok((set, n)) => {
+                    let _ = ready_tx.send(n);
+                    set
+                }
+                Err(e) => {
+                    warn!(error = %e, "NVML XID events unavailable; XIDs come from the kernel log only");
+                    let _ = ready_tx.send(0);
+                    return;
+                }
+            };
+            watch_xid_events(&watched, &tx, &stats);
+        })?;
+    Ok(ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_default())
+}
+
+/// One event set with every GPU that supports critical-XID events registered on it.
+fn register_xid_events(nvml: &Nvml) -> Result<(nvml_wrapper::EventSet<'_>, u32), NvmlError> {
+    let set = nvml.create_event_set()?;
+    let register = nvml_sym(nvml.lib().nvmlDeviceRegisterEvents.as_ref())?;
+    let mut watched = 0;
+    for index in 0..nvml.device_count()? {
+        let d = match nvml.device_by_index(index) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(index, error = %e, "GPU not watched for NVML XID events");
+                continue;
+            }
+        };
+        match d.supported_event_types() {
+            Ok(t) if t.contains(EventTypes::CRITICAL_XID_ERROR) => {}
+            _ => continue,
+        }
+        // The C call directly: the wrapper's register_events frees the whole set when one GPU
+        // fails, which would unwatch the GPUs registered before it.
+        // SAFETY: a live device handle and event set of this NVML instance.
+        let r = nvml_try(unsafe {
+            register(
+                d.handle(),
+                EventTypes::CRITICAL_XID_ERROR.bits(),
+                set.handle(),
+            )
+        });
+        match r {
+            Ok(()) => watched += 1,
+            Err(e) => warn!(index, error = %e, "GPU not watched for NVML XID events"),
+        }
+    }
+    Ok((set, watched))
+}
+
+fn watch_xid_events(
+    set: &nvml_wrapper::EventSet<'_>,
+    tx: &mpsc::Sender<Captured>,
+    stats: &AgentStats,
+) {
+    let mut failing = false;
+    while !tx.is_closed() {
+        let ev = match set.wait(XID_WAIT_MS) {
+            Ok(ev) => ev,
+            Err(NvmlError::Timeout) => continue,
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "waiting for NVML XID events failed; retrying");
+                    failing = true;
+                }
+                std::thread::sleep(Duration::from_millis(u64::from(XID_WAIT_MS)));
+                continue;
+            }
+        };
+        failing = false;
+        let Some(XidError::Value(code)) = ev.event_data else {
+            continue; // an event without an XID number says nothing the kernel log does not
+        };
+        let Ok(code) = u32::try_from(code) else {
+            continue;
+        };
+        let pci = ev
+            .device
+            .pci_info()
+            .map(|p| {
+                gpulse_xid::Bdf::parse(&p.bus_id)
+                    .map(|b| b.to_string())
+                    .unwrap_or(p.bus_id)
+            })
+            .unwrap_or_default();
+        let now = gpulse_proto::time::to_unix_nanos(&gpulse_proto::time::now());
+        let record = RawRecord {
+            unix_ns: now,
+            source: RecordSource::NvmlEvent,
+            // In the printk shape so the one parser and catalog serve every path.
+            text: format!("NVRM: Xid (PCI:{pci}): {code}, reported by NVML (critical XID event)"),
+            truncated: false,
+            dev_xid: Some(DevXid { code, dev: pci }),
+        };
+        AgentStats::add(&stats.nvml_xid_events, 1);
+        if tx.blocking_send(Captured::Record(record)).is_err() {
+            return;
         }
     }
 }

@@ -18,6 +18,12 @@ use crate::{
 /// Records seen on both `printk:console` and `nvidia:nvidia_dev_xid` within this window are one.
 const DUAL_PATH_WINDOW_NS: i128 = 2_000_000_000;
 const DUAL_PATH_MAX: usize = 1024;
+/// An NVML XID event waits this long for the kernel record of the same XID before it is reported
+/// on its own (NVML's event carries no message, pid or process name; the kernel record does).
+pub const NVML_HOLD_NS: i128 = 2_000_000_000;
+/// An NVML XID event this close to a kernel record of the same GPU and code is that record.
+const NVML_MATCH_NS: i128 = 5_000_000_000;
+const NVML_HELD_MAX: usize = 1024;
 /// How far apart two runs' times of one kernel record may be and still be the same record.
 const BACKLOG_MATCH_NS: i128 = 5_000_000_000;
 
@@ -47,6 +53,17 @@ pub struct Pipeline {
     procs: ProcessTracker,
     pods: Option<crate::pods::Attributor>,
     stats: Arc<AgentStats>,
+    /// NVML XID events waiting for their kernel record, oldest first.
+    nvml_held: VecDeque<(GpuXid, RawRecord)>,
+    /// Kernel XIDs recently reported, oldest first, for NVML events that arrive after them.
+    kernel_xids: VecDeque<(GpuXid, i128)>,
+}
+
+/// One XID of one GPU, as NVML and the kernel log both name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct GpuXid {
+    pci: String,
+    code: u32,
 }
 
 impl Pipeline {
@@ -65,6 +82,8 @@ impl Pipeline {
             procs: ProcessTracker::new(16384),
             pods: None,
             stats,
+            nvml_held: VecDeque::new(),
+            kernel_xids: VecDeque::new(),
         }
     }
 
@@ -224,7 +243,87 @@ impl Pipeline {
         }
     }
 
+    /// NVML XID events whose hold ended without a kernel record of the same XID: reported now.
+    pub fn release_held(&mut self, now_unix_ns: i128) -> Vec<v1::Event> {
+        let mut out = Vec::new();
+        while self
+            .nvml_held
+            .front()
+            .is_some_and(|(_, r)| now_unix_ns - r.unix_ns >= NVML_HOLD_NS)
+        {
+            if let Some((_, r)) = self.nvml_held.pop_front()
+                && let Some(ev) = self.decode(r)
+            {
+                out.push(ev);
+            }
+        }
+        out
+    }
+
+    /// An NVML XID event: dropped when the kernel log already reported it, held otherwise.
+    fn nvml_xid(&mut self, r: RawRecord) -> Option<v1::Event> {
+        let Some(dev) = &r.dev_xid else {
+            return self.decode(r);
+        };
+        let key = GpuXid {
+            pci: normalise_pci(&dev.dev),
+            code: dev.code,
+        };
+        self.expire_kernel_xids(r.unix_ns);
+        if let Some(i) = self
+            .kernel_xids
+            .iter()
+            .position(|(k, t)| *k == key && (r.unix_ns - t).abs() <= NVML_MATCH_NS)
+        {
+            // One kernel record answers for one NVML event: a repeat is a new XID.
+            self.kernel_xids.remove(i);
+            AgentStats::add(&self.stats.nvml_xid_duplicates, 1);
+            return None;
+        }
+        let overflow = if self.nvml_held.len() >= NVML_HELD_MAX {
+            self.nvml_held
+                .pop_front()
+                .and_then(|(_, old)| self.decode(old))
+        } else {
+            None
+        };
+        self.nvml_held.push_back((key, r));
+        overflow
+    }
+
+    /// A kernel XID record: the NVML event of the same XID, if one is held, is dropped; else the
+    /// record is remembered for an NVML event that comes after it.
+    fn kernel_xid(&mut self, key: GpuXid, t: i128) {
+        if let Some(i) = self.nvml_held.iter().position(|(k, _)| *k == key) {
+            self.nvml_held.remove(i);
+            AgentStats::add(&self.stats.nvml_xid_duplicates, 1);
+            return;
+        }
+        self.expire_kernel_xids(t);
+        if self.kernel_xids.len() >= NVML_HELD_MAX {
+            self.kernel_xids.pop_front();
+        }
+        self.kernel_xids.push_back((key, t));
+    }
+
+    fn expire_kernel_xids(&mut self, now: i128) {
+        while self
+            .kernel_xids
+            .front()
+            .is_some_and(|(_, t)| now - t > NVML_MATCH_NS)
+        {
+            self.kernel_xids.pop_front();
+        }
+    }
+
     fn record(&mut self, r: RawRecord) -> Option<v1::Event> {
+        if r.source == RecordSource::NvmlEvent {
+            return self.nvml_xid(r);
+        }
+        self.decode(r)
+    }
+
+    fn decode(&mut self, r: RawRecord) -> Option<v1::Event> {
         let decoded = self.decoder.feed(r.unix_ns.max(0) as u64, &r.text)?;
         // XIDs are recognised by their key below; other lines by their text.
         if r.source == RecordSource::KmsgBacklog
@@ -253,6 +352,15 @@ impl Pipeline {
             if self.is_dual_path_duplicate(&key, r.unix_ns, r.source) {
                 AgentStats::add(&self.stats.dual_path_duplicates, 1);
                 return None;
+            }
+            if r.source != RecordSource::NvmlEvent && r.source != RecordSource::KmsgBacklog {
+                self.kernel_xid(
+                    GpuXid {
+                        pci: key.pci.clone(),
+                        code: key.code,
+                    },
+                    r.unix_ns,
+                );
             }
             AgentStats::add(&self.stats.xids, 1);
         }
@@ -290,6 +398,13 @@ impl Pipeline {
         self.recent.push_back((key.clone(), t, source));
         false
     }
+}
+
+/// A PCI address as the decoder prints it (dddd:bb:dd.f), or as given when it does not parse.
+fn normalise_pci(dev: &str) -> String {
+    gpulse_xid::Bdf::parse(dev)
+        .map(|b| b.to_string())
+        .unwrap_or_else(|_| dev.to_string())
 }
 
 #[cfg(test)]
@@ -451,5 +566,124 @@ mod tests {
             );
         }
         assert!(p.recent.len() <= DUAL_PATH_MAX);
+    }
+
+    fn nvml(t: i128, pci: &str, code: u32) -> Captured {
+        Captured::Record(RawRecord {
+            unix_ns: t,
+            source: RecordSource::NvmlEvent,
+            text: format!("NVRM: Xid (PCI:{pci}): {code}, reported by NVML (critical XID event)"),
+            truncated: false,
+            dev_xid: Some(DevXid {
+                code,
+                dev: pci.into(),
+            }),
+        })
+    }
+
+    const S: i128 = 1_000_000_000;
+
+    #[test]
+    fn nvml_xid_after_the_kernel_record_is_dropped() {
+        let (mut p, stats) = pipeline();
+        let k = rec(
+            10 * S,
+            RecordSource::EbpfPrintk,
+            "NVRM: Xid (PCI:0000:3b:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus.",
+        );
+        assert!(p.process(k, 0).is_some());
+        assert!(
+            p.process(nvml(10 * S + 300_000, "0000:3b:00.0", 79), 0)
+                .is_none()
+        );
+        assert!(p.release_held(20 * S).is_empty());
+        assert_eq!(AgentStats::get(&stats.nvml_xid_duplicates), 1);
+        assert_eq!(AgentStats::get(&stats.xids), 1);
+        // A second NVML event of the same XID is a new XID: one kernel record answers for one.
+        assert!(p.process(nvml(11 * S, "0000:3b:00.0", 79), 0).is_none());
+        assert_eq!(p.release_held(13 * S).len(), 1);
+    }
+
+    #[test]
+    fn nvml_xid_before_the_kernel_record_gives_way_to_it() {
+        let (mut p, stats) = pipeline();
+        assert!(
+            p.process(nvml(10 * S, "0000:3b:00.0", 48), 0).is_none(),
+            "held"
+        );
+        assert!(
+            p.release_held(10 * S + S).is_empty(),
+            "still within the hold"
+        );
+        let k = rec(
+            10 * S + S / 2,
+            RecordSource::Kmsg,
+            "NVRM: Xid (PCI:0000:3b:00): 48, pid=1234, name=python, An uncorrectable double bit error",
+        );
+        let ev = p.process(k, 0).unwrap();
+        let Some(Payload::Xid(x)) = ev.payload else {
+            panic!()
+        };
+        assert_eq!(
+            (x.code, x.pid),
+            (48, Some(1234)),
+            "the richer kernel record is kept"
+        );
+        assert!(p.release_held(20 * S).is_empty());
+        assert_eq!(AgentStats::get(&stats.nvml_xid_duplicates), 1);
+    }
+
+    #[test]
+    fn nvml_only_xid_is_reported_after_the_hold_with_the_catalog() {
+        let (mut p, stats) = pipeline();
+        assert!(p.process(nvml(10 * S, "0000:3b:00.0", 79), 0).is_none());
+        // Another GPU's kernel XID, and another code on this GPU, do not match it.
+        p.process(
+            rec(
+                10 * S,
+                RecordSource::Kmsg,
+                "NVRM: Xid (PCI:0000:86:00): 79, GPU has fallen off the bus.",
+            ),
+            0,
+        );
+        p.process(
+            rec(
+                10 * S,
+                RecordSource::Kmsg,
+                "NVRM: Xid (PCI:0000:3b:00): 13, Graphics Exception",
+            ),
+            0,
+        );
+        let out = p.release_held(10 * S + NVML_HOLD_NS);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            out[0].time.unwrap().seconds,
+            10,
+            "the time NVML reported it"
+        );
+        let Some(Payload::Xid(x)) = &out[0].payload else {
+            panic!()
+        };
+        assert_eq!(
+            (x.code, x.pci.as_str(), x.source),
+            (79, "0000:3b:00.0", RecordSource::NvmlEvent as i32)
+        );
+        assert_eq!(x.mnemonic, "ROBUST_CHANNEL_GPU_HAS_FALLEN_OFF_THE_BUS");
+        assert_eq!(out[0].severity, v1::Severity::Fatal as i32);
+        assert_eq!(AgentStats::get(&stats.nvml_xid_duplicates), 0);
+    }
+
+    #[test]
+    fn nvml_hold_is_bounded() {
+        let (mut p, _) = pipeline();
+        let mut released = 0;
+        for i in 0..(NVML_HELD_MAX as i128 + 10) {
+            released += usize::from(p.process(nvml(i, "0000:3b:00.0", 31), 0).is_some());
+        }
+        assert_eq!(
+            released, 10,
+            "the oldest held events are reported, not lost"
+        );
+        assert_eq!(p.nvml_held.len(), NVML_HELD_MAX);
     }
 }

@@ -33,6 +33,10 @@ pub struct AgentStats {
     pub backlog_duplicates: AtomicU64,
     /// NVIDIA records read from the kernel log's backlog at start-up.
     pub backlog_records: AtomicU64,
+    /// Critical-XID events NVML reported (before de-duplication against the kernel log).
+    pub nvml_xid_events: AtomicU64,
+    /// NVML XID events dropped because the kernel log reported the same XID.
+    pub nvml_xid_duplicates: AtomicU64,
 }
 
 impl AgentStats {

@@ -157,3 +157,139 @@ fn no_driver_is_a_clear_error_and_off_is_off() {
     assert!("".parse::<NvmlChoice>().is_err());
     assert_eq!("auto".parse::<NvmlChoice>(), Ok(NvmlChoice::Auto));
 }
+
+#[test]
+fn health_evidence_remaps_retired_pages_nvlink_violations_fabric() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let s = open("health-evidence.json").unwrap().unwrap();
+
+    // Tick 0: a healthy Hopper with NVLink and a fabric still registering; a Volta that
+    // retires pages instead of remapping rows.
+    let r = s.sample().unwrap();
+    let (h, v) = (&r[0], &r[1]);
+    assert!(h.errors.is_empty(), "{:?}", h.errors);
+    assert_eq!(h.memory_temperature_c, Some(45));
+    assert_eq!(h.energy_mj, Some(1_000_000));
+    assert_eq!(h.power_violation_ns, Some(0));
+    assert_eq!(
+        h.thermal_violation_ns, None,
+        "unsupported: absent, not zero"
+    );
+    let remap = h.row_remap.unwrap();
+    assert_eq!(
+        (
+            remap.correctable,
+            remap.uncorrectable,
+            remap.pending,
+            remap.failure
+        ),
+        (0, 0, false, false)
+    );
+    assert_eq!(
+        h.retired_pages, None,
+        "a GPU that remaps rows retires no pages"
+    );
+    assert_eq!(
+        h.nvlink.iter().map(|l| l.link).collect::<Vec<_>>(),
+        vec![0, 1],
+        "the inactive link 2 is skipped"
+    );
+    assert_eq!(h.nvlink[0].crc_flit, Some(0));
+    let fabric = h.fabric.as_ref().unwrap();
+    assert_eq!(fabric.state, "in_progress");
+    assert_eq!(fabric.cluster_uuid, "01234567-89ab-cdef-0123-456789abcdef");
+
+    assert_eq!(v.row_remap, None);
+    let pages = v.retired_pages.unwrap();
+    assert_eq!(
+        (pages.single_bit, pages.double_bit, pages.pending),
+        (1, 0, false)
+    );
+    assert!(v.nvlink.is_empty() && v.fabric.is_none() && v.memory_temperature_c.is_none());
+    // A failing field is an error on that GPU, never a zero.
+    assert_eq!(v.energy_mj, None);
+    assert_eq!(
+        v.errors
+            .iter()
+            .map(|e| e.field.as_str())
+            .collect::<Vec<_>>(),
+        vec!["energy"]
+    );
+
+    // Tick 1: a remap is pending, NVLink counts errors, the power limit held the clocks.
+    let r = s.sample().unwrap();
+    let h = &r[0];
+    let remap = h.row_remap.unwrap();
+    assert_eq!((remap.uncorrectable, remap.pending), (1, true));
+    assert_eq!(
+        (
+            h.nvlink[0].crc_flit,
+            h.nvlink[0].crc_data,
+            h.nvlink[0].replay
+        ),
+        (Some(3), Some(1), Some(2))
+    );
+    assert_eq!(h.power_violation_ns, Some(500_000_000));
+    let fabric = h.fabric.as_ref().unwrap();
+    assert_eq!(
+        (
+            fabric.state.as_str(),
+            fabric.status.as_str(),
+            fabric.clique_id
+        ),
+        ("completed", "success", 7)
+    );
+    let pages = r[1].retired_pages.unwrap();
+    assert_eq!((pages.double_bit, pages.pending), (1, true));
+
+    // Tick 2: the remap failed; HBM runs warmer; link 1 recovered 4 times.
+    let r = s.sample().unwrap();
+    let h = &r[0];
+    let remap = h.row_remap.unwrap();
+    assert_eq!((remap.uncorrectable, remap.failure), (2, true));
+    assert_eq!(h.memory_temperature_c, Some(58));
+    assert_eq!(h.nvlink[1].recovery, Some(4));
+}
+
+#[test]
+fn nvml_xid_events_are_captured_from_the_gpus_that_support_them() {
+    use gpulse_agent::record::Captured;
+    use gpulse_proto::v1::RecordSource;
+
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let s = open("health-evidence.json").unwrap().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let stats = std::sync::Arc::new(gpulse_agent::stats::AgentStats::default());
+    let watched = nvml::spawn_xid_events(&s, tx, stats.clone()).unwrap();
+    assert_eq!(watched, 1, "GPU 1 does not support XID events");
+    // Nothing is due before the scenario's tick 1.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(rx.try_recv().is_err());
+    s.sample().unwrap(); // tick 1
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let rec = loop {
+        match rx.try_recv() {
+            Ok(Captured::Record(r)) => break r,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("no NVML XID event: {e:?}"),
+        }
+    };
+    assert_eq!(rec.source, RecordSource::NvmlEvent);
+    let dev = rec.dev_xid.unwrap();
+    assert_eq!((dev.code, dev.dev.as_str()), (79, "0000:3b:00.0"));
+    assert!(
+        rec.text.starts_with("NVRM: Xid (PCI:0000:3b:00.0): 79,"),
+        "{}",
+        rec.text
+    );
+    assert_eq!(
+        gpulse_agent::stats::AgentStats::get(&stats.nvml_xid_events),
+        1
+    );
+    // The thread stops once nobody listens.
+    drop(rx);
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+}

@@ -67,6 +67,7 @@ short_names!(RecordSource {
     EbpfNvidiaTracepoint => "ebpf_nvidia_tracepoint",
     Kmsg => "kmsg",
     KmsgBacklog => "kmsg_backlog",
+    NvmlEvent => "nvml_event",
 });
 short_names!(ProcessEventType {
     Open => "open",

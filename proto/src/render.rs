@@ -142,6 +142,12 @@ pub fn gpu_sample(g: &v1::GpuSample) -> Value {
         "throttle_reasons": g.throttle_reasons, "throttle_reason_names": g.throttle_reason_names,
         "ecc_corrected_volatile": g.ecc_corrected_volatile, "ecc_uncorrected_volatile": g.ecc_uncorrected_volatile,
         "pcie_replay_count": g.pcie_replay_count,
+        "memory_temperature_c": g.memory_temperature_c, "energy_mj": g.energy_mj,
+        "power_violation_ns": g.power_violation_ns, "thermal_violation_ns": g.thermal_violation_ns,
+        "row_remap": g.row_remap.as_ref().map(|r| json!({"correctable": r.correctable, "uncorrectable": r.uncorrectable, "pending": r.pending, "failure": r.failure})),
+        "retired_pages": g.retired_pages.as_ref().map(|r| json!({"single_bit": r.single_bit, "double_bit": r.double_bit, "pending": r.pending})),
+        "nvlink": g.nvlink.iter().map(|l| json!({"link": l.link, "crc_flit": l.crc_flit, "crc_data": l.crc_data, "replay": l.replay, "recovery": l.recovery})).collect::<Vec<_>>(),
+        "fabric": g.fabric.as_ref().map(|f| json!({"state": f.state, "status": f.status, "cluster_uuid": opt_str(&f.cluster_uuid), "clique_id": f.clique_id})),
         "processes": g.processes.iter().map(|p| json!({"pid": p.pid, "used_memory_bytes": p.used_memory_bytes, "type": p.r#type})).collect::<Vec<_>>(),
         "errors": g.errors.iter().map(|e| json!({"field": e.field, "error": e.error})).collect::<Vec<_>>(),
     })

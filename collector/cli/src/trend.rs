@@ -66,9 +66,14 @@ fn tier(s: &str) -> Result<Tier, String> {
 }
 
 pub fn render_metrics() -> String {
+    let width = metric::METRICS
+        .iter()
+        .map(|m| m.name.len())
+        .max()
+        .unwrap_or(0);
     metric::METRICS
         .iter()
-        .map(|m| format!("{:<18} {:<10} {}\n", m.name, m.unit, m.help))
+        .map(|m| format!("{:<width$} {:<10} {}\n", m.name, m.unit, m.help))
         .collect()
 }
 

@@ -242,7 +242,10 @@ mod tests {
             .complete_resource_argument(crate::complete::METRIC_TEMPLATE, "name", "power", None)
             .await
             .unwrap();
-        assert_eq!(c.values, vec!["power_w", "power_limit_w"]);
+        assert_eq!(
+            c.values,
+            vec!["power_w", "power_limit_w", "power_violation_s"]
+        );
         let c = s
             .client
             .complete_resource_argument(crate::complete::XID_TEMPLATE, "code", "79", None)

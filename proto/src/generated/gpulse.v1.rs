@@ -315,6 +315,86 @@ pub struct GpuSample {
     pub processes: ::prost::alloc::vec::Vec<GpuProcessMemory>,
     #[prost(message, repeated, tag = "22")]
     pub errors: ::prost::alloc::vec::Vec<FieldError>,
+    /// Memory (HBM) temperature, where the GPU reports it (NVML field NVML_FI_DEV_MEMORY_TEMP).
+    #[prost(uint32, optional, tag = "23")]
+    pub memory_temperature_c: ::core::option::Option<u32>,
+    /// Energy used since the driver loaded, millijoules (Volta and later).
+    #[prost(uint64, optional, tag = "24")]
+    pub energy_mj: ::core::option::Option<u64>,
+    /// Row remapping (Ampere and later); absent on GPUs that retire pages instead.
+    #[prost(message, optional, tag = "25")]
+    pub row_remap: ::core::option::Option<RowRemap>,
+    /// Page retirement (Kepler to Turing); absent on GPUs that remap rows instead.
+    #[prost(message, optional, tag = "26")]
+    pub retired_pages: ::core::option::Option<RetiredPages>,
+    /// Error counters of each active NVLink (empty without NVLink).
+    #[prost(message, repeated, tag = "27")]
+    pub nvlink: ::prost::alloc::vec::Vec<NvLinkErrors>,
+    /// Cumulative time the clocks were held down by the power limit / by thermal limits, ns since
+    /// the driver loaded (NVML violation status). A rising value is a throttled GPU.
+    #[prost(uint64, optional, tag = "28")]
+    pub power_violation_ns: ::core::option::Option<u64>,
+    #[prost(uint64, optional, tag = "29")]
+    pub thermal_violation_ns: ::core::option::Option<u64>,
+    /// NVSwitch fabric registration (Hopper and later on NVSwitch systems); absent elsewhere.
+    #[prost(message, optional, tag = "30")]
+    pub fabric: ::core::option::Option<FabricInfo>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RowRemap {
+    /// Rows remapped for correctable / uncorrectable errors.
+    #[prost(uint32, tag = "1")]
+    pub correctable: u32,
+    #[prost(uint32, tag = "2")]
+    pub uncorrectable: u32,
+    /// A remap is waiting for a GPU reset.
+    #[prost(bool, tag = "3")]
+    pub pending: bool,
+    /// A remap failed: the GPU needs service.
+    #[prost(bool, tag = "4")]
+    pub failure: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RetiredPages {
+    /// Pages retired for multiple single-bit / for double-bit ECC errors (pending ones included).
+    #[prost(uint32, tag = "1")]
+    pub single_bit: u32,
+    #[prost(uint32, tag = "2")]
+    pub double_bit: u32,
+    /// Pages wait for a reboot to be retired.
+    #[prost(bool, tag = "3")]
+    pub pending: bool,
+}
+/// One NVLink's error counters (each absent where the link does not count it).
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NvLinkErrors {
+    #[prost(uint32, tag = "1")]
+    pub link: u32,
+    #[prost(uint64, optional, tag = "2")]
+    pub crc_flit: ::core::option::Option<u64>,
+    #[prost(uint64, optional, tag = "3")]
+    pub crc_data: ::core::option::Option<u64>,
+    #[prost(uint64, optional, tag = "4")]
+    pub replay: ::core::option::Option<u64>,
+    #[prost(uint64, optional, tag = "5")]
+    pub recovery: ::core::option::Option<u64>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FabricInfo {
+    /// "not_started", "in_progress", "completed" (or "unknown(N)").
+    #[prost(string, tag = "1")]
+    pub state: ::prost::alloc::string::String,
+    /// The outcome of registration once completed: "success" or NVML's error.
+    #[prost(string, tag = "2")]
+    pub status: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub cluster_uuid: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "4")]
+    pub clique_id: u32,
 }
 /// Said by an agent when it starts, when a source changes state, and when it stops.
 #[allow(clippy::all)]
@@ -447,6 +527,10 @@ pub enum RecordSource {
     /// The kernel log's backlog, read from /dev/kmsg when the agent starts: records printed while
     /// no agent ran (at boot, during an upgrade or a crash).
     KmsgBacklog = 4,
+    /// NVML's critical-XID event (nvmlEventTypeXidCriticalError): code and GPU only, no message or
+    /// pid. Reported only when no kernel record of the same XID arrived within the agent's
+    /// de-duplication window (a driver without kernel log access still reports its XIDs).
+    NvmlEvent = 5,
 }
 impl RecordSource {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -460,6 +544,7 @@ impl RecordSource {
             Self::EbpfNvidiaTracepoint => "RECORD_SOURCE_EBPF_NVIDIA_TRACEPOINT",
             Self::Kmsg => "RECORD_SOURCE_KMSG",
             Self::KmsgBacklog => "RECORD_SOURCE_KMSG_BACKLOG",
+            Self::NvmlEvent => "RECORD_SOURCE_NVML_EVENT",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -470,6 +555,7 @@ impl RecordSource {
             "RECORD_SOURCE_EBPF_NVIDIA_TRACEPOINT" => Some(Self::EbpfNvidiaTracepoint),
             "RECORD_SOURCE_KMSG" => Some(Self::Kmsg),
             "RECORD_SOURCE_KMSG_BACKLOG" => Some(Self::KmsgBacklog),
+            "RECORD_SOURCE_NVML_EVENT" => Some(Self::NvmlEvent),
             _ => None,
         }
     }

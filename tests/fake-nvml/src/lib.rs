@@ -24,6 +24,7 @@ pub const ERROR_INVALID_ARGUMENT: u32 = 2;
 pub const ERROR_NOT_SUPPORTED: u32 = 3;
 pub const ERROR_INSUFFICIENT_SIZE: u32 = 7;
 pub const ERROR_DRIVER_NOT_LOADED: u32 = 9;
+pub const ERROR_TIMEOUT: u32 = 10;
 pub const ERROR_GPU_IS_LOST: u32 = 15;
 pub const ERROR_UNKNOWN: u32 = 999;
 
@@ -99,6 +100,29 @@ pub struct Gpu {
     pub pcie_replay: Vec<u32>,
     #[serde(default)]
     pub processes: Vec<Proc>,
+    #[serde(default)]
+    pub memory_temperature: Vec<u32>,
+    #[serde(default)]
+    pub energy_mj: Vec<u64>,
+    #[serde(default)]
+    pub power_violation_ns: Vec<u64>,
+    #[serde(default)]
+    pub thermal_violation_ns: Vec<u64>,
+    #[serde(default)]
+    pub row_remap: Vec<RowRemap>,
+    #[serde(default)]
+    pub retired_pages: Vec<RetiredPages>,
+    /// NVLinks in link order (link i is `nvlink[i]`); empty: no NVLink.
+    #[serde(default)]
+    pub nvlink: Vec<NvLink>,
+    #[serde(default)]
+    pub fabric: Vec<Fabric>,
+    /// 32 hex digits, the fabric's cluster UUID.
+    #[serde(default)]
+    pub fabric_cluster_uuid: String,
+    /// Critical-XID events, each delivered once the scenario clock reaches its tick.
+    #[serde(default)]
+    pub xid_events: Vec<XidEvent>,
     /// Fields reported as NOT_SUPPORTED even when a series is given.
     #[serde(default)]
     pub unsupported: Vec<String>,
@@ -125,6 +149,68 @@ pub struct Proc {
     pub until: Option<u64>,
 }
 
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RowRemap {
+    #[serde(default)]
+    pub correctable: u32,
+    #[serde(default)]
+    pub uncorrectable: u32,
+    #[serde(default)]
+    pub pending: bool,
+    #[serde(default)]
+    pub failure: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetiredPages {
+    #[serde(default)]
+    pub single_bit: u32,
+    #[serde(default)]
+    pub double_bit: u32,
+    #[serde(default)]
+    pub pending: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvLink {
+    #[serde(default = "yes")]
+    pub active: bool,
+    #[serde(default)]
+    pub crc_flit: Vec<u64>,
+    #[serde(default)]
+    pub crc_data: Vec<u64>,
+    #[serde(default)]
+    pub replay: Vec<u64>,
+    #[serde(default)]
+    pub recovery: Vec<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fabric {
+    /// NVML_GPU_FABRIC_STATE_*: 0 not supported, 1 not started, 2 in progress, 3 completed.
+    pub state: u8,
+    /// The registration's NVML return code (0 success).
+    #[serde(default)]
+    pub status: u32,
+    #[serde(default)]
+    pub clique_id: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XidEvent {
+    pub tick: u64,
+    pub code: u64,
+}
+
 fn compute() -> String {
     "compute".into()
 }
@@ -146,6 +232,8 @@ struct State {
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
+/// XID events already delivered: (GPU index, event index).
+static DELIVERED: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 static COUNT_CALLS: AtomicU64 = AtomicU64::new(0);
 
 fn tick() -> u64 {
@@ -250,6 +338,9 @@ pub extern "C" fn nvmlInit_v2() -> u32 {
         Ok(mut g) => {
             *g = Some(State { scenario });
             COUNT_CALLS.store(0, Ordering::SeqCst);
+            if let Ok(mut d) = DELIVERED.lock() {
+                d.clear();
+            }
             SUCCESS
         }
         Err(_) => ERROR_UNKNOWN,
@@ -607,6 +698,358 @@ pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
 ) -> u32 {
     // SAFETY: forwarded caller pointers.
     unsafe { processes(device, "graphics", count, infos) }
+}
+
+scalar!(
+    nvmlDeviceGetTotalEnergyConsumption,
+    "energy",
+    energy_mj,
+    c_ulonglong
+);
+
+/// `nvmlViolationTime_t`.
+#[repr(C)]
+pub struct ViolationTime {
+    pub reference_time: c_ulonglong,
+    pub violation_time: c_ulonglong,
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetViolationStatus(
+    device: *mut u8,
+    policy: c_uint,
+    out: *mut ViolationTime,
+) -> u32 {
+    ret(with_gpu(device, "violation", |g, t| {
+        // NVML_PERF_POLICY_POWER = 0, NVML_PERF_POLICY_THERMAL = 1.
+        let v = match policy {
+            0 => at(&g.power_violation_ns, t)?,
+            1 => at(&g.thermal_violation_ns, t)?,
+            _ => return Err(ERROR_NOT_SUPPORTED),
+        };
+        let r = ViolationTime {
+            reference_time: t * 1_000_000,
+            violation_time: v,
+        };
+        // SAFETY: forwarded caller pointer.
+        unsafe { put(out, r) }
+    }))
+}
+
+/// `nvmlFieldValue_t`.
+#[repr(C)]
+pub struct FieldValue {
+    pub field_id: c_uint,
+    pub scope_id: c_uint,
+    pub timestamp: i64,
+    pub latency_usec: i64,
+    /// nvmlValueType_t: 1 unsigned int.
+    pub value_type: c_uint,
+    pub nvml_return: c_uint,
+    pub value: c_ulonglong,
+}
+
+/// NVML_FI_DEV_MEMORY_TEMP.
+const FI_DEV_MEMORY_TEMP: u32 = 82;
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetFieldValues(
+    device: *mut u8,
+    count: c_int,
+    values: *mut FieldValue,
+) -> u32 {
+    ret(with_gpu(device, "field_values", |g, t| {
+        if values.is_null() || count <= 0 {
+            return Err(ERROR_INVALID_ARGUMENT);
+        }
+        for i in 0..count as usize {
+            // SAFETY: the caller passed `count` entries.
+            let v = unsafe { &mut *values.add(i) };
+            let r = if v.field_id == FI_DEV_MEMORY_TEMP
+                && !g.unsupported.iter().any(|u| u == "memory_temperature")
+            {
+                at(&g.memory_temperature, t)
+            } else {
+                Err(ERROR_NOT_SUPPORTED)
+            };
+            v.value_type = 1;
+            match r {
+                Ok(x) => {
+                    v.nvml_return = SUCCESS;
+                    v.value = u64::from(x);
+                }
+                Err(e) => v.nvml_return = e,
+            }
+        }
+        Ok(())
+    }))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetRemappedRows(
+    device: *mut u8,
+    corr: *mut c_uint,
+    unc: *mut c_uint,
+    pending: *mut c_uint,
+    failure: *mut c_uint,
+) -> u32 {
+    ret(with_gpu(device, "row_remap", |g, t| {
+        let r = at(&g.row_remap, t)?;
+        // SAFETY: forwarded caller pointers.
+        unsafe {
+            put(corr, r.correctable)?;
+            put(unc, r.uncorrectable)?;
+            put(pending, u32::from(r.pending))?;
+            put(failure, u32::from(r.failure))
+        }
+    }))
+}
+
+/// Retired pages of `cause` (0 multiple single-bit, 1 double-bit) at the current tick.
+fn retired(g: &Gpu, t: u64, cause: c_uint) -> Result<u32, u32> {
+    let r = at(&g.retired_pages, t)?;
+    match cause {
+        0 => Ok(r.single_bit),
+        1 => Ok(r.double_bit),
+        _ => Err(ERROR_INVALID_ARGUMENT),
+    }
+}
+
+unsafe fn retired_pages(
+    device: *mut u8,
+    cause: c_uint,
+    count: *mut c_uint,
+    addresses: *mut c_ulonglong,
+    timestamps: *mut c_ulonglong,
+) -> u32 {
+    ret(with_gpu(device, "retired_pages", |g, t| {
+        let n = retired(g, t, cause)?;
+        if count.is_null() {
+            return Err(ERROR_INVALID_ARGUMENT);
+        }
+        // SAFETY: count checked non-null; the arrays hold *count entries when large enough.
+        unsafe {
+            if *count < n {
+                *count = n;
+                return Err(ERROR_INSUFFICIENT_SIZE);
+            }
+            for i in 0..n as usize {
+                if !addresses.is_null() {
+                    *addresses.add(i) = 0x1000 * (i as u64 + 1);
+                }
+                if !timestamps.is_null() {
+                    *timestamps.add(i) = 1_700_000_000 + i as u64;
+                }
+            }
+            *count = n;
+        }
+        Ok(())
+    }))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetRetiredPages(
+    device: *mut u8,
+    cause: c_uint,
+    count: *mut c_uint,
+    addresses: *mut c_ulonglong,
+) -> u32 {
+    // SAFETY: forwarded caller pointers.
+    unsafe { retired_pages(device, cause, count, addresses, std::ptr::null_mut()) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetRetiredPages_v2(
+    device: *mut u8,
+    cause: c_uint,
+    count: *mut c_uint,
+    addresses: *mut c_ulonglong,
+    timestamps: *mut c_ulonglong,
+) -> u32 {
+    // SAFETY: forwarded caller pointers.
+    unsafe { retired_pages(device, cause, count, addresses, timestamps) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetRetiredPagesPendingStatus(
+    device: *mut u8,
+    pending: *mut c_uint,
+) -> u32 {
+    ret(with_gpu(device, "retired_pages", |g, t| {
+        let r = at(&g.retired_pages, t)?;
+        // SAFETY: forwarded caller pointer.
+        unsafe { put(pending, u32::from(r.pending)) }
+    }))
+}
+
+/// The scenario's NVLink `link` of a GPU: NOT_SUPPORTED without NVLink, INVALID_ARGUMENT past
+/// its last link (as NVML answers).
+fn link_of(g: &Gpu, link: c_uint) -> Result<&NvLink, u32> {
+    if g.nvlink.is_empty() {
+        return Err(ERROR_NOT_SUPPORTED);
+    }
+    g.nvlink.get(link as usize).ok_or(ERROR_INVALID_ARGUMENT)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetNvLinkState(
+    device: *mut u8,
+    link: c_uint,
+    active: *mut c_uint,
+) -> u32 {
+    ret(with_gpu(device, "nvlink", |g, _| {
+        let l = link_of(g, link)?;
+        // SAFETY: forwarded caller pointer.
+        unsafe { put(active, u32::from(l.active)) }
+    }))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetNvLinkErrorCounter(
+    device: *mut u8,
+    link: c_uint,
+    counter: c_uint,
+    value: *mut c_ulonglong,
+) -> u32 {
+    ret(with_gpu(device, "nvlink", |g, t| {
+        let l = link_of(g, link)?;
+        // NVML_NVLINK_ERROR_DL_REPLAY 0, _RECOVERY 1, _CRC_FLIT 2, _CRC_DATA 3.
+        let series = match counter {
+            0 => &l.replay,
+            1 => &l.recovery,
+            2 => &l.crc_flit,
+            3 => &l.crc_data,
+            _ => return Err(ERROR_INVALID_ARGUMENT),
+        };
+        // SAFETY: forwarded caller pointer.
+        unsafe { put(value, at(series, t)?) }
+    }))
+}
+
+/// `nvmlGpuFabricInfo_t`.
+#[repr(C)]
+pub struct FabricInfo {
+    pub cluster_uuid: [u8; 16],
+    pub status: c_uint,
+    pub clique_id: c_uint,
+    pub state: u8,
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetGpuFabricInfo(device: *mut u8, out: *mut FabricInfo) -> u32 {
+    ret(with_gpu(device, "fabric", |g, t| {
+        let f = at(&g.fabric, t)?;
+        let mut cluster_uuid = [0u8; 16];
+        for (i, b) in cluster_uuid.iter_mut().enumerate() {
+            *b = g
+                .fabric_cluster_uuid
+                .get(2 * i..2 * i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .unwrap_or(0);
+        }
+        let v = FabricInfo {
+            cluster_uuid,
+            status: f.status,
+            clique_id: f.clique_id,
+            state: f.state,
+        };
+        // SAFETY: forwarded caller pointer.
+        unsafe { put(out, v) }
+    }))
+}
+
+/// nvmlEventTypeXidCriticalError.
+const EVENT_XID_CRITICAL: u64 = 0x8;
+/// The one event set this library hands out (any non-null value works as a handle).
+const EVENT_SET: usize = 0x5e7;
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlEventSetCreate(set: *mut *mut u8) -> u32 {
+    // SAFETY: forwarded caller pointer.
+    ret(with_state(|_| unsafe { put(set, EVENT_SET as *mut u8) }))
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlEventSetFree(set: *mut u8) -> u32 {
+    if set as usize == EVENT_SET {
+        SUCCESS
+    } else {
+        ERROR_INVALID_ARGUMENT
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(device: *mut u8, types: *mut u64) -> u32 {
+    // SAFETY: forwarded caller pointer.
+    ret(with_gpu(device, "xid_events", |_, _| unsafe {
+        put(types, EVENT_XID_CRITICAL)
+    }))
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlDeviceRegisterEvents(device: *mut u8, types: u64, set: *mut u8) -> u32 {
+    if set as usize != EVENT_SET || types & !EVENT_XID_CRITICAL != 0 {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    ret(with_gpu(device, "xid_events", |_, _| Ok(())))
+}
+
+/// `nvmlEventData_t`.
+#[repr(C)]
+pub struct EventData {
+    pub device: *mut u8,
+    pub event_type: c_ulonglong,
+    pub event_data: c_ulonglong,
+    pub gpu_instance_id: c_uint,
+    pub compute_instance_id: c_uint,
+}
+
+/// The first XID event due (its tick reached) and not yet delivered; marks it delivered.
+fn next_xid_event() -> Result<Option<(usize, u64)>, u32> {
+    with_state(|s| {
+        let t = tick();
+        let mut delivered = DELIVERED.lock().map_err(|_| ERROR_UNKNOWN)?;
+        for (gi, g) in s.scenario.gpus.iter().enumerate() {
+            for (ei, e) in g.xid_events.iter().enumerate() {
+                if e.tick <= t && !delivered.contains(&(gi, ei)) {
+                    delivered.push((gi, ei));
+                    return Ok(Some((gi, e.code)));
+                }
+            }
+        }
+        Ok(None)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlEventSetWait_v2(
+    set: *mut u8,
+    data: *mut EventData,
+    timeout_ms: c_uint,
+) -> u32 {
+    if set as usize != EVENT_SET || data.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms.into());
+    loop {
+        match next_xid_event() {
+            Err(e) => return e,
+            Ok(Some((gpu, code))) => {
+                let ev = EventData {
+                    device: (gpu + 1) as *mut u8,
+                    event_type: EVENT_XID_CRITICAL,
+                    event_data: code,
+                    gpu_instance_id: u32::MAX,
+                    compute_instance_id: u32::MAX,
+                };
+                // SAFETY: checked non-null above.
+                unsafe { data.write(ev) };
+                return SUCCESS;
+            }
+            Ok(None) if std::time::Instant::now() >= deadline => return ERROR_TIMEOUT,
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
 }
 
 #[cfg(test)]
