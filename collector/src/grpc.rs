@@ -389,6 +389,15 @@ impl Telemetry for TelemetryService {
             .await?;
         Ok(Response::new(r?))
     }
+
+    async fn gpu_health(
+        &self,
+        req: Request<v1::GpuHealthRequest>,
+    ) -> Result<Response<v1::GpuHealthResponse>, Status> {
+        Ok(Response::new(
+            self.store.gpu_health(req.into_inner()).await?,
+        ))
+    }
 }
 
 impl From<QueryError> for Status {

@@ -78,6 +78,10 @@ pub fn check_payload(p: &Payload) -> Result<(), String> {
             field("driver_log.pci", pci(&d.pci))
         }
         Payload::GpuSample(g) => check_sample(g),
+        // Verdicts are the collector's own: an agent's would be a forgery.
+        Payload::GpuHealth(_) => {
+            Err("gpu_health: written by the collector, never by an agent".into())
+        }
         Payload::AgentStatus(_) | Payload::Gap(_) | Payload::GpuProcess(_) => Ok(()),
     }
 }

@@ -21,6 +21,7 @@ pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod verdict;
 
 /// Hash maps on the ingest path (keyed by node names, GPU indexes): foldhash, randomly seeded
 /// per process, instead of SipHash, which cost more than the lookups it guards.

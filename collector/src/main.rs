@@ -108,6 +108,25 @@ struct Args {
     /// takeover attempt.
     #[arg(long, default_value_t = gpulse_collector::state::DEFAULT_MAX_SEQ_JUMP, value_parser = clap::value_parser!(u64).range(1000..))]
     max_seq_jump: u64,
+    /// GPU health: the same XID again after this many reboots of its node since the first one
+    /// turns NVIDIA's action into hardware inspection (CONTACT_SUPPORT).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
+    escalate_after_reboots: u32,
+    /// GPU health: clean samples after a reset or reboot (or once a condition is gone) before a
+    /// reason clears.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    health_clean_samples: u32,
+    /// GPU health: a healthy GPU without a sample for this long is unknown.
+    #[arg(long, default_value = "2m", value_parser = parse_interval)]
+    health_stale_after: std::time::Duration,
+    /// GPU health: a GPU without a sample this long while its node's other GPUs sample has
+    /// vanished (unhealthy).
+    #[arg(long, default_value = "60s", value_parser = parse_interval)]
+    health_vanish_after: std::time::Duration,
+    /// GPU health: NVLink errors (CRC, replay, recovery, all links) per minute that make a GPU
+    /// degraded.
+    #[arg(long, default_value_t = 60.0)]
+    health_nvlink_errors_per_min: f64,
     /// Push 1-minute rollups of every GPU metric and the XID/SXid counters to this Prometheus
     /// remote-write endpoint (VictoriaMetrics /api/v1/write, Mimir, Thanos Receive, Prometheus
     /// with --web.enable-remote-write-receiver), labelled with --cluster and --shard. Requests
@@ -403,6 +422,14 @@ async fn run() -> anyhow::Result<Exit> {
     store.agent_retention = args.agent_retention;
     store.node_retention = args.node_retention;
     store.max_seq_jump = args.max_seq_jump;
+    store.verdict.escalate_after_reboots = args.escalate_after_reboots;
+    store.verdict.clean_samples = args.health_clean_samples;
+    store.verdict.stale_after = args.health_stale_after;
+    store.verdict.vanish_after = args.health_vanish_after;
+    if !(args.health_nvlink_errors_per_min.is_finite() && args.health_nvlink_errors_per_min > 0.0) {
+        anyhow::bail!("--health-nvlink-errors-per-min must be a positive number");
+    }
+    store.verdict.thresholds.nvlink_errors_per_min = args.health_nvlink_errors_per_min;
     store.cluster = args.cluster;
     store.shard = args.shard;
     let mut cfg = ServerConfig::new(args.grpc_listen, args.http_listen, store);

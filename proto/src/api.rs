@@ -8,10 +8,11 @@ use tonic::{Request, Response, Status};
 use crate::client::AuthChannel;
 
 use crate::v1::{
-    ListEventsRequest, ListEventsResponse, NodesRequest, NodesResponse, ProcessesRequest,
-    ProcessesResponse, StatusRequest, StatusResponse, SubscribeRequest, SubscribeResponse,
-    SummarizeRequest, SummarizeResponse, TrendRequest, TrendResponse, XidGroupsRequest,
-    XidGroupsResponse, telemetry_client::TelemetryClient, telemetry_server::Telemetry,
+    GpuHealthRequest, GpuHealthResponse, ListEventsRequest, ListEventsResponse, NodesRequest,
+    NodesResponse, ProcessesRequest, ProcessesResponse, StatusRequest, StatusResponse,
+    SubscribeRequest, SubscribeResponse, SummarizeRequest, SummarizeResponse, TrendRequest,
+    TrendResponse, XidGroupsRequest, XidGroupsResponse, telemetry_client::TelemetryClient,
+    telemetry_server::Telemetry,
 };
 
 /// Request metadata naming the upstreams a gateway should ask: comma-separated names, a nested
@@ -93,4 +94,5 @@ impl Telemetry for RemoteTelemetry {
     forward!(summarize, SummarizeRequest, SummarizeResponse);
     forward!(xid_groups, XidGroupsRequest, XidGroupsResponse);
     forward!(processes, ProcessesRequest, ProcessesResponse);
+    forward!(gpu_health, GpuHealthRequest, GpuHealthResponse);
 }

@@ -59,6 +59,7 @@ impl v1::Event {
             Some(Payload::Gap(_)) => v1::EventKind::Gap,
             Some(Payload::GpuProcess(_)) => v1::EventKind::GpuProcess,
             Some(Payload::GpuSample(_)) => v1::EventKind::GpuSample,
+            Some(Payload::GpuHealth(_)) => v1::EventKind::GpuHealth,
         }
     }
 
@@ -70,6 +71,10 @@ impl v1::Event {
             Some(Payload::DriverLog(d)) => [d.gpu_uuid.as_str(), d.pci.as_str()],
             Some(Payload::Sxid(s)) => ["", s.pci.as_str()],
             Some(Payload::GpuSample(g)) => [g.uuid.as_str(), g.pci.as_str()],
+            Some(Payload::GpuHealth(h)) => h
+                .record
+                .as_ref()
+                .map_or(["", ""], |r| [r.gpu_uuid.as_str(), r.pci.as_str()]),
             _ => ["", ""],
         }
     }

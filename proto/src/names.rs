@@ -3,8 +3,8 @@
 //! use these, and parse them back with [`ShortName::from_short_name`]. Each table is an
 //! exhaustive match, so a new enum value fails to compile until it has a name here.
 use crate::v1::{
-    AgentState, Aggregation, EventKind, GapStage, GroupBy, Order, ProcessEventType, ProcessState,
-    RecordSource, Severity, Tier, UpstreamState, XidGrouping,
+    AgentState, Aggregation, EventKind, GapStage, GroupBy, HealthState, Order, ProcessEventType,
+    ProcessState, RecordSource, Severity, Tier, UpstreamState, XidGrouping,
 };
 
 /// A wire enum's short, lowercase name.
@@ -60,6 +60,7 @@ short_names!(EventKind {
     Gap => "gap",
     GpuProcess => "gpu_process" | "process",
     GpuSample => "gpu_sample" | "sample",
+    GpuHealth => "gpu_health" | "health",
     Unknown => "unknown",
 });
 short_names!(RecordSource {
@@ -97,10 +98,16 @@ short_names!(Aggregation { Avg => "avg", Min => "min", Max => "max", P95 => "p95
 short_names!(GroupBy { Fleet => "fleet", Node => "node", Gpu => "gpu" });
 short_names!(XidGrouping { Code => "code" | "xid", Gpu => "gpu", Node => "node" });
 short_names!(ProcessState { Running => "running", Exited => "exited" });
+short_names!(HealthState {
+    Healthy => "healthy",
+    Degraded => "degraded",
+    Unhealthy => "unhealthy",
+    Unknown => "unknown",
+});
 
 impl EventKind {
     /// Every kind, in wire order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Xid,
         Self::Sxid,
         Self::DriverLog,
@@ -108,17 +115,19 @@ impl EventKind {
         Self::Gap,
         Self::GpuProcess,
         Self::GpuSample,
+        Self::GpuHealth,
         Self::Unknown,
     ];
 
     /// Every kind but GPU samples (one per GPU per second): what listings show by default.
-    pub const EVENTS: [Self; 7] = [
+    pub const EVENTS: [Self; 8] = [
         Self::Xid,
         Self::Sxid,
         Self::DriverLog,
         Self::AgentStatus,
         Self::Gap,
         Self::GpuProcess,
+        Self::GpuHealth,
         Self::Unknown,
     ];
 }

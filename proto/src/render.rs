@@ -8,7 +8,7 @@ use crate::{
     names::ShortName,
     time::{self as ptime, rfc3339},
     v1::{
-        self, AgentState, Aggregation, EventKind, GapStage, GroupBy, ProcessEventType,
+        self, AgentState, Aggregation, EventKind, GapStage, GroupBy, HealthState, ProcessEventType,
         RecordSource, Severity, Tier, UpstreamState, event::Payload,
     },
 };
@@ -121,6 +121,14 @@ pub fn event(ev: &v1::Event) -> Value {
             }),
         ),
         Some(Payload::GpuSample(g)) => ("gpu_sample", gpu_sample(g)),
+        Some(Payload::GpuHealth(h)) => (
+            "gpu_health",
+            json!({
+                "previous": HealthState::name_of(h.previous),
+                "change": h.change,
+                "record": h.record.as_ref().map(gpu_health),
+            }),
+        ),
         // A payload this collector does not know (a newer agent's): its field numbers.
         None => ("unknown", json!({ "fields": ev.unknown_fields })),
     };
@@ -150,6 +158,38 @@ pub fn gpu_sample(g: &v1::GpuSample) -> Value {
         "fabric": g.fabric.as_ref().map(|f| json!({"state": f.state, "status": f.status, "cluster_uuid": opt_str(&f.cluster_uuid), "clique_id": f.clique_id})),
         "processes": g.processes.iter().map(|p| json!({"pid": p.pid, "used_memory_bytes": p.used_memory_bytes, "type": p.r#type})).collect::<Vec<_>>(),
         "errors": g.errors.iter().map(|e| json!({"field": e.field, "error": e.error})).collect::<Vec<_>>(),
+    })
+}
+
+/// One GPU's health verdict as JSON.
+pub fn gpu_health(r: &v1::GpuHealthRecord) -> Value {
+    let t = |x: &Option<prost_types::Timestamp>| x.as_ref().map(ptime::rfc3339);
+    let reasons: Vec<Value> = r
+        .reasons
+        .iter()
+        .map(|x| {
+            json!({
+                "rule": x.rule, "state": HealthState::name_of(x.state), "action": x.action,
+                "summary": x.summary, "xid": x.xid, "since": t(&x.since), "last": t(&x.last),
+                "occurrences": x.occurrences, "escalated": x.escalated, "clears_on": x.clears_on,
+                "clearing": x.clearing, "clean_samples": x.clean_samples,
+                "pid": x.pid, "pod": opt_str(&x.pod),
+                "evidence": x.evidence.iter().map(|e| json!({
+                    "cursor": if e.cursor == 0 { Value::Null } else { json!(e.cursor) },
+                    "time": t(&e.time), "kind": e.kind, "detail": e.detail,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "node": r.node, "pci": r.pci, "gpu_uuid": opt_str(&r.gpu_uuid), "index": r.index,
+        "model": opt_str(&r.model), "cluster": opt_str(&r.cluster),
+        "state": HealthState::name_of(r.state), "since": t(&r.since), "updated": t(&r.updated),
+        "last_sample": t(&r.last_sample), "boot_id": opt_str(&r.boot_id),
+        "reasons": reasons,
+        "xid_history": r.xid_history.iter().map(|h| json!({
+            "xid": h.code, "first": t(&h.first), "last": t(&h.last), "reboots": h.reboots,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -308,6 +348,16 @@ pub fn summary(ev: &v1::Event) -> String {
             a.detail
         ),
         Some(Payload::Gap(g)) => format!("GAP {} events lost: {}", g.missed, g.detail),
+        Some(Payload::GpuHealth(h)) => {
+            let gpu = h.record.as_ref().map_or(String::new(), |r| {
+                if r.gpu_uuid.is_empty() {
+                    r.pci.clone()
+                } else {
+                    format!("{} {}", r.pci, r.gpu_uuid)
+                }
+            });
+            format!("GPU {gpu} health {}", h.change)
+        }
         Some(Payload::GpuProcess(p)) => {
             let what = match ProcessEventType::try_from(p.r#type).unwrap_or_default() {
                 ProcessEventType::Open | ProcessEventType::DeviceOpen => {

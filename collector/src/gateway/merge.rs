@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use gpulse_proto::{
     time as ptime,
     v1::{
-        KindCount, KindStatus, NodeCount, NodeInfo, NodesResponse, ProcessInfo, ProcessesResponse,
-        ResolvedWindow, StatusResponse, SummarizeResponse, TierStatus, TimeWindow, XidGroup,
-        XidGroupsResponse,
+        GpuHealthRecord, GpuHealthResponse, KindCount, KindStatus, NodeCount, NodeInfo,
+        NodesResponse, ProcessInfo, ProcessesResponse, ResolvedWindow, StatusResponse,
+        SummarizeResponse, TierStatus, TimeWindow, XidGroup, XidGroupsResponse,
     },
     window,
 };
@@ -359,6 +359,88 @@ fn newest_started(a: &ProcessInfo, b: &ProcessInfo) -> std::cmp::Ordering {
     ts_key(&b.started)
         .cmp(&ts_key(&a.started))
         .then_with(|| (&a.node, a.pid).cmp(&(&b.node, b.pid)))
+}
+
+/// GPU verdicts, worst first, keeping the `limit` worst as they arrive. Counts add per
+/// upstream; a GPU listed by two upstreams (its agent failed over between shards) is listed
+/// once, with the newer verdict, and counted once.
+pub struct Health {
+    out: GpuHealthResponse,
+    gpus: HashMap<(String, String, String), GpuHealthRecord>,
+    limit: usize,
+    cluster: String,
+}
+
+impl Health {
+    pub fn new(limit: usize, cluster: &str) -> Self {
+        Self {
+            out: GpuHealthResponse::default(),
+            gpus: HashMap::new(),
+            limit,
+            cluster: cluster.to_string(),
+        }
+    }
+
+    pub fn add(&mut self, upstream: &str, r: GpuHealthResponse) {
+        let o = &mut self.out;
+        o.healthy += r.healthy;
+        o.degraded += r.degraded;
+        o.unhealthy += r.unhealthy;
+        o.unknown += r.unknown;
+        o.truncated |= r.truncated;
+        hints(&mut o.hints, upstream, r.hints);
+        for mut g in r.gpus {
+            if g.cluster.is_empty() {
+                g.cluster.clone_from(&self.cluster);
+            }
+            let key = (g.cluster.clone(), g.node.clone(), g.pci.clone());
+            let older = match self.gpus.get_mut(&key) {
+                None => {
+                    self.gpus.insert(key, g);
+                    continue;
+                }
+                Some(a) if ts_key(&g.updated) > ts_key(&a.updated) => std::mem::replace(a, g),
+                Some(_) => g,
+            };
+            uncount(o, older.state);
+        }
+        if self.gpus.len() > self.limit {
+            let mut all = self.ranked();
+            all.truncate(self.limit);
+            self.out.truncated = true;
+            self.gpus = all
+                .into_iter()
+                .map(|g| ((g.cluster.clone(), g.node.clone(), g.pci.clone()), g))
+                .collect();
+        }
+    }
+
+    fn ranked(&mut self) -> Vec<GpuHealthRecord> {
+        let mut all: Vec<GpuHealthRecord> = self.gpus.drain().map(|(_, g)| g).collect();
+        all.sort_by(|a, b| {
+            crate::verdict::gpu::rank(b.state)
+                .cmp(&crate::verdict::gpu::rank(a.state))
+                .then_with(|| (&a.cluster, &a.node, &a.pci).cmp(&(&b.cluster, &b.node, &b.pci)))
+        });
+        all
+    }
+
+    pub fn finish(mut self) -> GpuHealthResponse {
+        self.out.gpus = self.ranked();
+        self.out
+    }
+}
+
+/// A duplicate verdict leaves the count of its state.
+fn uncount(o: &mut GpuHealthResponse, state: i32) {
+    use gpulse_proto::v1::HealthState;
+    let c = match HealthState::try_from(state).unwrap_or_default() {
+        HealthState::Healthy => &mut o.healthy,
+        HealthState::Degraded => &mut o.degraded,
+        HealthState::Unhealthy => &mut o.unhealthy,
+        HealthState::Unknown | HealthState::Unspecified => &mut o.unknown,
+    };
+    *c = c.saturating_sub(1);
 }
 
 #[cfg(test)]

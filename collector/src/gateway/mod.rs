@@ -19,10 +19,10 @@ use std::sync::Arc;
 use gpulse_proto::{
     api::{SELECT_UPSTREAMS, SharedTelemetry, SubscribeStream},
     v1::{
-        ListEventsRequest, ListEventsResponse, NodesRequest, NodesResponse, ProcessesRequest,
-        ProcessesResponse, StatusRequest, StatusResponse, SubscribeRequest, SummarizeRequest,
-        SummarizeResponse, TrendRequest, TrendResponse, XidGroupsRequest, XidGroupsResponse,
-        telemetry_server::Telemetry,
+        GpuHealthRequest, GpuHealthResponse, ListEventsRequest, ListEventsResponse, NodesRequest,
+        NodesResponse, ProcessesRequest, ProcessesResponse, StatusRequest, StatusResponse,
+        SubscribeRequest, SummarizeRequest, SummarizeResponse, TrendRequest, TrendResponse,
+        XidGroupsRequest, XidGroupsResponse, telemetry_server::Telemetry,
     },
 };
 use tonic::{Request, Response, Status};
@@ -401,6 +401,32 @@ impl Telemetry for Gateway {
             ));
             r.truncated = true;
         }
+        out.stamp(&mut r);
+        Ok(Response::new(r))
+    }
+
+    async fn gpu_health(
+        &self,
+        req: Request<GpuHealthRequest>,
+    ) -> Result<Response<GpuHealthResponse>, Status> {
+        let route = self.route(req.metadata())?;
+        let req = req.into_inner();
+        let limit = match req.limit as usize {
+            0 => crate::verdict::query::DEFAULT_LIMIT,
+            n => n.min(crate::verdict::query::MAX_LIMIT),
+        };
+        let mut acc = merge::Health::new(limit, &self.cluster);
+        let out = self
+            .all(
+                "GpuHealth",
+                route,
+                req,
+                call!(gpu_health),
+                &mut acc,
+                |a, n, r| a.add(n, r),
+            )
+            .await?;
+        let mut r = acc.finish();
         out.stamp(&mut r);
         Ok(Response::new(r))
     }

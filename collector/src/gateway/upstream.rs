@@ -171,7 +171,8 @@ upstreamed!(
     gpulse_proto::v1::TrendResponse,
     gpulse_proto::v1::SummarizeResponse,
     gpulse_proto::v1::XidGroupsResponse,
-    gpulse_proto::v1::ProcessesResponse
+    gpulse_proto::v1::ProcessesResponse,
+    gpulse_proto::v1::GpuHealthResponse
 );
 
 /// How a fan-out went: every upstream's status (in configured order, then the inner ones of

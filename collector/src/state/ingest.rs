@@ -160,6 +160,16 @@ impl State {
             });
         }
         self.clamp_times(&mut fresh, received);
+        // Judged before the write, so each verdict change is written with its evidence.
+        let first_cursor = self.events.next_cursor();
+        let verdicts = self.verdict.judge(
+            &batch.node,
+            fresh
+                .iter()
+                .enumerate()
+                .map(|(i, w)| (&*w.ev, first_cursor + i as u64)),
+        );
+        fresh.extend(verdicts.into_iter().map(Wire::encode));
         // Cursors are assigned in order from the store's next one. Write, then make visible: a
         // failed write stores nothing (the agent keeps the events and resends). The log gets
         // the bytes as received plus one header with what the collector sets on every event.
@@ -169,7 +179,11 @@ impl State {
             received: Some(received),
             first_cursor: self.events.next_cursor(),
         };
-        self.write(&header, &fresh)?;
+        if let Err(e) = self.write(&header, &fresh) {
+            self.verdict.rollback();
+            return Err(e);
+        }
+        self.verdict.commit();
         let stored = fresh.len() as u64;
         self.store_all(fresh, &header, &origin);
         if let Some(e) = self.agents.map.get_mut(&batch.agent_id) {

@@ -84,6 +84,8 @@ pub struct StoreConfig {
     /// in Status, on every node it knows, and as remote-write labels.
     pub cluster: String,
     pub shard: String,
+    /// GPU health verdicts (`--escalate-after-reboots` and friends).
+    pub verdict: crate::verdict::Config,
 }
 
 impl StoreConfig {
@@ -106,6 +108,7 @@ impl StoreConfig {
             node_retention: Duration::from_secs(86_400),
             cluster: String::new(),
             shard: String::new(),
+            verdict: crate::verdict::Config::default(),
         }
     }
 }
@@ -216,6 +219,10 @@ pub enum Command {
     Trend {
         req: TrendRequest,
         reply: oneshot::Sender<Result<TrendResponse, QueryError>>,
+    },
+    GpuHealth {
+        req: v1::GpuHealthRequest,
+        reply: oneshot::Sender<v1::GpuHealthResponse>,
     },
     /// A read-only query of the event store (an aggregation); it sends its own answer.
     ReadEvents {
@@ -348,6 +355,13 @@ impl StoreHandle {
         self.call(|reply| Command::Trend { req, reply }).await
     }
 
+    pub async fn gpu_health(
+        &self,
+        req: v1::GpuHealthRequest,
+    ) -> Result<v1::GpuHealthResponse, StoreError> {
+        self.call(|reply| Command::GpuHealth { req, reply }).await
+    }
+
     /// Runs `query` on the state task against the sample history (timed as `rpc`).
     pub async fn read_series<T: Send + 'static>(
         &self,
@@ -409,6 +423,7 @@ pub struct State {
     duplicates: u64,
     nodes: Nodes,
     counters: Counters,
+    verdict: crate::verdict::Engine,
 }
 
 /// Opens the store (`store::recovery`: snapshots, then the log after them), rebuilds what is
@@ -424,10 +439,12 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         None => 0,
     };
     let mut nodes = Nodes::default();
+    let mut verdict = crate::verdict::Engine::new(cfg.verdict);
     let rec = opened.replay(cfg.events_bytes, cfg.series, |ev, how| {
         if ev.cursor > counters_through {
             counters.count(&metrics, &ev);
         }
+        verdict.restore(&ev);
         if how == Restored::Stored {
             nodes.note(ev);
         }
@@ -475,6 +492,7 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         duplicates: 0,
         nodes,
         counters,
+        verdict,
     };
     state.truncate_wal();
     state.publish_store_gauges();
@@ -602,7 +620,9 @@ impl State {
             }
             Command::Exposition { reply } => {
                 self.publish_store_gauges();
-                let _ = reply.send(exposition::node_gauges(&self.nodes.views(&self.agents)));
+                let mut text = exposition::node_gauges(&self.nodes.views(&self.agents));
+                exposition::health_gauges(&mut text, &self.verdict, now_ns());
+                let _ = reply.send(text);
             }
             Command::Nodes { window, reply } => {
                 let t = Instant::now();
@@ -626,6 +646,15 @@ impl State {
                 let t = Instant::now();
                 let _ = reply.send(query::trend(&self.series, req, now_ns()));
                 self.observe("Trend", t);
+            }
+            Command::GpuHealth { req, reply } => {
+                let t = Instant::now();
+                let mut r = crate::verdict::query::answer(&self.verdict, &req, now_ns());
+                for g in &mut r.gpus {
+                    g.cluster.clone_from(&self.cfg.cluster);
+                }
+                let _ = reply.send(r);
+                self.observe("GpuHealth", t);
             }
             Command::ReadEvents { rpc, run } => {
                 let t = Instant::now();

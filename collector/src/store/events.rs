@@ -28,9 +28,9 @@ use gpulse_proto::{
 use prost::Message;
 use tracing::error;
 
-/// Number of lanes: one per EventKind value 1-7 (index = kind as usize), and lane 0 for
+/// Number of lanes: one per EventKind value 1-8 (index = kind as usize), and lane 0 for
 /// `EVENT_KIND_UNKNOWN` (payloads this collector does not know).
-pub const KINDS: usize = 8;
+pub const KINDS: usize = 9;
 
 /// The lane of a kind.
 pub fn lane_of(kind: EventKind) -> usize {
@@ -59,6 +59,7 @@ pub const DEFAULT_SHARES: [u32; KINDS] = [
     5,  // gap
     25, // gpu process
     20, // gpu sample (history lives in the series store; the ring keeps the live tail)
+    5,  // gpu health (verdict changes: rare, and each GPU's latest is its restart state)
 ];
 
 /// Event time in ms (the node's time, else when the collector received it).

@@ -96,6 +96,71 @@ pub fn node_gauges(nodes: &[NodeView<'_>]) -> String {
     out
 }
 
+/// `gpulse_gpu_health_state{node,gpu_uuid,pci,state}`: 1 for each GPU's state, 0 for the others
+/// (every state present, so a change is a value change, not a vanished series).
+pub fn health_gauges(out: &mut String, engine: &crate::verdict::Engine, now: i128) {
+    use v1::HealthState;
+    const STATES: [HealthState; 4] = [
+        HealthState::Healthy,
+        HealthState::Degraded,
+        HealthState::Unhealthy,
+        HealthState::Unknown,
+    ];
+    let mut samples: Vec<GaugeSample<'_>> = Vec::with_capacity(engine.len() * STATES.len());
+    for (rec, state) in engine.records(now) {
+        for s in STATES {
+            let labels = vec![
+                ("node", rec.node.as_str()),
+                ("gpu_uuid", rec.gpu_uuid.as_str()),
+                ("pci", rec.pci.as_str()),
+                ("state", s.short_name()),
+            ];
+            samples.push((labels, f64::from(u8::from(s == state))));
+        }
+    }
+    gauge_family(
+        out,
+        "gpulse_gpu_health_state",
+        "1 for the GPU's health verdict (healthy, degraded, unhealthy, unknown), 0 for the others.",
+        &samples,
+    );
+    // Reasons of one rule and action on one GPU (two XIDs, two processes) are one series.
+    let mut reasons: std::collections::BTreeMap<[&str; 5], f64> = Default::default();
+    for (rec, _) in engine.records(now) {
+        for r in &rec.reasons {
+            let key = [
+                rec.node.as_str(),
+                rec.gpu_uuid.as_str(),
+                rec.pci.as_str(),
+                r.rule.as_str(),
+                r.action.as_str(),
+            ];
+            *reasons.entry(key).or_default() += 1.0;
+        }
+    }
+    let reasons: Vec<GaugeSample<'_>> = reasons
+        .into_iter()
+        .map(|([node, uuid, pci, rule, action], n)| {
+            (
+                vec![
+                    ("node", node),
+                    ("gpu_uuid", uuid),
+                    ("pci", pci),
+                    ("rule", rule),
+                    ("action", action),
+                ],
+                n,
+            )
+        })
+        .collect();
+    gauge_family(
+        out,
+        "gpulse_gpu_health_reasons",
+        "Reasons a GPU is not healthy, per rule and NVIDIA's recommended action.",
+        &reasons,
+    );
+}
+
 /// Brings a counter up to a total kept elsewhere (counters only go up).
 fn raise(c: &prometheus::IntCounter, total: u64) {
     if total > c.get() {

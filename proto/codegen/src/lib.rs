@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// The `.proto` files, one per domain, relative to [`proto_root`].
 pub const PROTOS: &[&str] = &[
+    "gpulse/v1/health.proto",
     "gpulse/v1/events.proto",
     "gpulse/v1/ingest.proto",
     "gpulse/v1/telemetry.proto",

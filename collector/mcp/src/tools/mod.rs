@@ -244,6 +244,12 @@ pub fn row(ev: &v1::Event) -> EventRow {
             r.gpu_uuid = opt(&g.uuid);
             r.gpu_pci = opt(&g.pci);
         }
+        Some(Payload::GpuHealth(h)) => {
+            if let Some(rec) = &h.record {
+                r.gpu_uuid = opt(&rec.gpu_uuid);
+                r.gpu_pci = opt(&rec.pci);
+            }
+        }
         Some(Payload::AgentStatus(_)) | Some(Payload::Gap(_)) | None => {}
     }
     r

@@ -7,10 +7,10 @@ use gpulse_proto::{
     api::SubscribeStream,
     time::from_unix_nanos,
     v1::{
-        ListEventsRequest, ListEventsResponse, NodesRequest, NodesResponse, ProcessesRequest,
-        ProcessesResponse, ResolvedWindow, StatusRequest, StatusResponse, SubscribeRequest,
-        SummarizeRequest, SummarizeResponse, TrendRequest, TrendResponse, XidGroupsRequest,
-        XidGroupsResponse, telemetry_server::Telemetry,
+        GpuHealthRequest, GpuHealthResponse, ListEventsRequest, ListEventsResponse, NodesRequest,
+        NodesResponse, ProcessesRequest, ProcessesResponse, ResolvedWindow, StatusRequest,
+        StatusResponse, SubscribeRequest, SummarizeRequest, SummarizeResponse, TrendRequest,
+        TrendResponse, XidGroupsRequest, XidGroupsResponse, telemetry_server::Telemetry,
     },
 };
 use rmcp::{ServiceExt, model::CallToolRequestParams, service::RunningService};
@@ -29,6 +29,7 @@ pub struct Answers {
     pub summary: SummarizeResponse,
     pub groups: XidGroupsResponse,
     pub processes: ProcessesResponse,
+    pub health: GpuHealthResponse,
     pub fail: Option<Status>,
 }
 
@@ -115,6 +116,12 @@ impl Telemetry for Fake {
         r: Request<ProcessesRequest>,
     ) -> Result<Response<ProcessesResponse>, Status> {
         self.answer("Processes", r, |a| &a.processes)
+    }
+    async fn gpu_health(
+        &self,
+        r: Request<GpuHealthRequest>,
+    ) -> Result<Response<GpuHealthResponse>, Status> {
+        self.answer("GpuHealth", r, |a| &a.health)
     }
 }
 

@@ -1,0 +1,442 @@
+//! GPU health verdicts: each GPU's state (healthy, degraded, unhealthy, unknown) judged from the
+//! evidence the collector stores (XIDs, NVML samples, process exits, agent boots), with reasons,
+//! NVIDIA's recommended action and the evidence behind each. Rules: `rules.rs` and
+//! docs/gpu-health.md.
+//!
+//! The engine lives on the state task. Each ingested batch is judged before it is written: the
+//! GPUs whose verdict changed get a `gpu_health` event appended to the batch, so a verdict is
+//! durable with the evidence that caused it and a restarted collector resumes from the latest
+//! one per GPU (then replays the evidence after it). A failed write rolls the judgement back.
+pub mod gpu;
+pub mod query;
+pub mod rules;
+#[cfg(test)]
+mod tests;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use gpulse_proto::{
+    time as ptime,
+    v1::{self, EventKind, HealthState, ProcessEventType, event::Payload},
+};
+
+use crate::FastMap;
+use gpu::{GpuEntry, Seen};
+
+/// The engine's settings (collector flags `--escalate-after-reboots` and friends).
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// The same XID after this many reboots since its first occurrence: hardware inspection.
+    pub escalate_after_reboots: u32,
+    /// Clean samples after a reset, reboot or vanished condition before a reason clears.
+    pub clean_samples: u32,
+    /// An application XID without a process clears after this long without recurring.
+    pub quiet_period: Duration,
+    /// A healthy GPU without a sample for this long is unknown.
+    pub stale_after: Duration,
+    /// A GPU without a sample this long, while its node's other GPUs sample, vanished.
+    pub vanish_after: Duration,
+    pub thresholds: rules::Thresholds,
+    /// GPUs judged at most (a table keyed by what agents send).
+    pub max_gpus: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            escalate_after_reboots: 2,
+            clean_samples: 3,
+            quiet_period: Duration::from_secs(15 * 60),
+            stale_after: Duration::from_secs(120),
+            vanish_after: Duration::from_secs(60),
+            thresholds: rules::Thresholds::default(),
+            max_gpus: 100_000,
+        }
+    }
+}
+
+type Key = (String, String);
+
+/// What the engine knows of a node besides its GPUs.
+#[derive(Clone, Debug, Default)]
+struct NodeBoot {
+    boot_id: String,
+    /// When this boot's (or this agent run's) first sample came: vanishing is judged only once
+    /// every GPU had the chance to sample.
+    sampling_since: Option<i128>,
+}
+
+/// The pre-images of what one batch's judgement touched, to undo it when the write fails.
+#[derive(Default)]
+struct Journal {
+    gpus: Vec<(Key, Option<GpuEntry>)>,
+    nodes: Vec<(String, Option<NodeBoot>)>,
+}
+
+#[derive(Default)]
+pub struct Engine {
+    cfg: Config,
+    gpus: BTreeMap<Key, GpuEntry>,
+    nodes: FastMap<String, NodeBoot>,
+    journal: Option<Journal>,
+    /// GPUs not judged because the table was full.
+    pub dropped_gpus: u64,
+}
+
+/// The event time of an event in unix ns (when the node saw it; else when it was received).
+fn event_ns(ev: &v1::Event) -> i128 {
+    ev.time
+        .as_ref()
+        .or(ev.received.as_ref())
+        .map_or(0, ptime::to_unix_nanos)
+}
+
+impl Engine {
+    pub fn new(cfg: Config) -> Self {
+        Self {
+            cfg,
+            ..Default::default()
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Judges a batch about to be written (events with the cursors they will get). Returns the
+    /// gpu_health events to append to it; [`Engine::commit`] or [`Engine::rollback`] follows.
+    /// `node` is the batch's (authenticated) node, whatever the events' envelopes say.
+    pub fn judge<'a>(
+        &mut self,
+        node: &str,
+        events: impl IntoIterator<Item = (&'a v1::Event, u64)>,
+    ) -> Vec<v1::Event> {
+        self.journal = Some(Journal::default());
+        for (ev, cursor) in events {
+            self.observe(node, ev, cursor);
+        }
+        let touched: Vec<Key> = self
+            .journal
+            .as_ref()
+            .map(|j| j.gpus.iter().map(|(k, _)| k.clone()).collect())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for key in touched {
+            let (before, was_plain) = self
+                .journal
+                .as_ref()
+                .and_then(|j| j.gpus.iter().find(|(k, _)| *k == key))
+                .and_then(|(_, e)| e.as_ref().map(|e| (e.rec.state, is_plain(e))))
+                .unwrap_or((HealthState::Healthy as i32, true));
+            let Some(e) = self.gpus.get_mut(&key) else {
+                continue;
+            };
+            let sig = e.signature();
+            if sig == e.written {
+                continue;
+            }
+            e.written = sig;
+            // A healthy GPU with nothing against it, before and after (first seen, rebooted):
+            // nothing worth an event; its record is derived again from its samples.
+            if was_plain && is_plain(e) {
+                continue;
+            }
+            out.push(health_event(e, before));
+        }
+        out
+    }
+
+    /// The batch was written: its judgement stands.
+    pub fn commit(&mut self) {
+        self.journal = None;
+    }
+
+    /// The batch was not written: forget its judgement (the agent resends it).
+    pub fn rollback(&mut self) {
+        let Some(j) = self.journal.take() else {
+            return;
+        };
+        for (key, before) in j.gpus.into_iter().rev() {
+            match before {
+                Some(e) => {
+                    self.gpus.insert(key, e);
+                }
+                None => {
+                    self.gpus.remove(&key);
+                }
+            }
+        }
+        for (node, before) in j.nodes.into_iter().rev() {
+            match before {
+                Some(b) => {
+                    self.nodes.insert(node, b);
+                }
+                None => {
+                    self.nodes.remove(&node);
+                }
+            }
+        }
+    }
+
+    /// One restored event, in cursor order: a gpu_health event sets its GPU's verdict (what
+    /// the collector had judged), anything else is evidence judged again after it.
+    pub fn restore(&mut self, ev: &v1::Event) {
+        if let Some(Payload::GpuHealth(h)) = &ev.payload {
+            if let Some(rec) = &h.record {
+                let key = (rec.node.clone(), rec.pci.clone());
+                if self.gpus.len() < self.cfg.max_gpus || self.gpus.contains_key(&key) {
+                    self.gpus.insert(key, GpuEntry::restored(rec.clone()));
+                }
+            }
+            return;
+        }
+        self.observe(&ev.node, ev, ev.cursor);
+    }
+
+    /// Remembers the pre-image of a GPU's entry the first time a judged batch touches it.
+    fn touch(&mut self, key: &Key) {
+        if let Some(j) = &mut self.journal
+            && !j.gpus.iter().any(|(k, _)| k == key)
+        {
+            j.gpus.push((key.clone(), self.gpus.get(key).cloned()));
+        }
+    }
+
+    fn touch_node(&mut self, node: &str) {
+        if let Some(j) = &mut self.journal
+            && !j.nodes.iter().any(|(n, _)| n == node)
+        {
+            j.nodes
+                .push((node.to_string(), self.nodes.get(node).cloned()));
+        }
+    }
+
+    /// The entry of a GPU, created when there is room.
+    fn entry(&mut self, node: &str, pci: &str) -> Option<&mut GpuEntry> {
+        let key = (node.to_string(), pci.to_string());
+        if !self.gpus.contains_key(&key) && self.gpus.len() >= self.cfg.max_gpus {
+            self.dropped_gpus += 1;
+            return None;
+        }
+        self.touch(&key);
+        let boot = self
+            .nodes
+            .get(node)
+            .map_or("", |b| b.boot_id.as_str())
+            .to_string();
+        Some(
+            self.gpus
+                .entry(key)
+                .or_insert_with(|| GpuEntry::new(node, pci, &boot)),
+        )
+    }
+
+    fn keys_of(&self, node: &str) -> Vec<Key> {
+        self.gpus
+            .range((node.to_string(), String::new())..)
+            .take_while(|((n, _), _)| n == node)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    fn observe(&mut self, node: &str, ev: &v1::Event, cursor: u64) {
+        let t = event_ns(ev);
+        match &ev.payload {
+            Some(Payload::Xid(x)) => {
+                let pci = if x.pci.is_empty() { &x.pci_raw } else { &x.pci };
+                if pci.is_empty() {
+                    return;
+                }
+                let cfg = self.cfg;
+                let who = match (x.pid, &x.pod) {
+                    (Some(p), Some(pod)) => format!(" pid={p} pod={}/{}", pod.namespace, pod.name),
+                    (Some(p), None) => format!(" pid={p}"),
+                    _ => String::new(),
+                };
+                let seen = Seen {
+                    t,
+                    cursor,
+                    kind: "xid",
+                    detail: format!("XID {} {}{who}: {}", x.code, x.mnemonic, x.message),
+                };
+                if let Some(e) = self.entry(node, pci) {
+                    e.xid(x, &seen, &cfg);
+                    e.settle(t);
+                }
+            }
+            Some(Payload::GpuSample(s)) => self.sample(node, s, t, cursor),
+            Some(Payload::AgentStatus(a)) => self.agent_status(node, a),
+            Some(Payload::Gap(g)) if g.stage == v1::GapStage::SamplesShed as i32 => {
+                // Samples were shed unevenly: give every GPU the chance to sample again
+                // before judging one vanished.
+                self.touch_node(node);
+                if let Some(b) = self.nodes.get_mut(node) {
+                    b.sampling_since = None;
+                }
+            }
+            Some(Payload::GpuProcess(p)) if p.r#type == ProcessEventType::Exit as i32 => {
+                let pid = p.tgid.max(p.pid);
+                for key in self.keys_of(node) {
+                    let has = self
+                        .gpus
+                        .get(&key)
+                        .is_some_and(|e| e.rec.reasons.iter().any(|r| r.pid == Some(pid)));
+                    if !has {
+                        continue;
+                    }
+                    self.touch(&key);
+                    if let Some(e) = self.gpus.get_mut(&key) {
+                        e.process_exit(pid);
+                        e.settle(t);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// An agent said which boot its node is in: a new one is a reboot for each of its GPUs.
+    fn agent_status(&mut self, node: &str, a: &v1::AgentStatus) {
+        if a.state == v1::AgentState::Started as i32 || !a.boot_id.is_empty() {
+            self.touch_node(node);
+            let b = self.nodes.entry(node.to_string()).or_default();
+            // A (re)started agent: its GPUs resume sampling now.
+            b.sampling_since = None;
+            if !a.boot_id.is_empty() {
+                b.boot_id.clone_from(&a.boot_id);
+            }
+        }
+        if a.boot_id.is_empty() {
+            return;
+        }
+        for key in self.keys_of(node) {
+            let differs = self
+                .gpus
+                .get(&key)
+                .is_some_and(|e| e.rec.boot_id != a.boot_id);
+            if !differs {
+                continue;
+            }
+            self.touch(&key);
+            if let Some(e) = self.gpus.get_mut(&key) {
+                if e.rec.boot_id.is_empty() {
+                    e.rec.boot_id.clone_from(&a.boot_id);
+                } else {
+                    e.reboot(&a.boot_id);
+                }
+            }
+        }
+    }
+
+    fn sample(&mut self, node: &str, s: &v1::GpuSample, t: i128, cursor: u64) {
+        if s.pci.is_empty() {
+            return;
+        }
+        let cfg = self.cfg;
+        let seen = Seen {
+            t,
+            cursor,
+            kind: "gpu_sample",
+            detail: String::new(),
+        };
+        match self.entry(node, &s.pci) {
+            Some(e) => {
+                e.sample(s, &seen, &cfg);
+                e.settle(t);
+            }
+            None => return,
+        }
+        self.judge_vanished(node, &s.pci, s.index, t, cursor);
+    }
+
+    /// GPUs of the node that stopped sampling while this one goes on.
+    fn judge_vanished(&mut self, node: &str, reporter: &str, index: u32, t: i128, cursor: u64) {
+        let window = self.cfg.vanish_after.as_nanos() as i128;
+        let since = match self.nodes.get(node).and_then(|b| b.sampling_since) {
+            Some(s) => s,
+            None => {
+                self.touch_node(node);
+                self.nodes
+                    .entry(node.to_string())
+                    .or_default()
+                    .sampling_since = Some(t);
+                return;
+            }
+        };
+        if t - since <= window {
+            return;
+        }
+        for key in self.keys_of(node) {
+            if key.1 == reporter {
+                continue;
+            }
+            let silent = self.gpus.get(&key).and_then(|e| {
+                let last = e.rec.last_sample.as_ref().map(ptime::to_unix_nanos)?;
+                (t - last > window).then_some(last)
+            });
+            let Some(last) = silent else { continue };
+            self.touch(&key);
+            if let Some(e) = self.gpus.get_mut(&key) {
+                let seen = Seen {
+                    t,
+                    cursor,
+                    kind: "gpu_sample",
+                    detail: format!(
+                        "no sample since {} while GPU {index} samples",
+                        ptime::rfc3339(&ptime::from_unix_nanos(last))
+                    ),
+                };
+                e.vanished(&seen);
+                e.settle(t);
+            }
+        }
+    }
+
+    /// Every GPU's record and the state shown now.
+    pub fn records(&self, now: i128) -> impl Iterator<Item = (&v1::GpuHealthRecord, HealthState)> {
+        self.gpus
+            .values()
+            .map(move |e| (&e.rec, e.state_at(now, &self.cfg)))
+    }
+
+    pub fn len(&self) -> usize {
+        self.gpus.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.gpus.is_empty()
+    }
+
+    /// Reasons dropped across GPUs because one had too many.
+    pub fn dropped_reasons(&self) -> u64 {
+        self.gpus.values().map(|e| e.dropped_reasons).sum()
+    }
+}
+
+/// Healthy, no reasons, no XID history.
+fn is_plain(e: &GpuEntry) -> bool {
+    e.rec.state == HealthState::Healthy as i32
+        && e.rec.reasons.is_empty()
+        && e.rec.xid_history.is_empty()
+}
+
+/// The gpu_health event for a GPU whose verdict changed.
+fn health_event(e: &GpuEntry, previous: i32) -> v1::Event {
+    let severity = match HealthState::try_from(e.rec.state).unwrap_or_default() {
+        HealthState::Unhealthy => v1::Severity::Error,
+        HealthState::Degraded => v1::Severity::Warning,
+        _ => v1::Severity::Info,
+    };
+    v1::Event {
+        time: e.rec.updated,
+        node: e.rec.node.clone(),
+        kind: EventKind::GpuHealth as i32,
+        severity: severity as i32,
+        payload: Some(Payload::GpuHealth(v1::GpuHealth {
+            change: e.change_line(previous),
+            previous,
+            record: Some(e.rec.clone()),
+        })),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,504 @@
+//! Scenario tests: evidence as the collector stores it, judged batch by batch; each asserts the
+//! state, the reasons with their actions and the evidence behind them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use gpulse_proto::v1::{self, HealthState, event::Payload};
+
+use super::{Config, Engine, query};
+
+const NODE: &str = "gpu-node-1";
+const PCI: &str = "0000:3b:00.0";
+const UUID: &str = "GPU-11111111-2222-3333-4444-555555555555";
+const S: i128 = 1_000_000_000;
+const T0: i128 = 1_764_000_000 * S;
+
+/// Builds events and feeds them to the engine one batch at a time, like ingest does.
+struct Scenario {
+    engine: Engine,
+    cursor: u64,
+    /// Every gpu_health event written so far.
+    written: Vec<v1::GpuHealth>,
+}
+
+fn ev(t: i128, payload: Payload) -> v1::Event {
+    v1::Event {
+        time: Some(gpulse_proto::time::from_unix_nanos(t)),
+        node: NODE.into(),
+        kind: payload_kind(&payload) as i32,
+        payload: Some(payload),
+        ..Default::default()
+    }
+}
+
+fn payload_kind(p: &Payload) -> v1::EventKind {
+    v1::Event {
+        payload: Some(p.clone()),
+        ..Default::default()
+    }
+    .payload_kind()
+}
+
+fn xid(code: u32, pid: Option<u32>) -> Payload {
+    let info = gpulse_xid::catalog::lookup(code);
+    Payload::Xid(v1::Xid {
+        code,
+        pci: PCI.into(),
+        pid,
+        mnemonic: info.map_or("", |i| i.mnemonic).into(),
+        message: "test".into(),
+        ..Default::default()
+    })
+}
+
+fn sample(index: u32, pci: &str) -> v1::GpuSample {
+    v1::GpuSample {
+        index,
+        uuid: if pci == PCI {
+            UUID.into()
+        } else {
+            format!("GPU-{index}")
+        },
+        pci: pci.into(),
+        name: "NVIDIA H100 80GB HBM3".into(),
+        gpu_util_pct: Some(50),
+        ecc_uncorrected_volatile: Some(0),
+        energy_mj: Some(1000),
+        ..Default::default()
+    }
+}
+
+fn status(boot: &str) -> Payload {
+    Payload::AgentStatus(v1::AgentStatus {
+        state: v1::AgentState::Started as i32,
+        boot_id: boot.into(),
+        ..Default::default()
+    })
+}
+
+fn exit(pid: u32) -> Payload {
+    Payload::GpuProcess(v1::GpuProcess {
+        r#type: v1::ProcessEventType::Exit as i32,
+        pid,
+        tgid: pid,
+        ..Default::default()
+    })
+}
+
+impl Scenario {
+    fn new() -> Self {
+        Self::with(Config::default())
+    }
+
+    fn with(cfg: Config) -> Self {
+        Self {
+            engine: Engine::new(cfg),
+            cursor: 1,
+            written: Vec::new(),
+        }
+    }
+
+    /// One batch; returns the gpu_health events it wrote.
+    fn batch(&mut self, events: Vec<v1::Event>) -> Vec<v1::GpuHealth> {
+        let first = self.cursor;
+        self.cursor += events.len() as u64;
+        let out = self.engine.judge(
+            NODE,
+            events
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e, first + i as u64)),
+        );
+        self.engine.commit();
+        self.cursor += out.len() as u64;
+        let health: Vec<v1::GpuHealth> = out
+            .into_iter()
+            .map(|e| match e.payload {
+                Some(Payload::GpuHealth(h)) => h,
+                other => panic!("not a health event: {other:?}"),
+            })
+            .collect();
+        self.written.extend(health.clone());
+        health
+    }
+
+    /// Samples of GPU 0 at t, t+1 s, ... (`n` of them).
+    fn samples(&mut self, t: i128, n: i128, s: &v1::GpuSample) {
+        for i in 0..n {
+            self.batch(vec![ev(t + i * S, Payload::GpuSample(s.clone()))]);
+        }
+    }
+
+    fn record(&self, now: i128) -> v1::GpuHealthRecord {
+        let r = query::answer(
+            &self.engine,
+            &v1::GpuHealthRequest {
+                node: NODE.into(),
+                include_healthy: true,
+                ..Default::default()
+            },
+            now,
+        );
+        r.gpus
+            .into_iter()
+            .find(|g| g.pci == PCI)
+            .expect("GPU judged")
+    }
+}
+
+fn state(r: &v1::GpuHealthRecord) -> HealthState {
+    HealthState::try_from(r.state).unwrap()
+}
+
+fn rules(r: &v1::GpuHealthRecord) -> Vec<(&str, &str)> {
+    r.reasons
+        .iter()
+        .map(|x| (x.rule.as_str(), x.action.as_str()))
+        .collect()
+}
+
+#[test]
+fn pending_remap_then_remap_failure() {
+    let mut s = Scenario::new();
+    s.batch(vec![ev(T0, status("boot-a"))]);
+    s.samples(T0, 3, &sample(0, PCI));
+    assert_eq!(state(&s.record(T0 + 3 * S)), HealthState::Healthy);
+    assert!(
+        s.written.is_empty(),
+        "a healthy GPU writes no verdict events"
+    );
+
+    let mut pending = sample(0, PCI);
+    pending.row_remap = Some(v1::RowRemap {
+        uncorrectable: 1,
+        pending: true,
+        ..Default::default()
+    });
+    let w = s.batch(vec![ev(T0 + 10 * S, Payload::GpuSample(pending.clone()))]);
+    assert_eq!(w.len(), 1);
+    assert_eq!(w[0].change.split(':').next(), Some("healthy -> degraded"));
+    let r = s.record(T0 + 11 * S);
+    assert_eq!(state(&r), HealthState::Degraded);
+    assert_eq!(rules(&r), vec![("row_remap_pending", "RESET_GPU")]);
+    let evidence = &r.reasons[0].evidence[0];
+    assert_eq!(evidence.kind, "gpu_sample");
+    assert_eq!(evidence.cursor, s.cursor - 2, "the sample's own cursor");
+    assert!(
+        evidence.detail.contains("row_remap.pending = true"),
+        "{}",
+        evidence.detail
+    );
+
+    let mut failed = pending.clone();
+    failed.row_remap = Some(v1::RowRemap {
+        uncorrectable: 2,
+        failure: true,
+        ..Default::default()
+    });
+    let w = s.batch(vec![ev(T0 + 20 * S, Payload::GpuSample(failed.clone()))]);
+    assert_eq!(w.len(), 1);
+    let r = s.record(T0 + 21 * S);
+    assert_eq!(state(&r), HealthState::Unhealthy);
+    assert_eq!(
+        rules(&r)[0],
+        ("row_remap_failure", "CONTACT_SUPPORT"),
+        "worst reason first"
+    );
+    assert!(
+        r.reasons[0].evidence[0]
+            .detail
+            .contains("2 uncorrectable rows")
+    );
+    // The pending reason clears once samples no longer show it; the failure stays.
+    s.samples(T0 + 21 * S, 5, &failed);
+    let r = s.record(T0 + 30 * S);
+    assert_eq!(rules(&r), vec![("row_remap_failure", "CONTACT_SUPPORT")]);
+    // A reboot does not clear a failed remap: only samples without it do.
+    s.batch(vec![ev(T0 + 40 * S, status("boot-b"))]);
+    s.samples(T0 + 41 * S, 5, &failed);
+    assert_eq!(state(&s.record(T0 + 50 * S)), HealthState::Unhealthy);
+}
+
+#[test]
+fn fallen_off_the_bus_clears_after_a_reboot_and_clean_samples() {
+    let mut s = Scenario::new();
+    s.batch(vec![ev(T0, status("boot-a"))]);
+    s.samples(T0, 2, &sample(0, PCI));
+    let w = s.batch(vec![ev(T0 + 5 * S, xid(79, None))]);
+    assert_eq!(w.len(), 1);
+    assert!(
+        w[0].change.starts_with("healthy -> unhealthy: XID 79"),
+        "{}",
+        w[0].change
+    );
+    let r = s.record(T0 + 6 * S);
+    assert_eq!(state(&r), HealthState::Unhealthy);
+    assert_eq!(rules(&r), vec![("xid", "RESTART_BM")]);
+    assert_eq!(r.reasons[0].clears_on, "reboot");
+    assert_eq!(r.reasons[0].evidence[0].kind, "xid");
+    assert!(r.reasons[0].evidence[0].detail.starts_with("XID 79"));
+
+    // Samples without a reboot do not clear it; the GPU is gone meanwhile.
+    let mut lost = sample(0, PCI);
+    lost.errors.push(v1::FieldError {
+        field: "handle".into(),
+        error: "the GPU has fallen off the bus or is otherwise inaccessible".into(),
+    });
+    s.samples(T0 + 6 * S, 3, &lost);
+    let r = s.record(T0 + 9 * S);
+    assert_eq!(state(&r), HealthState::Unhealthy);
+    assert!(rules(&r).contains(&("fallen_off_bus", "RESTART_BM")));
+
+    // The node reboots; clean samples follow: both reasons clear (3 clean samples).
+    s.batch(vec![ev(T0 + 60 * S, status("boot-b"))]);
+    let r = s.record(T0 + 61 * S);
+    assert!(r.reasons.iter().all(|x| x.clearing), "{:?}", r.reasons);
+    assert_eq!(
+        state(&r),
+        HealthState::Unhealthy,
+        "not before clean samples"
+    );
+    s.samples(T0 + 61 * S, 2, &sample(0, PCI));
+    assert_eq!(state(&s.record(T0 + 63 * S)), HealthState::Unhealthy);
+    s.samples(T0 + 63 * S, 1, &sample(0, PCI));
+    let r = s.record(T0 + 64 * S);
+    assert_eq!(state(&r), HealthState::Healthy, "{:?}", r.reasons);
+    let last = s.written.last().unwrap();
+    assert!(
+        last.change.starts_with("unhealthy -> healthy"),
+        "{}",
+        last.change
+    );
+    assert_eq!(r.boot_id, "boot-b");
+    assert_eq!(r.xid_history[0].reboots, 1);
+}
+
+#[test]
+fn the_same_xid_after_two_reboots_escalates_to_hardware_inspection() {
+    let mut s = Scenario::new();
+    let clean = sample(0, PCI);
+    s.batch(vec![ev(T0, status("boot-1"))]);
+    s.samples(T0, 1, &clean);
+    s.batch(vec![ev(T0 + S, xid(48, None))]);
+    let r = s.record(T0 + 2 * S);
+    assert_eq!(rules(&r), vec![("xid", "RESET_GPU")]);
+    assert!(!r.reasons[0].escalated);
+
+    // Reboot 1, healthy again; XID 48 comes back: still RESET_GPU (one reboot).
+    s.batch(vec![ev(T0 + 100 * S, status("boot-2"))]);
+    s.samples(T0 + 101 * S, 3, &clean);
+    assert_eq!(state(&s.record(T0 + 104 * S)), HealthState::Healthy);
+    s.batch(vec![ev(T0 + 110 * S, xid(48, None))]);
+    let r = s.record(T0 + 111 * S);
+    assert_eq!(rules(&r), vec![("xid", "RESET_GPU")]);
+    assert!(!r.reasons[0].escalated);
+
+    // Reboot 2; XID 48 again: escalated.
+    s.batch(vec![ev(T0 + 200 * S, status("boot-3"))]);
+    s.samples(T0 + 201 * S, 3, &clean);
+    let w = s.batch(vec![ev(T0 + 210 * S, xid(48, None))]);
+    let r = s.record(T0 + 211 * S);
+    assert_eq!(state(&r), HealthState::Unhealthy);
+    assert_eq!(rules(&r), vec![("xid", "CONTACT_SUPPORT")]);
+    assert!(r.reasons[0].escalated);
+    assert_eq!(r.reasons[0].clears_on, "replacement");
+    assert!(
+        r.reasons[0].summary.contains("after 2 reboots"),
+        "{}",
+        r.reasons[0].summary
+    );
+    assert!(w[0].change.contains("CONTACT_SUPPORT"), "{}", w[0].change);
+    // Reboots and clean samples no longer clear it.
+    s.batch(vec![ev(T0 + 300 * S, status("boot-4"))]);
+    s.samples(T0 + 301 * S, 10, &clean);
+    assert_eq!(state(&s.record(T0 + 311 * S)), HealthState::Unhealthy);
+    // A new GPU in the slot (another UUID) is the evidence that clears it.
+    let mut new_gpu = clean.clone();
+    new_gpu.uuid = "GPU-99999999-0000-0000-0000-000000000000".into();
+    s.samples(T0 + 400 * S, 1, &new_gpu);
+    let r = s.record(T0 + 401 * S);
+    assert_eq!(state(&r), HealthState::Healthy);
+    assert!(
+        r.xid_history.is_empty(),
+        "the old GPU's history left with it"
+    );
+}
+
+#[test]
+fn an_application_xid_lasts_as_long_as_its_process() {
+    let mut s = Scenario::new();
+    s.batch(vec![ev(T0, status("boot-a"))]);
+    s.samples(T0, 1, &sample(0, PCI));
+    let mut x = xid(13, Some(4242));
+    if let Payload::Xid(x) = &mut x {
+        x.pod = Some(v1::PodRef {
+            namespace: "ml".into(),
+            name: "train-0".into(),
+            ..Default::default()
+        });
+    }
+    s.batch(vec![ev(T0 + S, x)]);
+    let r = s.record(T0 + 2 * S);
+    assert_eq!(state(&r), HealthState::Degraded);
+    assert_eq!(rules(&r), vec![("xid", "RESTART_APP")]);
+    assert_eq!(r.reasons[0].pid, Some(4242));
+    assert_eq!(r.reasons[0].pod, "ml/train-0");
+    assert_eq!(r.reasons[0].clears_on, "process_exit");
+    // Clean samples do not clear it while the process lives; another process's exit neither.
+    s.samples(T0 + 2 * S, 5, &sample(0, PCI));
+    s.batch(vec![ev(T0 + 8 * S, exit(999))]);
+    assert_eq!(state(&s.record(T0 + 9 * S)), HealthState::Degraded);
+    // Its exit ends it.
+    let w = s.batch(vec![ev(T0 + 10 * S, exit(4242))]);
+    assert!(
+        w[0].change.starts_with("degraded -> healthy"),
+        "{}",
+        w[0].change
+    );
+    assert_eq!(state(&s.record(T0 + 11 * S)), HealthState::Healthy);
+}
+
+#[test]
+fn an_nvml_only_xid_is_judged_like_a_kernel_one() {
+    let mut s = Scenario::new();
+    s.samples(T0, 1, &sample(0, PCI));
+    let mut x = xid(79, None);
+    if let Payload::Xid(x) = &mut x {
+        x.source = v1::RecordSource::NvmlEvent as i32;
+        x.message = "reported by NVML (critical XID event)".into();
+    }
+    s.batch(vec![ev(T0 + S, x)]);
+    let r = s.record(T0 + 2 * S);
+    assert_eq!(state(&r), HealthState::Unhealthy);
+    assert_eq!(rules(&r), vec![("xid", "RESTART_BM")]);
+    assert!(r.reasons[0].evidence[0].detail.contains("reported by NVML"));
+}
+
+#[test]
+fn a_gpu_that_stops_sampling_while_the_others_go_on_vanished() {
+    let mut s = Scenario::new();
+    let other = "0000:86:00.0";
+    s.batch(vec![ev(T0, status("boot-a"))]);
+    for i in 0..70 {
+        let t = T0 + i * S;
+        let mut batch = vec![ev(t, Payload::GpuSample(sample(1, other)))];
+        if i < 5 {
+            batch.push(ev(t, Payload::GpuSample(sample(0, PCI))));
+        }
+        s.batch(batch);
+    }
+    let r = s.record(T0 + 70 * S);
+    assert_eq!(state(&r), HealthState::Unhealthy);
+    assert_eq!(rules(&r), vec![("vanished", "RESTART_BM")]);
+    assert!(
+        r.reasons[0].evidence[0]
+            .detail
+            .contains("while GPU 1 samples")
+    );
+    // The other GPU is fine.
+    let all = query::answer(
+        &s.engine,
+        &v1::GpuHealthRequest {
+            include_healthy: true,
+            ..Default::default()
+        },
+        T0 + 70 * S,
+    );
+    assert_eq!((all.unhealthy, all.healthy), (1, 1));
+    assert_eq!(all.gpus[0].pci, PCI, "unhealthy first");
+}
+
+#[test]
+fn uncorrectable_ecc_clears_after_a_gpu_reset() {
+    let mut s = Scenario::new();
+    let mut a = sample(0, PCI);
+    s.samples(T0, 1, &a);
+    a.ecc_uncorrected_volatile = Some(2);
+    a.energy_mj = Some(5000);
+    s.samples(T0 + S, 1, &a);
+    let r = s.record(T0 + 2 * S);
+    assert_eq!(rules(&r), vec![("uncorrectable_ecc", "RESET_GPU")]);
+    assert!(r.reasons[0].evidence[0].detail.contains("0 -> 2"));
+    // nvidia-smi -r: volatile counters start over.
+    a.ecc_uncorrected_volatile = Some(0);
+    a.energy_mj = Some(10);
+    s.samples(T0 + 10 * S, 3, &a);
+    assert_eq!(state(&s.record(T0 + 13 * S)), HealthState::Healthy);
+}
+
+#[test]
+fn a_silent_healthy_gpu_is_unknown_but_evidence_of_a_problem_stands() {
+    let mut s = Scenario::new();
+    s.samples(T0, 1, &sample(0, PCI));
+    assert_eq!(state(&s.record(T0 + 10 * S)), HealthState::Healthy);
+    assert_eq!(state(&s.record(T0 + 600 * S)), HealthState::Unknown);
+    s.batch(vec![ev(T0 + 601 * S, xid(79, None))]);
+    assert_eq!(state(&s.record(T0 + 1200 * S)), HealthState::Unhealthy);
+}
+
+#[test]
+fn verdicts_survive_a_restart_and_a_failed_write_leaves_no_trace() {
+    let mut s = Scenario::new();
+    s.batch(vec![ev(T0, status("boot-1"))]);
+    s.samples(T0, 1, &sample(0, PCI));
+    s.batch(vec![ev(T0 + S, xid(48, None))]);
+    s.batch(vec![ev(T0 + 100 * S, status("boot-2"))]);
+    s.samples(T0 + 101 * S, 3, &sample(0, PCI));
+    let before = s.record(T0 + 110 * S);
+    assert_eq!(before.xid_history[0].reboots, 1);
+
+    // A restarted collector sees only the gpu_health events (the evidence may have expired).
+    let mut restarted = Engine::new(Config::default());
+    for h in &s.written {
+        let e = v1::Event {
+            node: NODE.into(),
+            payload: Some(Payload::GpuHealth(h.clone())),
+            ..Default::default()
+        };
+        restarted.restore(&e);
+    }
+    // A second XID 48 after a second reboot still escalates: the history survived.
+    let mut s2 = Scenario {
+        engine: restarted,
+        cursor: 1000,
+        written: Vec::new(),
+    };
+    s2.batch(vec![ev(T0 + 200 * S, status("boot-3"))]);
+    s2.batch(vec![ev(T0 + 210 * S, xid(48, None))]);
+    let r = s2.record(T0 + 211 * S);
+    assert!(r.reasons[0].escalated, "{:?}", r.reasons);
+
+    // A batch judged but not written is forgotten.
+    let mut s3 = Scenario::new();
+    s3.samples(T0, 1, &sample(0, PCI));
+    let out = s3.engine.judge(NODE, [(&ev(T0 + S, xid(79, None)), 5)]);
+    assert_eq!(out.len(), 1);
+    s3.engine.rollback();
+    assert_eq!(state(&s3.record(T0 + 2 * S)), HealthState::Healthy);
+    // ... and judged again when it comes back.
+    let w = s3.batch(vec![ev(T0 + S, xid(79, None))]);
+    assert_eq!(w.len(), 1);
+}
+
+#[test]
+fn the_table_is_bounded() {
+    let mut s = Scenario::with(Config {
+        max_gpus: 4,
+        ..Config::default()
+    });
+    for i in 0..10u32 {
+        s.samples(T0, 1, &sample(i, &format!("0000:{:02x}:00.0", i + 1)));
+    }
+    assert_eq!(s.engine.len(), 4);
+    assert_eq!(s.engine.dropped_gpus, 6);
+
+    // Evidence per reason is bounded, and a storm of one XID writes one verdict event.
+    let mut s = Scenario::new();
+    s.samples(T0, 1, &sample(0, PCI));
+    for i in 0..100 {
+        s.batch(vec![ev(T0 + i * S, xid(13, Some(7)))]);
+    }
+    let r = s.record(T0 + 100 * S);
+    assert_eq!(r.reasons.len(), 1);
+    assert_eq!(r.reasons[0].occurrences, 100);
+    assert_eq!(r.reasons[0].evidence.len(), 8);
+    assert_eq!(s.written.len(), 1);
+}
