@@ -165,6 +165,7 @@ async fn tools_answer_from_the_store() {
             "describe_node",
             "describe_xid",
             "events_summary",
+            "gpu_health",
             "gpu_metric_trend",
             "list_events",
             "list_gpu_processes",
@@ -265,6 +266,37 @@ async fn tools_answer_from_the_store() {
     .await;
     assert!(!err);
     assert_eq!(s["total_matched"], 1);
+
+    // The XIDs judged GPU 0 unhealthy: RESET_GPU (119) worst-first with RESTART_BM (79), each
+    // with the event it came from; the others are healthy.
+    let (err, s, text) = call(&client, "gpu_health", json!({})).await;
+    assert!(!err, "{text}");
+    assert_eq!(
+        (s["unhealthy"].clone(), s["healthy"].clone()),
+        (json!(1), json!(2)),
+        "{s}"
+    );
+    let g = &s["gpus"][0];
+    assert_eq!(g["gpu_pci"], "0000:3b:00.0");
+    let actions: Vec<&str> = g["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.contains(&"RESET_GPU") && actions.contains(&"RESTART_BM"),
+        "{actions:?}"
+    );
+    assert!(g["reasons"][0]["evidence"][0]["cursor"].as_u64().unwrap() > 0);
+    let (err, s, _) = call(
+        &client,
+        "gpu_health",
+        json!({"node": "gpu-node-2", "include_healthy": true}),
+    )
+    .await;
+    assert!(!err);
+    assert_eq!(s["gpus"][0]["state"], "healthy");
 
     let (err, s, _) = call(&client, "list_nodes", json!({"only_unhealthy": true})).await;
     assert!(!err);

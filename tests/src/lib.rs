@@ -691,6 +691,11 @@ pub fn feed_over_grpc(url: &str, node: &str) -> anyhow::Result<()> {
 /// One stateless (2026-07-28) `tools/call` over a raw HTTP/1.1 connection: what the server
 /// costs without any client library. Returns the response body length.
 pub fn mcp_raw_call(port: u16, tool: &str, args: &str) -> anyhow::Result<usize> {
+    Ok(mcp_raw_answer(port, tool, args)?.len())
+}
+
+/// [`mcp_raw_call`], returning the whole HTTP response (headers and body).
+pub fn mcp_raw_answer(port: u16, tool: &str, args: &str) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     let body = format!(
         r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{tool}","arguments":{args},"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{{}}}}}}}}"#
@@ -707,7 +712,7 @@ pub fn mcp_raw_call(port: u16, tool: &str, args: &str) -> anyhow::Result<usize> 
     if !resp.starts_with("HTTP/1.1 200") || resp.contains("\"isError\":true") {
         bail!("{tool}: {}", resp.chars().take(400).collect::<String>());
     }
-    Ok(resp.len())
+    Ok(resp)
 }
 
 /// A program from a Debian package, with a clear error naming the package when it is missing

@@ -6,6 +6,7 @@
 //! `tests/expected/`).
 pub mod args;
 pub mod events;
+pub mod health;
 pub mod mcp;
 pub mod nodes;
 pub mod status;

@@ -1,6 +1,6 @@
 //! `gpulse`: the human's window onto a gpulse collector. See the library for each command.
 use clap::{Parser, Subcommand};
-use gpulse_cli::{events, mcp, nodes, status, tail, trend, xid};
+use gpulse_cli::{events, health, mcp, nodes, status, tail, trend, xid};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -28,6 +28,8 @@ enum Cmd {
     Trend(trend::TrendArgs),
     /// Nodes the collector has heard from, with their GPUs' latest samples.
     Nodes(nodes::NodesArgs),
+    /// Each GPU's health verdict, unhealthy first: reasons, evidence, what NVIDIA says to do.
+    Health(health::HealthArgs),
     /// Collector status.
     Status(status::StatusArgs),
     /// Serve MCP on stdin/stdout over a collector (for MCP clients that launch a command).
@@ -42,6 +44,7 @@ async fn main() {
         Cmd::Events(a) => events::run(a).await,
         Cmd::Trend(a) => trend::run(a).await,
         Cmd::Nodes(a) => nodes::run(a).await,
+        Cmd::Health(a) => health::run(a).await,
         Cmd::Status(a) => status::run(a).await,
         Cmd::Mcp(a) => mcp::run(a).await,
     };

@@ -332,3 +332,90 @@ fn the_binary_offline() {
     }
     expect("offline.txt", &s);
 }
+
+#[test]
+fn health_text_and_json() {
+    use gpulse_cli::health;
+    use gpulse_proto::v1::{
+        GpuHealthRecord, GpuHealthResponse, HealthEvidence, HealthReason, HealthState,
+    };
+    let reason = |rule: &str, action: &str, summary: &str| HealthReason {
+        rule: rule.into(),
+        state: HealthState::Unhealthy as i32,
+        action: action.into(),
+        summary: summary.into(),
+        since: at(100),
+        last: at(200),
+        occurrences: 1,
+        clears_on: "reboot".into(),
+        evidence: vec![HealthEvidence {
+            cursor: 42,
+            time: at(200),
+            kind: "xid".into(),
+            detail: "XID 79 ROBUST_CHANNEL_GPU_HAS_FALLEN_OFF_THE_BUS: GPU has fallen off the bus."
+                .into(),
+        }],
+        ..Default::default()
+    };
+    let r = GpuHealthResponse {
+        gpus: vec![
+            GpuHealthRecord {
+                node: "gpu-node-1".into(),
+                pci: "0000:3b:00.0".into(),
+                gpu_uuid: "GPU-0".into(),
+                index: Some(0),
+                state: HealthState::Unhealthy as i32,
+                since: at(200),
+                reasons: vec![
+                    HealthReason {
+                        escalated: true,
+                        clears_on: "replacement".into(),
+                        occurrences: 3,
+                        ..reason(
+                            "xid",
+                            "CONTACT_SUPPORT",
+                            "XID 48 DBE came back after 2 reboots: hardware inspection",
+                        )
+                    },
+                    HealthReason {
+                        clearing: true,
+                        clean_samples: 2,
+                        ..reason("fallen_off_bus", "RESTART_BM", "XID 79")
+                    },
+                ],
+                ..Default::default()
+            },
+            GpuHealthRecord {
+                node: "gpu-node-2".into(),
+                cluster: "eu-1".into(),
+                pci: "0000:86:00.0".into(),
+                state: HealthState::Degraded as i32,
+                since: at(300),
+                reasons: vec![HealthReason {
+                    state: HealthState::Degraded as i32,
+                    pod: "ml/train-0".into(),
+                    pid: Some(4242),
+                    clears_on: "process_exit".into(),
+                    ..reason("xid", "RESTART_APP", "XID 13 GRAPHICS_ENGINE_EXCEPTION")
+                }],
+                ..Default::default()
+            },
+        ],
+        healthy: 14,
+        degraded: 1,
+        unhealthy: 1,
+        unknown: 0,
+        truncated: true,
+        partial: true,
+        upstreams: upstreams(),
+        hints: vec![],
+    };
+    expect("health.txt", &health::render_text(&r));
+    let mut json: String = r
+        .gpus
+        .iter()
+        .map(|g| gpulse_proto::render::gpu_health(g).to_string() + "\n")
+        .collect();
+    json.push_str(&(health::answer_json(&r) + "\n"));
+    expect("health.json", &json);
+}

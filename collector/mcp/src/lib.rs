@@ -55,9 +55,9 @@ impl GpulseMcp {
 const INSTRUCTIONS: &str = "gpulse: NVIDIA GPU fleet telemetry (XID errors from the kernel, GPU \
 processes, NVML samples) held by a collector in a rolling window: events and samples age out as \
 budgets fill, so call collector_status to see how far back each kind and sample tier reaches. \
-Start with events_summary (\"what happened\") or list_nodes (\"what is unhealthy\"), then drill \
-down with list_events, xid_summary, describe_node, gpu_metric_trend, list_gpu_processes. Windows \
-take since/until as 90s, 15m, 1h, 7d, now-<duration> or RFC 3339. All tools are read-only.";
+Start with events_summary (\"what happened\"), gpu_health (\"which GPUs to take out of service, \
+why, and what NVIDIA says to do\") or list_nodes, then drill down with list_events, xid_summary, \
+describe_node, gpu_metric_trend, list_gpu_processes. Windows take since/until as 90s, 15m, 1h, 7d, now-<duration> or RFC 3339. All tools are read-only.";
 
 #[prompt_router]
 impl GpulseMcp {
@@ -69,12 +69,14 @@ impl GpulseMcp {
             Role::User,
             format!(
                 "Triage GPU node {node} over the last {since}. Use the gpulse tools in this order:\n\
-                 1. describe_node(node=\"{node}\", since=\"{since}\") for its GPUs, agent and recent events.\n\
-                 2. xid_summary(node=\"{node}\", since=\"{since}\", group_by=\"gpu\") for which GPUs raised which XIDs.\n\
-                 3. For each XID code seen, describe_xid to get its meaning and NVIDIA's recommended action.\n\
-                 4. gpu_metric_trend(metric=\"gpu_util_pct\", nodes=[\"{node}\"], group_by=\"gpu\", since=\"{since}\") \
+                 1. gpu_health(node=\"{node}\", include_healthy=true) for each GPU's verdict, its reasons, \
+                 the evidence (event cursors) and NVIDIA's recommended action.\n\
+                 2. describe_node(node=\"{node}\", since=\"{since}\") for its GPUs, agent and recent events.\n\
+                 3. xid_summary(node=\"{node}\", since=\"{since}\", group_by=\"gpu\") for which GPUs raised which XIDs.\n\
+                 4. For each XID code seen, describe_xid to get its meaning and NVIDIA's recommended action.\n\
+                 5. gpu_metric_trend(metric=\"gpu_util_pct\", nodes=[\"{node}\"], group_by=\"gpu\", since=\"{since}\") \
                  and the same for temperature_c and power_w, to see whether a GPU dropped out or ran hot.\n\
-                 5. list_events(nodes=[\"{node}\"], since=\"{since}\", min_severity=\"warning\") for the timeline.\n\
+                 6. list_events(nodes=[\"{node}\"], since=\"{since}\", min_severity=\"warning\") for the timeline.\n\
                  Then report: the affected GPUs (UUID and PCI), the root-cause XID of each incident, the \
                  workloads (pods) running on them, and the action to take (reset, drain, RMA) with the evidence.",
                 node = a.node
@@ -94,10 +96,13 @@ impl GpulseMcp {
             format!(
                 "Write a GPU fleet health report for the last {since}. Use the gpulse tools in this order:\n\
                  1. collector_status, to state how fresh the data is and how far back it reaches.\n\
-                 2. list_nodes(since=\"{since}\", only_unhealthy=true) for the nodes that need attention.\n\
-                 3. events_summary(since=\"{since}\") for counts, incidents and their root-cause XIDs.\n\
-                 4. xid_summary(since=\"{since}\", group_by=\"node\") for where XIDs concentrate.\n\
-                 Report: overall health, each unhealthy node with its incidents and recommended action, \
+                 2. gpu_health() for the GPUs to take out of service: each with its reasons, evidence \
+                 and NVIDIA's recommended action (escalated ones need hardware inspection).\n\
+                 3. list_nodes(since=\"{since}\", only_unhealthy=true) for the nodes that need attention.\n\
+                 4. events_summary(since=\"{since}\") for counts, incidents and their root-cause XIDs.\n\
+                 5. xid_summary(since=\"{since}\", group_by=\"node\") for where XIDs concentrate.\n\
+                 Report: overall health with the counts of healthy, degraded, unhealthy and unknown GPUs, \
+                 each unhealthy GPU with its action, each unhealthy node with its incidents and recommended action, \
                  XID trends, and any data gaps (partial windows, disconnected agents, drops)."
             ),
         )]

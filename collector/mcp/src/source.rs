@@ -2,9 +2,10 @@
 //! an MCP client is shown (bad arguments it can fix, or an unavailable collector to retry).
 use gpulse_proto::api::SELECT_UPSTREAMS;
 use gpulse_proto::v1::{
-    ListEventsRequest, ListEventsResponse, NodeInfo, NodesRequest, NodesResponse, ProcessesRequest,
-    ProcessesResponse, StatusRequest, StatusResponse, SummarizeRequest, SummarizeResponse,
-    TimeWindow, TrendRequest, TrendResponse, XidGroupsRequest, XidGroupsResponse,
+    GpuHealthRequest, GpuHealthResponse, ListEventsRequest, ListEventsResponse, NodeInfo,
+    NodesRequest, NodesResponse, ProcessesRequest, ProcessesResponse, StatusRequest,
+    StatusResponse, SummarizeRequest, SummarizeResponse, TimeWindow, TrendRequest, TrendResponse,
+    XidGroupsRequest, XidGroupsResponse,
 };
 use tonic::{Code, Request, Status, metadata::AsciiMetadataValue};
 
@@ -119,6 +120,11 @@ impl Source {
 
     pub async fn processes(&self, req: ProcessesRequest) -> Answer<ProcessesResponse> {
         let r = self.api.processes(self.req(req)).await;
+        r.map(|r| r.into_inner()).map_err(explain)
+    }
+
+    pub async fn gpu_health(&self, req: GpuHealthRequest) -> Answer<GpuHealthResponse> {
+        let r = self.api.gpu_health(self.req(req)).await;
         r.map(|r| r.into_inner()).map_err(explain)
     }
 

@@ -14,6 +14,8 @@ pub enum Kind {
     Gap,
     GpuProcess,
     GpuSample,
+    /// A GPU's health verdict changed (written by the collector).
+    GpuHealth,
     /// A payload this collector does not know (sent by a newer agent), kept as received.
     Unknown,
 }
@@ -133,7 +135,8 @@ clusters!(
     XidSummaryArgs,
     TrendArgs,
     DescribeNodeArgs,
-    ListProcessesArgs
+    ListProcessesArgs,
+    GpuHealthArgs
 );
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -330,6 +333,25 @@ pub struct ListProcessesArgs {
     /// next_cursor of a previous call.
     #[serde(default)]
     pub cursor: String,
+    /// Through a gateway: only this cluster (or "cluster/shard"). Default: every cluster.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Through a gateway: only these clusters.
+    #[serde(default)]
+    pub clusters: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GpuHealthArgs {
+    /// Only this node's GPUs (exact name).
+    #[serde(default)]
+    pub node: String,
+    /// Also list healthy GPUs (they are always counted). Default false.
+    #[serde(default)]
+    pub include_healthy: bool,
+    /// 1-200, default 50: GPUs listed, unhealthy first.
+    pub limit: Option<u32>,
     /// Through a gateway: only this cluster (or "cluster/shard"). Default: every cluster.
     #[serde(default)]
     pub cluster: Option<String>,
@@ -715,6 +737,70 @@ pub struct DescribeNode {
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
+pub struct GpuHealth {
+    pub unhealthy: u64,
+    pub degraded: u64,
+    pub unknown: u64,
+    pub healthy: u64,
+    /// Unhealthy first, then degraded, unknown, healthy.
+    pub gpus: Vec<GpuHealthRow>,
+    pub truncated: bool,
+    pub hints: Vec<String>,
+    #[serde(flatten)]
+    pub sources: Sources,
+}
+
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+pub struct GpuHealthRow {
+    pub node: String,
+    pub cluster: Option<String>,
+    pub gpu_pci: String,
+    pub gpu_uuid: Option<String>,
+    pub gpu_index: Option<u32>,
+    pub model: Option<String>,
+    /// healthy, degraded, unhealthy or unknown.
+    pub state: String,
+    pub since: Option<String>,
+    /// What NVIDIA recommends first (the worst reason's action), e.g. RESET_GPU, RESTART_BM,
+    /// CONTACT_SUPPORT; none when healthy.
+    pub action: Option<String>,
+    pub reasons: Vec<HealthReasonRow>,
+}
+
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+pub struct HealthReasonRow {
+    /// The rule (docs/gpu-health.md): xid, fallen_off_bus, row_remap_failure, ...
+    pub rule: String,
+    pub state: String,
+    pub action: String,
+    /// What the action means, in words.
+    pub what_to_do: String,
+    pub summary: String,
+    pub xid: Option<u32>,
+    pub since: Option<String>,
+    pub last: Option<String>,
+    pub occurrences: u64,
+    /// The same XID came back after repeated reboots: hardware inspection.
+    pub escalated: bool,
+    /// What clears it: process_exit, quiet_period, reset_or_reboot, reboot, replacement,
+    /// evidence.
+    pub clears_on: String,
+    /// The reset/reboot happened; clean samples are being counted.
+    pub clearing: bool,
+    pub pod: Option<String>,
+    /// The latest evidence: the event's cursor (for list_events), its time and what it showed.
+    pub evidence: Vec<EvidenceRow>,
+}
+
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+pub struct EvidenceRow {
+    pub cursor: Option<u64>,
+    pub time: Option<String>,
+    pub kind: String,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, Serialize, JsonSchema)]
 pub struct ListProcesses {
     pub window: Window,
     pub processes: Vec<ProcessRow>,

@@ -339,12 +339,25 @@ impl Engine {
             kind: "gpu_sample",
             detail: String::new(),
         };
-        match self.entry(node, &s.pci) {
+        let previous = match self.entry(node, &s.pci) {
             Some(e) => {
+                let previous = e.rec.last_sample.as_ref().map(ptime::to_unix_nanos);
                 e.sample(s, &seen, &cfg);
                 e.settle(t);
+                previous
             }
             None => return,
+        };
+        let window = cfg.vanish_after.as_nanos() as i128;
+        if previous.is_none_or(|p| t - p > window) {
+            // This GPU's own samples paused (agent or node down, samples shed): the node's
+            // sampling starts over, and every GPU gets its chance again.
+            self.touch_node(node);
+            self.nodes
+                .entry(node.to_string())
+                .or_default()
+                .sampling_since = Some(t);
+            return;
         }
         self.judge_vanished(node, &s.pci, s.index, t, cursor);
     }
@@ -422,9 +435,10 @@ fn is_plain(e: &GpuEntry) -> bool {
 
 /// The gpu_health event for a GPU whose verdict changed.
 fn health_event(e: &GpuEntry, previous: i32) -> v1::Event {
+    // A warning at most: the verdict restates evidence already counted at its own severity
+    // (an XID 79 is fatal once, not again as the verdict it caused).
     let severity = match HealthState::try_from(e.rec.state).unwrap_or_default() {
-        HealthState::Unhealthy => v1::Severity::Error,
-        HealthState::Degraded => v1::Severity::Warning,
+        HealthState::Unhealthy | HealthState::Degraded => v1::Severity::Warning,
         _ => v1::Severity::Info,
     };
     v1::Event {

@@ -3,6 +3,7 @@
 //! whose text says how to fix the call. Counting and grouping happen in the collector.
 mod describe_node;
 mod events_summary;
+mod gpu_health;
 mod gpu_metric_trend;
 mod list_events;
 mod list_gpu_processes;
@@ -40,7 +41,8 @@ pub(crate) fn router() -> Router {
         + GpulseMcp::xid_router()
         + GpulseMcp::trend_router()
         + GpulseMcp::describe_node_router()
-        + GpulseMcp::processes_router();
+        + GpulseMcp::processes_router()
+        + GpulseMcp::gpu_health_router();
     for route in r.map.values_mut() {
         route.attr.annotations = Some(ToolAnnotations::from_raw(
             route.attr.title.clone(),
