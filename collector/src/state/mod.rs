@@ -620,6 +620,7 @@ impl State {
             }
             Command::Exposition { reply } => {
                 self.publish_store_gauges();
+                exposition::health_counters(&self.metrics, &self.verdict);
                 let mut text = exposition::node_gauges(&self.nodes.views(&self.agents));
                 exposition::health_gauges(&mut text, &self.verdict, now_ns());
                 let _ = reply.send(text);

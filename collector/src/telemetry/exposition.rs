@@ -161,6 +161,18 @@ pub fn health_gauges(out: &mut String, engine: &crate::verdict::Engine, now: i12
     );
 }
 
+/// The health engine's drop counters, brought up to its totals (at scrape).
+pub fn health_counters(m: &Metrics, engine: &crate::verdict::Engine) {
+    raise(
+        &m.health_dropped.with_label_values(&["gpus"]),
+        engine.dropped_gpus,
+    );
+    raise(
+        &m.health_dropped.with_label_values(&["reasons"]),
+        engine.dropped_reasons(),
+    );
+}
+
 /// Brings a counter up to a total kept elsewhere (counters only go up).
 fn raise(c: &prometheus::IntCounter, total: u64) {
     if total > c.get() {

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub series_oldest_seconds: IntGaugeVec,
     pub series_rejected: IntCounterVec,
     pub series_gpus: IntGauge,
+    /// GPU health: GPUs not judged (table full) and reasons dropped (a GPU with too many).
+    pub health_dropped: IntCounterVec,
     pub series_gpus_retired: IntCounter,
     pub agents_retired: IntCounter,
     pub nodes_retired: IntCounter,
@@ -273,6 +275,11 @@ impl Metrics {
                 &["reason"],
             )?,
             series_gpus: g("gpulse_store_series_gpus", "GPUs with sample history.")?,
+            health_dropped: cv(
+                "gpulse_gpu_health_dropped_total",
+                "GPU health: GPUs not judged because the table was full (what=gpus), reasons dropped from a GPU that had 32 (what=reasons).",
+                &["what"],
+            )?,
             series_gpus_retired: c(
                 "gpulse_store_series_gpus_retired_total",
                 "GPUs silent for over an hour whose history slot went to a new GPU at --max-gpus.",
