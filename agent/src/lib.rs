@@ -20,4 +20,5 @@ pub mod spool;
 pub mod spool_log;
 pub mod state_dir;
 pub mod stats;
+pub mod storm;
 pub mod tracefs;

@@ -238,7 +238,8 @@ fn spawn_spool_sync(spool: Arc<SharedSpool>) {
 }
 
 /// Captured items through the pipeline into the spool; every 5 s, exits of GPU processes that
-/// vanished without a reported exit; every 250 ms, NVML XIDs no kernel record matched. Ends when every sender is gone.
+/// vanished without a reported exit; every 250 ms, NVML XIDs no kernel record matched and XID
+/// storm summaries. Ends when every sender is gone.
 fn spawn_pipeline(
     mut rx: mpsc::Receiver<Captured>,
     mut pipeline: Pipeline,
@@ -265,7 +266,7 @@ fn spawn_pipeline(
                     }
                 }
                 _ = held.tick() => {
-                    for ev in pipeline.release_held(now()) {
+                    for ev in pipeline.tick(now()) {
                         spool.push(ev);
                     }
                 }
@@ -292,6 +293,7 @@ fn spawn_counter_log(stats: Arc<AgentStats>, spool: Arc<SharedSpool>) {
                 dual_path_duplicates = get(&stats.dual_path_duplicates),
                 nvml_xid_events = get(&stats.nvml_xid_events),
                 nvml_xid_duplicates = get(&stats.nvml_xid_duplicates),
+                storm_coalesced = get(&stats.storm_coalesced),
                 kernel_ring_dropped = get(&stats.kernel_ring_dropped),
                 kmsg_missed = get(&stats.kmsg_missed),
                 malformed = get(&stats.malformed_records),

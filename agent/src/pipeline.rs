@@ -57,6 +57,7 @@ pub struct Pipeline {
     nvml_held: VecDeque<(GpuXid, RawRecord)>,
     /// Kernel XIDs recently reported, oldest first, for NVML events that arrive after them.
     kernel_xids: VecDeque<(GpuXid, i128)>,
+    storms: crate::storm::StormControl,
 }
 
 /// One XID of one GPU, as NVML and the kernel log both name it.
@@ -84,6 +85,7 @@ impl Pipeline {
             stats,
             nvml_held: VecDeque::new(),
             kernel_xids: VecDeque::new(),
+            storms: crate::storm::StormControl::default(),
         }
     }
 
@@ -243,6 +245,19 @@ impl Pipeline {
         }
     }
 
+    /// Periodic work (every 250 ms): NVML XID events whose hold ended without a kernel record
+    /// of the same XID, and the summaries of XID storms.
+    pub fn tick(&mut self, now_unix_ns: i128) -> Vec<v1::Event> {
+        let mut out = self.release_held(now_unix_ns);
+        out.extend(self.storms.tick(now_unix_ns));
+        out
+    }
+
+    /// XID storms under way (coalesced into summaries).
+    pub fn storms(&self) -> &crate::storm::StormControl {
+        &self.storms
+    }
+
     /// NVML XID events whose hold ended without a kernel record of the same XID: reported now.
     pub fn release_held(&mut self, now_unix_ns: i128) -> Vec<v1::Event> {
         let mut out = Vec::new();
@@ -373,7 +388,10 @@ impl Pipeline {
         }
         let mut ev = self.envelope(r.unix_ns, kind, decoded.severity.into(), payload);
         ev.backlog = r.source == RecordSource::KmsgBacklog;
-        Some(ev)
+        let before = self.storms.coalesced;
+        let out = self.storms.admit(ev, r.unix_ns);
+        AgentStats::add(&self.stats.storm_coalesced, self.storms.coalesced - before);
+        out
     }
 
     /// The driver reports one XID on both its tracepoint and printk; keep whichever came first.

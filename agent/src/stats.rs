@@ -37,6 +37,8 @@ pub struct AgentStats {
     pub nvml_xid_events: AtomicU64,
     /// NVML XID events dropped because the kernel log reported the same XID.
     pub nvml_xid_duplicates: AtomicU64,
+    /// XID records coalesced into storm summaries (each counted in a summary's `storm.count`).
+    pub storm_coalesced: AtomicU64,
 }
 
 impl AgentStats {

@@ -18,7 +18,7 @@ impl From<gpulse_xid::Severity> for v1::Severity {
 }
 
 /// Top-level `Event` field numbers this build knows (see the test against the descriptor).
-const KNOWN_EVENT_FIELDS: [u32; 17] = [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 19];
+const KNOWN_EVENT_FIELDS: [u32; 18] = [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20];
 
 /// The top-level field numbers of an encoded `Event` that this build does not know (what a
 /// newer agent's payload looks like to an older collector), in order, without repeats. None
@@ -44,6 +44,14 @@ pub fn unknown_event_fields(mut b: &[u8]) -> Option<Vec<u32>> {
         }
     }
     Some(out)
+}
+
+impl v1::Xid {
+    /// Kernel records this event stands for: 1, or a storm summary's count (0 for the event
+    /// that only says a storm ended).
+    pub fn records(&self) -> u64 {
+        self.storm.map_or(1, |s| s.count)
+    }
 }
 
 impl v1::Event {
@@ -144,6 +152,7 @@ pub fn payload_from_decoded(
                     raw: raw.to_string(),
                     truncated,
                     pod: None,
+                    storm: None,
                 }),
             )
         }

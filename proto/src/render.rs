@@ -75,6 +75,10 @@ pub fn event(ev: &v1::Event) -> Value {
                 })),
                 "inferred": x.inferred,
                 "pod": pod(x.pod.as_ref()),
+                "storm": x.storm.as_ref().map(|s| json!({
+                    "count": s.count, "first": s.first.as_ref().map(rfc3339), "last": s.last.as_ref().map(rfc3339),
+                    "total": s.total, "started": s.started.as_ref().map(rfc3339), "ended": s.ended,
+                })),
                 "source": source_name(x.source),
                 "truncated": x.truncated,
                 "raw": x.raw,
@@ -159,6 +163,40 @@ pub fn gpu_sample(g: &v1::GpuSample) -> Value {
         "processes": g.processes.iter().map(|p| json!({"pid": p.pid, "used_memory_bytes": p.used_memory_bytes, "type": p.r#type})).collect::<Vec<_>>(),
         "errors": g.errors.iter().map(|e| json!({"field": e.field, "error": e.error})).collect::<Vec<_>>(),
     })
+}
+
+/// " x812,344 in 60 s (storm ended)": what a storm summary stands for.
+fn storm_note(s: &v1::XidStorm) -> String {
+    let span = |a: &Option<prost_types::Timestamp>, b: &Option<prost_types::Timestamp>| match (a, b)
+    {
+        (Some(a), Some(b)) => {
+            (ptime::to_unix_nanos(b) - ptime::to_unix_nanos(a)).max(0) / 1_000_000_000
+        }
+        _ => 0,
+    };
+    let (n, secs, what) = if s.ended {
+        (
+            s.total,
+            span(&s.started, &s.last.or(s.started)),
+            "storm ended",
+        )
+    } else {
+        (s.count, span(&s.first, &s.last), "storm")
+    };
+    format!(" x{} in {secs} s ({what})", thousands(n))
+}
+
+/// 812344 -> "812,344".
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// One GPU's health verdict as JSON.
@@ -319,8 +357,9 @@ pub fn summary(ev: &v1::Event) -> String {
                 .as_ref()
                 .map(|p| format!(" pod={}/{}", p.namespace, p.name))
                 .unwrap_or_default();
+            let storm = x.storm.as_ref().map(storm_note).unwrap_or_default();
             format!(
-                "XID {} {} on {}{}{}: {}",
+                "XID {} {}{storm} on {}{}{}: {}",
                 x.code,
                 x.mnemonic,
                 if gpu.is_empty() {
@@ -414,6 +453,46 @@ pub fn gpu_sample_line(g: &v1::GpuSample) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storm_summaries_say_how_many_over_how_long() {
+        let at = |s: i64| Some(crate::time::from_unix_nanos(i128::from(s) * 1_000_000_000));
+        let mut x = v1::Xid {
+            code: 95,
+            pci: "0000:3b:00.0".into(),
+            mnemonic: "UNCONTAINED_ECC_ERROR".into(),
+            storm: Some(v1::XidStorm {
+                count: 13_544,
+                first: at(100),
+                last: at(101),
+                total: 812_344,
+                started: at(41),
+                ended: false,
+            }),
+            ..Default::default()
+        };
+        let ev = |x: &v1::Xid| v1::Event {
+            payload: Some(Payload::Xid(x.clone())),
+            ..Default::default()
+        };
+        assert!(
+            summary(&ev(&x))
+                .starts_with("XID 95 UNCONTAINED_ECC_ERROR x13,544 in 1 s (storm) on 0000:3b:00.0"),
+            "{}",
+            summary(&ev(&x))
+        );
+        if let Some(s) = &mut x.storm {
+            s.ended = true;
+        }
+        assert!(
+            summary(&ev(&x)).contains("x812,344 in 60 s (storm ended)"),
+            "{}",
+            summary(&ev(&x))
+        );
+        assert_eq!(event(&ev(&x))["xid"]["storm"]["total"], 812_344);
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+    }
 
     #[test]
     fn xid_json_has_required_fields_and_nulls() {

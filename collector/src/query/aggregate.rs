@@ -122,7 +122,7 @@ impl Summary {
         n.0 += 1;
         n.1 += u64::from(severe);
         match &e.payload {
-            Some(Payload::Xid(x)) => *self.xids.entry(x.code).or_default() += 1,
+            Some(Payload::Xid(x)) => *self.xids.entry(x.code).or_default() += x.records(),
             Some(Payload::GpuProcess(p)) if p.r#type == v1::ProcessEventType::Exit as i32 => {
                 self.exits += 1
             }
@@ -330,16 +330,18 @@ fn add_to_group(groups: &mut HashMap<String, XidGroup>, by: XidGrouping, e: &v1:
         first_seen: time,
         ..Default::default()
     });
-    g.count += 1;
+    // Records, not events: a storm summary counts every record it stands for.
+    let n = x.records();
+    g.count += n;
     g.severity = g.severity.max(e.severity);
     g.last_seen = time;
     match g.codes.binary_search_by_key(&x.code, |c| c.code) {
-        Ok(i) => g.codes[i].count += 1,
+        Ok(i) => g.codes[i].count += n,
         Err(i) => g.codes.insert(
             i,
             XidCount {
                 code: x.code,
-                count: 1,
+                count: n,
             },
         ),
     }

@@ -53,7 +53,14 @@ impl Counters {
     /// Counts `ev` if it is an XID or SXid.
     pub fn count(&mut self, metrics: &Metrics, ev: &v1::Event) {
         let Some(key) = labels(ev) else { return };
-        self.add(metrics, key, 1);
+        // A storm summary stands for `count` records: the counters stay exact.
+        let n = match &ev.payload {
+            Some(Payload::Xid(x)) => x.records(),
+            _ => 1,
+        };
+        if n > 0 {
+            self.add(metrics, key, n);
+        }
     }
 
     fn add(&mut self, metrics: &Metrics, key: (u8, Vec<String>), n: u64) {
@@ -128,6 +135,46 @@ mod tests {
                 .with_label_values(&["n", "", "0000:3b:00.0", "79", "fatal"])
                 .get(),
             2
+        );
+    }
+
+    #[test]
+    fn a_storm_summary_counts_every_record_it_stands_for() {
+        let m = Metrics::new().unwrap();
+        let mut c = Counters::default();
+        let ev = |storm: Option<v1::XidStorm>| v1::Event {
+            node: "n".into(),
+            severity: v1::Severity::Fatal as i32,
+            payload: Some(Payload::Xid(v1::Xid {
+                code: 95,
+                pci: "0000:3b:00.0".into(),
+                storm,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        c.count(&m, &ev(None));
+        c.count(
+            &m,
+            &ev(Some(v1::XidStorm {
+                count: 812_343,
+                ..Default::default()
+            })),
+        );
+        // The event that only says the storm ended stands for no record.
+        c.count(
+            &m,
+            &ev(Some(v1::XidStorm {
+                count: 0,
+                ended: true,
+                ..Default::default()
+            })),
+        );
+        assert_eq!(
+            m.xid_events
+                .with_label_values(&["n", "", "0000:3b:00.0", "95", "fatal"])
+                .get(),
+            812_344
         );
     }
 }

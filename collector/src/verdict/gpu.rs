@@ -247,6 +247,9 @@ impl GpuEntry {
             format!("XID {}{name}", x.code)
         };
         let pid = (v.clears == Clears::ProcessExit).then_some(x.pid).flatten();
+        if x.records() == 0 {
+            return; // a storm's end: its records were judged as they were counted
+        }
         self.fired(
             ReasonKey {
                 rule: "xid",
@@ -263,6 +266,8 @@ impl GpuEntry {
             pid,
         }) {
             r.escalated |= escalates;
+            // A storm summary stands for more than one occurrence.
+            r.occurrences += x.records().saturating_sub(1);
             if let Some(p) = &x.pod {
                 r.pod = format!("{}/{}", p.namespace, p.name);
             }

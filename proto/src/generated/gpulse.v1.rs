@@ -313,6 +313,34 @@ pub struct Xid {
     /// The pod of `pid` at the time of the event, when attribution is on and the pid is in a pod.
     #[prost(message, optional, tag = "20")]
     pub pod: ::core::option::Option<PodRef>,
+    /// Set when this event stands for several records of the same XID on the same GPU that the
+    /// agent coalesced during a storm (the fields above are the latest record's). Counters count
+    /// `storm.count`, so they stay exact.
+    #[prost(message, optional, tag = "21")]
+    pub storm: ::core::option::Option<XidStorm>,
+}
+/// An XID storm: more than a few records of one code on one GPU per second. The agent passes the
+/// first records of each second verbatim, then sends one event per second standing for the rest,
+/// and a last one when the storm ends (a second without a record): "XID 95 x 812,344 in 60 s".
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct XidStorm {
+    /// Records this event stands for.
+    #[prost(uint64, tag = "1")]
+    pub count: u64,
+    /// The first and last of them (kernel time, UTC).
+    #[prost(message, optional, tag = "2")]
+    pub first: ::core::option::Option<::prost_types::Timestamp>,
+    #[prost(message, optional, tag = "3")]
+    pub last: ::core::option::Option<::prost_types::Timestamp>,
+    /// Records coalesced since the storm started (this event's included).
+    #[prost(uint64, tag = "4")]
+    pub total: u64,
+    #[prost(message, optional, tag = "5")]
+    pub started: ::core::option::Option<::prost_types::Timestamp>,
+    /// The storm is over: this is its last event.
+    #[prost(bool, tag = "6")]
+    pub ended: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
