@@ -419,9 +419,10 @@ async fn a_long_replay_comes_in_bounded_steps_then_goes_live() {
         let events: Vec<_> = (0..200)
             .map(|i| {
                 let n = b * 200 + i;
-                // One XID in fifty: a filtered replay scans far more than it returns.
+                // One XID in fifty: a filtered replay scans far more than it returns. XID 63
+                // (IGNORE in the catalog) changes no GPU's health, so no verdict event joins.
                 if n % 50 == 0 {
-                    xid(79, &format!("x{n}"))
+                    xid(63, &format!("x{n}"))
                 } else {
                     log(&format!("l{n}"))
                 }
@@ -450,7 +451,7 @@ async fn a_long_replay_comes_in_bounded_steps_then_goes_live() {
         },
     )
     .await;
-    a.send(seq, vec![xid(79, "live")]).await.unwrap();
+    a.send(seq, vec![xid(63, "live")]).await.unwrap();
     let mut last = 0;
     for n in 0..5000 {
         match next(&mut all).await.and_then(|m| m.msg) {
@@ -586,4 +587,77 @@ fn message_of_event(e: &gpulse_proto::v1::Event) -> String {
         Some(gpulse_proto::v1::event::Payload::Xid(x)) => x.message.clone(),
         other => format!("{other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gpu_verdicts_survive_a_restart_and_agents_cannot_forge_them() {
+    use gpulse_proto::v1::{
+        self, AgentState, AgentStatus, EventKind, GpuHealth, GpuHealthRecord, GpuHealthRequest,
+        HealthState, event::Payload,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let status = |boot: &str| v1::Event {
+        kind: EventKind::AgentStatus as i32,
+        severity: v1::Severity::Info as i32,
+        time: Some(gpulse_proto::time::now()),
+        payload: Some(Payload::AgentStatus(AgentStatus {
+            state: AgentState::Started as i32,
+            boot_id: boot.into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let ask = |h: &Harness| {
+        let store = h.store.clone();
+        async move {
+            store
+                .gpu_health(GpuHealthRequest {
+                    include_healthy: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+        }
+    };
+    {
+        let h = start(store_config(dir.path())).await;
+        let (mut a, _) = AgentStream::open(&h, "n/a", "n").await;
+        a.send(1, vec![status("boot-1"), xid(48, "DBE")])
+            .await
+            .unwrap();
+        let r = ask(&h).await;
+        assert_eq!(r.unhealthy, 1, "{r:?}");
+        // An agent's verdict would be a forgery: refused, and nothing changes.
+        let forged = v1::Event {
+            kind: EventKind::GpuHealth as i32,
+            severity: v1::Severity::Info as i32,
+            payload: Some(Payload::GpuHealth(GpuHealth {
+                record: Some(GpuHealthRecord {
+                    node: "n".into(),
+                    pci: "0000:3b:00.0".into(),
+                    state: HealthState::Healthy as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let err = a.send(3, vec![forged]).await.unwrap_err();
+        assert!(err.message().contains("gpu_health"), "{err}");
+        assert_eq!(ask(&h).await.unhealthy, 1);
+    }
+    // A restart resumes from the verdict event written with the evidence.
+    let h = start(store_config(dir.path())).await;
+    let r = ask(&h).await;
+    assert_eq!((r.unhealthy, r.gpus.len()), (1, 1), "{r:?}");
+    let g = &r.gpus[0];
+    assert_eq!(g.pci, "0000:3b:00.0");
+    assert_eq!(g.boot_id, "boot-1");
+    let reason = &g.reasons[0];
+    assert_eq!(
+        (reason.xid, reason.action.as_str()),
+        (Some(48), "RESET_GPU")
+    );
+    assert_eq!(reason.evidence[0].cursor, 2, "the XID's own cursor");
+    assert_eq!(g.xid_history[0].code, 48);
 }

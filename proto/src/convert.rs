@@ -18,7 +18,9 @@ impl From<gpulse_xid::Severity> for v1::Severity {
 }
 
 /// Top-level `Event` field numbers this build knows (see the test against the descriptor).
-const KNOWN_EVENT_FIELDS: [u32; 18] = [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20];
+const KNOWN_EVENT_FIELDS: [u32; 18] = [
+    1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20,
+];
 
 /// The top-level field numbers of an encoded `Event` that this build does not know (what a
 /// newer agent's payload looks like to an older collector), in order, without repeats. None

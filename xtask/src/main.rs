@@ -8,7 +8,9 @@
 //! * `test`   the whole suite: fmt, clippy, unit, in-process gRPC, CLI and, as root, the
 //!   end-to-end tests through the real kernel.
 //! * `bench`  the XID latency benchmark, with `--overhead` the agent overhead one (root), with
-//!   `--mcp` MCP tool latency and /metrics size, with `--trust` TLS+auth against plaintext.
+//!   `--storm` an XID storm through the kernel and the decoder (root), with `--mcp` MCP tool
+//!   latency and /metrics size, with `--trust` TLS+auth against plaintext, with `--gateway` a
+//!   gateway over shards against one collector.
 //! * `soak`   the fault matrix (kill -9 loops, outages, a full disk, stalled subscribers,
 //!   restarts) against release binaries; one table; `--short` for the quick form.
 //! * `fuzz`   runs the XID parser fuzz target (`--seconds N`).
@@ -457,6 +459,12 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         (
             "gpulse-overhead-bench",
             args.iter().filter(|a| *a != "--overhead").collect(),
+        )
+    } else if args.iter().any(|a| a == "--storm") {
+        // An XID storm through the kernel and through the decoder (docs/benchmarks.md).
+        (
+            "gpulse-storm-bench",
+            args.iter().filter(|a| *a != "--storm").collect(),
         )
     } else {
         ("gpulse-latency-bench", args.iter().collect())

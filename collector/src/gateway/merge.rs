@@ -638,4 +638,62 @@ mod tests {
             .is_err()
         );
     }
+
+    #[test]
+    fn health_verdicts_merge_worst_first_once_each_within_the_limit() {
+        use gpulse_proto::v1::{GpuHealthRecord, HealthState};
+        let gpu = |node: &str, pci: &str, state: HealthState, updated: i64| GpuHealthRecord {
+            node: node.into(),
+            pci: pci.into(),
+            state: state as i32,
+            updated: ts(updated),
+            ..Default::default()
+        };
+        let mut h = Health::new(3, "eu-1");
+        h.add(
+            "shard-0",
+            GpuHealthResponse {
+                gpus: vec![
+                    gpu("n1", "0000:3b:00.0", HealthState::Degraded, 10),
+                    gpu("n2", "0000:3b:00.0", HealthState::Unknown, 10),
+                ],
+                degraded: 1,
+                unknown: 1,
+                healthy: 6,
+                ..Default::default()
+            },
+        );
+        h.add(
+            "shard-1",
+            GpuHealthResponse {
+                gpus: vec![
+                    // n1's GPU again (its agent failed over): the newer verdict wins, counted once.
+                    gpu("n1", "0000:3b:00.0", HealthState::Unhealthy, 20),
+                    gpu("n3", "0000:86:00.0", HealthState::Unhealthy, 5),
+                    gpu("n4", "0000:86:00.0", HealthState::Degraded, 5),
+                ],
+                unhealthy: 2,
+                degraded: 1,
+                hints: vec!["x".into()],
+                ..Default::default()
+            },
+        );
+        let r = h.finish();
+        let listed: Vec<(&str, i32)> = r.gpus.iter().map(|g| (g.node.as_str(), g.state)).collect();
+        assert_eq!(
+            listed,
+            vec![
+                ("n1", HealthState::Unhealthy as i32),
+                ("n3", HealthState::Unhealthy as i32),
+                ("n4", HealthState::Degraded as i32),
+            ]
+        );
+        assert!(r.truncated, "n2's unknown GPU did not fit the limit");
+        assert_eq!(
+            (r.unhealthy, r.degraded, r.unknown, r.healthy),
+            (2, 1, 1, 6)
+        );
+        assert!(r.gpus.iter().all(|g| g.cluster == "eu-1"));
+        assert_eq!(r.hints, vec!["shard-1: x"]);
+    }
 }

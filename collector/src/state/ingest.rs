@@ -169,6 +169,8 @@ impl State {
                 .enumerate()
                 .map(|(i, w)| (&*w.ev, first_cursor + i as u64)),
         );
+        // Agent events (and seq-gap notices); the verdicts are the collector's own.
+        let received_events = fresh.len() as u64;
         fresh.extend(verdicts.into_iter().map(Wire::encode));
         // Cursors are assigned in order from the store's next one. Write, then make visible: a
         // failed write stores nothing (the agent keeps the events and resends). The log gets
@@ -184,7 +186,8 @@ impl State {
             return Err(e);
         }
         self.verdict.commit();
-        let stored = fresh.len() as u64;
+        let stored = received_events;
+        self.metrics.ingest_events.inc_by(received_events);
         self.store_all(fresh, &header, &origin);
         if let Some(e) = self.agents.map.get_mut(&batch.agent_id) {
             e.progress.through_seq = through;
@@ -229,7 +232,6 @@ impl State {
     /// same the log header implies), goes into the store, the counters, the sample history,
     /// to subscribers and into its node's state.
     fn store_all(&mut self, fresh: Vec<Wire>, header: &BatchHeader, origin: &Arc<Origin>) {
-        self.metrics.ingest_events.inc_by(fresh.len() as u64);
         let mut wire_bytes = 0;
         let mut done = Vec::with_capacity(fresh.len());
         for (i, Wire { mut ev, bytes }) in fresh.into_iter().enumerate() {

@@ -555,9 +555,14 @@ impl State {
     /// stream, or a node with one, is never forgotten.
     fn sweep(&mut self, now: i128) {
         let agents_gone = self.agents.retire(now, self.cfg.agent_retention);
-        let nodes_gone = self
+        let gone = self
             .nodes
             .retire(&self.agents, now, self.cfg.node_retention);
+        // A forgotten node's GPUs leave the verdicts too (their gpu_health events stay stored).
+        for node in &gone {
+            self.verdict.forget_node(node);
+        }
+        let nodes_gone = gone.len();
         if agents_gone + nodes_gone > 0 {
             self.metrics.agents_retired.inc_by(agents_gone as u64);
             self.metrics.nodes_retired.inc_by(nodes_gone as u64);

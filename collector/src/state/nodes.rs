@@ -64,17 +64,21 @@ impl Nodes {
         }
     }
 
-    /// Forgets nodes not heard from for `keep` that have no connected agent; returns how many.
-    pub(super) fn retire(&mut self, agents: &Agents, now: i128, keep: Duration) -> usize {
+    /// Forgets nodes not heard from for `keep` that have no connected agent; returns them.
+    pub(super) fn retire(&mut self, agents: &Agents, now: i128, keep: Duration) -> Vec<String> {
         let connected: HashSet<&str> = agents
             .connected()
             .map(|a| a.progress.node.as_str())
             .collect();
-        let before = self.map.len();
+        let mut gone = Vec::new();
         self.map.retain(|name, n| {
-            !older(n.last_seen.as_ref(), now, keep) || connected.contains(name.as_str())
+            let keep = !older(n.last_seen.as_ref(), now, keep) || connected.contains(name.as_str());
+            if !keep {
+                gone.push(name.clone());
+            }
+            keep
         });
-        before - self.map.len()
+        gone
     }
 
     /// Every node by name, as its gauges see it.

@@ -412,6 +412,14 @@ impl Engine {
             .map(move |e| (&e.rec, e.state_at(now, &self.cfg)))
     }
 
+    /// Forgets a node past its retention: its GPUs' verdicts leave the answers and gauges.
+    pub fn forget_node(&mut self, node: &str) {
+        for key in self.keys_of(node) {
+            self.gpus.remove(&key);
+        }
+        self.nodes.remove(node);
+    }
+
     pub fn len(&self) -> usize {
         self.gpus.len()
     }

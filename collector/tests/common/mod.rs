@@ -179,11 +179,37 @@ pub async fn subscribe(h: &Harness, req: SubscribeRequest) -> tonic::Streaming<S
 }
 
 /// Next message within a deadline (tests never hang).
+/// The next message of a subscription, past the collector's own GPU verdict events (these
+/// tests are about the events agents send; verdicts have tests of their own).
 pub async fn next(s: &mut tonic::Streaming<SubscribeResponse>) -> Option<SubscribeResponse> {
-    tokio::time::timeout(Duration::from_secs(5), s.message())
-        .await
-        .expect("timed out waiting for a subscriber message")
-        .unwrap()
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), s.message())
+            .await
+            .expect("timed out waiting for a subscriber message")
+            .unwrap();
+        if !is_verdict(&m) {
+            return m;
+        }
+    }
+}
+
+/// Events stored from agents: the status's total less the collector's own verdict events.
+pub fn agent_events(st: &gpulse_proto::v1::StatusResponse) -> u64 {
+    let verdicts = st
+        .kinds
+        .iter()
+        .find(|k| k.kind == gpulse_proto::v1::EventKind::GpuHealth as i32)
+        .map_or(0, |k| k.events);
+    st.events_stored - verdicts
+}
+
+/// A gpu_health event (written by the collector when a GPU's verdict changes).
+pub fn is_verdict(m: &Option<SubscribeResponse>) -> bool {
+    use gpulse_proto::v1::subscribe_response::Msg;
+    matches!(
+        m.as_ref().and_then(|m| m.msg.as_ref()),
+        Some(Msg::Event(e)) if matches!(e.payload, Some(Payload::GpuHealth(_)))
+    )
 }
 
 pub fn message_of(r: &SubscribeResponse) -> String {
