@@ -2,7 +2,7 @@
 //!
 //! Values are stored exactly as the agent reports them (integers: mW, bytes, MHz), which is what
 //! makes the integer codec apply; `scale` converts to the unit shown to users.
-use crate::v1::{GpuSample, NvLinkErrors};
+use crate::v1::GpuSample;
 
 #[derive(Clone, Copy, Debug)]
 pub struct MetricDef {
@@ -20,7 +20,7 @@ pub struct MetricDef {
 const THROTTLE_GPU_IDLE: u64 = 0x1;
 
 /// Number of metrics kept per GPU.
-pub const COUNT: usize = 28;
+pub const COUNT: usize = 14;
 
 pub const METRICS: &[MetricDef; COUNT] = &[
     MetricDef {
@@ -145,139 +145,7 @@ pub const METRICS: &[MetricDef; COUNT] = &[
             }
         },
     },
-    MetricDef {
-        name: "memory_temperature_c",
-        prom: "gpulse_gpu_memory_temperature_celsius",
-        unit: "celsius",
-        help: "memory (HBM) temperature",
-        scale: 1.0,
-        read: |s| s.memory_temperature_c.map(f64::from),
-    },
-    MetricDef {
-        name: "energy_j",
-        prom: "gpulse_gpu_energy_joules",
-        unit: "joules",
-        help: "energy used since the driver loaded (a counter)",
-        scale: 0.001,
-        read: |s| s.energy_mj.map(|v| v as f64),
-    },
-    MetricDef {
-        name: "power_violation_s",
-        prom: "gpulse_gpu_power_violation_seconds",
-        unit: "seconds",
-        help: "time clocks were held down by the power limit since the driver loaded (a counter)",
-        scale: 1e-9,
-        read: |s| s.power_violation_ns.map(|v| v as f64),
-    },
-    MetricDef {
-        name: "thermal_violation_s",
-        prom: "gpulse_gpu_thermal_violation_seconds",
-        unit: "seconds",
-        help: "time clocks were held down by thermal limits since the driver loaded (a counter)",
-        scale: 1e-9,
-        read: |s| s.thermal_violation_ns.map(|v| v as f64),
-    },
-    MetricDef {
-        name: "remapped_rows_correctable",
-        prom: "gpulse_gpu_remapped_rows_correctable",
-        unit: "rows",
-        help: "memory rows remapped for correctable errors",
-        scale: 1.0,
-        read: |s| s.row_remap.as_ref().map(|r| f64::from(r.correctable)),
-    },
-    MetricDef {
-        name: "remapped_rows_uncorrectable",
-        prom: "gpulse_gpu_remapped_rows_uncorrectable",
-        unit: "rows",
-        help: "memory rows remapped for uncorrectable errors",
-        scale: 1.0,
-        read: |s| s.row_remap.as_ref().map(|r| f64::from(r.uncorrectable)),
-    },
-    MetricDef {
-        name: "row_remap_pending",
-        prom: "gpulse_gpu_row_remap_pending",
-        unit: "bool",
-        help: "1 when a row remap waits for a GPU reset",
-        scale: 1.0,
-        read: |s| s.row_remap.as_ref().map(|r| f64::from(u8::from(r.pending))),
-    },
-    MetricDef {
-        name: "row_remap_failure",
-        prom: "gpulse_gpu_row_remap_failure",
-        unit: "bool",
-        help: "1 when a row remap failed (the GPU needs service)",
-        scale: 1.0,
-        read: |s| s.row_remap.as_ref().map(|r| f64::from(u8::from(r.failure))),
-    },
-    MetricDef {
-        name: "retired_pages_sbe",
-        prom: "gpulse_gpu_retired_pages_single_bit",
-        unit: "pages",
-        help: "pages retired for multiple single-bit ECC errors",
-        scale: 1.0,
-        read: |s| s.retired_pages.as_ref().map(|r| f64::from(r.single_bit)),
-    },
-    MetricDef {
-        name: "retired_pages_dbe",
-        prom: "gpulse_gpu_retired_pages_double_bit",
-        unit: "pages",
-        help: "pages retired for double-bit ECC errors",
-        scale: 1.0,
-        read: |s| s.retired_pages.as_ref().map(|r| f64::from(r.double_bit)),
-    },
-    MetricDef {
-        name: "retired_pages_pending",
-        prom: "gpulse_gpu_retired_pages_pending",
-        unit: "bool",
-        help: "1 when pages wait for a reboot to be retired",
-        scale: 1.0,
-        read: |s| {
-            s.retired_pages
-                .as_ref()
-                .map(|r| f64::from(u8::from(r.pending)))
-        },
-    },
-    MetricDef {
-        name: "nvlink_crc_errors",
-        prom: "gpulse_gpu_nvlink_crc_errors",
-        unit: "errors",
-        help: "NVLink CRC errors (flit and data), all links",
-        scale: 1.0,
-        read: |s| {
-            nvlink_sum(s, |l| match (l.crc_flit, l.crc_data) {
-                (None, None) => None,
-                (a, b) => Some(a.unwrap_or(0).saturating_add(b.unwrap_or(0))),
-            })
-        },
-    },
-    MetricDef {
-        name: "nvlink_replay_errors",
-        prom: "gpulse_gpu_nvlink_replay_errors",
-        unit: "errors",
-        help: "NVLink replay errors, all links",
-        scale: 1.0,
-        read: |s| nvlink_sum(s, |l| l.replay),
-    },
-    MetricDef {
-        name: "nvlink_recovery_errors",
-        prom: "gpulse_gpu_nvlink_recovery_errors",
-        unit: "errors",
-        help: "NVLink recovery errors, all links",
-        scale: 1.0,
-        read: |s| nvlink_sum(s, |l| l.recovery),
-    },
 ];
-
-/// A counter summed over a GPU's NVLinks; absent without NVLink or where no link counts it.
-fn nvlink_sum(s: &GpuSample, f: fn(&NvLinkErrors) -> Option<u64>) -> Option<f64> {
-    let mut seen = false;
-    let mut total = 0u64;
-    for v in s.nvlink.iter().filter_map(f) {
-        seen = true;
-        total = total.saturating_add(v);
-    }
-    seen.then_some(total as f64)
-}
 
 impl MetricDef {
     /// The value of this metric in a sample, in `unit` (scaled), if the agent sent it.
@@ -329,31 +197,6 @@ mod tests {
         };
         assert!(row(&failed)[by_name("process_count").unwrap().0].is_nan());
         assert!(by_name("nope").is_none());
-        // NVLink counters are summed over links; absent without NVLink or a counted link.
-        let links = GpuSample {
-            nvlink: vec![
-                NvLinkErrors {
-                    link: 0,
-                    crc_flit: Some(2),
-                    crc_data: Some(3),
-                    replay: Some(1),
-                    recovery: None,
-                },
-                NvLinkErrors {
-                    link: 1,
-                    crc_flit: None,
-                    crc_data: Some(5),
-                    replay: Some(4),
-                    recovery: None,
-                },
-            ],
-            ..Default::default()
-        };
-        let r = row(&links);
-        assert_eq!(r[by_name("nvlink_crc_errors").unwrap().0], 10.0);
-        assert_eq!(r[by_name("nvlink_replay_errors").unwrap().0], 5.0);
-        assert!(r[by_name("nvlink_recovery_errors").unwrap().0].is_nan());
-        assert!(row(&s)[by_name("nvlink_crc_errors").unwrap().0].is_nan());
         let mut proms: Vec<&str> = METRICS.iter().map(|m| m.prom).collect();
         proms.sort();
         proms.dedup();

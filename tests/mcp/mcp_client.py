@@ -21,7 +21,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 TOOLS = {
     "collector_status", "list_nodes", "events_summary", "list_events", "xid_summary",
-    "describe_xid", "gpu_metric_trend", "describe_node", "list_gpu_processes",
+    "describe_xid", "gpu_metric_trend", "describe_node", "list_gpu_processes", "gpu_health",
 }
 
 
@@ -105,6 +105,11 @@ async def suite(client, node, bench):
     check(any(n["node"] == node and n["health"] == "critical" for n in s["nodes"]), f"list_nodes: {s['nodes']}")
 
     structured(await client.call_tool("list_gpu_processes", {"node": node}), "list_gpu_processes")
+
+    # The fed XID 79 made the node's GPU unhealthy: the verdict, with what to do.
+    s = structured(await client.call_tool("gpu_health", {"node": node}), "gpu_health")
+    check(s["unhealthy"] >= 1 and s["gpus"][0]["action"] == "RESTART_BM", f"gpu_health: {s}")
+    check(s["gpus"][0]["reasons"][0]["what_to_do"], f"gpu_health what_to_do: {s['gpus'][0]}")
 
     # Bad input: isError with text that says how to fix it.
     for tool, args, want in [

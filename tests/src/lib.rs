@@ -414,6 +414,19 @@ pub async fn collect_events(
     Ok(out)
 }
 
+/// Events a collector stored from agents: its total less its own verdict events (gpu_health).
+pub fn agent_events(st: &v1::StatusResponse) -> u64 {
+    st.events_stored - verdict_events(st)
+}
+
+/// The collector's own verdict events (gpu_health) among those it stores.
+pub fn verdict_events(st: &v1::StatusResponse) -> u64 {
+    st.kinds
+        .iter()
+        .find(|k| k.kind == v1::EventKind::GpuHealth as i32)
+        .map_or(0, |k| k.events)
+}
+
 /// The XID payload of an event, if it is one.
 pub fn xid_of(e: &v1::Event) -> Option<&v1::Xid> {
     match &e.payload {

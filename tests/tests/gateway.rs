@@ -167,12 +167,23 @@ async fn listing(
     let mut token = String::new();
     let mut partial = false;
     loop {
+        // The agents' events: a collector's verdicts (seq 0, at their evidence's millisecond)
+        // follow their evidence in that collector's cursor order, which a merged listing cannot
+        // reproduce among events of the same agent and millisecond.
         let r = c
             .list_events(ListEventsRequest {
                 window: Some(w.clone()),
                 limit,
                 page_token: token.clone(),
                 order: order as i32,
+                filter: Some(gpulse_proto::v1::EventFilter {
+                    kinds: gpulse_proto::v1::EventKind::ALL
+                        .iter()
+                        .filter(|k| **k != gpulse_proto::v1::EventKind::GpuHealth)
+                        .map(|k| *k as i32)
+                        .collect(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             })
             .await

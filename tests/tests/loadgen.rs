@@ -47,8 +47,10 @@ fn simulated_nodes_are_stored_as_acknowledged() {
         let n = t.nodes(NodesRequest::default()).await.unwrap().into_inner();
         (s, n)
     });
-    // Every acknowledged event stored (plus nothing else: no agent status, no gaps).
-    assert_eq!(status.events_stored, acked, "{status:?}");
+    // Every acknowledged event stored (plus nothing else: no agent status, no gaps), and the
+    // collector's verdicts on the GPUs the XIDs hit.
+    assert_eq!(agent_events(&status), acked, "{status:?}");
+    assert!(verdict_events(&status) > 0, "{status:?}");
     assert_eq!(nodes.nodes.len(), 30);
     assert!(
         nodes.nodes.iter().all(|n| n.gpus.len() == 8),

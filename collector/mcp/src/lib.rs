@@ -247,10 +247,7 @@ mod tests {
             .complete_resource_argument(crate::complete::METRIC_TEMPLATE, "name", "power", None)
             .await
             .unwrap();
-        assert_eq!(
-            c.values,
-            vec!["power_w", "power_limit_w", "power_violation_s"]
-        );
+        assert_eq!(c.values, vec!["power_w", "power_limit_w"]);
         let c = s
             .client
             .complete_resource_argument(crate::complete::XID_TEMPLATE, "code", "79", None)

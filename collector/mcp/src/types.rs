@@ -55,20 +55,6 @@ pub enum Metric {
     PcieReplays,
     Throttled,
     ProcessCount,
-    MemoryTemperatureC,
-    EnergyJ,
-    PowerViolationS,
-    ThermalViolationS,
-    RemappedRowsCorrectable,
-    RemappedRowsUncorrectable,
-    RowRemapPending,
-    RowRemapFailure,
-    RetiredPagesSbe,
-    RetiredPagesDbe,
-    RetiredPagesPending,
-    NvlinkCrcErrors,
-    NvlinkReplayErrors,
-    NvlinkRecoveryErrors,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]

@@ -189,6 +189,13 @@ impl Merge {
         self.upstream_more |= !r.next_page_token.is_empty();
         for e in r.events {
             match self.events.binary_search_by(|x| self.before(x, &e)) {
+                // Seq 0: written by a collector (a verdict, a seq-gap notice), never resent by
+                // an agent, so an equal position is another event, not a copy.
+                Ok(i) if e.seq == 0 && i <= self.plan.limit => {
+                    self.events.insert(i, e);
+                    self.events.truncate(self.plan.limit + 1);
+                }
+                Ok(_) if e.seq == 0 => self.upstream_more = true,
                 Ok(_) => self.duplicates += 1,
                 Err(i) if i <= self.plan.limit => {
                     self.events.insert(i, e);

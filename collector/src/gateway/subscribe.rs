@@ -269,7 +269,9 @@ fn merge_msg(
             if !nested {
                 *position = Some(At::Cursor(e.cursor));
             }
-            if !seen.first_time(&e.agent_id, e.seq) {
+            // Seq 0 is a collector's own event (a verdict, a seq-gap notice): no agent resends
+            // it, so it is never a copy.
+            if e.seq != 0 && !seen.first_time(&e.agent_id, e.seq) {
                 metrics.duplicates_dropped.inc();
                 return None;
             }
