@@ -351,6 +351,41 @@ pub fn fake_nvml() -> (PathBuf, PathBuf) {
     )
 }
 
+/// An agent on the fake libnvidia-ml.so playing `scenario` (a file in tests/fake-nvml/scenarios),
+/// sampling every `interval_ms`; returned once its XID source is live.
+pub fn start_nvml_agent(
+    collector: &str,
+    node: &str,
+    scenario: &str,
+    interval_ms: u32,
+    log: &Path,
+) -> anyhow::Result<Proc> {
+    let (lib, scenarios) = fake_nvml();
+    if !lib.exists() {
+        bail!("{} missing (cargo xtask test builds it)", lib.display());
+    }
+    let scenario = scenarios.join(scenario).display().to_string();
+    let lib = lib.display().to_string();
+    let interval = interval_ms.to_string();
+    let agent = Proc::spawn_env(
+        "gpulse-agent",
+        &[
+            "--collector",
+            collector,
+            "--node",
+            node,
+            "--nvml",
+            &lib,
+            "--sample-interval-ms",
+            &interval,
+        ],
+        log,
+        &[("GPULSE_FAKE_NVML_SCENARIO", scenario.as_str())],
+    )?;
+    wait_agent_live(log, Duration::from_secs(20))?;
+    Ok(agent)
+}
+
 /// Waits until the agent log says a source is live (so injected records are not missed).
 pub fn wait_agent_live(log: &Path, within: Duration) -> anyhow::Result<String> {
     let deadline = Instant::now() + within;

@@ -39,29 +39,10 @@ fn verdicts_from_nvml_evidence_and_kernel_xids() {
     let _k = kernel_lock();
     let dir = tempfile::tempdir().unwrap();
     let c = Collector::start(&dir.path().join("data"), free_port(), free_port(), &[]).unwrap();
-    let (lib, scenarios) = fake_nvml();
-    let scenario = scenarios.join("health-evidence.json").display().to_string();
     let node = marker("e2e-health");
     let agent_log = dir.path().join("agent.log");
-    let lib_s = lib.display().to_string();
     let url = c.url();
-    let _agent = Proc::spawn_env(
-        "gpulse-agent",
-        &[
-            "--collector",
-            &url,
-            "--node",
-            &node,
-            "--nvml",
-            &lib_s,
-            "--sample-interval-ms",
-            "200",
-        ],
-        &agent_log,
-        &[("GPULSE_FAKE_NVML_SCENARIO", scenario.as_str())],
-    )
-    .unwrap();
-    wait_agent_live(&agent_log, Duration::from_secs(20)).unwrap();
+    let _agent = start_nvml_agent(&url, &node, "health-evidence.json", 200, &agent_log).unwrap();
     let rt = runtime();
 
     // The Hopper GPU: a pending remap, then a failed one (CONTACT_SUPPORT), and XID 79 from

@@ -16,34 +16,10 @@ fn samples_stream_and_nvml_enriches_xids() {
     let _k = kernel_lock();
     let dir = tempfile::tempdir().unwrap();
     let c = Collector::start(&dir.path().join("data"), free_port(), free_port(), &[]).unwrap();
-    let (lib, scenarios) = fake_nvml();
-    assert!(
-        lib.exists(),
-        "{} missing (cargo xtask test builds it)",
-        lib.display()
-    );
-    let scenario = scenarios.join("three-gpus.json").display().to_string();
     let node = marker("e2e-nvml");
     let agent_log = dir.path().join("agent.log");
-    let lib_s = lib.display().to_string();
     let url = c.url();
-    let _agent = Proc::spawn_env(
-        "gpulse-agent",
-        &[
-            "--collector",
-            &url,
-            "--node",
-            &node,
-            "--nvml",
-            &lib_s,
-            "--sample-interval-ms",
-            "100",
-        ],
-        &agent_log,
-        &[("GPULSE_FAKE_NVML_SCENARIO", scenario.as_str())],
-    )
-    .unwrap();
-    wait_agent_live(&agent_log, Duration::from_secs(20)).unwrap();
+    let _agent = start_nvml_agent(&url, &node, "three-gpus.json", 100, &agent_log).unwrap();
 
     let rt = runtime();
     let f = EventFilter {
