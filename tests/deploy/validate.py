@@ -202,6 +202,18 @@ def check_fleet(by, ds, sts):
                 fail(f"the certificate lacks {n}")
 
 
+def check_image_version():
+    """The base runs the image `cargo xtask image` builds: gpulse/gpulse at the workspace version."""
+    import re
+    with open(os.path.join(ROOT, "Cargo.toml")) as f:
+        m = re.search(r'\[workspace\.package\][^\[]*?\nversion = "([^"]+)"', f.read())
+    version = m.group(1) if m else None
+    k = docs_of(os.path.join(DEPLOY, "kubernetes", "base", "kustomization.yaml"))[0]
+    tags = {i["name"]: i.get("newTag") for i in k.get("images", [])}
+    if tags.get("gpulse/gpulse") != version:
+        fail(f"kustomize base image tag {tags.get('gpulse/gpulse')} is not the workspace version {version}")
+
+
 def check_dashboard():
     path = os.path.join(DEPLOY, "grafana", "gpulse-dashboard.json")
     with open(path) as f:
@@ -285,6 +297,7 @@ def main():
                     fail(f"{kdir} {d['kind']}/{d['metadata']['name']} (k8s {v}): {e}")
         check_posture(docs)
     check_dashboard()
+    check_image_version()
     print(json.dumps({"documents": total, "kubernetes_versions": K8S_VERSIONS, "failures": len(failures)}))
     sys.exit(1 if failures else 0)
 

@@ -14,6 +14,8 @@
 //! * `soak`   the fault matrix (kill -9 loops, outages, a full disk, stalled subscribers,
 //!   restarts) against release binaries; one table; `--short` for the quick form.
 //! * `fuzz`   runs the XID parser fuzz target (`--seconds N`).
+//! * `image`  the container image as an OCI archive with its SBOM in `target/images`
+//!   (`--out DIR` elsewhere); prints its name, digest and size.
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a developer tool talking to its user
 
 use std::{
@@ -26,6 +28,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+
+mod image;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -232,6 +236,16 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     println!("== build binaries");
     let bins = build(false)?;
+    // The container image, built twice (the second must be byte for byte the first): its test
+    // runs the binaries from the unpacked image in a chroot, which needs root.
+    let mut images = Vec::new();
+    if is_root() {
+        println!("== container image (twice: reproducible)");
+        for dir in ["images", "images-again"] {
+            let out = root_dir().join("target").join(dir);
+            images.push(image_build(&out)?.archive);
+        }
+    }
     if is_root() {
         println!("== running as root: end-to-end tests through the real kernel are included");
     } else {
@@ -242,6 +256,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     c.args(["test", "--no-fail-fast"])
         .env("GPULSE_BIN_DIR", &bins)
         .stdout(Stdio::piped());
+    if let [a, b] = &images[..] {
+        c.env("GPULSE_IMAGE", a).env("GPULSE_IMAGE_AGAIN", b);
+    }
     let mut child = c.spawn().context("running cargo test")?;
     let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
     if let Some(out) = child.stdout.take() {
@@ -276,6 +293,35 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         bail!("cargo test ran no test");
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// image
+
+/// Release binaries, then the image from them into `out`; prints what it wrote.
+fn image_build(out: &Path) -> anyhow::Result<image::Built> {
+    let bins = build(true)?;
+    let b = image::build(&root_dir(), &bins, out)?;
+    let size = fs::metadata(&b.archive)?.len();
+    println!(
+        "image {}:{} digest {} layer {:.1} MB compressed, archive {} ({:.1} MB); SBOM {}",
+        image::NAME,
+        image::workspace_version(&root_dir())?,
+        b.digest,
+        b.compressed as f64 / 1e6,
+        b.archive.display(),
+        size as f64 / 1e6,
+        b.sbom.display()
+    );
+    Ok(b)
+}
+
+fn image_cmd(args: &[String]) -> anyhow::Result<()> {
+    let out = match args.iter().position(|a| a == "--out") {
+        Some(i) => PathBuf::from(args.get(i + 1).context("--out needs a directory")?),
+        None => root_dir().join("target/images"),
+    };
+    image_build(&out).map(|_| ())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -522,7 +568,7 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
     let Some((task, rest)) = args.split_first() else {
         bail!(
-            "usage: cargo xtask <setup|build [--release]|demo [--seconds N]|test [--no-lint]|bench [ARGS]|soak [--short]|fuzz [--seconds N]|codegen>"
+            "usage: cargo xtask <setup|build [--release]|demo [--seconds N]|test [--no-lint]|bench [ARGS]|soak [--short]|fuzz [--seconds N]|image [--out DIR]|codegen>"
         );
     };
     match task.as_str() {
@@ -548,10 +594,14 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             soak(rest)
         }
+        "image" => {
+            setup()?;
+            image_cmd(rest)
+        }
         // Regenerates proto/src/generated from the .proto files (committed; a test checks it).
         "codegen" => run(cmd("cargo").args(["run", "-q", "-p", "gpulse-proto-codegen"])),
         other => bail!(
-            "unknown task {other:?}: try setup, build, demo, test, bench, soak, fuzz or codegen"
+            "unknown task {other:?}: try setup, build, demo, test, bench, soak, fuzz, image or codegen"
         ),
     }
 }
