@@ -146,30 +146,23 @@ fn the_image_is_reproducible_small_and_runs_from_its_root_file_system() {
     let dir = tempfile::tempdir().unwrap();
     // podman accepts the archive, and names it with the digest the index gives.
     let podman = system_tool("podman", "podman").unwrap();
-    let store = |sub: &str| dir.path().join(sub).display().to_string();
-    let load = Command::new(&podman)
-        .args([
-            "--storage-driver",
-            "vfs",
-            "--root",
-            &store("podman"),
-            "--runroot",
-            &store("podman-run"),
-        ])
+    // Its own storage (vfs: no overlay mounts needed), gone with the temporary directory.
+    let (root_dir, run_dir) = (dir.path().join("podman"), dir.path().join("podman-run"));
+    let podman_cmd = || {
+        let mut c = Command::new(&podman);
+        c.args(["--storage-driver", "vfs", "--root"])
+            .arg(&root_dir)
+            .arg("--runroot")
+            .arg(&run_dir);
+        c
+    };
+    let load = podman_cmd()
         .args(["load", "-i"])
         .arg(&image)
         .output()
         .unwrap();
     assert!(load.status.success(), "podman load: {load:?}");
-    let inspect = Command::new(&podman)
-        .args([
-            "--storage-driver",
-            "vfs",
-            "--root",
-            &store("podman"),
-            "--runroot",
-            &store("podman-run"),
-        ])
+    let inspect = podman_cmd()
         .args([
             "inspect",
             "--format",
