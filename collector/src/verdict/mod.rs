@@ -57,6 +57,62 @@ impl Default for Config {
 
 type Key = (String, String);
 
+/// Every judged GPU, by node then PCI address: looked up by `&str` on the ingest path (no key
+/// is allocated per event) and walked per node (vanishing, reboots, process exits).
+#[derive(Default)]
+struct Gpus {
+    by_node: BTreeMap<String, BTreeMap<String, GpuEntry>>,
+    len: usize,
+}
+
+impl Gpus {
+    fn get(&self, node: &str, pci: &str) -> Option<&GpuEntry> {
+        self.by_node.get(node)?.get(pci)
+    }
+
+    fn get_mut(&mut self, node: &str, pci: &str) -> Option<&mut GpuEntry> {
+        self.by_node.get_mut(node)?.get_mut(pci)
+    }
+
+    fn insert(&mut self, node: &str, pci: &str, e: GpuEntry) {
+        let gpus = match self.by_node.get_mut(node) {
+            Some(g) => g,
+            None => self.by_node.entry(node.to_string()).or_default(),
+        };
+        if gpus.insert(pci.to_string(), e).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, node: &str, pci: &str) {
+        if let Some(gpus) = self.by_node.get_mut(node) {
+            if gpus.remove(pci).is_some() {
+                self.len -= 1;
+            }
+            if gpus.is_empty() {
+                self.by_node.remove(node);
+            }
+        }
+    }
+
+    /// The node's GPUs.
+    fn of(&self, node: &str) -> impl Iterator<Item = (&String, &GpuEntry)> {
+        self.by_node.get(node).into_iter().flatten()
+    }
+
+    /// The PCI addresses of the node's GPUs that `pick` selects (allocated only for those).
+    fn pick(&self, node: &str, pick: impl Fn(&GpuEntry) -> bool) -> Vec<String> {
+        self.of(node)
+            .filter(|(_, e)| pick(e))
+            .map(|(pci, _)| pci.clone())
+            .collect()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &GpuEntry> {
+        self.by_node.values().flat_map(BTreeMap::values)
+    }
+}
+
 /// What the engine knows of a node besides its GPUs.
 #[derive(Clone, Debug, Default)]
 struct NodeBoot {
@@ -76,7 +132,7 @@ struct Journal {
 #[derive(Default)]
 pub struct Engine {
     cfg: Config,
-    gpus: BTreeMap<Key, GpuEntry>,
+    gpus: Gpus,
     nodes: FastMap<String, NodeBoot>,
     journal: Option<Journal>,
     /// GPUs not judged because the table was full.
@@ -128,7 +184,7 @@ impl Engine {
                 .and_then(|j| j.gpus.iter().find(|(k, _)| *k == key))
                 .and_then(|(_, e)| e.as_ref().map(|e| (e.rec.state, is_plain(e))))
                 .unwrap_or((HealthState::Healthy as i32, true));
-            let Some(e) = self.gpus.get_mut(&key) else {
+            let Some(e) = self.gpus.get_mut(&key.0, &key.1) else {
                 continue;
             };
             let sig = e.signature();
@@ -156,14 +212,10 @@ impl Engine {
         let Some(j) = self.journal.take() else {
             return;
         };
-        for (key, before) in j.gpus.into_iter().rev() {
+        for ((node, pci), before) in j.gpus.into_iter().rev() {
             match before {
-                Some(e) => {
-                    self.gpus.insert(key, e);
-                }
-                None => {
-                    self.gpus.remove(&key);
-                }
+                Some(e) => self.gpus.insert(&node, &pci, e),
+                None => self.gpus.remove(&node, &pci),
             }
         }
         for (node, before) in j.nodes.into_iter().rev() {
@@ -183,9 +235,10 @@ impl Engine {
     pub fn restore(&mut self, ev: &v1::Event) {
         if let Some(Payload::GpuHealth(h)) = &ev.payload {
             if let Some(rec) = &h.record {
-                let key = (rec.node.clone(), rec.pci.clone());
-                if self.gpus.len() < self.cfg.max_gpus || self.gpus.contains_key(&key) {
-                    self.gpus.insert(key, GpuEntry::restored(rec.clone()));
+                let known = self.gpus.get(&rec.node, &rec.pci).is_some();
+                if known || self.gpus.len < self.cfg.max_gpus {
+                    self.gpus
+                        .insert(&rec.node, &rec.pci, GpuEntry::restored(rec.clone()));
                 }
             }
             return;
@@ -194,11 +247,12 @@ impl Engine {
     }
 
     /// Remembers the pre-image of a GPU's entry the first time a judged batch touches it.
-    fn touch(&mut self, key: &Key) {
+    fn touch(&mut self, node: &str, pci: &str) {
         if let Some(j) = &mut self.journal
-            && !j.gpus.iter().any(|(k, _)| k == key)
+            && !j.gpus.iter().any(|((n, p), _)| n == node && p == pci)
         {
-            j.gpus.push((key.clone(), self.gpus.get(key).cloned()));
+            let before = self.gpus.get(node, pci).cloned();
+            j.gpus.push(((node.to_string(), pci.to_string()), before));
         }
     }
 
@@ -213,30 +267,18 @@ impl Engine {
 
     /// The entry of a GPU, created when there is room.
     fn entry(&mut self, node: &str, pci: &str) -> Option<&mut GpuEntry> {
-        let key = (node.to_string(), pci.to_string());
-        if !self.gpus.contains_key(&key) && self.gpus.len() >= self.cfg.max_gpus {
+        let known = self.gpus.get(node, pci).is_some();
+        if !known && self.gpus.len >= self.cfg.max_gpus {
             self.dropped_gpus += 1;
             return None;
         }
-        self.touch(&key);
-        let boot = self
-            .nodes
-            .get(node)
-            .map_or("", |b| b.boot_id.as_str())
-            .to_string();
-        Some(
-            self.gpus
-                .entry(key)
-                .or_insert_with(|| GpuEntry::new(node, pci, &boot)),
-        )
-    }
-
-    fn keys_of(&self, node: &str) -> Vec<Key> {
-        self.gpus
-            .range((node.to_string(), String::new())..)
-            .take_while(|((n, _), _)| n == node)
-            .map(|(k, _)| k.clone())
-            .collect()
+        self.touch(node, pci);
+        if !known {
+            let boot = self.nodes.get(node).map_or("", |b| b.boot_id.as_str());
+            let e = GpuEntry::new(node, pci, boot);
+            self.gpus.insert(node, pci, e);
+        }
+        self.gpus.get_mut(node, pci)
     }
 
     fn observe(&mut self, node: &str, ev: &v1::Event, cursor: u64) {
@@ -276,16 +318,11 @@ impl Engine {
             }
             Some(Payload::GpuProcess(p)) if p.r#type == ProcessEventType::Exit as i32 => {
                 let pid = p.tgid.max(p.pid);
-                for key in self.keys_of(node) {
-                    let has = self
-                        .gpus
-                        .get(&key)
-                        .is_some_and(|e| e.rec.reasons.iter().any(|r| r.pid == Some(pid)));
-                    if !has {
-                        continue;
-                    }
-                    self.touch(&key);
-                    if let Some(e) = self.gpus.get_mut(&key) {
+                // Only GPUs with a reason naming the process: exits are frequent, reasons rare.
+                let named = |e: &GpuEntry| e.rec.reasons.iter().any(|r| r.pid == Some(pid));
+                for pci in self.gpus.pick(node, named) {
+                    self.touch(node, &pci);
+                    if let Some(e) = self.gpus.get_mut(node, &pci) {
                         e.process_exit(pid);
                         e.settle(t);
                     }
@@ -309,16 +346,9 @@ impl Engine {
         if a.boot_id.is_empty() {
             return;
         }
-        for key in self.keys_of(node) {
-            let differs = self
-                .gpus
-                .get(&key)
-                .is_some_and(|e| e.rec.boot_id != a.boot_id);
-            if !differs {
-                continue;
-            }
-            self.touch(&key);
-            if let Some(e) = self.gpus.get_mut(&key) {
+        for pci in self.gpus.pick(node, |e| e.rec.boot_id != a.boot_id) {
+            self.touch(node, &pci);
+            if let Some(e) = self.gpus.get_mut(node, &pci) {
                 if e.rec.boot_id.is_empty() {
                     e.rec.boot_id.clone_from(&a.boot_id);
                 } else {
@@ -379,17 +409,20 @@ impl Engine {
         if t - since <= window {
             return;
         }
-        for key in self.keys_of(node) {
-            if key.1 == reporter {
+        // Per sample: a scan of the node's few GPUs that allocates only for a silent one.
+        let last_of = |e: &GpuEntry| e.rec.last_sample.as_ref().map(ptime::to_unix_nanos);
+        let silent = self
+            .gpus
+            .pick(node, |e| last_of(e).is_some_and(|l| t - l > window));
+        for pci in silent {
+            if pci == reporter {
                 continue;
             }
-            let silent = self.gpus.get(&key).and_then(|e| {
-                let last = e.rec.last_sample.as_ref().map(ptime::to_unix_nanos)?;
-                (t - last > window).then_some(last)
-            });
-            let Some(last) = silent else { continue };
-            self.touch(&key);
-            if let Some(e) = self.gpus.get_mut(&key) {
+            let Some(last) = self.gpus.get(node, &pci).and_then(last_of) else {
+                continue;
+            };
+            self.touch(node, &pci);
+            if let Some(e) = self.gpus.get_mut(node, &pci) {
                 let seen = Seen {
                     t,
                     cursor,
@@ -414,18 +447,18 @@ impl Engine {
 
     /// Forgets a node past its retention: its GPUs' verdicts leave the answers and gauges.
     pub fn forget_node(&mut self, node: &str) {
-        for key in self.keys_of(node) {
-            self.gpus.remove(&key);
+        if let Some(gone) = self.gpus.by_node.remove(node) {
+            self.gpus.len -= gone.len();
         }
         self.nodes.remove(node);
     }
 
     pub fn len(&self) -> usize {
-        self.gpus.len()
+        self.gpus.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.gpus.is_empty()
+        self.gpus.len == 0
     }
 
     /// Reasons dropped across GPUs because one had too many.
