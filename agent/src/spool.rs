@@ -456,6 +456,11 @@ impl SharedSpool {
     }
 
     pub fn push(&self, mut ev: v1::Event) {
+        // Fitted to the collector's bounds (one home: gpulse_proto::bounds), so no event this
+        // agent makes is refused for its size; a cut XID or log line says `truncated`.
+        if gpulse_proto::bounds::fit(&mut ev) {
+            tracing::debug!(kind = ev.kind, "event cut to the collector's bounds");
+        }
         let (dropped, shed) = {
             let mut sp = self.lock();
             // Encoded once, with its seq: the spool keeps these bytes, the log writes them, the

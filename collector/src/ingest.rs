@@ -4,6 +4,7 @@
 //! A batch is all or nothing: one bad event rejects the batch with a message that names it, and
 //! the agent keeps (and can inspect) what it sent.
 use gpulse_proto::{
+    bounds,
     names::ShortName,
     raw::RawBatch,
     v1::{self, Batch, EventKind},
@@ -14,6 +15,9 @@ use tonic::Status;
 /// Most events one batch may carry.
 pub const MAX_BATCH_EVENTS: usize = 10_000;
 const MAX_ID_LEN: usize = 256;
+/// Largest seq an agent may use (2^63 - 1): sums of seqs and counts stay far from wrapping, and
+/// a seq fits the signed integers of every reader.
+pub const MAX_SEQ: u64 = i64::MAX as u64;
 
 /// One event as received: decoded, plus its encoding as the agent sent it (the collector's
 /// envelope fields, node, agent id, cursor and received time, are set on the decoded event and
@@ -54,14 +58,23 @@ pub struct IngestBatch {
 
 fn check_header(
     agent_id: &str,
+    boot_id: &str,
     node: &str,
     first_seq: u64,
     events: usize,
+    delivered_through: u64,
     stream_agent: Option<&str>,
 ) -> Result<(), Status> {
     if agent_id.is_empty() || agent_id.len() > MAX_ID_LEN {
         return Err(Status::invalid_argument(format!(
             "batch.agent_id must be 1..={MAX_ID_LEN} bytes"
+        )));
+    }
+    if boot_id.len() > bounds::MAX_SHORT {
+        return Err(Status::invalid_argument(format!(
+            "batch.boot_id has {} bytes; at most {} are allowed",
+            boot_id.len(),
+            bounds::MAX_SHORT
         )));
     }
     if let Some(a) = stream_agent
@@ -84,6 +97,21 @@ fn check_header(
             "batch.first_seq must be >= 1 when the batch has events",
         ));
     }
+    // Seqs are the agent's numbers: every sum the collector forms from them must not wrap
+    // (issue 27 #14: first_seq 2^64-1 stored an event with seq 0).
+    if first_seq
+        .checked_add(events as u64)
+        .is_none_or(|end| end > MAX_SEQ)
+    {
+        return Err(Status::invalid_argument(format!(
+            "batch.first_seq {first_seq} + {events} events passes the largest seq ({MAX_SEQ})"
+        )));
+    }
+    if delivered_through > MAX_SEQ {
+        return Err(Status::invalid_argument(format!(
+            "batch.delivered_through {delivered_through} passes the largest seq ({MAX_SEQ})"
+        )));
+    }
     Ok(())
 }
 
@@ -100,7 +128,7 @@ fn check_event(
     ev: &mut v1::Event,
     encoded: Option<&[u8]>,
 ) -> Result<bool, Status> {
-    let want = first + i as u64;
+    let want = first + i as u64; // checked against MAX_SEQ in check_header
     let mut changed = false;
     if ev.seq == 0 {
         ev.seq = want;
@@ -112,7 +140,13 @@ fn check_event(
         )));
     }
     let payload_kind = ev.payload_kind();
+    if let Err(v) = bounds::check(ev) {
+        return Err(Status::invalid_argument(format!(
+            "events[{i}] (seq {want}) {v}"
+        )));
+    }
     if payload_kind == EventKind::Unspecified {
+        // Read once here; the stored event is marked with what was read.
         let unknown = encoded
             .and_then(gpulse_proto::convert::unknown_event_fields)
             .unwrap_or_default();
@@ -121,8 +155,14 @@ fn check_event(
                 "events[{i}] (seq {want}) has no payload"
             )));
         }
+        if unknown.len() > bounds::MAX_UNKNOWN_FIELDS {
+            return Err(Status::invalid_argument(format!(
+                "events[{i}] (seq {want}) carries more than {} unknown fields",
+                bounds::MAX_UNKNOWN_FIELDS
+            )));
+        }
         check_severity(i, want, ev)?;
-        crate::store::events::mark_unknown(ev, encoded.unwrap_or_default());
+        crate::store::events::mark_unknown_with(ev, unknown);
         // The received bytes stay authoritative (they hold the payload); a seq the agent left
         // at zero is appended to them (protobuf: the last value of a field wins).
         return Ok(false);
@@ -164,14 +204,25 @@ impl IngestBatch {
     pub fn from_raw(raw: RawBatch, stream_agent: Option<&str>) -> Result<Self, Status> {
         check_header(
             &raw.agent_id,
+            &raw.boot_id,
             &raw.node,
             raw.first_seq,
             raw.events.len(),
+            raw.delivered_through,
             stream_agent,
         )?;
         let mut events = Vec::with_capacity(raw.events.len());
         let mut spares = crate::recycle::Spares::for_batch(raw.events.len());
         for (i, mut bytes) in raw.events.into_iter().enumerate() {
+            // Refused before it is decoded: the bound is on what was sent.
+            if bytes.len() > bounds::MAX_EVENT_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "events[{i}] (seq {}) is {} bytes; at most {} are allowed",
+                    raw.first_seq + i as u64,
+                    bytes.len(),
+                    bounds::MAX_EVENT_BYTES
+                )));
+            }
             // An empty event, given back by an earlier batch when one of this payload kind is
             // spare: decoding into it reuses its strings.
             let mut ev = spares.take(&bytes);
@@ -208,13 +259,23 @@ impl IngestBatch {
     pub fn from_batch(batch: Batch, stream_agent: Option<&str>) -> Result<Self, Status> {
         check_header(
             &batch.agent_id,
+            &batch.boot_id,
             &batch.node,
             batch.first_seq,
             batch.events.len(),
+            batch.delivered_through,
             stream_agent,
         )?;
         let mut events = Vec::with_capacity(batch.events.len());
         for (i, mut ev) in batch.events.into_iter().enumerate() {
+            let len = ev.encoded_len();
+            if len > bounds::MAX_EVENT_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "events[{i}] (seq {}) is {len} bytes; at most {} are allowed",
+                    batch.first_seq + i as u64,
+                    bounds::MAX_EVENT_BYTES
+                )));
+            }
             check_event(i, batch.first_seq, &mut ev, None)?;
             events.push(Wire::encode(ev));
         }

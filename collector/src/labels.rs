@@ -48,6 +48,22 @@ pub fn pci(s: &str) -> Result<(), String> {
     Err(format!("{:?} is not a PCI address (dddd:bb:dd.f)", clip(s)))
 }
 
+/// The device as the kernel spelled it (`PCI:0000:3b:00`, or whatever a driver prints), or
+/// empty. It keys a GPU's verdict when the address does not parse and labels
+/// `gpulse_gpu_health_state`, so it is held to a label-safe token (issue 27 #8: 64 KiB values
+/// grew `/metrics` to 94 MiB).
+pub fn pci_raw(s: &str) -> Result<(), String> {
+    let ok = s.len() <= gpulse_proto::bounds::MAX_SHORT
+        && s.bytes().all(gpulse_proto::bounds::device_name_byte);
+    ok.then_some(()).ok_or_else(|| {
+        format!(
+            "{:?} is not a device name (at most {} printable characters, no quotes, braces, '=' or ',')",
+            clip(s),
+            gpulse_proto::bounds::MAX_SHORT
+        )
+    })
+}
+
 /// A GPU model name: printable, no control characters, or empty.
 pub fn model(s: &str) -> Result<(), String> {
     if s.len() <= MAX_MODEL && !s.chars().any(char::is_control) {
@@ -70,9 +86,13 @@ pub fn check_payload(p: &Payload) -> Result<(), String> {
     match p {
         Payload::Xid(x) => {
             field("xid.gpu_uuid", uuid(&x.gpu_uuid))?;
-            field("xid.pci", pci(&x.pci))
+            field("xid.pci", pci(&x.pci))?;
+            field("xid.pci_raw", pci_raw(&x.pci_raw))
         }
-        Payload::Sxid(x) => field("sxid.pci", pci(&x.pci)),
+        Payload::Sxid(x) => {
+            field("sxid.pci", pci(&x.pci))?;
+            field("sxid.pci_raw", pci_raw(&x.pci_raw))
+        }
         Payload::DriverLog(d) => {
             field("driver_log.gpu_uuid", uuid(&d.gpu_uuid))?;
             field("driver_log.pci", pci(&d.pci))
@@ -139,6 +159,12 @@ mod tests {
             "0000:3b:00.0\n{evil=\"1\"}",
         ] {
             assert!(pci(p).is_err(), "{p:?}");
+        }
+        for r in ["", "PCI:0000:91:00", "PCI:...", "0000:3b:00.0"] {
+            assert!(pci_raw(r).is_ok(), "{r}");
+        }
+        for r in ["PCI:0\"} 1", "a b", "x{y}", &"P".repeat(65), "\u{e9}"] {
+            assert!(pci_raw(r).is_err(), "{r:?}");
         }
         assert!(model("NVIDIA H100 80GB HBM3").is_ok());
         assert!(model("bad\nmodel").is_err());

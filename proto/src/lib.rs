@@ -13,6 +13,7 @@ pub mod v1 {
 }
 
 pub mod api;
+pub mod bounds;
 pub mod client;
 pub mod convert;
 pub mod listing;

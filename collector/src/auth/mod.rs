@@ -6,7 +6,7 @@
 //! certificate's DNS subject alternative name). Authorization: role `agent` may only `Ingest.Push`, and only for
 //! its own node (checked per batch in `grpc`); role `reader` gets `Telemetry` and reflection.
 //! Missing or bad credentials are UNAUTHENTICATED, a wrong role or node PERMISSION_DENIED; each
-//! refusal is counted by reason and logged once per identity.
+//! refusal is counted by reason and logged within a per-reason budget (`refusal_log`).
 //!
 //! With no method configured every call is allowed (loopback demos; `main` refuses that off
 //! loopback unless told the network is trusted). gRPC health stays open: kubelet probes send no
@@ -14,10 +14,10 @@
 pub mod jwt;
 pub mod keys;
 pub mod oauth;
+pub mod refusal_log;
 pub mod tokens;
 
 use std::{
-    collections::HashSet,
     path::PathBuf,
     sync::{Arc, Mutex},
 };
@@ -144,15 +144,12 @@ pub mod reason {
     pub const ALL: [&str; 5] = [MISSING, BAD_TOKEN, BAD_CERT, WRONG_ROLE, OTHER_NODE];
 }
 
-/// Most identities remembered for "logged once".
-const MAX_LOGGED: usize = 4096;
-
 pub struct Auth {
     tokens: Option<Arc<Reloading<TokenTable>>>,
     service_accounts: Option<ServiceAccountAuth>,
     client_certs: bool,
     refused: IntCounterVec,
-    logged: Mutex<HashSet<String>>,
+    logged: Mutex<refusal_log::RefusalLog>,
 }
 
 impl Auth {
@@ -195,7 +192,7 @@ impl Auth {
             service_accounts,
             client_certs: cfg.client_certs,
             refused,
-            logged: Mutex::new(HashSet::new()),
+            logged: Mutex::default(),
         }))
     }
 
@@ -206,7 +203,7 @@ impl Auth {
             service_accounts: None,
             client_certs: false,
             refused,
-            logged: Mutex::new(HashSet::new()),
+            logged: Mutex::default(),
         })
     }
 
@@ -283,17 +280,27 @@ impl Auth {
         Ok(id)
     }
 
-    /// Counts a refusal and logs it the first time for this identity (an agent retrying with a
-    /// revoked token would otherwise fill the log).
-    pub fn refuse(&self, reason: &'static str, who: &str) {
+    /// Counts a refusal and logs it within its reason's budget (see `refusal_log`: an agent
+    /// retrying with a revoked token, or a flood of junk, would otherwise fill or silence the
+    /// log). Returns whether it was logged.
+    pub fn refuse(&self, reason: &'static str, who: &str) -> bool {
         self.refused.with_label_values(&[reason]).inc();
-        let key = format!("{reason}/{who}");
-        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
-        if logged.len() < MAX_LOGGED && logged.insert(key) {
-            warn!(
-                reason,
-                who, "call refused (logged once per identity and reason)"
-            );
+        let line = self.logged.lock().unwrap_or_else(|p| p.into_inner()).admit(
+            reason,
+            who,
+            std::time::Instant::now(),
+        );
+        match line {
+            Some(l) => {
+                warn!(
+                    reason,
+                    who,
+                    unlogged_before = l.unlogged_before,
+                    "call refused (each caller once per 10 min, at most 20 lines a minute per reason)"
+                );
+                true
+            }
+            None => false,
         }
     }
 

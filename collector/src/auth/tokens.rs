@@ -2,7 +2,9 @@
 //!
 //! ROLE is `agent` (which needs `node=`: an agent token speaks for one node) or `reader`.
 //! TOKEN is the token itself (at least 16 characters) or `sha256:<64 hex digits>` of it, so the
-//! file need not hold the secrets. `#` starts a comment. Tokens are kept and looked up by their
+//! file need not hold the secrets. A `#` at the start of a line or after whitespace starts a
+//! comment; a `#` inside a token is part of it (a token with one is warned about, since shells
+//! and older gpulse releases read the rest as a comment). Tokens are kept and looked up by their
 //! SHA-256 only: a lookup compares digests, never the secret itself.
 use std::collections::HashMap;
 
@@ -18,6 +20,8 @@ pub type Digest = [u8; 32];
 #[derive(Debug, Default)]
 pub struct TokenTable {
     by_digest: HashMap<Digest, Identity>,
+    /// What the operator should know about the file that does not refuse it (logged on load).
+    pub warnings: Vec<String>,
 }
 
 pub fn digest(token: &str) -> Digest {
@@ -47,9 +51,15 @@ impl TokenTable {
         let mut t = Self::default();
         for (i, raw) in text.lines().enumerate() {
             let n = i + 1;
-            let line = raw.split('#').next().unwrap_or("").trim();
+            let line = strip_comment(raw).trim();
             if line.is_empty() {
                 continue;
+            }
+            if line.contains('#') {
+                t.warnings.push(format!(
+                    "line {n}: '#' inside a token is part of it (a comment starts only at the \
+                     start of a line or after whitespace)"
+                ));
             }
             let (d, id) = parse_line(line, n).map_err(|e| format!("line {n}: {e}"))?;
             if t.by_digest.insert(d, id).is_some() {
@@ -61,8 +71,24 @@ impl TokenTable {
 
     pub fn load(path: &std::path::Path) -> Result<Self, String> {
         let text = crate::reload::read_bounded(path, MAX_FILE_BYTES)?;
-        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        let t = Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        for w in &t.warnings {
+            tracing::warn!(file = %path.display(), "token file: {w}");
+        }
+        Ok(t)
     }
+}
+
+/// The line without its comment: from a `#` that starts the line or follows whitespace.
+fn strip_comment(line: &str) -> &str {
+    let mut prev_space = true;
+    for (i, c) in line.char_indices() {
+        if c == '#' && prev_space {
+            return &line[..i];
+        }
+        prev_space = c.is_whitespace();
+    }
+    line
 }
 
 fn parse_line(line: &str, n: usize) -> Result<(Digest, Identity), String> {
@@ -134,6 +160,24 @@ mod tests {
         assert_eq!((r.role, r.node.as_deref()), (Role::Reader, None));
         assert!(t.lookup("node-a-secret-token-2").is_none());
         assert!(t.lookup("").is_none());
+    }
+
+    #[test]
+    fn a_hash_inside_a_token_is_part_of_it() {
+        // Issue 27 #15: `#` inside a token cut it to its prefix, which then authenticated.
+        let text =
+            "agent abcdefghijklmnop#qrstuvwxyz node=a\n#x\nreader reader-token-0123456#7 # c\n";
+        let t = TokenTable::parse(text).unwrap();
+        assert_eq!(t.len(), 2);
+        assert!(t.lookup("abcdefghijklmnop#qrstuvwxyz").is_some());
+        assert!(t.lookup("abcdefghijklmnop").is_none());
+        assert!(t.lookup("reader-token-0123456#7").is_some());
+        assert_eq!(t.warnings.len(), 2, "{:?}", t.warnings);
+        assert!(t.warnings[0].starts_with("line 1:"), "{:?}", t.warnings);
+        // A comment after whitespace or at the start of a line still is one, and warns nothing.
+        let t = TokenTable::parse("# all\nreader tok-tok-tok-tok-tok\t# dashboards\n").unwrap();
+        assert!(t.lookup("tok-tok-tok-tok-tok").is_some());
+        assert!(t.warnings.is_empty());
     }
 
     #[test]

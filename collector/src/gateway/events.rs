@@ -159,6 +159,10 @@ pub struct Merge {
     out: ListEventsResponse,
     /// Some upstream has more than its page held.
     upstream_more: bool,
+    /// The earliest last event (in listing order) of the upstreams that have more: a page may
+    /// end early by bytes, so an upstream's next unlisted event may come before another's
+    /// listed ones, and the merged page stops here (else that event would be skipped).
+    frontier: Option<Event>,
     pub duplicates: u64,
 }
 
@@ -169,6 +173,7 @@ impl Merge {
             events: Vec::new(),
             out: ListEventsResponse::default(),
             upstream_more: false,
+            frontier: None,
             duplicates: 0,
         }
     }
@@ -186,7 +191,17 @@ impl Merge {
         merge::hints(&mut self.out.hints, upstream, r.hints);
         self.out.total_matched += r.total_matched;
         self.out.expired_while_paging += r.expired_while_paging;
-        self.upstream_more |= !r.next_page_token.is_empty();
+        if !r.next_page_token.is_empty() {
+            self.upstream_more = true;
+            if let Some(last) = r.events.last()
+                && self
+                    .frontier
+                    .as_ref()
+                    .is_none_or(|f| self.before(last, f).is_lt())
+            {
+                self.frontier = Some(last.clone());
+            }
+        }
         for e in r.events {
             match self.events.binary_search_by(|x| self.before(x, &e)) {
                 // Seq 0: written by a collector (a verdict, a seq-gap notice), never resent by
@@ -208,8 +223,22 @@ impl Merge {
     }
 
     pub fn finish(mut self) -> ListEventsResponse {
-        let more = self.upstream_more || self.events.len() > self.plan.limit;
+        let mut more = self.upstream_more || self.events.len() > self.plan.limit;
         self.events.truncate(self.plan.limit);
+        if let Some(f) = &self.frontier {
+            let end = self
+                .events
+                .iter()
+                .position(|e| self.before(f, e).is_lt())
+                .unwrap_or(self.events.len());
+            self.events.truncate(end);
+        }
+        let fit =
+            gpulse_proto::bounds::fitting(&self.events, gpulse_proto::bounds::MAX_ANSWER_BYTES);
+        if fit < self.events.len() {
+            self.events.truncate(fit);
+            more = true;
+        }
         self.out.next_page_token = match (more, self.events.last()) {
             (true, Some(last)) => Token {
                 since: self.plan.since.clone(),
@@ -239,8 +268,9 @@ mod tests {
         }
     }
 
-    /// One upstream's store: the page after `resume` in the plan's order.
-    fn page(store: &[Event], req: &ListEventsRequest) -> ListEventsResponse {
+    /// One upstream's store: the page after `resume` in the plan's order, at most `cap` events
+    /// (a collector's page ends early when its events are large).
+    fn page(store: &[Event], req: &ListEventsRequest, cap: usize) -> ListEventsResponse {
         let newest = req.order != Order::OldestFirst as i32;
         let mut v: Vec<Event> = store
             .iter()
@@ -258,8 +288,9 @@ mod tests {
                 listing::cmp(a, b)
             }
         });
-        let more = v.len() > req.limit as usize;
-        v.truncate(req.limit as usize);
+        let n = (req.limit as usize).min(cap);
+        let more = v.len() > n;
+        v.truncate(n);
         ListEventsResponse {
             total_matched: store.len() as u64,
             next_page_token: if more { "more".into() } else { String::new() },
@@ -273,6 +304,7 @@ mod tests {
         order: Order,
         limit: u32,
         expire_each_page: bool,
+        first_cap: usize,
     ) -> Vec<(i64, u64)> {
         let names = vec!["a".to_string(), "b".to_string(), "c".to_string()];
         let mut got = Vec::new();
@@ -292,7 +324,8 @@ mod tests {
             let up = plan.upstream_req.clone();
             let mut m = Merge::new(plan);
             for (i, s) in stores.iter().enumerate() {
-                m.add(&names[i], page(s, &up));
+                let cap = if i == 0 { first_cap } else { usize::MAX };
+                m.add(&names[i], page(s, &up, cap));
             }
             let r = m.finish();
             got.extend(r.events.iter().map(|e| {
@@ -333,7 +366,16 @@ mod tests {
         let dup = stores[0][10].clone();
         stores[1].push(dup);
         for order in [Order::NewestFirst, Order::OldestFirst] {
-            let got = list_all(&mut stores.clone(), order, 7, false);
+            // The first shard's pages end early (by bytes) in the second round.
+            for first_cap in [usize::MAX, 2] {
+                let got = list_all(&mut stores.clone(), order, 7, false, first_cap);
+                assert_eq!(got.len(), 150, "{order:?} {first_cap}");
+                let mut seen = std::collections::HashSet::new();
+                for g in &got {
+                    assert!(seen.insert(*g), "listed twice: {g:?}");
+                }
+            }
+            let got = list_all(&mut stores.clone(), order, 7, false, usize::MAX);
             assert_eq!(got.len(), 150, "{order:?}");
             let mut sorted = got.clone();
             sorted.sort();
@@ -356,7 +398,13 @@ mod tests {
                     .collect()
             })
             .collect();
-        let got = list_all(&mut stores.clone(), Order::NewestFirst, 10, true);
+        let got = list_all(
+            &mut stores.clone(),
+            Order::NewestFirst,
+            10,
+            true,
+            usize::MAX,
+        );
         let mut seen = std::collections::HashSet::new();
         for g in &got {
             assert!(seen.insert(*g), "listed twice: {g:?}");

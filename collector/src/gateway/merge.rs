@@ -427,6 +427,7 @@ impl Health {
 
     pub fn finish(mut self) -> GpuHealthResponse {
         self.out.gpus = self.ranked();
+        crate::verdict::query::fit_answer(&mut self.out);
         self.out
     }
 }

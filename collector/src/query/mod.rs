@@ -278,7 +278,7 @@ pub fn list_events(
         None => key,
     };
     let lanes = filter.lanes();
-    let page = store.window(
+    let mut page = store.window(
         w.start_ms(),
         w.end_ms(),
         &lanes,
@@ -287,7 +287,21 @@ pub fn list_events(
         limit as usize,
         |e| e.cursor() <= ceiling && filter.matches(e),
     );
+    // A page ends early rather than outgrow the encode limit; its token continues after the
+    // last event it holds.
+    let fit = gpulse_proto::bounds::fitting(&page.events, gpulse_proto::bounds::MAX_ANSWER_BYTES);
+    let cut = page.events.len() - fit;
+    if cut > 0 {
+        page.events.truncate(fit);
+        page.more = true;
+    }
     let (window, mut hints) = window_notes(store, &w, &lanes, page.total_matched);
+    if cut > 0 {
+        hints.push(format!(
+            "page ends after {fit} events to stay within {} MiB; next_page_token continues",
+            gpulse_proto::bounds::MAX_ANSWER_BYTES >> 20
+        ));
+    }
     let expired_while_paging = expired_now.saturating_sub(expired_at_start);
     if expired_while_paging > 0 {
         hints.push(format!(

@@ -123,13 +123,21 @@ impl State {
         let origin = entry.origin(&batch.node);
         let known = entry.progress.through_seq;
         let first = batch.events.first().map_or(0, |w| w.ev.seq);
-        if known > 0 && first > known.saturating_add(self.cfg.max_seq_jump) {
+        // A known agent jumps from what it stored here; a new one from what it says another
+        // collector acknowledged (else seq 0), so a made-up first seq cannot count a loss of
+        // 2^63 events either.
+        let from = if known > 0 {
+            known
+        } else {
+            batch.delivered_through
+        };
+        if first > from.saturating_add(self.cfg.max_seq_jump) {
             self.metrics
                 .ingest_takeover_refused
                 .with_label_values(&["seq_jump"])
                 .inc();
             return Err(StoreError::Takeover(format!(
-                "agent {} jumps from seq {known} to {first}, further than any spool explains (--max-seq-jump {})",
+                "agent {} jumps from seq {from} to {first}, further than any spool explains (--max-seq-jump {})",
                 batch.agent_id, self.cfg.max_seq_jump
             )));
         }

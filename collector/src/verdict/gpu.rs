@@ -103,9 +103,26 @@ impl Seen<'_> {
             cursor: self.cursor,
             time: ts(self.t),
             kind: self.kind.to_string(),
-            detail: self.detail.clone(),
+            detail: clip(&self.detail),
         }
     }
+}
+
+/// Longest evidence detail or reason summary kept. The evidence's cursor leads to the whole
+/// event; a verdict restates, and with 32 reasons of 8 evidence each it stays ~200 KiB at
+/// most (issue 27 #7: 249 XIDs with 256 KiB messages made one 62 MiB verdict event).
+pub const MAX_DETAIL: usize = 512;
+
+/// `s` cut to [`MAX_DETAIL`] bytes at a character boundary, marked with an ellipsis when cut.
+pub fn clip(s: &str) -> String {
+    if s.len() <= MAX_DETAIL {
+        return s.to_string();
+    }
+    let mut end = MAX_DETAIL - '…'.len_utf8();
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 #[derive(Clone, Debug, Default)]
@@ -180,7 +197,7 @@ impl GpuEntry {
         if let Some(r) = self.reason_mut(k) {
             r.last = ts(seen.t);
             r.occurrences += 1;
-            r.summary = summary;
+            r.summary = clip(&summary);
             r.state = v.state as i32;
             r.action = v.action.to_string();
             r.clears_on = v.clears.name().to_string();
@@ -208,7 +225,7 @@ impl GpuEntry {
             rule: k.rule.to_string(),
             state: v.state as i32,
             action: v.action.to_string(),
-            summary,
+            summary: clip(&summary),
             xid: k.xid,
             since: ts(seen.t),
             last: ts(seen.t),

@@ -52,5 +52,22 @@ pub fn answer(engine: &Engine, req: &v1::GpuHealthRequest, now: i128) -> v1::Gpu
             r
         })
         .collect();
+    fit_answer(&mut out);
     out
+}
+
+/// Lists only the worst GPUs that fit in an answer's byte budget (`bounds::MAX_ANSWER_BYTES`),
+/// saying so: a fleet of GPUs with long evidence must not make the answer fail to encode.
+pub fn fit_answer(out: &mut v1::GpuHealthResponse) {
+    use gpulse_proto::bounds::{MAX_ANSWER_BYTES, fitting};
+    let fit = fitting(&out.gpus, MAX_ANSWER_BYTES);
+    if fit < out.gpus.len() {
+        let left = out.gpus.len() - fit;
+        out.gpus.truncate(fit);
+        out.truncated = true;
+        out.hints.push(format!(
+            "{left} more GPUs left out to keep the answer within {} MiB; ask per node or without include_healthy",
+            MAX_ANSWER_BYTES >> 20
+        ));
+    }
 }

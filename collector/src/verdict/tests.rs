@@ -502,3 +502,54 @@ fn the_table_is_bounded() {
     assert_eq!(r.reasons[0].evidence.len(), 8);
     assert_eq!(s.written.len(), 1);
 }
+
+#[test]
+fn verdict_events_stay_small_whatever_the_evidence_says() {
+    // Issue 27 #7: 249 XIDs with 256 KiB messages on one GPU made one 62.3 MiB gpu_health
+    // event. Evidence details and summaries are clipped; the cursor leads to the whole event.
+    let mut s = Scenario::new();
+    s.batch(vec![ev(T0, status("boot-a"))]);
+    let long = "x".repeat(256 << 10);
+    let events: Vec<v1::Event> = (1..250u32)
+        .map(|code| {
+            let mut p = xid(code, Some(7));
+            if let Payload::Xid(x) = &mut p {
+                x.message.clone_from(&long);
+                x.mnemonic = "m".repeat(200);
+            }
+            ev(T0 + S + i128::from(code), p)
+        })
+        .collect();
+    let written = s.batch(events);
+    assert!(!written.is_empty(), "the XIDs were judged");
+    for h in &written {
+        let len = prost::Message::encoded_len(h);
+        assert!(len <= 256 << 10, "a verdict event of {len} bytes");
+        let r = h.record.as_ref().unwrap();
+        assert!(r.reasons.len() > 8, "{} reasons", r.reasons.len());
+        for reason in &r.reasons {
+            assert!(reason.summary.len() <= super::gpu::MAX_DETAIL);
+            for e in &reason.evidence {
+                assert!(
+                    e.detail.len() <= super::gpu::MAX_DETAIL,
+                    "{}",
+                    e.detail.len()
+                );
+                assert!(e.detail.ends_with('…'));
+            }
+        }
+    }
+    // More of the same keeps the one GPU's verdict bounded too.
+    let more: Vec<v1::Event> = (0..200)
+        .map(|i| {
+            let mut p = xid(79, Some(7));
+            if let Payload::Xid(x) = &mut p {
+                x.message.clone_from(&long);
+            }
+            ev(T0 + 2 * S + i, p)
+        })
+        .collect();
+    for h in s.batch(more) {
+        assert!(prost::Message::encoded_len(&h) <= 256 << 10);
+    }
+}

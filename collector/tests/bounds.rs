@@ -1,0 +1,279 @@
+//! No one client blinds the fleet (issue 27): what one agent credential could send to stall or
+//! bloat the collector is refused at the edge, naming the field, and loses nothing else; answers
+//! stay within the encode limit whatever is stored. In-process gRPC (tokio duplex).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+mod common;
+
+use common::*;
+use gpulse_proto::{
+    bounds,
+    raw::RawBatch,
+    v1::{self, Ack, ListEventsRequest, TimeWindow, event::Payload},
+};
+use prost::Message as _;
+
+/// Pushes raw encoded events as one batch on a new stream; the ack or the refusal.
+async fn push_raw(
+    h: &Harness,
+    agent: &str,
+    node: &str,
+    first_seq: u64,
+    events: Vec<Vec<u8>>,
+) -> Result<Ack, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(h.channel.clone());
+    grpc.ready().await.unwrap();
+    let hello = RawBatch {
+        agent_id: agent.into(),
+        node: node.into(),
+        boot_id: "b".into(),
+        ..Default::default()
+    };
+    let batch = RawBatch {
+        first_seq,
+        events: events.into_iter().map(Into::into).collect(),
+        ..hello.clone()
+    };
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/gpulse.v1.Ingest/Push");
+    let codec = tonic_prost::ProstCodec::<RawBatch, Ack>::default();
+    let mut acks = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::iter(vec![hello, batch])),
+            path,
+            codec,
+        )
+        .await?
+        .into_inner();
+    acks.message().await?;
+    acks.message()
+        .await?
+        .ok_or_else(|| tonic::Status::unavailable("stream ended"))
+}
+
+fn refused(r: Result<Ack, tonic::Status>, want: &str) {
+    let e = r.expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(
+        e.message().contains(want),
+        "{:?} should say {want:?}",
+        e.message()
+    );
+}
+
+fn sample(processes: usize) -> v1::Event {
+    v1::Event {
+        kind: v1::EventKind::GpuSample as i32,
+        time: Some(gpulse_proto::time::now()),
+        payload: Some(Payload::GpuSample(v1::GpuSample {
+            uuid: "GPU-0".into(),
+            pci: "0000:3b:00.0".into(),
+            processes: vec![v1::GpuProcessMemory::default(); processes],
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// #1, #2, #5, #8: each oversized field is refused by name (or the event by its size before it
+/// is decoded), and the same agent's good events after it are stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_events_are_refused_by_name_and_nothing_else_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start_with_limit(store_config(dir.path()), 16 << 20).await;
+
+    // #1: 4 MiB of distinct unknown fields (891k) was 83 s of CPU; refused by its size now.
+    let mut many = Vec::new();
+    let mut f = 1000u32;
+    while many.len() < 4 << 20 {
+        prost::encoding::encode_key(f, prost::encoding::WireType::Varint, &mut many);
+        many.push(0);
+        f += 1;
+    }
+    refused(
+        push_raw(&h, "n/1", "n", 1, vec![many]).await,
+        "bytes; at most 65536 are allowed",
+    );
+    // And within the size bound, too many distinct unknown fields.
+    let mut forty = Vec::new();
+    for f in 1000u32..1040 {
+        prost::encoding::encode_key(f, prost::encoding::WireType::Varint, &mut forty);
+        forty.push(0);
+    }
+    refused(
+        push_raw(&h, "n/1", "n", 1, vec![forty]).await,
+        "more than 32 unknown fields",
+    );
+
+    // #2: 1.3M empty processes (3.7 MiB, 63 MB decoded), and 1,025 in a small event.
+    refused(
+        push_raw(&h, "n/1", "n", 1, vec![sample(1_300_000).encode_to_vec()]).await,
+        "bytes; at most",
+    );
+    refused(
+        push_raw(&h, "n/1", "n", 1, vec![sample(1025).encode_to_vec()]).await,
+        "events[0] (seq 1) gpu_sample.processes has 1025 entries; at most 1024",
+    );
+
+    // #5: strings that reach every fleet-wide answer.
+    let status = v1::Event {
+        kind: v1::EventKind::AgentStatus as i32,
+        payload: Some(Payload::AgentStatus(v1::AgentStatus {
+            detail: "d".repeat(5000),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    refused(
+        push_raw(&h, "n/1", "n", 1, vec![status.encode_to_vec()]).await,
+        "agent_status.detail has 5000 bytes",
+    );
+    let mut drv = sample(1);
+    if let Some(Payload::GpuSample(s)) = &mut drv.payload {
+        s.driver_version = "5".repeat(100);
+    }
+    refused(
+        push_raw(&h, "n/1", "n", 1, vec![drv.encode_to_vec()]).await,
+        "gpu_sample.driver_version",
+    );
+
+    // #8: pci_raw keys verdicts and labels series.
+    for (raw, want) in [
+        ("P".repeat(64 << 10), "bytes; at most"),
+        ("P".repeat(65), "xid.pci_raw has 65 bytes"),
+        ("PCI:0\"} 1".to_string(), "xid.pci_raw: "),
+    ] {
+        let mut x = xid(79, "evil");
+        if let Some(Payload::Xid(p)) = &mut x.payload {
+            p.pci = String::new();
+            p.pci_raw = raw;
+        }
+        refused(
+            push_raw(&h, "n/1", "n", 1, vec![x.encode_to_vec()]).await,
+            want,
+        );
+    }
+
+    // Nothing of the refused batches was stored; the agent's next events are.
+    let st = h.store.status().await.unwrap();
+    assert_eq!(agent_events(&st), 0);
+    let ack = push_raw(
+        &h,
+        "n/1",
+        "n",
+        1,
+        vec![xid(79, "real").encode_to_vec(), sample(8).encode_to_vec()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(ack.through_seq, 2);
+    let st = h.store.status().await.unwrap();
+    assert_eq!(agent_events(&st), 2);
+}
+
+/// #14: seqs are checked, never wrapped; a new agent cannot count a loss of 2^63 events.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_sequence_numbers_never_wrap() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(store_config(dir.path())).await;
+    let two = || vec![log("a").encode_to_vec(), log("b").encode_to_vec()];
+    refused(
+        push_raw(&h, "n/1", "n", u64::MAX, two()).await,
+        "passes the largest seq",
+    );
+    refused(
+        push_raw(&h, "n/1", "n", i64::MAX as u64, two()).await,
+        "passes the largest seq",
+    );
+    // Within range but further than any spool explains, for an agent never seen.
+    let e = push_raw(&h, "n/2", "n", 1 << 62, two()).await.unwrap_err();
+    assert!(
+        e.message().contains("further than any spool explains"),
+        "{e}"
+    );
+    assert_eq!(h.metrics.ingest_seq_gap_events.get(), 0);
+    let st = h.store.status().await.unwrap();
+    assert_eq!(
+        agent_events(&st),
+        0,
+        "no event with a wrapped seq was stored"
+    );
+    // An honest jump is still a counted gap.
+    let ack = push_raw(&h, "n/3", "n", 11, two()).await.unwrap();
+    assert_eq!(ack.through_seq, 12);
+    assert_eq!(h.metrics.ingest_seq_gap_events.get(), 10);
+}
+
+/// #5: pages of large (but allowed) events end early by bytes instead of failing to encode;
+/// paging lists every event once; a replay from cursor 0 delivers them all.
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_stay_within_the_encode_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(store_config(dir.path())).await;
+    let big = |i: usize| {
+        let mut x = xid(13, &format!("{i:04}{}", "m".repeat(bounds::MAX_TEXT - 4)));
+        if let Some(Payload::Xid(p)) = &mut x.payload {
+            p.raw = "r".repeat(bounds::MAX_TEXT);
+            p.description = "d".repeat(bounds::MAX_TEXT);
+            p.immediate_action = "a".repeat(bounds::MAX_TEXT);
+            p.investigatory_action = "i".repeat(bounds::MAX_TEXT);
+        }
+        x
+    };
+    // 300 events of ~20 KiB: 6 MiB, past the 4 MiB encode limit of one answer.
+    let (mut a, _) = AgentStream::open(&h, "n/1", "n").await;
+    for chunk in 0..10 {
+        let evs = (0..30).map(|i| big(chunk * 30 + i)).collect();
+        a.send(1 + chunk as u64 * 30, evs).await.unwrap();
+    }
+    let mut c = gpulse_proto::v1::telemetry_client::TelemetryClient::new(h.channel.clone());
+    let mut token = String::new();
+    let mut got = Vec::new();
+    let mut pages = 0;
+    loop {
+        let r = c
+            .list_events(ListEventsRequest {
+                limit: 1000,
+                page_token: token.clone(),
+                window: Some(TimeWindow {
+                    since: "1h".into(),
+                    ..Default::default()
+                }),
+                filter: Some(v1::EventFilter {
+                    kinds: vec![v1::EventKind::Xid as i32],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("a page always fits")
+            .into_inner();
+        assert!(r.encoded_len() <= 4 << 20);
+        pages += 1;
+        got.extend(r.events.iter().map(|e| e.seq));
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        assert!(
+            r.hints.iter().any(|h| h.contains("to stay within 3 MiB")),
+            "{:?}",
+            r.hints
+        );
+        token = r.next_page_token;
+    }
+    assert!(pages >= 2, "{pages} pages");
+    got.sort_unstable();
+    assert_eq!(got, (1..=300).collect::<Vec<u64>>());
+
+    // A replay from cursor 0 delivers every event, one per message.
+    let mut s = subscribe(
+        &h,
+        v1::SubscribeRequest {
+            after_cursor: Some(0),
+            ..Default::default()
+        },
+    )
+    .await;
+    for _ in 0..300 {
+        let m = next(&mut s).await.expect("stream open");
+        assert!(message_of(&m).len() >= bounds::MAX_TEXT);
+    }
+}
