@@ -86,15 +86,16 @@ pub enum ClientError {
 
 impl ClientError {
     /// The collector refused what was sent (not a broken connection): resending the same
-    /// batch would be refused again.
+    /// batch would be refused again. RESOURCE_EXHAUSTED is not one: any hop (a proxy, a load
+    /// balancer) says it when it is busy, and setting an event aside for that would lose it
+    /// (issue 27); it is retried after a back-off like an outage. A batch over the collector's
+    /// message limit is OUT_OF_RANGE (tonic's decoder).
     fn refusal(&self) -> Option<&tonic::Status> {
         match self {
             ClientError::Status(s)
                 if matches!(
                     s.code(),
-                    tonic::Code::InvalidArgument
-                        | tonic::Code::OutOfRange
-                        | tonic::Code::ResourceExhausted
+                    tonic::Code::InvalidArgument | tonic::Code::OutOfRange
                 ) =>
             {
                 Some(s)
@@ -411,6 +412,14 @@ async fn session(
         .await?
         .into_inner();
     let first = acks.message().await?.ok_or(ClientError::Closed)?;
+    let renumbered = spool.settle(first.through_seq);
+    if renumbered > 0 {
+        warn!(
+            collector_through = first.through_seq,
+            renumbered,
+            "the spool log lost events the collector already holds (a power loss); events since the restart are numbered after the collector's"
+        );
+    }
     let last = spool.lock().last_seq();
     if first.through_seq > last {
         // The collector holds more of this (persistent) agent id than the spool knows: a power
@@ -544,5 +553,15 @@ mod tests {
         assert!(check("http://127.0.0.1:7700,http://127.0.0.1:7710", "dns", &opts).is_err());
         let j = jitter(Duration::from_millis(1000));
         assert!(j >= Duration::from_millis(750) && j <= Duration::from_millis(1250));
+    }
+
+    #[test]
+    fn only_the_collectors_refusals_set_events_aside() {
+        let refused = |s: tonic::Status| ClientError::Status(s).refusal().is_some();
+        assert!(refused(tonic::Status::invalid_argument("events[0] ...")));
+        assert!(refused(tonic::Status::out_of_range("message too large")));
+        // A busy proxy or load balancer: retried, never a lost event.
+        assert!(!refused(tonic::Status::resource_exhausted("overloaded")));
+        assert!(!refused(tonic::Status::unavailable("down")));
     }
 }

@@ -100,6 +100,11 @@ pub struct Spool {
     sent_through: u64,
     dropped: u64,
     samples_shed: u64,
+    /// After a restart from the spool log: the highest seq the log held. Events numbered after
+    /// it before the first collector answered may reuse seqs of events the log lost with its
+    /// tail (a power loss inside the fsync interval) that the collector already stored: they
+    /// are numbered again after the collector's answer ([`Spool::settle`]).
+    provisional_after: Option<u64>,
 }
 
 impl Spool {
@@ -113,6 +118,7 @@ impl Spool {
             sent_through: 0,
             dropped: 0,
             samples_shed: 0,
+            provisional_after: None,
         }
     }
 
@@ -152,6 +158,35 @@ impl Spool {
         self.ack(acked);
         self.sent_through = self.acked_through;
         self.next_seq = self.next_seq.max(last_seq + 1).max(acked + 1);
+        self.provisional_after = Some(self.next_seq - 1);
+    }
+
+    /// The first collector answer after a restart says it holds this agent's seqs through
+    /// `through`. Events numbered since the restart with a seq it already holds would be taken
+    /// for resends and acknowledged away unsent (issue 27 #6: 12 events lost after a power
+    /// loss, the restart's AgentStatus among them): they are numbered again after `through`,
+    /// in order. Returns the events renumbered (the caller logs them); later answers change
+    /// nothing.
+    pub fn settle(&mut self, through: u64) -> Vec<v1::Event> {
+        let Some(after) = self.provisional_after.take() else {
+            return Vec::new();
+        };
+        if through <= after {
+            return Vec::new();
+        }
+        let mut next = through + 1;
+        let mut out = Vec::new();
+        for e in self.events.iter_mut().filter(|e| e.seq > after) {
+            let Some(mut ev) = e.decode() else { continue };
+            ev.seq = next;
+            next += 1;
+            self.bytes -= e.mem();
+            *e = Entry::encode(&ev);
+            self.bytes += e.mem();
+            out.push(ev);
+        }
+        self.next_seq = self.next_seq.max(next);
+        out
     }
 
     /// The collector holds more of this agent than the spool knows (acknowledged events whose
@@ -437,6 +472,17 @@ impl SharedSpool {
         Some(kind)
     }
 
+    /// See [`Spool::settle`]; the renumbered events are written to the log again (a later frame
+    /// of a seq replaces an earlier one, and the ack that follows drops the reused seqs).
+    pub fn settle(&self, through: u64) -> usize {
+        let mut sp = self.lock();
+        let moved = sp.settle(through);
+        for ev in &moved {
+            self.log_write("renumbered event", |l| l.append_event(ev));
+        }
+        moved.len()
+    }
+
     /// See [`Spool::skip_to`]; recorded in the log as an ack.
     pub fn skip_to(&self, through: u64) {
         let mut sp = self.lock();
@@ -717,11 +763,35 @@ mod tests {
         drop(sp);
         s.push(ev("e"));
         assert_eq!(s.lock().last_seq(), 5);
-        // The collector knows more than the log (a power loss): continue after it.
-        s.skip_to(9);
-        assert!(s.lock().is_empty());
+        // The collector holds more than the log (a power loss took acknowledged frames): the
+        // event pushed since the restart is numbered after the collector's seq, not acked away
+        // (issue 27 #6), as the client does on the first answer.
+        assert_eq!(s.settle(9), 1);
+        s.ack(9);
+        let texts = |s: &SharedSpool| -> Vec<(u64, String)> {
+            decoded(s.lock().unsent(0, 100, 1 << 20))
+                .into_iter()
+                .map(|e| match e.payload {
+                    Some(Payload::DriverLog(d)) => (e.seq, d.text),
+                    other => (e.seq, format!("{other:?}")),
+                })
+                .collect()
+        };
+        assert_eq!(texts(&s), [(10, "e".to_string())]);
+        // Only the first answer after a restart renumbers.
+        assert_eq!(s.settle(20), 0);
         s.push(ev("f"));
-        assert_eq!(s.lock().last_seq(), 10);
+        assert_eq!(s.lock().last_seq(), 11);
+        drop(s);
+        // The log agrees after another restart.
+        let s = open();
+        assert_eq!(texts(&s), [(10, "e".to_string()), (11, "f".to_string())]);
+        // With nothing new since the restart, the spool continues after the collector.
+        s.ack(11);
+        assert_eq!(s.settle(15), 0);
+        s.skip_to(15);
+        s.push(ev("g"));
+        assert_eq!(s.lock().last_seq(), 16);
     }
 
     #[test]
