@@ -235,6 +235,10 @@ struct TrustArgs {
     /// Browser origins /mcp accepts; by default a request carrying any Origin is refused.
     #[arg(long = "mcp-allowed-origin")]
     mcp_allowed_origins: Vec<String>,
+    /// MCP sessions (clients older than protocol 2026-07-28) open at once; past it the least
+    /// recently used is closed. Idle sessions close after 5 minutes.
+    #[arg(long, default_value_t = gpulse_mcp::sessions::DEFAULT_MAX_SESSIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+    mcp_max_sessions: usize,
     /// Server certificate chain (PEM) for TLS on the gRPC and HTTP listeners; re-read when it
     /// changes (cert-manager rotation). Clients then use https:// URLs.
     #[arg(long, env = "GPULSE_TLS_CERT", requires = "tls_key")]
@@ -620,6 +624,7 @@ impl TrustArgs {
                 allowed_hosts: self.mcp_allowed_hosts.clone(),
                 allowed_origins: self.mcp_allowed_origins.clone(),
                 loopback,
+                max_sessions: self.mcp_max_sessions,
             }),
         })
     }

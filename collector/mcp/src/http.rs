@@ -8,11 +8,9 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use rmcp::transport::streamable_http_server::{
-    StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
-};
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 
-use crate::{GpulseMcp, SharedTelemetry};
+use crate::{GpulseMcp, SharedTelemetry, sessions::BoundedSessions};
 
 /// What a bearer check says of a token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +97,8 @@ pub struct HttpOptions {
     /// `127.0.0.1`, `[::1]`, any port) may call `/mcp`, as the MCP security guidance asks;
     /// foreign origins are still refused (DNS rebinding).
     pub loopback: bool,
+    /// Sessions (older clients') open at once; 0: `sessions::DEFAULT_MAX_SESSIONS`.
+    pub max_sessions: usize,
 }
 
 /// Origins of pages on this machine (rmcp matches scheme, host and, with `:*`, any port).
@@ -114,6 +114,14 @@ const LOOPBACK_ORIGINS: [&str; 6] = [
 /// The `/mcp` Tower service (stateless JSON responses for 2026-07-28 clients, sessions for older
 /// ones), wrapped so a missing or wrong bearer token gets 401 before rmcp sees the request.
 pub fn router(api: SharedTelemetry, opts: HttpOptions) -> axum::Router {
+    router_with_sessions(api, opts).0
+}
+
+/// [`router`], and its sessions (tests look at them).
+pub fn router_with_sessions(
+    api: SharedTelemetry,
+    opts: HttpOptions,
+) -> (axum::Router, Arc<BoundedSessions>) {
     let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "::1", "[::1]"]
         .iter()
         .map(|s| s.to_string())
@@ -132,9 +140,14 @@ pub fn router(api: SharedTelemetry, opts: HttpOptions) -> axum::Router {
     } else {
         cfg.with_allowed_origins(origins)
     };
+    let max = match opts.max_sessions {
+        0 => crate::sessions::DEFAULT_MAX_SESSIONS,
+        n => n,
+    };
+    let sessions = Arc::new(BoundedSessions::new(max, crate::sessions::IDLE));
     let svc = StreamableHttpService::new(
         move || Ok(GpulseMcp::new(api.clone())),
-        Arc::new(LocalSessionManager::default()),
+        sessions.clone(),
         cfg,
     );
     let oauth = opts.oauth.clone();
@@ -163,7 +176,7 @@ pub fn router(api: SharedTelemetry, opts: HttpOptions) -> axum::Router {
             .route("/.well-known/oauth-protected-resource", get.clone())
             .route("/.well-known/oauth-protected-resource/mcp", get);
     }
-    router
+    (router, sessions)
 }
 
 /// Who may call `/mcp`: the static token, or whoever `check` admits; anyone when neither is set.
@@ -273,6 +286,63 @@ mod tests {
         }
     }
 
+    /// Issue 27 #11: 20,000 `initialize` calls kept 20,000 sessions (1.5 GB).
+    #[tokio::test]
+    async fn sessions_are_capped_least_recently_used_first() {
+        let (app, sessions) = router_with_sessions(
+            Arc::new(Fake::default()),
+            HttpOptions {
+                max_sessions: 8,
+                ..loopback()
+            },
+        );
+        let mut ids = Vec::new();
+        for _ in 0..30 {
+            let resp = app
+                .clone()
+                .oneshot(
+                    HttpRequest::post("/mcp")
+                        .header("content-type", "application/json")
+                        .header("accept", "application/json, text/event-stream")
+                        .header("host", "127.0.0.1:7701")
+                        .body(Body::from(INIT))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            let id = resp
+                .headers()
+                .get("mcp-session-id")
+                .expect("a session")
+                .to_str()
+                .unwrap()
+                .to_string();
+            ids.push(id);
+            assert!(sessions.open() <= 8, "{} open", sessions.open());
+        }
+        assert_eq!(sessions.open(), 8);
+        assert_eq!(
+            sessions.closed.load(std::sync::atomic::Ordering::Relaxed),
+            22
+        );
+        // The oldest session is gone (404), the newest still answers.
+        let ping = |id: &str| {
+            HttpRequest::post("/mcp")
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .header("host", "127.0.0.1:7701")
+                .header("mcp-session-id", id)
+                .header("mcp-protocol-version", "2025-11-25")
+                .body(Body::from(r#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#))
+                .unwrap()
+        };
+        let old = app.clone().oneshot(ping(&ids[0])).await.unwrap();
+        assert_eq!(old.status(), 404);
+        let new = app.clone().oneshot(ping(&ids[29])).await.unwrap();
+        assert_ne!(new.status(), 404);
+    }
+
     #[tokio::test]
     async fn origins_and_hosts_on_loopback() {
         let host = ("host", "127.0.0.1:7701");
@@ -319,6 +389,7 @@ mod tests {
             loopback: false,
             bearer: None,
             oauth: None,
+            max_sessions: 0,
         };
         let auth = ("authorization", "Bearer a-token-of-at-least-16");
         let host = ("host", "collector.example");

@@ -9,6 +9,8 @@ pub mod complete;
 pub mod http;
 pub mod logging;
 pub mod resources;
+#[cfg(feature = "http")]
+pub mod sessions;
 pub mod source;
 pub mod tools;
 pub mod types;
