@@ -1,6 +1,7 @@
 //! gpulse collector: gRPC ingest from agents, a bounded and durable event store, live
 //! subscribers, and HTTP health/metrics. See docs/architecture.md.
 pub mod auth;
+pub mod conn;
 pub mod filter;
 pub mod gateway;
 pub mod grpc;

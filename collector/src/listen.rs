@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use gpulse_proto::{api::SharedTelemetry, v1::FILE_DESCRIPTOR_SET};
 use prometheus::{IntCounter, IntCounterVec};
 use tokio::net::TcpListener;
-use tonic::transport::server::{Router, TcpIncoming};
+use tonic::transport::server::Router;
 
 use crate::{
     auth::{
@@ -21,13 +21,16 @@ use crate::{
 
 pub type ServerTask<E> = tokio::task::JoinHandle<Result<(), E>>;
 
-/// What both listeners need to know about TLS and stopping.
+/// What both listeners need to know about TLS, connection limits and stopping.
 #[derive(Clone)]
 pub struct Listening {
     pub tls: Option<Arc<Reloading<Configs>>>,
     pub handshake_failures: IntCounter,
     pub keepalive: Duration,
     pub stop: Shutdown,
+    /// The connection limits of each listener (`conn`).
+    pub limits: crate::conn::Limits,
+    pub conn_metrics: crate::conn::ConnMetrics,
 }
 
 /// gRPC reflection (v1 and v1alpha) for the gpulse protocol and gRPC health.
@@ -53,20 +56,40 @@ pub fn reflection() -> anyhow::Result<(
 }
 
 impl Listening {
+    fn gate(&self, which: tls::Listener) -> crate::conn::Gate {
+        let name = match which {
+            tls::Listener::Grpc => "grpc",
+            tls::Listener::Http => "http",
+        };
+        crate::conn::Gate::new(name, self.limits, self.conn_metrics.clone())
+    }
+
     fn accept(
         &self,
         listener: TcpListener,
         which: tls::Listener,
         t: &Arc<Reloading<Configs>>,
-    ) -> tokio::sync::mpsc::Receiver<(
-        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-        SocketAddr,
-    )> {
+    ) -> tokio::sync::mpsc::Receiver<(tls::Conn, SocketAddr)> {
         tls::accept(
             listener,
             Arc::clone(t),
             which,
             self.handshake_failures.clone(),
+            self.gate(which),
+            self.keepalive,
+            self.stop.clone(),
+        )
+    }
+
+    fn accept_plain(
+        &self,
+        listener: TcpListener,
+        which: tls::Listener,
+    ) -> tokio::sync::mpsc::Receiver<(crate::conn::Guarded<tokio::net::TcpStream>, SocketAddr)>
+    {
+        crate::conn::accept_plain(
+            listener,
+            self.gate(which),
             self.keepalive,
             self.stop.clone(),
         )
@@ -86,16 +109,13 @@ impl Listening {
                 tokio::spawn(router.serve_with_incoming_shutdown(tls::grpc_incoming(rx), stopped))
             }
             // The builder's nodelay and keepalive settings apply only to listeners tonic binds
-            // itself: set them on the accepted sockets (without nodelay an ack waited on Nagle
-            // and the peer's delayed ACK, up to 40 ms, and one stream's throughput fell 5x).
-            None => tokio::spawn(
-                router.serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener)
-                        .with_nodelay(Some(true))
-                        .with_keepalive(Some(self.keepalive)),
-                    stopped,
-                ),
-            ),
+            // itself: they are set on the accepted sockets (without nodelay an ack waited on
+            // Nagle and the peer's delayed ACK, up to 40 ms, and one stream's throughput fell
+            // 5x).
+            None => {
+                let rx = self.accept_plain(listener, tls::Listener::Grpc);
+                tokio::spawn(router.serve_with_incoming_shutdown(tls::grpc_incoming(rx), stopped))
+            }
         }
     }
 
@@ -111,21 +131,22 @@ impl Listening {
         match &self.tls {
             Some(t) => {
                 let rx = self.accept(listener, tls::Listener::Http, t);
-                let listener = tls::HttpListener { rx, local };
+                let listener = crate::conn::ChannelListener { rx, local };
                 tokio::spawn(async move {
                     axum::serve(listener, app)
                         .with_graceful_shutdown(stopped)
                         .await
                 })
             }
-            None => tokio::spawn(async move {
-                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                    let _ = tcp.set_nodelay(true);
-                });
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped)
-                    .await
-            }),
+            None => {
+                let rx = self.accept_plain(listener, tls::Listener::Http);
+                let listener = crate::conn::ChannelListener { rx, local };
+                tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                })
+            }
         }
     }
 }

@@ -239,6 +239,16 @@ struct TrustArgs {
     /// recently used is closed. Idle sessions close after 5 minutes.
     #[arg(long, default_value_t = gpulse_mcp::sessions::DEFAULT_MAX_SESSIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
     mcp_max_sessions: usize,
+    /// Connections each listener (gRPC, HTTP) holds; past it new ones are closed at once.
+    #[arg(long, default_value_t = gpulse_collector::conn::DEFAULT_MAX, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    max_connections: usize,
+    /// Connections one IP address holds on each listener (agents open one each).
+    #[arg(long, default_value_t = gpulse_collector::conn::DEFAULT_PER_ADDRESS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    max_connections_per_address: usize,
+    /// A connection that sends and receives nothing for this long is closed (gRPC connections
+    /// carry keep-alive pings every --keepalive-interval, so keep this above it).
+    #[arg(long, default_value = "2m", value_parser = parse_interval)]
+    idle_timeout: std::time::Duration,
     /// Server certificate chain (PEM) for TLS on the gRPC and HTTP listeners; re-read when it
     /// changes (cert-manager rotation). Clients then use https:// URLs.
     #[arg(long, env = "GPULSE_TLS_CERT", requires = "tls_key")]
@@ -440,6 +450,11 @@ async fn run() -> anyhow::Result<Exit> {
     cfg.max_message_bytes = args.max_message_bytes as usize;
     cfg.keepalive_interval = args.keepalive_interval;
     cfg.keepalive_timeout = args.keepalive_timeout;
+    anyhow::ensure!(
+        trust.connections.idle > cfg.keepalive_interval,
+        "--idle-timeout must be longer than --keepalive-interval (pings keep quiet streams open)"
+    );
+    cfg.connections = trust.connections;
     cfg.auth = trust.auth;
     cfg.mcp_oauth = trust.mcp_oauth;
     cfg.tls = trust.tls;
@@ -519,6 +534,7 @@ struct Trust {
     mcp_oauth: Option<OAuthConfig>,
     tls: Option<TlsFiles>,
     mcp: Option<gpulse_mcp::http::HttpOptions>,
+    connections: gpulse_collector::conn::Limits,
 }
 
 impl TrustArgs {
@@ -626,6 +642,11 @@ impl TrustArgs {
                 loopback,
                 max_sessions: self.mcp_max_sessions,
             }),
+            connections: gpulse_collector::conn::Limits {
+                max: self.max_connections,
+                per_address: self.max_connections_per_address,
+                idle: self.idle_timeout,
+            },
         })
     }
 }
@@ -659,6 +680,11 @@ async fn run_gateway(a: GatewayArgs) -> anyhow::Result<Exit> {
     cfg.max_message_bytes = a.max_message_bytes as usize;
     cfg.keepalive_interval = a.keepalive_interval;
     cfg.keepalive_timeout = a.keepalive_timeout;
+    anyhow::ensure!(
+        trust.connections.idle > cfg.keepalive_interval,
+        "--idle-timeout must be longer than --keepalive-interval (pings keep quiet streams open)"
+    );
+    cfg.connections = trust.connections;
     cfg.auth = trust.auth;
     cfg.mcp_oauth = trust.mcp_oauth;
     cfg.tls = trust.tls;

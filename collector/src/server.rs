@@ -31,6 +31,8 @@ pub struct ServerConfig {
     /// `keepalive_interval + keepalive_timeout` instead of staying "connected" forever.
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// Connection limits of both listeners (`conn`).
+    pub connections: crate::conn::Limits,
     /// TLS on both listeners (None: plaintext, for loopback).
     pub tls: Option<TlsFiles>,
     /// How callers authenticate (nothing configured: every call allowed).
@@ -54,6 +56,7 @@ impl ServerConfig {
             mcp: None,
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(20),
+            connections: crate::conn::Limits::default(),
             tls: None,
             auth: AuthConfig::default(),
             mcp_oauth: None,
@@ -189,6 +192,8 @@ pub async fn start(
         handshake_failures: metrics.tls_handshake_failures.clone(),
         keepalive: cfg.keepalive_interval,
         stop: stop_rx.clone(),
+        limits: cfg.connections,
+        conn_metrics: metrics.conns.clone(),
     };
     let grpc = listening.serve_grpc(router, grpc_listener);
     let mut app = http::router(HttpState {

@@ -44,6 +44,13 @@ pub struct Configs {
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most handshakes in progress per listener; connections beyond are closed at once.
 const MAX_HANDSHAKES: usize = 512;
+/// Most handshakes in progress from one address: idle sockets re-opened from one host at
+/// 150-400/s took the listener's slots and let 14-24 % of legitimate handshakes through
+/// (issue 27 #4); now that host waits on its own few slots.
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
+
+/// A TLS connection as the servers see it: the stream inside is gated (`conn`).
+pub type Conn = TlsStream<crate::conn::Guarded<TcpStream>>;
 
 impl TlsFiles {
     fn paths(&self) -> Vec<PathBuf> {
@@ -123,18 +130,24 @@ pub enum Listener {
     Http,
 }
 
-/// Accepts connections on `listener` and hands over those whose handshake completed, with the
-/// configuration in force when each arrived. Ends when `stop` fires.
+/// Accepts connections on `listener` within `gate`'s limits and hands over those whose
+/// handshake completed, with the configuration in force when each arrived. Ends when `stop`
+/// fires.
 pub fn accept(
     listener: TcpListener,
     configs: Arc<Reloading<Configs>>,
     which: Listener,
     failures: IntCounter,
+    gate: crate::conn::Gate,
     keepalive: Duration,
     mut stop: Shutdown,
-) -> mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)> {
+) -> mpsc::Receiver<(Conn, SocketAddr)> {
     let (tx, rx) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let per_address = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        std::net::IpAddr,
+        usize,
+    >::new()));
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -149,21 +162,28 @@ pub fn accept(
                     }
                 },
             };
+            let Some(permit) = gate.admit(peer.ip()) else {
+                continue;
+            };
+            let Some(mine) = HandshakeSlot::take(&per_address, peer.ip()) else {
+                failures.inc();
+                debug!(%peer, "too many TLS handshakes in progress from this address; connection closed");
+                continue;
+            };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 failures.inc();
                 debug!(%peer, "too many TLS handshakes in progress; connection closed");
                 continue;
             };
-            let _ = tcp.set_nodelay(true);
-            let _ = socket2::SockRef::from(&tcp)
-                .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(keepalive));
+            crate::conn::configure(&tcp, keepalive);
             let config = match which {
                 Listener::Grpc => configs.current().grpc.clone(),
                 Listener::Http => configs.current().http.clone(),
             };
             let (tx, failures) = (tx.clone(), failures.clone());
+            let tcp = crate::conn::Guarded::new(tcp, permit);
             tokio::spawn(async move {
-                let _slot = slot;
+                let _slot = (slot, mine);
                 let acceptor = TlsAcceptor::from(config);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
@@ -184,35 +204,49 @@ pub fn accept(
     rx
 }
 
-/// The gRPC server's incoming connections.
-pub fn grpc_incoming(
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-) -> impl futures::Stream<Item = Result<TlsStream<TcpStream>, io::Error>> {
-    use futures::StreamExt as _;
-    tokio_stream::wrappers::ReceiverStream::new(rx).map(|(s, _)| Ok(s))
+/// One of an address's handshake slots; given back when dropped. The table holds only
+/// addresses with handshakes in progress (at most `MAX_HANDSHAKES` plus the refused).
+struct HandshakeSlot {
+    table: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    addr: std::net::IpAddr,
 }
 
-/// The HTTP server's listener (axum).
-pub struct HttpListener {
-    pub rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    pub local: SocketAddr,
+impl HandshakeSlot {
+    fn take(
+        table: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        addr: std::net::IpAddr,
+    ) -> Option<Self> {
+        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.entry(addr).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            table: table.clone(),
+            addr,
+        })
+    }
 }
 
-impl axum::serve::Listener for HttpListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(c) => c,
-            // The accept loop ended (stopping): no more connections.
-            None => std::future::pending().await,
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.addr);
+            }
         }
     }
+}
 
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
-    }
+/// The gRPC server's incoming connections.
+pub fn grpc_incoming<S>(
+    rx: mpsc::Receiver<(S, SocketAddr)>,
+) -> impl futures::Stream<Item = Result<S, io::Error>> {
+    use futures::StreamExt as _;
+    tokio_stream::wrappers::ReceiverStream::new(rx).map(|(s, _)| Ok(s))
 }
 
 /// A TLS client configuration trusting `ca` (a PEM bundle), or the system's roots without one:

@@ -834,10 +834,17 @@ async fn jwks_server(dir: &std::path::Path, jwks: String) -> JwksServer {
         configs,
         tls::Listener::Http,
         prometheus::IntCounter::new("failures", "test").unwrap(),
+        gpulse_collector::conn::Gate::new(
+            "http",
+            gpulse_collector::conn::Limits::default(),
+            gpulse_collector::conn::ConnMetrics::new(&prometheus::Registry::new()).unwrap(),
+        ),
         Duration::from_secs(20),
         gpulse_collector::shutdown::Shutdown::never(),
     );
-    tokio::spawn(async move { axum::serve(tls::HttpListener { rx, local }, app).await });
+    tokio::spawn(async move {
+        axum::serve(gpulse_collector::conn::ChannelListener { rx, local }, app).await
+    });
     JwksServer {
         url: format!("https://127.0.0.1:{}/openid/v1/jwks", local.port()),
         ca: ca_file,

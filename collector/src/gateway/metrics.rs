@@ -28,6 +28,7 @@ pub struct GatewayMetrics {
     pub auth_refused: IntCounterVec,
     pub reloads: IntCounterVec,
     pub tls_handshake_failures: IntCounter,
+    pub conns: crate::conn::ConnMetrics,
 }
 
 impl GatewayMetrics {
@@ -108,6 +109,7 @@ impl GatewayMetrics {
             "TLS handshakes that failed or timed out.",
         )?;
         reg(Box::new(tls_handshake_failures.clone()))?;
+        let conns = crate::conn::ConnMetrics::new(&registry)?;
         for u in upstreams {
             circuit_open.with_label_values(&[u]).set(0);
             subscribe_reconnects.with_label_values(&[u]);
@@ -124,6 +126,7 @@ impl GatewayMetrics {
             auth_refused,
             reloads,
             tls_handshake_failures,
+            conns,
         })
     }
 

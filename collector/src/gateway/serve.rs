@@ -41,6 +41,8 @@ pub struct GatewayConfig {
     pub max_message_bytes: usize,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// Connection limits of both listeners (`conn`).
+    pub connections: crate::conn::Limits,
     pub mcp: Option<gpulse_mcp::http::HttpOptions>,
     pub tls: Option<TlsFiles>,
     pub auth: AuthConfig,
@@ -63,6 +65,7 @@ impl GatewayConfig {
             max_message_bytes: 16 << 20,
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(20),
+            connections: crate::conn::Limits::default(),
             mcp: None,
             tls: None,
             auth: AuthConfig::default(),
@@ -179,6 +182,8 @@ pub async fn start(
         handshake_failures: metrics.tls_handshake_failures.clone(),
         keepalive: cfg.keepalive_interval,
         stop: stop_rx.clone(),
+        limits: cfg.connections,
+        conn_metrics: metrics.conns.clone(),
     };
     let grpc = listening.serve_grpc(router, grpc_listener);
     let mut app = axum::Router::new()

@@ -24,6 +24,8 @@ pub struct Metrics {
     /// Reloads of watched files (TLS, token file), by file and result.
     pub reloads: IntCounterVec,
     pub tls_handshake_failures: IntCounter,
+    /// Connections refused, closed for idling, open (`conn`).
+    pub conns: crate::conn::ConnMetrics,
     /// Batches that waited for a snapshot to make room in a log over its hard limit.
     pub ingest_log_full_waits: IntCounter,
     /// Remote write: samples by result (sent, queue_full, rejected).
@@ -95,6 +97,7 @@ impl Metrics {
             Ok(m)
         };
         Ok(Self {
+            conns: crate::conn::ConnMetrics::new(&registry)?,
             ingest_events: c(
                 "gpulse_ingest_events_total",
                 "Events stored from agents (duplicates excluded).",
