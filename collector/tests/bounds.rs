@@ -277,3 +277,57 @@ async fn answers_stay_within_the_encode_limit() {
         assert!(message_of(&m).len() >= bounds::MAX_TEXT);
     }
 }
+
+/// Opens a stream for `agent` of `node`, takes the Hello answer, and closes it.
+async fn hello_only(h: &Harness, agent: &str, node: &str) -> Result<Ack, tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(v1::Batch {
+        agent_id: agent.into(),
+        node: node.into(),
+        boot_id: "b".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut acks = v1::ingest_client::IngestClient::new(h.channel.clone())
+        .push(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let r = acks
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::unavailable("ended"));
+    drop(tx);
+    while let Ok(Some(_)) = acks.message().await {}
+    r
+}
+
+/// #9: Hello-only agent ids made every later batch rotate the log (their progress filled each
+/// checkpoint): 212 MB of WAL for 24 KB of events. Ids that stored nothing stay out of
+/// checkpoints, and one node holds at most 64 ids.
+#[tokio::test(flavor = "multi_thread")]
+async fn hello_only_agent_ids_neither_grow_the_log_nor_crowd_other_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(store_config(dir.path())).await;
+    let (mut good, _) = AgentStream::open(&h, "good/1", "good").await;
+    good.send(1, vec![log("first")]).await.unwrap();
+    for i in 0..3000 {
+        let _ = hello_only(&h, &format!("evil/{i:05}-{}", "x".repeat(40)), "evil").await;
+    }
+    let before = h.store.status().await.unwrap().wal_bytes;
+    for seq in 2..52 {
+        good.send(seq, vec![log("more")]).await.unwrap();
+    }
+    let after = h.store.status().await.unwrap().wal_bytes;
+    // 50 small events: a few KiB of log, not 50 checkpoints of 3,000 agents (~200 KiB each).
+    assert!(
+        after.saturating_sub(before) < 256 << 10,
+        "the log grew {} bytes for 50 events",
+        after.saturating_sub(before)
+    );
+    let evicted = h.metrics.agent_ids_evicted.get();
+    assert!(evicted >= 3000 - 64 - 64, "{evicted} evicted");
+    // The good node's agent is still known: its resend is a duplicate, not new.
+    let ack = good.send(51, vec![log("more")]).await.unwrap();
+    assert_eq!((ack.through_seq, ack.duplicates), (51, 1));
+}

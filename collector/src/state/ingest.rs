@@ -119,7 +119,10 @@ impl State {
             return Err(StoreError::Failed(e.clone()));
         }
         let received = ptime::now();
-        let entry = self.agents.entry(&batch.agent_id, &batch.node);
+        let entry = self
+            .agents
+            .entry(&batch.agent_id, &batch.node)
+            .map_err(StoreError::Takeover)?;
         let origin = entry.origin(&batch.node);
         let known = entry.progress.through_seq;
         let first = batch.events.first().map_or(0, |w| w.ev.seq);
@@ -203,6 +206,7 @@ impl State {
             e.progress.node.clone_from(&batch.node);
         }
         let durable = Some(self.request_sync(origin, through));
+        self.count_evicted();
         self.rotate_if_due();
         self.truncate_wal();
         Ok(IngestOutcome {

@@ -551,9 +551,18 @@ impl State {
         (self.cfg.agent_retention.min(self.cfg.node_retention) / 4).min(SWEEP_EVERY)
     }
 
+    /// Exports the agent ids forgotten for their node's share since the last call.
+    pub(super) fn count_evicted(&mut self) {
+        let n = std::mem::take(&mut self.agents.evicted);
+        if n > 0 {
+            self.metrics.agent_ids_evicted.inc_by(n);
+        }
+    }
+
     /// Forgets agents and nodes past their retention (`now` in Unix ns). An agent with an open
     /// stream, or a node with one, is never forgotten.
     fn sweep(&mut self, now: i128) {
+        self.count_evicted();
         let agents_gone = self.agents.retire(now, self.cfg.agent_retention);
         let gone = self
             .nodes
@@ -584,16 +593,15 @@ impl State {
                 reply,
             } => {
                 // Only what is on disk: the agent resends the rest (duplicates are dropped).
-                let r = self
-                    .agents
-                    .hello(&agent_id, node, boot_id, peer)
-                    .map_err(|e| {
-                        self.metrics
-                            .ingest_takeover_refused
-                            .with_label_values(&["connected"])
-                            .inc();
-                        StoreError::Takeover(e)
-                    });
+                let r = self.agents.hello(&agent_id, node, boot_id, peer);
+                self.count_evicted();
+                let r = r.map_err(|e| {
+                    self.metrics
+                        .ingest_takeover_refused
+                        .with_label_values(&["connected"])
+                        .inc();
+                    StoreError::Takeover(e)
+                });
                 let _ = reply.send(r);
             }
             Command::Disconnected { agent_id } => self.agents.disconnected(&agent_id),

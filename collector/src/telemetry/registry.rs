@@ -62,6 +62,8 @@ pub struct Metrics {
     pub health_dropped: IntCounterVec,
     pub series_gpus_retired: IntCounter,
     pub agents_retired: IntCounter,
+    /// Agent ids forgotten to keep a node within its share (`state::agents`).
+    pub agent_ids_evicted: IntCounter,
     pub nodes_retired: IntCounter,
     pub snapshots: IntCounterVec,
     pub snapshot_failures: IntCounterVec,
@@ -286,6 +288,10 @@ impl Metrics {
             series_gpus_retired: c(
                 "gpulse_store_series_gpus_retired_total",
                 "GPUs silent for over an hour whose history slot went to a new GPU at --max-gpus.",
+            )?,
+            agent_ids_evicted: c(
+                "gpulse_agent_ids_evicted_total",
+                "Agent ids forgotten because their node reached its share of 64 (the least recently seen disconnected one goes).",
             )?,
             agents_retired: c(
                 "gpulse_agents_retired_total",
