@@ -88,6 +88,7 @@ pub fn status(acc: &mut StatusResponse, r: StatusResponse) {
     acc.wal_bytes += r.wal_bytes;
     acc.samples_out_of_order += r.samples_out_of_order;
     acc.samples_gpus_refused += r.samples_gpus_refused;
+    acc.events_lost_at_recovery += r.events_lost_at_recovery;
     acc.gpus_tracked += r.gpus_tracked;
     if acc.started.is_none() || ts_key(&r.started) < ts_key(&acc.started) {
         acc.started = r.started;

@@ -414,6 +414,8 @@ pub struct State {
     pending_durable: VecDeque<(u64, Arc<Origin>, u64)>,
     /// Set by the first failed fsync: nothing is acknowledged any more.
     failed: Option<String>,
+    /// Events lost to damage found at start-up (`Recovered::events_lost`), for Status.
+    events_lost_at_recovery: u64,
     health: Arc<StoreHealth>,
     last_sweep: Instant,
     agents: Agents,
@@ -456,6 +458,7 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
             .inc();
     }
     metrics.wal_corruptions.inc_by(rec.corruptions as u64);
+    metrics.recovery_events_lost.inc_by(rec.events_lost);
     info!(data_dir = %cfg.data_dir.display(), "store opened");
     let (tx, rx) = mpsc::channel(1024);
     let (snap_tx, snap_rx) = mpsc::channel(4);
@@ -472,6 +475,7 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         write_gen: 0,
         pending_durable: VecDeque::new(),
         failed: None,
+        events_lost_at_recovery: rec.events_lost,
         health: health.clone(),
         last_sweep: Instant::now(),
         rows_at_last_snapshot: rec.series.rows(),
@@ -754,6 +758,7 @@ impl State {
             partial: false,
             shard: self.cfg.shard.clone(),
             upstreams: Default::default(),
+            events_lost_at_recovery: self.events_lost_at_recovery,
         }
     }
 }

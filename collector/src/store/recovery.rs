@@ -30,6 +30,8 @@ pub struct Opened {
     pub counters: Option<(u64, Vec<CounterRow>)>,
     /// Snapshots that were damaged or unreadable (skipped; the log still replays).
     pub damaged: Vec<SnapKind>,
+    /// A damaged events snapshot's (through cursor, event count), from its header.
+    damaged_events: Option<(u64, u64)>,
 }
 
 /// Whether a restored event went back into the event store, or only into the history built
@@ -53,14 +55,19 @@ pub struct Recovered {
     /// Log frames skipped as damaged.
     pub corruptions: usize,
     pub damaged: Vec<SnapKind>,
+    /// Events lost to damage, counted: those of skipped log frames (from the cursors around
+    /// them) and those a damaged events snapshot held that the log did not replay.
+    pub events_lost: u64,
 }
 
 /// Opens the snapshots and the log in `dir`.
 pub fn open(dir: &Path, wal_segment_bytes: u64) -> Result<Opened, WalError> {
     let wal = Wal::replay(dir, wal_segment_bytes)?;
     let mut damaged = Vec::new();
+    let mut damaged_events = None;
     let events = EventsReader::open(dir, EVENTS_FILE).unwrap_or_else(|e| {
-        warn!(error = %e, "events snapshot damaged or unreadable; skipped (the write-ahead log still replays)");
+        damaged_events = snapshot::peek_events_header(dir, EVENTS_FILE);
+        warn!(error = %e, held = damaged_events.map(|(_, n)| n), "events snapshot damaged or unreadable; skipped (the write-ahead log still replays what it holds; the loss is counted after the replay)");
         damaged.push(SnapKind::Events);
         None
     });
@@ -83,6 +90,7 @@ pub fn open(dir: &Path, wal_segment_bytes: u64) -> Result<Opened, WalError> {
         series,
         counters,
         damaged,
+        damaged_events,
     })
 }
 
@@ -164,6 +172,10 @@ struct Restorer {
     series_through: u64,
     restored: u64,
     from_snapshot: u64,
+    /// A damaged events snapshot's through cursor, and the log's events at or below it (what
+    /// of the snapshot's events the log still had).
+    damaged_through: Option<u64>,
+    covered_by_log: u64,
 }
 
 /// Log checkpoints met during the replay: agents' progress and the next cursor.
@@ -211,6 +223,8 @@ impl Restorer {
             series_through,
             restored: 0,
             from_snapshot: 0,
+            damaged_through: None,
+            covered_by_log: 0,
         }
     }
 
@@ -232,6 +246,9 @@ impl Restorer {
             self.from_snapshot += 1;
         } else {
             self.count_log(&ev);
+            if self.damaged_through.is_some_and(|t| ev.cursor <= t) {
+                self.covered_by_log += 1;
+            }
         }
         let history = ev.cursor > self.series_through;
         if !from_snap && ev.cursor <= self.events_through {
@@ -259,6 +276,7 @@ impl Restorer {
         wal_replay: WalReplay,
         cp: Checkpoints,
         damaged: Vec<SnapKind>,
+        snapshot_held: Option<u64>,
     ) -> Result<Recovered, WalError> {
         for p in cp.agents.into_values() {
             merge_progress(&mut self.agents, p);
@@ -273,9 +291,21 @@ impl Restorer {
         let (wal, replay) = wal_replay.finish()?;
         // Frames lost to damage may have carried cursors already handed to subscribers: skip
         // past every cursor they could have held (a frame is at least 9 bytes) so none is reused.
+        let mut events_lost = 0;
         for c in &replay.corruptions {
             next_cursor += c.skipped_bytes / 9 + 1;
-            warn!(segment = %c.segment, offset = c.offset, skipped_bytes = c.skipped_bytes, reason = %c.reason, "WAL damage skipped at start-up");
+            events_lost += c.events_lost.unwrap_or(0);
+            warn!(segment = %c.segment, offset = c.offset, skipped_bytes = c.skipped_bytes, events_lost = c.events_lost, reason = %c.reason, "WAL damage skipped at start-up");
+        }
+        if let Some(held) = snapshot_held {
+            let lost = held.saturating_sub(self.covered_by_log);
+            events_lost += lost;
+            warn!(
+                held,
+                replayed_from_log = self.covered_by_log,
+                events_lost = lost,
+                "events lost with the damaged events snapshot"
+            );
         }
         self.store.skip_to(next_cursor);
         info!(
@@ -285,6 +315,7 @@ impl Restorer {
             agents = self.agents.len(),
             segments = replay.segments,
             corruptions = replay.corruptions.len(),
+            events_lost,
             next_cursor = self.store.next_cursor(),
             sample_gpus = self.series.gpus().len(),
             "store restored from snapshots and write-ahead log"
@@ -298,6 +329,7 @@ impl Restorer {
             agents: self.agents,
             corruptions: replay.corruptions.len(),
             damaged,
+            events_lost,
         })
     }
 }
@@ -317,8 +349,10 @@ impl Opened {
             series: series_snap,
             counters: _,
             mut damaged,
+            damaged_events,
         } = self;
         let mut r = Restorer::new(events_bytes, budgets, events_snap.as_ref(), series_snap);
+        r.damaged_through = damaged_events.map(|(through, _)| through);
         let mut cp = Checkpoints {
             agents: FastMap::default(),
             next_cursor: 1,
@@ -365,7 +399,7 @@ impl Opened {
                 r.place(from_snap, entry, &mut visit);
             }
         }
-        r.finish(wal_replay, cp, damaged)
+        r.finish(wal_replay, cp, damaged, damaged_events.map(|(_, n)| n))
     }
 }
 

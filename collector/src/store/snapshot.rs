@@ -345,6 +345,34 @@ fn open_verified(
     Ok(Some((f, len - 12, which)))
 }
 
+/// What a damaged events snapshot's header says it held: (through cursor, event count), read
+/// without the checksum that failed (None when the header itself is unreadable or implausible).
+/// Recovery counts what was lost with it, instead of saying only that it was skipped.
+pub fn peek_events_header(dir: &Path, name: &str) -> Option<(u64, u64)> {
+    use io::Read;
+    let mut f = File::open(dir.join(name)).ok()?;
+    let len = f.metadata().ok()?.len();
+    let mut head = [0u8; 8 + 8 + 4];
+    f.read_exact(&mut head).ok()?;
+    if ![EVENTS_MAGIC, EVENTS_MAGIC_V1]
+        .iter()
+        .any(|m| head[..8] == m[..])
+    {
+        return None;
+    }
+    let through = u64::from_le_bytes(head[8..16].try_into().ok()?);
+    let cp_len = u64::from(u32::from_le_bytes(head[16..20].try_into().ok()?));
+    if 20 + cp_len + 8 > len {
+        return None;
+    }
+    io::Seek::seek(&mut f, io::SeekFrom::Start(20 + cp_len)).ok()?;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).ok()?;
+    let total = u64::from_le_bytes(n);
+    // Each event takes at least 4 bytes: a count beyond that is damage too.
+    (total.saturating_mul(4) <= len).then_some((through, total))
+}
+
 /// [`decode_series`] straight from `dir/name` (its checksum verified by a first streaming
 /// pass): the file is never held in memory. `Ok(None)` when there is none.
 pub fn read_series(

@@ -63,6 +63,10 @@ pub struct Corruption {
     pub offset: u64,
     pub skipped_bytes: u64,
     pub reason: String,
+    /// Events the skipped bytes held, from the cursors around them (cursors are dense in the
+    /// log); None for the newest segment's tail, whose events no later frame bounds (a crash
+    /// mid-write: they were never acknowledged).
+    pub events_lost: Option<u64>,
 }
 
 /// What replay recovered.
@@ -430,6 +434,14 @@ fn frame(buf: &mut Vec<u8>, ty: u8, payload: &[u8]) {
     buf.extend_from_slice(payload);
 }
 
+/// Where the frame at `off` ends by its length field, if that fits the segment.
+fn frame_end(data: &[u8], off: usize) -> Option<usize> {
+    let h = data.get(off..off + FRAME_HEADER)?;
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    let end = off.checked_add(FRAME_HEADER)?.checked_add(len)?;
+    (len <= MAX_FRAME && end <= data.len()).then_some(end)
+}
+
 /// Reads the frame at `off` of a segment: its items go to `out`, `last` follows the event
 /// cursors. Returns the offset after it, or why the segment's valid part ends here.
 fn read_frame(
@@ -504,6 +516,10 @@ struct Current {
     off: usize,
     last: Option<u64>,
     newest: bool,
+    /// A damaged frame was skipped (its length was plausible): the index of its corruption,
+    /// whose events lost are counted when the next frame reads. A second damaged frame in a
+    /// row ends the segment.
+    resync: Option<usize>,
 }
 
 /// The log being replayed, one segment in memory at a time (see [`Wal::replay`]).
@@ -531,6 +547,7 @@ impl WalReplay {
                     off: 0,
                     last: None,
                     newest: self.names.is_empty(),
+                    resync: None,
                 });
                 Some(())
             }
@@ -553,12 +570,28 @@ impl WalReplay {
         };
         let valid = c.off;
         if let Some(reason) = damage {
-            warn!(segment = %c.path.display(), offset = valid, skipped = c.data.len() - valid, %reason, "damaged WAL frame; skipping the rest of this segment");
+            // A frame skipped just before is part of this damage.
+            let (offset, earlier) = match c.resync {
+                Some(i) if i + 1 == self.summary.corruptions.len() => {
+                    let p = self.summary.corruptions.remove(i);
+                    (p.offset, p.skipped_bytes)
+                }
+                _ => (valid as u64, 0),
+            };
+            // Everything up to the next segment's first cursor was in the bytes cut.
+            let last = c.last.unwrap_or(c.first_cursor.saturating_sub(1));
+            let events_lost = self
+                .names
+                .front()
+                .map(|(next, _)| next.saturating_sub(last + 1));
+            let skipped = (c.data.len() - valid) as u64 + earlier;
+            warn!(segment = %c.path.display(), offset, skipped_bytes = skipped, events_lost, %reason, "damaged WAL frame; skipping the rest of this segment");
             self.summary.corruptions.push(Corruption {
                 segment: c.path.display().to_string(),
-                offset: valid as u64,
-                skipped_bytes: (c.data.len() - valid) as u64,
+                offset,
+                skipped_bytes: skipped,
                 reason,
+                events_lost,
             });
             if c.newest {
                 let cut = OpenOptions::new()
@@ -596,9 +629,38 @@ impl WalReplay {
             self.close_current(None);
             return true;
         }
+        let before = self.pending.len();
+        let last_before = c.last;
         match read_frame(&c.data, c.off, &mut self.pending, &mut c.last) {
-            Ok(next) => c.off = next,
-            Err(reason) => self.close_current(Some(reason)),
+            Ok(next) => {
+                c.off = next;
+                if let Some(i) = c.resync.take()
+                    && let Some(Replayed::Event(first, _)) = self.pending.get(before)
+                    && let Some(k) = self.summary.corruptions.get_mut(i)
+                {
+                    let last = last_before.unwrap_or(c.first_cursor.saturating_sub(1));
+                    let lost = first.cursor.saturating_sub(last + 1);
+                    k.events_lost = Some(lost);
+                    warn!(segment = %k.segment, offset = k.offset, skipped_bytes = k.skipped_bytes, events_lost = lost, reason = %k.reason, "damaged WAL frame skipped; replay goes on after it");
+                }
+            }
+            Err(reason) => match frame_end(&c.data, c.off) {
+                // One damaged frame whose length still fits the segment, in the middle of it
+                // (issue 27 #13: a flipped byte dropped the whole segment, 3,000 events): skip
+                // it, go on, and count its events from the cursors around it.
+                Some(end) if c.resync.is_none() && end < c.data.len() => {
+                    self.summary.corruptions.push(Corruption {
+                        segment: c.path.display().to_string(),
+                        offset: c.off as u64,
+                        skipped_bytes: (end - c.off) as u64,
+                        reason,
+                        events_lost: None,
+                    });
+                    c.resync = Some(self.summary.corruptions.len() - 1);
+                    c.off = end;
+                }
+                _ => self.close_current(Some(reason)),
+            },
         }
         true
     }
@@ -825,6 +887,54 @@ mod tests {
             r.corruptions[0].reason.contains("checksum")
                 || r.corruptions[0].reason.contains("length")
         );
+    }
+
+    /// Issue 27 #13: one flipped byte dropped the whole segment (3,000 events), reported in
+    /// bytes. Now the one damaged frame is skipped, the rest replays, and the loss is counted in
+    /// events from the cursors around it.
+    #[test]
+    fn a_damaged_frame_mid_segment_loses_only_its_events_and_counts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = Wal::open(dir.path(), 64 << 20).unwrap();
+        let batch = |first: u64| (first..first + 1000).collect::<Vec<u64>>();
+        append(&mut w, &batch(1));
+        let second = fs::metadata(dir.path().join(seg_name(1))).unwrap().len() as usize;
+        append(&mut w, &batch(1001));
+        append(&mut w, &batch(2001));
+        drop(w);
+        let seg = dir.path().join(seg_name(1));
+        let mut data = fs::read(&seg).unwrap();
+        data[second + FRAME_HEADER + 500] ^= 0xff; // inside the second frame's payload
+        fs::write(&seg, &data).unwrap();
+        let (_, r) = Wal::open(dir.path(), 64 << 20).unwrap();
+        let cursors: Vec<u64> = r.events.iter().map(|e| e.cursor).collect();
+        assert_eq!(cursors, [batch(1), batch(2001)].concat());
+        assert_eq!(r.corruptions.len(), 1);
+        assert_eq!(r.corruptions[0].events_lost, Some(1000));
+        assert_eq!(r.corruptions[0].offset as usize, second);
+    }
+
+    /// Damage that ends an older segment counts its events up to the next segment's first
+    /// cursor; a torn tail of the newest one is not counted (never acknowledged).
+    #[test]
+    fn a_damaged_older_segment_counts_up_to_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = Wal::open(dir.path(), 100).unwrap();
+        append(&mut w, &[1, 2, 3]);
+        append(&mut w, &[4, 5, 6]);
+        assert!(w.maybe_rotate(7, &StoreCheckpoint::default()).unwrap());
+        append(&mut w, &[7, 8]);
+        drop(w);
+        let seg = dir.path().join(seg_name(1));
+        let mut data = fs::read(&seg).unwrap();
+        let n = data.len();
+        data[n - 3] ^= 0xff; // the last frame of the older segment
+        fs::write(&seg, &data).unwrap();
+        let (_, r) = Wal::open(dir.path(), 100).unwrap();
+        let cursors: Vec<u64> = r.events.iter().map(|e| e.cursor).collect();
+        assert_eq!(cursors, [1, 2, 3, 7, 8]);
+        assert_eq!(r.corruptions.len(), 1);
+        assert_eq!(r.corruptions[0].events_lost, Some(3));
     }
 
     #[test]

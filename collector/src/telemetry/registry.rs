@@ -41,6 +41,8 @@ pub struct Metrics {
     pub ring_expired: IntCounterVec,
     pub wal_bytes: IntGauge,
     pub wal_corruptions: IntCounter,
+    /// Events lost to damaged log frames or a damaged events snapshot, counted at start-up.
+    pub recovery_events_lost: IntCounter,
     pub subscribers: IntGauge,
     pub subscriber_dropped: IntCounter,
     pub subscriber_lag_notices: IntCounter,
@@ -207,6 +209,10 @@ impl Metrics {
             wal_bytes: g(
                 "gpulse_store_wal_bytes",
                 "Bytes in write-ahead log segments.",
+            )?,
+            recovery_events_lost: c(
+                "gpulse_store_recovery_events_lost_total",
+                "Events lost to damage found at start-up: skipped log frames (counted from the cursors around them) and a damaged events snapshot's events the log did not hold.",
             )?,
             wal_corruptions: c(
                 "gpulse_store_wal_corruptions_total",

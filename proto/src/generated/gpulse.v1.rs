@@ -1352,6 +1352,10 @@ pub struct StatusResponse {
     pub cluster: ::prost::alloc::string::String,
     #[prost(string, tag = "21")]
     pub shard: ::prost::alloc::string::String,
+    /// Events lost to damage found at the last start-up: skipped log frames (counted from the
+    /// cursors around them) and a damaged events snapshot's events the log did not hold.
+    #[prost(uint64, tag = "22")]
+    pub events_lost_at_recovery: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
