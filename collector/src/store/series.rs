@@ -311,6 +311,11 @@ pub struct SeriesStore {
     rejected_gpus: u64,
     retired_gpus: u64,
     restarted: u64,
+    /// No tracked GPU can be stale (see [`SeriesStore::retire_stale`]) at or before this time
+    /// (ms): set by a scan that found none, cleared when the set of GPUs changes. At the GPU cap
+    /// every refused sample scanned every GPU (a 10k-sample batch held the state task for
+    /// seconds, issue 27 #12); now one scan answers until the oldest GPU could be stale.
+    none_stale_until: i64,
     /// Decoded timestamp columns of recently read chunks, keyed by (GPU, chunk start): every
     /// metric of a chunk shares them, so a query over many metrics decodes them once. Bounded
     /// (cleared when full); chunks never change, and a GPU's chunk starts are unique.
@@ -343,6 +348,7 @@ impl SeriesStore {
             rejected_gpus: 0,
             retired_gpus: 0,
             restarted: 0,
+            none_stale_until: i64::MIN,
             ts_cache: RefCell::new(FastMap::default()),
         }
     }
@@ -388,6 +394,7 @@ impl SeriesStore {
                 let fresh = GpuSeries::new(node.clone(), index, uuid.to_string(), self.metrics);
                 let id = if self.gpus.len() < self.budgets.max_gpus {
                     self.gpus.push(fresh);
+                    self.none_stale_until = i64::MIN;
                     self.bytes[0] += GPU_OVERHEAD;
                     (self.gpus.len() - 1) as GpuId
                 } else if let Some(id) = self.retire_stale(ts_ms) {
@@ -459,14 +466,21 @@ impl SeriesStore {
     /// more than [`RETIRE_AFTER_MS`] before `now_ms` (a GPU gone from the fleet must not keep a
     /// new one out). Its history goes with it. None while every tracked GPU is recent.
     fn retire_stale(&mut self, now_ms: i64) -> Option<GpuId> {
+        // A GPU's latest sample time only grows (older samples are refused or start a new
+        // series), so the oldest one bounds when any could be stale.
+        if now_ms <= self.none_stale_until {
+            return None;
+        }
         let (id, g) = self
             .gpus
             .iter()
             .enumerate()
             .min_by_key(|(_, g)| g.last_ms)?;
         if g.last_ms >= now_ms.saturating_sub(RETIRE_AFTER_MS) {
+            self.none_stale_until = g.last_ms.saturating_add(RETIRE_AFTER_MS);
             return None;
         }
+        self.none_stale_until = i64::MIN;
         let id = id as GpuId;
         let g = &self.gpus[id as usize];
         self.bytes[0] -= head_bytes(g) + g.chunks.iter().map(Chunk::bytes).sum::<usize>();
@@ -862,6 +876,39 @@ mod tests {
             s.push("newer", 0, "GPU-newer", later + 700_001, &row(1)),
             Err(Rejected::TooManyGpus)
         );
+    }
+
+    /// Issue 27 #12: at the cap, every refused sample scanned every GPU for a stale one. One
+    /// scan now answers until the oldest GPU could be stale, and a GPU that becomes stale is
+    /// still retired then.
+    #[test]
+    fn refusals_at_the_cap_do_not_rescan_and_stale_gpus_still_retire() {
+        let n = 20_000u32;
+        let budgets = SeriesBudgets {
+            raw: 64 << 20,
+            minute: 1 << 20,
+            hour: 1 << 20,
+            max_gpus: n as usize,
+        };
+        let mut s = SeriesStore::new(3, budgets);
+        let t0 = 1_764_000_000_000;
+        for i in 0..n {
+            s.push("full", i, "", t0 + i64::from(i), &row(1)).unwrap();
+        }
+        let started = std::time::Instant::now();
+        for i in 0..n {
+            assert_eq!(
+                s.push("late", i, "", t0 + 60_000, &row(1)),
+                Err(Rejected::TooManyGpus)
+            );
+        }
+        // A guard with a wide margin (20,000 x 20,000 GPUs scanned took far longer).
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        // Once the oldest GPU is past the retire age, a new one takes its slot.
+        let later = t0 + RETIRE_AFTER_MS + 1;
+        s.push("late", 0, "", later, &row(1)).unwrap();
+        assert_eq!(s.retired_gpus(), 1);
+        assert!(s.gpus().iter().any(|g| &*g.node == "late"));
     }
 
     /// More GPUs than the raw budget holds heads for: heads are sealed early and chunks

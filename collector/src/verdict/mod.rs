@@ -123,10 +123,15 @@ struct NodeBoot {
 }
 
 /// The pre-images of what one batch's judgement touched, to undo it when the write fails.
+/// Looked up by key through the indexes: a batch of 10,000 XIDs on distinct GPUs searched the
+/// list for each (O(touched^2): the state task held 2-3 s, issue 27 #12).
 #[derive(Default)]
 struct Journal {
     gpus: Vec<(Key, Option<GpuEntry>)>,
+    /// node -> PCI address -> position in `gpus` (looked up by borrowed strings).
+    gpu_index: FastMap<String, FastMap<String, usize>>,
     nodes: Vec<(String, Option<NodeBoot>)>,
+    node_index: std::collections::HashSet<String>,
 }
 
 #[derive(Default)]
@@ -171,19 +176,24 @@ impl Engine {
         for (ev, cursor) in events {
             self.observe(node, ev, cursor);
         }
-        let touched: Vec<Key> = self
+        let touched: Vec<(Key, (i32, bool))> = self
             .journal
             .as_ref()
-            .map(|j| j.gpus.iter().map(|(k, _)| k.clone()).collect())
+            .map(|j| {
+                j.gpus
+                    .iter()
+                    .map(|(k, e)| {
+                        let before = e
+                            .as_ref()
+                            .map(|e| (e.rec.state, is_plain(e)))
+                            .unwrap_or((HealthState::Healthy as i32, true));
+                        (k.clone(), before)
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         let mut out = Vec::new();
-        for key in touched {
-            let (before, was_plain) = self
-                .journal
-                .as_ref()
-                .and_then(|j| j.gpus.iter().find(|(k, _)| *k == key))
-                .and_then(|(_, e)| e.as_ref().map(|e| (e.rec.state, is_plain(e))))
-                .unwrap_or((HealthState::Healthy as i32, true));
+        for (key, (before, was_plain)) in touched {
             let Some(e) = self.gpus.get_mut(&key.0, &key.1) else {
                 continue;
             };
@@ -248,18 +258,25 @@ impl Engine {
 
     /// Remembers the pre-image of a GPU's entry the first time a judged batch touches it.
     fn touch(&mut self, node: &str, pci: &str) {
-        if let Some(j) = &mut self.journal
-            && !j.gpus.iter().any(|((n, p), _)| n == node && p == pci)
-        {
+        if let Some(j) = &mut self.journal {
+            if j.gpu_index.get(node).is_some_and(|m| m.contains_key(pci)) {
+                return;
+            }
             let before = self.gpus.get(node, pci).cloned();
+            let at = j.gpus.len();
+            j.gpu_index
+                .entry(node.to_string())
+                .or_default()
+                .insert(pci.to_string(), at);
             j.gpus.push(((node.to_string(), pci.to_string()), before));
         }
     }
 
     fn touch_node(&mut self, node: &str) {
         if let Some(j) = &mut self.journal
-            && !j.nodes.iter().any(|(n, _)| n == node)
+            && !j.node_index.contains(node)
         {
+            j.node_index.insert(node.to_string());
             j.nodes
                 .push((node.to_string(), self.nodes.get(node).cloned()));
         }
