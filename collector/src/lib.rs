@@ -16,6 +16,7 @@ pub mod recycle;
 pub mod reload;
 pub mod remote_write;
 pub mod server;
+pub mod share;
 pub mod shutdown;
 pub mod size;
 pub mod state;

@@ -376,3 +376,114 @@ async fn a_damaged_events_snapshot_counts_the_events_it_lost() {
     assert_eq!(kept + lost, total, "kept {kept} + lost {lost}");
     assert_eq!(h.metrics.recovery_events_lost.get(), lost);
 }
+
+fn xid_on(code: u32, pci: &str) -> v1::Event {
+    let mut x = xid(code, "xid");
+    if let Some(Payload::Xid(p)) = &mut x.payload {
+        p.pci = pci.into();
+    }
+    x
+}
+
+fn sample_on(index: u32, pci: &str) -> v1::Event {
+    v1::Event {
+        kind: v1::EventKind::GpuSample as i32,
+        time: Some(gpulse_proto::time::now()),
+        payload: Some(Payload::GpuSample(v1::GpuSample {
+            index,
+            uuid: format!("GPU-{index}"),
+            pci: pci.into(),
+            gpu_util_pct: Some(50),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// #3: one node filled the fleet-wide tables (verdicts, XID counter series, sample history),
+/// and a new GPU on another node got XID 79 with no verdict, no counter series and no history.
+/// Each node now has a share of each table; what it sends past it is refused for it alone and
+/// counted by node.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_node_at_its_share_never_displaces_another_nodes_gpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = store_config(dir.path());
+    cfg.verdict.max_gpus = 300;
+    cfg.series.max_gpus = 300;
+    let h = start(cfg).await;
+    let pci = |i: u32| format!("0000:{:02x}:{:02x}.0", i / 32, i % 32);
+    let (mut evil, _) = AgentStream::open(&h, "evil/1", "evil").await;
+    let mut seq = 1;
+    // 1,000 GPUs x 5 codes of XIDs (5,000 counter series), and a sample of each GPU.
+    for code in [79u32, 48, 63, 64, 94] {
+        for chunk in 0..2u32 {
+            let evs: Vec<v1::Event> = (chunk * 500..chunk * 500 + 500)
+                .map(|i| xid_on(code, &pci(i)))
+                .collect();
+            let n = evs.len() as u64;
+            evil.send(seq, evs).await.unwrap();
+            seq += n;
+        }
+    }
+    let evs: Vec<v1::Event> = (0..1000).map(|i| sample_on(i, &pci(i))).collect();
+    evil.send(seq, evs).await.unwrap();
+
+    let (mut good, _) = AgentStream::open(&h, "good/1", "good").await;
+    good.send(
+        1,
+        vec![sample_on(0, "0000:3b:00.0"), xid_on(79, "0000:3b:00.0")],
+    )
+    .await
+    .unwrap();
+
+    // The good node's GPU has its verdict...
+    let mut c = gpulse_proto::v1::telemetry_client::TelemetryClient::new(h.channel.clone());
+    let health = c
+        .gpu_health(v1::GpuHealthRequest {
+            node: "good".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.unhealthy, 1, "{health:?}");
+    // ... its XID counter series ...
+    let text = h.metrics.render().unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("gpulse_xid_events_total{") && l.contains("node=\"good\"")),
+        "no counter series for the good node"
+    );
+    // ... and its history.
+    let trend = c
+        .trend(v1::TrendRequest {
+            metric: "gpu_util_pct".into(),
+            window: Some(TimeWindow {
+                since: "1h".into(),
+                ..Default::default()
+            }),
+            nodes: vec!["good".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!trend.series.is_empty(), "no history for the good node");
+    // The evil node holds its share, and what it sent past it is counted against it.
+    use gpulse_collector::share::{COUNTER_SERIES_PER_NODE, GPUS_PER_NODE, table};
+    let share = &h.metrics.share;
+    // Five XIDs and one sample of each GPU past the share.
+    assert_eq!(
+        share.get("evil", table::VERDICTS),
+        6 * (1000 - GPUS_PER_NODE as u64)
+    );
+    assert_eq!(
+        share.get("evil", table::SAMPLES),
+        1000 - GPUS_PER_NODE as u64
+    );
+    assert_eq!(
+        share.get("evil", table::XID_COUNTERS),
+        5000 - COUNTER_SERIES_PER_NODE as u64
+    );
+    assert_eq!(share.get("good", table::VERDICTS), 0);
+}

@@ -442,6 +442,7 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
     };
     let mut nodes = Nodes::default();
     let mut verdict = crate::verdict::Engine::new(cfg.verdict);
+    verdict.count_share_refusals(metrics.share.clone());
     let rec = opened.replay(cfg.events_bytes, cfg.series, |ev, how| {
         if ev.cursor > counters_through {
             counters.count(&metrics, &ev);
@@ -498,6 +499,9 @@ pub fn start(cfg: StoreConfig, metrics: Metrics) -> Result<StoreHandle, anyhow::
         counters,
         verdict,
     };
+    state
+        .series
+        .count_share_refusals(state.metrics.share.clone());
     state.truncate_wal();
     state.publish_store_gauges();
     tokio::spawn(state.run(rx));

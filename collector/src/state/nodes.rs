@@ -18,7 +18,7 @@ use crate::{
 
 /// Most nodes and GPUs per node remembered for `Nodes` (a node has at most a few dozen GPUs).
 const MAX_NODES: usize = 100_000;
-const MAX_GPUS_PER_NODE: usize = 256;
+const MAX_GPUS_PER_NODE: usize = crate::share::GPUS_PER_NODE;
 const HOUR_NS: i128 = 3_600_000_000_000;
 
 #[derive(Default)]

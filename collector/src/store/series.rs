@@ -284,6 +284,8 @@ pub enum Rejected {
     OutOfOrder,
     /// The store already tracks `max_gpus` GPUs.
     TooManyGpus,
+    /// The GPU's node already holds its share (`share::GPUS_PER_NODE`).
+    NodeShare,
 }
 
 pub type GpuId = u32;
@@ -316,6 +318,8 @@ pub struct SeriesStore {
     /// every refused sample scanned every GPU (a 10k-sample batch held the state task for
     /// seconds, issue 27 #12); now one scan answers until the oldest GPU could be stale.
     none_stale_until: i64,
+    /// Counts GPUs refused past their node's share (None: counted nowhere).
+    share: Option<crate::share::ShareRefusals>,
     /// Decoded timestamp columns of recently read chunks, keyed by (GPU, chunk start): every
     /// metric of a chunk shares them, so a query over many metrics decodes them once. Bounded
     /// (cleared when full); chunks never change, and a GPU's chunk starts are unique.
@@ -349,12 +353,18 @@ impl SeriesStore {
             retired_gpus: 0,
             restarted: 0,
             none_stale_until: i64::MIN,
+            share: None,
             ts_cache: RefCell::new(FastMap::default()),
         }
     }
 
     pub fn metrics(&self) -> usize {
         self.metrics
+    }
+
+    /// Where GPUs refused past their node's share are counted.
+    pub fn count_share_refusals(&mut self, share: crate::share::ShareRefusals) {
+        self.share = Some(share);
     }
 
     fn bucket_row_bytes(&self) -> usize {
@@ -390,6 +400,14 @@ impl SeriesStore {
         let id = match known {
             Some(id) => id,
             None => {
+                // A node past its share never takes a slot another node's GPU could have.
+                if self.by_node.get(node).map_or(0, |m| m.len()) >= crate::share::GPUS_PER_NODE {
+                    self.rejected_gpus += 1;
+                    if let Some(s) = &self.share {
+                        s.refused(node, crate::share::table::SAMPLES, 1);
+                    }
+                    return Err(Rejected::NodeShare);
+                }
                 let node: Arc<str> = Arc::from(node);
                 let fresh = GpuSeries::new(node.clone(), index, uuid.to_string(), self.metrics);
                 let id = if self.gpus.len() < self.budgets.max_gpus {
@@ -893,12 +911,15 @@ mod tests {
         let mut s = SeriesStore::new(3, budgets);
         let t0 = 1_764_000_000_000;
         for i in 0..n {
-            s.push("full", i, "", t0 + i64::from(i), &row(1)).unwrap();
+            let node = format!("full-{}", i / 8);
+            s.push(&node, i % 8, "", t0 + i64::from(i), &row(1))
+                .unwrap();
         }
         let started = std::time::Instant::now();
         for i in 0..n {
+            let node = format!("late-{}", i / 8);
             assert_eq!(
-                s.push("late", i, "", t0 + 60_000, &row(1)),
+                s.push(&node, i % 8, "", t0 + 60_000, &row(1)),
                 Err(Rejected::TooManyGpus)
             );
         }
@@ -906,9 +927,33 @@ mod tests {
         assert!(started.elapsed() < std::time::Duration::from_secs(10));
         // Once the oldest GPU is past the retire age, a new one takes its slot.
         let later = t0 + RETIRE_AFTER_MS + 1;
-        s.push("late", 0, "", later, &row(1)).unwrap();
+        s.push("late-0", 0, "", later, &row(1)).unwrap();
         assert_eq!(s.retired_gpus(), 1);
-        assert!(s.gpus().iter().any(|g| &*g.node == "late"));
+        assert!(s.gpus().iter().any(|g| &*g.node == "late-0"));
+    }
+
+    /// Issue 27 #3: a node past its share of GPUs is refused for itself; another node's new
+    /// GPU still gets a slot.
+    #[test]
+    fn a_node_past_its_share_leaves_room_for_others() {
+        let budgets = SeriesBudgets {
+            raw: 8 << 20,
+            minute: 1 << 20,
+            hour: 1 << 20,
+            max_gpus: crate::share::GPUS_PER_NODE + 10,
+        };
+        let mut s = SeriesStore::new(3, budgets);
+        let t0 = 1_764_000_000_000;
+        for i in 0..1000u32 {
+            let r = s.push("evil", i, "", t0, &row(1));
+            if (i as usize) < crate::share::GPUS_PER_NODE {
+                r.unwrap();
+            } else {
+                assert_eq!(r, Err(Rejected::NodeShare));
+            }
+        }
+        s.push("good", 0, "", t0, &row(1)).unwrap();
+        assert_eq!(s.gpus().len(), crate::share::GPUS_PER_NODE + 1);
     }
 
     /// More GPUs than the raw budget holds heads for: heads are sealed early and chunks
@@ -928,7 +973,9 @@ mod tests {
         let vals: Vec<f64> = (0..metrics).map(|m| m as f64).collect();
         for i in 0..100i64 {
             for gpu in 0..4000u32 {
-                s.push("n", gpu, "", t0 + i * 1000, &vals).unwrap();
+                // 8 GPUs a node: a node's share is far above that.
+                let node = format!("n{}", gpu / 8);
+                s.push(&node, gpu % 8, "", t0 + i * 1000, &vals).unwrap();
             }
         }
         let raw = s.tier_stats(Tier::Raw).bytes;

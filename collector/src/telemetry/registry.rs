@@ -26,6 +26,8 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounter,
     /// Connections refused, closed for idling, open (`conn`).
     pub conns: crate::conn::ConnMetrics,
+    /// Entries refused past a node's share of a fleet-wide table (`share`).
+    pub share: crate::share::ShareRefusals,
     /// Batches that waited for a snapshot to make room in a log over its hard limit.
     pub ingest_log_full_waits: IntCounter,
     /// Remote write: samples by result (sent, queue_full, rejected).
@@ -102,6 +104,11 @@ impl Metrics {
         };
         Ok(Self {
             conns: crate::conn::ConnMetrics::new(&registry)?,
+            share: crate::share::ShareRefusals::new(cv(
+                "gpulse_node_share_refused_total",
+                "GPUs, sample histories or XID counter series a node sent past its share of a fleet-wide table (256 GPUs, 4096 counter series per node): refused for that node only.",
+                &["node", "table"],
+            )?),
             ingest_events: c(
                 "gpulse_ingest_events_total",
                 "Events stored from agents (duplicates excluded).",

@@ -21,6 +21,8 @@ pub const SXID: u8 = 2;
 #[derive(Default)]
 pub struct Counters {
     totals: HashMap<(u8, Vec<String>), u64>,
+    /// Series per node (the node's share, `share::COUNTER_SERIES_PER_NODE`).
+    per_node: HashMap<String, usize>,
     /// Increments refused by the cardinality bound.
     pub dropped: u64,
 }
@@ -64,10 +66,24 @@ impl Counters {
     }
 
     fn add(&mut self, metrics: &Metrics, key: (u8, Vec<String>), n: u64) {
-        if !self.totals.contains_key(&key) && self.totals.len() >= MAX_SERIES {
-            self.dropped += n;
-            metrics.counter_series_dropped.inc_by(n);
-            return;
+        let node = key.1.first().map_or("", String::as_str);
+        if !self.totals.contains_key(&key) {
+            if self.per_node.get(node).copied().unwrap_or(0)
+                >= crate::share::COUNTER_SERIES_PER_NODE
+            {
+                self.dropped += n;
+                metrics.counter_series_dropped.inc_by(n);
+                metrics
+                    .share
+                    .refused(node, crate::share::table::XID_COUNTERS, n);
+                return;
+            }
+            if self.totals.len() >= MAX_SERIES {
+                self.dropped += n;
+                metrics.counter_series_dropped.inc_by(n);
+                return;
+            }
+            *self.per_node.entry(node.to_string()).or_default() += 1;
         }
         let refs: Vec<&str> = key.1.iter().map(String::as_str).collect();
         match key.0 {

@@ -140,6 +140,8 @@ pub struct Engine {
     gpus: Gpus,
     nodes: FastMap<String, NodeBoot>,
     journal: Option<Journal>,
+    /// Counts GPUs refused past their node's share (None: counted nowhere, e.g. in tests).
+    share: Option<crate::share::ShareRefusals>,
     /// GPUs not judged because the table was full.
     pub dropped_gpus: u64,
 }
@@ -246,7 +248,10 @@ impl Engine {
         if let Some(Payload::GpuHealth(h)) = &ev.payload {
             if let Some(rec) = &h.record {
                 let known = self.gpus.get(&rec.node, &rec.pci).is_some();
-                if known || self.gpus.len < self.cfg.max_gpus {
+                if known
+                    || (self.gpus.len < self.cfg.max_gpus
+                        && self.node_gpus(&rec.node) < crate::share::GPUS_PER_NODE)
+                {
                     self.gpus
                         .insert(&rec.node, &rec.pci, GpuEntry::restored(rec.clone()));
                 }
@@ -282,9 +287,26 @@ impl Engine {
         }
     }
 
-    /// The entry of a GPU, created when there is room.
+    /// Where GPUs refused past their node's share are counted.
+    pub fn count_share_refusals(&mut self, share: crate::share::ShareRefusals) {
+        self.share = Some(share);
+    }
+
+    /// GPUs of `node` judged now.
+    fn node_gpus(&self, node: &str) -> usize {
+        self.gpus.by_node.get(node).map_or(0, BTreeMap::len)
+    }
+
+    /// The entry of a GPU, created when there is room in the table and in its node's share.
     fn entry(&mut self, node: &str, pci: &str) -> Option<&mut GpuEntry> {
         let known = self.gpus.get(node, pci).is_some();
+        if !known && self.node_gpus(node) >= crate::share::GPUS_PER_NODE {
+            self.dropped_gpus += 1;
+            if let Some(s) = &self.share {
+                s.refused(node, crate::share::table::VERDICTS, 1);
+            }
+            return None;
+        }
         if !known && self.gpus.len >= self.cfg.max_gpus {
             self.dropped_gpus += 1;
             return None;
