@@ -7,7 +7,12 @@
 //!
 //! The kernel and agent parts of the path do not change with TLS, so this measures exactly what
 //! TLS and authentication add. Usage: gpulse-trust-bench [--rounds 3] [--batches 200]
-//! [--batch-events 500] [--latency-samples 500] [--fsync always|never]. No root needed.
+//! [--batch-events 500] [--latency-samples 500] [--fsync always|never] [--baseline BIN]. No
+//! root needed.
+//!
+//! With `--baseline BIN` (a `gpulse-collector` of an earlier build) it compares builds instead:
+//! that binary and this build's, both plaintext, in the same interleaved rounds, so a change's
+//! cost to ingest shows as a ratio measured side by side.
 #![allow(clippy::print_stdout, clippy::print_stderr)] // the report is this program's output
 
 use std::{
@@ -32,6 +37,7 @@ struct Opts {
     batch_events: usize,
     latency_samples: usize,
     fsync: String,
+    baseline: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> anyhow::Result<Opts> {
@@ -41,6 +47,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         batch_events: 500,
         latency_samples: 500,
         fsync: "never".into(),
+        baseline: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -53,6 +60,7 @@ fn parse_args() -> anyhow::Result<Opts> {
                 o.latency_samples = val()?.parse().context("--latency-samples")?
             }
             "--fsync" => o.fsync = val()?,
+            "--baseline" => o.baseline = Some(val()?.into()),
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -74,7 +82,13 @@ struct Target {
     reader: ClientOptions,
 }
 
-fn start(dir: &Path, name: &'static str, tls: bool, fsync: &str) -> anyhow::Result<Target> {
+fn start(
+    dir: &Path,
+    name: &'static str,
+    tls: bool,
+    fsync: &str,
+    binary: Option<&Path>,
+) -> anyhow::Result<Target> {
     let sub = dir.join(name);
     std::fs::create_dir_all(&sub)?;
     let (grpc, http) = (free_port(), free_port());
@@ -128,7 +142,10 @@ fn start(dir: &Path, name: &'static str, tls: bool, fsync: &str) -> anyhow::Resu
     }
     let log = sub.join("collector.log");
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let proc = Proc::spawn("gpulse-collector", &argv, &log)?;
+    let proc = match binary {
+        Some(b) => Proc::spawn_path(b, &args, &log)?,
+        None => Proc::spawn("gpulse-collector", &argv, &log)?,
+    };
     wait_serving(&log, Duration::from_secs(20))?;
     let scheme = if tls { "https" } else { "http" };
     Ok(Target {
@@ -283,10 +300,16 @@ async fn latency(
 fn main() -> anyhow::Result<()> {
     let o = parse_args()?;
     let dir = tempfile::tempdir()?;
-    let targets = [
-        start(dir.path(), "plaintext", false, &o.fsync)?,
-        start(dir.path(), "tls+auth", true, &o.fsync)?,
-    ];
+    let targets = match &o.baseline {
+        Some(b) => [
+            start(dir.path(), "baseline", false, &o.fsync, Some(b))?,
+            start(dir.path(), "current", false, &o.fsync, None)?,
+        ],
+        None => [
+            start(dir.path(), "plaintext", false, &o.fsync, None)?,
+            start(dir.path(), "tls+auth", true, &o.fsync, None)?,
+        ],
+    };
     let rt = runtime();
     let mut tput: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     let mut hists: Vec<Histogram<u64>> = (0..targets.len())
@@ -333,6 +356,11 @@ fn main() -> anyhow::Result<()> {
     let cost = 100.0 * (1.0 - med[1] / med[0]);
     let added =
         (hists[1].value_at_quantile(0.5) as f64 - hists[0].value_at_quantile(0.5) as f64) / 1000.0;
-    println!("tls+auth vs plaintext: throughput {cost:+.1} % cost, p50 latency {added:+.3} ms");
+    println!(
+        "{} vs {}: throughput {cost:+.1} % cost (ratio {:.3}), p50 latency {added:+.3} ms",
+        targets[1].name,
+        targets[0].name,
+        med[1] / med[0]
+    );
     Ok(())
 }
