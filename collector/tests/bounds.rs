@@ -487,3 +487,46 @@ async fn one_node_at_its_share_never_displaces_another_nodes_gpus() {
     );
     assert_eq!(share.get("good", table::VERDICTS), 0);
 }
+
+/// #5: a node's latest samples with full process lists made the fleet-wide `Nodes` answer
+/// exceed the encode limit. It is cut to its byte budget instead, every node still listed.
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_answers_fit_whatever_the_nodes_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(store_config(dir.path())).await;
+    let full = |index: u32| {
+        let mut e = sample_on(index, &format!("0000:{:02x}:00.0", index));
+        if let Some(Payload::GpuSample(s)) = &mut e.payload {
+            s.processes = (0..bounds::MAX_PROCESSES as u32)
+                .map(|pid| v1::GpuProcessMemory {
+                    pid: 100_000 + pid,
+                    used_memory_bytes: Some(1 << 30),
+                    r#type: "compute".into(),
+                })
+                .collect();
+        }
+        e
+    };
+    for n in 0..2u32 {
+        let (mut a, _) = AgentStream::open(&h, &format!("big{n}/1"), &format!("big{n}")).await;
+        for chunk in 0..4u32 {
+            let evs = (chunk * 32..chunk * 32 + 32).map(full).collect();
+            a.send(1 + u64::from(chunk) * 32, evs).await.unwrap();
+        }
+    }
+    let mut c = gpulse_proto::v1::telemetry_client::TelemetryClient::new(h.channel.clone());
+    let r = c
+        .nodes(v1::NodesRequest::default())
+        .await
+        .expect("the answer fits")
+        .into_inner();
+    assert!(r.encoded_len() <= 4 << 20);
+    assert_eq!(r.nodes.len(), 2);
+    assert!(r.truncated);
+    assert!(
+        r.hints.iter().any(|h| h.contains("process lists")),
+        "{:?}",
+        r.hints
+    );
+    assert!(r.nodes.iter().all(|n| n.gpus.len() == 128));
+}

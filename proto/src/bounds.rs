@@ -14,6 +14,8 @@
 //! processes, NVLink 5 has 18 links.
 use std::fmt;
 
+use prost::Message as _;
+
 use crate::v1::{self, event::Payload};
 
 /// Largest encoded agent event accepted. Every answer bounds its bytes by construction (pages by
@@ -38,6 +40,51 @@ pub fn fitting<T: prost::Message>(items: &[T], budget: usize) -> usize {
         }
     }
     items.len()
+}
+
+/// Cuts a `Nodes` answer to [`MAX_ANSWER_BYTES`]: every node stays listed, but first the GPU
+/// samples' process lists and then, from the last node by name, the GPU samples themselves are
+/// left out, saying so. A node holds at most 256 GPUs of at most 64 KiB each, so without this a
+/// few nodes with long process lists could make the fleet's answer fail to encode.
+pub fn fit_nodes(r: &mut crate::v1::NodesResponse) {
+    if r.encoded_len() <= MAX_ANSWER_BYTES {
+        return;
+    }
+    let mut stripped = 0usize;
+    for g in r.nodes.iter_mut().flat_map(|n| n.gpus.iter_mut()) {
+        if !g.processes.is_empty() {
+            g.processes = Vec::new();
+            stripped += 1;
+        }
+    }
+    r.truncated = true;
+    if stripped > 0 {
+        r.hints.push(format!(
+            "the process lists of {stripped} GPU samples were left out to keep the answer within {} MiB; ask gpulse processes (Processes) for them",
+            MAX_ANSWER_BYTES >> 20
+        ));
+    }
+    let mut bare = 0usize;
+    let mut len = r.encoded_len();
+    for n in r.nodes.iter_mut().rev() {
+        if len <= MAX_ANSWER_BYTES {
+            break;
+        }
+        if n.gpus.is_empty() {
+            continue;
+        }
+        let before = n.encoded_len();
+        n.gpus = Vec::new();
+        // The node's own bytes shrink, and with them its length prefix.
+        len = len - before + n.encoded_len();
+        bare += 1;
+    }
+    if bare > 0 {
+        r.hints.push(format!(
+            "the GPU samples of {bare} nodes (the last by name) were left out to keep the answer within {} MiB; ask for fewer nodes with a window",
+            MAX_ANSWER_BYTES >> 20
+        ));
+    }
 }
 
 /// Most distinct unknown top-level fields one event may carry (a newer agent adds a few).
@@ -350,6 +397,72 @@ mod tests {
             })),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_nodes_answer_is_cut_to_its_budget_keeping_every_node() {
+        let sample = v1::GpuSample {
+            processes: vec![
+                v1::GpuProcessMemory {
+                    pid: 1,
+                    used_memory_bytes: Some(1 << 30),
+                    r#type: "compute".into(),
+                };
+                MAX_PROCESSES
+            ],
+            name: "n".repeat(MAX_NAME),
+            ..Default::default()
+        };
+        let node = |i: usize| v1::NodeInfo {
+            node: format!("node-{i:04}"),
+            gpus: vec![sample.clone(); 8],
+            ..Default::default()
+        };
+        // 40 nodes x 8 GPUs with full process lists: ~8 MB.
+        let mut r = v1::NodesResponse {
+            nodes: (0..40).map(node).collect(),
+            ..Default::default()
+        };
+        assert!(r.encoded_len() > 4 << 20);
+        fit_nodes(&mut r);
+        assert!(r.encoded_len() <= MAX_ANSWER_BYTES);
+        assert_eq!(r.nodes.len(), 40);
+        assert!(r.truncated && r.hints.len() == 1, "{:?}", r.hints);
+        assert!(r.nodes.iter().all(|n| n.gpus.len() == 8), "samples kept");
+        // 3,000 nodes x 8 bare GPUs with long names: samples of the last nodes go too.
+        let bare = v1::GpuSample {
+            name: "n".repeat(MAX_NAME),
+            uuid: "u".repeat(MAX_NAME),
+            driver_version: "d".repeat(MAX_SHORT),
+            ..Default::default()
+        };
+        let mut r = v1::NodesResponse {
+            nodes: (0..3000)
+                .map(|i| v1::NodeInfo {
+                    node: format!("node-{i:04}"),
+                    gpus: vec![bare.clone(); 8],
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        fit_nodes(&mut r);
+        assert!(r.encoded_len() <= MAX_ANSWER_BYTES);
+        assert_eq!(r.nodes.len(), 3000);
+        assert!(r.nodes[0].gpus.len() == 8 && r.nodes[2999].gpus.is_empty());
+        assert!(
+            r.hints
+                .iter()
+                .any(|h| h.contains("nodes (the last by name)"))
+        );
+        // A small answer is left alone.
+        let mut small = v1::NodesResponse {
+            nodes: (0..3).map(node).collect(),
+            ..Default::default()
+        };
+        let expect = small.clone();
+        fit_nodes(&mut small);
+        assert_eq!(small, expect);
     }
 
     #[test]

@@ -90,6 +90,10 @@ pub async fn run(a: NodesArgs) -> anyhow::Result<()> {
         .await?
         .into_inner();
     let mut out = io::stdout().lock();
+    // An answer cut to its byte budget says what it left out (stderr: stdout stays the data).
+    for h in &r.hints {
+        eprintln!("gpulse: {h}");
+    }
     if a.json {
         for n in &r.nodes {
             writeln!(out, "{}", node_json(n))?;

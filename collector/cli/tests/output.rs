@@ -188,6 +188,8 @@ fn nodes_text_and_json() {
         window: None,
         partial: true,
         upstreams: upstreams(),
+        truncated: false,
+        hints: Vec::new(),
     };
     let mut s = nodes::render_text(&r, "http://127.0.0.1:7700");
     s.push_str(&nodes::render_text(

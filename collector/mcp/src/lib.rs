@@ -225,6 +225,8 @@ mod tests {
                 window: None,
                 partial: Default::default(),
                 upstreams: Default::default(),
+                truncated: false,
+                hints: Vec::new(),
             },
             ..Default::default()
         })
@@ -306,6 +308,8 @@ mod tests {
                     window: None,
                     partial: Default::default(),
                     upstreams: Default::default(),
+                    truncated: false,
+                    hints: Vec::new(),
                 },
                 ..Default::default()
             },

@@ -134,11 +134,15 @@ fn add_tier(a: &mut TierStatus, t: TierStatus) {
 pub struct Nodes {
     map: BTreeMap<(String, String), NodeInfo>,
     window: Option<ResolvedWindow>,
+    truncated: bool,
+    hints: Vec<String>,
 }
 
 impl Nodes {
     pub fn add(&mut self, r: NodesResponse, cluster: &str) {
         window(&mut self.window, r.window);
+        self.truncated |= r.truncated;
+        hints(&mut self.hints, cluster, r.hints);
         for mut n in r.nodes {
             if n.cluster.is_empty() {
                 n.cluster = cluster.to_string();
@@ -169,11 +173,15 @@ impl Nodes {
     }
 
     pub fn finish(self) -> NodesResponse {
-        NodesResponse {
+        let mut r = NodesResponse {
             nodes: self.map.into_values().collect(),
             window: self.window,
+            truncated: self.truncated,
+            hints: self.hints,
             ..Default::default()
-        }
+        };
+        gpulse_proto::bounds::fit_nodes(&mut r);
+        r
     }
 }
 

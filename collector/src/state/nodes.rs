@@ -162,10 +162,12 @@ impl Nodes {
             oldest_data: oldest.map(ptime::from_unix_millis),
             partial: oldest.is_none_or(|o| o > w.start_ms()),
         });
-        Ok(v1::NodesResponse {
+        let mut r = v1::NodesResponse {
             nodes,
             window,
             ..Default::default()
-        })
+        };
+        gpulse_proto::bounds::fit_nodes(&mut r);
+        Ok(r)
     }
 }

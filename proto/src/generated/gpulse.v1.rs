@@ -1658,6 +1658,13 @@ pub struct NodesResponse {
     pub upstreams: ::prost::alloc::vec::Vec<UpstreamStatus>,
     #[prost(bool, tag = "4")]
     pub partial: bool,
+    /// The answer was cut to fit its byte budget (3 MiB): GPU samples' process lists left out
+    /// first, then the GPU samples of the last nodes by name; every node is still listed. The
+    /// hints say what was left out.
+    #[prost(bool, tag = "5")]
+    pub truncated: bool,
+    #[prost(string, repeated, tag = "6")]
+    pub hints: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

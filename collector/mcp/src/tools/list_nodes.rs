@@ -105,6 +105,8 @@ impl GpulseMcp {
                 )
             });
         }
+        // The collector cut its answer to fit (what was left out is said there).
+        hints.extend(r.hints.iter().cloned());
         let page: Vec<NodeRow> = rows.into_iter().skip(offset).take(limit).collect();
         let next = next_offset(offset, page.len(), total);
         let mut out = ListNodes {
@@ -175,6 +177,8 @@ mod tests {
                 window: window(),
                 partial: Default::default(),
                 upstreams: Default::default(),
+                truncated: false,
+                hints: Vec::new(),
             },
             ..Default::default()
         }
