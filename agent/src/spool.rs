@@ -81,6 +81,20 @@ impl Entry {
     }
 }
 
+/// The index of the first entry at or after seq `from` that `pick` takes, and the seq below
+/// which none is (the found entry's, or past every entry when there is none).
+fn first_from(
+    events: &VecDeque<Entry>,
+    from: u64,
+    pick: impl Fn(&Entry) -> bool,
+) -> (Option<usize>, u64) {
+    let start = events.partition_point(|e| e.seq < from);
+    match (start..events.len()).find(|&i| pick(&events[i])) {
+        Some(k) => (Some(k), events[k].seq),
+        None => (None, events.back().map_or(from, |e| e.seq + 1)),
+    }
+}
+
 /// An event handed to the client: its seq and its encoding.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unsent {
@@ -105,6 +119,11 @@ pub struct Spool {
     /// tail (a power loss inside the fsync interval) that the collector already stored: they
     /// are numbered again after the collector's answer ([`Spool::settle`]).
     provisional_after: Option<u64>,
+    /// No event to drop has a seq below these: (unsent samples, unsent events). Each search
+    /// for one starts there, so a full spool does not scan its whole queue per push (a full
+    /// spool without samples looked at every event for a sample on each push: quadratic).
+    /// Reset when `sent_through` goes down or seqs are numbered again.
+    drop_from: (u64, u64),
 }
 
 impl Spool {
@@ -119,6 +138,7 @@ impl Spool {
             dropped: 0,
             samples_shed: 0,
             provisional_after: None,
+            drop_from: (0, 0),
         }
     }
 
@@ -157,6 +177,7 @@ impl Spool {
     pub fn resume_after(&mut self, acked: u64, last_seq: u64) {
         self.ack(acked);
         self.sent_through = self.acked_through;
+        self.drop_from = (0, 0);
         self.next_seq = self.next_seq.max(last_seq + 1).max(acked + 1);
         self.provisional_after = Some(self.next_seq - 1);
     }
@@ -186,6 +207,7 @@ impl Spool {
             out.push(ev);
         }
         self.next_seq = self.next_seq.max(next);
+        self.drop_from = (0, 0);
         out
     }
 
@@ -213,12 +235,18 @@ impl Spool {
             // acknowledged soon or, if the connection drops, unsent again (see rewind_sent).
             let sent = self.sent_through;
             let unsent = |e: &Entry| e.notice.is_none() && e.seq > sent;
+            let sample = |e: &Entry| unsent(e) && e.kind == EventKind::GpuSample as i32;
             // Samples are shed before events.
-            let k = self
-                .events
-                .iter()
-                .position(|e| unsent(e) && e.kind == EventKind::GpuSample as i32)
-                .or_else(|| self.events.iter().position(unsent));
+            let (k, from) = first_from(&self.events, self.drop_from.0, sample);
+            self.drop_from.0 = from.max(self.drop_from.0);
+            let k = match k {
+                Some(k) => Some(k),
+                None => {
+                    let (k, from) = first_from(&self.events, self.drop_from.1, unsent);
+                    self.drop_from.1 = from.max(self.drop_from.1);
+                    k
+                }
+            };
             let Some(k) = k else {
                 break;
             };
@@ -331,6 +359,7 @@ impl Spool {
     /// A new connection resends from `acked`: only what was acknowledged counts as delivered.
     pub fn rewind_sent(&mut self, acked: u64) {
         self.sent_through = acked;
+        self.drop_from = (0, 0);
     }
 
     /// Forgets everything with seq <= `through` (the collector stored it).
@@ -792,6 +821,48 @@ mod tests {
         s.skip_to(15);
         s.push(ev("g"));
         assert_eq!(s.lock().last_seq(), 16);
+    }
+
+    /// Issue 27: a full spool looked at every queued event for a sample to shed on each push
+    /// (quadratic when it holds none). A guard with a wide margin, not a benchmark.
+    #[test]
+    fn a_full_spool_without_samples_pushes_in_linear_time() {
+        let mut s = Spool::new(SpoolLimits {
+            max_bytes: 1 << 30,
+            max_events: 100_000,
+        });
+        let started = std::time::Instant::now();
+        for i in 0..300_000 {
+            s.push(ev(if i % 2 == 0 { "a" } else { "b" }));
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        assert!(s.len() <= 100_000);
+        // Half sent, then a reconnect rewinds: the oldest unsent still go first, notices stay.
+        s.mark_sent(s.last_seq() - 50_000);
+        for _ in 0..10 {
+            s.push(ev("c"));
+        }
+        s.rewind_sent(0);
+        let before = s.len();
+        for _ in 0..10 {
+            s.push(ev("d"));
+        }
+        assert!(s.len() <= before.max(100_000));
+        let got = decoded(s.unsent(0, 200_000, 1 << 30));
+        let gaps: u64 = got
+            .iter()
+            .filter_map(|e| match &e.payload {
+                Some(Payload::Gap(g)) => Some(g.missed),
+                _ => None,
+            })
+            .sum();
+        let events = got
+            .iter()
+            .filter(|e| !matches!(e.payload, Some(Payload::Gap(_))))
+            .count() as u64;
+        // Every pushed event is held or counted in a notice.
+        assert_eq!(events + gaps, 300_020);
+        assert!(got.windows(2).all(|w| w[0].seq < w[1].seq));
     }
 
     #[test]

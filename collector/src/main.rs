@@ -199,6 +199,10 @@ struct GatewayArgs {
     /// How long an open circuit waits before a probe (doubling on each failed probe, up to 30s).
     #[arg(long, default_value = "2s", value_parser = parse_interval)]
     breaker_cooldown: std::time::Duration,
+    /// Most merged Subscribe streams open at once (each holds one on every upstream it
+    /// follows); more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_subscribers: u64,
     /// Largest gRPC message, in either direction.
     #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
     max_message_bytes: u64,
@@ -676,6 +680,7 @@ async fn run_gateway(a: GatewayArgs) -> anyhow::Result<Exit> {
             cooldown: a.breaker_cooldown,
             max_cooldown: std::time::Duration::from_secs(30).max(a.breaker_cooldown),
         },
+        max_subscribers: a.max_subscribers as usize,
     };
     cfg.max_message_bytes = a.max_message_bytes as usize;
     cfg.keepalive_interval = a.keepalive_interval;

@@ -193,3 +193,47 @@ fn stalled_tls_handshakes_from_one_host_leave_others_served() {
         drop(idle);
     });
 }
+
+/// A gateway's merged Subscribe streams each hold one stream on every upstream: bounded by the
+/// gateway's `--max-subscribers`, refused past it, the slot given back when a stream ends.
+#[test]
+fn a_gateway_caps_merged_subscribe_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Collector::start(&dir.path().join("data"), free_port(), free_port(), &[]).unwrap();
+    let gw = Gateway::start(dir.path(), &[("s1", c.url())], &["--max-subscribers", "3"]).unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let mut client = TelemetryClient::connect(gw.url()).await.unwrap();
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            open.push(
+                client
+                    .subscribe(SubscribeRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            );
+        }
+        let refused = client
+            .subscribe(SubscribeRequest::default())
+            .await
+            .expect_err("a fourth stream");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+        drop(open.pop());
+        // The dropped stream's slot comes back once the gateway sees it end.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match client.subscribe(SubscribeRequest::default()).await {
+                Ok(s) => {
+                    open.push(s.into_inner());
+                    break;
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+                    assert!(Instant::now() < deadline, "the slot never came back");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+}

@@ -20,6 +20,8 @@ pub struct GatewayMetrics {
     /// Answers missing at least one upstream, per RPC.
     pub partial: IntCounterVec,
     pub subscribers: IntGauge,
+    /// Merged Subscribe calls refused at `--max-subscribers`.
+    pub subscribers_refused: IntCounter,
     /// Merged Subscribe streams re-opened to an upstream after it dropped out.
     pub subscribe_reconnects: IntCounterVec,
     /// Events a merged Subscribe or ListEvents dropped as the second copy of one event held by
@@ -75,6 +77,11 @@ impl GatewayMetrics {
             "Open merged Subscribe streams.",
         )?;
         reg(Box::new(subscribers.clone()))?;
+        let subscribers_refused = IntCounter::new(
+            "gpulse_gateway_subscribers_refused_total",
+            "Merged Subscribe calls refused with RESOURCE_EXHAUSTED because --max-subscribers streams were open.",
+        )?;
+        reg(Box::new(subscribers_refused.clone()))?;
         let subscribe_reconnects = IntCounterVec::new(
             Opts::new(
                 "gpulse_gateway_subscribe_reconnects_total",
@@ -121,6 +128,7 @@ impl GatewayMetrics {
             circuit_open,
             partial,
             subscribers,
+            subscribers_refused,
             subscribe_reconnects,
             duplicates_dropped,
             auth_refused,

@@ -41,6 +41,8 @@ pub struct Gateway {
     /// Named on nodes whose collector does not name its cluster (`--cluster`).
     cluster: String,
     stop: Shutdown,
+    /// One per open merged Subscribe stream (`CallLimits::max_subscribers`).
+    subscribe_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Most process rows one request reads from each upstream (offset + limit).
@@ -62,6 +64,7 @@ impl Gateway {
             .collect();
         Self {
             ups: Arc::new(ups),
+            subscribe_slots: Arc::new(tokio::sync::Semaphore::new(limits.max_subscribers.max(1))),
             limits,
             metrics,
             cluster,
@@ -219,6 +222,15 @@ impl Telemetry for Gateway {
         req: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let route = self.route(req.metadata())?;
+        // Each merged stream holds one stream on every upstream it follows: bounded, so one
+        // reader cannot take every upstream's subscriber slots.
+        let Ok(slot) = self.subscribe_slots.clone().try_acquire_owned() else {
+            self.metrics.subscribers_refused.inc();
+            return Err(Status::resource_exhausted(format!(
+                "{} merged Subscribe streams are open (--max-subscribers); try again later",
+                self.limits.max_subscribers
+            )));
+        };
         let s = subscribe::subscribe(
             route,
             req.into_inner(),
@@ -226,7 +238,12 @@ impl Telemetry for Gateway {
             self.stop.clone(),
         )
         .await?;
-        Ok(Response::new(s))
+        // The slot goes back when the stream is dropped.
+        let s = futures::StreamExt::map(s, move |m| {
+            let _held = &slot;
+            m
+        });
+        Ok(Response::new(Box::pin(s)))
     }
 
     async fn status(

@@ -30,6 +30,9 @@ pub struct CallLimits {
     /// Calls in flight to one upstream; more wait (within the deadline).
     pub concurrency: usize,
     pub breaker: BreakerConfig,
+    /// Merged Subscribe streams open at once (each holds a stream on every upstream it
+    /// follows); more are refused with RESOURCE_EXHAUSTED, as a collector's `--max-subscribers`.
+    pub max_subscribers: usize,
 }
 
 impl Default for CallLimits {
@@ -38,6 +41,7 @@ impl Default for CallLimits {
             deadline: Duration::from_secs(3),
             concurrency: 64,
             breaker: BreakerConfig::default(),
+            max_subscribers: 1024,
         }
     }
 }
