@@ -269,7 +269,11 @@ type SubStream = gpulse_proto::api::SubscribeStream;
 fn to_response(m: SubMsg) -> Result<SubscribeResponse, Status> {
     Ok(SubscribeResponse {
         msg: Some(match m {
-            SubMsg::Event(e) => Msg::Event((*e).clone()),
+            // One stored before event bounds, too large for a message: its envelope, so the
+            // replay goes on past it instead of ending there on every reconnect.
+            SubMsg::Event(e) => Msg::Event(
+                gpulse_proto::bounds::envelope_if_oversized(&e).unwrap_or_else(|| (*e).clone()),
+            ),
             SubMsg::Lagged(l) => Msg::Lagged(l),
         }),
         resume_token: Default::default(),

@@ -530,3 +530,66 @@ async fn nodes_answers_fit_whatever_the_nodes_sent() {
     );
     assert!(r.nodes.iter().all(|n| n.gpus.len() == 128));
 }
+
+/// #5, the rest: an event stored before the bounds existed (here 5 MiB, written straight into
+/// the log) made every default `ListEvents` fail and every replay from cursor 0 end at it. It is
+/// listed and replayed as its envelope, and the events after it arrive.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_too_large_for_any_answer_does_not_break_listings_or_replays() {
+    use gpulse_collector::store::wal::{BatchHeader, Wal};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut w, _) = Wal::open(dir.path(), 64 << 20).unwrap();
+        let evs = [log("before"), log(&"x".repeat(5 << 20)), log("after")];
+        let encoded: Vec<Vec<u8>> = evs
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let mut e = e.clone();
+                e.seq = i as u64 + 1;
+                e.time = Some(gpulse_proto::time::now());
+                e.encode_to_vec()
+            })
+            .collect();
+        w.append_batch(
+            &BatchHeader {
+                node: "old".into(),
+                agent_id: "old/1".into(),
+                received: Some(gpulse_proto::time::now()),
+                first_cursor: 1,
+            },
+            encoded.iter().map(Vec::as_slice),
+        )
+        .unwrap();
+    }
+    let h = start(store_config(dir.path())).await;
+    let mut c = gpulse_proto::v1::telemetry_client::TelemetryClient::new(h.channel.clone());
+    let r = c
+        .list_events(ListEventsRequest::default())
+        .await
+        .expect("the listing answers")
+        .into_inner();
+    assert_eq!(r.events.len(), 3);
+    assert!(r.events.iter().any(|e| e.payload.is_none() && e.seq == 2));
+    assert!(
+        r.hints.iter().any(|h| h.contains("without their payload")),
+        "{:?}",
+        r.hints
+    );
+    let mut s = subscribe(
+        &h,
+        v1::SubscribeRequest {
+            after_cursor: Some(0),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let m = next(&mut s).await.expect("the replay goes on");
+        if let Some(v1::subscribe_response::Msg::Event(e)) = m.msg {
+            got.push((e.seq, e.payload.is_some()));
+        }
+    }
+    assert_eq!(got, [(1, true), (2, false), (3, true)]);
+}

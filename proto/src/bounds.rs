@@ -87,6 +87,17 @@ pub fn fit_nodes(r: &mut crate::v1::NodesResponse) {
     }
 }
 
+/// An event too large for any answer (stored before these bounds existed) as its envelope
+/// only: cursor, seq, node, agent, kind, severity and times stay, the payload goes. An answer or
+/// a replay then carries it without failing to encode, and says so. None for any other event.
+pub fn envelope_if_oversized(ev: &crate::v1::Event) -> Option<crate::v1::Event> {
+    (ev.encoded_len() > MAX_ANSWER_BYTES).then(|| crate::v1::Event {
+        payload: None,
+        unknown_fields: Vec::new(),
+        ..ev.clone()
+    })
+}
+
 /// Most distinct unknown top-level fields one event may carry (a newer agent adds a few).
 pub const MAX_UNKNOWN_FIELDS: usize = 32;
 /// Kernel record text, messages and catalog texts.

@@ -287,8 +287,16 @@ pub fn list_events(
         limit as usize,
         |e| e.cursor() <= ceiling && filter.matches(e),
     );
-    // A page ends early rather than outgrow the encode limit; its token continues after the
-    // last event it holds.
+    // An event too large for any answer (stored before event bounds) is listed as its
+    // envelope; the page then ends early rather than outgrow the encode limit, its token
+    // continuing after the last event it holds.
+    let mut oversized = 0;
+    for e in &mut page.events {
+        if let Some(env) = gpulse_proto::bounds::envelope_if_oversized(e) {
+            *e = env;
+            oversized += 1;
+        }
+    }
     let fit = gpulse_proto::bounds::fitting(&page.events, gpulse_proto::bounds::MAX_ANSWER_BYTES);
     let cut = page.events.len() - fit;
     if cut > 0 {
@@ -300,6 +308,11 @@ pub fn list_events(
         hints.push(format!(
             "page ends after {fit} events to stay within {} MiB; next_page_token continues",
             gpulse_proto::bounds::MAX_ANSWER_BYTES >> 20
+        ));
+    }
+    if oversized > 0 {
+        hints.push(format!(
+            "{oversized} events larger than an answer holds (stored before event size bounds) are listed without their payload"
         ));
     }
     let expired_while_paging = expired_now.saturating_sub(expired_at_start);
