@@ -201,19 +201,7 @@ pub fn accept_plain(
 ) -> tokio::sync::mpsc::Receiver<(Guarded<tokio::net::TcpStream>, std::net::SocketAddr)> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                () = stop.wait() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((tcp, peer)) = next_connection(&listener, &mut stop).await {
             let Some(permit) = gate.admit(peer.ip()) else {
                 tracing::debug!(%peer, "connection refused: listener or address at its limit");
                 continue;
@@ -225,6 +213,26 @@ pub fn accept_plain(
         }
     });
     rx
+}
+
+/// The next accepted connection, or None once `stop` fires. A failed accept (out of file
+/// descriptors and the like) waits a little instead of spinning.
+pub async fn next_connection(
+    listener: &tokio::net::TcpListener,
+    stop: &mut crate::shutdown::Shutdown,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            () = stop.wait() => return None,
+            r = listener.accept() => match r {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
 }
 
 /// Nodelay (acks must not wait on Nagle) and TCP keep-alive on an accepted socket.

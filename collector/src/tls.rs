@@ -17,7 +17,7 @@ use tokio::{
     sync::{Semaphore, mpsc},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::{
     reload::{self, Reloading},
@@ -149,19 +149,7 @@ pub fn accept(
         usize,
     >::new()));
     tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                () = stop.wait() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((tcp, peer)) = crate::conn::next_connection(&listener, &mut stop).await {
             let Some(permit) = gate.admit(peer.ip()) else {
                 continue;
             };
