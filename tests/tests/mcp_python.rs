@@ -53,8 +53,18 @@ fn feed_through_pipeline(url: &str, node: &str, dir: &Path) -> Proc {
     )
     .unwrap();
     wait_agent_live(&log, Duration::from_secs(20)).unwrap();
-    // The probe endpoint the DaemonSet uses answers with the agent's counters.
-    let (code, body) = http_get(health_port, "/healthz").unwrap();
+    // The probe endpoint the DaemonSet uses answers with the agent's counters. The agent binds
+    // it after its source is live (and the client started): on a loaded machine a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (code, body) = loop {
+        match http_get(health_port, "/healthz") {
+            Ok(r) => break r,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("the agent's health endpoint never answered: {e}"),
+        }
+    };
     assert_eq!(code, 200, "{body}");
     assert!(
         body.starts_with("ok source=") && body.contains("captured="),
