@@ -49,6 +49,18 @@ async fn push_raw(
         .ok_or_else(|| tonic::Status::unavailable("stream ended"))
 }
 
+/// A subscription replaying everything retained, then live.
+async fn replay_from_start(h: &Harness) -> tonic::Streaming<v1::SubscribeResponse> {
+    subscribe(
+        h,
+        v1::SubscribeRequest {
+            after_cursor: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 fn refused(r: Result<Ack, tonic::Status>, want: &str) {
     let e = r.expect_err("refused");
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
@@ -264,14 +276,7 @@ async fn answers_stay_within_the_encode_limit() {
     assert_eq!(got, (1..=300).collect::<Vec<u64>>());
 
     // A replay from cursor 0 delivers every event, one per message.
-    let mut s = subscribe(
-        &h,
-        v1::SubscribeRequest {
-            after_cursor: Some(0),
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut s = replay_from_start(&h).await;
     for _ in 0..300 {
         let m = next(&mut s).await.expect("stream open");
         assert!(message_of(&m).len() >= bounds::MAX_TEXT);
@@ -576,14 +581,7 @@ async fn an_event_too_large_for_any_answer_does_not_break_listings_or_replays() 
         "{:?}",
         r.hints
     );
-    let mut s = subscribe(
-        &h,
-        v1::SubscribeRequest {
-            after_cursor: Some(0),
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut s = replay_from_start(&h).await;
     let mut got = Vec::new();
     for _ in 0..3 {
         let m = next(&mut s).await.expect("the replay goes on");

@@ -657,6 +657,40 @@ pub async fn push_raw(url: &str, node: &str, events: Vec<Vec<u8>>) -> anyhow::Re
 }
 
 /// Waits until a collector's log says it serves (its readiness endpoint may be HTTPS).
+/// A collector on loopback with TLS from `pki` and `extra` flags (a token file, limits), started
+/// in `dir`; waits until it serves (readiness is over HTTPS, so its log says when). Returns it,
+/// its gRPC port and its log.
+pub fn start_tls_collector(
+    dir: &Path,
+    pki: &pki::Pki,
+    extra: &[&str],
+) -> anyhow::Result<(Proc, u16, PathBuf)> {
+    let (grpc, http) = (free_port(), free_port());
+    let log = dir.join("collector.log");
+    let data = dir.join("data").display().to_string();
+    let (g, h) = (format!("127.0.0.1:{grpc}"), format!("127.0.0.1:{http}"));
+    let (cert, key) = (
+        pki.cert.display().to_string(),
+        pki.key.display().to_string(),
+    );
+    let mut args = vec![
+        "--grpc-listen",
+        &g,
+        "--http-listen",
+        &h,
+        "--data-dir",
+        &data,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ];
+    args.extend_from_slice(extra);
+    let proc = Proc::spawn("gpulse-collector", &args, &log)?;
+    wait_serving(&log, Duration::from_secs(20))?;
+    Ok((proc, grpc, log))
+}
+
 pub fn wait_serving(log: &Path, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     while !std::fs::read_to_string(log)

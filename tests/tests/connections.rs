@@ -141,26 +141,7 @@ fn half_requests_and_idle_sockets_cannot_hold_the_listeners() {
 fn stalled_tls_handshakes_from_one_host_leave_others_served() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki::pki(dir.path()).unwrap();
-    let (grpc, http) = (free_port(), free_port());
-    let log = dir.path().join("collector.log");
-    let _c = Proc::spawn(
-        "gpulse-collector",
-        &[
-            "--grpc-listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--http-listen",
-            &format!("127.0.0.1:{http}"),
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-            "--tls-cert",
-            pki.cert.to_str().unwrap(),
-            "--tls-key",
-            pki.key.to_str().unwrap(),
-        ],
-        &log,
-    )
-    .unwrap();
-    wait_serving(&log, Duration::from_secs(20)).unwrap();
+    let (_c, grpc, _log) = start_tls_collector(dir.path(), &pki, &[]).unwrap();
     let rt = runtime();
     rt.block_on(async {
         // 600 sockets that never send a ClientHello: more than the listener's 512 slots.

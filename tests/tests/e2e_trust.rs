@@ -31,33 +31,9 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
-/// Starts the collector with TLS and tokens; waits until it serves (readiness is over HTTPS,
-/// so its log says when).
+/// Starts the collector with TLS and tokens; waits until it serves.
 fn start_collector(dir: &Path, pki: &pki::Pki, tokens: &Path) -> (Proc, u16, PathBuf) {
-    let (grpc, http) = (free_port(), free_port());
-    let log = dir.join("collector.log");
-    let data = dir.join("data");
-    let proc = Proc::spawn(
-        "gpulse-collector",
-        &[
-            "--grpc-listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--http-listen",
-            &format!("127.0.0.1:{http}"),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--tls-cert",
-            pki.cert.to_str().unwrap(),
-            "--tls-key",
-            pki.key.to_str().unwrap(),
-            "--auth-tokens",
-            tokens.to_str().unwrap(),
-        ],
-        &log,
-    )
-    .unwrap();
-    wait_serving(&log, Duration::from_secs(20)).unwrap();
-    (proc, grpc, log)
+    start_tls_collector(dir, pki, &["--auth-tokens", tokens.to_str().unwrap()]).unwrap()
 }
 
 async fn reader(
