@@ -798,7 +798,7 @@ pub fn mcp_raw_answer(port: u16, tool: &str, args: &str) -> anyhow::Result<Strin
 }
 
 /// A program from a Debian package, with a clear error naming the package when it is missing
-/// (.ci/run installs them).
+/// (`cargo xtask setup` installs them as root; the list is xtask/src/host.rs).
 pub fn system_tool(name: &str, package: &str) -> anyhow::Result<PathBuf> {
     for dir in ["/usr/bin", "/usr/local/bin"] {
         let p = Path::new(dir).join(name);
@@ -807,7 +807,7 @@ pub fn system_tool(name: &str, package: &str) -> anyhow::Result<PathBuf> {
         }
     }
     bail!(
-        "{name} not found: install Debian's {package} package (apt-get install {package}); .ci/run does"
+        "{name} not found: install Debian's {package} package (apt-get install {package}); `sudo -E cargo xtask setup` does"
     )
 }
 

@@ -24,7 +24,7 @@ fn prom_tool(name: &str) -> PathBuf {
         }
     }
     panic!(
-        "{name} not found: install Debian's prometheus package (apt-get install prometheus); .ci/run does"
+        "{name} not found: install Debian's prometheus package (apt-get install prometheus); `sudo -E cargo xtask setup` does"
     );
 }
 

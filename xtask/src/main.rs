@@ -1,12 +1,13 @@
 //! `cargo xtask <command>`: gpulse developer tasks.
 //!
-//! * `setup`  installs what a fresh machine lacks (nightly rust-src, bpf-linker built against the
-//!   nightly's own libLLVM); idempotent and quick when nothing is missing.
+//! * `setup`  installs what a fresh machine lacks: nightly rust-src and bpf-linker built against the
+//!   nightly's own libLLVM, and (as root) the Debian packages the tests run (`host.rs`; a plain
+//!   user is told in one line what to install); idempotent and quick when nothing is missing.
 //! * `build`  setup + build every binary (`--release` for optimised ones).
 //! * `demo`   builds, starts a collector and an agent on loopback, and prints live decoded
 //!   events (needs root for eBPF).
-//! * `test`   the whole suite: fmt, clippy, unit, in-process gRPC, CLI and, as root, the
-//!   end-to-end tests through the real kernel.
+//! * `test`   setup, then the whole suite: fmt, clippy, unit, in-process gRPC, CLI and, as root,
+//!   the end-to-end tests through the real kernel.
 //! * `bench`  the XID latency benchmark, with `--overhead` the agent overhead one (root), with
 //!   `--storm` an XID storm through the kernel and the decoder (root), with `--mcp` MCP tool
 //!   latency and /metrics size, with `--trust` TLS+auth against plaintext, with `--gateway` a
@@ -29,6 +30,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+mod host;
 mod image;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -97,7 +99,15 @@ fn is_root() -> bool {
 // ---------------------------------------------------------------------------------------------
 // setup
 
+/// `cargo xtask setup`: the host packages first (a plain user missing some stops here, before any
+/// building), then the toolchain.
 fn setup() -> anyhow::Result<()> {
+    host::ensure(is_root())?;
+    toolchain()
+}
+
+/// The toolchain pieces every task needs (nightly rust-src, bpf-linker).
+fn toolchain() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut did = Vec::new();
 
@@ -390,7 +400,7 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
              (or CAP_BPF + CAP_PERFMON + write access to /dev/kmsg).\nRe-run as root: sudo -E cargo xtask demo"
         );
     }
-    setup()?;
+    toolchain()?;
     let bins = build(true)?;
     let dir = env::temp_dir().join(format!("gpulse-demo-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
@@ -581,7 +591,7 @@ fn main() -> anyhow::Result<()> {
     match task.as_str() {
         "setup" => setup(),
         "build" => {
-            setup()?;
+            toolchain()?;
             build(rest.iter().any(|a| a == "--release")).map(|_| ())
         }
         "demo" => demo(rest),
@@ -590,19 +600,19 @@ fn main() -> anyhow::Result<()> {
             test(rest)
         }
         "bench" => {
-            setup()?;
+            toolchain()?;
             bench(rest)
         }
         "fuzz" => {
-            setup()?;
+            toolchain()?;
             fuzz(rest)
         }
         "soak" => {
-            setup()?;
+            toolchain()?;
             soak(rest)
         }
         "image" => {
-            setup()?;
+            toolchain()?;
             image_cmd(rest)
         }
         // Regenerates proto/src/generated from the .proto files (committed; a test checks it).
