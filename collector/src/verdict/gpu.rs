@@ -237,8 +237,8 @@ impl GpuEntry {
         });
     }
 
-    /// An XID on this GPU.
-    pub fn xid(&mut self, x: &v1::Xid, seen: &Seen<'_>, cfg: &Config) {
+    /// An XID on this GPU; `severity` is its event's (the agent's policy).
+    pub fn xid(&mut self, x: &v1::Xid, severity: i32, seen: &Seen<'_>, cfg: &Config) {
         let Some(mut v) = rules::xid(x.code, x.recovery_action.as_ref(), x.pid.is_some()) else {
             return;
         };
@@ -283,6 +283,7 @@ impl GpuEntry {
             pid,
         }) {
             r.escalated |= escalates;
+            r.severity = r.severity.max(severity);
             // A storm summary stands for more than one occurrence.
             r.occurrences += x.records().saturating_sub(1);
             if let Some(p) = &x.pod {

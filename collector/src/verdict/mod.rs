@@ -341,7 +341,7 @@ impl Engine {
                     detail: format!("XID {} {}{who}: {}", x.code, x.mnemonic, x.message),
                 };
                 if let Some(e) = self.entry(node, pci) {
-                    e.xid(x, &seen, &cfg);
+                    e.xid(x, ev.severity, &seen, &cfg);
                     e.settle(t);
                 }
             }
@@ -513,19 +513,32 @@ fn is_plain(e: &GpuEntry) -> bool {
         && e.rec.xid_history.is_empty()
 }
 
+/// A verdict event's severity follows the state it announces, so `--min-severity error`
+/// subscribers and alerting on severity see a GPU taken out of service: unhealthy is an error,
+/// or the worst severity of the XIDs behind its unhealthy reasons (an XID 79 makes it fatal);
+/// degraded is a warning; healthy and unknown are info.
+pub fn health_severity(rec: &v1::GpuHealthRecord) -> v1::Severity {
+    match HealthState::try_from(rec.state).unwrap_or_default() {
+        HealthState::Unhealthy => rec
+            .reasons
+            .iter()
+            .filter(|r| r.state == HealthState::Unhealthy as i32)
+            .filter_map(|r| v1::Severity::try_from(r.severity).ok())
+            .fold(v1::Severity::Error, |worst, s| {
+                if (s as i32) > (worst as i32) { s } else { worst }
+            }),
+        HealthState::Degraded => v1::Severity::Warning,
+        _ => v1::Severity::Info,
+    }
+}
+
 /// The gpu_health event for a GPU whose verdict changed.
 fn health_event(e: &GpuEntry, previous: i32) -> v1::Event {
-    // A warning at most: the verdict restates evidence already counted at its own severity
-    // (an XID 79 is fatal once, not again as the verdict it caused).
-    let severity = match HealthState::try_from(e.rec.state).unwrap_or_default() {
-        HealthState::Unhealthy | HealthState::Degraded => v1::Severity::Warning,
-        _ => v1::Severity::Info,
-    };
     v1::Event {
         time: e.rec.updated,
         node: e.rec.node.clone(),
         kind: EventKind::GpuHealth as i32,
-        severity: severity as i32,
+        severity: health_severity(&e.rec) as i32,
         payload: Some(Payload::GpuHealth(v1::GpuHealth {
             change: e.change_line(previous),
             previous,

@@ -585,3 +585,60 @@ fn one_batch_touching_many_gpus_is_judged_in_linear_time() {
     );
     assert!(took < std::time::Duration::from_secs(20), "{took:?}");
 }
+
+#[test]
+fn a_verdict_event_is_as_severe_as_the_state_it_announces() {
+    let mut engine = Engine::new(Config::default());
+    let mut cursor = 0u64;
+    let mut judge = |events: Vec<v1::Event>| -> Vec<(HealthState, v1::Severity)> {
+        let first = cursor + 1;
+        cursor += events.len() as u64;
+        let out = engine.judge(
+            NODE,
+            events
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e, first + i as u64)),
+        );
+        engine.commit();
+        cursor += out.len() as u64;
+        out.into_iter()
+            .map(|e| {
+                let Some(Payload::GpuHealth(h)) = e.payload else {
+                    panic!("not a health event")
+                };
+                let state = h.record.map_or(0, |r| r.state);
+                (
+                    HealthState::try_from(state).unwrap(),
+                    v1::Severity::try_from(e.severity).unwrap(),
+                )
+            })
+            .collect()
+    };
+    let with = |mut e: v1::Event, sev: v1::Severity| {
+        e.severity = sev as i32;
+        e
+    };
+    judge(vec![ev(T0, status("boot-a"))]);
+    judge(vec![ev(T0 + S, Payload::GpuSample(sample(0, PCI)))]);
+    // An application's XID (degraded while its process lives): a warning.
+    let w = judge(vec![with(
+        ev(T0 + 2 * S, xid(13, Some(4242))),
+        v1::Severity::Error,
+    )]);
+    assert_eq!(w, vec![(HealthState::Degraded, v1::Severity::Warning)]);
+    // XID 79 as the agent judged it (fatal): the unhealthy verdict is fatal too.
+    let w = judge(vec![with(
+        ev(T0 + 3 * S, xid(79, None)),
+        v1::Severity::Fatal,
+    )]);
+    assert_eq!(w, vec![(HealthState::Unhealthy, v1::Severity::Fatal)]);
+
+    // An unhealthy reason whose XID an operator's policy made a warning is still an error.
+    let mut other = Engine::new(Config::default());
+    let mut e = ev(T0, xid(79, None));
+    e.severity = v1::Severity::Warning as i32;
+    let out = other.judge(NODE, [(&e, 1)]);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].severity, v1::Severity::Error as i32);
+}

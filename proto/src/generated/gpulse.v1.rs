@@ -62,6 +62,11 @@ pub struct HealthReason {
     pub pid: ::core::option::Option<u32>,
     #[prost(string, tag = "15")]
     pub pod: ::prost::alloc::string::String,
+    /// How bad its evidence was: for rule "xid" the worst severity of the XID events behind it
+    /// (the agent's --xid-severity policy); unset for the other rules. A gpu_health event that
+    /// turns a GPU unhealthy carries the worst of these (at least error).
+    #[prost(enumeration = "Severity", tag = "16")]
+    pub severity: i32,
 }
 /// One XID code's past on a GPU, for escalation across reboots.
 #[allow(clippy::all)]
@@ -125,6 +130,44 @@ pub struct GpuHealth {
     /// One line: "healthy -> unhealthy: XID 79 (RESTART_BM)".
     #[prost(string, tag = "3")]
     pub change: ::prost::alloc::string::String,
+}
+/// How bad an event is (every Event carries one); here because a HealthReason carries one too and
+/// events.proto imports this file.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum Severity {
+    Unspecified = 0,
+    Info = 1,
+    Warning = 2,
+    Error = 3,
+    Fatal = 4,
+}
+impl Severity {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "SEVERITY_UNSPECIFIED",
+            Self::Info => "SEVERITY_INFO",
+            Self::Warning => "SEVERITY_WARNING",
+            Self::Error => "SEVERITY_ERROR",
+            Self::Fatal => "SEVERITY_FATAL",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "SEVERITY_UNSPECIFIED" => Some(Self::Unspecified),
+            "SEVERITY_INFO" => Some(Self::Info),
+            "SEVERITY_WARNING" => Some(Self::Warning),
+            "SEVERITY_ERROR" => Some(Self::Error),
+            "SEVERITY_FATAL" => Some(Self::Fatal),
+            _ => None,
+        }
+    }
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -618,42 +661,6 @@ pub struct Gap {
     pub missed: u64,
     #[prost(string, tag = "3")]
     pub detail: ::prost::alloc::string::String,
-}
-#[allow(clippy::all)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
-#[repr(i32)]
-pub enum Severity {
-    Unspecified = 0,
-    Info = 1,
-    Warning = 2,
-    Error = 3,
-    Fatal = 4,
-}
-impl Severity {
-    /// String value of the enum field names used in the ProtoBuf definition.
-    ///
-    /// The values are not transformed in any way and thus are considered stable
-    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
-    pub fn as_str_name(&self) -> &'static str {
-        match self {
-            Self::Unspecified => "SEVERITY_UNSPECIFIED",
-            Self::Info => "SEVERITY_INFO",
-            Self::Warning => "SEVERITY_WARNING",
-            Self::Error => "SEVERITY_ERROR",
-            Self::Fatal => "SEVERITY_FATAL",
-        }
-    }
-    /// Creates an enum from field names used in the ProtoBuf definition.
-    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
-        match value {
-            "SEVERITY_UNSPECIFIED" => Some(Self::Unspecified),
-            "SEVERITY_INFO" => Some(Self::Info),
-            "SEVERITY_WARNING" => Some(Self::Warning),
-            "SEVERITY_ERROR" => Some(Self::Error),
-            "SEVERITY_FATAL" => Some(Self::Fatal),
-            _ => None,
-        }
-    }
 }
 /// Kept in step with Event.payload: one kind per oneof member.
 #[allow(clippy::all)]
