@@ -147,6 +147,13 @@ impl Window {
     }
 }
 
+/// Checks one bound's form against the current clock (`since` reads a bare duration as "that
+/// long ago"), so a client can refuse a bad flag before it calls anyone.
+pub fn check_bound(field: &'static str, value: &str) -> Result<(), WindowError> {
+    let now = crate::time::to_unix_nanos(&crate::time::now());
+    bound(field, value, now, field == "since").map(|_| ())
+}
+
 fn bound(
     field: &'static str,
     value: &str,

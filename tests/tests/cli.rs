@@ -119,3 +119,81 @@ fn bad_flags_are_clear_errors() {
         "the valid kinds are listed: {err}"
     );
 }
+
+/// Every argument is checked before the CLI connects: nothing listens on port 1, so an answer
+/// that names the flag with exit status 2 (not a connection error, status 1) proves the order.
+#[test]
+fn arguments_are_validated_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-ca.pem");
+    let missing = missing.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["events", "--since", "banana"], "--since"),
+        (&["events", "--since", "1h", "--until", "now-2h"], "--since"),
+        (&["events", "--until", "yesterday"], "--until"),
+        (&["trend", "--metric", "gpu_utilisation"], "--metric"),
+        (
+            &["trend", "--metric", "power_w", "--since", "9999d"],
+            "--since",
+        ),
+        (&["nodes", "--since", "1 hour"], "--since"),
+        (&["status", "--ca-file", missing], "--ca-file"),
+        (
+            &["health", "--tls-client-cert", missing],
+            "--tls-client-key",
+        ),
+        (&["tail", "--collector", "ht tp://x"], "--collector"),
+    ];
+    for (args, flag) in cases {
+        let mut all = args.to_vec();
+        if !args.contains(&"--collector") {
+            let url = if args.contains(&"--ca-file") || args.contains(&"--tls-client-cert") {
+                "https://127.0.0.1:1"
+            } else {
+                "http://127.0.0.1:1"
+            };
+            all.extend(["--collector", url]);
+        }
+        let out = Command::new(bin("gpulse")).args(&all).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(flag), "{args:?} names {flag}: {err}");
+        assert!(!err.contains("connect"), "{args:?} did not connect: {err}");
+    }
+    // A token for a plain http:// collector off loopback is refused before anything is sent.
+    let token = dir.path().join("token");
+    std::fs::write(&token, "secret\n").unwrap();
+    let out = Command::new(bin("gpulse"))
+        .args([
+            "status",
+            "--collector",
+            "http://192.0.2.1:7700",
+            "--token-file",
+        ])
+        .arg(&token)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'--token-file'"));
+}
+
+/// A connection error says each cause once ("tcp connect error" came twice).
+#[test]
+fn a_connection_error_says_each_cause_once() {
+    let out = Command::new(bin("gpulse"))
+        .args(["status", "--collector", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("gpulse: connecting to http://127.0.0.1:1"),
+        "{err}"
+    );
+    let parts: Vec<&str> = err.trim().split(": ").collect();
+    let mut seen = std::collections::HashSet::new();
+    for p in &parts {
+        assert!(seen.insert(*p), "{p:?} repeated in {err}");
+    }
+}

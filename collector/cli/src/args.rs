@@ -2,9 +2,10 @@
 use anyhow::Context as _;
 use clap::Args;
 use gpulse_proto::{
-    client::{AuthChannel, ClientOptions},
+    client::{AuthChannel, ClientError, ClientOptions},
     names::ShortName,
     v1::{EventFilter, EventKind, Severity, telemetry_client::TelemetryClient},
+    window,
 };
 
 /// `--collector`: where the collector's (or a gateway's) gRPC port is, and how to reach it
@@ -23,6 +24,36 @@ pub struct CollectorArg {
 }
 
 impl CollectorArg {
+    /// The URL, the TLS files and the token file, checked without connecting: each problem
+    /// names its flag.
+    pub fn check(&self) -> Result<(), BadArg> {
+        let o = &self.client;
+        let flag_of = |e: &ClientError| -> &'static str {
+            match e {
+                ClientError::BadUrl(..) => "--collector",
+                ClientError::TokenInClear(_) => "--token-file",
+                ClientError::HalfIdentity => "--tls-client-key",
+                ClientError::Read(p, _) | ClientError::Invalid(p, _) => {
+                    let is = |f: &Option<std::path::PathBuf>| f.as_deref() == Some(p.as_path());
+                    if is(&o.ca_file) {
+                        "--ca-file"
+                    } else if is(&o.cert_file) {
+                        "--tls-client-cert"
+                    } else if is(&o.key_file) {
+                        "--tls-client-key"
+                    } else {
+                        "--token-file"
+                    }
+                }
+                ClientError::Tls(_) => "--ca-file or --tls-client-cert",
+            }
+        };
+        o.endpoint(&self.url)
+            .map(|_| ())
+            .and_then(|()| o.credentials().map(|_| ()))
+            .map_err(|e| BadArg::new(flag_of(&e), e))
+    }
+
     pub async fn connect(&self) -> anyhow::Result<TelemetryClient<AuthChannel>> {
         let creds = self.client.credentials()?;
         let channel = self
@@ -84,4 +115,43 @@ impl FilterArgs {
             gpus: self.gpus.clone(),
         }
     }
+}
+
+/// A flag whose value is wrong in itself, found before anything is called: which flag, and why.
+/// `gpulse` reports it the way clap reports a malformed value (exit status 2).
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadArg {
+    pub flag: &'static str,
+    pub why: String,
+}
+
+impl BadArg {
+    pub fn new(flag: &'static str, why: impl std::fmt::Display) -> Self {
+        Self {
+            flag,
+            why: why.to_string(),
+        }
+    }
+}
+
+/// A clap value parser for `--since`: a duration back from now, now-<duration> or RFC 3339.
+pub fn since(s: &str) -> Result<String, String> {
+    window::check_bound("since", s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// A clap value parser for `--until`.
+pub fn until(s: &str) -> Result<String, String> {
+    window::check_bound("until", s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// `--since` and `--until` together: the window must not be empty or inverted.
+pub fn check_window(since: &str, until: &str) -> Result<(), BadArg> {
+    let now = gpulse_proto::time::to_unix_nanos(&gpulse_proto::time::now());
+    window::resolve(since, until, now, 0)
+        .map(|_| ())
+        .map_err(|e| BadArg::new("--since", e))
 }

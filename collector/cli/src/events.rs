@@ -18,10 +18,10 @@ pub struct EventsArgs {
     #[command(flatten)]
     pub collector: CollectorArg,
     /// Window start: a duration back from now (90s, 15m, 1h, 7d), now-<duration>, or RFC 3339.
-    #[arg(long, default_value = "1h")]
+    #[arg(long, default_value = "1h", value_parser = crate::args::since)]
     pub since: String,
     /// Window end: now, now-<duration> or RFC 3339.
-    #[arg(long, default_value = "now")]
+    #[arg(long, default_value = "now", value_parser = crate::args::until)]
     pub until: String,
     #[command(flatten)]
     pub filter: FilterArgs,

@@ -1,6 +1,9 @@
 //! `gpulse`: the human's window onto a gpulse collector. See the library for each command.
-use clap::{Parser, Subcommand};
-use gpulse_cli::{events, health, mcp, nodes, status, tail, trend, xid};
+use clap::{CommandFactory as _, Parser, Subcommand, error::ErrorKind};
+use gpulse_cli::{
+    args::{BadArg, CollectorArg, check_window},
+    error_line, events, health, mcp, nodes, status, tail, trend, xid,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,9 +39,62 @@ enum Cmd {
     Mcp(mcp::McpArgs),
 }
 
+impl Cmd {
+    /// Every argument checked before anything connects: a wrong value is refused like clap
+    /// refuses a malformed one (the flag named, exit status 2), not after a connection attempt.
+    fn name(&self) -> &'static str {
+        match self {
+            Cmd::Tail(_) => "tail",
+            Cmd::Xid { .. } => "xid",
+            Cmd::Events(_) => "events",
+            Cmd::Trend(_) => "trend",
+            Cmd::Nodes(_) => "nodes",
+            Cmd::Health(_) => "health",
+            Cmd::Status(_) => "status",
+            Cmd::Mcp(_) => "mcp",
+        }
+    }
+
+    fn check(&self) -> Result<(), BadArg> {
+        let collector = |c: &CollectorArg| c.check();
+        match self {
+            Cmd::Xid { .. } => Ok(()),
+            Cmd::Tail(a) => collector(&a.collector),
+            Cmd::Events(a) => {
+                check_window(&a.since, &a.until)?;
+                collector(&a.collector)
+            }
+            Cmd::Trend(a) => {
+                check_window(&a.since, &a.until)?;
+                collector(&a.collector)
+            }
+            Cmd::Nodes(a) => collector(&a.collector),
+            Cmd::Health(a) => collector(&a.collector),
+            Cmd::Status(a) => collector(&a.collector),
+            Cmd::Mcp(a) => collector(&a.collector),
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
-    let res = match Cli::parse().cmd {
+    let cli = Cli::parse();
+    if let Err(bad) = cli.cmd.check() {
+        let mut command = Cli::command();
+        command.build(); // names the subcommands "gpulse <name>" for their usage line
+        let name = cli.cmd.name();
+        let mut command = match command.find_subcommand_mut(name) {
+            Some(sub) => sub.clone(),
+            None => command,
+        };
+        command
+            .error(
+                ErrorKind::ValueValidation,
+                format!("invalid value for '{}': {}", bad.flag, bad.why),
+            )
+            .exit();
+    }
+    let res = match cli.cmd {
         Cmd::Tail(a) => tail::run(a).await,
         Cmd::Xid { cmd } => xid::run(cmd),
         Cmd::Events(a) => events::run(a).await,
@@ -49,7 +105,7 @@ async fn main() {
         Cmd::Mcp(a) => mcp::run(a).await,
     };
     if let Err(e) = res {
-        eprintln!("gpulse: {e:#}");
+        eprintln!("gpulse: {}", error_line(&e));
         std::process::exit(1);
     }
 }

@@ -16,7 +16,7 @@ pub struct NodesArgs {
     #[command(flatten)]
     pub collector: CollectorArg,
     /// Only nodes heard from in this window (e.g. 1h, now-30m, RFC 3339), with XID counts.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::since)]
     pub since: Option<String>,
     /// One JSON object per node; through a gateway, then one with `upstreams` and `partial`.
     #[arg(long)]

@@ -19,13 +19,13 @@ pub struct TrendArgs {
     #[command(flatten)]
     pub collector: CollectorArg,
     /// Metric name (see --list-metrics).
-    #[arg(long, required_unless_present = "list_metrics")]
+    #[arg(long, required_unless_present = "list_metrics", value_parser = metric_name)]
     pub metric: Option<String>,
     /// Window start: a duration back from now (90s, 15m, 24h, 7d), now-<duration>, or RFC 3339.
-    #[arg(long, default_value = "1h")]
+    #[arg(long, default_value = "1h", value_parser = crate::args::since)]
     pub since: String,
     /// Window end: now, now-<duration> or RFC 3339.
-    #[arg(long, default_value = "now")]
+    #[arg(long, default_value = "now", value_parser = crate::args::until)]
     pub until: String,
     /// Step in seconds (default: chosen from --max-points).
     #[arg(long, default_value_t = 0)]
@@ -54,6 +54,17 @@ pub struct TrendArgs {
     pub list_metrics: bool,
     #[arg(long)]
     pub json: bool,
+}
+
+/// A metric of the catalog (`--list-metrics` prints them).
+fn metric_name(s: &str) -> Result<String, String> {
+    match metric::by_name(s) {
+        Some(_) => Ok(s.to_string()),
+        None => Err(format!(
+            "unknown metric; one of: {}",
+            metric::names().join(", ")
+        )),
+    }
 }
 
 /// `auto` (the collector chooses) or a tier's short name.

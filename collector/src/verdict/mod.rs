@@ -525,7 +525,11 @@ pub fn health_severity(rec: &v1::GpuHealthRecord) -> v1::Severity {
             .filter(|r| r.state == HealthState::Unhealthy as i32)
             .filter_map(|r| v1::Severity::try_from(r.severity).ok())
             .fold(v1::Severity::Error, |worst, s| {
-                if (s as i32) > (worst as i32) { s } else { worst }
+                if (s as i32) > (worst as i32) {
+                    s
+                } else {
+                    worst
+                }
             }),
         HealthState::Degraded => v1::Severity::Warning,
         _ => v1::Severity::Info,
