@@ -21,6 +21,55 @@ DEPLOY = os.path.join(ROOT, "deploy")
 failures = []
 
 
+# Node labels that mark a GPU node; the agent must be scheduled on a node with either.
+GPU_NODE_LABELS = {
+    "nvidia.com/gpu.present": "true",  # NVIDIA GPU feature discovery
+    "feature.node.kubernetes.io/pci-10de.present": "true",  # node feature discovery, PCI vendor
+}
+
+
+def node_matches(pod, labels):
+    """Whether the pod's nodeSelector and required node affinity admit a node with `labels`
+    (the Kubernetes semantics: nodeSelector ANDed with the affinity; terms ORed; expressions
+    of a term ANDed)."""
+    for k, v in pod.get("nodeSelector", {}).items():
+        if labels.get(k) != v:
+            return False
+    req = (
+        pod.get("affinity", {})
+        .get("nodeAffinity", {})
+        .get("requiredDuringSchedulingIgnoredDuringExecution")
+    )
+    if not req:
+        return True
+    for term in req.get("nodeSelectorTerms", []):
+        ok = True
+        for e in term.get("matchExpressions", []):
+            have = labels.get(e["key"])
+            op = e["operator"]
+            if op == "In":
+                ok &= have in e.get("values", [])
+            elif op == "NotIn":
+                ok &= have not in e.get("values", [])
+            elif op == "Exists":
+                ok &= have is not None
+            elif op == "DoesNotExist":
+                ok &= have is None
+            else:
+                ok = False
+        if ok and term.get("matchExpressions"):
+            return True
+    return False
+
+
+def check_gpu_node_selection(pod, fail):
+    for k, v in GPU_NODE_LABELS.items():
+        if not node_matches(pod, {k: v, "kubernetes.io/os": "linux"}):
+            fail(f"agent is not scheduled on a GPU node labelled only {k}={v}")
+    if node_matches(pod, {"kubernetes.io/os": "linux"}):
+        fail("agent is not restricted to GPU nodes")
+
+
 def fail(msg):
     failures.append(msg)
     print("FAIL:", msg, file=sys.stderr)
@@ -97,8 +146,7 @@ def check_posture(docs):
             fail(f"agent lacks {p}")
     if "limits" not in c.get("resources", {}):
         fail("agent lacks resource limits")
-    if "nvidia.com/gpu.present" not in pod.get("nodeSelector", {}):
-        fail("agent is not restricted to GPU nodes")
+    check_gpu_node_selection(pod, fail)
     mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
     for m in ("/sys/kernel/tracing", "/sys/fs/cgroup"):
         if m not in mounts:
