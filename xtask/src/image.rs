@@ -266,7 +266,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// The binary without symbols or debug info (`strip` is deterministic).
-fn stripped(path: &Path) -> anyhow::Result<Vec<u8>> {
+pub fn stripped(path: &Path) -> anyhow::Result<Vec<u8>> {
     let tmp = std::env::temp_dir().join(format!(
         "gpulse-image-{}-{}",
         std::process::id(),
@@ -329,7 +329,7 @@ fn git(root: &Path, args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// SOURCE_DATE_EPOCH, else the commit's time: the image's only clock.
-fn source_date_epoch(root: &Path) -> anyhow::Result<u64> {
+pub fn source_date_epoch(root: &Path) -> anyhow::Result<u64> {
     if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
         return v
             .trim()
@@ -362,7 +362,7 @@ pub fn workspace_version(root: &Path) -> anyhow::Result<String> {
     workspace_package(root, "version")
 }
 
-fn repository(root: &Path) -> anyhow::Result<String> {
+pub fn repository(root: &Path) -> anyhow::Result<String> {
     workspace_package(root, "repository")
 }
 

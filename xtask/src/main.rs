@@ -15,6 +15,8 @@
 //! * `soak`   the fault matrix (kill -9 loops, outages, a full disk, stalled subscribers,
 //!   restarts) against release binaries; one table; `--short` for the quick form.
 //! * `fuzz`   runs the XID parser fuzz target (`--seconds N`).
+//! * `package` `.deb` packages of the agent and the collector (with the CLI) for hosts run by
+//!   systemd, into `target/packages` (`package.rs`; units in `deploy/systemd`).
 //! * `image`  the container image as an OCI archive with its SBOM in `target/images`
 //!   (`--out DIR` elsewhere); prints its name, digest and size.
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a developer tool talking to its user
@@ -32,6 +34,7 @@ use anyhow::{Context as _, bail};
 
 mod host;
 mod image;
+mod package;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -256,6 +259,11 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             images.push(image_build(&out)?.archive);
         }
     }
+    let packages = root_dir().join("target/packages");
+    if is_root() {
+        println!("== host packages (.deb)");
+        package_build(&packages)?;
+    }
     if is_root() {
         println!("== running as root: end-to-end tests through the real kernel are included");
     } else {
@@ -268,6 +276,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         .stdout(Stdio::piped());
     if let [a, b] = &images[..] {
         c.env("GPULSE_IMAGE", a).env("GPULSE_IMAGE_AGAIN", b);
+        c.env("GPULSE_PACKAGES", &packages);
     }
     let mut child = c.spawn().context("running cargo test")?;
     let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
@@ -308,16 +317,21 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // image
 
-/// Release binaries, then the image from them into `out`; prints what it wrote.
-fn image_build(out: &Path) -> anyhow::Result<image::Built> {
-    // Only the three binaries the image holds (the benchmarks' and tools' are not in it).
+/// The three shipped binaries (agent, collector, CLI) in release form; their directory.
+fn release_bins() -> anyhow::Result<PathBuf> {
+    // Only the binaries the image and packages hold (the benchmarks' and tools' are not).
     let mut c = cmd("cargo");
     c.args(["build", "--release", "--bins"]);
     for p in ["gpulse-agent", "gpulse-collector", "gpulse-cli"] {
         c.args(["-p", p]);
     }
     run(&mut c)?;
-    let bins = root_dir().join("target/release");
+    Ok(root_dir().join("target/release"))
+}
+
+/// Release binaries, then the image from them into `out`; prints what it wrote.
+fn image_build(out: &Path) -> anyhow::Result<image::Built> {
+    let bins = release_bins()?;
     let b = image::build(&root_dir(), &bins, out)?;
     let size = fs::metadata(&b.archive)?.len();
     println!(
@@ -331,6 +345,20 @@ fn image_build(out: &Path) -> anyhow::Result<image::Built> {
         b.sbom.display()
     );
     Ok(b)
+}
+
+/// `cargo xtask package`: the .deb packages into `out` (`target/packages`); prints each.
+fn package_build(out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let bins = release_bins()?;
+    let debs = package::build(&root_dir(), &bins, out)?;
+    for d in &debs {
+        println!(
+            "package {} ({:.1} MB)",
+            d.display(),
+            fs::metadata(d)?.len() as f64 / 1e6
+        );
+    }
+    Ok(debs)
 }
 
 fn image_cmd(args: &[String]) -> anyhow::Result<()> {
@@ -585,7 +613,7 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
     let Some((task, rest)) = args.split_first() else {
         bail!(
-            "usage: cargo xtask <setup|build [--release]|demo [--seconds N]|test [--no-lint]|bench [ARGS]|soak [--short]|fuzz [--seconds N]|image [--out DIR]|codegen>"
+            "usage: cargo xtask <setup|build [--release]|demo [--seconds N]|test [--no-lint]|bench [ARGS]|soak [--short]|fuzz [--seconds N]|image [--out DIR]|package|codegen>"
         );
     };
     match task.as_str() {
@@ -615,10 +643,14 @@ fn main() -> anyhow::Result<()> {
             toolchain()?;
             image_cmd(rest)
         }
+        "package" => {
+            toolchain()?;
+            package_build(&root_dir().join("target/packages")).map(|_| ())
+        }
         // Regenerates proto/src/generated from the .proto files (committed; a test checks it).
         "codegen" => run(cmd("cargo").args(["run", "-q", "-p", "gpulse-proto-codegen"])),
         other => bail!(
-            "unknown task {other:?}: try setup, build, demo, test, bench, soak, fuzz, image or codegen"
+            "unknown task {other:?}: try setup, build, demo, test, bench, soak, fuzz, image, package or codegen"
         ),
     }
 }
