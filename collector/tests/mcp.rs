@@ -313,7 +313,7 @@ async fn tools_answer_from_the_store() {
         (
             "gpu_metric_trend",
             json!({"metric": "fan_speed"}),
-            "unknown variant",
+            "unknown metric",
         ),
         ("xid_summary", json!({"node": "nope"}), "unknown node"),
         ("list_nodes", json!({"cursor": "x"}), "cursor"),

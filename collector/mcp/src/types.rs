@@ -37,24 +37,52 @@ pub enum EventOrder {
     OldestFirst,
 }
 
-/// The GPU metrics the collector keeps (same names as `gpulse trend --list-metrics`).
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Metric {
-    GpuUtilPct,
-    MemUtilPct,
-    MemUsedBytes,
-    MemTotalBytes,
-    TemperatureC,
-    PowerW,
-    PowerLimitW,
-    SmClockMhz,
-    MemClockMhz,
-    EccCorrected,
-    EccUncorrected,
-    PcieReplays,
-    Throttled,
-    ProcessCount,
+/// A GPU metric the collector keeps: a name of the contract's catalog
+/// (`gpulse_proto::metric::METRICS`, also `gpulse trend --list-metrics`). The schema and the
+/// accepted names come from the catalog, so a metric added there is offered here unchanged.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Metric(&'static str);
+
+impl Metric {
+    pub fn name(self) -> &'static str {
+        self.0
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        gpulse_proto::metric::by_name(name).map(|(_, def)| Self(def.name))
+    }
+}
+
+impl<'de> Deserialize<'de> for Metric {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Self::from_name(&name).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown metric {name:?}; expected one of: {}",
+                gpulse_proto::metric::names().join(", ")
+            ))
+        })
+    }
+}
+
+impl JsonSchema for Metric {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Metric".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let defs = gpulse_proto::metric::METRICS;
+        let described: Vec<String> = defs
+            .iter()
+            .map(|m| format!("{} ({}, {})", m.name, m.help, m.unit))
+            .collect();
+        schemars::json_schema!({
+            "type": "string",
+            "enum": defs.iter().map(|m| m.name).collect::<Vec<_>>(),
+            "description": format!("The GPU metric: {}.", described.join("; ")),
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]

@@ -59,7 +59,7 @@ impl GpulseMcp {
         let (w, defaulted) = tw(&a.since, &a.until, "1h");
         let r = src
             .trend(TrendRequest {
-                metric: arg_name(a.metric),
+                metric: a.metric.name().to_string(),
                 window: Some(w),
                 step_seconds: 0,
                 max_points,
@@ -198,11 +198,11 @@ mod tests {
     #[tokio::test]
     async fn refuses_unknown_metrics_and_ranges() {
         let s = Session::new(Answers::default()).await;
-        assert!(
-            s.refused("gpu_metric_trend", json!({"metric": "fan_speed"}))
-                .await
-                .contains("unknown variant")
-        );
+        let text = s
+            .refused("gpu_metric_trend", json!({"metric": "fan_speed"}))
+            .await;
+        assert!(text.contains("unknown metric \"fan_speed\""), "{text}");
+        assert!(text.contains("power_w"), "the catalog's names are offered: {text}");
         let text = s
             .refused(
                 "gpu_metric_trend",

@@ -386,16 +386,20 @@ mod tests {
             ProcessState::Unspecified,
             "all"
         );
-        // The metric enum is the contract's metric catalog, in order.
+        // The metric schema is the contract's metric catalog, in order, each name accepted.
         let schema = serde_json::to_value(schemars::schema_for!(crate::types::Metric)).unwrap();
         let names: Vec<&str> = schema["enum"]
             .as_array()
-            .or_else(|| schema["oneOf"].as_array())
             .unwrap()
             .iter()
-            .map(|v| v.as_str().or_else(|| v["const"].as_str()).unwrap())
+            .map(|v| v.as_str().unwrap())
             .collect();
         assert_eq!(names, gpulse_proto::metric::names());
+        for m in gpulse_proto::metric::METRICS {
+            let parsed: crate::types::Metric = serde_json::from_value(serde_json::json!(m.name)).unwrap();
+            assert_eq!(parsed.name(), m.name);
+            assert!(schema["description"].as_str().unwrap().contains(m.help));
+        }
     }
 
     #[test]
