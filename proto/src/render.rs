@@ -454,6 +454,77 @@ pub fn gpu_sample_line(g: &v1::GpuSample) -> String {
 mod tests {
     use super::*;
 
+    /// Every field of GpuSample, and of each message inside it, has its key in the JSON: a field
+    /// added to the .proto and forgotten here fails this, instead of silently missing from
+    /// `gpulse nodes --json`, MCP and every other JSON answer.
+    #[test]
+    fn gpu_sample_json_has_every_field_of_the_message() {
+        use std::collections::HashMap;
+
+        use prost::Message as _;
+        use prost_types::{
+            DescriptorProto, FileDescriptorSet,
+            field_descriptor_proto::{Label, Type},
+        };
+
+        fn collect<'a>(
+            prefix: &str,
+            msgs: &'a [DescriptorProto],
+            out: &mut HashMap<String, &'a DescriptorProto>,
+        ) {
+            for m in msgs {
+                let name = format!("{prefix}.{}", m.name());
+                collect(&name, &m.nested_type, out);
+                out.insert(name, m);
+            }
+        }
+        fn check(
+            msg: &DescriptorProto,
+            json: &Value,
+            all: &HashMap<String, &DescriptorProto>,
+            path: &str,
+        ) {
+            for f in &msg.field {
+                let key = format!("{path}.{}", f.name());
+                let v = json
+                    .get(f.name())
+                    .unwrap_or_else(|| panic!("{key} is not in the JSON: {json}"));
+                if f.r#type() == Type::Message {
+                    let inner = all[f.type_name()];
+                    let v = if f.label() == Label::Repeated {
+                        &v[0]
+                    } else {
+                        v
+                    };
+                    assert!(v.is_object(), "{key}: {v}");
+                    check(inner, v, all, &key);
+                }
+            }
+        }
+
+        let set = FileDescriptorSet::decode(v1::FILE_DESCRIPTOR_SET).unwrap();
+        let mut all = HashMap::new();
+        for f in &set.file {
+            collect(&format!(".{}", f.package()), &f.message_type, &mut all);
+        }
+        // Every message-typed field present once, so its own fields can be looked for.
+        let sample = v1::GpuSample {
+            row_remap: Some(Default::default()),
+            retired_pages: Some(Default::default()),
+            nvlink: vec![Default::default()],
+            fabric: Some(Default::default()),
+            processes: vec![Default::default()],
+            errors: vec![Default::default()],
+            ..Default::default()
+        };
+        check(
+            all[".gpulse.v1.GpuSample"],
+            &gpu_sample(&sample),
+            &all,
+            "GpuSample",
+        );
+    }
+
     #[test]
     fn storm_summaries_say_how_many_over_how_long() {
         let at = |s: i64| Some(crate::time::from_unix_nanos(i128::from(s) * 1_000_000_000));
