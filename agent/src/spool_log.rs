@@ -1,8 +1,8 @@
 //! The spool on disk (`--state-dir`/spool.log): what the agent has not yet seen acknowledged
 //! survives its own restarts, `kill -9` included, like Vector's or Fluent Bit's disk buffers.
 //!
-//! Append-only frames `[u32 len][u32 crc32][u8 type][payload]` (little-endian; the CRC covers
-//! type and payload):
+//! Append-only frames of the one log frame format (`gpulse_proto::frame`:
+//! `[u32 len][u32 crc32][u8 type][payload]`):
 //! * `EVENT`: one encoded `Event` with its seq, written when it enters the spool (a later frame
 //!   with the same seq replaces it: an event set aside after a refusal);
 //! * `ACK`: `u64` through which the collector acknowledged;
@@ -21,11 +21,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use gpulse_proto::v1::{self, event::Payload};
+use gpulse_proto::{
+    frame,
+    v1::{self, event::Payload},
+};
 use prost::Message;
 use tracing::warn;
 
-const FRAME_HEADER: usize = 9;
 const TYPE_EVENT: u8 = 1;
 const TYPE_ACK: u8 = 2;
 const TYPE_HISTORY: u8 = 3;
@@ -69,16 +71,6 @@ pub struct SpoolLog {
     history: VecDeque<v1::Event>,
 }
 
-fn frame(buf: &mut Vec<u8>, ty: u8, payload: &[u8]) {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&[ty]);
-    h.update(payload);
-    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&h.finalize().to_le_bytes());
-    buf.push(ty);
-    buf.extend_from_slice(payload);
-}
-
 fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .create(true)
@@ -94,27 +86,13 @@ fn replay(data: &[u8]) -> (usize, Recovered) {
     let mut history: VecDeque<v1::Event> = VecDeque::new();
     let mut off = 0;
     while off < data.len() {
-        let Some(header) = data.get(off..off + FRAME_HEADER) else {
-            out.damage = Some(format!("truncated frame header at byte {off}"));
-            break;
+        let (ty, payload, end) = match frame::read(data, off, MAX_FRAME) {
+            Ok(f) => (f.ty, &data[f.payload], f.end),
+            Err(e) => {
+                out.damage = Some(format!("{e} at byte {off}"));
+                break;
+            }
         };
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        let ty = header[8];
-        let Some(payload) = data
-            .get(off + FRAME_HEADER..off + FRAME_HEADER + len)
-            .filter(|_| len <= MAX_FRAME)
-        else {
-            out.damage = Some(format!("frame at byte {off} runs past the end"));
-            break;
-        };
-        let mut h = crc32fast::Hasher::new();
-        h.update(&[ty]);
-        h.update(payload);
-        if h.finalize() != crc {
-            out.damage = Some(format!("checksum mismatch at byte {off}"));
-            break;
-        }
         match ty {
             TYPE_EVENT | TYPE_HISTORY => match v1::Event::decode(payload) {
                 Ok(ev) => {
@@ -148,7 +126,7 @@ fn replay(data: &[u8]) -> (usize, Recovered) {
                 break;
             }
         }
-        off += FRAME_HEADER + len;
+        off = end;
     }
     out.events = live.into();
     out.history = history.into();
@@ -241,8 +219,8 @@ impl SpoolLog {
 
     /// [`SpoolLog::append_event`] of `ev` already encoded as `bytes`.
     pub fn append_encoded(&mut self, bytes: &[u8], ev: &v1::Event) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(bytes.len() + FRAME_HEADER);
-        frame(&mut buf, TYPE_EVENT, bytes);
+        let mut buf = Vec::with_capacity(bytes.len() + frame::HEADER);
+        frame::write(&mut buf, TYPE_EVENT, bytes);
         if is_kernel_record(ev) {
             remember(&mut self.history, ev);
         }
@@ -250,8 +228,8 @@ impl SpoolLog {
     }
 
     pub fn append_ack(&mut self, through: u64) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(FRAME_HEADER + 8);
-        frame(&mut buf, TYPE_ACK, &through.to_le_bytes());
+        let mut buf = Vec::with_capacity(frame::HEADER + 8);
+        frame::write(&mut buf, TYPE_ACK, &through.to_le_bytes());
         self.write(&buf)
     }
 
@@ -281,11 +259,11 @@ impl SpoolLog {
     ) -> io::Result<()> {
         let mut buf = Vec::new();
         for h in &self.history {
-            frame(&mut buf, TYPE_HISTORY, &h.encode_to_vec());
+            frame::write(&mut buf, TYPE_HISTORY, &h.encode_to_vec());
         }
-        frame(&mut buf, TYPE_ACK, &acked.to_le_bytes());
+        frame::write(&mut buf, TYPE_ACK, &acked.to_le_bytes());
         for ev in live {
-            frame(&mut buf, TYPE_EVENT, ev);
+            frame::write(&mut buf, TYPE_EVENT, ev);
         }
         crate::state_dir::write_atomic(&self.path, &buf)?;
         self.file = open_append(&self.path)?;

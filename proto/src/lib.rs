@@ -16,6 +16,7 @@ pub mod api;
 pub mod bounds;
 pub mod client;
 pub mod convert;
+pub mod frame;
 pub mod listing;
 pub mod metric;
 pub mod names;

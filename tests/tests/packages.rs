@@ -15,7 +15,11 @@ use gpulse_e2e::*;
 /// Package, binaries, state directory under /var/lib.
 const PACKAGES: &[(&str, &[&str], &str)] = &[
     ("gpulse-agent", &["gpulse-agent"], "gpulse-agent"),
-    ("gpulse-collector", &["gpulse-collector", "gpulse"], "gpulse"),
+    (
+        "gpulse-collector",
+        &["gpulse-collector", "gpulse"],
+        "gpulse",
+    ),
 ];
 
 fn out(c: &mut Command) -> (bool, String) {
@@ -121,7 +125,11 @@ fn host_packages_install_verify_run_upgrade_and_purge() {
     // A scratch root with an empty dpkg database.
     let scratch = tempfile::tempdir().unwrap();
     let root = scratch.path();
-    for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates", "etc/systemd/system"] {
+    for d in [
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "etc/systemd/system",
+    ] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     std::fs::write(root.join("var/lib/dpkg/status"), "").unwrap();
@@ -130,7 +138,10 @@ fn host_packages_install_verify_run_upgrade_and_purge() {
     for (name, bins, _) in PACKAGES {
         let status = ok(dpkg(root).args(["--status", name]));
         assert!(status.contains("Status: install ok installed"), "{status}");
-        assert!(status.contains(&format!("/etc/default/{name} ")), "{status}");
+        assert!(
+            status.contains(&format!("/etc/default/{name} ")),
+            "{status}"
+        );
         let wants = root.join(format!(
             "etc/systemd/system/multi-user.target.wants/{name}.service"
         ));
@@ -164,7 +175,10 @@ fn host_packages_install_verify_run_upgrade_and_purge() {
         .args(["verify", "--man=no"])
         .arg(format!("--root={}", root.display()))
         .args(&names));
-    assert!(good && said.trim().is_empty(), "systemd-analyze verify: {said}");
+    assert!(
+        good && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
     for unit in &names {
         let said = ok(Command::new(&analyze)
             .args(["security", "--offline=true", "--no-pager"])

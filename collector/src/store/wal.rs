@@ -1,8 +1,8 @@
 //! Write-ahead log in `--data-dir`: what the collector acknowledges survives `kill -9`.
 //!
-//! Segments `wal-<first cursor>.seg` (mode 0600) hold frames
-//! `[u32 len][u32 crc32][u8 type][payload]`, little-endian, where the CRC covers type and
-//! payload. Type 3 is a run of one batch's events: a length-prefixed [`BatchHeader`] (node,
+//! Segments `wal-<first cursor>.seg` (mode 0600) hold frames of the one log frame format
+//! (`gpulse_proto::frame`: `[u32 len][u32 crc32][u8 type][payload]`, the CRC over type and
+//! payload). Type 3 is a run of one batch's events: a length-prefixed [`BatchHeader`] (node,
 //! agent id, received time, first cursor) followed by length-prefixed encoded `Event`s to the
 //! end of the frame, exactly as the agent sent them; replay sets the header's fields on each (the
 //! collector overwrites them at ingest), so nothing is encoded twice on the hot path. Type 2 is
@@ -20,11 +20,13 @@ use std::{
     sync::Arc,
 };
 
-use gpulse_proto::v1::{self, StoreCheckpoint};
+use gpulse_proto::{
+    frame,
+    v1::{self, StoreCheckpoint},
+};
 use prost::{Message, bytes::Bytes};
 use tracing::{info, warn};
 
-const FRAME_HEADER: usize = 9;
 const TYPE_EVENT: u8 = 1;
 const TYPE_CHECKPOINT: u8 = 2;
 const TYPE_BATCH: u8 = 3;
@@ -296,7 +298,7 @@ impl Wal {
         self.file.sync_data().map_err(RotateError::Sync)?;
         let path = self.dir.join(seg_name(next_cursor));
         let mut buf = Vec::new();
-        frame(&mut buf, TYPE_CHECKPOINT, &checkpoint.encode_to_vec());
+        frame::write(&mut buf, TYPE_CHECKPOINT, &checkpoint.encode_to_vec());
         let file = OpenOptions::new()
             .create_new(true)
             .append(true)
@@ -359,29 +361,24 @@ impl Wal {
 /// A batch frame being written into the append buffer: frame header placeholder, the
 /// length-prefixed header message, then entries; `finish` fills in the length and CRC.
 struct BatchFrame {
-    start: usize,
+    open: frame::Open,
     count: usize,
 }
 
 impl BatchFrame {
     fn start(buf: &mut Vec<u8>, header: &BatchHeader) -> Self {
-        let start = buf.len();
-        buf.extend_from_slice(&[0; FRAME_HEADER - 1]);
-        buf.push(TYPE_BATCH);
+        let open = frame::Open::begin(buf, TYPE_BATCH);
         // Encoding into a Vec cannot fail.
         let _ = header.encode_length_delimited(buf);
-        Self { start, count: 0 }
+        Self { open, count: 0 }
     }
 
     fn payload_len(&self, buf: &[u8]) -> usize {
-        buf.len() - self.start - FRAME_HEADER
+        self.open.payload_len(buf)
     }
 
     fn finish(&self, buf: &mut [u8]) {
-        let len = self.payload_len(buf) as u32;
-        buf[self.start..self.start + 4].copy_from_slice(&len.to_le_bytes());
-        let crc = crc32fast::hash(&buf[self.start + 8..]);
-        buf[self.start + 4..self.start + 8].copy_from_slice(&crc.to_le_bytes());
+        self.open.finish(buf);
     }
 }
 
@@ -424,22 +421,9 @@ fn read_batch(payload: &Bytes, out: &mut VecDeque<Replayed>) -> Result<Option<u6
     Ok(last)
 }
 
-fn frame(buf: &mut Vec<u8>, ty: u8, payload: &[u8]) {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&[ty]);
-    h.update(payload);
-    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&h.finalize().to_le_bytes());
-    buf.push(ty);
-    buf.extend_from_slice(payload);
-}
-
 /// Where the frame at `off` ends by its length field, if that fits the segment.
 fn frame_end(data: &[u8], off: usize) -> Option<usize> {
-    let h = data.get(off..off + FRAME_HEADER)?;
-    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
-    let end = off.checked_add(FRAME_HEADER)?.checked_add(len)?;
-    (len <= MAX_FRAME && end <= data.len()).then_some(end)
+    frame::end_by_length(data, off, MAX_FRAME)
 }
 
 /// Reads the frame at `off` of a segment: its items go to `out`, `last` follows the event
@@ -450,24 +434,8 @@ fn read_frame(
     out: &mut VecDeque<Replayed>,
     last: &mut Option<u64>,
 ) -> Result<usize, String> {
-    if data.len() - off < FRAME_HEADER {
-        return Err("truncated frame header".into());
-    }
-    let len = u32::from_le_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]]) as usize;
-    let crc = u32::from_le_bytes([data[off + 4], data[off + 5], data[off + 6], data[off + 7]]);
-    let ty = data[off + 8];
-    if len > MAX_FRAME || data.len() - off - FRAME_HEADER < len {
-        return Err(format!(
-            "frame length {len} runs past the end of the segment"
-        ));
-    }
-    let payload = data.slice(off + FRAME_HEADER..off + FRAME_HEADER + len);
-    let mut h = crc32fast::Hasher::new();
-    h.update(&[ty]);
-    h.update(&payload);
-    if h.finalize() != crc {
-        return Err("checksum mismatch".into());
-    }
+    let f = frame::read(data, off, MAX_FRAME).map_err(|e| e.to_string())?;
+    let (ty, payload) = (f.ty, data.slice(f.payload));
     match ty {
         TYPE_EVENT => {
             let ev = v1::Event::decode(payload.as_ref())
@@ -487,7 +455,7 @@ fn read_frame(
         }
         other => return Err(format!("unknown frame type {other}")),
     }
-    Ok(off + FRAME_HEADER + len)
+    Ok(f.end)
 }
 
 /// One item of the log, in log order.
@@ -904,7 +872,7 @@ mod tests {
         drop(w);
         let seg = dir.path().join(seg_name(1));
         let mut data = fs::read(&seg).unwrap();
-        data[second + FRAME_HEADER + 500] ^= 0xff; // inside the second frame's payload
+        data[second + frame::HEADER + 500] ^= 0xff; // inside the second frame's payload
         fs::write(&seg, &data).unwrap();
         let (_, r) = Wal::open(dir.path(), 64 << 20).unwrap();
         let cursors: Vec<u64> = r.events.iter().map(|e| e.cursor).collect();
@@ -1023,7 +991,7 @@ mod tests {
         while off < data.len() {
             let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
             assert!(len <= BATCH_FRAME_BYTES + one.len());
-            off += FRAME_HEADER + len;
+            off += frame::HEADER + len;
             frames += 1;
         }
         assert!(frames >= 3, "{frames} frames");
@@ -1040,7 +1008,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut data = Vec::new();
         for c in 1..=2 {
-            frame(&mut data, TYPE_EVENT, &ev(c).encode_to_vec());
+            frame::write(&mut data, TYPE_EVENT, &ev(c).encode_to_vec());
         }
         fs::write(dir.path().join(seg_name(1)), &data).unwrap();
         let (mut w, r) = Wal::open(dir.path(), 1 << 20).unwrap();
@@ -1072,7 +1040,7 @@ mod tests {
         payload.extend_from_slice(&e);
         prost::encoding::encode_varint(50, &mut payload);
         payload.extend_from_slice(&[1, 2, 3]);
-        frame(&mut data, TYPE_BATCH, &payload);
+        frame::write(&mut data, TYPE_BATCH, &payload);
         fs::write(&seg, &data).unwrap();
         let (_, r) = Wal::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(

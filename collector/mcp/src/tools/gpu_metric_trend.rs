@@ -202,7 +202,10 @@ mod tests {
             .refused("gpu_metric_trend", json!({"metric": "fan_speed"}))
             .await;
         assert!(text.contains("unknown metric \"fan_speed\""), "{text}");
-        assert!(text.contains("power_w"), "the catalog's names are offered: {text}");
+        assert!(
+            text.contains("power_w"),
+            "the catalog's names are offered: {text}"
+        );
         let text = s
             .refused(
                 "gpu_metric_trend",

@@ -396,7 +396,8 @@ mod tests {
             .collect();
         assert_eq!(names, gpulse_proto::metric::names());
         for m in gpulse_proto::metric::METRICS {
-            let parsed: crate::types::Metric = serde_json::from_value(serde_json::json!(m.name)).unwrap();
+            let parsed: crate::types::Metric =
+                serde_json::from_value(serde_json::json!(m.name)).unwrap();
             assert_eq!(parsed.name(), m.name);
             assert!(schema["description"].as_str().unwrap().contains(m.help));
         }
