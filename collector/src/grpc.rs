@@ -17,8 +17,8 @@ use tracing::{debug, info, warn};
 
 use crate::{
     auth::{self, Auth, Identity},
+    batch::IngestBatch,
     filter::Filter,
-    ingest::IngestBatch,
     query::{QueryError, aggregate},
     shutdown::{STOPPING, Shutdown},
     state::{StoreError, StoreHandle, SubMsg},

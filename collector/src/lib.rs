@@ -1,17 +1,17 @@
 //! gpulse collector: gRPC ingest from agents, a bounded and durable event store, live
 //! subscribers, and HTTP health/metrics. See docs/architecture.md.
 pub mod auth;
+pub mod batch;
 pub mod conn;
 pub mod filter;
 pub mod gateway;
 pub mod grpc;
-pub mod health;
 pub mod history;
 pub mod http;
-pub mod ingest;
 pub mod labels;
 pub mod listen;
 pub mod query;
+pub mod readiness;
 pub mod recycle;
 pub mod reload;
 pub mod remote_write;

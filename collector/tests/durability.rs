@@ -16,7 +16,7 @@ use std::{
 
 use common::*;
 use gpulse_collector::{
-    health::Problem,
+    readiness::Problem,
     server::{self, ServerConfig},
     state::StoreConfig,
     store::syncer::SyncHook,

@@ -22,6 +22,21 @@ const KNOWN_EVENT_FIELDS: [u32; 18] = [
     1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20,
 ];
 
+/// Marks an event whose payload this build does not know (`EVENT_KIND_UNKNOWN`), with the
+/// unknown field numbers read from its bytes (one linear pass; ingest refuses events with more
+/// than `bounds::MAX_UNKNOWN_FIELDS`, and events stored before that bound show that many).
+pub fn mark_unknown(ev: &mut crate::v1::Event, encoded: &[u8]) {
+    let mut fields = unknown_event_fields(encoded).unwrap_or_default();
+    fields.truncate(crate::bounds::MAX_UNKNOWN_FIELDS);
+    mark_unknown_fields(ev, fields);
+}
+
+/// [`mark_unknown`] with the field numbers already read (ingest reads them once).
+pub fn mark_unknown_fields(ev: &mut crate::v1::Event, fields: Vec<u32>) {
+    ev.kind = crate::v1::EventKind::Unknown as i32;
+    ev.unknown_fields = fields;
+}
+
 /// The top-level field numbers of an encoded `Event` that this build does not know (what a
 /// newer agent's payload looks like to an older collector), in order, without repeats, at most
 /// `bounds::MAX_UNKNOWN_FIELDS + 1` of them (one more than an event may carry, so a caller can

@@ -12,10 +12,9 @@ use tracing::{debug, info, warn};
 
 use super::{IngestOutcome, State, StoreError};
 use crate::{
-    ingest::{IngestBatch, Wire},
+    batch::{IngestBatch, Wire},
     store::{
         events::Origin,
-        recovery::add_sample,
         wal::{BatchHeader, RotateError},
     },
     telemetry::Metrics,
@@ -263,7 +262,7 @@ impl State {
             drop(bytes);
             self.counters.count(&self.metrics, &ev);
             self.count_agent_drops(&ev);
-            add_sample(&mut self.series, &ev);
+            self.series.add_event(&ev);
             self.subscribers.fan_out(&ev);
             done.extend(self.nodes.note(ev));
         }

@@ -28,10 +28,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
 use crate::{
+    batch::IngestBatch,
     filter::Filter,
-    health::StoreHealth,
-    ingest::IngestBatch,
     query::{self, QueryError},
+    readiness::StoreHealth,
     store::{
         events::{EventStore, Origin},
         recovery::{self, Restored},

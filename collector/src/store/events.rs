@@ -67,21 +67,6 @@ pub fn event_ms(ev: &v1::Event) -> i64 {
     gpulse_proto::listing::event_ms(ev)
 }
 
-/// Marks an event whose payload this collector does not know (see `EVENT_KIND_UNKNOWN`), with
-/// the unknown field numbers read from its bytes (one linear pass; ingest refuses events with
-/// more than `bounds::MAX_UNKNOWN_FIELDS`, and events stored before that bound show that many).
-pub fn mark_unknown(ev: &mut v1::Event, encoded: &[u8]) {
-    let mut fields = gpulse_proto::convert::unknown_event_fields(encoded).unwrap_or_default();
-    fields.truncate(gpulse_proto::bounds::MAX_UNKNOWN_FIELDS);
-    mark_unknown_with(ev, fields);
-}
-
-/// [`mark_unknown`] with the field numbers already read (ingest reads them once).
-pub fn mark_unknown_with(ev: &mut v1::Event, fields: Vec<u32>) {
-    ev.kind = EventKind::Unknown as i32;
-    ev.unknown_fields = fields;
-}
-
 /// One bounded step of a replay ([`EventStore::scan_after`]).
 #[derive(Debug, Default)]
 pub struct Scan {
@@ -267,7 +252,7 @@ impl<'a> EventRef<'a> {
         match v1::Event::decode(self.bytes) {
             Ok(mut ev) => {
                 if ev.payload.is_none() {
-                    mark_unknown(&mut ev, self.bytes);
+                    gpulse_proto::convert::mark_unknown(&mut ev, self.bytes);
                 }
                 ev.node.clone_from(&self.rec.origin.node);
                 ev.agent_id.clone_from(&self.rec.origin.agent_id);

@@ -11,7 +11,7 @@ use gpulse_proto::{metric, time as ptime, v1};
 use tracing::{info, warn};
 
 use super::{
-    events::{EventStore, Senders, event_ms},
+    events::{EventStore, Senders},
     series::{SeriesBudgets, SeriesStore},
     snapshot::{
         self, COUNTERS_FILE, CounterRow, EVENTS_FILE, EventsReader, SERIES_FILE, SeriesSnapshot,
@@ -147,16 +147,6 @@ fn merge_event(agents: &mut FastMap<String, v1::AgentProgress>, ev: &v1::Event) 
     }
 }
 
-/// Adds a GPU sample event to the sample history.
-pub fn add_sample(series: &mut SeriesStore, ev: &v1::Event) -> bool {
-    let Some(v1::event::Payload::GpuSample(g)) = &ev.payload else {
-        return false;
-    };
-    series
-        .push(&ev.node, g.index, &g.uuid, event_ms(ev), &metric::row(g))
-        .is_ok()
-}
-
 /// One restored event: the snapshot's or the log's.
 type Entry = (Box<v1::Event>, prost::bytes::Bytes);
 
@@ -254,7 +244,7 @@ impl Restorer {
         if !from_snap && ev.cursor <= self.events_through {
             // Covered by the events snapshot (or expired before it): history only.
             if history {
-                add_sample(&mut self.series, &ev);
+                self.series.add_event(&ev);
             }
             visit(ev, Restored::HistoryOnly);
             return;
@@ -266,7 +256,7 @@ impl Restorer {
         }
         drop(encoded);
         if history {
-            add_sample(&mut self.series, &ev);
+            self.series.add_event(&ev);
         }
         visit(ev, Restored::Stored);
     }

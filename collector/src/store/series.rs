@@ -8,6 +8,8 @@
 use std::{cell::RefCell, collections::VecDeque, sync::Arc};
 
 use super::codec::{self, CodecError};
+use gpulse_proto::v1;
+
 use crate::FastMap;
 
 /// Rows per sealed chunk (2 min at the default 1 s sampling interval).
@@ -369,6 +371,23 @@ impl SeriesStore {
 
     fn bucket_row_bytes(&self) -> usize {
         BUCKET_ROW_OVERHEAD + self.metrics * std::mem::size_of::<Agg>()
+    }
+
+    /// A GPU sample event into the history (live ingest and recovery alike); false for any
+    /// other event or a row the store refused.
+    pub fn add_event(&mut self, ev: &v1::Event) -> bool {
+        let Some(v1::event::Payload::GpuSample(g)) = &ev.payload else {
+            return false;
+        };
+        let ms = gpulse_proto::listing::event_ms(ev);
+        self.push(
+            &ev.node,
+            g.index,
+            &g.uuid,
+            ms,
+            &gpulse_proto::metric::row(g),
+        )
+        .is_ok()
     }
 
     /// Stores one row (`values[m]` is metric m; NaN = absent).

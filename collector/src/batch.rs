@@ -162,7 +162,7 @@ fn check_event(
             )));
         }
         check_severity(i, want, ev)?;
-        crate::store::events::mark_unknown_with(ev, unknown);
+        gpulse_proto::convert::mark_unknown_fields(ev, unknown);
         // The received bytes stay authoritative (they hold the payload); a seq the agent left
         // at zero is appended to them (protobuf: the last value of a field wins).
         return Ok(false);
