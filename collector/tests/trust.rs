@@ -14,11 +14,11 @@ use gpulse_collector::{
     state::StoreConfig,
     tls::TlsFiles,
 };
-use gpulse_e2e::pki::{CLUSTER_ISSUER, TestCa, TestIssuer};
 use gpulse_proto::{
     client::ClientOptions,
     v1::{Batch, StatusRequest, ingest_client::IngestClient, telemetry_client::TelemetryClient},
 };
+use gpulse_test_pki::{CLUSTER_ISSUER, TestCa, TestIssuer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;

@@ -6,7 +6,8 @@
 //! otherwise; CI runs as root, so they run there.
 pub mod loadgen;
 pub mod mini_agent;
-pub mod pki;
+/// Test credentials (their own crate, so the collector's tests use them without building the agent).
+pub use gpulse_test_pki as pki;
 pub mod soak;
 
 use std::{

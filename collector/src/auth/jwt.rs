@@ -242,8 +242,8 @@ mod tests {
     fn junk_and_tampered_tokens_are_refused_without_panicking() {
         #![allow(clippy::unwrap_used)]
         use base64::Engine as _;
-        let issuer = gpulse_e2e::pki::TestIssuer::new("k1").unwrap();
-        let keys = KeySet::parse(&gpulse_e2e::pki::TestIssuer::jwks(&[&issuer])).unwrap();
+        let issuer = gpulse_test_pki::TestIssuer::new("k1").unwrap();
+        let keys = KeySet::parse(&gpulse_test_pki::TestIssuer::jwks(&[&issuer])).unwrap();
         let expect = Expect {
             issuer: "https://iss".into(),
             audience: "aud".into(),
@@ -283,7 +283,7 @@ mod tests {
             },
             &claims,
             &jsonwebtoken::EncodingKey::from_secret(
-                gpulse_e2e::pki::TestIssuer::jwks(&[&issuer]).as_bytes(),
+                gpulse_test_pki::TestIssuer::jwks(&[&issuer]).as_bytes(),
             ),
         )
         .unwrap();
