@@ -18,7 +18,13 @@ const LOCK: &str = "lock";
 /// Holds the state directory for this process: a second agent on the same directory would
 /// interleave two spools in one log.
 #[derive(Debug)]
-pub struct DirLock(#[allow(dead_code)] File);
+pub struct DirLock(
+    #[expect(
+        dead_code,
+        reason = "held, never read: the lock lasts as long as the open file"
+    )]
+    File,
+);
 
 /// Takes the state directory (creating it, 0700), or says which process has it.
 pub fn lock(dir: &Path) -> io::Result<DirLock> {

@@ -18,12 +18,12 @@ use tracing::{debug, info, warn};
 use crate::{
     auth::{self, Auth, Identity},
     batch::IngestBatch,
-    filter::Filter,
     query::{QueryError, aggregate},
     shutdown::{STOPPING, Shutdown},
     state::{StoreError, StoreHandle, SubMsg},
     telemetry::Metrics,
 };
+use gpulse_proto::filter::Filter;
 
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {

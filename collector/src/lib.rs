@@ -3,7 +3,6 @@
 pub mod auth;
 pub mod batch;
 pub mod conn;
-pub mod filter;
 pub mod gateway;
 pub mod grpc;
 pub mod history;

@@ -23,7 +23,10 @@ const MAX_SPARE: usize = 4096;
 
 // Boxed on purpose: events move between batches, pool and decoder as pointers, not as
 // ~700-byte values.
-#[allow(clippy::vec_box)]
+#[expect(
+    clippy::vec_box,
+    reason = "events move as pointers, not ~700-byte values"
+)]
 static SPARE: Mutex<[Vec<Box<v1::Event>>; KINDS]> = Mutex::new([const { Vec::new() }; KINDS]);
 
 fn cleared(mut s: String) -> String {
@@ -139,7 +142,10 @@ pub fn payload_kind(mut b: &[u8]) -> Option<usize> {
 
 /// Spare events taken from the pool for one batch: one lock per kind the batch needs.
 pub struct Spares {
-    #[allow(clippy::vec_box)]
+    #[expect(
+        clippy::vec_box,
+        reason = "events move as pointers, not ~700-byte values"
+    )]
     local: [Vec<Box<v1::Event>>; KINDS],
     /// Events still to be decoded in the batch (the most worth taking).
     wanted: usize,

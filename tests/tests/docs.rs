@@ -51,3 +51,41 @@ fn development_md_lists_every_test_file() {
         "docs/development.md does not list {missing:?}; add each to 'Tests, by level'"
     );
 }
+
+/// The recipes in docs/development.md ("Adding things") name real files: a move or rename that
+/// leaves a recipe pointing at nothing fails here.
+#[test]
+fn development_md_recipes_name_files_that_exist() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let page = std::fs::read_to_string(root.join("docs/development.md")).unwrap();
+    let recipes = page
+        .split_once("### Recipes")
+        .expect("docs/development.md has a Recipes section")
+        .1;
+    for heading in [
+        "#### An MCP tool",
+        "#### A Telemetry RPC",
+        "#### An NVML field",
+        "#### A metric",
+        "#### A verdict rule",
+        "#### An XID catalog row",
+    ] {
+        assert!(recipes.contains(heading), "no recipe {heading:?}");
+    }
+    let mut checked = 0;
+    for (i, quoted) in recipes.split('`').enumerate() {
+        // Odd pieces are inside backticks; paths have a slash and a file extension.
+        let is_path = i % 2 == 1
+            && quoted.contains('/')
+            && !quoted.contains(['<', ' ', '*'])
+            && quoted.rsplit('/').next().is_some_and(|f| f.contains('.'));
+        if is_path {
+            assert!(
+                root.join(quoted).exists(),
+                "the recipe names {quoted}, which does not exist"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 30, "only {checked} paths found in the recipes");
+}

@@ -19,7 +19,7 @@
 //!   systemd, into `target/packages` (`package.rs`; units in `deploy/systemd`).
 //! * `image`  the container image as an OCI archive with its SBOM in `target/images`
 //!   (`--out DIR` elsewhere); prints its name, digest and size.
-#![allow(clippy::print_stdout, clippy::print_stderr)] // a developer tool talking to its user
+#![expect(clippy::print_stdout, reason = "a developer tool talking to its user")]
 
 use std::{
     env,

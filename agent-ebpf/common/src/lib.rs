@@ -209,7 +209,7 @@ macro_rules! with_globals {
 macro_rules! names_and_defaults {
     ($($(#[$doc:meta])* $name:ident: $ty:ty = $default:expr;)+) => {
         /// Each load-time global's symbol name (`NAME`) and the object's value (`DEFAULT`).
-        #[allow(non_snake_case)]
+        #[allow(non_snake_case, reason = "the constants are named after the globals' symbols")]
         pub mod globals {
             $(
                 $(#[$doc])*

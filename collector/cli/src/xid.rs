@@ -10,7 +10,7 @@ use serde_json::json;
 pub enum XidCmd {
     /// What an XID code means and what to do about it.
     Explain {
-        /// XID code (1-173 are catalogued).
+        /// XID code, e.g. 79.
         code: u32,
         #[arg(long)]
         json: bool,
@@ -34,9 +34,7 @@ pub fn render_explain(info: &catalog::XidInfo) -> String {
 
 fn explain(code: u32, as_json: bool) -> anyhow::Result<()> {
     let Some(info) = catalog::lookup(code) else {
-        bail!(
-            "XID {code} is not in the catalog (codes 1-173 are known); newer drivers may define it: check NVIDIA's Xid catalog"
-        );
+        bail!(catalog::not_catalogued(code));
     };
     let mut out = io::stdout().lock();
     if as_json {

@@ -114,8 +114,10 @@ impl GpulseMcp {
 #[tool_handler(router = self.tool_router)]
 #[prompt_handler(router = self.prompt_router)]
 impl ServerHandler for GpulseMcp {
-    // Logging is deprecated by the 2026-07-28 protocol (SEP-2577); kept for 2025-11-25 clients.
-    #[allow(deprecated)]
+    #[expect(
+        deprecated,
+        reason = "logging, deprecated by the 2026-07-28 protocol (SEP-2577), kept for 2025-11-25 clients"
+    )]
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(
             ServerCapabilities::builder()
@@ -158,8 +160,10 @@ impl ServerHandler for GpulseMcp {
         Ok(CompleteResult::new(info))
     }
 
-    // Deprecated by the 2026-07-28 protocol (SEP-2577); kept for 2025-11-25 clients.
-    #[allow(deprecated)]
+    #[expect(
+        deprecated,
+        reason = "set_level, deprecated by the 2026-07-28 protocol (SEP-2577), kept for 2025-11-25 clients"
+    )]
     async fn set_level(
         &self,
         request: rmcp::model::SetLevelRequestParams,

@@ -4,7 +4,10 @@
 //!
 //! The 2026-07-28 protocol deprecates logging (SEP-2577) and rmcp marks it so; 2025-11-25
 //! clients and the conformance suite still use it, so this server keeps it.
-#![allow(deprecated)]
+#![expect(
+    deprecated,
+    reason = "MCP logging, deprecated by SEP-2577, kept for 2025-11-25 clients"
+)]
 
 use std::{
     sync::{

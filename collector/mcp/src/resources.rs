@@ -18,9 +18,10 @@ pub fn list() -> Vec<Resource> {
     vec![
         Resource::new(CATALOG_URI, "xid-catalog")
             .with_title("NVIDIA XID catalog")
-            .with_description(
-                "Every XID code gpulse knows (1-173): mnemonic, meaning, default severity, NVIDIA's actions",
-            )
+            .with_description(format!(
+                "Every XID code gpulse knows ({}): mnemonic, meaning, default severity, NVIDIA's actions",
+                gpulse_xid::catalog::known_codes()
+            ))
             .with_mime_type("application/json"),
     ]
 }

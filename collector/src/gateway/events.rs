@@ -15,9 +15,6 @@ use tonic::Status;
 
 use super::merge;
 
-const DEFAULT_LIMIT: u32 = 100;
-const MAX_LIMIT: u32 = 1000;
-
 /// What a gateway page token holds.
 #[derive(Clone, PartialEq, prost::Message)]
 struct Token {
@@ -86,15 +83,8 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(req: ListEventsRequest, upstreams: &[String]) -> Result<Self, Status> {
-        let limit = match req.limit {
-            0 => DEFAULT_LIMIT,
-            n if n <= MAX_LIMIT => n,
-            n => {
-                return Err(Status::invalid_argument(format!(
-                    "limit {n} is out of range; 1..=1000 (0 = 100)"
-                )));
-            }
-        };
+        let limit =
+            gpulse_proto::answer::events_limit(req.limit).map_err(Status::invalid_argument)?;
         let newest_first = match Order::try_from(req.order) {
             Ok(Order::OldestFirst) => false,
             Ok(_) => true,

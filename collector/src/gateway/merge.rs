@@ -14,7 +14,7 @@ use gpulse_proto::{
 };
 use tonic::Status;
 
-use crate::query::aggregate::{self, MAX_XID_CODES, TOP_NODES};
+use gpulse_proto::answer::{self, MAX_XID_CODES, TOP_NODES};
 
 const NOTABLE: usize = 10;
 const INCIDENTS: usize = 20;
@@ -243,7 +243,7 @@ impl Summary {
             .map(|(kind, count)| KindCount { kind, count })
             .collect();
         self.out.top_nodes = top_nodes(self.nodes);
-        self.out.xids = aggregate::ranked_codes(self.xids, MAX_XID_CODES);
+        self.out.xids = answer::ranked_codes(self.xids, MAX_XID_CODES);
         self.out
     }
 }
@@ -257,7 +257,7 @@ fn top_nodes(nodes: HashMap<String, (u64, u64)>) -> Vec<NodeCount> {
             severe,
         })
         .collect();
-    aggregate::rank_nodes(&mut v);
+    answer::rank_nodes(&mut v);
     v
 }
 
@@ -426,17 +426,13 @@ impl Health {
 
     fn ranked(&mut self) -> Vec<GpuHealthRecord> {
         let mut all: Vec<GpuHealthRecord> = self.gpus.drain().map(|(_, g)| g).collect();
-        all.sort_by(|a, b| {
-            crate::verdict::gpu::rank(b.state)
-                .cmp(&crate::verdict::gpu::rank(a.state))
-                .then_with(|| (&a.cluster, &a.node, &a.pci).cmp(&(&b.cluster, &b.node, &b.pci)))
-        });
+        answer::sort_health(&mut all);
         all
     }
 
     pub fn finish(mut self) -> GpuHealthResponse {
         self.out.gpus = self.ranked();
-        crate::verdict::query::fit_answer(&mut self.out);
+        answer::fit_health(&mut self.out);
         self.out
     }
 }

@@ -428,10 +428,7 @@ impl Telemetry for Gateway {
     ) -> Result<Response<GpuHealthResponse>, Status> {
         let route = self.route(req.metadata())?;
         let req = req.into_inner();
-        let limit = match req.limit as usize {
-            0 => crate::verdict::query::DEFAULT_LIMIT,
-            n => n.min(crate::verdict::query::MAX_LIMIT),
-        };
+        let limit = gpulse_proto::answer::health_limit(req.limit);
         let mut acc = merge::Health::new(limit, &self.cluster);
         let out = self
             .all(
@@ -446,5 +443,83 @@ impl Telemetry for Gateway {
         let mut r = acc.finish();
         out.stamp(&mut r);
         Ok(Response::new(r))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a panic is the failure report
+mod tests {
+    /// The modules of this crate the gateway may use: the edge (who calls, how it listens and
+    /// stops, its connections, its metrics registry's error). Answer rules come from the
+    /// contract (`gpulse_proto::answer`, `filter`); the store, queries, verdicts and state task
+    /// are a collector's, which the gateway never reaches.
+    const EDGE: &[&str] = &[
+        "auth",
+        "conn",
+        "http",
+        "listen",
+        "shutdown",
+        "tls",
+        "telemetry::MetricsError",
+    ];
+
+    /// `crate::` paths named in `src`: `crate::a::b` and each item of `crate::{a::b, c}`.
+    fn crate_paths(src: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, _) in src.match_indices("crate::") {
+            let rest = &src[i + "crate::".len()..];
+            if let Some(list) = rest.strip_prefix('{') {
+                // Top-level items of the brace list.
+                let (mut depth, mut item) = (0, String::new());
+                for c in list.chars() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => break,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => {
+                            out.push(std::mem::take(&mut item).trim().to_string());
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    item.push(c);
+                }
+                if !item.trim().is_empty() {
+                    out.push(item.trim().to_string());
+                }
+            } else {
+                let end = rest
+                    .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+                    .unwrap_or(rest.len());
+                out.push(rest[..end].trim_end_matches(':').to_string());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_gateway_uses_only_the_contract_and_the_edge() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/gateway");
+        let mut seen = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let src = std::fs::read_to_string(&path).unwrap();
+            // Product code only: tests may build whatever they check against.
+            let product = src.split("#[cfg(test)]").next().unwrap_or_default();
+            for p in crate_paths(product) {
+                seen += 1;
+                assert!(
+                    EDGE.iter()
+                        .any(|edge| p == *edge || p.starts_with(&format!("{edge}::"))),
+                    "{} uses crate::{p}: gateway code may use the contract and the edge only",
+                    path.display()
+                );
+            }
+        }
+        assert!(seen > 5, "found {seen} crate paths: the scan is broken");
+        assert_eq!(
+            crate_paths("use crate::{a::b, c::{d, e}};\nx = crate::f::g(1);"),
+            vec!["a::b", "c::{d, e}", "f::g"]
+        );
     }
 }

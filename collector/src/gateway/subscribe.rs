@@ -166,7 +166,7 @@ pub async fn subscribe(
     metrics: GatewayMetrics,
     stop: Shutdown,
 ) -> Result<SubscribeStream, Status> {
-    crate::filter::Filter::from_wire(req.filter.clone())
+    gpulse_proto::filter::Filter::from_wire(req.filter.clone())
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let names: Vec<String> = route.iter().map(|(u, _)| u.name.clone()).collect();
     let mut positions: Vec<Option<At>> = if !req.resume_token.is_empty() {

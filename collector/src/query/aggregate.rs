@@ -13,17 +13,14 @@ use gpulse_proto::{
 };
 
 use super::{HOUR_NS, QueryError, bounded, window_notes, wire_enum, wire_value};
-use crate::{
-    filter::Filter,
-    store::events::{EventStore, Order, event_ms},
-};
+use crate::store::events::{EventStore, Order, event_ms};
+use gpulse_proto::answer::{MAX_XID_CODES, rank_nodes, ranked_codes};
+use gpulse_proto::filter::Filter;
 
 /// Matching events one aggregation reads at most (its work bound per request).
 pub const MAX_READ: usize = 20_000;
 /// Quiet time that separates two XID incidents on one GPU.
 const INCIDENT_QUIET_MS: i64 = 5 * 60_000;
-pub(crate) const TOP_NODES: usize = 10;
-pub(crate) const MAX_XID_CODES: usize = 256;
 const NOTABLE: usize = 10;
 const INCIDENTS: usize = 20;
 /// GPUs and nodes listed per XID group.
@@ -172,27 +169,6 @@ impl Summary {
         out.incidents = incidents.into_iter().take(INCIDENTS).collect();
         out
     }
-}
-
-/// The nodes with the most severe, then the most events (then by name), at most `TOP_NODES`.
-pub(crate) fn rank_nodes(nodes: &mut Vec<NodeCount>) {
-    nodes.sort_by(|a, b| {
-        (b.severe, b.count)
-            .cmp(&(a.severe, a.count))
-            .then(a.node.cmp(&b.node))
-    });
-    nodes.truncate(TOP_NODES);
-}
-
-/// Codes by count (most first, then ascending code), at most `cap`.
-pub(crate) fn ranked_codes(counts: HashMap<u32, u64>, cap: usize) -> Vec<XidCount> {
-    let mut v: Vec<XidCount> = counts
-        .into_iter()
-        .map(|(code, count)| XidCount { code, count })
-        .collect();
-    v.sort_by(|a, b| b.count.cmp(&a.count).then(a.code.cmp(&b.code)));
-    v.truncate(cap);
-    v
 }
 
 /// XID bursts per GPU. Events arrive oldest first by cursor; each GPU's are ordered by time at

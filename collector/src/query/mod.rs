@@ -18,16 +18,13 @@ use gpulse_proto::{
 use prost::Message;
 use thiserror::Error;
 
-use crate::{
-    filter::{Filter, FilterError},
-    store::{
-        codec::CodecError,
-        events::{self, EventStore, KeyAt, ListKey},
-    },
+use crate::store::{
+    codec::CodecError,
+    events::{self, EventStore, KeyAt, ListKey},
 };
+use gpulse_proto::answer;
+use gpulse_proto::filter::{Filter, FilterError};
 
-pub const DEFAULT_LIMIT: u32 = 100;
-pub const MAX_LIMIT: u32 = 1000;
 pub const DEFAULT_POINTS: u32 = 120;
 pub const MAX_POINTS: u32 = 1000;
 pub const DEFAULT_SERIES: u32 = 20;
@@ -227,9 +224,9 @@ pub fn list_events(
     let limit = bounded(
         "limit",
         req.limit,
-        DEFAULT_LIMIT,
-        MAX_LIMIT,
-        "1..=1000 (0 = 100)",
+        answer::EVENTS_DEFAULT_LIMIT,
+        answer::EVENTS_MAX_LIMIT,
+        answer::EVENTS_LIMIT_ACCEPTED,
     )?;
     let order = match Order::try_from(req.order) {
         Ok(Order::OldestFirst) => events::Order::OldestFirst,

@@ -16,10 +16,8 @@ use super::{
     DEFAULT_POINTS, DEFAULT_SERIES, HOUR_NS, MAX_POINTS, MAX_SERIES, QueryError, bounded, ms_ts,
     resolved, rfc, wire_enum,
 };
-use crate::{
-    filter::FilterError,
-    store::series::{Agg, GpuSeries, SeriesStore, Tier},
-};
+use crate::store::series::{Agg, GpuSeries, SeriesStore, Tier};
+use gpulse_proto::filter::FilterError;
 
 fn wire_tier(t: Tier) -> WireTier {
     match t {
@@ -254,7 +252,7 @@ fn plan(series: &SeriesStore, req: &TrendRequest, now_ns: i128) -> Result<Plan, 
     let agg = wire_enum("aggregation", req.aggregation, Aggregation::Avg, "0..=5")?;
     let group = wire_enum("group_by", req.group_by, GroupBy::Gpu, "0..=3")?;
     for (field, n) in [("nodes", req.nodes.len()), ("gpus", req.gpus.len())] {
-        if n > crate::filter::MAX_FILTER_ITEMS {
+        if n > gpulse_proto::filter::MAX_FILTER_ITEMS {
             return Err(QueryError::Filter(FilterError::TooMany { field, n }));
         }
     }

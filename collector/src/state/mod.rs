@@ -29,7 +29,6 @@ use tracing::info;
 
 use crate::{
     batch::IngestBatch,
-    filter::Filter,
     query::{self, QueryError},
     readiness::StoreHealth,
     store::{
@@ -42,6 +41,7 @@ use crate::{
     telemetry::{Metrics, exposition, xid_counters::Counters},
 };
 use agents::Agents;
+use gpulse_proto::filter::Filter;
 use nodes::Nodes;
 use snapshots::SnapshotDone;
 use subscribers::Subscribers;

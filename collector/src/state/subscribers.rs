@@ -5,7 +5,9 @@ use gpulse_proto::v1::{self, Lagged};
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use super::{ReplayFrom, ReplayStep, SubMsg, Subscription};
-use crate::{filter::Filter, store::events::EventStore, telemetry::Metrics};
+use gpulse_proto::filter::Filter;
+
+use crate::{store::events::EventStore, telemetry::Metrics};
 
 /// Records one replay step looks at, at most: a filter that matches little must not make one
 /// step scan the whole store on the state task.

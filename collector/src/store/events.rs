@@ -658,7 +658,10 @@ impl EventStore {
     /// the walking direction, at
     /// most `limit` (decoded). Only blocks whose time range meets the window are visited, and
     /// only the returned events are decoded.
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a window query's parts, each a plain value the caller already holds"
+    )]
     pub fn window(
         &self,
         start_ms: i64,
@@ -685,7 +688,10 @@ impl EventStore {
     /// [`EventStore::window`] handing each decoded event to `visit` instead of collecting them,
     /// so an aggregation over many events holds one at a time. Returns (total matched, more
     /// beyond `limit`, blocks visited).
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a window query's parts, each a plain value the caller already holds"
+    )]
     pub fn window_each(
         &self,
         start_ms: i64,
@@ -803,6 +809,25 @@ impl EventStore {
                 .collect(),
             events: self.len() as u64,
         }
+    }
+}
+
+/// A stored event is matched by the contract's filter without decoding, but for GPU identities.
+impl gpulse_proto::filter::Subject for EventRef<'_> {
+    fn node(&self) -> &str {
+        EventRef::node(self)
+    }
+    fn kind(&self) -> i32 {
+        EventRef::kind(self)
+    }
+    fn severity(&self) -> i32 {
+        EventRef::severity(self)
+    }
+    fn xid_code(&self) -> Option<u32> {
+        EventRef::xid_code(self)
+    }
+    fn gpu_keys_match(&self, f: &mut dyn FnMut([&str; 2]) -> bool) -> bool {
+        self.decode().is_some_and(|ev| f(ev.gpu_keys()))
     }
 }
 

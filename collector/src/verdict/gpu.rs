@@ -1,5 +1,6 @@
 //! One GPU's verdict: its reasons, each with evidence, NVIDIA's action and what clears it; the
 //! XID history that escalates across reboots; the counters that reveal resets and rates.
+use gpulse_proto::answer::health_rank;
 use std::hash::{Hash, Hasher};
 
 use gpulse_proto::{
@@ -68,16 +69,6 @@ fn key_of(r: &v1::HealthReason) -> ReasonKey<'_> {
         rule: &r.rule,
         xid: r.xid,
         pid: r.pid,
-    }
-}
-
-/// Worst first: unhealthy, degraded, unknown, healthy.
-pub fn rank(state: i32) -> u8 {
-    match HealthState::try_from(state).unwrap_or_default() {
-        HealthState::Unhealthy => 3,
-        HealthState::Degraded => 2,
-        HealthState::Unknown => 1,
-        HealthState::Healthy | HealthState::Unspecified => 0,
     }
 }
 
@@ -213,7 +204,7 @@ impl GpuEntry {
             // The least severe, oldest reason makes room.
             if let Some(i) = (0..self.rec.reasons.len()).min_by_key(|&i| {
                 (
-                    rank(self.rec.reasons[i].state),
+                    health_rank(self.rec.reasons[i].state),
                     ns(&self.rec.reasons[i].last),
                 )
             }) {
@@ -571,7 +562,7 @@ impl GpuEntry {
     pub fn settle(&mut self, t: i128) {
         self.rec
             .reasons
-            .sort_by_key(|r| (std::cmp::Reverse(rank(r.state)), ns(&r.since)));
+            .sort_by_key(|r| (std::cmp::Reverse(health_rank(r.state)), ns(&r.since)));
         let state = self
             .rec
             .reasons

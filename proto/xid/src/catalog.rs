@@ -75,6 +75,23 @@ pub fn all() -> &'static [XidInfo] {
     &XIDS
 }
 
+/// "1-173": the codes the catalog covers, for messages (a row added to `catalog.tsv` shows
+/// up in every one of them).
+pub fn known_codes() -> String {
+    match (XIDS.first(), XIDS.last()) {
+        (Some(a), Some(b)) => format!("{}-{}", a.code, b.code),
+        _ => "none".to_string(),
+    }
+}
+
+/// What the CLI and MCP say of a code the catalog lacks.
+pub fn not_catalogued(code: u32) -> String {
+    format!(
+        "XID {code} is not in the catalog (codes {} are known); newer drivers may define it: check NVIDIA's Xid catalog",
+        known_codes()
+    )
+}
+
 /// An NVSwitch SXid catalog entry (NVIDIA Fabric Manager user guide).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SxidInfo {

@@ -107,9 +107,7 @@ impl GpulseMcp {
 /// The catalog entry of `code`, shaped for `describe_xid`.
 pub fn xid_info(code: u32) -> Result<XidInfo, String> {
     let Some(i) = catalog::lookup(code) else {
-        return Err(format!(
-            "XID {code} is not in the catalog (codes 1-173 are known); newer drivers may define it: check NVIDIA's Xid catalog"
-        ));
+        return Err(catalog::not_catalogued(code));
     };
     let mut causes: Vec<String> = i
         .description

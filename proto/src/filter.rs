@@ -1,9 +1,10 @@
-//! Subscriber filters, validated from the wire.
+//! Event filters as the contract defines them (`EventFilter`): validated from the wire, with one
+//! matching rule that the collector (Subscribe, ListEvents, aggregations) and the gateway (its
+//! merged streams) both apply. What is matched is a [`Subject`]: a decoded event here, a stored
+//! one in the collector.
 use std::collections::HashSet;
 
-use gpulse_proto::v1::{self, EventFilter, EventKind, Severity, event::Payload};
-
-use crate::store::events::EventRef;
+use crate::v1::{self, EventFilter, EventKind, Severity, event::Payload};
 
 /// Upper bound on list sizes in one filter, so a request cannot make matching expensive.
 pub const MAX_FILTER_ITEMS: usize = 1024;
@@ -130,24 +131,6 @@ impl Subject for v1::Event {
     }
     fn gpu_keys_match(&self, f: &mut dyn FnMut([&str; 2]) -> bool) -> bool {
         f(self.gpu_keys())
-    }
-}
-
-impl Subject for EventRef<'_> {
-    fn node(&self) -> &str {
-        EventRef::node(self)
-    }
-    fn kind(&self) -> i32 {
-        EventRef::kind(self)
-    }
-    fn severity(&self) -> i32 {
-        EventRef::severity(self)
-    }
-    fn xid_code(&self) -> Option<u32> {
-        EventRef::xid_code(self)
-    }
-    fn gpu_keys_match(&self, f: &mut dyn FnMut([&str; 2]) -> bool) -> bool {
-        self.decode().is_some_and(|ev| f(ev.gpu_keys()))
     }
 }
 
