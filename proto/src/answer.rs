@@ -14,6 +14,21 @@ pub const TOP_NODES: usize = 10;
 /// `Summarize.xids`: at most this many codes.
 pub const MAX_XID_CODES: usize = 256;
 
+/// `Summarize.top_nodes` from (node, (events, severe events)) counts: the nodes with the most
+/// severe, then the most events (then by name), at most [`TOP_NODES`].
+pub fn top_nodes(counts: impl IntoIterator<Item = (String, (u64, u64))>) -> Vec<NodeCount> {
+    let mut v: Vec<NodeCount> = counts
+        .into_iter()
+        .map(|(node, (count, severe))| NodeCount {
+            node,
+            count,
+            severe,
+        })
+        .collect();
+    rank_nodes(&mut v);
+    v
+}
+
 /// The nodes with the most severe, then the most events (then by name), at most [`TOP_NODES`].
 pub fn rank_nodes(nodes: &mut Vec<NodeCount>) {
     nodes.sort_by(|a, b| {

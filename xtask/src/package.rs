@@ -56,18 +56,9 @@ pub const PACKAGES: &[Package] = &[
 
 const MAINTAINER: &str = "gpulse developers <gpulse@example.invalid>";
 
-fn run_out(c: &mut Command) -> anyhow::Result<String> {
-    let desc = format!("{c:?}");
-    let out = c.output().with_context(|| format!("running {desc}"))?;
-    if !out.status.success() {
-        bail!("{desc} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// The newest `GLIBC_x.y[.z]` version among a binary's dynamic symbols.
 fn glibc_needed(binary: &Path) -> anyhow::Result<Option<(u32, u32, u32)>> {
-    let text = run_out(Command::new("objdump").arg("-T").arg(binary))?;
+    let text = crate::output(Command::new("objdump").arg("-T").arg(binary))?;
     Ok(text
         .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
         .filter_map(|w| w.strip_prefix("GLIBC_"))
@@ -100,7 +91,7 @@ fn owner(path: &Path) -> anyhow::Result<String> {
         None => format!("/usr{s}"),
     };
     for p in [s.clone(), twin] {
-        if let Ok(out) = run_out(Command::new("dpkg").args(["-S", &p])) {
+        if let Ok(out) = crate::output(Command::new("dpkg").args(["-S", &p])) {
             // "libc6:amd64: /lib/x86_64-linux-gnu/libc.so.6"
             if let Some((pkg, _)) = out.lines().next().and_then(|l| l.split_once(": ")) {
                 return Ok(pkg.split(':').next().unwrap_or(pkg).to_string());
@@ -152,9 +143,11 @@ fn wrap(text: &str) -> String {
 }
 
 fn arch() -> anyhow::Result<String> {
-    Ok(run_out(Command::new("dpkg").arg("--print-architecture"))?
-        .trim()
-        .to_string())
+    Ok(
+        crate::output(Command::new("dpkg").arg("--print-architecture"))?
+            .trim()
+            .to_string(),
+    )
 }
 
 /// The maintainer scripts: debhelper's systemd snippets, plus an offline path for `dpkg --root`.
@@ -252,7 +245,7 @@ fn normalize_dirs(dir: &Path) -> anyhow::Result<()> {
 fn md5sums(staging: &Path, files: &[String]) -> anyhow::Result<String> {
     let mut c = Command::new("md5sum");
     c.current_dir(staging).args(files);
-    run_out(&mut c)
+    crate::output(&mut c)
 }
 
 /// Builds every package from the release binaries in `bins` into `out`; returns the .deb paths.
@@ -335,7 +328,7 @@ pub fn build(root: &Path, bins: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf
             .arg(&staging)
             .arg(&deb)
             .env("SOURCE_DATE_EPOCH", epoch.to_string());
-        run_out(&mut c)?;
+        crate::output(&mut c)?;
         debs.push(deb);
     }
     Ok(debs)

@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use gpulse_proto::{
     time as ptime,
     v1::{
-        GpuHealthRecord, GpuHealthResponse, KindCount, KindStatus, NodeCount, NodeInfo,
-        NodesResponse, ProcessInfo, ProcessesResponse, ResolvedWindow, StatusResponse,
-        SummarizeResponse, TierStatus, TimeWindow, XidGroup, XidGroupsResponse,
+        GpuHealthRecord, GpuHealthResponse, KindCount, KindStatus, NodeInfo, NodesResponse,
+        ProcessInfo, ProcessesResponse, ResolvedWindow, StatusResponse, SummarizeResponse,
+        TierStatus, TimeWindow, XidGroup, XidGroupsResponse,
     },
     window,
 };
@@ -214,7 +214,7 @@ impl Summary {
         }
         // Each upstream lists only its top nodes; keep the map bounded by re-ranking often.
         if self.nodes.len() > 8 * TOP_NODES {
-            self.nodes = top_nodes(std::mem::take(&mut self.nodes))
+            self.nodes = answer::top_nodes(std::mem::take(&mut self.nodes))
                 .into_iter()
                 .map(|n| (n.node, (n.count, n.severe)))
                 .collect();
@@ -242,23 +242,10 @@ impl Summary {
             .into_iter()
             .map(|(kind, count)| KindCount { kind, count })
             .collect();
-        self.out.top_nodes = top_nodes(self.nodes);
+        self.out.top_nodes = answer::top_nodes(self.nodes);
         self.out.xids = answer::ranked_codes(self.xids, MAX_XID_CODES);
         self.out
     }
-}
-
-fn top_nodes(nodes: HashMap<String, (u64, u64)>) -> Vec<NodeCount> {
-    let mut v: Vec<NodeCount> = nodes
-        .into_iter()
-        .map(|(node, (count, severe))| NodeCount {
-            node,
-            count,
-            severe,
-        })
-        .collect();
-    answer::rank_nodes(&mut v);
-    v
 }
 
 /// XID groups by key: disjoint across shards when grouped by GPU or node; grouped by code the
@@ -452,7 +439,7 @@ fn uncount(o: &mut GpuHealthResponse, state: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpulse_proto::v1::{Event, Incident, Severity, XidCount};
+    use gpulse_proto::v1::{Event, Incident, NodeCount, Severity, XidCount};
 
     fn ts(s: i64) -> Option<prost_types::Timestamp> {
         Some(prost_types::Timestamp {

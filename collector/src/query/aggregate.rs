@@ -5,16 +5,16 @@ use std::collections::{BTreeMap, HashMap};
 
 use gpulse_proto::{
     v1::{
-        self, EventKind, Incident, KindCount, NodeCount, ProcessInfo, ProcessState,
-        ProcessesRequest, ProcessesResponse, SummarizeRequest, SummarizeResponse, XidCount,
-        XidGroup, XidGrouping, XidGroupsRequest, XidGroupsResponse, event::Payload,
+        self, EventKind, Incident, KindCount, ProcessInfo, ProcessState, ProcessesRequest,
+        ProcessesResponse, SummarizeRequest, SummarizeResponse, XidCount, XidGroup, XidGrouping,
+        XidGroupsRequest, XidGroupsResponse, event::Payload,
     },
     window,
 };
 
 use super::{HOUR_NS, QueryError, bounded, window_notes, wire_enum, wire_value};
 use crate::store::events::{EventStore, Order, event_ms};
-use gpulse_proto::answer::{MAX_XID_CODES, rank_nodes, ranked_codes};
+use gpulse_proto::answer::{MAX_XID_CODES, ranked_codes, top_nodes};
 use gpulse_proto::filter::Filter;
 
 /// Matching events one aggregation reads at most (its work bound per request).
@@ -151,17 +151,7 @@ impl Summary {
             .collect();
         out.process_starts = self.starts;
         out.process_exits = self.exits;
-        let mut nodes: Vec<NodeCount> = self
-            .nodes
-            .into_iter()
-            .map(|(node, (count, severe))| NodeCount {
-                node,
-                count,
-                severe,
-            })
-            .collect();
-        rank_nodes(&mut nodes);
-        out.top_nodes = nodes;
+        out.top_nodes = top_nodes(self.nodes);
         out.xids = ranked_codes(self.xids, MAX_XID_CODES);
         out.notable = self.notable.into_iter().map(|n| n.2).collect();
         let incidents = self.incidents.finish();
