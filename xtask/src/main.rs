@@ -19,7 +19,11 @@
 //!   systemd, into `target/packages` (`package.rs`; units in `deploy/systemd`).
 //! * `image`  the container image as an OCI archive with its SBOM in `target/images`
 //!   (`--out DIR` elsewhere); prints its name, digest and size.
-#![expect(clippy::print_stdout, reason = "a developer tool talking to its user")]
+#![expect(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "a developer tool talking to its user"
+)]
 
 use std::{
     env,
@@ -609,7 +613,19 @@ fn fuzz(args: &[String]) -> anyhow::Result<()> {
     run(&mut c)
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors end the task with one line on stderr (an anyhow `Result` from `main` would add a
+/// backtrace wherever RUST_BACKTRACE is set, as it is in CI).
+fn main() -> std::process::ExitCode {
+    match task() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn task() -> anyhow::Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
     let Some((task, rest)) = args.split_first() else {
         bail!(
