@@ -190,7 +190,7 @@ impl GpuEntry {
             r.occurrences += 1;
             r.summary = clip(&summary);
             r.state = v.state as i32;
-            r.action = v.action.to_string();
+            r.action = v.action.name().to_string();
             r.clears_on = v.clears.name().to_string();
             r.clearing = false;
             r.clean_samples = 0;
@@ -215,7 +215,7 @@ impl GpuEntry {
         self.rec.reasons.push(v1::HealthReason {
             rule: k.rule.to_string(),
             state: v.state as i32,
-            action: v.action.to_string(),
+            action: v.action.name().to_string(),
             summary: clip(&summary),
             xid: k.xid,
             since: ts(seen.t),
@@ -434,15 +434,10 @@ impl GpuEntry {
             let Some(rule) = SampleRule::from_name(&r.rule) else {
                 continue;
             };
-            let instant = !matches!(
-                rule,
-                SampleRule::NvlinkErrors
-                    | SampleRule::ThermalViolation
-                    | SampleRule::PowerViolation
-                    | SampleRule::UncorrectableEcc
-                    | SampleRule::FallenOffBus
-            );
-            if instant && !r.clearing && !conds.iter().any(|(c, _)| *c == rule) {
+            if rule.rule().clears_when_absent()
+                && !r.clearing
+                && !conds.iter().any(|(c, _)| *c == rule)
+            {
                 r.clearing = true;
                 r.clean_samples = 0;
             }

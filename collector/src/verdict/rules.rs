@@ -1,6 +1,7 @@
 //! The health rules, in one place (docs/gpu-health.md has the same table): what an XID or an NVML
 //! reading says about a GPU, what NVIDIA recommends doing, and what evidence clears it.
 use gpulse_proto::v1::{self, HealthState};
+use gpulse_xid::action::Action;
 
 /// What clears a reason. Nothing clears one by a write from outside: each is evidence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,11 +48,11 @@ impl Clears {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Verdict {
     pub state: HealthState,
-    pub action: &'static str,
+    pub action: Action,
     pub clears: Clears,
 }
 
-const fn v(state: HealthState, action: &'static str, clears: Clears) -> Verdict {
+const fn v(state: HealthState, action: Action, clears: Clears) -> Verdict {
     Verdict {
         state,
         action,
@@ -60,123 +61,194 @@ const fn v(state: HealthState, action: &'static str, clears: Clears) -> Verdict 
 }
 
 /// The action once the same XID came back after enough reboots: hardware inspection.
-pub const ESCALATED_ACTION: &str = "CONTACT_SUPPORT";
+pub const ESCALATED_ACTION: Action = Action::ContactSupport;
 
 /// What an XID says, from the catalog's immediate action (Xid 154 from the recovery action it
 /// carries). `None`: the XID does not change the GPU's health (IGNORE, informational, or a
 /// workflow that follows another XID).
 pub fn xid(code: u32, recovery: Option<&v1::RecoveryAction>, has_pid: bool) -> Option<Verdict> {
+    use Action as A;
     use HealthState::{Degraded, Unhealthy};
-    let action = gpulse_xid::catalog::lookup(code).map_or("", |i| i.immediate_action);
+    let action =
+        gpulse_xid::catalog::lookup(code).and_then(|i| A::from_name(i.immediate_action))?;
     let app = if has_pid {
         Clears::ProcessExit
     } else {
         Clears::QuietPeriod
     };
     Some(match action {
-        "RESTART_APP" => v(Degraded, "RESTART_APP", app),
-        "RESET_GPU" => v(Unhealthy, "RESET_GPU", Clears::ResetOrReboot),
+        A::RestartApp => v(Degraded, action, app),
+        A::ResetGpu => v(Unhealthy, action, Clears::ResetOrReboot),
         // A double-bit error: NVIDIA's workflow ends in a GPU reset (and a remap on Ampere+).
-        "WORKFLOW_XID_48" => v(Unhealthy, "RESET_GPU", Clears::ResetOrReboot),
-        "WORKFLOW_NVLINK_ERR" | "WORKFLOW_NVLINK5_ERR" => {
-            v(Unhealthy, action_static(action), Clears::ResetOrReboot)
+        A::WorkflowXid48 => v(Unhealthy, A::ResetGpu, Clears::ResetOrReboot),
+        A::WorkflowNvlinkErr | A::WorkflowNvlink5Err => v(Unhealthy, action, Clears::ResetOrReboot),
+        A::RestartBm | A::RestartVm => v(Unhealthy, action, Clears::Reboot),
+        A::ContactSupport => v(Unhealthy, action, Clears::Replacement),
+        A::CheckMechanicals | A::CheckUvm | A::UpdateSwfw => {
+            v(Degraded, action, Clears::ResetOrReboot)
         }
-        "RESTART_BM" | "RESTART_VM" => v(Unhealthy, action_static(action), Clears::Reboot),
-        "CONTACT_SUPPORT" => v(Unhealthy, "CONTACT_SUPPORT", Clears::Replacement),
-        "CHECK_MECHANICALS" | "CHECK_UVM" | "UPDATE_SWFW" => {
-            v(Degraded, action_static(action), Clears::ResetOrReboot)
-        }
-        "XID_154" => return recovery.and_then(recovery_verdict),
-        _ => return None,
+        A::Xid154 => return recovery.and_then(recovery_verdict),
+        A::Ignore | A::WorkflowXid45 | A::CheckPower | A::RestartFm | A::DrainP2p => return None,
     })
-}
-
-/// The catalog's action strings are `'static` already; this keeps the match above readable.
-fn action_static(a: &str) -> &'static str {
-    gpulse_xid::catalog::all()
-        .iter()
-        .map(|i| i.immediate_action)
-        .find(|x| *x == a)
-        .unwrap_or("")
 }
 
 /// Xid 154: the driver says which recovery the GPU needs.
 fn recovery_verdict(r: &v1::RecoveryAction) -> Option<Verdict> {
     use HealthState::{Degraded, Unhealthy};
     Some(match r.to {
-        1 | 4 | 6 => v(Unhealthy, "RESET_GPU", Clears::ResetOrReboot),
-        2 | 7 => v(Unhealthy, "RESTART_BM", Clears::Reboot),
-        3 | 5 => v(Degraded, "DRAIN_P2P", Clears::ResetOrReboot),
+        1 | 4 | 6 => v(Unhealthy, Action::ResetGpu, Clears::ResetOrReboot),
+        2 | 7 => v(Unhealthy, Action::RestartBm, Clears::Reboot),
+        3 | 5 => v(Degraded, Action::DrainP2p, Clears::ResetOrReboot),
         _ => return None,
     })
 }
 
-/// Rules judged from NVML samples.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum SampleRule {
-    FallenOffBus,
-    RowRemapFailure,
-    RowRemapPending,
-    RetiredPagesPending,
-    RetiredPagesLimit,
-    UncorrectableEcc,
-    NvlinkErrors,
-    ThermalViolation,
-    PowerViolation,
-    Fabric,
-    Vanished,
+/// How a rule reads its evidence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// One sample shows the condition ([`Rule::condition`]).
+    Instant,
+    /// A counter rises between two samples of the GPU.
+    Delta,
+    /// A rate or a share over a window of at least [`RATE_WINDOW_NS`].
+    Rate,
+    /// Something expected did not happen for a while (a GPU stopped sampling).
+    Window,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Instant => "instant",
+            Self::Delta => "delta",
+            Self::Rate => "rate",
+            Self::Window => "window",
+        }
+    }
+}
+
+/// One rule judged from NVML samples: everything about it in one value (the shape of
+/// tokio-console's `Warn<T>`). The engine iterates [`RULES`]; docs/gpu-health.md's table is held
+/// to it by a test.
+#[derive(Debug)]
+pub struct Rule {
+    pub id: SampleRule,
+    /// `HealthReason.rule`.
+    pub name: &'static str,
+    pub kind: Kind,
+    pub state: HealthState,
+    pub action: Action,
+    pub clears: Clears,
+    /// For [`Kind::Instant`] rules: what one sample shows, as the evidence's words.
+    pub condition: Option<fn(&v1::GpuSample) -> Option<String>>,
+    /// Where the rule comes from.
+    pub source: &'static str,
+}
+
+impl Rule {
+    pub fn verdict(&self) -> Verdict {
+        v(self.state, self.action, self.clears)
+    }
+
+    /// A reason of this rule starts clearing as soon as a sample lacks the condition (the other
+    /// rules clear by a window under the rate, a reset, or a reboot).
+    pub fn clears_when_absent(&self) -> bool {
+        self.clears == Clears::Evidence && matches!(self.kind, Kind::Instant | Kind::Window)
+    }
+}
+
+macro_rules! sample_rules {
+    ($($variant:ident { $($field:ident: $value:expr),+ $(,)? })+) => {
+        /// Rules judged from NVML samples (one per row of [`RULES`]).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum SampleRule {
+            $($variant,)+
+        }
+
+        /// The sample rules, in the order they are judged and documented.
+        pub const RULES: &[Rule] = &[$({
+            #[allow(unused_imports, reason = "each row uses some of them")]
+            use {Action::*, Clears::*, HealthState::*, Kind::*};
+            Rule { id: SampleRule::$variant, $($field: $value),+ }
+        },)+];
+    };
+}
+
+sample_rules! {
+    FallenOffBus {
+        name: "fallen_off_bus", kind: Instant, state: Unhealthy,
+        action: RestartBm, clears: Reboot, condition: Some(lost),
+        source: "NVIDIA XID catalog (XID 79: GPU has fallen off the bus)",
+    }
+    RowRemapFailure {
+        name: "row_remap_failure", kind: Instant,
+        state: Unhealthy, action: ContactSupport, clears: Evidence, condition: Some(remap_failure),
+        source: "NVIDIA GPU memory error management (row remapping failure: RMA)",
+    }
+    RowRemapPending {
+        name: "row_remap_pending", kind: Instant,
+        state: Degraded, action: ResetGpu, clears: Evidence, condition: Some(remap_pending),
+        source: "NVIDIA GPU memory error management (a remap takes effect at the next reset)",
+    }
+    RetiredPagesPending {
+        name: "retired_pages_pending", kind: Instant,
+        state: Degraded, action: RestartBm, clears: Evidence, condition: Some(pages_pending),
+        source: "NVIDIA dynamic page retirement (pending until the next reboot)",
+    }
+    RetiredPagesLimit {
+        name: "retired_pages_limit", kind: Instant,
+        state: Unhealthy, action: ContactSupport, clears: Evidence, condition: Some(pages_limit),
+        source: "NVIDIA dynamic page retirement (64 pages: the board needs service)",
+    }
+    UncorrectableEcc {
+        name: "uncorrectable_ecc", kind: Delta,
+        state: Unhealthy, action: ResetGpu, clears: ResetOrReboot, condition: None,
+        source: "DCGM health watch (memory: volatile DBE)",
+    }
+    NvlinkErrors {
+        name: "nvlink_errors", kind: Rate, state: Degraded,
+        action: WorkflowNvlinkErr, clears: Evidence, condition: None,
+        source: "DCGM health watch (NVLink CRC and replay errors)",
+    }
+    ThermalViolation {
+        name: "thermal_violation", kind: Rate, state: Degraded,
+        action: CheckMechanicals, clears: Evidence, condition: None,
+        source: "DCGM health watch (thermal violations)",
+    }
+    PowerViolation {
+        name: "power_violation", kind: Rate, state: Degraded,
+        action: CheckPower, clears: Evidence, condition: None,
+        source: "DCGM health watch (power violations)",
+    }
+    Fabric {
+        name: "fabric", kind: Instant, state: Unhealthy,
+        action: RestartFm, clears: Evidence, condition: Some(fabric_failed),
+        source: "NVIDIA Fabric Manager user guide (GPU fabric registration)",
+    }
+    Vanished {
+        name: "vanished", kind: Window, state: Unhealthy,
+        action: RestartBm, clears: Evidence, condition: None,
+        source: "AKS GPUMissing, gpud (expected GPU count)",
+    }
 }
 
 impl SampleRule {
-    pub const ALL: [Self; 11] = [
-        Self::FallenOffBus,
-        Self::RowRemapFailure,
-        Self::RowRemapPending,
-        Self::RetiredPagesPending,
-        Self::RetiredPagesLimit,
-        Self::UncorrectableEcc,
-        Self::NvlinkErrors,
-        Self::ThermalViolation,
-        Self::PowerViolation,
-        Self::Fabric,
-        Self::Vanished,
-    ];
+    /// Its row of [`RULES`].
+    pub fn rule(self) -> &'static Rule {
+        // The table has one row per variant (a test holds them so), so the fallback is unreachable.
+        RULES.iter().find(|r| r.id == self).unwrap_or(&RULES[0])
+    }
 
     pub fn name(self) -> &'static str {
-        match self {
-            Self::FallenOffBus => "fallen_off_bus",
-            Self::RowRemapFailure => "row_remap_failure",
-            Self::RowRemapPending => "row_remap_pending",
-            Self::RetiredPagesPending => "retired_pages_pending",
-            Self::RetiredPagesLimit => "retired_pages_limit",
-            Self::UncorrectableEcc => "uncorrectable_ecc",
-            Self::NvlinkErrors => "nvlink_errors",
-            Self::ThermalViolation => "thermal_violation",
-            Self::PowerViolation => "power_violation",
-            Self::Fabric => "fabric",
-            Self::Vanished => "vanished",
-        }
+        self.rule().name
     }
 
     pub fn from_name(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|r| r.name() == s)
+        RULES.iter().find(|r| r.name == s).map(|r| r.id)
     }
 
     pub fn verdict(self) -> Verdict {
-        use HealthState::{Degraded, Unhealthy};
-        match self {
-            Self::FallenOffBus => v(Unhealthy, "RESTART_BM", Clears::Reboot),
-            Self::RowRemapFailure => v(Unhealthy, "CONTACT_SUPPORT", Clears::Evidence),
-            Self::RowRemapPending => v(Degraded, "RESET_GPU", Clears::Evidence),
-            Self::RetiredPagesPending => v(Degraded, "RESTART_BM", Clears::Evidence),
-            Self::RetiredPagesLimit => v(Unhealthy, "CONTACT_SUPPORT", Clears::Evidence),
-            Self::UncorrectableEcc => v(Unhealthy, "RESET_GPU", Clears::ResetOrReboot),
-            Self::NvlinkErrors => v(Degraded, "WORKFLOW_NVLINK_ERR", Clears::Evidence),
-            Self::ThermalViolation => v(Degraded, "CHECK_MECHANICALS", Clears::Evidence),
-            Self::PowerViolation => v(Degraded, "CHECK_POWER", Clears::Evidence),
-            Self::Fabric => v(Unhealthy, "RESTART_FM", Clears::Evidence),
-            Self::Vanished => v(Unhealthy, "RESTART_BM", Clears::Evidence),
-        }
+        self.rule().verdict()
     }
 }
 
@@ -221,60 +293,56 @@ pub fn is_lost(s: &v1::GpuSample) -> Option<&str> {
 }
 
 /// The instant conditions of one sample (rate rules and vanishing are judged elsewhere), with
-/// what showed each.
+/// what showed each: every [`Kind::Instant`] rule of the table, in its order.
 pub fn sample_conditions(s: &v1::GpuSample) -> Vec<(SampleRule, String)> {
-    let mut out = Vec::new();
-    if let Some(e) = is_lost(s) {
-        out.push((SampleRule::FallenOffBus, format!("NVML: {e}")));
-    }
-    if let Some(r) = &s.row_remap {
-        if r.failure {
-            out.push((
-                SampleRule::RowRemapFailure,
-                format!(
-                    "row_remap.failure = true ({} uncorrectable rows)",
-                    r.uncorrectable
-                ),
-            ));
-        }
-        if r.pending {
-            out.push((
-                SampleRule::RowRemapPending,
-                format!(
-                    "row_remap.pending = true ({} uncorrectable rows)",
-                    r.uncorrectable
-                ),
-            ));
-        }
-    }
-    if let Some(p) = &s.retired_pages {
-        if p.pending {
-            out.push((
-                SampleRule::RetiredPagesPending,
-                "retired_pages.pending = true".to_string(),
-            ));
-        }
-        let total = p.single_bit.saturating_add(p.double_bit);
-        if total >= RETIRED_PAGES_LIMIT {
-            out.push((
-                SampleRule::RetiredPagesLimit,
-                format!(
-                    "{total} retired pages ({} single-bit, {} double-bit), limit {RETIRED_PAGES_LIMIT}",
-                    p.single_bit, p.double_bit
-                ),
-            ));
-        }
-    }
-    if let Some(f) = &s.fabric
-        && f.state == "completed"
-        && f.status != "success"
-    {
-        out.push((
-            SampleRule::Fabric,
-            format!("NVSwitch fabric registration failed: {}", f.status),
-        ));
-    }
-    out
+    RULES
+        .iter()
+        .filter_map(|r| Some((r.id, r.condition?(s)?)))
+        .collect()
+}
+
+fn lost(s: &v1::GpuSample) -> Option<String> {
+    is_lost(s).map(|e| format!("NVML: {e}"))
+}
+
+fn remap_failure(s: &v1::GpuSample) -> Option<String> {
+    let r = s.row_remap.as_ref().filter(|r| r.failure)?;
+    Some(format!(
+        "row_remap.failure = true ({} uncorrectable rows)",
+        r.uncorrectable
+    ))
+}
+
+fn remap_pending(s: &v1::GpuSample) -> Option<String> {
+    let r = s.row_remap.as_ref().filter(|r| r.pending)?;
+    Some(format!(
+        "row_remap.pending = true ({} uncorrectable rows)",
+        r.uncorrectable
+    ))
+}
+
+fn pages_pending(s: &v1::GpuSample) -> Option<String> {
+    s.retired_pages
+        .as_ref()
+        .filter(|p| p.pending)
+        .map(|_| "retired_pages.pending = true".to_string())
+}
+
+fn pages_limit(s: &v1::GpuSample) -> Option<String> {
+    let p = s.retired_pages.as_ref()?;
+    let total = p.single_bit.saturating_add(p.double_bit);
+    (total >= RETIRED_PAGES_LIMIT).then(|| {
+        format!(
+            "{total} retired pages ({} single-bit, {} double-bit), limit {RETIRED_PAGES_LIMIT}",
+            p.single_bit, p.double_bit
+        )
+    })
+}
+
+fn fabric_failed(s: &v1::GpuSample) -> Option<String> {
+    let f = s.fabric.as_ref()?;
+    (f.state == "completed" && f.status != "success")
+        .then(|| format!("NVSwitch fabric registration failed: {}", f.status))
 }
 
 /// All NVLink error counters of a sample summed; absent without NVLink.
@@ -293,6 +361,8 @@ pub fn nvlink_total(s: &v1::GpuSample) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use gpulse_proto::names::ShortName as _;
+
     use super::*;
 
     #[test]
@@ -300,29 +370,45 @@ mod tests {
         let s = |code, pid| xid(code, None, pid).map(|v| (v.state, v.action, v.clears));
         assert_eq!(
             s(79, false),
-            Some((HealthState::Unhealthy, "RESTART_BM", Clears::Reboot))
+            Some((HealthState::Unhealthy, Action::RestartBm, Clears::Reboot))
         );
         assert_eq!(
             s(13, true),
-            Some((HealthState::Degraded, "RESTART_APP", Clears::ProcessExit))
+            Some((
+                HealthState::Degraded,
+                Action::RestartApp,
+                Clears::ProcessExit
+            ))
         );
         assert_eq!(
             s(13, false),
-            Some((HealthState::Degraded, "RESTART_APP", Clears::QuietPeriod))
+            Some((
+                HealthState::Degraded,
+                Action::RestartApp,
+                Clears::QuietPeriod
+            ))
         );
         assert_eq!(
             s(48, false),
-            Some((HealthState::Unhealthy, "RESET_GPU", Clears::ResetOrReboot))
+            Some((
+                HealthState::Unhealthy,
+                Action::ResetGpu,
+                Clears::ResetOrReboot
+            ))
         );
         assert_eq!(
             s(95, false),
-            Some((HealthState::Unhealthy, "RESET_GPU", Clears::ResetOrReboot))
+            Some((
+                HealthState::Unhealthy,
+                Action::ResetGpu,
+                Clears::ResetOrReboot
+            ))
         );
         assert_eq!(
             s(74, false),
             Some((
                 HealthState::Unhealthy,
-                "WORKFLOW_NVLINK_ERR",
+                Action::WorkflowNvlinkErr,
                 Clears::ResetOrReboot
             ))
         );
@@ -335,7 +421,7 @@ mod tests {
         };
         assert_eq!(
             xid(154, Some(&reboot), false).map(|v| v.action),
-            Some("RESTART_BM")
+            Some(Action::RestartBm)
         );
         assert_eq!(xid(154, None, false), None);
         // Every catalog action is either judged or deliberately ignored.
@@ -385,8 +471,61 @@ mod tests {
             ]
         );
         assert!(sample_conditions(&v1::GpuSample::default()).is_empty());
-        for r in SampleRule::ALL {
-            assert_eq!(SampleRule::from_name(r.name()), Some(r));
+        for r in RULES {
+            assert_eq!(SampleRule::from_name(r.name), Some(r.id));
+            assert_eq!(r.id.rule().name, r.name, "one row per rule");
+            assert_eq!(
+                r.condition.is_some(),
+                r.kind == Kind::Instant,
+                "{}: an instant rule carries its condition, no other does",
+                r.name
+            );
+        }
+    }
+
+    /// docs/gpu-health.md's rules table says what the code does: each sample rule has its row
+    /// with the table's kind, state, action and source, and no row names a rule the code lacks.
+    #[test]
+    fn the_documented_rules_are_the_table() {
+        let doc = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/gpu-health.md"),
+        )
+        .unwrap();
+        let section = doc
+            .split_once("\n## Rules")
+            .and_then(|(_, rest)| rest.split("\n## ").next())
+            .expect("docs/gpu-health.md has a Rules section");
+        let rows: Vec<Vec<&str>> = section
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| l.split('|').map(str::trim).collect())
+            .collect();
+        for r in RULES {
+            let name = format!("`{}`", r.name);
+            let row = rows
+                .iter()
+                .find(|c| c[1] == name)
+                .unwrap_or_else(|| panic!("docs/gpu-health.md has no row for {}", r.name));
+            // | rule | kind | evidence | state | action | clears on | source |
+            assert_eq!(row[2], r.kind.name(), "{} kind", r.name);
+            assert_eq!(
+                row[4],
+                HealthState::name_of(r.state as i32),
+                "{} state",
+                r.name
+            );
+            assert_eq!(row[5], r.action.name(), "{} action", r.name);
+            assert_eq!(row[7], r.source, "{} source", r.name);
+        }
+        for row in &rows {
+            let rule = row[1].trim_matches('`');
+            let known = rule == "xid"
+                || row[1].starts_with("`xid`")
+                || SampleRule::from_name(rule).is_some();
+            assert!(
+                known,
+                "docs/gpu-health.md documents {rule}, which the code lacks"
+            );
         }
     }
 }

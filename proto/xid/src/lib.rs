@@ -1,5 +1,6 @@
 //! NVIDIA XID knowledge shared by the gpulse agent and collector.
 //!
+//! * [`action`]: what to do about a GPU, NVIDIA's resolution buckets and gpulse's, with wording.
 //! * [`catalog`]: every XID code 1-173 with NVIDIA's mnemonic, description and resolution
 //!   buckets, plus a small NVSwitch SXid catalog.
 //! * [`severity`]: the severity scale and the configurable policy that maps codes onto it.
@@ -7,6 +8,7 @@
 //! * [`parse`]: the stateless parser for one kernel log record.
 //! * [`decoder`]: the stateful layer over the parser (GPU UUID preambles, the no-Xid "fallen off
 //!   the bus" message, SXid groups).
+pub mod action;
 pub mod bdf;
 pub mod catalog;
 pub mod decoder;

@@ -15,25 +15,7 @@ use crate::{
 
 /// NVIDIA's action buckets (and gpulse's own for non-XID rules) in words.
 pub fn what_to_do(action: &str) -> &'static str {
-    match action {
-        "RESTART_APP" => "restart the application; the GPU itself is fine",
-        "RESET_GPU" => "drain the GPU, then reset it (nvidia-smi -r) or reboot the node",
-        "RESTART_BM" => "drain the node and reboot it",
-        "RESTART_VM" => "restart the virtual machine",
-        "CONTACT_SUPPORT" => {
-            "take the GPU out of service and contact NVIDIA support (hardware inspection, RMA)"
-        }
-        "WORKFLOW_NVLINK_ERR" | "WORKFLOW_NVLINK5_ERR" => {
-            "follow NVIDIA's NVLink error workflow: check the links and NVSwitches, then reset the GPU"
-        }
-        "CHECK_MECHANICALS" => "check cooling, airflow, fans and power delivery",
-        "CHECK_POWER" => "check the power limit and the power supply",
-        "CHECK_UVM" => "check the CUDA unified memory driver (nvidia-uvm) and the application",
-        "UPDATE_SWFW" => "update the driver and the GPU firmware",
-        "RESTART_FM" => "restart NVIDIA Fabric Manager and check the NVSwitch fabric",
-        "DRAIN_P2P" => "drain peer-to-peer traffic, then reset the GPU",
-        _ => "see NVIDIA's Xid catalog for this action",
-    }
+    gpulse_xid::action::what_to_do(action)
 }
 
 fn row(g: &v1::GpuHealthRecord) -> GpuHealthRow {
