@@ -127,6 +127,15 @@ struct Args {
     /// degraded.
     #[arg(long, default_value_t = 60.0)]
     health_nvlink_errors_per_min: f64,
+    /// GPU health: nonfatal NVLink5 XIDs (144-150 printed `Nonfatal`) on one GPU within 10
+    /// minutes that make it degraded (fewer change nothing; a `Fatal` one makes it unhealthy).
+    #[arg(
+        long,
+        default_value_t = 3,
+        value_parser = clap::value_parser!(u32)
+            .range(1..=i64::from(gpulse_collector::verdict::rules::MAX_NVLINK_NONFATAL_COUNT))
+    )]
+    health_nvlink_nonfatal: u32,
     /// Push 1-minute rollups of every GPU metric and the XID/SXid counters to this Prometheus
     /// remote-write endpoint (VictoriaMetrics /api/v1/write, Mimir, Thanos Receive, Prometheus
     /// with --web.enable-remote-write-receiver), labelled with --cluster and --shard. Requests
@@ -448,6 +457,7 @@ async fn run() -> anyhow::Result<Exit> {
         anyhow::bail!("--health-nvlink-errors-per-min must be a positive number");
     }
     store.verdict.thresholds.nvlink_errors_per_min = args.health_nvlink_errors_per_min;
+    store.verdict.thresholds.nvlink_nonfatal_count = args.health_nvlink_nonfatal;
     store.cluster = args.cluster;
     store.shard = args.shard;
     let mut cfg = ServerConfig::new(args.grpc_listen, args.http_listen, store);

@@ -1,9 +1,9 @@
 //! One GPU's verdict: its reasons, each with evidence, NVIDIA's action and what clears it; the
 //! XID history that escalates across reboots; the counters that reveal resets and rates.
-use gpulse_proto::answer::health_rank;
 use std::hash::{Hash, Hasher};
 
 use gpulse_proto::{
+    answer::health_rank,
     names::ShortName,
     time as ptime,
     v1::{self, HealthState},
@@ -126,6 +126,8 @@ pub struct GpuEntry {
     window: Option<Reading>,
     /// Reasons dropped because the GPU had [`MAX_REASONS`] already.
     pub dropped_reasons: u64,
+    /// When the latest nonfatal NVLink5 XIDs came (at most the threshold's count).
+    nonfatal: std::collections::VecDeque<i128>,
 }
 
 impl GpuEntry {
@@ -228,14 +230,67 @@ impl GpuEntry {
         });
     }
 
+    /// A nonfatal NVLink5 XID: the link recovered by itself. One does not condemn the GPU (it
+    /// used to make it unhealthy); `nvlink_nonfatal_count` of them within
+    /// [`rules::NVLINK_NONFATAL_WINDOW_NS`] make it degraded, and each later one keeps it so.
+    fn nvlink_nonfatal(&mut self, x: &v1::Xid, seen: &Seen<'_>, cfg: &Config) {
+        let n = x.records();
+        if n == 0 {
+            return; // a storm's end: its records were counted as they came
+        }
+        let count = cfg
+            .thresholds
+            .nvlink_nonfatal_count
+            .clamp(1, rules::MAX_NVLINK_NONFATAL_COUNT) as usize;
+        for _ in 0..n.min(count as u64) {
+            self.nonfatal.push_back(seen.t);
+        }
+        while self.nonfatal.len() > count {
+            self.nonfatal.pop_front();
+        }
+        let repeated = self.nonfatal.len() >= count
+            && self
+                .nonfatal
+                .front()
+                .is_some_and(|first| seen.t - first <= rules::NVLINK_NONFATAL_WINDOW_NS);
+        let rule = SampleRule::NvlinkNonfatal;
+        let known = self
+            .reason_mut(ReasonKey {
+                rule: rule.name(),
+                xid: None,
+                pid: None,
+            })
+            .is_some();
+        if repeated || known {
+            let unit = x.nvlink.as_ref().map_or("", |d| d.unit.as_str());
+            let summary = format!(
+                "nonfatal NVLink5 XIDs repeating ({count} within {} min; latest XID {} {unit})",
+                rules::NVLINK_NONFATAL_WINDOW_NS / 60_000_000_000,
+                x.code
+            );
+            self.fire_rule(rule, rule.verdict(), summary, seen);
+        }
+    }
+
     /// An XID on this GPU; `severity` is its event's (the agent's policy).
     pub fn xid(&mut self, x: &v1::Xid, severity: i32, seen: &Seen<'_>, cfg: &Config) {
+        if rules::is_nvlink5(x.code) && x.nvlink.as_ref().is_some_and(|d| !d.fatal) {
+            self.nvlink_nonfatal(x, seen, cfg);
+            return;
+        }
         let Some(mut v) = rules::xid(x.code, x.recovery_action.as_ref(), x.pid.is_some()) else {
             return;
         };
         let reboots = self.recur(x.code, seen.t);
-        let escalates = matches!(v.clears, Clears::Reboot | Clears::ResetOrReboot)
+        let after_reboots = matches!(v.clears, Clears::Reboot | Clears::ResetOrReboot)
             && reboots >= cfg.escalate_after_reboots;
+        let fatal_in_window = if severity >= v1::Severity::Fatal as i32 {
+            self.note_fatal(seen.t, x.records())
+        } else {
+            0
+        };
+        let repeated = fatal_in_window >= rules::FATAL_XIDS_ESCALATE;
+        let escalates = after_reboots || repeated;
         let name = if x.mnemonic.is_empty() {
             String::new()
         } else {
@@ -247,10 +302,17 @@ impl GpuEntry {
                 action: rules::ESCALATED_ACTION,
                 clears: Clears::Replacement,
             };
-            format!(
-                "XID {}{name} came back after {reboots} reboots: hardware inspection",
-                x.code
-            )
+            if after_reboots {
+                format!(
+                    "XID {}{name} came back after {reboots} reboots: hardware inspection",
+                    x.code
+                )
+            } else {
+                format!(
+                    "XID {}{name}: {fatal_in_window} fatal XIDs on this GPU within 24 h: hardware inspection",
+                    x.code
+                )
+            }
         } else {
             format!("XID {}{name}", x.code)
         };
@@ -281,6 +343,24 @@ impl GpuEntry {
                 r.pod = format!("{}/{}", p.namespace, p.name);
             }
         }
+    }
+
+    /// Notes `records` fatal XIDs at `t` (the latest [`rules::FATAL_XIDS_ESCALATE`] are kept in
+    /// the record, so a restart remembers them); returns how many lie within 24 h of `t`.
+    fn note_fatal(&mut self, t: i128, records: u64) -> usize {
+        let keep = rules::FATAL_XIDS_ESCALATE;
+        let times = &mut self.rec.recent_fatal_xids;
+        for _ in 0..records.min(keep as u64) {
+            times.push(ptime::from_unix_nanos(t));
+        }
+        if times.len() > keep {
+            let extra = times.len() - keep;
+            times.drain(..extra);
+        }
+        times
+            .iter()
+            .filter(|x| t - ptime::to_unix_nanos(x) <= rules::FATAL_XIDS_WINDOW_NS)
+            .count()
     }
 
     /// Notes an XID in the history; returns the reboots since its first occurrence.

@@ -225,6 +225,11 @@ sample_rules! {
         action: RestartFm, clears: Evidence, condition: Some(fabric_failed),
         source: "NVIDIA Fabric Manager user guide (GPU fabric registration)",
     }
+    NvlinkNonfatal {
+        name: "nvlink_nonfatal", kind: Rate, state: Degraded, action: WorkflowNvlink5Err,
+        clears: QuietPeriod, condition: None,
+        source: "NVIDIA XID 144-150 decode (Fatal/Nonfatal); NVSentinel health-events-analyzer (repeats)",
+    }
     Vanished {
         name: "vanished", kind: Window, state: Unhealthy,
         action: RestartBm, clears: Evidence, condition: None,
@@ -264,6 +269,9 @@ pub struct Thresholds {
     pub thermal_share: f64,
     /// Share of wall time the clocks were held down by the power limit.
     pub power_share: f64,
+    /// Nonfatal NVLink5 XIDs (144-150 printed `Nonfatal`) on one GPU within
+    /// [`NVLINK_NONFATAL_WINDOW_NS`] that make it degraded; fewer change nothing.
+    pub nvlink_nonfatal_count: u32,
 }
 
 impl Default for Thresholds {
@@ -272,8 +280,27 @@ impl Default for Thresholds {
             nvlink_errors_per_min: 60.0,
             thermal_share: 0.5,
             power_share: 0.9,
+            nvlink_nonfatal_count: 3,
         }
     }
+}
+
+/// Fatal XIDs on one GPU within [`FATAL_XIDS_WINDOW_NS`] that escalate it to hardware
+/// inspection whatever their codes (NVSentinel's health-events-analyzer: a fatal XID repeated
+/// on one GPU points at the hardware).
+pub const FATAL_XIDS_ESCALATE: usize = 5;
+/// 24 hours.
+pub const FATAL_XIDS_WINDOW_NS: i128 = 24 * 3600 * 1_000_000_000;
+
+/// The window in which repeated nonfatal NVLink5 XIDs count (10 minutes).
+pub const NVLINK_NONFATAL_WINDOW_NS: i128 = 10 * 60_000_000_000;
+
+/// Most `--health-nvlink-nonfatal` may be (the per-GPU memory of times is that long).
+pub const MAX_NVLINK_NONFATAL_COUNT: u32 = 100;
+
+/// NVLink5 XIDs carry their own `Fatal` / `Nonfatal` word (NVIDIA's "XID 144-150 decode").
+pub fn is_nvlink5(code: u32) -> bool {
+    (144..=150).contains(&code)
 }
 
 /// The shortest window a rate rule is judged over (one minute of samples).

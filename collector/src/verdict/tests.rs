@@ -642,3 +642,115 @@ fn a_verdict_event_is_as_severe_as_the_state_it_announces() {
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].severity, v1::Severity::Error as i32);
 }
+
+fn nvlink5(code: u32, fatal: bool) -> Payload {
+    Payload::Xid(v1::Xid {
+        code,
+        pci: PCI.into(),
+        mnemonic: "NVLINK_ERROR".into(),
+        message: format!(
+            "RLW_RXPIPE {} XC0 i0 Link 05 (0x00000001 0x00000000)",
+            if fatal { "Fatal" } else { "Nonfatal" }
+        ),
+        nvlink: Some(v1::NvlinkDetail {
+            unit: "RLW_RXPIPE".into(),
+            fatal,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// Issue 23 #6: one `Nonfatal` NVLink5 record made its GPU unhealthy (seen in the README demo).
+/// Now it changes nothing; repeats within 10 minutes make the GPU degraded; a `Fatal` one still
+/// makes it unhealthy.
+#[test]
+fn a_nonfatal_nvlink5_xid_counts_toward_a_rate_and_a_fatal_one_condemns() {
+    let mut s = Scenario::new();
+    s.batch(vec![ev(T0, status("boot-a"))]);
+    s.samples(T0, 2, &sample(0, PCI));
+    s.batch(vec![ev(T0 + 3 * S, nvlink5(145, false))]);
+    let r = s.record(T0 + 4 * S);
+    assert_eq!(state(&r), HealthState::Healthy, "{:?}", r.reasons);
+    // Two more within ten minutes: the third makes it degraded, with the NVLink5 workflow.
+    s.batch(vec![ev(T0 + 60 * S, nvlink5(145, false))]);
+    assert_eq!(state(&s.record(T0 + 61 * S)), HealthState::Healthy);
+    s.batch(vec![ev(T0 + 300 * S, nvlink5(146, false))]);
+    let r = s.record(T0 + 301 * S);
+    assert_eq!(state(&r), HealthState::Degraded);
+    assert_eq!(rules(&r), vec![("nvlink_nonfatal", "WORKFLOW_NVLINK5_ERR")]);
+    assert!(
+        r.reasons[0].summary.contains("RLW_RXPIPE"),
+        "{}",
+        r.reasons[0].summary
+    );
+    assert_eq!(r.reasons[0].clears_on, "quiet_period");
+
+    // Spread over more than ten minutes they never add up.
+    let mut s = Scenario::new();
+    s.batch(vec![ev(T0, status("boot-a"))]);
+    s.samples(T0, 2, &sample(0, PCI));
+    for i in 0..4 {
+        s.batch(vec![ev(T0 + (10 + i * 400) * S, nvlink5(145, false))]);
+    }
+    let r = s.record(T0 + 1700 * S);
+    assert!(r.reasons.is_empty(), "{:?}", r.reasons);
+
+    // A fatal one is judged by the catalog: unhealthy.
+    s.batch(vec![ev(T0 + 1800 * S, nvlink5(145, true))]);
+    let r = s.record(T0 + 1801 * S);
+    assert_eq!(state(&r), HealthState::Unhealthy);
+    assert_eq!(rules(&r), vec![("xid", "WORKFLOW_NVLINK5_ERR")]);
+}
+
+/// Issue 23 #6: five fatal XIDs on one GPU within 24 hours, whatever their codes, escalate it to
+/// hardware inspection; spread wider they do not; the times survive a restart in the record.
+#[test]
+fn five_fatal_xids_in_a_day_escalate_to_hardware_inspection() {
+    let fatal = |t: i128, code: u32| {
+        let mut e = ev(t, xid(code, None));
+        e.severity = v1::Severity::Fatal as i32;
+        e
+    };
+    let mut s = Scenario::new();
+    s.batch(vec![ev(T0, status("boot-a"))]);
+    s.samples(T0, 2, &sample(0, PCI));
+    let hour = 3600 * S;
+    for (i, code) in [48, 95, 48, 119].into_iter().enumerate() {
+        s.batch(vec![fatal(T0 + (i as i128 + 1) * hour, code)]);
+    }
+    let r = s.record(T0 + 5 * hour);
+    assert!(r.reasons.iter().all(|x| !x.escalated), "{:?}", r.reasons);
+    assert_eq!(r.recent_fatal_xids.len(), 4);
+
+    // A restarted engine resumes from the record it wrote, with the four times.
+    let written = s.written.last().unwrap().clone();
+    assert_eq!(written.record.as_ref().unwrap().recent_fatal_xids.len(), 4);
+    let mut s = Scenario::new();
+    s.engine.restore(&v1::Event {
+        payload: Some(Payload::GpuHealth(written)),
+        ..Default::default()
+    });
+    s.batch(vec![fatal(T0 + 6 * hour, 95)]);
+    let r = s.record(T0 + 6 * hour + S);
+    let x95 = r.reasons.iter().find(|x| x.xid == Some(95)).unwrap();
+    assert!(x95.escalated);
+    assert_eq!(x95.action, "CONTACT_SUPPORT");
+    assert_eq!(x95.clears_on, "replacement");
+    assert!(
+        x95.summary.contains("5 fatal XIDs on this GPU within 24 h"),
+        "{}",
+        x95.summary
+    );
+
+    // Five spread over more than a day: no escalation.
+    let mut s = Scenario::new();
+    s.batch(vec![ev(T0, status("boot-a"))]);
+    s.samples(T0, 2, &sample(0, PCI));
+    for i in 0..5 {
+        s.batch(vec![fatal(T0 + i * 7 * hour, 48)]);
+    }
+    let r = s.record(T0 + 29 * hour);
+    assert!(r.reasons.iter().all(|x| !x.escalated), "{:?}", r.reasons);
+    assert_eq!(r.recent_fatal_xids.len(), 5, "at most five kept");
+}

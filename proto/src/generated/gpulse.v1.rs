@@ -116,6 +116,10 @@ pub struct GpuHealthRecord {
     /// The cluster of the collector that judged it (its --cluster), when set; filled by queries.
     #[prost(string, tag = "13")]
     pub cluster: ::prost::alloc::string::String,
+    /// When the latest fatal XIDs came (at most 5, oldest first): five within 24 h escalate the
+    /// GPU to hardware inspection (docs/gpu-health.md). Kept here so a restart remembers them.
+    #[prost(message, repeated, tag = "14")]
+    pub recent_fatal_xids: ::prost::alloc::vec::Vec<::prost_types::Timestamp>,
 }
 /// The gpu_health event: a GPU's record after a change of state or reasons, written by the
 /// collector with the evidence that caused it. The latest per GPU is the state a restarted
