@@ -136,6 +136,11 @@ struct Args {
             .range(1..=i64::from(gpulse_collector::verdict::rules::MAX_NVLINK_NONFATAL_COUNT))
     )]
     health_nvlink_nonfatal: u32,
+    /// GPU health: rules on trial, comma-separated (e.g. `nvlink_nonfatal,fabric`): their
+    /// findings are recorded as reasons marked `shadow` and in
+    /// `gpulse_gpu_health_shadow_findings`, and change no state, alert or action.
+    #[arg(long, default_value = "", value_parser = gpulse_collector::verdict::rules::Shadow::parse)]
+    rules_shadow: gpulse_collector::verdict::rules::Shadow,
     /// Push 1-minute rollups of every GPU metric and the XID/SXid counters to this Prometheus
     /// remote-write endpoint (VictoriaMetrics /api/v1/write, Mimir, Thanos Receive, Prometheus
     /// with --web.enable-remote-write-receiver), labelled with --cluster and --shard. Requests
@@ -458,6 +463,7 @@ async fn run() -> anyhow::Result<Exit> {
     }
     store.verdict.thresholds.nvlink_errors_per_min = args.health_nvlink_errors_per_min;
     store.verdict.thresholds.nvlink_nonfatal_count = args.health_nvlink_nonfatal;
+    store.verdict.shadow = args.rules_shadow;
     store.cluster = args.cluster;
     store.shard = args.shard;
     let mut cfg = ServerConfig::new(args.grpc_listen, args.http_listen, store);

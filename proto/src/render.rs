@@ -211,7 +211,7 @@ pub fn gpu_health(r: &v1::GpuHealthRecord) -> Value {
                 "summary": x.summary, "xid": x.xid, "since": t(&x.since), "last": t(&x.last),
                 "occurrences": x.occurrences, "escalated": x.escalated, "clears_on": x.clears_on,
                 "clearing": x.clearing, "clean_samples": x.clean_samples,
-                "pid": x.pid, "pod": opt_str(&x.pod),
+                "pid": x.pid, "pod": opt_str(&x.pod), "shadow": x.shadow,
                 "evidence": x.evidence.iter().map(|e| json!({
                     "cursor": if e.cursor == 0 { Value::Null } else { json!(e.cursor) },
                     "time": t(&e.time), "kind": e.kind, "detail": e.detail,

@@ -70,6 +70,9 @@ pub fn render_text(r: &GpuHealthResponse) -> String {
         ));
         for x in &g.reasons {
             let mut notes = Vec::new();
+            if x.shadow {
+                notes.push("shadow: on trial, changes nothing".to_string());
+            }
             if x.escalated {
                 notes.push("escalated".to_string());
             }

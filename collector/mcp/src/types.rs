@@ -801,6 +801,9 @@ pub struct HealthReasonRow {
     pub clears_on: String,
     /// The reset/reboot happened; clean samples are being counted.
     pub clearing: bool,
+    /// The rule is on trial (`--rules-shadow`): recorded, but it changes no state or action.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
     pub pod: Option<String>,
     /// The latest evidence: the event's cursor (for list_events), its time and what it showed.
     pub evidence: Vec<EvidenceRow>,

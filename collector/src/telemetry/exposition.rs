@@ -125,7 +125,10 @@ pub fn health_gauges(out: &mut String, engine: &crate::verdict::Engine, now: i12
         &samples,
     );
     // Reasons of one rule and action on one GPU (two XIDs, two processes) are one series.
+    // Findings of rules on trial (--rules-shadow) go to a family of their own, so no alert on
+    // the reasons fires for them.
     let mut reasons: std::collections::BTreeMap<[&str; 5], f64> = Default::default();
+    let mut shadow: std::collections::BTreeMap<[&str; 5], f64> = Default::default();
     for (rec, _) in engine.records(now) {
         for r in &rec.reasons {
             let key = [
@@ -135,29 +138,39 @@ pub fn health_gauges(out: &mut String, engine: &crate::verdict::Engine, now: i12
                 r.rule.as_str(),
                 r.action.as_str(),
             ];
-            *reasons.entry(key).or_default() += 1.0;
+            let to = if r.shadow { &mut shadow } else { &mut reasons };
+            *to.entry(key).or_default() += 1.0;
         }
     }
-    let reasons: Vec<GaugeSample<'_>> = reasons
-        .into_iter()
-        .map(|([node, uuid, pci, rule, action], n)| {
-            (
-                vec![
-                    ("node", node),
-                    ("gpu_uuid", uuid),
-                    ("pci", pci),
-                    ("rule", rule),
-                    ("action", action),
-                ],
-                n,
-            )
-        })
-        .collect();
+    fn reason_samples<'a>(
+        m: std::collections::BTreeMap<[&'a str; 5], f64>,
+    ) -> Vec<GaugeSample<'a>> {
+        m.into_iter()
+            .map(|([node, uuid, pci, rule, action], n)| {
+                (
+                    vec![
+                        ("node", node),
+                        ("gpu_uuid", uuid),
+                        ("pci", pci),
+                        ("rule", rule),
+                        ("action", action),
+                    ],
+                    n,
+                )
+            })
+            .collect()
+    }
     gauge_family(
         out,
         "gpulse_gpu_health_reasons",
         "Reasons a GPU is not healthy, per rule and NVIDIA's recommended action.",
-        &reasons,
+        &reason_samples(reasons),
+    );
+    gauge_family(
+        out,
+        "gpulse_gpu_health_shadow_findings",
+        "Findings of rules on trial (--rules-shadow), per GPU and rule: recorded, never acted on.",
+        &reason_samples(shadow),
     );
 }
 

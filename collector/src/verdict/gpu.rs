@@ -11,7 +11,7 @@ use gpulse_proto::{
 
 use super::{
     Config,
-    rules::{self, Clears, SampleRule, Verdict},
+    rules::{self, Clears, SampleRule, Shadow, Verdict},
 };
 
 /// Evidence kept per reason (the newest).
@@ -607,10 +607,11 @@ impl GpuEntry {
         t: i128,
         cfg: &Config,
     ) {
+        // A rule on trial changes nothing, the clearing of other reasons included.
         let clean = rules::is_lost(s).is_none()
-            && conds
-                .iter()
-                .all(|(r, _)| r.verdict().state != HealthState::Unhealthy);
+            && conds.iter().all(|(r, _)| {
+                r.verdict().state != HealthState::Unhealthy || cfg.shadow.contains(r.name())
+            });
         for r in &mut self.rec.reasons {
             if Clears::from_name(&r.clears_on) == Clears::QuietPeriod
                 && !r.clearing
@@ -634,14 +635,23 @@ impl GpuEntry {
     }
 
     /// The state from the reasons (worst wins; none: healthy), reasons worst first.
-    pub fn settle(&mut self, t: i128) {
-        self.rec
-            .reasons
-            .sort_by_key(|r| (std::cmp::Reverse(health_rank(r.state)), ns(&r.since)));
+    pub fn settle(&mut self, t: i128, shadow: Shadow) {
+        for r in &mut self.rec.reasons {
+            r.shadow = shadow.contains(&r.rule);
+        }
+        // Rules on trial last: the state is the worst of the others.
+        self.rec.reasons.sort_by_key(|r| {
+            (
+                r.shadow,
+                std::cmp::Reverse(health_rank(r.state)),
+                ns(&r.since),
+            )
+        });
         let state = self
             .rec
             .reasons
-            .first()
+            .iter()
+            .find(|r| !r.shadow)
             .map_or(HealthState::Healthy as i32, |r| r.state);
         if state != self.rec.state || self.rec.since.is_none() {
             self.rec.state = state;
@@ -669,7 +679,7 @@ impl GpuEntry {
     /// "healthy -> unhealthy: XID 79 ROBUST_CHANNEL_... (RESTART_BM)".
     pub fn change_line(&self, previous: i32) -> String {
         let now = HealthState::name_of(self.rec.state);
-        let why = self.rec.reasons.first().map_or_else(
+        let why = self.rec.reasons.iter().find(|r| !r.shadow).map_or_else(
             || "no reasons left".to_string(),
             |r| {
                 let clearing = if r.clearing { ", clearing" } else { "" };

@@ -37,6 +37,8 @@ pub struct Config {
     /// A GPU without a sample this long, while its node's other GPUs sample, vanished.
     pub vanish_after: Duration,
     pub thresholds: rules::Thresholds,
+    /// Rules on trial (`--rules-shadow`): recorded, never acted on.
+    pub shadow: rules::Shadow,
     /// GPUs judged at most (a table keyed by what agents send).
     pub max_gpus: usize,
 }
@@ -50,6 +52,7 @@ impl Default for Config {
             stale_after: Duration::from_secs(120),
             vanish_after: Duration::from_secs(60),
             thresholds: rules::Thresholds::default(),
+            shadow: rules::Shadow::default(),
             max_gpus: 100_000,
         }
     }
@@ -342,7 +345,7 @@ impl Engine {
                 };
                 if let Some(e) = self.entry(node, pci) {
                     e.xid(x, ev.severity, &seen, &cfg);
-                    e.settle(t);
+                    e.settle(t, cfg.shadow);
                 }
             }
             Some(Payload::GpuSample(s)) => self.sample(node, s, t, cursor),
@@ -359,11 +362,12 @@ impl Engine {
                 let pid = p.tgid.max(p.pid);
                 // Only GPUs with a reason naming the process: exits are frequent, reasons rare.
                 let named = |e: &GpuEntry| e.rec.reasons.iter().any(|r| r.pid == Some(pid));
+                let shadow = self.cfg.shadow;
                 for pci in self.gpus.pick(node, named) {
                     self.touch(node, &pci);
                     if let Some(e) = self.gpus.get_mut(node, &pci) {
                         e.process_exit(pid);
-                        e.settle(t);
+                        e.settle(t, shadow);
                     }
                 }
             }
@@ -412,7 +416,7 @@ impl Engine {
             Some(e) => {
                 let previous = e.rec.last_sample.as_ref().map(ptime::to_unix_nanos);
                 e.sample(s, &seen, &cfg);
-                e.settle(t);
+                e.settle(t, cfg.shadow);
                 previous
             }
             None => return,
@@ -453,6 +457,7 @@ impl Engine {
         let silent = self
             .gpus
             .pick(node, |e| last_of(e).is_some_and(|l| t - l > window));
+        let shadow = self.cfg.shadow;
         for pci in silent {
             if pci == reporter {
                 continue;
@@ -472,7 +477,7 @@ impl Engine {
                     ),
                 };
                 e.vanished(&seen);
-                e.settle(t);
+                e.settle(t, shadow);
             }
         }
     }
@@ -522,7 +527,7 @@ pub fn health_severity(rec: &v1::GpuHealthRecord) -> v1::Severity {
         HealthState::Unhealthy => rec
             .reasons
             .iter()
-            .filter(|r| r.state == HealthState::Unhealthy as i32)
+            .filter(|r| r.state == HealthState::Unhealthy as i32 && !r.shadow)
             .filter_map(|r| v1::Severity::try_from(r.severity).ok())
             .fold(v1::Severity::Error, |worst, s| {
                 if (s as i32) > (worst as i32) {

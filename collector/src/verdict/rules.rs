@@ -237,6 +237,41 @@ sample_rules! {
     }
 }
 
+/// Rules on trial (`--rules-shadow`): their findings are judged and recorded as reasons marked
+/// `shadow`, and change no state, alert or action (NVSentinel's store-only mode). A set of rows
+/// of [`RULES`], so the engine's settings stay `Copy`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Shadow(u64);
+
+impl Shadow {
+    /// `fabric,nvlink_nonfatal`: names of [`RULES`]; an unknown one is an error that lists them.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let mut bits = 0u64;
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let Some(i) = RULES.iter().position(|r| r.name == name) else {
+                return Err(format!(
+                    "unknown rule {name:?}; rules: {}",
+                    RULES.iter().map(|r| r.name).collect::<Vec<_>>().join(", ")
+                ));
+            };
+            bits |= 1 << i;
+        }
+        Ok(Self(bits))
+    }
+
+    /// Whether the rule of this `HealthReason.rule` is on trial.
+    pub fn contains(self, rule: &str) -> bool {
+        RULES
+            .iter()
+            .position(|r| r.name == rule)
+            .is_some_and(|i| self.0 & (1 << i) != 0)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
 impl SampleRule {
     /// Its row of [`RULES`].
     pub fn rule(self) -> &'static Rule {

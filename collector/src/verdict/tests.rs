@@ -754,3 +754,64 @@ fn five_fatal_xids_in_a_day_escalate_to_hardware_inspection() {
     assert!(r.reasons.iter().all(|x| !x.escalated), "{:?}", r.reasons);
     assert_eq!(r.recent_fatal_xids.len(), 5, "at most five kept");
 }
+
+/// Issue 23 #8: a rule on trial (`--rules-shadow`) records its finding, marked `shadow`, and
+/// changes no state; the same finding counts when the rule is not on trial.
+#[test]
+fn a_rule_on_trial_records_its_finding_and_changes_nothing() {
+    let cfg = Config {
+        shadow: super::rules::Shadow::parse("fabric").unwrap(),
+        ..Config::default()
+    };
+    let mut s = Scenario::with(cfg);
+    s.batch(vec![ev(T0, status("boot-a"))]);
+    let mut bad = sample(0, PCI);
+    bad.fabric = Some(v1::FabricInfo {
+        state: "completed".into(),
+        status: "failure".into(),
+        ..Default::default()
+    });
+    s.samples(T0, 2, &bad);
+    let r = s.record(T0 + 2 * S);
+    assert_eq!(state(&r), HealthState::Healthy);
+    assert_eq!(rules(&r), vec![("fabric", "RESTART_FM")]);
+    assert!(r.reasons[0].shadow);
+    let last = s.written.last().unwrap();
+    assert!(
+        last.change.starts_with("healthy -> healthy"),
+        "{}",
+        last.change
+    );
+
+    // A real reason next to it decides the state and comes first.
+    s.batch(vec![ev(T0 + 3 * S, xid(79, None))]);
+    let r = s.record(T0 + 4 * S);
+    assert_eq!(state(&r), HealthState::Unhealthy);
+    assert_eq!(
+        rules(&r),
+        vec![("xid", "RESTART_BM"), ("fabric", "RESTART_FM")]
+    );
+    assert!(!r.reasons[0].shadow && r.reasons[1].shadow);
+
+    // Without the trial the same samples make the GPU unhealthy.
+    let mut s = Scenario::new();
+    s.batch(vec![ev(T0, status("boot-a"))]);
+    s.samples(T0, 2, &bad);
+    let r = s.record(T0 + 2 * S);
+    assert_eq!(state(&r), HealthState::Unhealthy);
+    assert!(!r.reasons[0].shadow);
+}
+
+#[test]
+fn rules_on_trial_are_named_from_the_table() {
+    use super::rules::Shadow;
+    let s = Shadow::parse(" fabric , nvlink_nonfatal ").unwrap();
+    assert!(s.contains("fabric") && s.contains("nvlink_nonfatal"));
+    assert!(!s.contains("vanished") && !s.contains("xid"));
+    assert!(Shadow::parse("").unwrap().is_empty());
+    let err = Shadow::parse("fabrik").unwrap_err();
+    assert!(
+        err.contains("unknown rule \"fabrik\"") && err.contains("row_remap_failure"),
+        "{err}"
+    );
+}

@@ -67,6 +67,10 @@ pub struct HealthReason {
     /// turns a GPU unhealthy carries the worst of these (at least error).
     #[prost(enumeration = "Severity", tag = "16")]
     pub severity: i32,
+    /// The rule is on trial (--rules-shadow): judged and recorded, but it changes no state, alert
+    /// or action.
+    #[prost(bool, tag = "17")]
+    pub shadow: bool,
 }
 /// One XID code's past on a GPU, for escalation across reboots.
 #[allow(clippy::all)]

@@ -45,6 +45,7 @@ fn row(g: &v1::GpuHealthRecord) -> GpuHealthRow {
                 escalated: r.escalated,
                 clears_on: r.clears_on.clone(),
                 clearing: r.clearing,
+                shadow: r.shadow,
                 pod: opt(&r.pod),
                 evidence: r
                     .evidence
