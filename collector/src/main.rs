@@ -141,6 +141,17 @@ struct Args {
     /// `gpulse_gpu_health_shadow_findings`, and change no state, alert or action.
     #[arg(long, default_value = "", value_parser = gpulse_collector::verdict::rules::Shadow::parse)]
     rules_shadow: gpulse_collector::verdict::rules::Shadow,
+    /// GPU health: how long a GPU must be busy (>= 95 % SM) at low power with an idle memory
+    /// controller to be a hang suspect (degraded).
+    #[arg(long, default_value = "60s", value_parser = parse_interval)]
+    health_hang_after: std::time::Duration,
+    /// GPU health: the power share of the limit at or under which a busy GPU may be hung.
+    #[arg(long, default_value_t = 0.30)]
+    health_hang_power_share: f64,
+    /// GPU health: how long a busy GPU's SM clock must stay under half of the highest it ran
+    /// at, with no power or thermal clock event, to be stuck low (degraded).
+    #[arg(long, default_value = "15m", value_parser = parse_interval)]
+    health_clock_low_after: std::time::Duration,
     /// Push 1-minute rollups of every GPU metric and the XID/SXid counters to this Prometheus
     /// remote-write endpoint (VictoriaMetrics /api/v1/write, Mimir, Thanos Receive, Prometheus
     /// with --web.enable-remote-write-receiver), labelled with --cluster and --shard. Requests
@@ -464,6 +475,15 @@ async fn run() -> anyhow::Result<Exit> {
     store.verdict.thresholds.nvlink_errors_per_min = args.health_nvlink_errors_per_min;
     store.verdict.thresholds.nvlink_nonfatal_count = args.health_nvlink_nonfatal;
     store.verdict.shadow = args.rules_shadow;
+    if !(args.health_hang_power_share.is_finite()
+        && (0.0..=1.0).contains(&args.health_hang_power_share))
+    {
+        anyhow::bail!("--health-hang-power-share must be a share between 0 and 1");
+    }
+    let th = &mut store.verdict.thresholds;
+    th.hang_power_share = args.health_hang_power_share;
+    th.hang_after_ns = args.health_hang_after.as_nanos() as i128;
+    th.clock_low_after_ns = args.health_clock_low_after.as_nanos() as i128;
     store.cluster = args.cluster;
     store.shard = args.shard;
     let mut cfg = ServerConfig::new(args.grpc_listen, args.http_listen, store);

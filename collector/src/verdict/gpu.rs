@@ -128,6 +128,12 @@ pub struct GpuEntry {
     pub dropped_reasons: u64,
     /// When the latest nonfatal NVLink5 XIDs came (at most the threshold's count).
     nonfatal: std::collections::VecDeque<i128>,
+    /// Since when the hang-suspect condition holds without a break.
+    hang_since: Option<i128>,
+    /// Since when the SM clock is stuck low without a break.
+    low_clock_since: Option<i128>,
+    /// The highest SM clock this GPU has run at (since this collector judged it).
+    max_sm_clock: u32,
 }
 
 impl GpuEntry {
@@ -508,8 +514,9 @@ impl GpuEntry {
             self.fire_rule(*rule, rule.verdict(), detail.clone(), &ev);
         }
         self.rate_rules(now, seen, cfg);
-        // Instant rules whose condition is gone, and a vanished GPU that answers again, start
-        // clearing.
+        let holding = self.window_rules(s, seen, cfg);
+        // Instant and window rules whose condition is gone, and a vanished GPU that answers
+        // again, start clearing.
         for r in &mut self.rec.reasons {
             let Some(rule) = SampleRule::from_name(&r.rule) else {
                 continue;
@@ -517,6 +524,7 @@ impl GpuEntry {
             if rule.rule().clears_when_absent()
                 && !r.clearing
                 && !conds.iter().any(|(c, _)| *c == rule)
+                && !holding.contains(&rule)
             {
                 r.clearing = true;
                 r.clean_samples = 0;
@@ -524,6 +532,61 @@ impl GpuEntry {
         }
         self.count_clean(s, &conds, seen.t, cfg);
         self.last = Some(now);
+    }
+
+    /// Conditions that must hold without a break for a while (a hang suspect for a minute, a
+    /// clock stuck low for 15): fired once they have; returns the rules whose condition holds
+    /// in this sample (fired or not yet), so their reasons do not start clearing.
+    fn window_rules(
+        &mut self,
+        s: &v1::GpuSample,
+        seen: &Seen<'_>,
+        cfg: &Config,
+    ) -> Vec<SampleRule> {
+        let th = cfg.thresholds;
+        // Judged against the clocks seen before this sample.
+        let low = rules::clock_low_reading(s, self.max_sm_clock, &th);
+        if let Some(c) = s.sm_clock_mhz {
+            self.max_sm_clock = self.max_sm_clock.max(c);
+        }
+        let hang = rules::hang_reading(s, &th);
+        let mut holding = Vec::new();
+        let mut due = Vec::new();
+        for (rule, reading, after, since) in [
+            (
+                SampleRule::HangSuspect,
+                hang,
+                th.hang_after_ns,
+                &mut self.hang_since,
+            ),
+            (
+                SampleRule::SmClockStuckLow,
+                low,
+                th.clock_low_after_ns,
+                &mut self.low_clock_since,
+            ),
+        ] {
+            match reading {
+                Some(detail) => {
+                    let start = *since.get_or_insert(seen.t);
+                    holding.push(rule);
+                    if seen.t - start >= after {
+                        due.push((rule, detail, seen.t - start));
+                    }
+                }
+                None => *since = None,
+            }
+        }
+        for (rule, detail, held) in due {
+            let summary = format!("{detail}, for {} s", held / 1_000_000_000);
+            let ev = Seen {
+                detail: summary.clone(),
+                kind: "gpu_sample",
+                ..*seen
+            };
+            self.fire_rule(rule, rule.verdict(), summary, &ev);
+        }
+        holding
     }
 
     fn fire_rule(&mut self, rule: SampleRule, v: Verdict, summary: String, seen: &Seen<'_>) {

@@ -88,7 +88,12 @@ pub fn xid(code: u32, recovery: Option<&v1::RecoveryAction>, has_pid: bool) -> O
             v(Degraded, action, Clears::ResetOrReboot)
         }
         A::Xid154 => return recovery.and_then(recovery_verdict),
-        A::Ignore | A::WorkflowXid45 | A::CheckPower | A::RestartFm | A::DrainP2p => return None,
+        A::Ignore
+        | A::WorkflowXid45
+        | A::CheckPower
+        | A::RestartFm
+        | A::DrainP2p
+        | A::CheckWorkload => return None,
     })
 }
 
@@ -230,6 +235,16 @@ sample_rules! {
         clears: QuietPeriod, condition: None,
         source: "NVIDIA XID 144-150 decode (Fatal/Nonfatal); NVSentinel health-events-analyzer (repeats)",
     }
+    HangSuspect {
+        name: "hang_suspect", kind: Window, state: Degraded, action: CheckWorkload,
+        clears: Evidence, condition: None,
+        source: "scitix/sichek (GPU hang: SM busy, low power, no memory traffic for 60 s)",
+    }
+    SmClockStuckLow {
+        name: "sm_clock_stuck_low", kind: Window, state: Degraded, action: ResetGpu,
+        clears: Evidence, condition: None,
+        source: "scitix/sichek (SM clock stuck low for 15 min); DCGM 4.5 diag (clocks against peers)",
+    }
     Vanished {
         name: "vanished", kind: Window, state: Unhealthy,
         action: RestartBm, clears: Evidence, condition: None,
@@ -307,6 +322,21 @@ pub struct Thresholds {
     /// Nonfatal NVLink5 XIDs (144-150 printed `Nonfatal`) on one GPU within
     /// [`NVLINK_NONFATAL_WINDOW_NS`] that make it degraded; fewer change nothing.
     pub nvlink_nonfatal_count: u32,
+    /// Hang suspect: SM utilisation at least this, ...
+    pub hang_util_pct: u32,
+    /// ... power at most this share of the limit, ...
+    pub hang_power_share: f64,
+    /// ... the memory controller at most this busy, ...
+    pub hang_mem_util_pct: u32,
+    /// ... for this long (ns).
+    pub hang_after_ns: i128,
+    /// SM clock stuck low: busy at least this, ...
+    pub clock_busy_util_pct: u32,
+    /// ... the SM clock under this share of the highest this GPU has run at, not explained by a
+    /// power or thermal clock event, ...
+    pub clock_low_share: f64,
+    /// ... for this long (ns).
+    pub clock_low_after_ns: i128,
 }
 
 impl Default for Thresholds {
@@ -316,6 +346,13 @@ impl Default for Thresholds {
             thermal_share: 0.5,
             power_share: 0.9,
             nvlink_nonfatal_count: 3,
+            hang_util_pct: 95,
+            hang_power_share: 0.30,
+            hang_mem_util_pct: 1,
+            hang_after_ns: 60 * 1_000_000_000,
+            clock_busy_util_pct: 80,
+            clock_low_share: 0.5,
+            clock_low_after_ns: 15 * 60 * 1_000_000_000,
         }
     }
 }
@@ -405,6 +442,45 @@ fn fabric_failed(s: &v1::GpuSample) -> Option<String> {
     let f = s.fabric.as_ref()?;
     (f.state == "completed" && f.status != "success")
         .then(|| format!("NVSwitch fabric registration failed: {}", f.status))
+}
+
+/// NVML clock-event bits that explain low clocks by power or heat (SW power cap, HW slowdown,
+/// SW and HW thermal slowdown, HW power brake): the violation rules judge those.
+const EXPLAINED_CLOCK_EVENTS: u64 = 0x4 | 0x8 | 0x20 | 0x40 | 0x80;
+
+/// The hang-suspect condition in one sample (it must hold for `hang_after_ns` to fire), with its
+/// readings as evidence. Every reading is needed: a missing one never suggests a hang.
+pub fn hang_reading(s: &v1::GpuSample, th: &Thresholds) -> Option<String> {
+    let util = s.gpu_util_pct?;
+    let (power, limit) = (s.power_mw?, s.power_limit_mw?);
+    let mem = s.mem_util_pct?;
+    let share = f64::from(power) / f64::from(limit.max(1));
+    (util >= th.hang_util_pct && share <= th.hang_power_share && mem <= th.hang_mem_util_pct).then(
+        || {
+            format!(
+                "SM busy {util} %, power {} W of {} W ({:.0} %), memory controller {mem} %",
+                power / 1000,
+                limit / 1000,
+                share * 100.0
+            )
+        },
+    )
+}
+
+/// The clock-stuck-low condition in one sample, against the highest SM clock this GPU has run at.
+pub fn clock_low_reading(s: &v1::GpuSample, max_sm_clock: u32, th: &Thresholds) -> Option<String> {
+    let (util, clock) = (s.gpu_util_pct?, s.sm_clock_mhz?);
+    let explained = s.throttle_reasons.unwrap_or(0) & EXPLAINED_CLOCK_EVENTS != 0;
+    (util >= th.clock_busy_util_pct
+        && max_sm_clock > 0
+        && f64::from(clock) < th.clock_low_share * f64::from(max_sm_clock)
+        && !explained)
+        .then(|| {
+            format!(
+                "SM clock {clock} MHz at {util} % busy, under {:.0} % of the {max_sm_clock} MHz this GPU ran at, no power or thermal clock event",
+                th.clock_low_share * 100.0
+            )
+        })
 }
 
 /// All NVLink error counters of a sample summed; absent without NVLink.

@@ -815,3 +815,82 @@ fn rules_on_trial_are_named_from_the_table() {
         "{err}"
     );
 }
+
+fn busy(util: u32, power_w: u32, mem: u32, clock: u32) -> v1::GpuSample {
+    v1::GpuSample {
+        gpu_util_pct: Some(util),
+        power_mw: Some(power_w * 1000),
+        power_limit_mw: Some(700_000),
+        mem_util_pct: Some(mem),
+        sm_clock_mhz: Some(clock),
+        ..sample(0, PCI)
+    }
+}
+
+/// Issue 23 #5: busy at low power with no memory traffic for a minute is a hang suspect, with
+/// the readings as evidence; it clears when the GPU draws power again.
+#[test]
+fn a_busy_gpu_without_power_or_memory_traffic_is_a_hang_suspect() {
+    let mut s = Scenario::new();
+    s.batch(vec![ev(T0, status("boot-a"))]);
+    s.samples(T0, 2, &busy(99, 650, 60, 1980));
+    // 59 s of the condition: not yet; a break starts the minute over.
+    s.samples(T0 + 10 * S, 30, &busy(99, 60, 0, 1980));
+    s.samples(T0 + 40 * S, 1, &busy(99, 640, 55, 1980));
+    s.samples(T0 + 41 * S, 59, &busy(99, 60, 0, 1980));
+    assert!(s.record(T0 + 100 * S).reasons.is_empty());
+    s.samples(T0 + 100 * S, 2, &busy(99, 60, 0, 1980));
+    let r = s.record(T0 + 102 * S);
+    assert_eq!(state(&r), HealthState::Degraded);
+    assert_eq!(rules(&r), vec![("hang_suspect", "CHECK_WORKLOAD")]);
+    assert!(
+        r.reasons[0]
+            .summary
+            .contains("SM busy 99 %, power 60 W of 700 W"),
+        "{}",
+        r.reasons[0].summary
+    );
+    // It keeps holding: no clearing; then power comes back and it clears after clean samples.
+    s.samples(T0 + 102 * S, 5, &busy(99, 60, 0, 1980));
+    assert!(!s.record(T0 + 107 * S).reasons[0].clearing);
+    s.samples(T0 + 107 * S, 4, &busy(99, 650, 60, 1980));
+    assert_eq!(state(&s.record(T0 + 111 * S)), HealthState::Healthy);
+}
+
+/// Issue 23 #5: a busy GPU whose SM clock stays under half of its highest for 15 minutes,
+/// unexplained by power or heat, is degraded; a thermal clock event explains it away.
+#[test]
+fn an_sm_clock_stuck_low_while_busy_is_degraded_unless_power_or_heat_explain_it() {
+    let minute = 60 * S;
+    let mut s = Scenario::new();
+    s.batch(vec![ev(T0, status("boot-a"))]);
+    s.samples(T0, 2, &busy(90, 600, 50, 1980));
+    let mut thermal = busy(90, 600, 50, 700);
+    thermal.throttle_reasons = Some(0x40);
+    for i in 0..20 {
+        s.batch(vec![ev(
+            T0 + (i + 1) * minute,
+            Payload::GpuSample(thermal.clone()),
+        )]);
+    }
+    assert!(
+        s.record(T0 + 21 * minute).reasons.is_empty(),
+        "explained by heat"
+    );
+    for i in 0..16 {
+        s.batch(vec![ev(
+            T0 + (22 + i) * minute,
+            Payload::GpuSample(busy(90, 600, 50, 700)),
+        )]);
+    }
+    let r = s.record(T0 + 38 * minute);
+    assert_eq!(rules(&r), vec![("sm_clock_stuck_low", "RESET_GPU")]);
+    assert!(
+        r.reasons[0]
+            .summary
+            .contains("SM clock 700 MHz at 90 % busy"),
+        "{}",
+        r.reasons[0].summary
+    );
+    assert_eq!(state(&r), HealthState::Degraded);
+}

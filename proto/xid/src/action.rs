@@ -52,6 +52,8 @@ actions! {
     UpdateSwfw = "UPDATE_SWFW": "update the driver and the GPU firmware",
     /// gpulse's, for a failed NVSwitch fabric registration.
     RestartFm = "RESTART_FM": "restart NVIDIA Fabric Manager and check the NVSwitch fabric",
+    /// gpulse's, for a GPU busy without power or memory traffic (a hang suspect).
+    CheckWorkload = "CHECK_WORKLOAD": "the GPU is busy without drawing power or moving memory: look for a hung kernel or a stalled collective in the job, then restart it",
     /// XID 154's drain-P2P recovery.
     DrainP2p = "DRAIN_P2P": "drain peer-to-peer traffic, then reset the GPU",
     /// XID 48's workflow (a double-bit error: it ends in a GPU reset, and a remap on Ampere+).
