@@ -295,8 +295,7 @@ impl GpuEntry {
         } else {
             0
         };
-        let repeated = fatal_in_window >= rules::FATAL_XIDS_ESCALATE;
-        let escalates = after_reboots || repeated;
+        let escalates = after_reboots;
         let name = if x.mnemonic.is_empty() {
             String::new()
         } else {
@@ -308,17 +307,10 @@ impl GpuEntry {
                 action: rules::ESCALATED_ACTION,
                 clears: Clears::Replacement,
             };
-            if after_reboots {
-                format!(
-                    "XID {}{name} came back after {reboots} reboots: hardware inspection",
-                    x.code
-                )
-            } else {
-                format!(
-                    "XID {}{name}: {fatal_in_window} fatal XIDs on this GPU within 24 h: hardware inspection",
-                    x.code
-                )
-            }
+            format!(
+                "XID {}{name} came back after {reboots} reboots: hardware inspection",
+                x.code
+            )
         } else {
             format!("XID {}{name}", x.code)
         };
@@ -347,6 +339,23 @@ impl GpuEntry {
             r.occurrences += x.records().saturating_sub(1);
             if let Some(p) = &x.pod {
                 r.pod = format!("{}/{}", p.namespace, p.name);
+            }
+        }
+        if fatal_in_window >= rules::FATAL_XIDS_ESCALATE {
+            // A reason of its own (a row of the rule table), so it can be put on trial with
+            // --rules-shadow before it takes GPUs out of service.
+            let rule = SampleRule::FatalRepeats;
+            let summary = format!(
+                "{fatal_in_window} fatal XIDs on this GPU within 24 h (latest XID {}{name}): hardware inspection",
+                x.code
+            );
+            self.fire_rule(rule, rule.verdict(), summary, seen);
+            if let Some(r) = self.reason_mut(ReasonKey {
+                rule: rule.name(),
+                xid: None,
+                pid: None,
+            }) {
+                r.escalated = true;
             }
         }
     }

@@ -164,7 +164,8 @@ impl Rule {
 
 macro_rules! sample_rules {
     ($($variant:ident { $($field:ident: $value:expr),+ $(,)? })+) => {
-        /// Rules judged from NVML samples (one per row of [`RULES`]).
+        /// The rules besides the catalog's per-XID one, judged from NVML samples or from XIDs
+        /// over a window (one per row of [`RULES`]).
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
         pub enum SampleRule {
             $($variant,)+
@@ -234,6 +235,11 @@ sample_rules! {
         name: "nvlink_nonfatal", kind: Rate, state: Degraded, action: WorkflowNvlink5Err,
         clears: QuietPeriod, condition: None,
         source: "NVIDIA XID 144-150 decode (Fatal/Nonfatal); NVSentinel health-events-analyzer (repeats)",
+    }
+    FatalRepeats {
+        name: "fatal_repeats", kind: Window, state: Unhealthy, action: ContactSupport,
+        clears: Replacement, condition: None,
+        source: "NVSentinel health-events-analyzer (a fatal XID repeated on one GPU in 24 h)",
     }
     HangSuspect {
         name: "hang_suspect", kind: Window, state: Degraded, action: CheckWorkload,

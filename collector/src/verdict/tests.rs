@@ -733,14 +733,40 @@ fn five_fatal_xids_in_a_day_escalate_to_hardware_inspection() {
     });
     s.batch(vec![fatal(T0 + 6 * hour, 95)]);
     let r = s.record(T0 + 6 * hour + S);
-    let x95 = r.reasons.iter().find(|x| x.xid == Some(95)).unwrap();
-    assert!(x95.escalated);
-    assert_eq!(x95.action, "CONTACT_SUPPORT");
-    assert_eq!(x95.clears_on, "replacement");
+    let hw = r
+        .reasons
+        .iter()
+        .find(|x| x.rule == "fatal_repeats")
+        .unwrap();
+    assert!(hw.escalated);
+    assert_eq!(hw.action, "CONTACT_SUPPORT");
+    assert_eq!(hw.clears_on, "replacement");
     assert!(
-        x95.summary.contains("5 fatal XIDs on this GPU within 24 h"),
+        hw.summary.contains("5 fatal XIDs on this GPU within 24 h"),
         "{}",
-        x95.summary
+        hw.summary
+    );
+    assert_eq!(state(&r), HealthState::Unhealthy);
+
+    // On trial (--rules-shadow fatal_repeats) it is recorded and changes nothing.
+    let mut t = Scenario::with(Config {
+        shadow: super::rules::Shadow::parse("fatal_repeats").unwrap(),
+        ..Config::default()
+    });
+    for i in 0..5 {
+        t.batch(vec![fatal(T0 + i * hour, 119)]);
+    }
+    let r = t.record(T0 + 5 * hour);
+    let hw = r
+        .reasons
+        .iter()
+        .find(|x| x.rule == "fatal_repeats")
+        .unwrap();
+    assert!(hw.shadow);
+    assert_eq!(
+        rules(&r)[0],
+        ("xid", "RESET_GPU"),
+        "the catalog's reason decides, not the one on trial"
     );
 
     // Five spread over more than a day: no escalation.
@@ -752,6 +778,7 @@ fn five_fatal_xids_in_a_day_escalate_to_hardware_inspection() {
     }
     let r = s.record(T0 + 29 * hour);
     assert!(r.reasons.iter().all(|x| !x.escalated), "{:?}", r.reasons);
+    assert!(r.reasons.iter().all(|x| x.rule != "fatal_repeats"));
     assert_eq!(r.recent_fatal_xids.len(), 5, "at most five kept");
 }
 

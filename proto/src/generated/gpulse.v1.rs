@@ -21,7 +21,8 @@ pub struct HealthEvidence {
 pub struct HealthReason {
     /// The rule (docs/gpu-health.md): "xid", "fallen_off_bus", "row_remap_failure",
     /// "row_remap_pending", "retired_pages_pending", "retired_pages_limit", "uncorrectable_ecc",
-    /// "nvlink_errors", "thermal_violation", "power_violation", "fabric", "vanished".
+    /// "nvlink_errors", "thermal_violation", "power_violation", "fabric", "nvlink_nonfatal",
+    /// "fatal_repeats", "hang_suspect", "sm_clock_stuck_low", "vanished".
     #[prost(string, tag = "1")]
     pub rule: ::prost::alloc::string::String,
     #[prost(enumeration = "HealthState", tag = "2")]
